@@ -1,0 +1,7 @@
+"""companion.numpy: the numpy implementations; the float64 references are the oracle.
+
+Every public name here also exists, with the same signature, in
+:mod:`companion.torch` and :mod:`companion.tensorflow`.
+"""
+
+# Each topic module adds its names on a line of its own below.

@@ -1,0 +1,9 @@
+"""companion.torch: the same functions as :mod:`companion.numpy`, for torch tensors.
+
+Works on any device and never leaves it (no ``.numpy()`` inside). Needs the ``torch``
+extra: ``pip install "companion[torch]"``.
+"""
+
+import torch as _torch  # noqa: F401  (fail here, with torch's own message, if it is missing)
+
+# Each topic module adds its names on a line of its own below.
