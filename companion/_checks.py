@@ -20,7 +20,12 @@ def dtype_name(dtype) -> str:
     """``'float32'`` for numpy ``float32``, ``torch.float32`` and ``tf.float32`` alike."""
     name = getattr(dtype, "name", None)
     if not isinstance(name, str):
-        name = str(dtype)
+        try:
+            import numpy as np
+
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = str(dtype)
     return name.replace("torch.", "").replace("tf.", "").replace("<dtype: '", "").rstrip("'>")
 
 
