@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 __all__ = ["dtype_name", "check_float", "attention_shapes", "AttentionShapes",
            "broadcast_shape", "check_mask_shape", "resolve_scale"]
+__all__ += ["Conv2dGeometry", "conv2d_geometry"]
 
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
@@ -132,3 +133,101 @@ def resolve_scale(scale, D: int) -> float:
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return scale
+
+
+# --- convolution geometry (shared by the numpy, torch and tensorflow conv2d) ---------------
+
+class Conv2dGeometry(NamedTuple):
+    """The sizes of one ``conv2d`` call (``NCHW`` input, ``OIHW`` weight), all Python ints.
+
+    ``pad`` is ``(top, bottom, left, right)``: ``padding="same"`` puts the odd extra row
+    or column at the bottom/right, as ``torch.nn.functional.conv2d`` does.
+    """
+
+    N: int
+    C_in: int
+    H: int
+    W: int
+    C_out: int
+    kH: int
+    kW: int
+    groups: int
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    pad: tuple[int, int, int, int]
+    H_out: int
+    W_out: int
+
+    @property
+    def C_in_per_group(self) -> int:
+        """Input channels each filter sees, ``C_in // groups``."""
+        return self.C_in // self.groups
+
+    @property
+    def C_out_per_group(self) -> int:
+        """Filters per group, ``C_out // groups``."""
+        return self.C_out // self.groups
+
+
+def _int_pair(name: str, value, minimum: int) -> tuple[int, int]:
+    """``value`` as ``(rows, cols)``: an int or a pair of ints, each ``>= minimum``."""
+    pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if any(v < minimum for v in pair):
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def conv2d_geometry(x_shape, weight_shape, bias_shape=None, *, stride=1, padding=0,
+                    dilation=1, groups=1) -> Conv2dGeometry:
+    """Check a ``conv2d`` call and return its :class:`Conv2dGeometry`.
+
+    ``x (N, C_in, H, W)``, ``weight (C_out, C_in / groups, kH, kW)``, ``bias (C_out,)``;
+    ``padding`` an int, a pair, ``"valid"`` (0) or ``"same"`` (stride 1 only; total
+    padding ``dilation * (k - 1)``, the extra row/column at the bottom/right), the rules
+    of ``torch.nn.functional.conv2d``. The output size along each axis is
+    ``floor((size + pad_before + pad_after - dilation * (k - 1) - 1) / stride) + 1``.
+    Raises ``ValueError``/``TypeError`` naming the argument and the shapes seen.
+    """
+    x, w = tuple(x_shape), tuple(weight_shape)
+    if len(x) != 4:
+        raise ValueError(f"x must have shape (N, C_in, H, W) (NCHW), got shape {x}")
+    if len(w) != 4:
+        raise ValueError(f"weight must have shape (C_out, C_in / groups, kH, kW) (OIHW), got shape {w}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    N, C_in, H, W = x
+    C_out, C_in_g, kH, kW = w
+    if C_in % groups or C_out % groups:
+        raise ValueError(f"groups={groups} must divide both C_in={C_in} (x {x}) and C_out={C_out} (weight {w})")
+    if C_in_g * groups != C_in:
+        raise ValueError(f"weight {w} expects C_in / groups = {C_in_g}, so C_in = {C_in_g * groups}, "
+                         f"but x {x} has C_in = {C_in} (groups={groups})")
+    if min(kH, kW, C_out) < 1:
+        raise ValueError(f"weight must have a positive kernel size and C_out, got shape {w}")
+    if bias_shape is not None and tuple(bias_shape) != (C_out,):
+        raise ValueError(f"bias must have shape (C_out,) = ({C_out},), got shape {tuple(bias_shape)}")
+    stride = _int_pair("stride", stride, 1)
+    dilation = _int_pair("dilation", dilation, 1)
+    if isinstance(padding, str):
+        if padding == "valid":
+            pad = (0, 0, 0, 0)
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"padding='same' needs stride=1 (as in torch), got stride={stride}")
+            total_h, total_w = dilation[0] * (kH - 1), dilation[1] * (kW - 1)
+            pad = (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
+        else:
+            raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+    else:
+        ph, pw = _int_pair("padding", padding, 0)
+        pad = (ph, ph, pw, pw)
+    span_h, span_w = dilation[0] * (kH - 1) + 1, dilation[1] * (kW - 1) + 1
+    H_out = (H + pad[0] + pad[1] - span_h) // stride[0] + 1
+    W_out = (W + pad[2] + pad[3] - span_w) // stride[1] + 1
+    if H + pad[0] + pad[1] < span_h or W + pad[2] + pad[3] < span_w:
+        raise ValueError(f"the dilated kernel ({span_h} x {span_w}, weight {w}, dilation {dilation}) is larger "
+                         f"than the padded input ({H + pad[0] + pad[1]} x {W + pad[2] + pad[3]}, x {x}, "
+                         f"padding {padding!r})")
+    return Conv2dGeometry(N, C_in, H, W, C_out, kH, kW, groups, stride, dilation, pad, H_out, W_out)
