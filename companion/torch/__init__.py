@@ -7,3 +7,4 @@ extra: ``pip install "companion[torch]"``.
 import torch as _torch  # noqa: F401  (fail here, with torch's own message, if it is missing)
 
 # Each topic module adds its names on a line of its own below.
+from companion.torch.conv import *  # noqa: F401,F403
