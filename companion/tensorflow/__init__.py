@@ -15,3 +15,4 @@ import tensorflow as _tf  # noqa: E402,F401
 # Each topic module adds its names on a line of its own below.
 from companion.tensorflow.conv import *  # noqa: F401,F403
 from companion.tensorflow.attention import *  # noqa: F401,F403
+from companion.tensorflow.scores import *  # noqa: F401,F403

@@ -38,19 +38,18 @@ def _compute_dtype(dtype_name: str):
 
 
 def _check_int(name: str, value, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            import numpy as np
+    """``value`` as an int ``>= minimum``; ``ValueError`` otherwise (the numpy namespace's words)."""
+    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < minimum:
+        kind = "non-negative" if minimum == 0 else "positive"
+        raise ValueError(f"{name} must be a {kind} int, got {value!r}")
+    return int(value)
 
-            if isinstance(value, np.integer):
-                value = int(value)
-        except ImportError:  # pragma: no cover
-            pass
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+
+def _check_flag(name: str, value) -> bool:
+    """``value`` as a Python bool; ``TypeError`` for anything else (a tensor flag cannot pick a code path)."""
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 # ---------------------------------------------------------------------------------------
@@ -111,10 +110,9 @@ def padding_mask(lengths, S):
     """
     S = _check_int("S", S)
     lengths = tf.convert_to_tensor(lengths)
-    if not lengths.dtype.is_integer:
-        raise TypeError(f"lengths must be integers, got dtype {_checks.dtype_name(lengths.dtype)}")
-    if lengths.shape.rank != 1:
-        raise ValueError(f"lengths must be 1-D (one length per batch element), got shape {tuple(lengths.shape)}")
+    if lengths.shape.rank != 1 or not lengths.dtype.is_integer:
+        raise TypeError(f"lengths must be a 1-D array of ints (one per sequence), got dtype "
+                        f"{_checks.dtype_name(lengths.dtype)} with shape {tuple(lengths.shape)}")
     if tf.executing_eagerly() and lengths.shape[0]:
         low, high = int(tf.reduce_min(lengths)), int(tf.reduce_max(lengths))
         if low < 0 or high > S:
@@ -133,11 +131,10 @@ def _check_inputs(query, key, value):
     """Convert, check dtypes and shapes; return tensors, shapes and the input dtype name."""
     query, key = tf.convert_to_tensor(query), tf.convert_to_tensor(key)
     value = key if value is None else tf.convert_to_tensor(value)
-    dtype = _checks.check_float("query", query.dtype)
-    for name, t in (("key", key), ("value", value)):
-        other = _checks.check_float(name, t.dtype)
-        if other != dtype:
-            raise TypeError(f"query, key and value must have the same dtype: query is {dtype}, {name} is {other}")
+    names = [_checks.check_float(name, t.dtype) for name, t in (("query", query), ("key", key), ("value", value))]
+    if len(set(names)) != 1:
+        raise TypeError(f"query, key and value must have the same dtype, got {names[0]}, {names[1]} and {names[2]}")
+    dtype = names[0]
     shapes = _checks.attention_shapes(tuple(query.shape), tuple(key.shape), tuple(value.shape))
     return query, key, value, shapes, dtype
 
@@ -154,8 +151,8 @@ def _grouped_mask(mask, shapes, compute_dtype):
         boolean = False
         mask = tf.cast(mask, compute_dtype)
     else:
-        raise TypeError(f"mask must be boolean (True = attend) or floating (added to the scores), "
-                        f"got dtype {_checks.dtype_name(mask.dtype)}")
+        raise TypeError(f"mask must be boolean (True = attend) or floating (added to the scaled scores), "
+                        f"got dtype {_checks.dtype_name(mask.dtype)} with shape {tuple(mask.shape)}")
     _checks.check_mask_shape(tuple(mask.shape), shapes)
     m = (1,) * (len(shapes.scores) - mask.shape.rank) + tuple(mask.shape)  # padded to (..., H, L, S)
     heads = (shapes.H_kv, shapes.group) if m[-3] != 1 else (1, 1)
@@ -190,6 +187,7 @@ def attention_weights(query, key, *, mask=None, causal=False, scale=None):
     ``causal`` adds the bottom-right causal mask; ``scale`` defaults to ``1 / sqrt(D)``.
     A row with nothing to attend to is all zeros. Conventions: :mod:`companion.conventions`.
     """
+    causal = _check_flag("causal", causal)
     query, key, _, shapes, dtype = _check_inputs(query, key, None)
     weights = _grouped_weights(query, key, shapes, dtype, mask=mask, causal=causal, scale=scale)
     return tf.cast(tf.reshape(weights, shapes.scores), query.dtype)  # (..., H, L, S)
@@ -221,11 +219,20 @@ def scaled_dot_product_attention_reference(query, key, value, *, mask=None, caus
     ``h // (H // H_kv)``). ``mask``, ``causal`` and ``scale`` as in
     :func:`attention_weights`. Conventions: :mod:`companion.conventions`.
     """
+    output, _ = _attention_and_weights(query, key, value, mask=mask, causal=causal, scale=scale)
+    return output
+
+
+def _attention_and_weights(query, key, value, *, mask=None, causal=False, scale=None):
+    """The reference's ``(output (..., H, L, D_v), weights (..., H, L, S))``, both in the input dtype."""
+    causal = _check_flag("causal", causal)
     query, key, value, shapes, dtype = _check_inputs(query, key, value)
     weights = _grouped_weights(query, key, shapes, dtype, mask=mask, causal=causal, scale=scale)  # (..., H_kv, G, L, S)
     v = tf.cast(value, weights.dtype)[..., None, :, :]  # (..., H_kv, 1, S, D_v)
     output = tf.linalg.matmul(weights, v)  # P V: (..., H_kv, G, L, D_v)
-    return tf.cast(tf.reshape(output, (*shapes.batch, shapes.H, shapes.L, shapes.D_v)), query.dtype)  # (..., H, L, D_v)
+    output = tf.reshape(output, (*shapes.batch, shapes.H, shapes.L, shapes.D_v))  # (..., H, L, D_v)
+    weights = tf.reshape(weights, shapes.scores)  # (..., H, L, S)
+    return tf.cast(output, query.dtype), tf.cast(weights, query.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -262,6 +269,7 @@ def attention_tiled(query, key, value, *, mask=None, causal=False, scale=None, b
     ``block_k`` need not divide ``L`` and ``S``. A Python loop over blocks: it runs eagerly
     and unrolls inside ``tf.function``. Derivation: ``REFERENCE.md``, *Making it fast*.
     """
+    causal = _check_flag("causal", causal)
     query, key, value, shapes, dtype = _check_inputs(query, key, value)
     block_q = _check_int("block_q", block_q, minimum=1)
     block_k = _check_int("block_k", block_k, minimum=1)
