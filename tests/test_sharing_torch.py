@@ -1,0 +1,147 @@
+"""Parameter sharing in PyTorch: shared by identity, gradients accumulate, counted once."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+from companion.testing import assert_close, to_numpy  # noqa: E402
+from companion.torch.sharing import (  # noqa: E402
+    TiedEmbedding,
+    TiedLMHead,
+    param_groups_for_weight_decay,
+    shared_parameter_names,
+    tie_weights,
+)
+
+V, E, B, L = 13, 6, 2, 5  # a prime vocabulary, small widths
+
+
+def _unique_numel(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- weight tying ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("output_bias", [False, True], ids=["no-bias", "bias"])
+def test_tied_embedding_shares_one_parameter(output_bias):
+    tied = TiedEmbedding(V, E, output_bias=output_bias)
+    assert tied.head.weight is tied.embedding.weight
+    assert tied.weight is tied.embedding.weight
+    assert shared_parameter_names(tied) == [["embedding.weight", "head.weight"]]
+    assert _unique_numel(tied) == V * E + (V if output_bias else 0)  # the matrix once
+
+
+def test_tied_lm_head_is_h_times_embedding_transposed(rng):
+    tied = TiedEmbedding(V, E, dtype=torch.float64)
+    hidden = torch.from_numpy(rng.standard_normal((B, L, E)))
+    assert_close(tied.logits(hidden), to_numpy(hidden) @ to_numpy(tied.weight).T, name="logits")
+    ids = torch.from_numpy(rng.integers(0, V, (B, L)))
+    assert_close(tied(ids), to_numpy(tied.weight)[to_numpy(ids)], name="embeddings")
+
+
+def test_tie_weights_on_linear_makes_one_parameter():
+    embedding, head = nn.Embedding(V, E), nn.Linear(E, V, bias=False)
+    model = nn.ModuleDict({"embedding": embedding, "head": head})
+    assert _unique_numel(model) == 2 * V * E
+    tie_weights(head, embedding)
+    assert head.weight is embedding.weight
+    assert _unique_numel(model) == V * E
+
+
+@pytest.mark.parametrize("bad", ["shape", "type"])
+def test_tying_rejects_mismatches(bad):
+    if bad == "shape":
+        with pytest.raises(ValueError, match=r"\(13, 6\)"):
+            tie_weights(nn.Linear(E, V + 1, bias=False), nn.Embedding(V, E))
+    else:
+        with pytest.raises(TypeError, match="embedding"):
+            TiedLMHead(nn.ReLU())
+
+
+def test_tied_head_rejects_wrong_width():
+    with pytest.raises(ValueError, match="last axis E=6"):
+        TiedEmbedding(V, E).logits(torch.zeros(B, L, E + 1))
+
+
+def _language_model_loss(embedding_matrix, output_matrix, mixer, ids, targets):
+    """Embed, mix, project back to logits; the same code for tied and untied matrices."""
+    hidden = torch.tanh(embedding_matrix[ids] @ mixer)  # (B, L, E)
+    logits = hidden @ output_matrix.T  # (B, L, V)
+    return nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_gradients_of_both_uses_accumulate_in_the_one_tensor(rng, dtype):
+    tied = TiedEmbedding(V, E, dtype=dtype)
+    mixer = torch.from_numpy(rng.standard_normal((E, E))).to(dtype)
+    ids = torch.from_numpy(rng.integers(0, V, (B, L)))
+    targets = torch.from_numpy(rng.integers(0, V, (B, L)))
+
+    _language_model_loss(tied.embedding.weight, tied.head.weight, mixer, ids, targets).backward()
+
+    # untied copies with the same values: one gradient per use
+    as_input = tied.weight.detach().clone().requires_grad_(True)
+    as_output = tied.weight.detach().clone().requires_grad_(True)
+    _language_model_loss(as_input, as_output, mixer, ids, targets).backward()
+    assert as_input.grad.abs().max() > 0 and as_output.grad.abs().max() > 0  # both uses contribute
+    assert_close(tied.weight.grad, as_input.grad + as_output.grad, name="tied gradient")
+
+
+# --- optimizer groups ------------------------------------------------------------------------
+
+class _TinyTiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tokens = nn.Embedding(V, E)
+        self.mixer = nn.Linear(E, E)
+        self.norm = nn.LayerNorm(E)
+        self.head = tie_weights(nn.Linear(E, V, bias=False), self.tokens)
+
+
+def test_weight_decay_groups_hold_each_tensor_once():
+    model = _TinyTiedLM()
+    decay, no_decay = param_groups_for_weight_decay(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    ids_decay = [id(p) for p in decay["params"]]
+    ids_no_decay = [id(p) for p in no_decay["params"]]
+    everything = ids_decay + ids_no_decay
+    assert len(everything) == len(set(everything)) == len(list(model.parameters()))
+    assert ids_decay == [id(model.mixer.weight)]
+    assert set(ids_no_decay) == {id(model.tokens.weight), id(model.mixer.bias), id(model.norm.weight),
+                                 id(model.norm.bias)}
+    torch.optim.AdamW(param_groups_for_weight_decay(model, 0.1), lr=1e-3)  # accepted as is
+
+
+def test_naive_groups_list_the_tied_tensor_twice():
+    """Why the helper exists: grouping by module lists the tied tensor in two groups."""
+    model = _TinyTiedLM()
+    naive = [{"params": list(model.tokens.parameters())}, {"params": list(model.head.parameters())}]
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        torch.optim.AdamW(naive, lr=1e-3)
+
+
+def test_weight_decay_rejects_negative():
+    with pytest.raises(ValueError, match="weight_decay"):
+        param_groups_for_weight_decay(_TinyTiedLM(), -0.1)
+
+
+def test_weight_decay_skips_frozen_parameters():
+    model = _TinyTiedLM()
+    model.mixer.weight.requires_grad_(False)
+    decay, no_decay = param_groups_for_weight_decay(model, 0.1)
+    assert decay["params"] == [] and len(no_decay["params"]) == 4
+
+
+def test_adamw_step_with_groups_leaves_embedding_undecayed():
+    """With zero gradients AdamW only decays: the matrices shrink, the tied embedding does not."""
+    model = _TinyTiedLM()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    opt = torch.optim.AdamW(param_groups_for_weight_decay(model, 0.5), lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert_close(model.tokens.weight, before["tokens.weight"], rtol=0, atol=0, name="tied embedding")
+    assert_close(model.mixer.weight, before["mixer.weight"] * (1 - 0.1 * 0.5), name="decayed weight")
+    assert model.head.weight is model.tokens.weight
+    assert_close(model.norm.weight, before["norm.weight"], rtol=0, atol=0, name="norm gain")
