@@ -5,3 +5,6 @@ Every public name here also exists, with the same signature, in
 """
 
 # Each topic module adds its names on a line of its own below.
+from companion.numpy.attention import *  # noqa: F401,F403
+from companion.numpy.scores import *  # noqa: F401,F403
+from companion.numpy.multihead import *  # noqa: F401,F403

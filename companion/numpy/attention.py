@@ -1,0 +1,522 @@
+r"""Scaled dot-product attention in numpy: the readable reference and the tiled (flash) version.
+
+The conventions (layouts, masks, bottom-right causal alignment, grouped-query heads, fully
+masked rows, dtypes, errors) are those of :mod:`companion.conventions`; every function
+here validates its input through :mod:`companion._checks`, as the torch and TensorFlow
+namespaces do, so that all three reject bad input with the same words.
+
+The equation, for one head (queries ``Q (L, D)``, keys ``K (S, D)``, values ``V (S, D_v)``)::
+
+    scores  = t Q K^T + bias          (L, S)   t = scale = 1 / sqrt(D) by default
+    weights = softmax_rows(scores)    (L, S)   masked entries -> exactly 0
+    output  = weights V               (L, D_v)
+
+:func:`scaled_dot_product_attention_reference` computes it as written (it holds the
+``L x S`` weights); :func:`attention_tiled` computes the same output one block at a time
+with the online softmax of FlashAttention-2 and never holds an ``L x S`` matrix.
+
+Explained in the book chapters *Attention: algorithm and math* and *Making it fast*.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from companion import _checks
+
+__all__ = [
+    "softmax",
+    "causal_mask",
+    "padding_mask",
+    "attention_weights",
+    "scaled_dot_product_attention_reference",
+    "attention_tiled",
+]
+
+_MAX_DEFAULT_THREADS = 8
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _float_array(name: str, x) -> np.ndarray:
+    """``x`` as a numpy array of a floating dtype (``TypeError`` otherwise); never a copy."""
+    array = np.asarray(x)
+    _checks.check_float(name, array.dtype)
+    return array
+
+
+def _compute_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype arithmetic runs in: float16 accumulates in float32, the rest stay."""
+    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _validated(query, key, value, mask):
+    """Arrays, sizes and mask of one attention call, checked through :mod:`companion._checks`."""
+    query = _float_array("query", query)
+    key = _float_array("key", key)
+    value = _float_array("value", value)
+    shapes = _checks.attention_shapes(query.shape, key.shape, value.shape)
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value must have the same dtype, got {query.dtype}, "
+                        f"{key.dtype} and {value.dtype}")
+    return query, key, value, shapes, _validated_mask(mask, shapes)
+
+
+def _validated_mask(mask, shapes: _checks.AttentionShapes):
+    """``None``, a bool mask (True = attend) or a float mask (added to the scores)."""
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_ and mask.dtype.kind != "f":
+        raise TypeError(f"mask must be boolean (True = attend) or floating (added to the scaled scores), "
+                        f"got dtype {mask.dtype} with shape {mask.shape}")
+    _checks.check_mask_shape(mask.shape, shapes)
+    return mask
+
+
+def _split_query_heads(x: np.ndarray, shapes: _checks.AttentionShapes) -> np.ndarray:
+    """``(..., H, L, X) -> (..., H_kv, group, L, X)``: query head ``h`` lands in group ``h // group``.
+
+    A reshape (a view for contiguous input), not a copy: this is the grouped-query head
+    map ``h -> h // (H // H_kv)`` of :mod:`companion.conventions`::
+
+        H = 6, H_kv = 2       query heads  0 1 2 | 3 4 5
+                              k/v head     0 0 0 | 1 1 1
+    """
+    return x.reshape(*x.shape[:-3], shapes.H_kv, shapes.group, *x.shape[-2:])
+
+
+def _split_mask_heads(mask: np.ndarray, shapes: _checks.AttentionShapes) -> np.ndarray:
+    """A mask broadcastable to ``(..., H, L, S)`` made broadcastable to ``(..., H_kv, group, L, S)``."""
+    mask = mask.reshape((1,) * (len(shapes.scores) - mask.ndim) + mask.shape)  # (..., H|1, L|1, S|1)
+    if mask.shape[-3] == 1:
+        return mask[..., None, :, :]  # (..., 1, 1, L|1, S|1)
+    return _split_query_heads(mask, shapes)  # (..., H_kv, group, L|1, S|1)
+
+
+# --------------------------------------------------------------------------- masks
+
+def causal_mask(L: int, S: int) -> np.ndarray:
+    r"""The bottom-right aligned causal mask: query ``i`` may attend to key ``j`` iff ``j <= i + (S - L)``.
+
+    Parameters
+    ----------
+    L, S : int
+        Query and key lengths.
+
+    Returns
+    -------
+    numpy.ndarray
+        bool ``(L, S)``, ``True`` = may attend. The last query sees every key, which is
+        what decoding with a KV cache needs (the ``L`` new queries are the last ``L``
+        positions of the sequence)::
+
+            causal_mask(3, 3)     causal_mask(2, 5)      causal_mask(4, 2)
+            1 0 0                 1 1 1 1 0              0 0   <- sees nothing: its
+            1 1 0                 1 1 1 1 1              0 0      output row is 0
+            1 1 1                                        1 0
+                                                         1 1
+
+    Explained in the book chapter *Attention: algorithm and math*.
+    """
+    for name, size in (("L", L), ("S", S)):
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {size!r}")
+    return np.tri(int(L), int(S), k=int(S) - int(L), dtype=bool)  # (L, S)
+
+
+def padding_mask(lengths, S: int) -> np.ndarray:
+    r"""Key padding mask: position ``j`` of sequence ``b`` is real iff ``j < lengths[b]``.
+
+    Parameters
+    ----------
+    lengths : array_like of int, shape ``(B,)``
+        The number of real (unpadded) keys of each sequence, ``0 <= lengths[b] <= S``.
+    S : int
+        The padded key length.
+
+    Returns
+    -------
+    numpy.ndarray
+        bool ``(B, 1, 1, S)``, broadcastable to the weights ``(B, H, L, S)``::
+
+            padding_mask([3, 1], 4)[:, 0, 0]
+            1 1 1 0
+            1 0 0 0
+    """
+    if isinstance(S, bool) or not isinstance(S, (int, np.integer)) or S < 0:
+        raise ValueError(f"S must be a non-negative int, got {S!r}")
+    lengths = np.asarray(lengths)
+    if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
+        raise TypeError(f"lengths must be a 1-D array of ints (one per sequence), got dtype {lengths.dtype} "
+                        f"with shape {lengths.shape}")
+    if lengths.size and (lengths.min() < 0 or lengths.max() > S):
+        raise ValueError(f"lengths must lie in [0, S={S}], got values from {lengths.min()} to {lengths.max()}")
+    positions = np.arange(S)  # (S,)
+    is_real = positions[None, :] < lengths[:, None]  # (B, S)
+    return is_real[:, None, None, :]  # (B, 1, 1, S)
+
+
+# --------------------------------------------------------------------------- softmax
+
+def softmax(x, axis: int = -1, mask=None) -> np.ndarray:
+    r"""Numerically stable softmax along ``axis``; masked entries get exactly 0.
+
+    .. math::
+
+        \operatorname{softmax}(x)_j = \frac{m_j\, e^{x_j - M}}{\sum_k m_k\, e^{x_k - M}},
+        \qquad M = \max_{k:\, m_k} x_k
+
+    Subtracting the maximum ``M`` changes nothing mathematically and keeps ``exp`` from
+    overflowing. A row whose entries are all masked (or all ``-inf``) gives 0 everywhere,
+    never NaN and never uniform weights.
+
+    Parameters
+    ----------
+    x : numpy.ndarray, floating
+    axis : int
+    mask : numpy.ndarray of bool, optional
+        Broadcastable to ``x.shape``; ``True`` = keep.
+
+    Returns
+    -------
+    numpy.ndarray
+        Same shape and dtype as ``x`` (float16 is computed in float32).
+    """
+    x = _float_array("x", x)
+    work = x.astype(_compute_dtype(x.dtype), copy=False)
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.dtype != np.bool_:
+            raise TypeError(f"mask must be boolean (True = keep), got dtype {mask.dtype}")
+        try:
+            shape = _checks.broadcast_shape(mask.shape, x.shape)
+        except ValueError:
+            shape = None
+        if shape != x.shape:
+            raise ValueError(f"mask of shape {mask.shape} does not broadcast to x of shape {x.shape}")
+        work = np.where(mask, work, -np.inf)  # masked entries -> -inf (a new array)
+    row_max = np.max(work, axis=axis, keepdims=True, initial=-np.inf)  # M
+    row_max = np.where(np.isneginf(row_max), 0, row_max)  # all masked: exp(-inf - 0) = 0, not NaN
+    exp = np.exp(work - row_max)  # e^{x_j - M}, 0 where masked
+    total = np.sum(exp, axis=axis, keepdims=True)  # sum_k e^{x_k - M}
+    weights = np.divide(exp, total, out=np.zeros_like(exp), where=total > 0)  # 0 for empty rows
+    return weights.astype(x.dtype, copy=False)
+
+
+# --------------------------------------------------------------------------- reference
+
+def _grouped_weights(query, key, mask, causal, scale, shapes):
+    """Softmax weights with the query heads split by key/value head: ``(..., H_kv, group, L, S)``."""
+    dtype = _compute_dtype(query.dtype)
+    t = _checks.resolve_scale(scale, shapes.D)
+    q = _split_query_heads(query.astype(dtype, copy=False), shapes)  # (..., H_kv, group, L, D)
+    k = key.astype(dtype, copy=False)[..., :, None, :, :]  # (..., H_kv, 1, S, D): broadcast, not repeated
+    scores = t * (q @ np.swapaxes(k, -1, -2))  # t Q K^T: (..., H_kv, group, L, S)
+    keep = None  # True = may attend, broadcastable to scores
+    if mask is not None and mask.dtype == np.bool_:
+        keep = _split_mask_heads(mask, shapes)  # (..., H_kv|1, group|1, L|1, S|1)
+    elif mask is not None:
+        scores = scores + _split_mask_heads(mask.astype(dtype, copy=False), shapes)  # + bias
+    if causal:
+        visible = causal_mask(shapes.L, shapes.S)  # (L, S)
+        keep = visible if keep is None else keep & visible
+    if keep is not None:
+        keep = np.broadcast_to(keep, scores.shape)  # (..., H_kv, group, L, S)
+    return softmax(scores, axis=-1, mask=keep)  # (..., H_kv, group, L, S)
+
+
+def attention_weights(query, key, *, mask=None, causal: bool = False, scale: float | None = None) -> np.ndarray:
+    r"""The attention weights ``softmax(t Q K^T + bias)``, shape ``(..., H, L, S)``.
+
+    Parameters
+    ----------
+    query : numpy.ndarray ``(..., H, L, D)``
+    key : numpy.ndarray ``(..., H_kv, S, D)``
+        ``H_kv`` divides ``H``; query head ``h`` reads key head ``h // (H // H_kv)``.
+    mask : numpy.ndarray, optional
+        bool (``True`` = attend) or float (added to the scaled scores), broadcastable to
+        ``(..., H, L, S)``.
+    causal : bool
+        Apply :func:`causal_mask` (bottom-right aligned) as well.
+    scale : float, optional
+        ``t``; default ``1 / sqrt(D)``.
+
+    Returns
+    -------
+    numpy.ndarray ``(..., H, L, S)``
+        Each row sums to 1, or is exactly 0 where the query may attend to nothing.
+
+    Explained in the book chapter *Attention: algorithm and math*.
+    """
+    causal = _check_flag("causal", causal)
+    query, key, _, shapes, mask = _validated(query, key, key, mask)
+    weights = _grouped_weights(query, key, mask, causal, scale, shapes)  # (..., H_kv, group, L, S)
+    weights = weights.reshape(shapes.scores)  # (..., H, L, S)
+    return weights.astype(query.dtype, copy=False)
+
+
+def scaled_dot_product_attention_reference(query, key, value, *, mask=None, causal: bool = False,
+                                           scale: float | None = None) -> np.ndarray:
+    r"""Scaled dot-product attention as written: ``softmax(t Q K^T + bias) V``.
+
+    .. math::
+
+        \operatorname{Attention}(Q, K, V) = \operatorname{softmax}\!\Big(\frac{Q K^\top}{\sqrt{D}}
+        + \text{bias}\Big) V
+
+    Shapes: ``query (..., H, L, D)``, ``key (..., H_kv, S, D)``, ``value (..., H_kv, S, D_v)``
+    -> ``(..., H, L, D_v)``. Grouped-query attention when ``H_kv < H``: the query heads are
+    reshaped to ``(..., H_kv, H // H_kv, L, D)`` and broadcast against the key/value heads
+    ``(..., H_kv, 1, S, D)``; no key or value head is copied.
+
+    Masks (see :mod:`companion.conventions`): a bool ``mask`` keeps ``True`` entries, a float
+    ``mask`` is added to the scaled scores, ``causal=True`` applies the bottom-right
+    aligned :func:`causal_mask`::
+
+        L = 2, S = 5, causal    keys  0 1 2 3 4
+                      query 0         1 1 1 1 0
+                      query 1         1 1 1 1 1
+
+    A query that may attend to nothing gets an output row of exactly 0.
+
+    This is the single oracle of the test suite when called with float64 arrays. float32
+    stays float32; float16 is computed in float32 and returned as float16.
+
+    Explained in the book chapter *Attention: algorithm and math*.
+    """
+    causal = _check_flag("causal", causal)
+    query, key, value, shapes, mask = _validated(query, key, value, mask)
+    weights = _grouped_weights(query, key, mask, causal, scale, shapes)  # (..., H_kv, group, L, S)
+    v = value.astype(weights.dtype, copy=False)[..., :, None, :, :]  # (..., H_kv, 1, S, D_v)
+    output = weights @ v  # (..., H_kv, group, L, D_v)
+    output = output.reshape(*shapes.batch, shapes.H, shapes.L, shapes.D_v)  # (..., H, L, D_v)
+    return output.astype(query.dtype, copy=False)
+
+
+# --------------------------------------------------------------------------- tiled (flash)
+
+def _default_threads() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, _MAX_DEFAULT_THREADS))
+
+
+def _check_block(name: str, size) -> int:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"{name} must be a positive int, got {size!r}")
+    return int(size)
+
+
+class _BlockBuffers:
+    """One worker's scratch space, allocated once and reused for every block it computes."""
+
+    def __init__(self, block_q, block_k, D, D_v, dtype, cast_kv, masked):
+        self.block_q, self.block_k = block_q, block_k
+        self.q = np.empty(block_q * D, dtype)  # scaled query block t Q_i
+        self.scores = np.empty(block_q * block_k, dtype)  # S_ij, then P~_ij in place
+        self.hidden = np.empty(block_q * block_k, np.bool_) if masked else None  # masked entries
+        self.acc = np.empty(block_q * D_v, dtype)  # O~
+        self.pv = np.empty(block_q * D_v, dtype)  # P~_ij V_j
+        self.vectors = np.empty((6, block_q), dtype)  # m, m_new, rowmax / rowsum, c, l, exp guard
+        self.k = np.empty(block_k * D, dtype) if cast_kv else None  # float16 -> float32 copies
+        self.v = np.empty(block_k * D_v, dtype) if cast_kv else None
+
+    @staticmethod
+    def view(flat, rows, cols):
+        return flat[: rows * cols].reshape(rows, cols)  # contiguous (rows, cols)
+
+
+def _tiled_query_block(q_rows, k_head, v_head, float_bias, keep, causal_offset, scale, i0, block_k,
+                       buffers, out_rows, lse_rows):
+    """FlashAttention-2 forward for query rows ``i0 : i0 + bq`` of one head (see REFERENCE.md).
+
+    ``q_rows (bq, D)``, ``k_head (S, D)``, ``v_head (S, D_v)``; ``float_bias`` / ``keep`` are
+    ``(L|1, S|1)`` views or ``None``; ``causal_offset`` is ``S - L`` or ``None``. Writes
+    ``out_rows (bq, D_v)`` and ``lse_rows (bq,)``.
+    """
+    bq, D = q_rows.shape
+    S, D_v = v_head.shape
+    q = buffers.view(buffers.q, bq, D)
+    np.multiply(q_rows, scale, out=q)  # t Q_i: the scale folded into the query once
+    acc = buffers.view(buffers.acc, bq, D_v)  # O~ (bq, D_v)
+    acc.fill(0.0)
+    m, m_new, row_stat, c, l, m_used = (row[:bq] for row in buffers.vectors)  # (bq,) each
+    m.fill(-np.inf)
+    l.fill(0.0)
+    last_key = S if causal_offset is None else min(S, i0 + bq + causal_offset)  # keys >= it: hidden
+    for j0 in range(0, max(last_key, 0), block_k):  # blocks above the diagonal are skipped
+        j1 = min(j0 + block_k, last_key)
+        bk = j1 - j0
+        k_block, v_block = k_head[j0:j1], v_head[j0:j1]  # (bk, D), (bk, D_v)
+        if buffers.k is not None:
+            k_block = buffers.view(buffers.k, bk, D)
+            np.copyto(k_block, k_head[j0:j1])  # float16 -> float32
+            v_block = buffers.view(buffers.v, bk, D_v)
+            np.copyto(v_block, v_head[j0:j1])
+        scores = buffers.view(buffers.scores, bq, bk)
+        np.matmul(q, k_block.T, out=scores)  # S_ij = t Q_i K_j^T: (bq, bk)
+        hidden = None if buffers.hidden is None else buffers.view(buffers.hidden, bq, bk)
+        if float_bias is not None:
+            np.add(scores, float_bias[i0:i0 + bq, j0:j1], out=scores)  # + bias
+        if keep is not None:
+            np.logical_not(keep[i0:i0 + bq, j0:j1], out=hidden)  # (bq, bk)
+            np.copyto(scores, -np.inf, where=hidden)  # masked -> -inf
+        if causal_offset is not None and j1 - 1 > i0 + causal_offset:  # block straddles the diagonal
+            rows = np.arange(i0, i0 + bq)[:, None] + causal_offset  # (bq, 1)
+            np.greater(np.arange(j0, j1)[None, :], rows, out=hidden)  # j > i + (S - L): (bq, bk)
+            np.copyto(scores, -np.inf, where=hidden)
+        np.max(scores, axis=1, out=row_stat)  # rowmax(S_ij)
+        np.maximum(m, row_stat, out=m_new)  # m_new = max(m, rowmax)
+        np.copyto(m_used, m_new)
+        m_used[np.isneginf(m_new)] = 0.0  # guard: fully masked so far -> exp(-inf - 0) = 0, not NaN
+        np.subtract(scores, m_used[:, None], out=scores)
+        np.exp(scores, out=scores)  # P~ = exp(S_ij - m_new), in place
+        np.subtract(m, m_used, out=c)
+        np.exp(c, out=c)  # c = exp(m - m_new)
+        np.sum(scores, axis=1, out=row_stat)  # rowsum(P~)
+        np.multiply(l, c, out=l)
+        np.add(l, row_stat, out=l)  # l = c l + rowsum(P~)
+        np.multiply(acc, c[:, None], out=acc)  # c O~
+        pv = buffers.view(buffers.pv, bq, D_v)
+        np.matmul(scores, v_block, out=pv)  # P~ V_j: (bq, D_v)
+        np.add(acc, pv, out=acc)  # O~ = c O~ + P~ V_j
+        m, m_new = m_new, m  # m = m_new (swap the buffers)
+    attended = l > 0  # rows that saw at least one key
+    np.divide(acc, l[:, None], out=acc, where=attended[:, None])  # O_i = O~ / l; 0 rows stay 0
+    out_rows[...] = acc  # cast to the output dtype
+    np.log(l, out=l, where=attended)
+    np.add(m, l, out=lse_rows, where=attended)  # LSE_i = m + log(l)
+    lse_rows[~attended] = 0.0  # finite for fully masked rows
+
+
+def _attention_tiled_forward(query, key, value, *, mask=None, causal=False, scale=None, block_q=512,
+                             block_k=512, num_threads=None):
+    """:func:`attention_tiled` returning ``(output (..., H, L, D_v), lse (..., H, L))``.
+
+    ``lse`` is the log-sum-exp of each row's scaled (and biased, masked) scores,
+    ``m + log(l)``, in the compute dtype (float32 for float16 input); 0 for fully masked
+    rows. The backward pass of the torch namespace recomputes the weights from it.
+    """
+    causal = _check_flag("causal", causal)
+    block_q, block_k = _check_block("block_q", block_q), _check_block("block_k", block_k)
+    if num_threads is None:
+        num_threads = _default_threads()
+    num_threads = _check_block("num_threads", num_threads)
+    query, key, value, shapes, mask = _validated(query, key, value, mask)
+    scale = _checks.resolve_scale(scale, shapes.D)
+    dtype = _compute_dtype(query.dtype)
+    batch, H, L, S = shapes.batch, shapes.H, shapes.L, shapes.S
+    output = np.zeros((*batch, H, L, shapes.D_v), dtype=query.dtype)  # (..., H, L, D_v)
+    lse = np.zeros((*batch, H, L), dtype=dtype)  # (..., H, L)
+    # Broadcast views (no copies) so that every (batch index, head) has its own 2-D slices.
+    q_all = np.broadcast_to(query, (*batch, H, L, shapes.D))
+    k_all = np.broadcast_to(key, (*batch, shapes.H_kv, S, shapes.D))
+    v_all = np.broadcast_to(value, (*batch, shapes.H_kv, S, shapes.D_v))
+    float_bias = keep = None
+    if mask is not None and mask.dtype == np.bool_:
+        keep = np.broadcast_to(mask, shapes.scores)  # (..., H, L, S), a view
+    elif mask is not None:
+        float_bias = np.broadcast_to(mask, shapes.scores)  # (..., H, L, S), a view
+    causal_offset = S - L if causal else None
+
+    tasks = [(index, h, i0) for index in np.ndindex(*batch) for h in range(H) for i0 in range(0, L, block_q)]
+    next_task = iter(tasks)
+    lock = threading.Lock()
+
+    def work() -> None:
+        buffers = _BlockBuffers(block_q, block_k, shapes.D, shapes.D_v, dtype, cast_kv=dtype != query.dtype,
+                                masked=mask is not None or causal)
+        while True:
+            with lock:
+                task = next(next_task, None)
+            if task is None:
+                return
+            index, h, i0 = task
+            kv = h // shapes.group  # the key/value head of query head h
+            i1 = min(i0 + block_q, L)
+            _tiled_query_block(
+                q_all[index][h, i0:i1], k_all[index][kv], v_all[index][kv],
+                None if float_bias is None else float_bias[index][h],
+                None if keep is None else keep[index][h],
+                causal_offset, scale, i0, block_k, buffers,
+                output[index][h, i0:i1], lse[index][h, i0:i1],
+            )
+
+    workers = min(num_threads, len(tasks))
+    if workers <= 1:
+        work()
+    else:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+            for future in [pool.submit(work) for _ in range(workers)]:
+                future.result()  # re-raise a worker's exception here
+    return output, lse
+
+
+def attention_tiled(query, key, value, *, mask=None, causal: bool = False, scale: float | None = None,
+                    block_q: int = 512, block_k: int = 512, num_threads: int | None = None) -> np.ndarray:
+    r"""Scaled dot-product attention by the FlashAttention-2 forward recurrence, block by block.
+
+    Same arguments, conventions and result as :func:`scaled_dot_product_attention_reference`,
+    but the ``L x S`` scores are never held: for each block of ``block_q`` query rows
+    ``Q_i`` it walks the key/value blocks ``K_j, V_j`` of ``block_k`` rows and keeps only a
+    running maximum ``m``, a running sum ``l`` and an unnormalised output ``O~``::
+
+        S_ij  = t Q_i K_j^T  (+ bias, masked -> -inf)          (bq, bk)
+        m_new = max(m, rowmax(S_ij))                           (bq,)
+        P~    = exp(S_ij - m_new)                              (bq, bk)
+        c     = exp(m - m_new)                                 (bq,)
+        l     = c l + rowsum(P~)                               (bq,)
+        O~    = c O~ + P~ V_j                                  (bq, D_v)
+        end:  O_i = O~ / l ,  LSE_i = m + log(l)
+
+    With ``causal=True`` (bottom-right aligned) the key blocks entirely above the diagonal
+    are skipped and the mask is applied only to the blocks that straddle it::
+
+        blocks of 2 x 2, L = S = 6      key block  0    1    2
+                           query block 0         [\ ] skip skip
+                           query block 1         [##] [\ ] skip
+                           query block 2         [##] [##] [\ ]
+
+    A row that sees no key at all keeps ``m = -inf`` and ``l = 0``; the guards (``exp``
+    of ``-inf - 0``, division only where ``l > 0``) make its output exactly 0, never NaN.
+
+    Parameters
+    ----------
+    query, key, value, mask, causal, scale
+        As for :func:`scaled_dot_product_attention_reference`; bool and float masks are
+        sliced per block (broadcast views, never expanded to ``L x S``).
+    block_q, block_k : int
+        Rows of the query and key blocks. The defaults keep one block of scores
+        (512 x 512 float32, 1 MiB) in a core's L2 cache.
+    num_threads : int, optional
+        Worker threads over (batch, head, query block) tasks; default: the available
+        cores, at most 8. BLAS is pinned to one thread while they run (numpy releases
+        the GIL in ``matmul`` and ``exp``, so the workers run in parallel).
+
+    Returns
+    -------
+    numpy.ndarray ``(..., H, L, D_v)``, the input dtype. Computed in the input dtype
+    (float16 in float32). Extra memory: a few blocks per thread, ``O(L)`` for the
+    log-sum-exp, no ``L x S`` matrix.
+
+    Explained in the book chapter *Making it fast*.
+    """
+    output, _ = _attention_tiled_forward(query, key, value, mask=mask, causal=causal, scale=scale,
+                                         block_q=block_q, block_k=block_k, num_threads=num_threads)
+    return output
