@@ -8,3 +8,5 @@ import torch as _torch  # noqa: F401  (fail here, with torch's own message, if i
 
 # Each topic module adds its names on a line of its own below.
 from companion.torch.conv import *  # noqa: F401,F403
+from companion.torch.attention import *  # noqa: F401,F403
+from companion.torch.scores import *  # noqa: F401,F403
