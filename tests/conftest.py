@@ -18,3 +18,11 @@ import pytest  # noqa: E402
 def rng():
     """A numpy Generator with a fixed seed, fresh for each test."""
     return np.random.default_rng(20261122)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--build-book", action="store_true", default=False,
+        help="build the book (jupyter-book build . -W -n --keep-going) and check the built site; "
+             "without it, the site checks use an existing _build/html or skip",
+    )

@@ -1,0 +1,58 @@
+# The two commands a newcomer needs are `make book` and `make test` (see README.md).
+# Every target works from a fresh clone: the first one creates .venv and installs the
+# package with its extras under constraints.txt (the exact, tested environment).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BUILD_FLAGS := -W -n --keep-going
+PYTEST_BOOK := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=600
+
+# TensorFlow prints C++ log lines on import that land in notebook outputs and break nbval.
+export TF_CPP_MIN_LOG_LEVEL := 3
+export TF_ENABLE_ONEDNN_OPTS := 0
+export MPLBACKEND := Agg
+export PYTHONHASHSEED := 0
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+.PHONY: help setup book test test-package notebooks lab bench clean
+
+help:
+	@echo "make book       build the website into _build/html (creates .venv on first use)"
+	@echo "make test       package tests + strict nbval of every notebook + book build with -W"
+	@echo "make notebooks  re-execute every notebook in place and store its outputs"
+	@echo "make lab        open the notebooks in JupyterLab"
+	@echo "make clean      remove _build and caches (keeps .venv; rm -rf .venv to start over)"
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+	@touch $@
+
+setup: $(STAMP)
+
+book: $(STAMP)
+	$(VENV)/bin/jupyter-book build . $(BUILD_FLAGS)
+	@echo
+	@echo "The book is built. Open: file://$(CURDIR)/_build/html/index.html"
+
+# One pytest run, one summary: package tests, every notebook cell under strict nbval,
+# then the book build (-W -n --keep-going) and the checks of the built site.
+test: $(STAMP)
+	$(PY) -m pytest tests book $(PYTEST_BOOK) --build-book
+
+test-package: $(STAMP)
+	$(PY) -m pytest tests
+
+notebooks: $(STAMP)
+	$(PY) tools/execute_notebooks.py $(NOTEBOOKS)
+
+lab: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[lab]"
+	$(VENV)/bin/jupyter lab book/
+
+clean:
+	rm -rf _build .pytest_cache .hypothesis
+	find . -name __pycache__ -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
+	find book -name .ipynb_checkpoints -prune -exec rm -rf {} +
