@@ -21,6 +21,7 @@ def _modules_after(statement: str) -> set[str]:
         "import companion",
         "import companion.numpy",
         "import companion.conventions, companion.registry, companion.testing",
+        "import companion.params",
     ],
 )
 def test_import_loads_no_framework(statement):
