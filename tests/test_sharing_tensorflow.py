@@ -6,7 +6,9 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 from companion.tensorflow.sharing import TiedOutput, no_weight_decay_variables  # noqa: E402
-from companion.testing import assert_close, to_numpy  # noqa: E402
+from companion.numpy import conv as npconv  # noqa: E402
+from companion.testing import as_backend, assert_close, assert_close_to_oracle, to_numpy  # noqa: E402
+from companion.tensorflow.conv import convolve2d, locally_connected2d  # noqa: E402
 
 V, E, B, L = 13, 6, 2, 5  # a prime vocabulary, small widths
 
@@ -103,3 +105,39 @@ def test_adamw_with_exclusions_decays_only_the_kernel():
     assert_close(model.tokens.embeddings, before[id(model.tokens.embeddings)], rtol=0, atol=0,
                  name="tied embedding")
     assert_close(model.mixer.kernel, before[id(model.mixer.kernel)] * (1 - 0.1 * 0.5), name="decayed kernel")
+
+
+# --- sharing across positions: conv vs the same layer without sharing ------------------------
+
+LOCAL_CASES = {"3x3": (1, 0, (3, 3)), "stride2-pad1": (2, 1, (2, 3)), "same-even": (1, "same", (2, 2)),
+               "1x1-stride3": (3, (0, 2), (1, 1))}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", LOCAL_CASES, ids=list(LOCAL_CASES))
+def test_locally_connected2d_matches_numpy_oracle(case, dtype, rng):
+
+    stride, padding, kernel = LOCAL_CASES[case]
+    x = rng.standard_normal((2, 3, 7, 8))
+    H_out, W_out = npconv.conv2d_output_size((7, 8), kernel, stride=stride, padding=padding)
+    weight = rng.standard_normal((H_out, W_out, 4, 3, *kernel))
+    bias = rng.standard_normal((H_out, W_out, 4))
+    oracle = npconv.locally_connected2d(x, weight, bias, stride=stride, padding=padding)
+    baseline = npconv.locally_connected2d(*(a.astype(dtype) for a in (x, weight, bias)), stride=stride,
+                                          padding=padding)
+    out = locally_connected2d(*(as_backend(a, "tensorflow", dtype) for a in (x, weight, bias)), stride=stride,
+                              padding=padding)
+    assert out.dtype == getattr(tf, dtype)
+    assert_close_to_oracle(out, baseline, oracle, name=f"tensorflow locally_connected2d {dtype}")
+
+
+def test_locally_connected2d_rejects_wrong_positions():
+
+    with pytest.raises(ValueError, match="output positions"):
+        locally_connected2d(tf.zeros((1, 3, 6, 5)), tf.zeros((3, 3, 4, 3, 3, 3)))
+
+
+def test_convolve2d_flips_the_kernel(rng):
+
+    x, kernel = rng.standard_normal((5, 7)), rng.standard_normal((2, 3))
+    assert_close(convolve2d(tf.constant(x), tf.constant(kernel)), npconv.convolve2d(x, kernel), name="convolve2d")

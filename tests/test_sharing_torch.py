@@ -5,7 +5,9 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from companion.testing import assert_close, to_numpy  # noqa: E402
+from companion.numpy import conv as npconv  # noqa: E402
+from companion.testing import as_backend, assert_close, assert_close_to_oracle, to_numpy  # noqa: E402
+from companion.torch.conv import conv2d_reference, convolve2d, locally_connected2d  # noqa: E402
 from companion.torch.sharing import (  # noqa: E402
     TiedEmbedding,
     TiedLMHead,
@@ -145,3 +147,51 @@ def test_adamw_step_with_groups_leaves_embedding_undecayed():
     assert_close(model.mixer.weight, before["mixer.weight"] * (1 - 0.1 * 0.5), name="decayed weight")
     assert model.head.weight is model.tokens.weight
     assert_close(model.norm.weight, before["norm.weight"], rtol=0, atol=0, name="norm gain")
+
+
+# --- sharing across positions: conv vs the same layer without sharing ------------------------
+
+LOCAL_CASES = {"3x3": (1, 0, (3, 3)), "stride2-pad1": (2, 1, (2, 3)), "same-even": (1, "same", (2, 2)),
+               "1x1-stride3": (3, (0, 2), (1, 1))}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", LOCAL_CASES, ids=list(LOCAL_CASES))
+def test_locally_connected2d_matches_numpy_oracle(case, dtype, rng):
+
+    stride, padding, kernel = LOCAL_CASES[case]
+    x = rng.standard_normal((2, 3, 7, 8))
+    H_out, W_out = npconv.conv2d_output_size((7, 8), kernel, stride=stride, padding=padding)
+    weight = rng.standard_normal((H_out, W_out, 4, 3, *kernel))
+    bias = rng.standard_normal((H_out, W_out, 4))
+    oracle = npconv.locally_connected2d(x, weight, bias, stride=stride, padding=padding)
+    baseline = npconv.locally_connected2d(*(a.astype(dtype) for a in (x, weight, bias)), stride=stride,
+                                          padding=padding)
+    out = locally_connected2d(*(as_backend(a, "torch", dtype) for a in (x, weight, bias)), stride=stride,
+                              padding=padding)
+    assert out.dtype == getattr(torch, dtype)
+    assert_close_to_oracle(out, baseline, oracle, name=f"torch locally_connected2d {dtype}")
+
+
+def test_locally_connected2d_with_one_kernel_everywhere_is_conv2d(rng):
+
+    x = torch.from_numpy(rng.standard_normal((2, 3, 6, 5)))
+    kernel = torch.from_numpy(rng.standard_normal((4, 3, 3, 3)))
+    bias = torch.from_numpy(rng.standard_normal(4))
+    H_out, W_out = 4, 3
+    shared = kernel.expand(H_out, W_out, *kernel.shape)  # (H_out, W_out, C_out, C_in, kH, kW)
+    assert_close(locally_connected2d(x, shared, bias.expand(H_out, W_out, 4)), conv2d_reference(x, kernel, bias),
+                 name="locally connected with one kernel")
+
+
+def test_locally_connected2d_rejects_wrong_positions():
+
+    with pytest.raises(ValueError, match="output positions"):
+        locally_connected2d(torch.zeros(1, 3, 6, 5), torch.zeros(3, 3, 4, 3, 3, 3))
+
+
+def test_convolve2d_flips_the_kernel(rng):
+
+    x, kernel = rng.standard_normal((5, 7)), rng.standard_normal((2, 3))
+    assert_close(convolve2d(torch.from_numpy(x), torch.from_numpy(kernel)), npconv.convolve2d(x, kernel),
+                 name="convolve2d")

@@ -16,3 +16,5 @@ import tensorflow as _tf  # noqa: E402,F401
 from companion.tensorflow.conv import *  # noqa: F401,F403
 from companion.tensorflow.attention import *  # noqa: F401,F403
 from companion.tensorflow.scores import *  # noqa: F401,F403
+from companion.tensorflow.sharing import *  # noqa: F401,F403
+from companion.tensorflow.multihead import *  # noqa: F401,F403

@@ -17,8 +17,10 @@ from __future__ import annotations
 import tensorflow as tf
 
 from companion._checks import check_float, conv2d_geometry, dtype_name
+from companion.numpy.conv import conv2d_output_size  # sizes only, no arrays: one definition
 
-__all__ = ["corr2d", "conv2d_reference", "conv2d_im2col"]
+__all__ = ["corr2d", "convolve2d", "conv2d_output_size", "conv2d_reference", "conv2d_im2col",
+           "locally_connected2d"]
 
 _LOW_PRECISION = (tf.float16, tf.bfloat16)
 
@@ -81,6 +83,21 @@ def corr2d(x, kernel):
         for n in range(w):
             y = y + x_acc[m:m + H - h + 1, n:n + W - w + 1] * k_acc[m, n]  # X_{i+m, j+n} K_{m,n}
     return tf.cast(y, x.dtype)
+
+
+def convolve2d(x, kernel):
+    r"""True two-dimensional convolution ("valid" part): cross-correlation with the flipped kernel.
+
+    .. math::
+
+        (X * K)_{i,j} = \sum_{m=0}^{h-1} \sum_{n=0}^{w-1} X_{i+m,\, j+n}\, K_{h-1-m,\, w-1-n}
+
+    ``x (H, W)``, ``kernel (h, w)`` -> ``(H - h + 1, W - w + 1)``, written as
+    ``corr2d(x, flip(kernel))``: the two differ only by the flip.
+    """
+    if not isinstance(kernel, (tf.Tensor, tf.Variable)) or kernel.shape.rank != 2:
+        raise ValueError(f"kernel must be a 2-D tf.Tensor, got {getattr(kernel, 'shape', type(kernel).__name__)}")
+    return corr2d(x, tf.reverse(kernel, axis=(0, 1)))  # K[h-1-m, w-1-n]
 
 
 # --- readable reference: a loop over kernel offsets ----------------------------------------
@@ -150,4 +167,44 @@ def conv2d_im2col(x, weight, bias=None, *, stride=1, padding=0, dilation=1, grou
     y = tf.reshape(y, (geo.N, geo.C_out, geo.H_out, geo.W_out))  # (N, C_out, H_out, W_out)
     if bias is not None:
         y = y + tf.cast(bias, acc)[:, None, None]  # + b_o
+    return tf.cast(y, x.dtype)
+
+
+# --- the same receptive fields without sharing ---------------------------------------------
+
+def locally_connected2d(x, weight, bias=None, *, stride=1, padding=0):
+    r"""A locally connected layer: a convolution's receptive fields, one kernel per position.
+
+    .. math::
+
+        Y_{b,o,i,j} = \mathrm{bias}_{i,j,o} + \sum_{c,m,n}
+            X^{\mathrm{pad}}_{b,\,c,\; i s_H + m,\; j s_W + n}\; W_{i,j,o,c,m,n}
+
+    ``x (N, C_in, H, W)``, ``weight (H_out, W_out, C_out, C_in, kH, kW)``,
+    ``bias (H_out, W_out, C_out)`` or None -> ``(N, C_out, H_out, W_out)``, as
+    :func:`companion.numpy.conv.locally_connected2d`. ``tf.image.extract_patches`` gives
+    every receptive field; each position then has its own matrix: ``H_out W_out`` times a
+    convolution's parameters, no sharing.
+    """
+    x, weight, bias = _check_tensors(x, weight, bias)
+    if weight.shape.rank != 6:
+        raise ValueError(f"weight must have shape (H_out, W_out, C_out, C_in, kH, kW), got shape {tuple(weight.shape)}")
+    H_out_w, W_out_w, C_out, C_in, kH, kW = weight.shape
+    geo = conv2d_geometry(tuple(x.shape), (C_out, C_in, kH, kW), stride=stride, padding=padding)
+    if (geo.H_out, geo.W_out) != (H_out_w, W_out_w):
+        raise ValueError(f"weight {tuple(weight.shape)} has {H_out_w} x {W_out_w} positions but x {tuple(x.shape)} "
+                         f"with kernel {kH} x {kW}, stride {stride} and padding {padding!r} gives "
+                         f"{geo.H_out} x {geo.W_out} output positions")
+    if bias is not None and tuple(bias.shape) != (geo.H_out, geo.W_out, C_out):
+        raise ValueError(f"bias must have shape (H_out, W_out, C_out) = {(geo.H_out, geo.W_out, C_out)}, "
+                         f"got {tuple(bias.shape)}")
+    acc = _accumulation_dtype(x.dtype)
+    x_nhwc = tf.transpose(_pad_nchw(tf.cast(x, acc), geo.pad), (0, 2, 3, 1))  # (N, H_pad, W_pad, C_in)
+    patches = tf.image.extract_patches(x_nhwc, sizes=(1, kH, kW, 1), strides=(1, *geo.stride, 1),
+                                       rates=(1, 1, 1, 1), padding="VALID")  # (N, H_out, W_out, kH kW C_in)
+    w_per_position = tf.reshape(tf.transpose(tf.cast(weight, acc), (0, 1, 4, 5, 3, 2)),
+                                (geo.H_out, geo.W_out, kH * kW * C_in, C_out))  # (H_out, W_out, kH kW C_in, C_out)
+    y = tf.einsum("nijk,ijko->noij", patches, w_per_position)  # (N, C_out, H_out, W_out): W_{i,j} X_{field (i,j)}
+    if bias is not None:
+        y = y + tf.transpose(tf.cast(bias, acc), (2, 0, 1))  # + bias_{i,j,o}
     return tf.cast(y, x.dtype)

@@ -10,4 +10,6 @@ import torch as _torch  # noqa: F401  (fail here, with torch's own message, if i
 from companion.torch.conv import *  # noqa: F401,F403
 from companion.torch.attention import *  # noqa: F401,F403
 from companion.torch.scores import *  # noqa: F401,F403
+from companion.torch.sharing import *  # noqa: F401,F403
 from companion.torch.source_cnn import *  # noqa: F401,F403
+from companion.torch.multihead import *  # noqa: F401,F403

@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from companion._checks import check_float, conv2d_geometry, dtype_name
+from companion.numpy.conv import conv2d_output_size  # sizes only, no arrays: one definition
 
-__all__ = ["corr2d", "conv2d_reference", "conv2d_im2col"]
+__all__ = ["corr2d", "convolve2d", "conv2d_output_size", "conv2d_reference", "conv2d_im2col",
+           "locally_connected2d"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -76,6 +78,21 @@ def corr2d(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
         for n in range(w):
             y = y + x_acc[m:m + H - h + 1, n:n + W - w + 1] * k_acc[m, n]  # X_{i+m, j+n} K_{m,n}
     return y.to(x.dtype)
+
+
+def convolve2d(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    r"""True two-dimensional convolution ("valid" part): cross-correlation with the flipped kernel.
+
+    .. math::
+
+        (X * K)_{i,j} = \sum_{m=0}^{h-1} \sum_{n=0}^{w-1} X_{i+m,\, j+n}\, K_{h-1-m,\, w-1-n}
+
+    ``x (H, W)``, ``kernel (h, w)`` -> ``(H - h + 1, W - w + 1)``, written as
+    ``corr2d(x, flip(kernel))``: the two differ only by the flip.
+    """
+    if not isinstance(kernel, torch.Tensor) or kernel.ndim != 2:
+        raise ValueError(f"kernel must be a 2-D torch.Tensor, got {getattr(kernel, 'shape', type(kernel).__name__)}")
+    return corr2d(x, torch.flip(kernel, dims=(0, 1)))  # K[h-1-m, w-1-n]
 
 
 # --- readable reference: a loop over kernel offsets ----------------------------------------
@@ -140,4 +157,45 @@ def conv2d_im2col(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     y = y.reshape(geo.N, geo.C_out, geo.H_out, geo.W_out)  # (N, C_out, H_out, W_out)
     if bias is not None:
         y = y + bias.to(acc)[:, None, None]  # + b_o
+    return y.to(x.dtype)
+
+
+# --- the same receptive fields without sharing ---------------------------------------------
+
+def locally_connected2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                        stride=1, padding=0) -> torch.Tensor:
+    r"""A locally connected layer: a convolution's receptive fields, one kernel per position.
+
+    .. math::
+
+        Y_{b,o,i,j} = \mathrm{bias}_{i,j,o} + \sum_{c,m,n}
+            X^{\mathrm{pad}}_{b,\,c,\; i s_H + m,\; j s_W + n}\; W_{i,j,o,c,m,n}
+
+    ``x (N, C_in, H, W)``, ``weight (H_out, W_out, C_out, C_in, kH, kW)``,
+    ``bias (H_out, W_out, C_out)`` or None -> ``(N, C_out, H_out, W_out)``, as
+    :func:`companion.numpy.conv.locally_connected2d`. ``F.unfold`` gives every receptive
+    field; each position then has its own matrix: ``H_out W_out`` times a convolution's
+    parameters, no sharing.
+    """
+    _check_tensors(x, weight, bias)
+    if weight.ndim != 6:
+        raise ValueError(f"weight must have shape (H_out, W_out, C_out, C_in, kH, kW), got shape {tuple(weight.shape)}")
+    H_out_w, W_out_w, C_out, C_in, kH, kW = weight.shape
+    geo = conv2d_geometry(x.shape, (C_out, C_in, kH, kW), stride=stride, padding=padding)
+    if (geo.H_out, geo.W_out) != (H_out_w, W_out_w):
+        raise ValueError(f"weight {tuple(weight.shape)} has {H_out_w} x {W_out_w} positions but x {tuple(x.shape)} "
+                         f"with kernel {kH} x {kW}, stride {stride} and padding {padding!r} gives "
+                         f"{geo.H_out} x {geo.W_out} output positions")
+    if bias is not None and tuple(bias.shape) != (geo.H_out, geo.W_out, C_out):
+        raise ValueError(f"bias must have shape (H_out, W_out, C_out) = {(geo.H_out, geo.W_out, C_out)}, "
+                         f"got {tuple(bias.shape)}")
+    acc = _accumulation_dtype(x.dtype)
+    P = geo.H_out * geo.W_out
+    x_pad = _pad(x.to(acc), geo.pad)  # (N, C_in, H_pad, W_pad)
+    cols = F.unfold(x_pad, (kH, kW), stride=geo.stride)  # (N, C_in kH kW, P)
+    w_per_position = weight.to(acc).reshape(P, C_out, C_in * kH * kW)  # (P, C_out, C_in kH kW)
+    y = torch.einsum("nkp,pok->nop", cols, w_per_position)  # (N, C_out, P): W_{i,j} X_{receptive field (i,j)}
+    y = y.reshape(geo.N, C_out, geo.H_out, geo.W_out)  # (N, C_out, H_out, W_out)
+    if bias is not None:
+        y = y + bias.to(acc).permute(2, 0, 1)  # + bias_{i,j,o}
     return y.to(x.dtype)
