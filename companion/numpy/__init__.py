@@ -9,3 +9,4 @@ from companion.numpy.attention import *  # noqa: F401,F403
 from companion.numpy.scores import *  # noqa: F401,F403
 from companion.numpy.multihead import *  # noqa: F401,F403
 from companion.numpy.conv import *  # noqa: F401,F403
+from companion.numpy.sharing import *  # noqa: F401,F403
