@@ -285,3 +285,168 @@ def test_tiled_float_mask_gets_no_gradient(rng):
     bias = tensor(rng, (3, 4), "cpu").requires_grad_()
     out = ct.attention_tiled(q, k, v, mask=bias, block_q=2, block_k=2)
     assert not out.requires_grad  # documented: the mask is a constant for the backward pass
+
+
+# ---------------------------------------------------------------------------------------
+# multi-head attention: the function, the module, the KV cache
+# ---------------------------------------------------------------------------------------
+
+def torch_mha(embed_dim, num_heads, *, batch_first, kdim=None, vdim=None, bias=True, device="cpu"):
+    """A float64 ``nn.MultiheadAttention`` with random (non-zero) biases."""
+    torch.manual_seed(0)
+    module = torch.nn.MultiheadAttention(embed_dim, num_heads, bias=bias, batch_first=batch_first,
+                                         kdim=kdim, vdim=vdim, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() == 1:
+                p.uniform_(-0.5, 0.5)
+    return module
+
+
+def run_mha(module, x_q, x_kv_k, x_kv_v, **kwargs):
+    """Call ``nn.MultiheadAttention`` with batch-first tensors whatever its ``batch_first``."""
+    if module.batch_first:
+        return module(x_q, x_kv_k, x_kv_v, **kwargs)
+    out, weights = module(x_q.transpose(0, 1), x_kv_k.transpose(0, 1), x_kv_v.transpose(0, 1), **kwargs)
+    return out.transpose(0, 1), weights
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+def test_multi_head_attention_matches_nn_multiheadattention(rng, device, batch_first):
+    E, H, B, L, S = 12, 3, 2, 5, 7
+    module = torch_mha(E, H, batch_first=batch_first, device=device)
+    params = ct.MultiHeadParams.from_torch(module)
+    x_q, x_kv = tensor(rng, (B, L, E), device), tensor(rng, (B, S, E), device)
+    ignore = torch.from_numpy(rng.random((B, S)) < 0.3).to(device)  # nn: True = IGNORE
+    ignore[:, 0] = False  # every query keeps one key, so nn gives no NaN
+    expected, expected_weights = run_mha(module, x_q, x_kv, x_kv, key_padding_mask=ignore,
+                                         average_attn_weights=False)
+    keep = ~ignore[:, None, None, :]  # ours: True = attend, (B, 1, 1, S)
+    actual, weights = ct.multi_head_attention(x_q, x_kv, params, mask=keep, return_weights=True)
+    assert_close(actual, expected, name="output")
+    assert_close(weights, expected_weights, name="per-head weights")
+    assert_close(ct.multi_head_attention(x_q, x_kv, params, mask=keep), expected, name="without weights")
+
+
+def test_multi_head_attention_boolean_attn_mask_is_inverted(rng, device):
+    E, H, L = 8, 2, 6
+    module = torch_mha(E, H, batch_first=True, device=device)
+    x = tensor(rng, (2, L, E), device)
+    future = ~ct.causal_mask(L, L, device=device)  # nn: True = may NOT attend
+    expected, _ = module(x, x, x, attn_mask=future)
+    actual = ct.multi_head_attention(x, x, ct.MultiHeadParams.from_torch(module), causal=True)
+    assert_close(actual, expected, name="causal self-attention")
+
+
+def test_fully_masked_query_nan_in_nn_zero_here(rng, device):
+    """The documented difference: nn.MultiheadAttention gives NaN, ours (and SDPA) exactly 0."""
+    E, H, L, S = 8, 2, 3, 4
+    module = torch_mha(E, H, batch_first=True, device=device)
+    params = ct.MultiHeadParams.from_torch(module)
+    x_q, x_kv = tensor(rng, (2, L, E), device), tensor(rng, (2, S, E), device)
+    ignore = torch.zeros(2, S, dtype=torch.bool, device=device)
+    ignore[1] = True  # sequence 1: every key is padding
+    expected, _ = module(x_q, x_kv, x_kv, key_padding_mask=ignore)
+    assert torch.isnan(expected[1]).all() and not torch.isnan(expected[0]).any()
+    actual, weights = ct.multi_head_attention(x_q, x_kv, params, mask=~ignore[:, None, None, :], return_weights=True)
+    assert_close(weights[1], torch.zeros_like(weights[1]), rtol=0, atol=0, name="weights of the empty sequence")
+    b_o = torch.as_tensor(params.b_o, device=device).expand(L, E)  # no value reaches it: only the output bias
+    assert_close(actual[1], b_o, name="output of the empty sequence")
+    assert_close(actual[0], expected[0], name="the other sequence")
+    q, k = tensor(rng, (1, H, L, 4), device), tensor(rng, (1, H, S, 4), device)
+    nothing = torch.zeros(L, S, dtype=torch.bool, device=device)
+    assert_close(ct.scaled_dot_product_attention_reference(q, k, k, mask=nothing),
+                 F.scaled_dot_product_attention(q, k, k, attn_mask=nothing), rtol=0, atol=0, name="SDPA: zero too")
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+@pytest.mark.parametrize("kv_dims", [(None, None), (5, 7)], ids=["self-dims", "kdim5-vdim7"])
+def test_module_from_torch_matches_nn_multiheadattention(rng, device, batch_first, kv_dims):
+    E, H, B, L, S = 12, 4, 2, 5, 6
+    kdim, vdim = kv_dims
+    reference = torch_mha(E, H, batch_first=batch_first, kdim=kdim, vdim=vdim, device=device)
+    module = ct.MultiHeadAttention.from_torch(reference)
+    assert next(module.parameters()).dtype == torch.float64
+    x_q = tensor(rng, (B, L, E), device)
+    x_k, x_v = tensor(rng, (B, S, kdim or E), device), tensor(rng, (B, S, vdim or E), device)
+    ignore = torch.from_numpy(rng.random((B, S)) < 0.3).to(device)
+    ignore[:, -1] = False
+    expected, expected_weights = run_mha(reference, x_q, x_k, x_v, key_padding_mask=ignore,
+                                         average_attn_weights=False)
+    actual, weights = module(x_q, x_k, x_v, mask=~ignore[:, None, None, :], return_weights=True)
+    assert_close(actual, expected, name="module output")
+    assert_close(weights, expected_weights, name="module weights")
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+def test_module_params_round_trip_and_count(rng, device, heads):
+    H, H_kv = heads
+    E, D = 16, 4
+    module = ct.MultiHeadAttention(E, H, H_kv, device=device, dtype=torch.float64)
+    counted = sum(p.numel() for p in module.parameters())
+    assert counted == E * (H * D) + 2 * E * (H_kv * D) + (H * D) * E + (H * D + 2 * H_kv * D + E)
+    no_bias = ct.MultiHeadAttention(E, H, H_kv, bias=False)
+    assert sum(p.numel() for p in no_bias.parameters()) == E * (H * D) + 2 * E * (H_kv * D) + (H * D) * E
+    params = module.to_params()
+    assert (params.num_heads, params.num_kv_heads, params.head_dim) == (H, H_kv, D)
+    x = tensor(rng, (2, 5, E), device)
+    expected = module(x, causal=True)
+    assert_close(ct.multi_head_attention(x, x, params, causal=True), expected, name="to_params")
+    assert_close(ct.MultiHeadAttention.from_params(params, device=device)(x, causal=True), expected,
+                 name="from_params")
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (3, 1)], ids=["mha", "gqa", "mqa"])
+def test_multi_head_attention_matches_numpy_oracle(rng, heads):
+    import companion.numpy as cn
+
+    H, H_kv = heads
+    params = cn.MultiHeadParams.random(12, H, H_kv, seed=3)
+    x_q, x_kv = rng.standard_normal((2, 5, 12)), rng.standard_normal((2, 7, 12))
+    keep = rng.random((2, 1, 5, 7)) < 0.7
+    oracle, oracle_weights = cn.multi_head_attention(x_q, x_kv, params, mask=keep, causal=True, return_weights=True)
+    actual, weights = ct.multi_head_attention(torch.from_numpy(x_q), torch.from_numpy(x_kv), params,
+                                              mask=torch.from_numpy(keep), causal=True, return_weights=True)
+    assert_close(actual, oracle, name="output")
+    assert_close(weights, oracle_weights, name="weights")
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_kv_cache_decoding_equals_full_causal_attention(rng, device, heads, dtype):
+    H, H_kv = heads
+    E, B, T = 16, 2, 9
+    module = ct.MultiHeadAttention(E, H, H_kv, device=device, dtype=getattr(torch, dtype))
+    x = tensor(rng, (B, T, E), device, dtype)
+    with torch.no_grad():
+        full = module(x, causal=True)  # (B, T, E)
+        cache = ct.KVCache()
+        prompt = module(x[:, :3], causal=True, cache=cache)  # a prompt of 3 tokens at once
+        steps = [module(x[:, t:t + 1], causal=True, cache=cache) for t in range(3, T)]  # then one at a time
+        decoded = torch.cat([prompt, *steps], dim=1)
+        assert cache.length == T and tuple(cache.key.shape) == (B, H_kv, T, E // H)
+        assert cache.key.device == x.device and cache.key.dtype == x.dtype
+        params_cache = ct.KVCache()
+        by_function = torch.cat([ct.multi_head_attention(x[:, t:t + 1], x[:, t:t + 1], module.to_params(),
+                                                         causal=True, cache=params_cache) for t in range(T)], dim=1)
+    assert_close(decoded, full, name="module decoding")
+    assert_close(by_function, full, name="function decoding")
+
+
+def test_kv_cache_grows_by_doubling(device):
+    cache = ct.KVCache()
+    assert cache.length == 0 and cache.nbytes == 0 and cache.key is None
+    key, value = torch.ones(1, 2, 1, 4, device=device), torch.ones(1, 2, 1, 3, device=device)
+    capacities = []
+    for step in range(100):
+        all_keys, all_values = cache.append(key * step, value * step)
+        capacities.append(cache.capacity)
+    assert tuple(all_keys.shape) == (1, 2, 100, 4) and tuple(all_values.shape) == (1, 2, 100, 3)
+    assert len(set(capacities)) <= 4, f"storage grew {len(set(capacities))} times for 100 appends"
+    assert cache.nbytes == cache.capacity * 2 * (4 + 3) * 4
+    assert_close(cache.key[0, 0, :, 0], torch.arange(100.0), name="cached keys in order")
+    cache.reset()
+    assert cache.length == 0 and cache.nbytes == 0
+    with pytest.raises(ValueError, match="do not match the cache"):
+        cache.append(key, value)
+        cache.append(torch.ones(1, 3, 1, 4, device=device), torch.ones(1, 3, 1, 3, device=device))

@@ -1,0 +1,399 @@
+r"""Multi-head (and grouped-query) attention for torch: a function, a KV cache and an ``nn.Module``.
+
+.. math::
+
+    \operatorname{MHA}(X_q, X_{kv}) = \operatorname{concat}_h\big(\operatorname{Attention}(
+        X_q W_q^{(h)},\; X_{kv} W_k^{(g(h))},\; X_{kv} W_v^{(g(h))})\big)\, W_o + b_o,
+    \qquad g(h) = h \,//\, (H / H_{kv})
+
+The same :func:`multi_head_attention` and :class:`KVCache` as :mod:`companion.numpy.multihead`,
+for torch tensors on any device; :class:`MultiHeadParams` is the numpy namespace's class,
+re-exported (its arrays are converted to tensors of the input's dtype and device when
+used). :class:`MultiHeadAttention` is the trainable ``torch.nn.Module`` version, loadable
+from :class:`MultiHeadParams` and from ``torch.nn.MultiheadAttention``.
+
+Explained in the book chapters *Attention: algorithm and math* and *Making it fast*.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from companion import _checks
+from companion.conventions import gqa_group_size
+from companion.numpy.multihead import MultiHeadParams
+from companion.torch.attention import (
+    _check_flag,
+    _compute_dtype,
+    _merge_heads,
+    _split_heads,
+    attention_weights,
+    scaled_dot_product_attention_reference,
+)
+
+__all__ = ["MultiHeadParams", "KVCache", "multi_head_attention", "MultiHeadAttention"]
+
+
+# ---------------------------------------------------------------------------------------
+# the key/value cache
+# ---------------------------------------------------------------------------------------
+
+class KVCache:
+    r"""Keys and values of the positions seen so far, for decoding one step at a time (torch).
+
+    ``append(key, value)`` with ``key (B, H_kv, S_new, D)``, ``value (B, H_kv, S_new, D_v)``
+    returns every cached ``(key (B, H_kv, S, D), value (B, H_kv, S, D_v))``. Storage lives
+    on the device of the first appended keys and grows by doubling its capacity along
+    ``S``: appending ``n`` tokens one at a time copies ``O(n)`` elements in all (amortised
+    ``O(1)`` per token), not the ``O(n^2)`` of re-concatenating every step. ``key`` and
+    ``value`` are views of the filled part. Meant for inference (``torch.no_grad``): the
+    storage is written in place.
+
+    Explained in the book chapter *Making it fast*.
+    """
+
+    def __init__(self):
+        self._key = None  # (B, H_kv, capacity, D)
+        self._value = None  # (B, H_kv, capacity, D_v)
+        self._length = 0
+
+    @property
+    def length(self) -> int:
+        """``S``, the number of cached positions."""
+        return self._length
+
+    @property
+    def capacity(self) -> int:
+        """Positions the current storage can hold before it grows."""
+        return 0 if self._key is None else self._key.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage held (the capacity, not only the filled part)."""
+        if self._key is None:
+            return 0
+        return self._key.numel() * self._key.element_size() + self._value.numel() * self._value.element_size()
+
+    @property
+    def key(self):
+        """Cached keys ``(B, H_kv, S, D)``, a view (``None`` before the first append)."""
+        return None if self._key is None else self._key[:, :, :self._length]
+
+    @property
+    def value(self):
+        """Cached values ``(B, H_kv, S, D_v)``, a view (``None`` before the first append)."""
+        return None if self._value is None else self._value[:, :, :self._length]
+
+    def reset(self) -> None:
+        """Forget everything and release the storage."""
+        self.__init__()
+
+    def append(self, key: torch.Tensor, value: torch.Tensor):
+        """Append ``key (B, H_kv, S_new, D)`` and ``value (B, H_kv, S_new, D_v)``; return all cached."""
+        for name, x in (("key", key), ("value", value)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            _checks.check_float(name, x.dtype)
+            if x.dim() != 4:
+                raise ValueError(f"{name} must have shape (B, H_kv, S_new, dim), got shape {tuple(x.shape)}")
+        if key.shape[:3] != value.shape[:3]:
+            raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree on (B, H_kv, S_new)")
+        if key.dtype != value.dtype:
+            raise TypeError(f"key and value must have the same dtype, got {_checks.dtype_name(key.dtype)} and "
+                            f"{_checks.dtype_name(value.dtype)}")
+        if self._key is not None:
+            expected_k = (*self._key.shape[:2], self._key.shape[3])
+            expected_v = (*self._value.shape[:2], self._value.shape[3])
+            got_k, got_v = (*key.shape[:2], key.shape[3]), (*value.shape[:2], value.shape[3])
+            if got_k != expected_k or got_v != expected_v:
+                raise ValueError(f"key {tuple(key.shape)} / value {tuple(value.shape)} do not match the cache's "
+                                 f"(B, H_kv, D) = {expected_k} and (B, H_kv, D_v) = {expected_v}")
+            if key.dtype != self._key.dtype:
+                raise TypeError(f"key dtype {_checks.dtype_name(key.dtype)} differs from the cache's "
+                                f"{_checks.dtype_name(self._key.dtype)}")
+            if key.device != self._key.device:
+                raise ValueError(f"key is on {key.device}, the cache on {self._key.device}")
+        new_length = self._length + key.shape[2]
+        if new_length > self.capacity:
+            self._grow(new_length, key, value)
+        self._key[:, :, self._length:new_length] = key  # (B, H_kv, S_new, D)
+        self._value[:, :, self._length:new_length] = value  # (B, H_kv, S_new, D_v)
+        self._length = new_length
+        return self.key, self.value
+
+    def _grow(self, needed: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        capacity = max(needed, 2 * self.capacity, 16)  # doubling: amortised O(1) per appended position
+        B, H_kv, _, D = key.shape
+        new_key = key.new_empty((B, H_kv, capacity, D))  # (B, H_kv, capacity, D)
+        new_value = value.new_empty((B, H_kv, capacity, value.shape[3]))  # (B, H_kv, capacity, D_v)
+        if self._key is not None:
+            new_key[:, :, :self._length] = self._key[:, :, :self._length]
+            new_value[:, :, :self._length] = self._value[:, :, :self._length]
+        self._key, self._value = new_key, new_value
+
+
+# ---------------------------------------------------------------------------------------
+# the function
+# ---------------------------------------------------------------------------------------
+
+def _as_tensor(array, like: torch.Tensor, dtype: torch.dtype):
+    """A weight (numpy array or tensor) as a tensor of ``dtype`` on ``like``'s device; ``None`` stays."""
+    if array is None:
+        return None
+    if isinstance(array, torch.Tensor):
+        return array.to(device=like.device, dtype=dtype)
+    return torch.as_tensor(np.asarray(array), device=like.device).to(dtype)
+
+
+def _project(x: torch.Tensor, w: torch.Tensor, b, heads: int) -> torch.Tensor:
+    """``x @ W + b`` split into heads: ``(B, T, E) -> (B, heads, T, width // heads)``."""
+    y = x @ w  # (B, T, heads * D)
+    if b is not None:
+        y = y + b
+    B, T, width = y.shape
+    return y.reshape(B, T, heads, width // heads).transpose(1, 2)  # (B, heads, T, D)
+
+
+def _multi_head(x_q, x_k, x_v, weights, num_heads, num_kv_heads, *, mask, causal, cache, return_weights):
+    """The body shared by :func:`multi_head_attention` and :class:`MultiHeadAttention`.
+
+    ``weights = (w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o)`` as tensors applied ``x @ W + b``,
+    already in the compute dtype on the inputs' device.
+    """
+    w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o = weights
+    compute = w_q.dtype
+    q = _project(x_q.to(compute), w_q, b_q, num_heads)  # (B, H, L, D)
+    k = _project(x_k.to(compute), w_k, b_k, num_kv_heads).to(x_q.dtype)  # (B, H_kv, S_new, D)
+    v = _project(x_v.to(compute), w_v, b_v, num_kv_heads).to(x_q.dtype)  # (B, H_kv, S_new, D_v)
+    if cache is not None:
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a companion.torch.KVCache, got {type(cache).__name__}")
+        k, v = cache.append(k, v)  # (B, H_kv, S, D), (B, H_kv, S, D_v)
+    q = q.to(x_q.dtype)
+    if return_weights:
+        probs = attention_weights(q, k, mask=mask, causal=causal)  # (B, H, L, S)
+        grouped = _split_heads(probs.to(compute), num_kv_heads)  # (B, H_kv, group, L, S)
+        heads = _merge_heads(grouped @ v.to(compute).unsqueeze(-3))  # (B, H, L, D_v)
+    else:
+        heads = scaled_dot_product_attention_reference(q, k, v, mask=mask, causal=causal).to(compute)  # (B, H, L, D_v)
+    B, H, L, D_v = heads.shape
+    merged = heads.transpose(1, 2).reshape(B, L, H * D_v)  # (B, L, H * D_v)
+    output = merged @ w_o  # (B, L, E_out)
+    if b_o is not None:
+        output = output + b_o
+    output = output.to(x_q.dtype)
+    return (output, probs) if return_weights else output
+
+
+def _check_layer_inputs(x_q, x_k, x_v, widths):
+    """``x_q (B, L, E_q)``, ``x_k (B, S, E_k)``, ``x_v (B, S, E_v)``: tensors, one float dtype, fitting widths."""
+    for name, x, width in zip(("x_q", "x_k", "x_v"), (x_q, x_k, x_v), widths):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        _checks.check_float(name, x.dtype)
+        if x.dim() != 3 or x.shape[2] != width:
+            raise ValueError(f"{name} must have shape (B, length, {width}) for these weights, "
+                             f"got shape {tuple(x.shape)}")
+    if not (x_q.dtype == x_k.dtype == x_v.dtype):
+        raise TypeError(f"the inputs must have the same dtype, got {_checks.dtype_name(x_q.dtype)}, "
+                        f"{_checks.dtype_name(x_k.dtype)} and {_checks.dtype_name(x_v.dtype)}")
+    if not (x_q.shape[0] == x_k.shape[0] == x_v.shape[0]):
+        raise ValueError(f"the inputs must have the same batch size B, got shapes {tuple(x_q.shape)}, "
+                         f"{tuple(x_k.shape)} and {tuple(x_v.shape)}")
+    if x_k.shape[1] != x_v.shape[1]:
+        raise ValueError(f"key input {tuple(x_k.shape)} and value input {tuple(x_v.shape)} must have the same length")
+
+
+def multi_head_attention(x_q: torch.Tensor, x_kv: torch.Tensor, params: MultiHeadParams, *, mask=None,
+                         causal: bool = False, cache: KVCache | None = None, return_weights: bool = False):
+    r"""Multi-head attention on batch-first inputs: ``(B, L, E_q), (B, S, E_kv) -> (B, L, E_out)``.
+
+    .. code-block:: text
+
+        q = split_heads(x_q @ w_q + b_q)       (B, H, L, D)
+        k = split_heads(x_kv @ w_k + b_k)      (B, H_kv, S, D)
+        v = split_heads(x_kv @ w_v + b_v)      (B, H_kv, S, D_v)
+        o = softmax(q k^T / sqrt(D) + mask) v  (B, H, L, D_v)   grouped-query if H_kv < H
+        y = merge_heads(o) @ w_o + b_o         (B, L, E_out)
+
+    ``params`` (numpy arrays) are converted to tensors of ``x_q``'s dtype on its device
+    (float16/bfloat16: computed in float32). ``mask`` is boolean (True = attend) or float,
+    broadcastable to ``(B, H, L, S)`` where ``S`` counts every cached position; ``causal``
+    is bottom-right aligned, so feeding a sequence one token at a time into a
+    :class:`KVCache` with ``causal=True`` equals full causal self-attention. Returns
+    ``(B, L, E_out)``, or ``(output, weights (B, H, L, S))`` with ``return_weights=True``.
+    """
+    causal = _check_flag("causal", causal)
+    return_weights = _check_flag("return_weights", return_weights)
+    if not isinstance(params, MultiHeadParams):
+        raise TypeError(f"params must be a MultiHeadParams, got {type(params).__name__}")
+    _check_layer_inputs(x_q, x_kv, x_kv, (params.w_q.shape[0], params.w_k.shape[0], params.w_v.shape[0]))
+    compute = _compute_dtype(x_q.dtype)
+    weights = tuple(_as_tensor(getattr(params, name), x_q, compute)
+                    for name in ("w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o", "b_o"))
+    return _multi_head(x_q, x_kv, x_kv, weights, params.num_heads, params.num_kv_heads, mask=mask,
+                       causal=causal, cache=cache, return_weights=return_weights)
+
+
+# ---------------------------------------------------------------------------------------
+# the module
+# ---------------------------------------------------------------------------------------
+
+class MultiHeadAttention(nn.Module):
+    r"""Multi-head, grouped-query or multi-query attention as a trainable ``torch.nn.Module``.
+
+    ``embed_dim = E`` is split into ``H = num_heads`` query heads of ``D = E // H``; keys
+    and values have ``H_kv = num_kv_heads`` heads (default ``H``; ``1`` is multi-query),
+    query head ``h`` reading key/value head ``h // (H // H_kv)``. Parameters (``nn.Linear``
+    layers, weights stored ``(out, in)`` as torch does):
+
+    ==============  ==================  ==========================
+    ``q_proj``      ``E -> H * D``      ``E * H * D (+ H * D)``
+    ``k_proj``      ``kdim -> H_kv * D``  ``kdim * H_kv * D (+ H_kv * D)``
+    ``v_proj``      ``vdim -> H_kv * D``  ``vdim * H_kv * D (+ H_kv * D)``
+    ``out_proj``    ``H * D -> E``      ``H * D * E (+ E)``
+    ==============  ==================  ==========================
+
+    so that grouped-query heads shrink the key/value projections (and the KV cache) by
+    ``H / H_kv``. Inputs are batch-first ``(B, L, E)``; masks follow
+    :mod:`companion.conventions` (``True`` = attend, the opposite of
+    ``nn.MultiheadAttention``'s ``key_padding_mask``); a fully masked query gives 0, not
+    NaN. :meth:`forward` takes a :class:`KVCache` for decoding.
+
+    Explained in the book chapters *Attention: algorithm and math* and *Making it fast*.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, bias: bool = True, *,
+                 kdim: int | None = None, vdim: int | None = None, device=None, dtype=None):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        gqa_group_size(num_heads, num_kv_heads)  # ValueError unless H_kv divides H
+        for name, value in (("embed_dim", embed_dim), ("kdim", kdim), ("vdim", vdim)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be a multiple of num_heads={num_heads}")
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.kdim = embed_dim if kdim is None else kdim
+        self.vdim = embed_dim if vdim is None else vdim
+        self.head_dim = embed_dim // num_heads
+        factory = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(self.kdim, num_kv_heads * self.head_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(self.vdim, num_kv_heads * self.head_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform weights and zero biases, as ``torch.nn.MultiheadAttention`` initialises them."""
+        for layer in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            nn.init.xavier_uniform_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, kdim={self.kdim}, vdim={self.vdim}, bias={self.q_proj.bias is not None}")
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None, *,
+                mask=None, causal: bool = False, cache: KVCache | None = None, return_weights: bool = False):
+        """Attend from ``query (B, L, E)`` to ``key (B, S, kdim)`` / ``value (B, S, vdim)``.
+
+        ``key`` defaults to ``query`` (self-attention) and ``value`` to ``key``. ``mask``,
+        ``causal`` (bottom-right), ``cache`` and ``return_weights`` as in
+        :func:`multi_head_attention`. Returns ``(B, L, E)``, or ``(output, weights
+        (B, H, L, S))`` (per head, not averaged) with ``return_weights=True``.
+        """
+        causal = _check_flag("causal", causal)
+        return_weights = _check_flag("return_weights", return_weights)
+        key = query if key is None else key
+        value = key if value is None else value
+        _check_layer_inputs(query, key, value, (self.embed_dim, self.kdim, self.vdim))
+        compute = _compute_dtype(query.dtype)
+        weights = []
+        for layer in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            weights.append(layer.weight.T.to(compute))  # x @ W.T: (in, out)
+            weights.append(None if layer.bias is None else layer.bias.to(compute))
+        return _multi_head(query, key, value, tuple(weights), self.num_heads, self.num_kv_heads, mask=mask,
+                           causal=causal, cache=cache, return_weights=return_weights)
+
+    # ----- conversions -----------------------------------------------------------------
+
+    @classmethod
+    def from_params(cls, params: MultiHeadParams, *, device=None, dtype=None) -> "MultiHeadAttention":
+        """A module holding copies of ``params`` (``dtype`` default: the arrays' dtype, float64 for numpy).
+
+        Needs ``D_v == D``, ``E_out == E_q`` and ``H * D == E_q`` (the shapes this module has).
+        """
+        if not isinstance(params, MultiHeadParams):
+            raise TypeError(f"params must be a MultiHeadParams, got {type(params).__name__}")
+        E, width = params.w_q.shape
+        if width != E or params.w_o.shape[1] != E or params.value_head_dim != params.head_dim:
+            raise ValueError(f"MultiHeadAttention needs H * D == E_q == E_out and D_v == D; got w_q "
+                             f"{tuple(params.w_q.shape)}, w_v {tuple(params.w_v.shape)}, w_o {tuple(params.w_o.shape)} "
+                             f"with H={params.num_heads}, H_kv={params.num_kv_heads}")
+        if dtype is None:  # the dtype of the arrays (float64 for MultiHeadParams.random)
+            dtype = params.w_q.dtype if isinstance(params.w_q, torch.Tensor) else torch.from_numpy(
+                np.asarray(params.w_q)[:0]).dtype
+        module = cls(E, params.num_heads, params.num_kv_heads, bias=params.b_q is not None,
+                     kdim=params.w_k.shape[0], vdim=params.w_v.shape[0], device=device, dtype=dtype)
+        with torch.no_grad():
+            for layer, w, b in ((module.q_proj, params.w_q, params.b_q), (module.k_proj, params.w_k, params.b_k),
+                                (module.v_proj, params.w_v, params.b_v), (module.out_proj, params.w_o, params.b_o)):
+                layer.weight.copy_(_as_tensor(w, layer.weight, dtype).T)  # (out, in)
+                if (b is None) != (layer.bias is None):
+                    raise ValueError("MultiHeadAttention needs all four biases or none")
+                if b is not None:
+                    layer.bias.copy_(_as_tensor(b, layer.bias, dtype))
+        return module
+
+    @classmethod
+    def from_torch(cls, module: nn.MultiheadAttention) -> "MultiHeadAttention":
+        """A copy of a ``torch.nn.MultiheadAttention`` (same weights, dtype and device).
+
+        Reads the tensors directly (no trip through numpy), so ``kdim != vdim`` works too
+        (a :class:`MultiHeadParams` has one key/value input width). torch stores
+        ``in_proj_weight (3E, E) = [W_q; W_k; W_v]`` (or ``q/k/v_proj_weight`` when
+        ``kdim``/``vdim`` differ from ``E``), the ``(out, in)`` layout of ``nn.Linear``.
+        Our module is batch-first and takes ``True`` = attend masks whatever the source's
+        ``batch_first``.
+        """
+        if getattr(module, "bias_k", None) is not None or getattr(module, "add_zero_attn", False):
+            raise ValueError("MultiheadAttention with add_bias_kv or add_zero_attn has no MultiHeadAttention equivalent")
+        E = module.embed_dim
+        if module.in_proj_weight is not None:
+            w_q, w_k, w_v = module.in_proj_weight.split(E)  # (E, E) each, (out, in)
+        else:
+            w_q, w_k, w_v = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight  # (E, E|kdim|vdim)
+        biases = (None, None, None) if module.in_proj_bias is None else module.in_proj_bias.split(E)  # (E,) each
+        copy = cls(E, module.num_heads, bias=module.in_proj_bias is not None, kdim=module.kdim, vdim=module.vdim,
+                   device=w_q.device, dtype=w_q.dtype)
+        with torch.no_grad():
+            for layer, w, b in ((copy.q_proj, w_q, biases[0]), (copy.k_proj, w_k, biases[1]),
+                                (copy.v_proj, w_v, biases[2]),
+                                (copy.out_proj, module.out_proj.weight, module.out_proj.bias)):
+                if (b is None) != (layer.bias is None):
+                    raise ValueError("MultiHeadAttention needs all four biases or none")
+                layer.weight.copy_(w)
+                if b is not None:
+                    layer.bias.copy_(b)
+        return copy
+
+    def to_params(self) -> MultiHeadParams:
+        """The weights as a :class:`MultiHeadParams` of numpy arrays (``x @ W + b``; bfloat16 -> float32)."""
+
+        def array(t):
+            if t is None:
+                return None
+            t = t.detach().cpu()
+            return (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()
+
+        return MultiHeadParams(
+            w_q=array(self.q_proj.weight.T), b_q=array(self.q_proj.bias),
+            w_k=array(self.k_proj.weight.T), b_k=array(self.k_proj.bias),
+            w_v=array(self.v_proj.weight.T), b_v=array(self.v_proj.bias),
+            w_o=array(self.out_proj.weight.T), b_o=array(self.out_proj.bias),
+            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+        )
