@@ -107,7 +107,8 @@ def test_inputs_are_not_modified(backend, name, function, mask_kind, rng):
 
 @impls
 def test_float32_stays_float32(backend, name, function, rng):
-    inputs = [as_backend(rng.standard_normal(s), backend, "float32") for s in ((1, 2, 5, 4), (1, 1, 6, 4), (1, 1, 6, 3))]
+    shapes = ((1, 2, 5, 4), (1, 1, 6, 4), (1, 1, 6, 3))
+    inputs = [as_backend(rng.standard_normal(s), backend, "float32") for s in shapes]
     output = to_numpy(function(*inputs, causal=True, scale=0.5))
     assert output.dtype == np.float32
 

@@ -308,7 +308,8 @@ def test_tiled_never_reads_key_blocks_hidden_by_the_causal_mask(rng):
 
 
 def test_tiled_threads_give_identical_results(rng):
-    query, key, value = rng.standard_normal((2, 3, 40, 8)), rng.standard_normal((2, 1, 50, 8)), rng.standard_normal((2, 1, 50, 8))
+    query = rng.standard_normal((2, 3, 40, 8))
+    key, value = rng.standard_normal((2, 1, 50, 8)), rng.standard_normal((2, 1, 50, 8))
     mask = rng.random((40, 50)) < 0.8
     one = attention_tiled(query, key, value, mask=mask, causal=True, block_q=7, block_k=9, num_threads=1)
     three = attention_tiled(query, key, value, mask=mask, causal=True, block_q=7, block_k=9, num_threads=3)

@@ -20,7 +20,6 @@ Explained in the book chapters *Attention: algorithm and math* and *Making it fa
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
