@@ -115,7 +115,8 @@ def assert_close(actual, expected, *, rtol: float | None = None, atol: float | N
                              f"actual {a[where]}, expected {e[where]}")
 
     finite = ~(a_nan | a_inf | e_inf)
-    diff = np.where(finite, np.abs(a - e), 0.0)
+    with np.errstate(invalid="ignore"):  # inf - inf where both are the same infinity
+        diff = np.where(finite, np.abs(a - e), 0.0)
     allowed = atol + rtol * np.where(finite, np.abs(e), 0.0)
     failing = diff > allowed
     if failing.any():
