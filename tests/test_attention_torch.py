@@ -450,3 +450,76 @@ def test_kv_cache_grows_by_doubling(device):
     with pytest.raises(ValueError, match="do not match the cache"):
         cache.append(key, value)
         cache.append(torch.ones(1, 3, 1, 4, device=device), torch.ones(1, 3, 1, 3, device=device))
+
+
+# ---------------------------------------------------------------------------------------
+# score functions and Nadaraya-Watson against the numpy float64 oracle
+# ---------------------------------------------------------------------------------------
+
+def score_arguments(rng):
+    """numpy float64 arguments of every score function: queries (2, 5, 4), keys (2, 7, 4 or 3)."""
+    q, k, k3 = rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 7, 4)), rng.standard_normal((2, 7, 3))
+    return {
+        "dot_product_scores": (q, k),
+        "scaled_dot_product_scores": (q, k),
+        "additive_scores": (q, k3, rng.standard_normal((4, 6)), rng.standard_normal((3, 6)), rng.standard_normal(6)),
+        "multiplicative_scores": (q, k3, rng.standard_normal((4, 3))),
+        "negative_distance_scores": (q, k),
+    }
+
+
+SCORE_FUNCTIONS = ["dot_product_scores", "scaled_dot_product_scores", "additive_scores", "multiplicative_scores",
+                   "negative_distance_scores"]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", SCORE_FUNCTIONS)
+def test_score_functions_match_numpy_oracle(rng, device, name, dtype):
+    import companion.numpy as cn
+
+    rounded = [a.astype(dtype) for a in score_arguments(rng)[name]]  # the inputs both sides see
+    oracle = getattr(cn, name)(*(a.astype("float64") for a in rounded))
+    actual = getattr(ct, name)(*(tensor_from(a, device, dtype) for a in rounded))
+    assert actual.dtype == getattr(torch, dtype) and actual.device.type == device.type
+    if dtype == "float64":
+        assert_close(actual, oracle, name=name)
+    else:  # as close to the float64 oracle as numpy's own float32 computation, within 2x
+        assert_close_to_oracle(actual, getattr(cn, name)(*rounded), oracle, name=name)
+
+
+def tensor_from(array, device, dtype):
+    return as_backend(array, "torch", dtype).to(device)
+
+
+@pytest.mark.parametrize("shapes", [((9,), (13,), (13,)), ((9, 2), (13, 2), (13, 3)), ((1,), (1,), (1,))],
+                         ids=["1d", "2d-features-dy3", "single"])
+@pytest.mark.parametrize("bandwidth", [0.3, 1.0, 4.0])
+def test_nadaraya_watson_matches_numpy_oracle(rng, device, shapes, bandwidth):
+    import companion.numpy as cn
+
+    x_query, x_keys, y_values = (rng.standard_normal(s) for s in shapes)
+    oracle = cn.nadaraya_watson(x_query, x_keys, y_values, bandwidth=bandwidth)
+    actual = ct.nadaraya_watson(*(tensor_from(a, device, "float64") for a in (x_query, x_keys, y_values)),
+                                bandwidth=bandwidth)
+    assert_close(actual, oracle, name="nadaraya_watson")
+
+
+def test_negative_distance_scores_equal_cdist(rng, device):
+    q, k = tensor(rng, (3, 5, 4), device), tensor(rng, (3, 6, 4), device)
+    assert_close(ct.negative_distance_scores(q, k), -torch.cdist(q, k), name="-cdist")
+
+
+def test_multi_head_params_is_the_numpy_class():
+    import companion.numpy as cn
+
+    assert ct.MultiHeadParams is cn.MultiHeadParams
+
+
+def test_module_rejects_bad_head_counts():
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        ct.MultiHeadAttention(12, 4, 3)
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        ct.MultiHeadAttention(10, 4)
+    module = ct.MultiHeadAttention(8, 2)
+    with pytest.raises(ValueError, match=r"shape \(B, length, 8\)"):
+        module(torch.zeros(2, 3, 7))

@@ -149,14 +149,22 @@ def nadaraya_watson(x_query: torch.Tensor, x_keys: torch.Tensor, y_values: torch
     bandwidth = float(bandwidth)
     if not bandwidth > 0 or bandwidth == float("inf"):
         raise ValueError(f"bandwidth must be positive and finite, got {bandwidth}")
-    queries = x_query.unsqueeze(-1) if x_query.dim() == 1 else x_query           # (m, d)
-    keys = x_keys.unsqueeze(-1) if x_keys.dim() == 1 else x_keys                  # (n, d)
-    if queries.dim() != 2 or keys.dim() != 2 or queries.shape[-1] != keys.shape[-1]:
-        raise ValueError(f"x_query and x_keys must be (m,) / (n,) or (m, d) / (n, d) with one d, got "
-                         f"{tuple(x_query.shape)} and {tuple(x_keys.shape)}")
-    if y_values.dim() not in (1, 2) or y_values.shape[0] != keys.shape[0]:
-        raise ValueError(f"y_values must be (n,) or (n, d_y) with n = {keys.shape[0]} (from x_keys "
-                         f"{tuple(x_keys.shape)}), got {tuple(y_values.shape)}")
+    for name, tensor in (("x_query", x_query), ("x_keys", x_keys), ("y_values", y_values)):
+        if tensor.dim() not in (1, 2):
+            raise ValueError(f"{name} must be 1-D (one feature) or 2-D (n, d), got shape {tuple(tensor.shape)}")
+    if x_query.dim() != x_keys.dim():
+        raise ValueError(f"x_query {tuple(x_query.shape)} and x_keys {tuple(x_keys.shape)} must both be 1-D "
+                         "or both 2-D")
+    if x_query.dim() == 2 and x_query.shape[1] != x_keys.shape[1]:
+        raise ValueError(f"x_query {tuple(x_query.shape)} and x_keys {tuple(x_keys.shape)} must have the same "
+                         "number of features")
+    if x_keys.shape[0] == 0:
+        raise ValueError("x_keys must hold at least one observation")
+    queries = x_query.reshape(x_query.shape[0], -1)                               # (m, d)
+    keys = x_keys.reshape(x_keys.shape[0], -1)                                    # (n, d)
+    if y_values.shape[0] != keys.shape[0]:
+        raise ValueError(f"y_values {tuple(y_values.shape)} must have one row per key, x_keys has shape "
+                         f"{tuple(x_keys.shape)}")
     compute = _compute_dtype(dtype)
     difference = queries.to(compute).unsqueeze(-2) - keys.to(compute).unsqueeze(-3)  # x - x_i: (m, n, d)
     scores = -(difference ** 2).sum(dim=-1) / (2.0 * bandwidth ** 2)                 # -||x - x_i||^2 / 2h^2: (m, n)
