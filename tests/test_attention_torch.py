@@ -162,8 +162,9 @@ def test_half_precision_within_twice_the_builtin_error(rng, device, backend, nam
     keep = torch.from_numpy(rng.random((1, 1, shape[3], shape[4])) < 0.7).to(device)
     actual = call(name, fn, q, k, v, mask=keep, causal=True)
     assert actual.dtype == q.dtype and actual.device.type == device.type
-    oracle = sdpa(q.double(), k.double(), v.double(), attn_mask=keep & causal_lower_right(*shape[3:5])._materialize(device))
-    baseline = sdpa(q, k, v, attn_mask=keep & causal_lower_right(*shape[3:5])._materialize(device))
+    visible = keep & causal_lower_right(*shape[3:5])._materialize(device)  # (1, 1, L, S)
+    oracle = sdpa(q.double(), k.double(), v.double(), attn_mask=visible)
+    baseline = sdpa(q, k, v, attn_mask=visible)
     assert_close_to_oracle(actual, baseline, oracle, name=f"{name} {dtype}")
 
 

@@ -290,7 +290,7 @@ class TiledAttentionFunction(torch.autograd.Function):
         dQ_i += t dS_ij K_j ;   dK_j += t dS_ij^T Q_i
 
     summing ``dK``/``dV`` over the query heads of a group. No gradient flows to a float
-    ``mask`` (``None`` is returned for it).
+    ``mask`` (``None`` is returned for it). Differentiable once (no double backward).
     """
 
     @staticmethod
@@ -333,6 +333,7 @@ class TiledAttentionFunction(torch.autograd.Function):
         return output
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the backward is hand-written: no double backward
     def backward(ctx, grad_output):
         q, k, v, output, lse = ctx.saved_tensors
         mask = ctx.mask
@@ -340,7 +341,7 @@ class TiledAttentionFunction(torch.autograd.Function):
         L, S = q.shape[-2], k.shape[-2]
         compute = _compute_dtype(q.dtype)
         grad_output = grad_output.to(compute)                                            # dO (..., H_kv, group, L, D_v)
-        delta = (grad_output * output.to(compute)).sum(dim=-1)                           # Delta = rowsum(dO * O) (..., L)
+        delta = (grad_output * output.to(compute)).sum(dim=-1)                           # Delta = rowsum(dO * O)
         grad_q = torch.zeros(q.shape, dtype=compute, device=q.device)                    # dQ (..., H_kv, group, L, D)
         grad_k = torch.zeros(k.shape, dtype=compute, device=k.device)                    # dK (..., H_kv, 1, S, D)
         grad_v = torch.zeros(v.shape, dtype=compute, device=v.device)                    # dV (..., H_kv, 1, S, D_v)
@@ -357,12 +358,12 @@ class TiledAttentionFunction(torch.autograd.Function):
                 scores = _block_scores(q_block, k_block, mask, causal, scale, rows, cols, L, S)  # (..., bq, bk)
                 probs = torch.exp(scores - lse[..., rows.start:rows.stop].unsqueeze(-1))  # P_ij (..., bq, bk)
                 grad_v[..., cols.start:cols.stop, :] += (
-                    probs.transpose(-1, -2) @ do_block).sum(dim=-3, keepdim=True)        # dV_j += P^T dO, summed over group
-                grad_probs = do_block @ v_block.transpose(-1, -2)                        # dP_ij = dO_i V_j^T (..., bq, bk)
+                    probs.transpose(-1, -2) @ do_block).sum(dim=-3, keepdim=True)  # dV_j += P^T dO (..., 1, bk, D_v)
+                grad_probs = do_block @ v_block.transpose(-1, -2)  # dP_ij = dO_i V_j^T (..., bq, bk)
                 grad_scores = probs * (grad_probs - delta[..., rows.start:rows.stop].unsqueeze(-1))  # dS_ij
                 grad_q[..., rows.start:rows.stop, :] += scale * (grad_scores @ k_block)  # dQ_i += t dS K_j
                 grad_k[..., cols.start:cols.stop, :] += scale * (
-                    grad_scores.transpose(-1, -2) @ q_block).sum(dim=-3, keepdim=True)   # dK_j += t dS^T Q_i, over group
+                    grad_scores.transpose(-1, -2) @ q_block).sum(dim=-3, keepdim=True)  # dK_j += t dS^T Q_i (..., 1, bk, D)
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None, None
 
 

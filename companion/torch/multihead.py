@@ -361,7 +361,8 @@ class MultiHeadAttention(nn.Module):
         ``batch_first``.
         """
         if getattr(module, "bias_k", None) is not None or getattr(module, "add_zero_attn", False):
-            raise ValueError("MultiheadAttention with add_bias_kv or add_zero_attn has no MultiHeadAttention equivalent")
+            raise ValueError("MultiheadAttention with add_bias_kv or add_zero_attn has no "
+                             "MultiHeadAttention equivalent")
         E = module.embed_dim
         if module.in_proj_weight is not None:
             w_q, w_k, w_v = module.in_proj_weight.split(E)  # (E, E) each, (out, in)
