@@ -79,7 +79,7 @@ def test_causal_and_padding_masks_equal_numpy(L, S):
     assert_close(ctf.padding_mask(tf.constant(lengths), S), cnp.padding_mask(lengths, S), name="padding_mask")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("_backend,name,fn", ATTENTION, ids=ATTENTION_IDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_tf_function_equals_eager(_backend, name, fn, causal, dtype, rng):
@@ -141,6 +141,36 @@ def test_bad_input_is_named(key_shape, kwargs, error, words, rng):
     kwargs = {name: tf.constant(value) if name == "mask" else value for name, value in kwargs.items()}
     with pytest.raises(error, match=words):
         ctf.attention_tiled(q, k, v, **kwargs)
+
+
+SCORES = {
+    "dot_product_scores": lambda q, k, w: (q, k),
+    "scaled_dot_product_scores": lambda q, k, w: (q, k),
+    "additive_scores": lambda q, k, w: (q, k, w["w_q"], w["w_k"], w["v"]),
+    "multiplicative_scores": lambda q, k, w: (q, k, w["w"]),
+    "negative_distance_scores": lambda q, k, w: (q, k),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", list(SCORES))
+def test_score_functions_equal_numpy(name, dtype, rng):
+    q, k = rng.standard_normal((2, 5, 4)), rng.standard_normal((1, 7, 4))  # batch axes broadcast
+    weights = {"w_q": rng.standard_normal((4, 3)), "w_k": rng.standard_normal((4, 3)), "v": rng.standard_normal(3),
+               "w": rng.standard_normal((4, 4))}
+    args = SCORES[name](q, k, weights)
+    ours = getattr(ctf, name)(*(as_backend(a, "tensorflow", dtype) for a in args))
+    assert ours.dtype == tf.as_dtype(dtype) and tuple(ours.shape) == (2, 5, 7)
+    assert_close(ours, getattr(cnp, name)(*args), name=f"tensorflow-{name}-{dtype}")
+
+
+@pytest.mark.parametrize("y_shape", [(9,), (9, 2)], ids=["y-1d", "y-2d"])
+@pytest.mark.parametrize("x_shape", [(), (3,)], ids=["x-1d", "x-2d"])
+def test_nadaraya_watson_equals_numpy(x_shape, y_shape, rng):
+    x_query, x_keys = rng.standard_normal((6, *x_shape)), rng.standard_normal((9, *x_shape))
+    y = rng.standard_normal(y_shape)
+    ours = ctf.nadaraya_watson(tf.constant(x_query), tf.constant(x_keys), tf.constant(y), bandwidth=0.3)
+    assert_close(ours, cnp.nadaraya_watson(x_query, x_keys, y, bandwidth=0.3), name="nadaraya_watson")
 
 
 # ---------------------------------------------------------------------------------------
