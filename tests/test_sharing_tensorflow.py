@@ -5,8 +5,10 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from companion.tensorflow.sharing import TiedOutput, no_weight_decay_variables  # noqa: E402
 from companion.numpy import conv as npconv  # noqa: E402
+from companion.params import conv2d_parameter_count, count_parameters, dense_parameter_count  # noqa: E402
+from companion.tensorflow import padding_mask  # noqa: E402
+from companion.tensorflow.sharing import TiedOutput, TransformerEncoder, no_weight_decay_variables  # noqa: E402
 from companion.testing import as_backend, assert_close, assert_close_to_oracle, to_numpy  # noqa: E402
 from companion.tensorflow.conv import convolve2d, locally_connected2d  # noqa: E402
 
@@ -16,12 +18,12 @@ V, E, B, L = 13, 6, 2, 5  # a prime vocabulary, small widths
 class _TinyTiedLM(keras.Model):
     """Embed, mix, normalise, project back to the vocabulary with the embedding matrix."""
 
-    def __init__(self, use_bias=False):
+    def __init__(self, use_bias=False, tied=True):
         super().__init__()
         self.tokens = keras.layers.Embedding(V, E)
         self.mixer = keras.layers.Dense(E, activation="tanh")
         self.norm = keras.layers.LayerNormalization()
-        self.head = TiedOutput(self.tokens, use_bias=use_bias)
+        self.head = TiedOutput(self.tokens, use_bias=use_bias) if tied else keras.layers.Dense(V, use_bias=use_bias)
 
     def call(self, ids):
         return self.head(self.norm(self.mixer(self.tokens(ids))))  # (B, L, V)
@@ -141,3 +143,122 @@ def test_convolve2d_flips_the_kernel(rng):
 
     x, kernel = rng.standard_normal((5, 7)), rng.standard_normal((2, 3))
     assert_close(convolve2d(tf.constant(x), tf.constant(kernel)), npconv.convolve2d(x, kernel), name="convolve2d")
+
+
+# --- cross-layer sharing (ALBERT) ------------------------------------------------------------
+
+VOCAB, E_EMB, HIDDEN, HEADS, FFN, POSITIONS = 31, 8, 12, 4, 20, 16
+
+
+def _hand_count(num_layers, num_kv_heads, shared):
+    """ALBERT's count written out: embeddings + projection + (one or num_layers) layers."""
+    kv = (num_kv_heads or HEADS) * (HIDDEN // HEADS)  # H_kv * D
+    embeddings = VOCAB * E_EMB + POSITIONS * E_EMB + 2 * E_EMB + (E_EMB * HIDDEN + HIDDEN)
+    attention = (HIDDEN * HIDDEN + HIDDEN) + 2 * (HIDDEN * kv + kv) + (HIDDEN * HIDDEN + HIDDEN)
+    layer = attention + 2 * 2 * HIDDEN + (HIDDEN * FFN + FFN) + (FFN * HIDDEN + HIDDEN)
+    return embeddings + (1 if shared else num_layers) * layer
+
+
+def _encoder(num_layers=3, num_kv_heads=None, share_layers=True, dtype=None, length=5):
+    keras.utils.set_random_seed(0)
+    model = TransformerEncoder(VOCAB, E_EMB, HIDDEN, num_layers, HEADS, FFN, share_layers=share_layers,
+                               num_kv_heads=num_kv_heads, max_positions=POSITIONS, dtype=dtype)
+    model(tf.zeros((2, length), dtype="int32"))  # build
+    return model
+
+
+COUNT_CASES = [(1, None, True), (3, None, True), (3, None, False), (3, 2, True), (3, 1, False), (1, 1, False)]
+
+
+@pytest.mark.parametrize("num_layers,num_kv_heads,share_layers", COUNT_CASES,
+                         ids=[f"layers={n}-H_kv={k or 'H'}-{'shared' if s else 'unshared'}" for n, k, s in COUNT_CASES])
+def test_albert_parameter_count(num_layers, num_kv_heads, share_layers):
+    model = _encoder(num_layers, num_kv_heads, share_layers)
+    expected = _hand_count(num_layers, num_kv_heads, share_layers)
+    assert count_parameters(model) == model.count_params() == expected
+    if share_layers:
+        assert all(layer is model.encoder_layers[0] for layer in model.encoder_layers)
+    else:
+        assert len({id(layer) for layer in model.encoder_layers}) == num_layers
+
+
+def test_albert_shared_gradient_is_the_sum_over_positions(rng):
+    """The shared layer's gradient equals the sum of the gradients of untied copies, one per position."""
+    shared = _encoder(num_layers=3, dtype="float64")
+    untied = _encoder(num_layers=3, share_layers=False, dtype="float64")
+    pairs = [(untied.token_embedding, shared.token_embedding), (untied.position_embedding, shared.position_embedding),
+             (untied.embedding_norm, shared.embedding_norm), (untied.embedding_projection, shared.embedding_projection)]
+    pairs += [(layer, shared.encoder_layers[0]) for layer in untied.encoder_layers]  # same values, 3 sets of variables
+    for copy_to, copy_from in pairs:
+        for variable, value in zip(copy_to.weights, copy_from.weights, strict=True):
+            variable.assign(value)
+    ids = tf.constant(rng.integers(0, VOCAB, (2, 5)), dtype="int32")
+    target = tf.constant(rng.standard_normal((2, 5, HIDDEN)))
+
+    def gradients(model, layers):
+        with tf.GradientTape() as tape:
+            out = model(ids)
+            loss = tf.reduce_sum((out - target) ** 2)
+        return out, tape.gradient(loss, [layer.trainable_weights for layer in layers])
+
+    out_shared, (grad_shared,) = gradients(shared, [shared.encoder_layers[0]])
+    out_untied, grads_untied = gradients(untied, untied.encoder_layers)
+    assert_close(out_shared, out_untied, name="same function")
+    for i, g in enumerate(grad_shared):
+        per_position = [tf.convert_to_tensor(grads[i]) for grads in grads_untied]
+        assert all(float(tf.reduce_max(tf.abs(p))) > 0 for p in per_position)
+        assert_close(tf.convert_to_tensor(g), tf.add_n(per_position),
+                     name=f"shared {shared.encoder_layers[0].trainable_weights[i].path} gradient")
+
+
+def test_albert_padding_mask_is_honoured(rng):
+    """With a padding mask, tokens after a row's length do not change the outputs before it."""
+    model = _encoder(dtype="float64", length=6)
+    ids = rng.integers(0, VOCAB, (2, 6))
+    changed = ids.copy()
+    changed[0, 4:] = (changed[0, 4:] + 1) % VOCAB
+    ids, changed = tf.constant(ids, dtype="int32"), tf.constant(changed, dtype="int32")
+    mask = padding_mask(tf.constant([4, 6]), 6)  # (B, 1, 1, S)
+    out, out_changed = model(ids, attention_mask=mask), model(changed, attention_mask=mask)
+    assert_close(out_changed[0, :4], out[0, :4], name="unpadded positions")
+    assert float(tf.reduce_max(tf.abs(model(changed)[0, :4] - model(ids)[0, :4]))) > 1e-6  # unmasked: differ
+
+
+@pytest.mark.parametrize("bad", ["too-long", "float-ids", "zero-layers"])
+def test_albert_rejects_bad_input(bad):
+    if bad == "zero-layers":
+        with pytest.raises(ValueError, match="num_layers"):
+            TransformerEncoder(VOCAB, E_EMB, HIDDEN, 0, HEADS, FFN)
+        return
+    model = _encoder()
+    ids = tf.zeros((1, POSITIONS + 1), dtype="int32") if bad == "too-long" else tf.zeros((1, 3))
+    with pytest.raises(ValueError, match="max_positions" if bad == "too-long" else "integer"):
+        model(ids)
+
+
+# --- hand formulas equal the framework's counts ----------------------------------------------
+
+@pytest.mark.parametrize("use_bias", [True, False], ids=["bias", "no-bias"])
+def test_dense_count(use_bias):
+    layer = keras.layers.Dense(5, use_bias=use_bias)
+    layer.build((None, 7))
+    assert count_parameters(layer) == layer.count_params() == 7 * 5 + (5 if use_bias else 0)
+    assert dense_parameter_count(7, 5, bias=use_bias) == layer.count_params()
+
+
+@pytest.mark.parametrize("size", [8, 17])
+@pytest.mark.parametrize("groups", [1, 2, 6], ids=["groups=1", "groups=2", "depthwise"])
+def test_conv_count_does_not_depend_on_the_image(groups, size):
+    layer = keras.layers.Conv2D(12, (3, 2), groups=groups)
+    layer.build((None, size, size, 6))
+    hand = 12 * (6 // groups) * 3 * 2 + 12
+    assert count_parameters(layer) == layer.count_params() == hand
+    assert conv2d_parameter_count(6, 12, (3, 2), groups=groups) == hand
+
+
+@pytest.mark.parametrize("use_bias", [False, True], ids=["no-bias", "bias"])
+def test_tied_count_is_one_matrix(use_bias):
+    tied = _built(_TinyTiedLM(use_bias))
+    untied = _built(_TinyTiedLM(use_bias, tied=False))  # the head has its own (E, V) kernel
+    assert count_parameters(tied) == tied.count_params() == V * E + (E * E + E) + 2 * E + (V if use_bias else 0)
+    assert count_parameters(untied) == untied.count_params() == tied.count_params() + V * E

@@ -1,16 +1,21 @@
 """Parameter sharing in PyTorch: shared by identity, gradients accumulate, counted once."""
 
+import copy
+
 import pytest
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from companion.numpy import conv as npconv  # noqa: E402
+from companion.params import conv2d_parameter_count, count_parameters, dense_parameter_count  # noqa: E402
 from companion.testing import as_backend, assert_close, assert_close_to_oracle, to_numpy  # noqa: E402
 from companion.torch.conv import conv2d_reference, convolve2d, locally_connected2d  # noqa: E402
+from companion.torch import padding_mask  # noqa: E402
 from companion.torch.sharing import (  # noqa: E402
     TiedEmbedding,
     TiedLMHead,
+    TransformerEncoder,
     param_groups_for_weight_decay,
     shared_parameter_names,
     tie_weights,
@@ -195,3 +200,112 @@ def test_convolve2d_flips_the_kernel(rng):
     x, kernel = rng.standard_normal((5, 7)), rng.standard_normal((2, 3))
     assert_close(convolve2d(torch.from_numpy(x), torch.from_numpy(kernel)), npconv.convolve2d(x, kernel),
                  name="convolve2d")
+
+
+# --- cross-layer sharing (ALBERT) ------------------------------------------------------------
+
+VOCAB, E_EMB, HIDDEN, HEADS, FFN, POSITIONS = 31, 8, 12, 4, 20, 16
+
+
+def _hand_count(num_layers, num_kv_heads, shared):
+    """ALBERT's count written out: embeddings + projection + (one or num_layers) layers."""
+    kv = (num_kv_heads or HEADS) * (HIDDEN // HEADS)  # H_kv * D
+    embeddings = VOCAB * E_EMB + POSITIONS * E_EMB + 2 * E_EMB + (E_EMB * HIDDEN + HIDDEN)
+    attention = (HIDDEN * HIDDEN + HIDDEN) + 2 * (HIDDEN * kv + kv) + (HIDDEN * HIDDEN + HIDDEN)
+    layer = attention + 2 * 2 * HIDDEN + (HIDDEN * FFN + FFN) + (FFN * HIDDEN + HIDDEN)
+    return embeddings + (1 if shared else num_layers) * layer
+
+
+def _encoder(num_layers=3, num_kv_heads=None, share_layers=True, **kwargs):
+    torch.manual_seed(0)
+    return TransformerEncoder(VOCAB, E_EMB, HIDDEN, num_layers, HEADS, FFN, share_layers=share_layers,
+                              num_kv_heads=num_kv_heads, max_positions=POSITIONS, **kwargs)
+
+
+@pytest.mark.parametrize("share_layers", [True, False], ids=["shared", "unshared"])
+@pytest.mark.parametrize("num_kv_heads", [None, 2, 1], ids=["H_kv=H", "H_kv=2", "H_kv=1"])
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_albert_parameter_count(num_layers, num_kv_heads, share_layers):
+    model = _encoder(num_layers, num_kv_heads, share_layers)
+    expected = _hand_count(num_layers, num_kv_heads, share_layers)
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters()) == expected
+    if share_layers:
+        assert all(layer is model.layers[0] for layer in model.layers)
+    else:
+        assert len({id(layer) for layer in model.layers}) == num_layers
+
+
+def test_albert_shared_gradient_is_the_sum_over_positions(rng):
+    """The shared layer's gradient equals the sum of the gradients of untied copies, one per position."""
+    shared = _encoder(num_layers=3).double()
+    untied = _encoder(num_layers=3, share_layers=False).double()
+    untied.load_state_dict(shared.state_dict(), strict=False)  # embeddings
+    untied.layers = nn.ModuleList([copy.deepcopy(shared.layers[0]) for _ in range(3)])  # same values, 3 tensors
+    ids = torch.from_numpy(rng.integers(0, VOCAB, (2, 7)))
+    target = torch.from_numpy(rng.standard_normal((2, 7, HIDDEN)))
+    for model in (shared, untied):
+        ((model(ids) - target) ** 2).sum().backward()
+    assert_close(shared(ids), untied(ids), name="same function")
+    for name, p in shared.layers[0].named_parameters():
+        per_position = [dict(layer.named_parameters())[name].grad for layer in untied.layers]
+        assert all(g.abs().max() > 0 for g in per_position), name
+        assert_close(p.grad, sum(per_position), name=f"shared {name} gradient")
+
+
+def test_albert_weight_decay_groups_list_the_shared_layer_once():
+    model = _encoder(num_layers=4)
+    groups = param_groups_for_weight_decay(model, 0.01)
+    listed = [p for group in groups for p in group["params"]]
+    assert len({id(p) for p in listed}) == len(listed)
+    assert sum(p.numel() for p in listed) == count_parameters(model)
+    assert id(model.token_embedding.weight) in {id(p) for p in groups[1]["params"]}
+
+
+def test_albert_padding_mask_is_honoured(rng):
+    """With a padding mask, tokens after a row's length do not change the outputs before it."""
+    model = _encoder().double()
+    ids = torch.from_numpy(rng.integers(0, VOCAB, (2, 6)))
+    lengths = torch.tensor([4, 6])
+    changed = ids.clone()
+    changed[0, 4:] = (changed[0, 4:] + 1) % VOCAB
+    mask = padding_mask(lengths, 6)  # (B, 1, 1, S)
+    out, out_changed = model(ids, mask=mask), model(changed, mask=mask)
+    assert_close(out_changed[0, :4], out[0, :4], name="unpadded positions")
+    assert (model(changed)[0, :4] - model(ids)[0, :4]).abs().max() > 1e-6  # without the mask they differ
+
+
+@pytest.mark.parametrize("bad", ["too-long", "float-ids", "zero-layers"])
+def test_albert_rejects_bad_input(bad):
+    if bad == "zero-layers":
+        with pytest.raises(ValueError, match="num_layers"):
+            _encoder(num_layers=0)
+        return
+    model = _encoder()
+    ids = torch.zeros(1, POSITIONS + 1, dtype=torch.long) if bad == "too-long" else torch.zeros(1, 3)
+    with pytest.raises(ValueError, match="max_positions" if bad == "too-long" else "integer"):
+        model(ids)
+
+
+# --- hand formulas equal the framework's counts ----------------------------------------------
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_dense_count(bias):
+    layer = nn.Linear(7, 5, bias=bias)
+    assert count_parameters(layer) == sum(p.numel() for p in layer.parameters()) == 7 * 5 + (5 if bias else 0)
+    assert dense_parameter_count(7, 5, bias=bias) == count_parameters(layer)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 6], ids=["groups=1", "groups=2", "depthwise"])
+def test_conv_count_does_not_depend_on_the_image(groups):
+    layer = nn.Conv2d(6, 12, (3, 2), groups=groups)
+    hand = 12 * (6 // groups) * 3 * 2 + 12
+    assert count_parameters(layer) == sum(p.numel() for p in layer.parameters()) == hand
+    assert conv2d_parameter_count(6, 12, (3, 2), groups=groups) == hand
+
+
+@pytest.mark.parametrize("output_bias", [False, True], ids=["no-bias", "bias"])
+def test_tied_count_is_one_matrix(output_bias):
+    tied = TiedEmbedding(V, E, output_bias=output_bias)
+    untied = nn.ModuleDict({"embedding": nn.Embedding(V, E), "head": nn.Linear(E, V, bias=output_bias)})
+    assert count_parameters(tied) == V * E + (V if output_bias else 0)
+    assert count_parameters(untied) == count_parameters(tied) + V * E

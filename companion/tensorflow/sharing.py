@@ -24,7 +24,9 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
-__all__ = ["TiedOutput", "no_weight_decay_variables"]
+from companion.tensorflow.multihead import MultiHeadAttention
+
+__all__ = ["TiedOutput", "no_weight_decay_variables", "EncoderLayer", "TransformerEncoder"]
 
 
 # --- weight tying: the output layer reads the embedding's matrix ---------------------------
@@ -97,3 +99,108 @@ def no_weight_decay_variables(model: keras.Model) -> list:
             if is_norm or is_embedding or len(var.shape) < 2:
                 found.setdefault(id(var), var)
     return list(found.values())
+
+
+# --- cross-layer sharing: ALBERT ------------------------------------------------------------
+
+class EncoderLayer(layers.Layer):
+    r"""One post-norm transformer encoder layer, as in BERT and ALBERT (Keras).
+
+    .. math::
+
+        x' = \mathrm{LN}(x + \mathrm{MHA}(x)), \qquad
+        y = \mathrm{LN}(x' + W_2\, \mathrm{GELU}(W_1 x' + b_1) + b_2)
+
+    ``x (B, L, E)`` -> ``(B, L, E)`` with ``E = hidden_size``. Attention is
+    :class:`companion.tensorflow.multihead.MultiHeadAttention` with ``key_dim = E / H``
+    (grouped-query with ``num_kv_heads``); ``attention_mask`` is ``True`` = attend,
+    ``(B, L, L)`` or broadcastable ``(B, H, L, L)`` (e.g. ``padding_mask(lengths, L)``).
+    LayerNorm epsilon is ``1e-5``, GELU exact: the same layer as
+    :class:`companion.torch.sharing.EncoderLayer`.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, *,
+                 num_kv_heads: int | None = None, dropout: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size={hidden_size} must be a multiple of num_heads={num_heads}")
+        same_dtype = {"dtype": self.dtype_policy}  # sublayers follow this layer's dtype policy
+        self.attention = MultiHeadAttention(num_heads, hidden_size // num_heads, num_kv_heads=num_kv_heads,
+                                            **same_dtype)
+        self.attention_norm = layers.LayerNormalization(epsilon=1e-5, **same_dtype)
+        self.ffn_in = layers.Dense(intermediate_size, **same_dtype)
+        self.ffn_out = layers.Dense(hidden_size, **same_dtype)
+        self.ffn_norm = layers.LayerNormalization(epsilon=1e-5, **same_dtype)
+        self.dropout = layers.Dropout(dropout, **same_dtype)
+
+    def build(self, input_shape):
+        self.attention.build(input_shape, input_shape)
+        self.attention_norm.build(input_shape)
+        self.ffn_in.build(input_shape)
+        self.ffn_out.build((*input_shape[:-1], self.ffn_in.units))
+        self.ffn_norm.build(input_shape)
+
+    def call(self, x, attention_mask=None, training=None):
+        attended = self.attention(x, x, attention_mask=attention_mask)  # (B, L, E)
+        x = self.attention_norm(x + self.dropout(attended, training=training))  # (B, L, E): LN(x + MHA(x))
+        mlp = self.ffn_out(keras.activations.gelu(self.ffn_in(x), approximate=False))  # (B, L, I) -> (B, L, E)
+        return self.ffn_norm(x + self.dropout(mlp, training=training))  # (B, L, E)
+
+
+class TransformerEncoder(keras.Model):
+    r"""An ALBERT-style encoder in Keras: factorised embeddings and (by default) one shared layer.
+
+    The Keras twin of :class:`companion.torch.sharing.TransformerEncoder`, with the same
+    arguments and parameter count: tokens ``(V, E_emb)`` plus positions
+    ``(max_positions, E_emb)``, a LayerNorm, a projection ``E_emb -> E_hidden``, then
+    ``num_layers`` applications of :class:`EncoderLayer`. With ``share_layers=True``
+    ``model.encoder_layers`` holds the *same* layer object ``num_layers`` times, so
+    ``count_params()`` is that of one layer plus the embeddings. (``model.layers`` is
+    Keras's own list of sublayers, each once.)
+
+    ``model(ids (B, L), attention_mask=None)`` -> ``(B, L, E_hidden)``.
+
+    Explained in the book chapter *Parameter sharing in code*.
+    """
+
+    def __init__(self, vocab_size: int, embedding_size: int, hidden_size: int, num_layers: int, num_heads: int,
+                 intermediate_size: int, *, share_layers: bool = True, num_kv_heads: int | None = None,
+                 max_positions: int = 512, dropout: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        for name, value in (("vocab_size", vocab_size), ("embedding_size", embedding_size),
+                            ("hidden_size", hidden_size), ("num_layers", num_layers), ("num_heads", num_heads),
+                            ("intermediate_size", intermediate_size), ("max_positions", max_positions)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.share_layers = bool(share_layers)
+        self.max_positions = max_positions
+        same_dtype = {"dtype": self.dtype_policy}  # sublayers follow the model's dtype policy
+        self.token_embedding = layers.Embedding(vocab_size, embedding_size, **same_dtype)
+        self.position_embedding = layers.Embedding(max_positions, embedding_size, **same_dtype)
+        self.embedding_norm = layers.LayerNormalization(epsilon=1e-5, **same_dtype)
+        self.embedding_projection = layers.Dense(hidden_size, **same_dtype)  # E_emb -> E_hidden
+        self.dropout = layers.Dropout(dropout, **same_dtype)
+
+        def new_layer() -> EncoderLayer:
+            return EncoderLayer(hidden_size, num_heads, intermediate_size, num_kv_heads=num_kv_heads,
+                                dropout=dropout, **same_dtype)
+
+        if self.share_layers:
+            shared = new_layer()
+            self.encoder_layers = [shared] * num_layers  # one object, num_layers positions
+        else:
+            self.encoder_layers = [new_layer() for _ in range(num_layers)]
+
+    def call(self, ids, attention_mask=None, training=None):
+        if len(ids.shape) != 2 or "int" not in str(ids.dtype):
+            raise ValueError(f"ids must be integer token ids of shape (B, L), got {tuple(ids.shape)} {ids.dtype}")
+        L = ids.shape[1]
+        if L is not None and L > self.max_positions:
+            raise ValueError(f"ids has length L={L} but max_positions={self.max_positions}")
+        positions = ops.arange(ops.shape(ids)[1])  # (L,)
+        x = self.token_embedding(ids) + self.position_embedding(positions)[None]  # (B, L, E_emb)
+        x = self.dropout(self.embedding_norm(x), training=training)  # (B, L, E_emb)
+        x = self.embedding_projection(x)  # (B, L, E_hidden)
+        for layer in self.encoder_layers:  # the same object num_layers times when shared
+            x = layer(x, attention_mask=attention_mask, training=training)  # (B, L, E_hidden)
+        return x

@@ -24,8 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from companion.torch.multihead import MultiHeadAttention
+
 __all__ = ["TiedLMHead", "TiedEmbedding", "tie_weights", "shared_parameter_names",
-           "param_groups_for_weight_decay"]
+           "param_groups_for_weight_decay", "EncoderLayer", "TransformerEncoder"]
 
 
 # --- weight tying: embedding and output layer share one matrix ------------------------------
@@ -191,3 +193,113 @@ def param_groups_for_weight_decay(model: nn.Module, weight_decay: float) -> list
         {"params": [p for key, p in kept if key not in no_decay], "weight_decay": weight_decay},
         {"params": [p for key, p in kept if key in no_decay], "weight_decay": 0.0},
     ]
+
+
+# --- cross-layer sharing: ALBERT ------------------------------------------------------------
+
+class EncoderLayer(nn.Module):
+    r"""One post-norm transformer encoder layer, as in BERT and ALBERT.
+
+    .. math::
+
+        x' = \mathrm{LN}(x + \mathrm{MHA}(x)), \qquad
+        y = \mathrm{LN}(x' + W_2\, \mathrm{GELU}(W_1 x' + b_1) + b_2)
+
+    ``x (B, L, E)`` -> ``(B, L, E)`` with ``E = hidden_size``. Attention is
+    :class:`companion.torch.multihead.MultiHeadAttention` (grouped-query with
+    ``num_kv_heads``); ``mask`` follows :mod:`companion.conventions` (``True`` = attend,
+    broadcastable to ``(B, H, L, L)``, e.g. ``padding_mask(lengths, L)``).
+    Parameters: attention + ``2 * 2E`` (two LayerNorms) + ``E I + I + I E + E`` (the MLP).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, *,
+                 num_kv_heads: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.attention = MultiHeadAttention(hidden_size, num_heads, num_kv_heads)
+        self.attention_norm = nn.LayerNorm(hidden_size)
+        self.ffn_in = nn.Linear(hidden_size, intermediate_size)
+        self.ffn_out = nn.Linear(intermediate_size, hidden_size)
+        self.ffn_norm = nn.LayerNorm(hidden_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
+        x = self.attention_norm(x + self.dropout(self.attention(x, mask=mask)))  # (B, L, E): LN(x + MHA(x))
+        mlp = self.ffn_out(F.gelu(self.ffn_in(x)))  # (B, L, I) -> (B, L, E): W_2 GELU(W_1 x + b_1) + b_2
+        return self.ffn_norm(x + self.dropout(mlp))  # (B, L, E)
+
+
+class TransformerEncoder(nn.Module):
+    r"""An ALBERT-style encoder: factorised embeddings and (by default) one layer shared by all.
+
+    Embeddings (ALBERT's factorisation): tokens ``(V, E_emb)`` plus learned positions
+    ``(max_positions, E_emb)``, a LayerNorm, then a projection ``E_emb -> E_hidden``. With
+    ``E_emb << E_hidden`` this costs ``V E_emb + E_emb E_hidden`` instead of
+    ``V E_hidden``.
+
+    Layers: with ``share_layers=True`` the *same* :class:`EncoderLayer` object sits at every
+    one of the ``num_layers`` positions (``model.layers[i] is model.layers[0]``), so the
+    encoder has the parameters of one layer, whatever its depth; its gradient is the sum of
+    the gradients of all positions. ``share_layers=False`` builds ``num_layers`` independent
+    layers (BERT). Compute is the same either way: sharing saves parameters, not FLOPs.
+
+    ``forward(ids (B, L), mask=None)`` -> hidden states ``(B, L, E_hidden)``; ``mask`` as in
+    :class:`EncoderLayer`. (ALBERT's token-type embeddings and pooler are left out.)
+
+    Parameters
+    ----------
+    vocab_size, embedding_size, hidden_size:
+        ``V``, ``E_emb``, ``E_hidden``.
+    num_layers, num_heads, intermediate_size:
+        Depth, query heads ``H`` (dividing ``E_hidden``), MLP width ``I``.
+    share_layers:
+        One layer for all positions (ALBERT) or one per position.
+    num_kv_heads:
+        Key/value heads ``H_kv`` for grouped-query attention (default ``H``).
+    max_positions:
+        Longest sequence; the position table has this many rows.
+    dropout:
+        Dropout after the embeddings, attention and MLP (training mode only).
+
+    Explained in the book chapter *Parameter sharing in code*.
+    """
+
+    def __init__(self, vocab_size: int, embedding_size: int, hidden_size: int, num_layers: int, num_heads: int,
+                 intermediate_size: int, *, share_layers: bool = True, num_kv_heads: int | None = None,
+                 max_positions: int = 512, dropout: float = 0.0):
+        super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("embedding_size", embedding_size),
+                            ("hidden_size", hidden_size), ("num_layers", num_layers), ("num_heads", num_heads),
+                            ("intermediate_size", intermediate_size), ("max_positions", max_positions)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.share_layers = bool(share_layers)
+        self.max_positions = max_positions
+        self.token_embedding = nn.Embedding(vocab_size, embedding_size)
+        self.position_embedding = nn.Embedding(max_positions, embedding_size)
+        self.embedding_norm = nn.LayerNorm(embedding_size)
+        self.embedding_projection = nn.Linear(embedding_size, hidden_size)  # E_emb -> E_hidden
+        self.dropout = nn.Dropout(dropout)
+
+        def new_layer() -> EncoderLayer:
+            return EncoderLayer(hidden_size, num_heads, intermediate_size, num_kv_heads=num_kv_heads,
+                                dropout=dropout)
+
+        if self.share_layers:
+            shared = new_layer()
+            self.layers = nn.ModuleList([shared] * num_layers)  # one object, num_layers positions
+        else:
+            self.layers = nn.ModuleList([new_layer() for _ in range(num_layers)])
+
+    def forward(self, ids: torch.Tensor, mask=None) -> torch.Tensor:
+        if ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype.is_complex:
+            raise ValueError(f"ids must be integer token ids of shape (B, L), got {tuple(ids.shape)} {ids.dtype}")
+        L = ids.shape[1]
+        if L > self.max_positions:
+            raise ValueError(f"ids has length L={L} but max_positions={self.max_positions}")
+        positions = torch.arange(L, device=ids.device)  # (L,)
+        x = self.token_embedding(ids) + self.position_embedding(positions)  # (B, L, E_emb)
+        x = self.dropout(self.embedding_norm(x))  # (B, L, E_emb)
+        x = self.embedding_projection(x)  # (B, L, E_hidden)
+        for layer in self.layers:  # the same object num_layers times when shared
+            x = layer(x, mask=mask)  # (B, L, E_hidden)
+        return x
