@@ -25,6 +25,10 @@ Explained in the book chapter *Parameter sharing: algorithm and math*; measured 
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -209,11 +213,41 @@ def _im2col(x: np.ndarray, geo) -> np.ndarray:
     return patches.reshape(G, geo.N * geo.H_out * geo.W_out, geo.kH * geo.kW * C_g)  # (G, N*P, K)
 
 
-def conv2d_im2col(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1) -> np.ndarray:
-    r"""2-D convolution as im2col plus one matrix product per group; equals :func:`conv2d_reference`.
+_CHUNK_BYTES = 1 << 20  # patch rows per product: about 1 MiB, so they stay in a core's L2 cache
+
+
+def _thread_count(num_threads) -> int:
+    """``num_threads`` checked, or the available cores (at most 8) when it is None."""
+    if num_threads is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        return max(1, min(cores, 8))
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
+        raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
+    return int(num_threads)
+
+
+def _output_chunks(geo, row_bytes: int):
+    """``(b0, b1, i0, i1)`` blocks of output positions whose patch rows take about ``_CHUNK_BYTES``.
+
+    Whole images when one image's patch matrix is small, else bands of output rows of one image.
+    """
+    image_bytes = geo.H_out * geo.W_out * row_bytes
+    if image_bytes <= _CHUNK_BYTES:
+        images = max(1, _CHUNK_BYTES // max(image_bytes, 1))
+        return [(b0, min(b0 + images, geo.N), 0, geo.H_out) for b0 in range(0, geo.N, images)]
+    rows = max(1, _CHUNK_BYTES // (geo.W_out * row_bytes))
+    return [(b, b + 1, i0, min(i0 + rows, geo.H_out)) for b in range(geo.N) for i0 in range(0, geo.H_out, rows)]
+
+
+def conv2d_im2col(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
+                  num_threads: int | None = None) -> np.ndarray:
+    r"""2-D convolution as im2col plus matrix products; equals :func:`conv2d_reference`.
 
     Every receptive field becomes one row of a patch matrix, so the convolution is a
-    single matrix product per group:
+    matrix product per group:
 
     .. math::
 
@@ -221,25 +255,74 @@ def conv2d_im2col(x, weight, bias=None, *, stride=1, padding=0, dilation=1, grou
         \mathrm{cols}_g \in \mathbb{R}^{(N H_{out} W_{out}) \times (kH\, kW\, C_{in}/g)},\;
         W_g \in \mathbb{R}^{(C_{out}/g) \times (kH\, kW\, C_{in}/g)}
 
-    The patch matrix repeats each input value up to ``kH kW`` times (memory
-    ``N H_out W_out kH kW C_in``): im2col trades memory for one large, fast product.
+    The whole patch matrix repeats each input value up to ``kH kW`` times (memory
+    ``N H_out W_out kH kW C_in``). This version builds it one block of rows at a time (whole
+    images, or bands of output rows, about 1 MiB each) into one reused buffer and multiplies
+    each block as soon as it is built, while it is still in the cache: the same rows and the
+    same products, 2x faster than one huge patch matrix and a few MiB of extra memory.
+    Rows are copied from a padded ``NHWC`` copy of ``x`` with the channel fastest (whole runs
+    of channels; other orders cost up to ~2x).
+
     Same arguments, shapes and dtypes as :func:`conv2d_reference`; float32 stays float32.
+
+    ``num_threads`` (numpy only, as for :func:`companion.numpy.attention_tiled`): worker
+    threads over the blocks; default the available cores, at most 8. BLAS is pinned to one
+    thread while they run (multi-threaded BLAS on small products is slow when cores are busy).
     """
     arrays = _check_arrays(x=x, weight=weight, bias=bias)
     x, weight, bias = arrays["x"], arrays["weight"], arrays["bias"]
     geo = conv2d_geometry(x.shape, weight.shape, None if bias is None else bias.shape,
                           stride=stride, padding=padding, dilation=dilation, groups=groups)
     work = _compute_dtype(x.dtype)
-    G, C_out_g = geo.groups, geo.C_out_per_group
-    cols = _im2col(x.astype(work, copy=False), geo)                           # (G, N*P, K)
-    w = weight.astype(work, copy=False).reshape(G, C_out_g, geo.C_in_per_group, geo.kH, geo.kW)
-    w_cols = w.transpose(0, 3, 4, 2, 1).reshape(G, -1, C_out_g)               # (G, K, C_out/g), rows (kH, kW, C_in/g)
-    y = np.matmul(cols, w_cols)                                                # (G, N*P, C_out/g): one product per group
-    y = y.reshape(G, geo.N, geo.H_out, geo.W_out, C_out_g)                     # (G, N, H_out, W_out, C_out/g)
-    y = y.transpose(1, 0, 4, 2, 3).reshape(geo.N, geo.C_out, geo.H_out, geo.W_out)  # (N, C_out, H_out, W_out)
+    G, C_g, C_out_g = geo.groups, geo.C_in_per_group, geo.C_out_per_group
+    (s_h, s_w), (d_h, d_w) = geo.stride, geo.dilation
+    top, bottom, left, right = geo.pad
+    K = geo.kH * geo.kW * C_g                                                  # patch length
+    x_nhwc = np.zeros((geo.N, geo.H + top + bottom, geo.W + left + right, geo.C_in), dtype=work)  # (N, Hp, Wp, C_in)
+    x_nhwc[:, top:top + geo.H, left:left + geo.W, :] = x.transpose(0, 2, 3, 1)  # zero padding around NHWC x
+    x_nhwc = x_nhwc.reshape(*x_nhwc.shape[:3], G, C_g)                         # (N, Hp, Wp, G, C_in/g)
+    span_h, span_w = d_h * (geo.kH - 1) + 1, d_w * (geo.kW - 1) + 1
+    windows = sliding_window_view(x_nhwc, (span_h, span_w), axis=(1, 2))     # (N, Hp-span_h+1, Wp-span_w+1, G, C_in/g, span_h, span_w)
+    windows = windows[:, ::s_h, ::s_w, :, :, ::d_h, ::d_w]                     # (N, H_out, W_out, G, C_in/g, kH, kW), a view
+    patches = windows.transpose(3, 0, 1, 2, 5, 6, 4)                           # (G, N, H_out, W_out, kH, kW, C_in/g), a view
+    w = weight.astype(work, copy=False).reshape(G, C_out_g, C_g, geo.kH, geo.kW)
+    w_cols = np.ascontiguousarray(w.transpose(0, 3, 4, 2, 1)).reshape(G, K, C_out_g)  # (G, K, C_out/g), rows (kH, kW, C_in/g)
+    y = np.empty((geo.N, geo.C_out, geo.H_out, geo.W_out), dtype=work)          # (N, C_out, H_out, W_out)
+    chunks = _output_chunks(geo, G * K * work.itemsize)
+    most = max((b1 - b0) * (i1 - i0) * geo.W_out for b0, b1, i0, i1 in chunks)  # rows of the largest block
+
+    next_chunk, lock = iter(chunks), threading.Lock()
+
+    def work_through() -> None:
+        cols_buffer = np.empty(G * most * K, dtype=work)                       # one patch block, reused
+        prod_buffer = np.empty(G * most * C_out_g, dtype=work)                 # its product, reused
+        while True:
+            with lock:                                                         # the next block nobody took
+                chunk = next(next_chunk, None)
+            if chunk is None:
+                return
+            b0, b1, i0, i1 = chunk
+            nb, rows = b1 - b0, i1 - i0
+            P = nb * rows * geo.W_out                                          # output positions in the block
+            cols = cols_buffer[:G * P * K].reshape(G, nb, rows, geo.W_out, geo.kH, geo.kW, C_g)
+            np.copyto(cols, patches[:, b0:b1, i0:i1])                          # im2col of the block
+            prod = prod_buffer[:G * P * C_out_g].reshape(G, P, C_out_g)
+            np.matmul(cols.reshape(G, P, K), w_cols, out=prod)                 # (G, P, C_out/g) = cols_g W_g^T
+            prod = prod.reshape(G, nb, rows, geo.W_out, C_out_g)
+            y[b0:b1, :, i0:i1] = prod.transpose(1, 0, 4, 2, 3).reshape(nb, geo.C_out, rows, geo.W_out)  # to NCHW
+
+    workers = min(_thread_count(num_threads), len(chunks))
+    if workers <= 1:
+        work_through()
+    else:  # blocks are independent: one thread each, BLAS pinned to one thread (small products)
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+            for future in [pool.submit(work_through) for _ in range(workers)]:
+                future.result()                                                # re-raise a worker's exception
     if bias is not None:
         y += bias.astype(work, copy=False)[:, None, None]                      # + bias_o
-    return np.ascontiguousarray(y, dtype=x.dtype)
+    return y.astype(x.dtype, copy=False)
 
 
 # --- the backward pass, by hand ------------------------------------------------------------
