@@ -1,0 +1,254 @@
+r"""Small models for the application chapters, built from the package's pieces.
+
+Vision, three networks of the same depth (two feature layers and a classifier) for
+``(B, 1, H, W)`` images, which differ in how they share weights across positions:
+
+* :class:`MLPClassifier`: dense layers on the flattened image, one weight per pixel per unit;
+* :class:`LocallyConnectedNet`: the convolutional network's receptive fields with a kernel
+  of its own at every position (:class:`LocallyConnected2d`, built on
+  :func:`companion.torch.conv.locally_connected2d`);
+* :class:`SmallCNN`: the same network with one kernel shared by every position.
+
+Both image networks end with a global max over positions, so the classifier itself sees
+no position: the only difference between them is weight sharing.
+
+Language: :class:`TinyTransformerLM`, a decoder-only transformer (pre-norm blocks of
+:class:`companion.torch.multihead.MultiHeadAttention` and an MLP) whose output layer is the
+token embedding itself (:class:`companion.torch.sharing.TiedLMHead`) or, with
+``tied=False``, a matrix of its own; :func:`generate` decodes greedily, with or without a
+:class:`companion.torch.multihead.KVCache` per layer.
+
+Explained in the book chapters *Applications: vision* and *Applications: language*.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from companion.numpy.conv import conv2d_output_size
+from companion.torch.conv import locally_connected2d
+from companion.torch.multihead import KVCache, MultiHeadAttention
+from companion.torch.sharing import TiedLMHead
+
+__all__ = ["LocallyConnected2d", "MLPClassifier", "LocallyConnectedNet", "SmallCNN",
+           "TransformerBlock", "TinyTransformerLM", "generate"]
+
+
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+# --- vision ---------------------------------------------------------------------------------------
+
+class LocallyConnected2d(nn.Module):
+    r"""A convolution's receptive fields without the sharing: one kernel per output position.
+
+    ``weight (H_out, W_out, C_out, C_in, kH, kW)`` and ``bias (H_out, W_out, C_out)``: the
+    parameters of a ``Conv2d(C_in, C_out, kernel_size)`` times ``H_out * W_out``. The input
+    size must be fixed at construction, since the number of kernels depends on it.
+    Initialised like ``nn.Conv2d`` (uniform in :math:`\pm 1/\sqrt{C_{in} k_H k_W}`).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, input_size, *, padding=0,
+                 bias: bool = True):
+        super().__init__()
+        kH, kW = _pair(kernel_size)
+        self.padding = padding
+        self.output_size = conv2d_output_size(input_size, (kH, kW), padding=padding)  # (H_out, W_out)
+        H_out, W_out = self.output_size
+        self.weight = nn.Parameter(torch.empty(H_out, W_out, out_channels, in_channels, kH, kW))
+        self.bias = nn.Parameter(torch.empty(H_out, W_out, out_channels)) if bias else None
+        bound = 1.0 / math.sqrt(in_channels * kH * kW)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, C_in, H, W)`` -> ``(B, C_out, H_out, W_out)``."""
+        return locally_connected2d(x, self.weight, self.bias, padding=self.padding)  # (B, C_out, H_out, W_out)
+
+
+class MLPClassifier(nn.Module):
+    """Dense layers on the flattened image: ``(B, C, H, W)`` -> logits ``(B, num_classes)``.
+
+    ``hidden`` gives the widths of the hidden layers (ReLU after each); every first-layer
+    weight belongs to one pixel, so nothing learned at one position transfers to another.
+    """
+
+    def __init__(self, image_size: int, num_classes: int, hidden=(64, 64), in_channels: int = 1):
+        super().__init__()
+        widths = [in_channels * image_size * image_size, *hidden]
+        layers = []
+        for width_in, width_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(width_in, width_out), nn.ReLU()]
+        self.features = nn.Sequential(nn.Flatten(), *layers)
+        self.classifier = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(images))  # (B, C H W) -> (B, hidden) -> (B, num_classes)
+
+
+class _PositionPooledNet(nn.Module):
+    """Two feature layers (ReLU), a global max over positions, a linear classifier."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.layer1(images))  # (B, C_1, H, W)
+        x = torch.relu(self.layer2(x))  # (B, C_2, H, W)
+        x = x.amax(dim=(2, 3))  # (B, C_2): the strongest response anywhere
+        return self.classifier(x)  # (B, num_classes)
+
+
+class SmallCNN(_PositionPooledNet):
+    """Two ``kernel_size`` convolutions ('same' size), a global max, a linear classifier.
+
+    ``(B, in_channels, H, W)`` -> logits ``(B, num_classes)``; works for any image size,
+    since no parameter belongs to a position.
+    """
+
+    def __init__(self, num_classes: int, channels=(8, 16), kernel_size: int = 3, in_channels: int = 1):
+        super().__init__()
+        c1, c2 = channels
+        self.layer1 = nn.Conv2d(in_channels, c1, kernel_size, padding=kernel_size // 2)  # one kernel, every position
+        self.layer2 = nn.Conv2d(c1, c2, kernel_size, padding=kernel_size // 2)
+        self.classifier = nn.Linear(c2, num_classes)
+
+
+class LocallyConnectedNet(_PositionPooledNet):
+    """:class:`SmallCNN` with :class:`LocallyConnected2d` layers: a kernel per position.
+
+    ``(B, in_channels, image_size, image_size)`` -> logits ``(B, num_classes)``; the
+    layers have ``image_size ** 2`` times the convolution's parameters.
+    """
+
+    def __init__(self, image_size: int, num_classes: int, channels=(8, 16), kernel_size: int = 3,
+                 in_channels: int = 1):
+        super().__init__()
+        c1, c2 = channels
+        pad = kernel_size // 2
+        self.layer1 = LocallyConnected2d(in_channels, c1, kernel_size, image_size, padding=pad)
+        self.layer2 = LocallyConnected2d(c1, c2, kernel_size, image_size, padding=pad)
+        self.classifier = nn.Linear(c2, num_classes)
+
+
+# --- language -------------------------------------------------------------------------------------
+
+class TransformerBlock(nn.Module):
+    r"""A pre-norm decoder block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))``, causal.
+
+    The attention is :class:`companion.torch.multihead.MultiHeadAttention` with
+    ``causal=True`` (bottom-right aligned, so that new tokens fed after a
+    :class:`KVCache` see every cached position); the MLP is ``E -> 4E -> E`` with GELU.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(embed_dim)
+        self.attention = MultiHeadAttention(embed_dim, num_heads)
+        self.norm2 = nn.LayerNorm(embed_dim)
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.GELU(), nn.Linear(4 * embed_dim, embed_dim))
+
+    def forward(self, x: torch.Tensor, *, cache: KVCache | None = None, return_weights: bool = False):
+        """``x (B, T, E)`` -> ``(B, T, E)``, and the attention weights ``(B, H, T, S)`` or ``None``."""
+        h = self.norm1(x)  # (B, T, E)
+        if return_weights:
+            attended, weights = self.attention(h, causal=True, cache=cache, return_weights=True)  # (B, T, E), (B, H, T, S)
+        else:
+            attended, weights = self.attention(h, causal=True, cache=cache), None  # (B, T, E)
+        x = x + attended  # (B, T, E)
+        return x + self.mlp(self.norm2(x)), weights  # (B, T, E)
+
+
+class TinyTransformerLM(nn.Module):
+    r"""A small decoder-only transformer language model with tied (or untied) embeddings.
+
+    .. math::
+
+        h_0 = W_E[\text{ids}] + P[\text{positions}], \quad
+        h_\ell = \text{block}_\ell(h_{\ell-1}), \quad
+        \text{logits} = \mathrm{LN}(h_n)\, W_{out}^\top, \qquad
+        W_{out} = W_E \text{ if tied}
+
+    ``ids (B, T)`` -> ``logits (B, T, V)``. With ``tied=True`` the output layer is a
+    :class:`companion.torch.sharing.TiedLMHead` holding the embedding's own
+    ``nn.Parameter`` (``model.head.weight is model.embedding.weight``); with
+    ``tied=False`` it is an ``nn.Linear(E, V, bias=False)`` of its own, exactly
+    ``V * E`` more parameters. Positions are learned, ``P (max_length, E)``.
+    Embeddings and the untied head start from ``N(0, 0.02^2)`` as in GPT-2.
+    """
+
+    def __init__(self, vocab_size: int, max_length: int, *, embed_dim: int = 64, num_heads: int = 4,
+                 num_layers: int = 2, tied: bool = True):
+        super().__init__()
+        self.vocab_size, self.max_length, self.tied = vocab_size, max_length, bool(tied)
+        self.embedding = nn.Embedding(vocab_size, embed_dim)  # W_E (V, E)
+        self.position_embedding = nn.Embedding(max_length, embed_dim)  # P (max_length, E)
+        self.blocks = nn.ModuleList(TransformerBlock(embed_dim, num_heads) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(embed_dim)
+        if self.tied:
+            self.head = TiedLMHead(self.embedding)  # W_out is W_E: one (V, E) parameter
+        else:
+            self.head = nn.Linear(embed_dim, vocab_size, bias=False)  # W_out (V, E), a second matrix
+        for weight in (self.embedding.weight, self.position_embedding.weight, self.head.weight):
+            nn.init.normal_(weight, std=0.02)
+
+    def new_caches(self) -> list[KVCache]:
+        """One empty :class:`KVCache` per block, for :meth:`forward` ``(caches=...)``."""
+        return [KVCache() for _ in self.blocks]
+
+    def forward(self, ids: torch.Tensor, *, caches: list[KVCache] | None = None, return_weights: bool = False):
+        """``ids (B, T)`` -> ``logits (B, T, V)`` (and a list of per-block weights ``(B, H, T, S)``).
+
+        With ``caches`` (from :meth:`new_caches`), ``ids`` continue the cached sequence:
+        their positions start at the cached length, and each block appends their keys
+        and values to its cache.
+        """
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point:
+            raise ValueError(f"ids must be an integer tensor of shape (B, T), got "
+                             f"{getattr(ids, 'shape', type(ids).__name__)}")
+        if caches is not None and len(caches) != len(self.blocks):
+            raise ValueError(f"caches must hold one KVCache per block ({len(self.blocks)}), got {len(caches)}")
+        start = 0 if caches is None else caches[0].length
+        T = ids.shape[1]
+        if start + T > self.max_length:
+            raise ValueError(f"positions {start}..{start + T - 1} exceed max_length={self.max_length}")
+        positions = torch.arange(start, start + T, device=ids.device)  # (T,)
+        x = self.embedding(ids) + self.position_embedding(positions)  # (B, T, E): W_E[ids] + P[positions]
+        all_weights = []
+        for i, block in enumerate(self.blocks):
+            x, weights = block(x, cache=None if caches is None else caches[i], return_weights=return_weights)
+            all_weights.append(weights)
+        logits = self.head(self.norm(x))  # (B, T, V): LN(h) W_out^T
+        return (logits, all_weights) if return_weights else logits
+
+
+@torch.no_grad()
+def generate(model: TinyTransformerLM, prompt: torch.Tensor, steps: int, *, use_cache: bool = True) -> torch.Tensor:
+    """Greedy decoding: append ``steps`` tokens, each the argmax of the next-token logits.
+
+    ``prompt (B, T_0)`` -> ``(B, T_0 + steps)``. With ``use_cache=True`` the prompt is read
+    once into one :class:`KVCache` per block and each new token costs one position; with
+    ``use_cache=False`` the whole sequence is run again at every step. Both compute the
+    same logits (up to rounding), so they pick the same tokens. Needs
+    ``T_0 + steps - 1 <= model.max_length`` (the last token is produced, not read).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be a tensor of shape (B, T_0) with T_0 >= 1, got "
+                         f"{getattr(prompt, 'shape', type(prompt).__name__)}")
+    if prompt.shape[1] + steps - 1 > model.max_length:
+        raise ValueError(f"prompt length {prompt.shape[1]} + steps {steps} - 1 exceeds max_length={model.max_length}")
+    tokens = prompt
+    caches = model.new_caches() if use_cache else None
+    new_tokens = prompt  # what the model has not read yet
+    for _ in range(steps):
+        if use_cache:
+            logits = model(new_tokens, caches=caches)  # (B, T_new, V): only the unread positions
+        else:
+            logits = model(tokens)  # (B, T, V): everything again
+        new_tokens = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
+        tokens = torch.cat([tokens, new_tokens], dim=1)  # (B, T + 1)
+    return tokens
