@@ -157,9 +157,10 @@ def padding_mask(lengths, S: int) -> np.ndarray:
     if isinstance(S, bool) or not isinstance(S, (int, np.integer)) or S < 0:
         raise ValueError(f"S must be a non-negative int, got {S!r}")
     lengths = np.asarray(lengths)
-    if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
-        raise TypeError(f"lengths must be a 1-D array of ints (one per sequence), got dtype {lengths.dtype} "
-                        f"with shape {lengths.shape}")
+    if lengths.ndim != 1:
+        raise ValueError(f"lengths must be 1-D (one length per sequence), got shape {lengths.shape}")
+    if lengths.dtype.kind not in "iu":
+        raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
     if lengths.size and (lengths.min() < 0 or lengths.max() > S):
         raise ValueError(f"lengths must lie in [0, S={S}], got values from {lengths.min()} to {lengths.max()}")
     positions = np.arange(S)  # (S,)

@@ -110,9 +110,10 @@ def padding_mask(lengths, S):
     """
     S = _check_int("S", S)
     lengths = tf.convert_to_tensor(lengths)
-    if lengths.shape.rank != 1 or not lengths.dtype.is_integer:
-        raise TypeError(f"lengths must be a 1-D array of ints (one per sequence), got dtype "
-                        f"{_checks.dtype_name(lengths.dtype)} with shape {tuple(lengths.shape)}")
+    if lengths.shape.rank != 1:
+        raise ValueError(f"lengths must be 1-D (one length per sequence), got shape {tuple(lengths.shape)}")
+    if not lengths.dtype.is_integer:
+        raise TypeError(f"lengths must be integers, got dtype {_checks.dtype_name(lengths.dtype)}")
     if tf.executing_eagerly() and lengths.shape[0]:
         low, high = int(tf.reduce_min(lengths)), int(tf.reduce_max(lengths))
         if low < 0 or high > S:
