@@ -1,5 +1,6 @@
 """Parameter sharing in Keras/TensorFlow: shared by identity, gradients accumulate, counted once."""
 
+import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow")
@@ -262,3 +263,40 @@ def test_tied_count_is_one_matrix(use_bias):
     untied = _built(_TinyTiedLM(use_bias, tied=False))  # the head has its own (E, V) kernel
     assert count_parameters(tied) == tied.count_params() == V * E + (E * E + E) + 2 * E + (V if use_bias else 0)
     assert count_parameters(untied) == untied.count_params() == tied.count_params() + V * E
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 1], ids=["H_kv=H", "H_kv=1"])
+def test_albert_keras_equals_torch_with_the_same_weights(num_kv_heads, rng):
+    """The Keras and torch encoders are one function: copy torch's weights, compare outputs."""
+    torch = pytest.importorskip("torch")
+    from companion.torch.sharing import TransformerEncoder as TorchEncoder
+
+    torch.manual_seed(0)
+    reference = TorchEncoder(VOCAB, E_EMB, HIDDEN, 2, HEADS, FFN, num_kv_heads=num_kv_heads,
+                             max_positions=POSITIONS).double()
+    model = _encoder(num_layers=2, num_kv_heads=num_kv_heads, dtype="float64", length=7)
+
+    def copy_dense(dense, linear):
+        dense.kernel.assign(to_numpy(linear.weight).T)  # torch stores (out, in)
+        dense.bias.assign(to_numpy(linear.bias))
+
+    def copy_norm(norm, layer_norm):
+        norm.gamma.assign(to_numpy(layer_norm.weight))
+        norm.beta.assign(to_numpy(layer_norm.bias))
+
+    model.token_embedding.embeddings.assign(to_numpy(reference.token_embedding.weight))
+    model.position_embedding.embeddings.assign(to_numpy(reference.position_embedding.weight))
+    copy_norm(model.embedding_norm, reference.embedding_norm)
+    copy_dense(model.embedding_projection, reference.embedding_projection)
+    layer, ref_layer = model.encoder_layers[0], reference.layers[0]  # shared: one layer each
+    layer.attention.set_params(ref_layer.attention.to_params())
+    copy_norm(layer.attention_norm, ref_layer.attention_norm)
+    copy_dense(layer.ffn_in, ref_layer.ffn_in)
+    copy_dense(layer.ffn_out, ref_layer.ffn_out)
+    copy_norm(layer.ffn_norm, ref_layer.ffn_norm)
+
+    ids = rng.integers(0, VOCAB, (2, 7))
+    lengths = np.array([5, 7])
+    expected = reference(torch.from_numpy(ids), mask=torch.from_numpy(np.arange(7) < lengths[:, None])[:, None, None])
+    actual = model(tf.constant(ids, dtype="int32"), attention_mask=padding_mask(tf.constant(lengths), 7))
+    assert_close(actual, expected, name="keras encoder vs torch encoder")

@@ -21,6 +21,8 @@ Explained in the book chapters *Parameter sharing in code* and *Applications: la
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import layers, ops
 
@@ -103,6 +105,15 @@ def no_weight_decay_variables(model: keras.Model) -> list:
 
 # --- cross-layer sharing: ALBERT ------------------------------------------------------------
 
+def _gelu(x):
+    r"""Exact GELU, :math:`x \Phi(x) = \tfrac{x}{2} (1 + \mathrm{erf}(x / \sqrt{2}))`, in the dtype of ``x``.
+
+    ``keras.activations.gelu(approximate=False)`` uses a float32 ``sqrt(2)`` and so is off
+    by ~4e-9 in float64; a Python float keeps float64 exact (as ``torch.nn.functional.gelu``).
+    """
+    return 0.5 * x * (1.0 + ops.erf(x / math.sqrt(2.0)))  # x Phi(x)
+
+
 class EncoderLayer(layers.Layer):
     r"""One post-norm transformer encoder layer, as in BERT and ALBERT (Keras).
 
@@ -143,7 +154,7 @@ class EncoderLayer(layers.Layer):
     def call(self, x, attention_mask=None, training=None):
         attended = self.attention(x, x, attention_mask=attention_mask)  # (B, L, E)
         x = self.attention_norm(x + self.dropout(attended, training=training))  # (B, L, E): LN(x + MHA(x))
-        mlp = self.ffn_out(keras.activations.gelu(self.ffn_in(x), approximate=False))  # (B, L, I) -> (B, L, E)
+        mlp = self.ffn_out(_gelu(self.ffn_in(x)))  # (B, L, I) -> (B, L, E)
         return self.ffn_norm(x + self.dropout(mlp, training=training))  # (B, L, E)
 
 
