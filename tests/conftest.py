@@ -5,6 +5,9 @@ Every test seeds its own generator through the ``rng`` fixture; comparisons go t
 """
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 # Quiet TensorFlow before anything imports it (the Makefile exports these too).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -12,6 +15,9 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SITE = ROOT / "_build" / "html"
 
 
 @pytest.fixture
@@ -26,3 +32,22 @@ def pytest_addoption(parser):
         help="build the book (jupyter-book build . -W -n --keep-going) and check the built site; "
              "without it, the site checks use an existing _build/html or skip",
     )
+
+
+@pytest.fixture(scope="session")
+def site(request) -> Path:
+    if request.config.getoption("--build-book"):
+        jupyter_book = Path(sys.executable).parent / "jupyter-book"
+        result = subprocess.run(
+            [str(jupyter_book), "build", str(ROOT), "-W", "-n", "--keep-going"],
+            cwd=ROOT, capture_output=True, text=True,
+        )
+        log = result.stdout + result.stderr
+        warnings = [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]
+        assert result.returncode == 0 and not warnings, (
+            f"jupyter-book build failed (exit {result.returncode}); warnings/errors:\n"
+            + "\n".join(warnings[:40]) + "\n--- last lines ---\n" + "\n".join(log.splitlines()[-30:])
+        )
+    elif not (SITE / "index.html").exists():
+        pytest.skip("no built site in _build/html: run `make book`, or pytest with --build-book")
+    return SITE

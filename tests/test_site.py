@@ -10,36 +10,13 @@ of the table of contents must be in the sidebar.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import urlparse
 
-import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-SITE = ROOT / "_build" / "html"
-
-
-@pytest.fixture(scope="session")
-def site(request) -> Path:
-    if request.config.getoption("--build-book"):
-        jupyter_book = Path(sys.executable).parent / "jupyter-book"
-        result = subprocess.run(
-            [str(jupyter_book), "build", str(ROOT), "-W", "-n", "--keep-going"],
-            cwd=ROOT, capture_output=True, text=True,
-        )
-        log = result.stdout + result.stderr
-        warnings = [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]
-        assert result.returncode == 0 and not warnings, (
-            f"jupyter-book build failed (exit {result.returncode}); warnings/errors:\n"
-            + "\n".join(warnings[:40]) + "\n--- last lines ---\n" + "\n".join(log.splitlines()[-30:])
-        )
-    elif not (SITE / "index.html").exists():
-        pytest.skip("no built site in _build/html: run `make book`, or pytest with --build-book")
-    return SITE
 
 
 class _Resources(HTMLParser):
