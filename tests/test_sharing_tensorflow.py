@@ -10,7 +10,13 @@ from companion.numpy import conv as npconv  # noqa: E402
 from companion.params import conv2d_parameter_count, count_parameters, dense_parameter_count  # noqa: E402
 from companion.tensorflow import padding_mask  # noqa: E402
 from companion.tensorflow.sharing import TiedOutput, TransformerEncoder, no_weight_decay_variables  # noqa: E402
-from companion.testing import as_backend, assert_close, assert_close_to_oracle, to_numpy  # noqa: E402
+from companion.testing import (  # noqa: E402
+    as_backend,
+    assert_close,
+    assert_close_to_oracle,
+    default_tolerance,
+    to_numpy,
+)
 from companion.tensorflow.conv import convolve2d, locally_connected2d  # noqa: E402
 
 V, E, B, L = 13, 6, 2, 5  # a prime vocabulary, small widths
@@ -300,3 +306,22 @@ def test_albert_keras_equals_torch_with_the_same_weights(num_kv_heads, rng):
     expected = reference(torch.from_numpy(ids), mask=torch.from_numpy(np.arange(7) < lengths[:, None])[:, None, None])
     actual = model(tf.constant(ids, dtype="int32"), attention_mask=padding_mask(tf.constant(lengths), 7))
     assert_close(actual, expected, name="keras encoder vs torch encoder")
+
+
+# --- conv in half precision: computed in float32, returned in the input dtype ----------------
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["conv2d_reference", "conv2d_im2col"])
+def test_conv2d_half_precision_accumulates_in_float32(name, dtype, rng):
+    import companion.tensorflow as ctf
+
+    x = as_backend(rng.standard_normal((2, 4, 7, 6)), "tensorflow", dtype)
+    weight = as_backend(rng.standard_normal((6, 2, 3, 3)), "tensorflow", dtype)
+    bias = as_backend(rng.standard_normal(6), "tensorflow", dtype)
+    out = getattr(ctf, name)(x, weight, bias, stride=(2, 1), padding="valid", groups=2)
+    assert out.dtype == getattr(tf, dtype)
+    # the oracle sees the same rounded inputs, so only the output's rounding is left
+    oracle = npconv.conv2d_reference(*(to_numpy(t).astype("float64") for t in (x, weight, bias)),
+                                     stride=(2, 1), padding="valid", groups=2)
+    rtol, atol = default_tolerance(dtype)  # bfloat16 reaches numpy as float32: name the dtype's own tolerance
+    assert_close(out, oracle, rtol=rtol, atol=atol, name=f"tensorflow {name} {dtype}")

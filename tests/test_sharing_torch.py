@@ -9,7 +9,13 @@ nn = torch.nn
 
 from companion.numpy import conv as npconv  # noqa: E402
 from companion.params import conv2d_parameter_count, count_parameters, dense_parameter_count  # noqa: E402
-from companion.testing import as_backend, assert_close, assert_close_to_oracle, to_numpy  # noqa: E402
+from companion.testing import (  # noqa: E402
+    as_backend,
+    assert_close,
+    assert_close_to_oracle,
+    default_tolerance,
+    to_numpy,
+)
 from companion.torch.conv import conv2d_reference, convolve2d, locally_connected2d  # noqa: E402
 from companion.torch import padding_mask  # noqa: E402
 from companion.torch.sharing import (  # noqa: E402
@@ -309,3 +315,22 @@ def test_tied_count_is_one_matrix(output_bias):
     untied = nn.ModuleDict({"embedding": nn.Embedding(V, E), "head": nn.Linear(E, V, bias=output_bias)})
     assert count_parameters(tied) == V * E + (V if output_bias else 0)
     assert count_parameters(untied) == count_parameters(tied) + V * E
+
+
+# --- conv in half precision: computed in float32, returned in the input dtype ----------------
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["conv2d_reference", "conv2d_im2col"])
+def test_conv2d_half_precision_accumulates_in_float32(name, dtype, rng):
+    import companion.torch as ct
+
+    x = as_backend(rng.standard_normal((2, 4, 7, 6)), "torch", dtype)
+    weight = as_backend(rng.standard_normal((6, 2, 3, 3)), "torch", dtype)
+    bias = as_backend(rng.standard_normal(6), "torch", dtype)
+    out = getattr(ct, name)(x, weight, bias, stride=(2, 1), padding="valid", groups=2)
+    assert out.dtype == getattr(torch, dtype)
+    # the oracle sees the same rounded inputs, so only the output's rounding is left
+    oracle = npconv.conv2d_reference(*(to_numpy(t).astype("float64") for t in (x, weight, bias)),
+                                     stride=(2, 1), padding="valid", groups=2)
+    rtol, atol = default_tolerance(dtype)  # bfloat16 reaches numpy as float32: name the dtype's own tolerance
+    assert_close(out, oracle, rtol=rtol, atol=atol, name=f"torch {name} {dtype}")
