@@ -86,7 +86,9 @@ def assert_close(actual, expected, *, rtol: float | None = None, atol: float | N
         raise AssertionError(f"{name}: shape {a_raw.shape} != expected shape {e_raw.shape}")
     if check_dtype and a_raw.dtype != e_raw.dtype:
         raise AssertionError(f"{name}: dtype {a_raw.dtype} != expected dtype {e_raw.dtype}")
-    default_rtol, default_atol = default_tolerance(a_raw.dtype)
+    # bfloat16 tensors arrive here as float32 arrays: take the tolerance of the original dtype.
+    original = getattr(actual, "dtype", a_raw.dtype)
+    default_rtol, default_atol = default_tolerance(original if "bfloat16" in str(original) else a_raw.dtype)
     rtol = default_rtol if rtol is None else rtol
     atol = default_atol if atol is None else atol
     a = a_raw.astype(np.float64) if a_raw.dtype.kind in "biuf" else a_raw
