@@ -14,39 +14,11 @@ from companion.numpy import scaled_dot_product_attention_reference
 from companion.testing import as_backend, assert_close, assert_close_to_oracle, to_numpy
 
 
-def available_implementations(operation: str):
-    """``registry.implementations`` per backend; names not written yet become skipped params."""
-    pair = registry.pair(operation)
-    params = []
-    for backend in registry.BACKENDS:
-        try:
-            params.extend(registry.implementations(operation, backends=(backend,)))
-            continue
-        except (AttributeError, ImportError):
-            pass
-        try:
-            module = registry.namespace(backend)
-        except ImportError as error:  # the framework itself is missing
-            module, missing = None, f"companion.{backend} cannot be imported: {error}"
-        for name in (pair.reference, *pair.fast):
-            function = getattr(module, name, None)
-            if function is None:
-                reason = missing if module is None else f"companion.{backend}.{name} is not written yet"
-                params.append(pytest.param(backend, name, None, marks=pytest.mark.skip(reason=reason)))
-            else:
-                params.append((backend, name, function))
-    return params
-
-
 def _ids(params):
-    ids = []
-    for p in params:
-        backend, name, _ = p.values if hasattr(p, "values") else p
-        ids.append(f"{backend}-{'reference' if name.endswith('_reference') else name}")
-    return ids
+    return [f"{backend}-{'reference' if name.endswith('_reference') else name}" for backend, name, _ in params]
 
 
-IMPLEMENTATIONS = available_implementations("attention")
+IMPLEMENTATIONS = registry.implementations("attention")
 IDS = _ids(IMPLEMENTATIONS)
 impls = pytest.mark.parametrize("backend, name, function", IMPLEMENTATIONS, ids=IDS)
 

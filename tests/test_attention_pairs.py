@@ -1,8 +1,8 @@
 """Every attention implementation of every backend against the numpy float64 reference.
 
 The implementations come from :func:`companion.registry.implementations` (reference and
-tiled, in numpy, torch and TensorFlow); a backend whose attention is not written yet is
-listed as skipped, so this file works before and after it lands. Sizes are the edge
+tiled, in numpy, torch and TensorFlow), so registering a fast path puts it under test
+here. Sizes are the edge
 cases: L = 1, primes, blocks that do not divide L, L != S (also L < S and L > S with
 causal, whose first rows see nothing), H_kv = 1, H_kv = H and in between, bool and float
 masks with fully masked rows.
@@ -23,31 +23,7 @@ DTYPES = {"numpy": ("float64", "float32", "float16"), "torch": ("float64", "floa
           "tensorflow": ("float64", "float32")}
 
 
-def available_implementations(operation: str):
-    """``registry.implementations`` per backend; names not written yet become skipped params."""
-    pair = registry.pair(operation)
-    params = []
-    for backend in registry.BACKENDS:
-        try:
-            params.extend(registry.implementations(operation, backends=(backend,)))
-            continue
-        except (AttributeError, ImportError):
-            pass
-        try:
-            module = registry.namespace(backend)
-        except ImportError as error:  # the framework itself is missing
-            module, missing = None, f"companion.{backend} cannot be imported: {error}"
-        for name in (pair.reference, *pair.fast):
-            function = getattr(module, name, None)
-            if function is None:
-                reason = missing if module is None else f"companion.{backend}.{name} is not written yet"
-                params.append(pytest.param(backend, name, None, marks=pytest.mark.skip(reason=reason)))
-            else:
-                params.append((backend, name, function))
-    return params
-
-
-IMPLEMENTATIONS = available_implementations("attention")
+IMPLEMENTATIONS = registry.implementations("attention")
 
 
 @dataclass(frozen=True)
@@ -97,13 +73,11 @@ CASES = [
 
 
 def _params():
-    for impl in IMPLEMENTATIONS:
-        values, marks = (impl.values, impl.marks) if hasattr(impl, "values") else (impl, ())
-        backend, name, function = values
+    for backend, name, function in IMPLEMENTATIONS:
         short = "reference" if name == registry.pair("attention").reference else name
         for dtype in DTYPES[backend]:
             for case in CASES:
-                yield pytest.param(backend, name, function, dtype, case, marks=marks,
+                yield pytest.param(backend, name, function, dtype, case,
                                    id=f"{backend}-{short}-{dtype}-{case.id}")
 
 
