@@ -109,21 +109,40 @@ class TransformerConfig:
 
     Attributes
     ----------
-    vocab_size, max_positions : token and learned position embeddings
-    hidden_size : ``E``, the width of every layer
-    num_layers, num_heads : ``num_kv_heads`` (``None`` = ``num_heads``) below it is grouped-query
-    intermediate_size : the MLP's inner width (``4 E`` in GPT-2 and BERT)
-    embedding_size : ALBERT's factorised embedding width (``None`` = ``hidden_size``, no
+    vocab_size
+        rows of the token embedding
+    max_positions
+        rows of the learned position embedding
+    hidden_size
+        ``E``, the width of every layer
+    num_layers
+        the number of transformer layers
+    num_heads
+        query heads; ``num_kv_heads`` (``None`` = ``num_heads``) below it is grouped-query
+    intermediate_size
+        the MLP's inner width (``4 E`` in GPT-2 and BERT)
+    embedding_size
+        ALBERT's factorised embedding width (``None`` = ``hidden_size``, no
         projection); smaller, it adds a projection ``embedding_size -> hidden_size``
-    type_vocab_size : BERT/ALBERT segment embeddings (2), 0 for GPT-2
-    tie_embeddings : the LM head reuses the token embedding (GPT-2); ``False`` with
+    type_vocab_size
+        BERT/ALBERT segment embeddings (2), 0 for GPT-2
+    tie_embeddings
+        the LM head reuses the token embedding (GPT-2); ``False`` with
         ``lm_head`` counts a separate ``E x V`` output matrix
-    lm_head : whether the model has an output head over the vocabulary
-    share_layers : ALBERT: one layer's parameters used by all ``num_layers`` layers
-    pooler : BERT/ALBERT's ``E x E`` dense layer on the first token
-    embedding_norm : a LayerNorm after the embeddings (BERT, ALBERT)
-    final_norm : a LayerNorm after the last layer (pre-LN models: GPT-2)
-    attention_bias, mlp_bias : biases in the projections
+    lm_head
+        whether the model has an output head over the vocabulary
+    share_layers
+        ALBERT: one layer's parameters used by all ``num_layers`` layers
+    pooler
+        BERT/ALBERT's ``E x E`` dense layer on the first token
+    embedding_norm
+        a LayerNorm after the embeddings (BERT, ALBERT)
+    final_norm
+        a LayerNorm after the last layer (pre-LN models: GPT-2)
+    attention_bias
+        biases in the attention projections
+    mlp_bias
+        biases in the MLP's projections
     """
 
     vocab_size: int

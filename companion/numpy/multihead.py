@@ -49,20 +49,20 @@ def _array(x) -> np.ndarray:
 class MultiHeadParams:
     r"""The weights of one multi-head attention layer, applied as ``y = x @ W + b``.
 
-    ==============  =====================  ===========================================
-    field           shape                  role
-    ==============  =====================  ===========================================
-    ``w_q``         ``(E_q, H * D)``       query projection; head ``h`` = columns ``h*D:(h+1)*D``
-    ``b_q``         ``(H * D,)`` or None
-    ``w_k``         ``(E_kv, H_kv * D)``   key projection
-    ``b_k``         ``(H_kv * D,)`` or None
-    ``w_v``         ``(E_kv, H_kv * D_v)`` value projection
-    ``b_v``         ``(H_kv * D_v,)`` or None
-    ``w_o``         ``(H * D_v, E_out)``   output projection of the concatenated heads
-    ``b_o``         ``(E_out,)`` or None
-    ``num_heads``   ``H``
-    ``num_kv_heads``  ``H_kv`` (divides ``H``; ``H_kv < H`` is grouped-query attention)
-    ==============  =====================  ===========================================
+    ================  ===========================  ===========================================
+    field             shape                        role
+    ================  ===========================  ===========================================
+    ``w_q``           ``(E_q, H * D)``             query projection; head ``h`` = columns ``h*D:(h+1)*D``
+    ``b_q``           ``(H * D,)`` or None
+    ``w_k``           ``(E_kv, H_kv * D)``         key projection
+    ``b_k``           ``(H_kv * D,)`` or None
+    ``w_v``           ``(E_kv, H_kv * D_v)``       value projection
+    ``b_v``           ``(H_kv * D_v,)`` or None
+    ``w_o``           ``(H * D_v, E_out)``         output projection of the concatenated heads
+    ``b_o``           ``(E_out,)`` or None
+    ``num_heads``     ``H``
+    ``num_kv_heads``  ``H_kv``                     divides ``H``; ``H_kv < H`` is grouped-query attention
+    ================  ===========================  ===========================================
     """
 
     w_q: np.ndarray

@@ -206,7 +206,7 @@ class TrainingResult:
 
     @property
     def num_parameters(self) -> int:
-        """Parameters learned: ``D_out D_in (+ P times that if unshared) + P D_out``."""
+        """The number of parameters learned, ``D_out D_in (+ P times that if unshared) + P D_out``."""
         return int(self.weight.size + self.bias.size)
 
     def predict(self, x, *, activation: str = "tanh") -> np.ndarray:

@@ -249,12 +249,12 @@ class MultiHeadAttention(nn.Module):
     query head ``h`` reading key/value head ``h // (H // H_kv)``. Parameters (``nn.Linear``
     layers, weights stored ``(out, in)`` as torch does):
 
-    ==============  ==================  ==========================
-    ``q_proj``      ``E -> H * D``      ``E * H * D (+ H * D)``
-    ``k_proj``      ``kdim -> H_kv * D``  ``kdim * H_kv * D (+ H_kv * D)``
-    ``v_proj``      ``vdim -> H_kv * D``  ``vdim * H_kv * D (+ H_kv * D)``
-    ``out_proj``    ``H * D -> E``      ``H * D * E (+ E)``
-    ==============  ==================  ==========================
+    ==============  ======================  ===================================
+    ``q_proj``      ``E -> H * D``          ``E * H * D (+ H * D)``
+    ``k_proj``      ``kdim -> H_kv * D``    ``kdim * H_kv * D (+ H_kv * D)``
+    ``v_proj``      ``vdim -> H_kv * D``    ``vdim * H_kv * D (+ H_kv * D)``
+    ``out_proj``    ``H * D -> E``          ``H * D * E (+ E)``
+    ==============  ======================  ===================================
 
     so that grouped-query heads shrink the key/value projections (and the KV cache) by
     ``H / H_kv``. Inputs are batch-first ``(B, L, E)``; masks follow
