@@ -12,7 +12,6 @@ PYTEST_BOOK := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_san
 # TensorFlow prints C++ log lines on import that land in notebook outputs and break nbval.
 export TF_CPP_MIN_LOG_LEVEL := 3
 export TF_ENABLE_ONEDNN_OPTS := 0
-export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
