@@ -107,11 +107,14 @@ SOURCES = {
 def run_source(name: str, namespace: dict | None = None) -> dict:
     """Execute source snippet ``name`` (a key of :data:`SOURCES`) and return its namespace.
 
-    ``namespace`` seeds the globals (for example a seeded ``np.random`` state set by the
-    caller beforehand). Exceptions the snippet raises propagate unchanged: that is the point.
+    With ``namespace`` (a dict), the snippet runs *in* that dict, so that the caller can
+    still inspect what it defined when it raises part way (source 1's sharing code defines
+    ``W`` and ``forward`` and then fails in its training loop). Exceptions propagate
+    unchanged: that is the point.
     """
     if name not in SOURCES:
         raise KeyError(f"no source snippet {name!r}; known: {', '.join(SOURCES)}")
-    scope = {"__name__": f"companion.sources.{name}"} if namespace is None else dict(namespace)
+    scope = {} if namespace is None else namespace
+    scope.setdefault("__name__", f"companion.sources.{name}")
     exec(compile(SOURCES[name], f"<source: {name}>", "exec"), scope)
     return scope

@@ -9,6 +9,7 @@ it meant: one weight per query-key pair, from their distance.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from companion.numpy import nadaraya_watson, negative_distance_scores, softmax
 from companion.sources import run_source
@@ -50,3 +51,12 @@ def test_nadaraya_watson_weights_each_pair_by_distance():
     # A small bandwidth follows the nearest key; the source's attention cannot.
     nearest = nadaraya_watson(queries, X, X, bandwidth=0.01)
     assert_close(nearest, X[:3], rtol=1e-9, atol=1e-9, name="small bandwidth: nearest key's value")
+
+
+def test_run_source_keeps_what_a_failing_snippet_defined():
+    """Source 1's sharing code raises in its loop; its ``forward`` and ``W`` stay inspectable."""
+    np.random.seed(0)
+    scope: dict = {}
+    with pytest.raises(ValueError, match="not aligned"):
+        run_source("sharing_numpy", scope)
+    assert callable(scope["forward"]) and scope["W"].shape == (10, 10)
