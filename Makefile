@@ -44,6 +44,9 @@ test: $(STAMP)
 test-package: $(STAMP)
 	$(PY) -m pytest tests
 
+bench: $(STAMP)
+	$(PY) -m companion.bench $(BENCH_ARGS)
+
 notebooks: $(STAMP)
 	$(PY) tools/execute_notebooks.py $(NOTEBOOKS)
 

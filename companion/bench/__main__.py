@@ -1,0 +1,6 @@
+"""``python -m companion.bench [--quick] [--json PATH] [--plot DIR]``: see :mod:`companion.bench.cli`."""
+
+from companion.bench.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
