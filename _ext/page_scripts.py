@@ -26,10 +26,13 @@ def _unique_scripts(app, pagename, templatename, context, doctree) -> None:
         if key not in seen:
             seen.add(key)
             unique.append(script)
-    context["script_files"] = unique
+    # In place: handlers that run later (MathJax on pages with math) add to this same list.
+    scripts[:] = unique
 
 
 def setup(app):
+    # Bumped when this extension's output changes, so that an existing build rewrites every page.
+    app.add_config_value("page_scripts_version", 2, "html")
     # Early: a later handler may return a template name, which ends the event (emit_firstresult).
     app.connect("html-page-context", _unique_scripts, priority=100)
     return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}
