@@ -127,7 +127,8 @@ def check_outputs(modules: dict, n: int = 256) -> dict[str, float]:
     return worst
 
 
-def time_all(sizes, threads: int, rounds_for, modules: dict, progress, skip_textbook_above: int) -> dict:
+def time_all(sizes, threads: int, rounds_for, modules: dict, progress, skip_textbook_above: int,
+             skip_others_above: int = 1 << 30) -> dict:
     """Median seconds of every contender at every ``n``, full and causal, plus the bounds.
 
     Returns ``{"full"|"causal": {name: {n: seconds}}}``; names include ``bound`` and
@@ -142,7 +143,8 @@ def time_all(sizes, threads: int, rounds_for, modules: dict, progress, skip_text
     for n in sizes:
         for causal in (False, True):
             kind = "causal" if causal else "full"
-            here = [m for m in names if not (m == "textbook" and n > skip_textbook_above)]
+            here = [m for m in names if not (m == "textbook" and n > skip_textbook_above)
+                    and not (m in ("torch tiled", "tf tiled") and n > skip_others_above)]
             if not causal:
                 here += PRODUCTS
             progress(f"attention n={n} {kind}, {threads} thread(s): {', '.join(here)}")

@@ -24,6 +24,7 @@ class Config:
     textbook_up_to: int  # the textbook line holds n x n float64 matrices: not above this n
     numpy_memory_up_to: int  # above this n only the tiled kernel's memory is measured
     rounds: dict = field(default_factory=dict)  # n -> rounds (largest key <= n)
+    others_up_to: int = 1 << 30  # torch tiled and tf tiled (not in the targets) are timed up to this n
     conv_cases: dict = field(default_factory=lambda: dict(conv.CASES))
     conv_rounds: int = 5
     decode_steps: int = 256
@@ -39,7 +40,7 @@ CONFIGS = {
                    memory_sizes=(512, 1024, 2048, 4096, 8192, 16384, 32768),
                    framework_memory_sizes=(512, 1024, 2048, 4096, 8192, 16384),
                    equal_thread_sizes=(1024, 2048, 4096), textbook_up_to=16384, numpy_memory_up_to=16384,
-                   rounds={0: 7, 2048: 5, 8192: 3, 16384: 2}),
+                   rounds={0: 7, 2048: 5, 8192: 2, 16384: 1}, others_up_to=8192),
     "quick": Config(sizes=(512, 1024, 2048, 4096), memory_sizes=(1024, 4096, 16384), framework_memory_sizes=(),
                     equal_thread_sizes=(4096,), textbook_up_to=4096, numpy_memory_up_to=4096,
                     rounds={0: 3, 4096: 2}, conv_rounds=3, decode_rounds=1),
@@ -98,7 +99,7 @@ def run(config: Config, *, threads: int, sections, without, progress) -> dict:
         diffs = attention.check_outputs(modules)
         att = {"threads": threads, "max_abs_diff": diffs}
         att["times"] = attention.time_all(config.sizes, threads, config.rounds_for, modules, progress,
-                                          config.textbook_up_to)
+                                          config.textbook_up_to, config.others_up_to)
         if modules["torch"] is not None:
             att["equal_threads"] = attention.equal_threads(config.equal_thread_sizes, thread_counts,
                                                            config.rounds_for, modules, progress)
