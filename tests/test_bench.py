@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from companion.bench import cli, decoding
+from companion.bench import cli, decoding, timing
 from companion.bench import attention as bench_attention
 
 TARGET_COUNT = 12  # rows of the target table, with the 1- and 2-thread rows
@@ -41,7 +41,8 @@ def test_tiny_run_end_to_end_with_torch(tmp_path, capsys):
         times = results["attention"]["times"][kind]
         assert set(times["torch SDPA"]) == {"128", "256"}
         memory = results["attention"]["memory"][kind]
-        assert memory["torch SDPA"]["256"] is not None, "the fresh-process probe measured nothing"
+        if timing._reset_high_water_mark():  # Linux >= 4.0: the resident high-water mark can be reset
+            assert memory["torch SDPA"]["256"] is not None, "the fresh-process probe measured nothing"
         assert memory["tiled"]["256"] > 0
     assert set(results["attention"]["equal_threads"]) == {"1", "2"}
     conv_diffs = results["conv"]["max_abs_diff"]

@@ -259,7 +259,8 @@ def conv2d_im2col(x, weight, bias=None, *, stride=1, padding=0, dilation=1, grou
     ``N H_out W_out kH kW C_in``). This version builds it one block of rows at a time (whole
     images, or bands of output rows, about 1 MiB each) into one reused buffer and multiplies
     each block as soon as it is built, while it is still in the cache: the same rows and the
-    same products, 2x faster than one huge patch matrix and a few MiB of extra memory.
+    same products, about 1.4x faster than one huge patch matrix (measured on a ResNet-like
+    layer), with a few MiB of extra memory instead of the whole patch matrix.
     Rows are copied from a padded ``NHWC`` copy of ``x`` with the channel fastest (whole runs
     of channels; other orders cost up to ~2x).
 
