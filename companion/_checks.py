@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["dtype_name", "check_float", "attention_shapes", "AttentionShapes",
+__all__ = ["dtype_name", "check_float", "attention_shapes", "AttentionShapes", "check_cache_append",
            "broadcast_shape", "check_mask_shape", "resolve_scale"]
 __all__ += ["Conv2dGeometry", "conv2d_geometry"]
 
@@ -231,3 +231,30 @@ def conv2d_geometry(x_shape, weight_shape, bias_shape=None, *, stride=1, padding
                          f"than the padded input ({H + pad[0] + pad[1]} x {W + pad[2] + pad[3]}, x {x}, "
                          f"padding {padding!r})")
     return Conv2dGeometry(N, C_in, H, W, C_out, kH, kW, groups, stride, dilation, pad, H_out, W_out)
+
+
+def check_cache_append(key_shape, value_shape, key_dtype, value_dtype,
+                       cached_key_shape=None, cached_value_shape=None, cached_dtype=None) -> None:
+    """Check one ``KVCache.append(key, value)`` against itself and against what is cached.
+
+    ``key (B, H_kv, S_new, D)`` and ``value (B, H_kv, S_new, D_v)`` must agree on
+    ``(B, H_kv, S_new)`` and dtype; once the cache holds something, ``B``, ``H_kv``, ``D``,
+    ``D_v`` and the dtype are fixed.
+    """
+    k, v = tuple(key_shape), tuple(value_shape)
+    for name, shape in (("key", k), ("value", v)):
+        if len(shape) != 4:
+            raise ValueError(f"{name} must have shape (B, H_kv, S_new, dim), got shape {shape}")
+    if k[:3] != v[:3]:
+        raise ValueError(f"key {k} and value {v} must agree on (B, H_kv, S_new)")
+    names = (check_float("key", key_dtype), check_float("value", value_dtype))
+    if names[0] != names[1]:
+        raise TypeError(f"key and value must have the same dtype, got {names[0]} and {names[1]}")
+    if cached_key_shape is None:
+        return
+    ck, cv = tuple(cached_key_shape), tuple(cached_value_shape)
+    if (k[:2], k[3], v[3]) != (ck[:2], ck[3], cv[3]):
+        raise ValueError(f"key {k} / value {v} do not match the cache's (B, H_kv, D) = {(*ck[:2], ck[3])} "
+                         f"and (B, H_kv, D_v) = {(*cv[:2], cv[3])}")
+    if names[0] != dtype_name(cached_dtype):
+        raise TypeError(f"key dtype {names[0]} differs from the cache's {dtype_name(cached_dtype)}")

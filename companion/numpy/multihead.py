@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from companion import _checks
+from companion._kvcache import KVCacheBase
 from companion.conventions import gqa_group_size
 from companion.numpy.attention import (
     _compute_dtype,
@@ -192,7 +193,7 @@ class MultiHeadParams:
                    kernel("output"), bias("output"), num_heads=H, num_kv_heads=H)
 
 
-class KVCache:
+class KVCache(KVCacheBase):
     r"""Keys and values of the positions seen so far, for decoding one step at a time.
 
     ``append(key, value)`` with ``key (B, H_kv, S_new, D)``, ``value (B, H_kv, S_new, D_v)``
@@ -205,82 +206,20 @@ class KVCache:
     Explained in the book chapter *Making it fast*.
     """
 
-    def __init__(self):
-        self._key = None  # (B, H_kv, capacity, D)
-        self._value = None  # (B, H_kv, capacity, D_v)
-        self._length = 0
+    def _convert(self, name: str, x) -> np.ndarray:
+        return np.asarray(x)
 
-    @property
-    def length(self) -> int:
-        """``S``, the number of cached positions."""
-        return self._length
+    def _empty(self, like: np.ndarray, capacity: int) -> np.ndarray:
+        B, H_kv, _, dim = like.shape
+        return np.empty((B, H_kv, capacity, dim), like.dtype)  # (B, H_kv, capacity, dim)
 
-    @property
-    def capacity(self) -> int:
-        """Positions the current storage can hold before it grows."""
-        return 0 if self._key is None else self._key.shape[2]
+    def _write(self, storage: np.ndarray, start: int, stop: int, x) -> None:
+        storage[:, :, start:stop] = x
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of storage held (the capacity, not only the filled part)."""
-        return 0 if self._key is None else self._key.nbytes + self._value.nbytes
-
-    @staticmethod
-    def _read_only(x: np.ndarray) -> np.ndarray:
-        view = x.view()
+    def _view(self, storage: np.ndarray, length: int) -> np.ndarray:
+        view = storage[:, :, :length]  # read-only: the cache cannot be changed behind its back
         view.flags.writeable = False
         return view
-
-    @property
-    def key(self):
-        """Cached keys ``(B, H_kv, S, D)``, a read-only view (``None`` before the first append)."""
-        return None if self._key is None else self._read_only(self._key[:, :, :self._length])
-
-    @property
-    def value(self):
-        """Cached values ``(B, H_kv, S, D_v)``, a read-only view (``None`` before the first append)."""
-        return None if self._value is None else self._read_only(self._value[:, :, :self._length])
-
-    def reset(self) -> None:
-        """Forget everything and release the storage."""
-        self.__init__()
-
-    def append(self, key, value):
-        """Append ``key (B, H_kv, S_new, D)`` and ``value (B, H_kv, S_new, D_v)``; return all cached."""
-        key, value = np.asarray(key), np.asarray(value)
-        for name, x in (("key", key), ("value", value)):
-            _checks.check_float(name, x.dtype)
-            if x.ndim != 4:
-                raise ValueError(f"{name} must have shape (B, H_kv, S_new, dim), got shape {x.shape}")
-        if key.shape[:3] != value.shape[:3]:
-            raise ValueError(f"key {key.shape} and value {value.shape} must agree on (B, H_kv, S_new)")
-        if key.dtype != value.dtype:
-            raise TypeError(f"key and value must have the same dtype, got {key.dtype} and {value.dtype}")
-        if self._key is not None:
-            expected_k = (*self._key.shape[:2], self._key.shape[3])
-            expected_v = (*self._value.shape[:2], self._value.shape[3])
-            if (*key.shape[:2], key.shape[3]) != expected_k or (*value.shape[:2], value.shape[3]) != expected_v:
-                raise ValueError(f"key {key.shape} / value {value.shape} do not match the cache's "
-                                 f"(B, H_kv, D) = {expected_k} and (B, H_kv, D_v) = {expected_v}")
-            if key.dtype != self._key.dtype:
-                raise TypeError(f"key dtype {key.dtype} differs from the cache's {self._key.dtype}")
-        new_length = self._length + key.shape[2]
-        if new_length > self.capacity:
-            self._grow(new_length, key, value)
-        self._key[:, :, self._length:new_length] = key  # (B, H_kv, S_new, D)
-        self._value[:, :, self._length:new_length] = value  # (B, H_kv, S_new, D_v)
-        self._length = new_length
-        return self.key, self.value
-
-    def _grow(self, needed: int, key: np.ndarray, value: np.ndarray) -> None:
-        capacity = max(needed, 2 * self.capacity, 16)  # doubling: amortised O(1) per appended position
-        B, H_kv, _, D = key.shape
-        new_key = np.empty((B, H_kv, capacity, D), key.dtype)  # (B, H_kv, capacity, D)
-        new_value = np.empty((B, H_kv, capacity, value.shape[3]), value.dtype)  # (B, H_kv, capacity, D_v)
-        if self._key is not None:
-            new_key[:, :, :self._length] = self._key[:, :, :self._length]
-            new_value[:, :, :self._length] = self._value[:, :, :self._length]
-        self._key, self._value = new_key, new_value
 
 
 def _project(x: np.ndarray, w, b, heads: int, dtype) -> np.ndarray:

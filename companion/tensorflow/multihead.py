@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from companion import _checks
+from companion._kvcache import KVCacheBase
 from companion.conventions import gqa_group_size
 from companion.numpy.multihead import MultiHeadParams
 from companion.tensorflow.attention import _attention_and_weights, _check_flag
@@ -42,94 +43,27 @@ _HALF_PRECISION = ("float16", "bfloat16")
 # ---------------------------------------------------------------------------------------
 
 
-class KVCache:
+class KVCache(KVCacheBase):
     """Keys ``(B, H_kv, S, D)`` and values ``(B, H_kv, S, D_v)`` of the positions seen so far.
 
-    :meth:`append` writes the new positions into preallocated ``tf.Variable`` storage whose
+    :meth:`~companion._kvcache.KVCacheBase.append` writes the new positions into preallocated ``tf.Variable`` storage whose
     capacity doubles when it is full, so appending one position costs amortised O(1)
     copies instead of re-concatenating the whole cache every step. Meant for eager
     decoding loops (variables are created when the storage grows).
     """
 
-    def __init__(self):
-        self._key = None  # tf.Variable (B, H_kv, capacity, D)
-        self._value = None  # tf.Variable (B, H_kv, capacity, D_v)
-        self._length = 0
+    def _convert(self, name: str, x):
+        return tf.convert_to_tensor(x)
 
-    @property
-    def length(self) -> int:
-        """Number of cached positions ``S``."""
-        return self._length
+    def _empty(self, like, capacity: int):
+        B, H_kv, _, dim = like.shape
+        return tf.Variable(tf.zeros((B, H_kv, capacity, dim), like.dtype), trainable=False)  # (B, H_kv, cap, dim)
 
-    @property
-    def capacity(self) -> int:
-        """Positions the storage holds before it next grows."""
-        return 0 if self._key is None else int(self._key.shape[2])
+    def _write(self, storage, start: int, stop: int, x) -> None:
+        storage[:, :, start:stop, :].assign(x)
 
-    @property
-    def key(self):
-        """The cached keys ``(B, H_kv, S, D)`` (``None`` while empty)."""
-        return None if self._key is None else self._key[:, :, : self._length, :]
-
-    @property
-    def value(self):
-        """The cached values ``(B, H_kv, S, D_v)`` (``None`` while empty)."""
-        return None if self._value is None else self._value[:, :, : self._length, :]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of storage allocated for keys and values (capacity, not just the filled part)."""
-        if self._key is None:
-            return 0
-        itemsize = self._key.dtype.size
-        return int(np.prod(self._key.shape) + np.prod(self._value.shape)) * itemsize
-
-    def reset(self) -> None:
-        """Forget every cached position and free the storage."""
-        self._key = self._value = None
-        self._length = 0
-
-    def _check(self, key, value):
-        k, v = tuple(key.shape), tuple(value.shape)
-        if len(k) != 4 or len(v) != 4:
-            raise ValueError(f"key and value must have shape (B, H_kv, S_new, D), got key {k} and value {v}")
-        if k[:3] != v[:3]:
-            raise ValueError(f"key {k} and value {v} must agree on (B, H_kv, S_new)")
-        names = (_checks.check_float("key", key.dtype), _checks.check_float("value", value.dtype))
-        if names[0] != names[1]:
-            raise TypeError(f"key and value must have the same dtype, got {names[0]} and {names[1]}")
-        if self._key is not None:
-            stored_k, stored_v = tuple(self._key.shape), tuple(self._value.shape)
-            if (k[:2], k[3], v[3]) != (stored_k[:2], stored_k[3], stored_v[3]):
-                raise ValueError(f"key {k} and value {v} do not match the cache's (B, H_kv, ., D) = {stored_k} "
-                                 f"and (B, H_kv, ., D_v) = {stored_v}")
-            if key.dtype != self._key.dtype:
-                raise TypeError(f"key has dtype {names[0]} but the cache holds "
-                                f"{_checks.dtype_name(self._key.dtype)}")
-
-    def _grow(self, needed: int, key, value) -> None:
-        """Reallocate with capacity ``max(needed, 2 * capacity, 16)`` and copy the filled part."""
-        capacity = max(needed, 2 * self.capacity, 16)  # doubling: amortised O(1) per appended position
-        B, H_kv, _, D = key.shape
-        D_v = value.shape[3]
-        new_key = tf.Variable(tf.zeros((B, H_kv, capacity, D), key.dtype), trainable=False)  # (B, H_kv, cap, D)
-        new_value = tf.Variable(tf.zeros((B, H_kv, capacity, D_v), value.dtype), trainable=False)  # (B, H_kv, cap, D_v)
-        if self._length:
-            new_key[:, :, : self._length, :].assign(self.key)
-            new_value[:, :, : self._length, :].assign(self.value)
-        self._key, self._value = new_key, new_value
-
-    def append(self, key, value):
-        """Append ``key (B, H_kv, S_new, D)`` and ``value (B, H_kv, S_new, D_v)``; return all cached ``(key, value)``."""
-        key, value = tf.convert_to_tensor(key), tf.convert_to_tensor(value)
-        self._check(key, value)
-        start, stop = self._length, self._length + key.shape[2]
-        if stop > self.capacity:
-            self._grow(stop, key, value)
-        self._key[:, :, start:stop, :].assign(key)  # writes S_new positions, copies nothing else
-        self._value[:, :, start:stop, :].assign(value)
-        self._length = stop
-        return self.key, self.value  # (B, H_kv, S, D), (B, H_kv, S, D_v)
+    def _view(self, storage, length: int):
+        return storage[:, :, :length, :]
 
 
 # ---------------------------------------------------------------------------------------

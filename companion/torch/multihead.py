@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from companion import _checks
+from companion._kvcache import KVCacheBase
 from companion.conventions import gqa_group_size
 from companion.numpy.multihead import MultiHeadParams
 from companion.torch.attention import (
@@ -40,7 +41,7 @@ __all__ = ["MultiHeadParams", "KVCache", "multi_head_attention", "MultiHeadAtten
 # the key/value cache
 # ---------------------------------------------------------------------------------------
 
-class KVCache:
+class KVCache(KVCacheBase):
     r"""Keys and values of the positions seen so far, for decoding one step at a time (torch).
 
     ``append(key, value)`` with ``key (B, H_kv, S_new, D)``, ``value (B, H_kv, S_new, D_v)``
@@ -54,84 +55,24 @@ class KVCache:
     Explained in the book chapter *Making it fast*.
     """
 
-    def __init__(self):
-        self._key = None  # (B, H_kv, capacity, D)
-        self._value = None  # (B, H_kv, capacity, D_v)
-        self._length = 0
+    def _convert(self, name: str, x) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        return x
 
-    @property
-    def length(self) -> int:
-        """``S``, the number of cached positions."""
-        return self._length
+    def _check_compatible(self, key: torch.Tensor) -> None:
+        if key.device != self._key.device:
+            raise ValueError(f"key is on {key.device}, the cache on {self._key.device}")
 
-    @property
-    def capacity(self) -> int:
-        """Positions the current storage can hold before it grows."""
-        return 0 if self._key is None else self._key.shape[2]
+    def _empty(self, like: torch.Tensor, capacity: int) -> torch.Tensor:
+        B, H_kv, _, dim = like.shape
+        return like.new_empty((B, H_kv, capacity, dim))  # (B, H_kv, capacity, dim)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of storage held (the capacity, not only the filled part)."""
-        if self._key is None:
-            return 0
-        return self._key.numel() * self._key.element_size() + self._value.numel() * self._value.element_size()
+    def _write(self, storage: torch.Tensor, start: int, stop: int, x: torch.Tensor) -> None:
+        storage[:, :, start:stop] = x
 
-    @property
-    def key(self):
-        """Cached keys ``(B, H_kv, S, D)``, a view (``None`` before the first append)."""
-        return None if self._key is None else self._key[:, :, :self._length]
-
-    @property
-    def value(self):
-        """Cached values ``(B, H_kv, S, D_v)``, a view (``None`` before the first append)."""
-        return None if self._value is None else self._value[:, :, :self._length]
-
-    def reset(self) -> None:
-        """Forget everything and release the storage."""
-        self.__init__()
-
-    def append(self, key: torch.Tensor, value: torch.Tensor):
-        """Append ``key (B, H_kv, S_new, D)`` and ``value (B, H_kv, S_new, D_v)``; return all cached."""
-        for name, x in (("key", key), ("value", value)):
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-            _checks.check_float(name, x.dtype)
-            if x.dim() != 4:
-                raise ValueError(f"{name} must have shape (B, H_kv, S_new, dim), got shape {tuple(x.shape)}")
-        if key.shape[:3] != value.shape[:3]:
-            raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree on (B, H_kv, S_new)")
-        if key.dtype != value.dtype:
-            raise TypeError(f"key and value must have the same dtype, got {_checks.dtype_name(key.dtype)} and "
-                            f"{_checks.dtype_name(value.dtype)}")
-        if self._key is not None:
-            expected_k = (*self._key.shape[:2], self._key.shape[3])
-            expected_v = (*self._value.shape[:2], self._value.shape[3])
-            got_k, got_v = (*key.shape[:2], key.shape[3]), (*value.shape[:2], value.shape[3])
-            if got_k != expected_k or got_v != expected_v:
-                raise ValueError(f"key {tuple(key.shape)} / value {tuple(value.shape)} do not match the cache's "
-                                 f"(B, H_kv, D) = {expected_k} and (B, H_kv, D_v) = {expected_v}")
-            if key.dtype != self._key.dtype:
-                raise TypeError(f"key dtype {_checks.dtype_name(key.dtype)} differs from the cache's "
-                                f"{_checks.dtype_name(self._key.dtype)}")
-            if key.device != self._key.device:
-                raise ValueError(f"key is on {key.device}, the cache on {self._key.device}")
-        new_length = self._length + key.shape[2]
-        if new_length > self.capacity:
-            self._grow(new_length, key, value)
-        self._key[:, :, self._length:new_length] = key  # (B, H_kv, S_new, D)
-        self._value[:, :, self._length:new_length] = value  # (B, H_kv, S_new, D_v)
-        self._length = new_length
-        return self.key, self.value
-
-    def _grow(self, needed: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        capacity = max(needed, 2 * self.capacity, 16)  # doubling: amortised O(1) per appended position
-        B, H_kv, _, D = key.shape
-        new_key = key.new_empty((B, H_kv, capacity, D))  # (B, H_kv, capacity, D)
-        new_value = value.new_empty((B, H_kv, capacity, value.shape[3]))  # (B, H_kv, capacity, D_v)
-        if self._key is not None:
-            new_key[:, :, :self._length] = self._key[:, :, :self._length]
-            new_value[:, :, :self._length] = self._value[:, :, :self._length]
-        self._key, self._value = new_key, new_value
+    def _view(self, storage: torch.Tensor, length: int) -> torch.Tensor:
+        return storage[:, :, :length]
 
 
 # ---------------------------------------------------------------------------------------
