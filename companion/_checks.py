@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["dtype_name", "check_float", "attention_shapes", "AttentionShapes", "check_cache_append",
+__all__ = ["dtype_name", "check_float", "check_int", "attention_shapes", "AttentionShapes", "check_cache_append",
            "broadcast_shape", "check_mask_shape", "resolve_scale"]
 __all__ += ["Conv2dGeometry", "conv2d_geometry"]
 
@@ -37,6 +37,14 @@ def check_float(name: str, dtype) -> str:
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
                         f"got dtype {n}")
     return n
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as a Python int ``>= minimum`` (Python or numpy integers, not bools); ``ValueError`` otherwise."""
+    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < minimum:
+        kind = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return int(value)
 
 
 def broadcast_shape(*shapes: tuple[int, ...]) -> tuple[int, ...]:

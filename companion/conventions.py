@@ -77,6 +77,8 @@ Errors and inputs
 
 from __future__ import annotations
 
+from companion._checks import check_int
+
 __all__ = ["AXES", "MASK_TRUE_MEANS", "CAUSAL_ALIGNMENT", "gqa_group_size", "kv_head_of"]
 
 AXES = {
@@ -99,9 +101,7 @@ def gqa_group_size(num_heads: int, num_kv_heads: int) -> int:
 
     Raises ``ValueError`` unless ``1 <= H_kv <= H`` and ``H_kv`` divides ``H``.
     """
-    for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    num_heads, num_kv_heads = check_int("num_heads", num_heads), check_int("num_kv_heads", num_kv_heads)
     if num_heads % num_kv_heads != 0:
         raise ValueError(
             f"num_heads (H={num_heads}) must be a multiple of num_kv_heads (H_kv={num_kv_heads}): "

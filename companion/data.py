@@ -20,18 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from companion._checks import check_int
+
 __all__ = ["SHAPE_NAMES", "shape_patterns", "shape_offsets", "ShapesData", "shapes_dataset",
            "SEQUENCE_TASKS", "SequenceData", "sequence_task"]
 
 SHAPE_NAMES = ("plus", "cross", "square", "diamond")
 SPLITS = ("train", "test", "all")
 SEQUENCE_TASKS = ("reverse", "sort")
-
-
-def _check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 # --- images: shapes at positions ----------------------------------------------------------------
@@ -44,7 +40,7 @@ def shape_patterns(shape_size: int = 5) -> np.ndarray:
     (``|i - c| + |j - c| = c`` with ``c`` the centre). ``shape_size`` must be odd and >= 3
     so that every shape has a centre and the four differ.
     """
-    size = _check_positive_int("shape_size", shape_size, minimum=3)
+    size = check_int("shape_size", shape_size, minimum=3)
     if size % 2 == 0:
         raise ValueError(f"shape_size must be odd (the shapes need a centre pixel), got {size}")
     c = size // 2
@@ -66,8 +62,8 @@ def shape_offsets(split: str, image_size: int = 16, shape_size: int = 5) -> tupl
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    image_size = _check_positive_int("image_size", image_size)
-    shape_size = _check_positive_int("shape_size", shape_size)
+    image_size = check_int("image_size", image_size)
+    shape_size = check_int("shape_size", shape_size)
     n = image_size - shape_size + 1
     if n < 2:
         raise ValueError(f"image_size={image_size} must exceed shape_size={shape_size} so that there are at least "
@@ -104,7 +100,7 @@ def shapes_dataset(num_images: int, *, split: str = "train", image_size: int = 1
     channel (torch's layout). Deterministic in ``seed``; different splits or seeds give
     independent draws.
     """
-    num_images = _check_positive_int("num_images", num_images)
+    num_images = check_int("num_images", num_images)
     noise = float(noise)
     if not noise >= 0.0:
         raise ValueError(f"noise must be >= 0, got {noise}")
@@ -176,9 +172,9 @@ def sequence_task(num_sequences: int, *, task: str = "reverse", length: int = 8,
     """
     if task not in SEQUENCE_TASKS:
         raise ValueError(f"task must be one of {SEQUENCE_TASKS}, got {task!r}")
-    num_sequences = _check_positive_int("num_sequences", num_sequences)
-    length = _check_positive_int("length", length)
-    num_symbols = _check_positive_int("num_symbols", num_symbols, minimum=2)
+    num_sequences = check_int("num_sequences", num_sequences)
+    length = check_int("length", length)
+    num_symbols = check_int("num_symbols", num_symbols, minimum=2)
     rng = np.random.default_rng(seed)
     symbols = rng.integers(num_symbols, size=(num_sequences, length))  # (N, length)
     answers = symbols[:, ::-1] if task == "reverse" else np.sort(symbols, axis=1)  # (N, length)

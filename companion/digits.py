@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from companion._checks import check_int
+
 __all__ = ["DIGIT_FONT", "digit_glyphs", "DigitsData", "digits_dataset"]
 
 #: The ten digits as ``5 x 7`` bitmaps, ``"#"`` = ink, one string per row.
@@ -41,12 +43,6 @@ DIGIT_FONT = (
     (" ### ", "#   #", "#   #", " ### ", "#   #", "#   #", " ### "),  # 8
     (" ### ", "#   #", "#   #", " ####", "    #", "   # ", " ##  "),  # 9
 )
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def digit_glyphs() -> np.ndarray:
@@ -90,8 +86,8 @@ def digits_dataset(num_images: int, *, image_size: int = 28, scales=(3,), noise:
     -------
     DigitsData
     """
-    num_images = _check_positive_int("num_images", num_images)
-    image_size = _check_positive_int("image_size", image_size)
+    num_images = check_int("num_images", num_images)
+    image_size = check_int("image_size", image_size)
     scales = np.asarray(scales)
     if scales.ndim != 1 or scales.size == 0 or scales.dtype.kind not in "iu" or scales.min() < 1:
         raise ValueError(f"scales must be a non-empty sequence of positive ints, got {scales!r}")

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["to_numpy", "as_backend", "assert_close", "assert_close_to_oracle", "default_tolerance"]
+__all__ = ["to_numpy", "as_backend", "assert_close", "assert_close_to_oracle", "default_tolerance",
+           "numerical_gradient"]
 
 # (rtol, atol) used when a test gives none: a few units in the last place of each dtype.
 _DEFAULT_TOLERANCES = {
@@ -175,3 +176,18 @@ def as_backend(x, backend: str, dtype: str | None = None):
         t = tf.convert_to_tensor(x)
         return tf.cast(t, getattr(tf, dtype)) if dtype else t
     raise ValueError(f"backend must be 'numpy', 'torch' or 'tensorflow', got {backend!r}")
+
+
+def numerical_gradient(f, a: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Central differences ``(f(a + eps e_i) - f(a - eps e_i)) / (2 eps)`` of the scalar ``f`` at ``a``.
+
+    The check that a hand-written gradient is the gradient; ``a`` is not modified.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    grad = np.zeros_like(a)
+    for index in np.ndindex(a.shape):
+        plus, minus = a.copy(), a.copy()
+        plus[index] += eps
+        minus[index] -= eps
+        grad[index] = (f(plus) - f(minus)) / (2 * eps)
+    return grad

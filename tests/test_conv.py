@@ -15,7 +15,7 @@ import pytest
 from companion import registry
 from companion._checks import conv2d_geometry
 from companion.numpy import conv as npconv
-from companion.testing import as_backend, assert_close, assert_close_to_oracle, to_numpy
+from companion.testing import as_backend, assert_close, assert_close_to_oracle, numerical_gradient, to_numpy
 
 PAIR = registry.pair("conv2d")
 NAMES = (PAIR.reference, *PAIR.fast)
@@ -260,17 +260,6 @@ def test_conv2d_backward_matches_torch_autograd(case, rng):
     assert_close(dbias, tb.grad, name="dbias")
 
 
-def _finite_difference(f, a, eps=1e-6):
-    """Central differences of the scalar ``f`` with respect to every element of ``a``."""
-    grad = np.zeros_like(a)
-    for index in np.ndindex(a.shape):
-        plus, minus = a.copy(), a.copy()
-        plus[index] += eps
-        minus[index] -= eps
-        grad[index] = (f(plus) - f(minus)) / (2 * eps)
-    return grad
-
-
 @pytest.mark.parametrize("case", ["stride-pair", "groups2", "dilation2"])
 def test_conv2d_backward_matches_finite_differences(case, rng):
     N, C_in, H, W, C_out, kH, kW, stride, padding, dilation, groups, _ = CASES[case]
@@ -284,10 +273,10 @@ def test_conv2d_backward_matches_finite_differences(case, rng):
         return float(np.sum(grad_out * npconv.conv2d_reference(x_, w_, b_, **options)))
 
     dx, dweight, dbias = npconv.conv2d_backward(grad_out, x, weight, **options)
-    assert_close(dx, _finite_difference(lambda a: loss(a, weight, bias), x), rtol=1e-6, atol=1e-7, name="dx")
-    assert_close(dweight, _finite_difference(lambda a: loss(x, a, bias), weight), rtol=1e-6, atol=1e-7,
+    assert_close(dx, numerical_gradient(lambda a: loss(a, weight, bias), x), rtol=1e-6, atol=1e-7, name="dx")
+    assert_close(dweight, numerical_gradient(lambda a: loss(x, a, bias), weight), rtol=1e-6, atol=1e-7,
                  name="dweight")
-    assert_close(dbias, _finite_difference(lambda a: loss(x, weight, a), bias), rtol=1e-6, atol=1e-7,
+    assert_close(dbias, numerical_gradient(lambda a: loss(x, weight, a), bias), rtol=1e-6, atol=1e-7,
                  name="dbias")
 
 

@@ -8,7 +8,7 @@ import pytest
 from companion import params
 from companion.numpy import sharing
 from companion.sources import run_source
-from companion.testing import assert_close
+from companion.testing import assert_close, numerical_gradient
 
 ACTIVATIONS = sorted(sharing.ACTIVATIONS)
 SHAPES = {"B1-P1": (1, 1, 3, 2), "B3-P5": (3, 5, 4, 3), "B2-P7-wide": (2, 7, 2, 6)}
@@ -65,16 +65,6 @@ def test_backward_matches_torch_autograd(shared, activation, shape, rng):
     assert_close(dbias, tb.grad, name="dbias")
 
 
-def _finite_difference(f, a, eps=1e-6):
-    grad = np.zeros_like(a)
-    for index in np.ndindex(a.shape):
-        plus, minus = a.copy(), a.copy()
-        plus[index] += eps
-        minus[index] -= eps
-        grad[index] = (f(plus) - f(minus)) / (2 * eps)
-    return grad
-
-
 @pytest.mark.parametrize("activation", ["tanh", "sigmoid", "identity"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "unshared"])
 def test_backward_matches_finite_differences(shared, activation, rng):
@@ -88,7 +78,7 @@ def test_backward_matches_finite_differences(shared, activation, rng):
     for name, got, wrt in (("dx", dx, lambda a: loss(a, weight, bias)), ("dweight", dweight, lambda a: loss(x, a, bias)),
                            ("dbias", dbias, lambda a: loss(x, weight, a))):
         source = {"dx": x, "dweight": weight, "dbias": bias}[name]
-        assert_close(got, _finite_difference(wrt, source), rtol=1e-6, atol=1e-8, name=name)
+        assert_close(got, numerical_gradient(wrt, source), rtol=1e-6, atol=1e-8, name=name)
 
 
 def test_shared_gradient_is_the_sum_of_the_per_position_gradients(rng):

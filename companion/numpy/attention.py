@@ -315,12 +315,6 @@ def _default_threads() -> int:
     return max(1, min(cores, _MAX_DEFAULT_THREADS))
 
 
-def _check_block(name: str, size) -> int:
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"{name} must be a positive int, got {size!r}")
-    return int(size)
-
-
 class _BlockBuffers:
     """One worker's scratch space, allocated once and reused for every block it computes."""
 
@@ -412,10 +406,10 @@ def _attention_tiled_forward(query, key, value, *, mask=None, causal=False, scal
     rows. The backward pass of the torch namespace recomputes the weights from it.
     """
     causal = _check_flag("causal", causal)
-    block_q, block_k = _check_block("block_q", block_q), _check_block("block_k", block_k)
+    block_q, block_k = _checks.check_int("block_q", block_q), _checks.check_int("block_k", block_k)
     if num_threads is None:
         num_threads = _default_threads()
-    num_threads = _check_block("num_threads", num_threads)
+    num_threads = _checks.check_int("num_threads", num_threads)
     query, key, value, shapes, mask = _validated(query, key, value, mask)
     scale = _checks.resolve_scale(scale, shapes.D)
     dtype = _compute_dtype(query.dtype)

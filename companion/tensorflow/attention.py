@@ -37,14 +37,6 @@ def _compute_dtype(dtype_name: str):
     return tf.float32 if dtype_name in _HALF_PRECISION else tf.as_dtype(dtype_name)
 
 
-def _check_int(name: str, value, minimum: int = 0) -> int:
-    """``value`` as an int ``>= minimum``; ``ValueError`` otherwise (the numpy namespace's words)."""
-    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < minimum:
-        kind = "non-negative" if minimum == 0 else "positive"
-        raise ValueError(f"{name} must be a {kind} int, got {value!r}")
-    return int(value)
-
-
 def _check_flag(name: str, value) -> bool:
     """``value`` as a Python bool; ``TypeError`` for anything else (a tensor flag cannot pick a code path)."""
     if not isinstance(value, bool) and type(value).__name__ != "bool_":
@@ -96,8 +88,8 @@ def causal_mask(L, S):
 
     See the drawing in :mod:`companion.conventions`; for ``L == S`` it is the lower triangle.
     """
-    L = _check_int("L", L)
-    S = _check_int("S", S)
+    L = _checks.check_int("L", L, minimum=0)
+    S = _checks.check_int("S", S, minimum=0)
     rows = tf.range(L)[:, None]  # (L, 1)
     cols = tf.range(S)[None, :]  # (1, S)
     return cols <= rows + (S - L)  # (L, S)
@@ -108,7 +100,7 @@ def padding_mask(lengths, S):
 
     ``lengths`` is a 1-D integer tensor (or list) of ``B`` lengths in ``[0, S]``.
     """
-    S = _check_int("S", S)
+    S = _checks.check_int("S", S, minimum=0)
     lengths = tf.convert_to_tensor(lengths)
     if lengths.shape.rank != 1:
         raise ValueError(f"lengths must be 1-D (one length per sequence), got shape {tuple(lengths.shape)}")
@@ -272,8 +264,8 @@ def attention_tiled(query, key, value, *, mask=None, causal=False, scale=None, b
     """
     causal = _check_flag("causal", causal)
     query, key, value, shapes, dtype = _check_inputs(query, key, value)
-    block_q = _check_int("block_q", block_q, minimum=1)
-    block_k = _check_int("block_k", block_k, minimum=1)
+    block_q = _checks.check_int("block_q", block_q)
+    block_k = _checks.check_int("block_k", block_k)
     scale = _checks.resolve_scale(scale, shapes.D)
     work = _compute_dtype(dtype)
     L, S, offset = shapes.L, shapes.S, shapes.S - shapes.L  # query i sees key j iff j <= i + offset

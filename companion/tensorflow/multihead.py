@@ -186,8 +186,8 @@ class MultiHeadAttention(keras.layers.Layer):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         gqa_group_size(num_heads, num_kv_heads)  # ValueError unless H_kv divides H
         for name, size in (("key_dim", key_dim), ("value_dim", value_dim), ("output_dim", output_dim)):
-            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-                raise ValueError(f"{name} must be a positive int, got {size!r}")
+            if size is not None:
+                _checks.check_int(name, size)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.key_dim = key_dim

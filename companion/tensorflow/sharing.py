@@ -26,6 +26,7 @@ import math
 import keras
 from keras import layers, ops
 
+from companion import _checks
 from companion.tensorflow.multihead import MultiHeadAttention
 
 __all__ = ["TiedOutput", "no_weight_decay_variables", "EncoderLayer", "TransformerEncoder"]
@@ -181,8 +182,7 @@ class TransformerEncoder(keras.Model):
         for name, value in (("vocab_size", vocab_size), ("embedding_size", embedding_size),
                             ("hidden_size", hidden_size), ("num_layers", num_layers), ("num_heads", num_heads),
                             ("intermediate_size", intermediate_size), ("max_positions", max_positions)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _checks.check_int(name, value)
         self.share_layers = bool(share_layers)
         self.max_positions = max_positions
         same_dtype = {"dtype": self.dtype_policy}  # sublayers follow the model's dtype policy

@@ -75,12 +75,6 @@ def _check_flag(name: str, value) -> bool:
     return value
 
 
-def _check_block(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _split_heads(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """``(..., H, L, D)`` -> ``(..., H_kv, group, L, D)``: query head ``h`` lands in group ``h // group``.
 
@@ -389,8 +383,8 @@ def attention_tiled(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     causal = _check_flag("causal", causal)
     shapes = _check_inputs(query, key, value)
     scale = _checks.resolve_scale(scale, shapes.D)
-    block_q = _check_block("block_q", block_q)
-    block_k = _check_block("block_k", block_k)
+    block_q = _checks.check_int("block_q", block_q)
+    block_k = _checks.check_int("block_k", block_k)
     mask = _as_mask(mask, shapes, query.device, _compute_dtype(query.dtype))
     batch, H, H_kv, L, S = shapes.batch, shapes.H, shapes.H_kv, shapes.L, shapes.S
     q = _split_heads(query.expand(*batch, H, L, shapes.D), H_kv)                  # (..., H_kv, group, L, D)

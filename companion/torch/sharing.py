@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from companion import _checks
 from companion.torch.multihead import MultiHeadAttention
 
 __all__ = ["TiedLMHead", "TiedEmbedding", "tie_weights", "shared_parameter_names",
@@ -270,8 +271,7 @@ class TransformerEncoder(nn.Module):
         for name, value in (("vocab_size", vocab_size), ("embedding_size", embedding_size),
                             ("hidden_size", hidden_size), ("num_layers", num_layers), ("num_heads", num_heads),
                             ("intermediate_size", intermediate_size), ("max_positions", max_positions)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _checks.check_int(name, value)
         self.share_layers = bool(share_layers)
         self.max_positions = max_positions
         self.token_embedding = nn.Embedding(vocab_size, embedding_size)
