@@ -1,6 +1,6 @@
 """Links between the API appendix (``book/api.ipynb``) and the chapters, both ways.
 
-1. Docstring -> chapter. 
+1. Docstring -> chapter.
 The package's docstrings name the chapter that explains them in plain words (they are read
 in terminals and editors too): ``Explained in the book chapter *Attention: algorithm and
 math*.`` When autodoc renders a docstring for the API appendix, each ``*Title*`` in such a
@@ -22,8 +22,9 @@ import json
 import re
 from pathlib import Path
 
-SENTENCE = re.compile(r"(Explained in the book chapters? )(.*?)(\.\s|\.$|$)",
-                      flags=re.S)
+SENTENCE = re.compile(
+    r"(Explained in the book chapters? )(.*?)(\.\s|\.$|$)", flags=re.S
+)
 EMPHASIS = re.compile(r"(?<![*\w`])\*([^*`]+?)\*(?![*\w])", flags=re.S)
 
 
@@ -31,7 +32,11 @@ def _title(path: Path) -> str | None:
     """The first ``#`` heading of a notebook or markdown page."""
     if path.suffix == ".ipynb":
         cells = json.loads(path.read_text(encoding="utf-8")).get("cells", [])
-        text = "\n".join("".join(c.get("source", "")) for c in cells if c.get("cell_type") == "markdown")
+        text = "\n".join(
+            "".join(c.get("source", ""))
+            for c in cells
+            if c.get("cell_type") == "markdown"
+        )
     else:
         text = path.read_text(encoding="utf-8")
     for line in text.splitlines():
@@ -47,7 +52,8 @@ def _chapters(app) -> dict[str, str]:
         if path.suffix in (".ipynb", ".md"):
             try:
                 title = _title(path)
-            except (OSError, ValueError):  # a page being rewritten: the build reads it later
+            # a page being rewritten: the build reads it later
+            except (OSError, ValueError):
                 continue
             if title:
                 chapters[" ".join(title.split())] = f"/book/{path.stem}"
@@ -66,8 +72,14 @@ def _process_docstring(app, what, name, obj, options, lines) -> None:
     text = "\n".join(lines)
     if "book chapter" not in text:
         return
-    linked = SENTENCE.sub(lambda m: m.group(1) + EMPHASIS.sub(lambda e: _link(app, e.group(1)), m.group(2))
-                          + m.group(3), text)
+    linked = SENTENCE.sub(
+        lambda m: (
+            m.group(1)
+            + EMPHASIS.sub(lambda e: _link(app, e.group(1)), m.group(2))
+            + m.group(3)
+        ),
+        text,
+    )
     if linked != text:
         lines[:] = linked.split("\n")
 
@@ -102,7 +114,12 @@ def _canonical(target: str, module: str | None) -> str | None:
         obj = _import(dotted)
         defined_in = getattr(obj, "__module__", None)
         qualname = getattr(obj, "__qualname__", None)
-        if obj is not None and defined_in and qualname and defined_in.startswith("companion"):
+        if (
+            obj is not None
+            and defined_in
+            and qualname
+            and defined_in.startswith("companion")
+        ):
             canonical = f"{defined_in}.{qualname}"
             if canonical != target:
                 return canonical
@@ -117,7 +134,9 @@ def _missing_reference(app, env, node, contnode):
     if canonical is None:
         return None
     domain = env.get_domain("py")
-    return domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"], canonical, node, contnode)
+    return domain.resolve_xref(
+        env, node["refdoc"], app.builder, node["reftype"], canonical, node, contnode
+    )
 
 
 def setup(app):

@@ -23,7 +23,9 @@ def mathjax_source() -> Path:
 
     root = Path(mathjax.__file__).parent / "static" / "mathjax" / "es5"
     if not (root / MATHJAX_ENTRY).is_file():
-        raise FileNotFoundError(f"MathJax not found at {root}: install django-static-mathjax")
+        raise FileNotFoundError(
+            f"MathJax not found at {root}: install django-static-mathjax"
+        )
     return root
 
 

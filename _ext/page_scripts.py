@@ -12,8 +12,11 @@ from __future__ import annotations
 
 def _key(script) -> tuple:
     attributes = getattr(script, "attributes", {}) or {}
-    filename = getattr(script, "filename", script) or ""  # None and "" both mean inline; priority ignored
-    return str(filename), tuple(sorted((name, str(value)) for name, value in attributes.items()))
+    # None and "" both mean inline; priority ignored
+    filename = getattr(script, "filename", script) or ""
+    return str(filename), tuple(
+        sorted((name, str(value)) for name, value in attributes.items())
+    )
 
 
 def _unique_scripts(app, pagename, templatename, context, doctree) -> None:

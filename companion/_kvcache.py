@@ -27,6 +27,8 @@ class KVCacheBase:
         self._key = None  # (B, H_kv, capacity, D)
         self._value = None  # (B, H_kv, capacity, D_v)
         self._length = 0
+        # positions ever appended (== _length unless a cache drops some)
+        self._seen = 0
 
     # --- what a backend supplies --------------------------------------------------------
     def _convert(self, name: str, x):
@@ -55,6 +57,15 @@ class KVCacheBase:
         return self._length
 
     @property
+    def seen(self) -> int:
+        """Positions ever appended: the absolute position of the next token.
+
+        Equals :attr:`length` for a cache that keeps everything; a cache that drops old
+        positions (a rolling window) keeps counting, so positions stay absolute.
+        """
+        return self._seen
+
+    @property
     def capacity(self) -> int:
         """Positions the current storage can hold before it grows."""
         return 0 if self._key is None else int(self._key.shape[2])
@@ -81,24 +92,34 @@ class KVCacheBase:
         """Forget everything and release the storage."""
         self._key = self._value = None
         self._length = 0
+        self._seen = 0
 
     def append(self, key, value):
         """Append ``key (B, H_kv, S_new, D)`` and ``value (B, H_kv, S_new, D_v)``; return all cached."""
         key, value = self._convert("key", key), self._convert("value", value)
-        stored = (None, None, None) if self._key is None else (self._key.shape, self._value.shape, self._key.dtype)
-        _checks.check_cache_append(key.shape, value.shape, key.dtype, value.dtype, *stored)
+        stored = (
+            (None, None, None)
+            if self._key is None
+            else (self._key.shape, self._value.shape, self._key.dtype)
+        )
+        _checks.check_cache_append(
+            key.shape, value.shape, key.dtype, value.dtype, *stored
+        )
         if self._key is not None:
             self._check_compatible(key)
         start, stop = self._length, self._length + int(key.shape[2])
         if stop > self.capacity:
             self._grow(stop, key, value)
-        self._write(self._key, start, stop, key)  # (B, H_kv, S_new, D): only the new positions are written
+        # (B, H_kv, S_new, D): only the new positions are written
+        self._write(self._key, start, stop, key)
         self._write(self._value, start, stop, value)  # (B, H_kv, S_new, D_v)
         self._length = stop
+        self._seen += stop - start
         return self.key, self.value  # (B, H_kv, S, D), (B, H_kv, S, D_v)
 
     def _grow(self, needed: int, key, value) -> None:
-        capacity = max(needed, 2 * self.capacity, self.MIN_CAPACITY)  # doubling: amortised O(1) per position
+        # doubling: amortised O(1) per position
+        capacity = max(needed, 2 * self.capacity, self.MIN_CAPACITY)
         new_key = self._empty(key, capacity)  # (B, H_kv, capacity, D)
         new_value = self._empty(value, capacity)  # (B, H_kv, capacity, D_v)
         if self._length:

@@ -79,7 +79,13 @@ from __future__ import annotations
 
 from companion._checks import check_int
 
-__all__ = ["AXES", "MASK_TRUE_MEANS", "CAUSAL_ALIGNMENT", "gqa_group_size", "kv_head_of"]
+__all__ = [
+    "AXES",
+    "MASK_TRUE_MEANS",
+    "CAUSAL_ALIGNMENT",
+    "gqa_group_size",
+    "kv_head_of",
+]
 
 AXES = {
     "B": "batch",
@@ -101,7 +107,10 @@ def gqa_group_size(num_heads: int, num_kv_heads: int) -> int:
 
     Raises ``ValueError`` unless ``1 <= H_kv <= H`` and ``H_kv`` divides ``H``.
     """
-    num_heads, num_kv_heads = check_int("num_heads", num_heads), check_int("num_kv_heads", num_kv_heads)
+    num_heads, num_kv_heads = (
+        check_int("num_heads", num_heads),
+        check_int("num_kv_heads", num_kv_heads),
+    )
     if num_heads % num_kv_heads != 0:
         raise ValueError(
             f"num_heads (H={num_heads}) must be a multiple of num_kv_heads (H_kv={num_kv_heads}): "

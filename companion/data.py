@@ -22,8 +22,16 @@ import numpy as np
 
 from companion._checks import check_int
 
-__all__ = ["SHAPE_NAMES", "shape_patterns", "shape_offsets", "ShapesData", "shapes_dataset",
-           "SEQUENCE_TASKS", "SequenceData", "sequence_task"]
+__all__ = [
+    "SHAPE_NAMES",
+    "shape_patterns",
+    "shape_offsets",
+    "ShapesData",
+    "shapes_dataset",
+    "SEQUENCE_TASKS",
+    "SequenceData",
+    "sequence_task",
+]
 
 SHAPE_NAMES = ("plus", "cross", "square", "diamond")
 SPLITS = ("train", "test", "all")
@@ -31,6 +39,7 @@ SEQUENCE_TASKS = ("reverse", "sort")
 
 
 # --- images: shapes at positions ----------------------------------------------------------------
+
 
 def shape_patterns(shape_size: int = 5) -> np.ndarray:
     """The four shapes of :data:`SHAPE_NAMES` drawn on ``shape_size x shape_size`` grids.
@@ -42,17 +51,22 @@ def shape_patterns(shape_size: int = 5) -> np.ndarray:
     """
     size = check_int("shape_size", shape_size, minimum=3)
     if size % 2 == 0:
-        raise ValueError(f"shape_size must be odd (the shapes need a centre pixel), got {size}")
+        raise ValueError(
+            f"shape_size must be odd (the shapes need a centre pixel), got {size}"
+        )
     c = size // 2
     i, j = np.indices((size, size))  # (size, size) each
     plus = (i == c) | (j == c)
     cross = (i == j) | (i + j == size - 1)
     square = (i == 0) | (j == 0) | (i == size - 1) | (j == size - 1)
     diamond = np.abs(i - c) + np.abs(j - c) == c
-    return np.stack([plus, cross, square, diamond]).astype(np.float32)  # (4, size, size)
+    # (4, size, size)
+    return np.stack([plus, cross, square, diamond]).astype(np.float32)
 
 
-def shape_offsets(split: str, image_size: int = 16, shape_size: int = 5) -> tuple[np.ndarray, np.ndarray]:
+def shape_offsets(
+    split: str, image_size: int = 16, shape_size: int = 5
+) -> tuple[np.ndarray, np.ndarray]:
     """Allowed top-left offsets ``(rows, columns)`` of a shape in ``split``.
 
     A ``shape_size`` shape fits at ``n = image_size - shape_size + 1`` offsets along each
@@ -66,10 +80,16 @@ def shape_offsets(split: str, image_size: int = 16, shape_size: int = 5) -> tupl
     shape_size = check_int("shape_size", shape_size)
     n = image_size - shape_size + 1
     if n < 2:
-        raise ValueError(f"image_size={image_size} must exceed shape_size={shape_size} so that there are at least "
-                         f"two column offsets to split between train and test")
+        raise ValueError(
+            f"image_size={image_size} must exceed shape_size={shape_size} so that there are at least "
+            f"two column offsets to split between train and test"
+        )
     rows = np.arange(n)
-    columns = {"train": np.arange(n // 2), "test": np.arange(n // 2, n), "all": np.arange(n)}[split]
+    columns = {
+        "train": np.arange(n // 2),
+        "test": np.arange(n // 2, n),
+        "all": np.arange(n),
+    }[split]
     return rows, columns
 
 
@@ -86,8 +106,15 @@ class ShapesData:
         return len(self.labels)
 
 
-def shapes_dataset(num_images: int, *, split: str = "train", image_size: int = 16, shape_size: int = 5,
-                   noise: float = 0.1, seed: int = 0) -> ShapesData:
+def shapes_dataset(
+    num_images: int,
+    *,
+    split: str = "train",
+    image_size: int = 16,
+    shape_size: int = 5,
+    noise: float = 0.1,
+    seed: int = 0,
+) -> ShapesData:
     r"""``num_images`` images, each one shape of :func:`shape_patterns` at an offset of ``split``.
 
     .. math::
@@ -108,15 +135,25 @@ def shapes_dataset(num_images: int, *, split: str = "train", image_size: int = 1
     patterns = shape_patterns(shape_size)  # (4, k, k)
     rng = np.random.default_rng(seed)
     labels = rng.integers(len(SHAPE_NAMES), size=num_images)  # (N,)
-    offsets = np.stack([rng.choice(rows, size=num_images), rng.choice(columns, size=num_images)], axis=1)  # (N, 2)
-    images = np.zeros((num_images, 1, image_size, image_size), dtype=np.float32)  # (N, 1, H, W)
+    # (N, 2)
+    offsets = np.stack(
+        [rng.choice(rows, size=num_images), rng.choice(columns, size=num_images)],
+        axis=1,
+    )
+    # (N, 1, H, W)
+    images = np.zeros((num_images, 1, image_size, image_size), dtype=np.float32)
     for n, ((r, c), label) in enumerate(zip(offsets, labels)):
-        images[n, 0, r:r + shape_size, c:c + shape_size] = patterns[label]  # P_{y_n} at (r_n, c_n)
-    images += (noise * rng.standard_normal(images.shape)).astype(np.float32)  # + sigma * epsilon
-    return ShapesData(images=images, labels=labels.astype(np.int64), offsets=offsets.astype(np.int64))
+        # P_{y_n} at (r_n, c_n)
+        images[n, 0, r : r + shape_size, c : c + shape_size] = patterns[label]
+    # + sigma * epsilon
+    images += (noise * rng.standard_normal(images.shape)).astype(np.float32)
+    return ShapesData(
+        images=images, labels=labels.astype(np.int64), offsets=offsets.astype(np.int64)
+    )
 
 
 # --- sequences: reverse or sort ------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SequenceData:
@@ -150,19 +187,25 @@ class SequenceData:
     @property
     def prompts(self) -> np.ndarray:
         """``(N, length + 1)``: what the model is given."""
-        return self.tokens[:, :self.prompt_length]
+        return self.tokens[:, : self.prompt_length]
 
     @property
     def answers(self) -> np.ndarray:
         """``(N, length)``: what it must produce."""
-        return self.tokens[:, self.prompt_length:]
+        return self.tokens[:, self.prompt_length :]
 
     def __len__(self) -> int:
         return len(self.tokens)
 
 
-def sequence_task(num_sequences: int, *, task: str = "reverse", length: int = 8, num_symbols: int = 10,
-                  seed: int = 0) -> SequenceData:
+def sequence_task(
+    num_sequences: int,
+    *,
+    task: str = "reverse",
+    length: int = 8,
+    num_symbols: int = 10,
+    seed: int = 0,
+) -> SequenceData:
     """``num_sequences`` random symbol strings and their answers under ``task``.
 
     ``task="reverse"``: the answer is the symbols in reverse order; ``task="sort"``: in
@@ -177,7 +220,11 @@ def sequence_task(num_sequences: int, *, task: str = "reverse", length: int = 8,
     num_symbols = check_int("num_symbols", num_symbols, minimum=2)
     rng = np.random.default_rng(seed)
     symbols = rng.integers(num_symbols, size=(num_sequences, length))  # (N, length)
-    answers = symbols[:, ::-1] if task == "reverse" else np.sort(symbols, axis=1)  # (N, length)
+    # (N, length)
+    answers = symbols[:, ::-1] if task == "reverse" else np.sort(symbols, axis=1)
     separator = np.full((num_sequences, 1), num_symbols)  # (N, 1)
-    tokens = np.concatenate([symbols, separator, answers], axis=1).astype(np.int64)  # (N, 2 * length + 1)
-    return SequenceData(tokens=tokens, length=length, num_symbols=num_symbols, task=task)
+    # (N, 2 * length + 1)
+    tokens = np.concatenate([symbols, separator, answers], axis=1).astype(np.int64)
+    return SequenceData(
+        tokens=tokens, length=length, num_symbols=num_symbols, task=task
+    )

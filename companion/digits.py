@@ -47,7 +47,10 @@ DIGIT_FONT = (
 
 def digit_glyphs() -> np.ndarray:
     """The glyphs of :data:`DIGIT_FONT` as float32 ``(10, 7, 5)`` arrays of 0 and 1 (row-major, top row first)."""
-    return np.array([[[ch == "#" for ch in row] for row in glyph] for glyph in DIGIT_FONT], dtype=np.float32)
+    return np.array(
+        [[[ch == "#" for ch in row] for row in glyph] for glyph in DIGIT_FONT],
+        dtype=np.float32,
+    )
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,14 @@ class DigitsData:
         return len(self.labels)
 
 
-def digits_dataset(num_images: int, *, image_size: int = 28, scales=(3,), noise: float = 0.1,
-                   seed: int = 0) -> DigitsData:
+def digits_dataset(
+    num_images: int,
+    *,
+    image_size: int = 28,
+    scales=(3,),
+    noise: float = 0.1,
+    seed: int = 0,
+) -> DigitsData:
     r"""``num_images`` images of the digits of :data:`DIGIT_FONT`, as in the module's equation.
 
     Parameters
@@ -89,11 +98,20 @@ def digits_dataset(num_images: int, *, image_size: int = 28, scales=(3,), noise:
     num_images = check_int("num_images", num_images)
     image_size = check_int("image_size", image_size)
     scales = np.asarray(scales)
-    if scales.ndim != 1 or scales.size == 0 or scales.dtype.kind not in "iu" or scales.min() < 1:
-        raise ValueError(f"scales must be a non-empty sequence of positive ints, got {scales!r}")
+    if (
+        scales.ndim != 1
+        or scales.size == 0
+        or scales.dtype.kind not in "iu"
+        or scales.min() < 1
+    ):
+        raise ValueError(
+            f"scales must be a non-empty sequence of positive ints, got {scales!r}"
+        )
     if 7 * scales.max() > image_size:
-        raise ValueError(f"a glyph enlarged {scales.max()}x is {7 * scales.max()} pixels tall and does not fit "
-                         f"image_size={image_size}")
+        raise ValueError(
+            f"a glyph enlarged {scales.max()}x is {7 * scales.max()} pixels tall and does not fit "
+            f"image_size={image_size}"
+        )
     noise = float(noise)
     if not noise >= 0.0:
         raise ValueError(f"noise must be >= 0, got {noise}")
@@ -101,14 +119,24 @@ def digits_dataset(num_images: int, *, image_size: int = 28, scales=(3,), noise:
     rng = np.random.default_rng(seed)
     labels = rng.integers(10, size=num_images)  # y_n, (N,)
     sizes = rng.choice(scales, size=num_images)  # s_n, (N,)
-    rows = rng.integers(image_size - 7 * sizes + 1)  # r_n uniform where the glyph fits, (N,)
+    # r_n uniform where the glyph fits, (N,)
+    rows = rng.integers(image_size - 7 * sizes + 1)
     columns = rng.integers(image_size - 5 * sizes + 1)  # c_n, (N,)
     brightness = rng.uniform(0.6, 1.0, size=num_images).astype(np.float32)  # a_n, (N,)
-    images = np.zeros((num_images, 1, image_size, image_size), dtype=np.float32)  # (N, 1, H, W)
+    # (N, 1, H, W)
+    images = np.zeros((num_images, 1, image_size, image_size), dtype=np.float32)
     for n in range(num_images):
         s = int(sizes[n])
-        glyph = np.kron(glyphs[labels[n]], np.ones((s, s), dtype=np.float32))  # enlarge_s(G_y), (7 s, 5 s)
-        images[n, 0, rows[n]:rows[n] + 7 * s, columns[n]:columns[n] + 5 * s] = brightness[n] * glyph
-    images += (noise * rng.standard_normal(images.shape)).astype(np.float32)  # + sigma * epsilon
-    return DigitsData(images=images, labels=labels.astype(np.int64),
-                      offsets=np.stack([rows, columns], axis=1).astype(np.int64), scales=sizes.astype(np.int64))
+        # enlarge_s(G_y), (7 s, 5 s)
+        glyph = np.kron(glyphs[labels[n]], np.ones((s, s), dtype=np.float32))
+        images[n, 0, rows[n] : rows[n] + 7 * s, columns[n] : columns[n] + 5 * s] = (
+            brightness[n] * glyph
+        )
+    # + sigma * epsilon
+    images += (noise * rng.standard_normal(images.shape)).astype(np.float32)
+    return DigitsData(
+        images=images,
+        labels=labels.astype(np.int64),
+        offsets=np.stack([rows, columns], axis=1).astype(np.int64),
+        scales=sizes.astype(np.int64),
+    )

@@ -25,10 +25,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-__all__ = ["dense_parameter_count", "conv2d_parameter_count", "locally_connected2d_parameter_count",
-           "attention_parameter_count", "kv_cache_bytes", "TransformerConfig", "PRESETS",
-           "transformer_parameter_count", "parameter_breakdown", "training_flops_per_token",
-           "inference_flops_per_token", "weight_bytes", "count_parameters", "DTYPE_BYTES"]
+__all__ = [
+    "dense_parameter_count",
+    "conv2d_parameter_count",
+    "locally_connected2d_parameter_count",
+    "attention_parameter_count",
+    "kv_cache_bytes",
+    "TransformerConfig",
+    "PRESETS",
+    "transformer_parameter_count",
+    "parameter_breakdown",
+    "training_flops_per_token",
+    "inference_flops_per_token",
+    "weight_bytes",
+    "count_parameters",
+    "DTYPE_BYTES",
+]
 
 
 def _pair(value) -> tuple[int, int]:
@@ -37,25 +49,39 @@ def _pair(value) -> tuple[int, int]:
 
 # --- single layers -------------------------------------------------------------------------------
 
-def dense_parameter_count(in_features: int, out_features: int, *, bias: bool = True) -> int:
+
+def dense_parameter_count(
+    in_features: int, out_features: int, *, bias: bool = True
+) -> int:
     r"""A dense layer ``y = W x + b``: :math:`d_{in} d_{out} + d_{out}`."""
     return in_features * out_features + (out_features if bias else 0)
 
 
-def conv2d_parameter_count(in_channels: int, out_channels: int, kernel_size, *, groups: int = 1,
-                           bias: bool = True) -> int:
+def conv2d_parameter_count(
+    in_channels: int,
+    out_channels: int,
+    kernel_size,
+    *,
+    groups: int = 1,
+    bias: bool = True,
+) -> int:
     r"""A conv2d layer: :math:`C_{out} (C_{in}/g)\, k_H k_W + C_{out}`, whatever the input size.
 
     The count does not depend on the image size: the kernel is shared by every position.
     """
     kH, kW = _pair(kernel_size)
     if in_channels % groups or out_channels % groups:
-        raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
-    return out_channels * (in_channels // groups) * kH * kW + (out_channels if bias else 0)
+        raise ValueError(
+            f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
+        )
+    return out_channels * (in_channels // groups) * kH * kW + (
+        out_channels if bias else 0
+    )
 
 
-def locally_connected2d_parameter_count(in_channels: int, out_channels: int, kernel_size, output_size, *,
-                                        bias: bool = True) -> int:
+def locally_connected2d_parameter_count(
+    in_channels: int, out_channels: int, kernel_size, output_size, *, bias: bool = True
+) -> int:
     r"""A locally connected layer: :math:`H_{out} W_{out} (C_{out} C_{in} k_H k_W + C_{out})`.
 
     The convolution's count times the number of output positions (bias unshared too, as
@@ -63,11 +89,21 @@ def locally_connected2d_parameter_count(in_channels: int, out_channels: int, ker
     """
     kH, kW = _pair(kernel_size)
     H_out, W_out = _pair(output_size)
-    return H_out * W_out * (out_channels * in_channels * kH * kW + (out_channels if bias else 0))
+    return (
+        H_out
+        * W_out
+        * (out_channels * in_channels * kH * kW + (out_channels if bias else 0))
+    )
 
 
-def attention_parameter_count(embed_dim: int, num_heads: int, num_kv_heads: int | None = None,
-                              head_dim: int | None = None, *, bias: bool = True) -> int:
+def attention_parameter_count(
+    embed_dim: int,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    *,
+    bias: bool = True,
+) -> int:
     r"""Multi-head attention with ``num_kv_heads`` key/value heads (grouped-query attention).
 
     .. math::
@@ -80,19 +116,29 @@ def attention_parameter_count(embed_dim: int, num_heads: int, num_kv_heads: int 
     """
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        raise ValueError(
+            f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}"
+        )
     if head_dim is None:
         if embed_dim % num_heads:
-            raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; give head_dim")
+            raise ValueError(
+                f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; give head_dim"
+            )
         head_dim = embed_dim // num_heads
     q, kv = num_heads * head_dim, num_kv_heads * head_dim
-    weights = embed_dim * q + 2 * embed_dim * kv + q * embed_dim   # W_Q, W_K, W_V, W_O
+    weights = embed_dim * q + 2 * embed_dim * kv + q * embed_dim  # W_Q, W_K, W_V, W_O
     biases = q + 2 * kv + embed_dim if bias else 0
     return weights + biases
 
 
-def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, seq_len: int, batch: int = 1,
-                   dtype_bytes: int = 2) -> int:
+def kv_cache_bytes(
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    seq_len: int,
+    batch: int = 1,
+    dtype_bytes: int = 2,
+) -> int:
     r"""Memory of a KV cache: :math:`2 \cdot n_{layers} \cdot B \cdot H_{kv} \cdot S \cdot D \cdot \text{bytes}`.
 
     The 2 is keys and values. It grows with the number of key/value heads, so
@@ -102,6 +148,7 @@ def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, seq_len: i
 
 
 # --- whole transformers --------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TransformerConfig:
@@ -169,21 +216,47 @@ class TransformerConfig:
 
 
 def _gpt2(hidden: int, layers: int, heads: int) -> TransformerConfig:
-    return TransformerConfig(vocab_size=50257, max_positions=1024, hidden_size=hidden, num_layers=layers,
-                             num_heads=heads, intermediate_size=4 * hidden, tie_embeddings=True,
-                             lm_head=True, final_norm=True)
+    return TransformerConfig(
+        vocab_size=50257,
+        max_positions=1024,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        intermediate_size=4 * hidden,
+        tie_embeddings=True,
+        lm_head=True,
+        final_norm=True,
+    )
 
 
 def _bert(hidden: int, layers: int, heads: int) -> TransformerConfig:
-    return TransformerConfig(vocab_size=30522, max_positions=512, hidden_size=hidden, num_layers=layers,
-                             num_heads=heads, intermediate_size=4 * hidden, type_vocab_size=2,
-                             pooler=True, embedding_norm=True)
+    return TransformerConfig(
+        vocab_size=30522,
+        max_positions=512,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        intermediate_size=4 * hidden,
+        type_vocab_size=2,
+        pooler=True,
+        embedding_norm=True,
+    )
 
 
 def _albert(hidden: int, layers: int, heads: int) -> TransformerConfig:
-    return TransformerConfig(vocab_size=30000, max_positions=512, hidden_size=hidden, num_layers=layers,
-                             num_heads=heads, intermediate_size=4 * hidden, embedding_size=128,
-                             type_vocab_size=2, share_layers=True, pooler=True, embedding_norm=True)
+    return TransformerConfig(
+        vocab_size=30000,
+        max_positions=512,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        intermediate_size=4 * hidden,
+        embedding_size=128,
+        type_vocab_size=2,
+        share_layers=True,
+        pooler=True,
+        embedding_norm=True,
+    )
 
 
 #: The published configurations (Hugging Face ``config.json`` of each checkpoint).
@@ -219,20 +292,32 @@ def parameter_breakdown(config: TransformerConfig) -> dict[str, int]:
     c = config
     E, V = c.hidden_size, c.vocab_size
     e = c.embedding_size or E
-    embeddings = (V + c.max_positions + c.type_vocab_size) * e       # token, position, segment tables
+    # token, position, segment tables
+    embeddings = (V + c.max_positions + c.type_vocab_size) * e
     if c.embedding_norm:
-        embeddings += 2 * e                                           # LayerNorm(e): gamma, beta
+        # LayerNorm(e): gamma, beta
+        embeddings += 2 * e
     if e != E:
-        embeddings += dense_parameter_count(e, E)                     # ALBERT's e -> E projection
+        # ALBERT's e -> E projection
+        embeddings += dense_parameter_count(e, E)
     distinct_layers = 1 if c.share_layers else c.num_layers
-    attention = attention_parameter_count(E, c.num_heads, c.num_kv_heads, bias=c.attention_bias)
-    mlp = (dense_parameter_count(E, c.intermediate_size, bias=c.mlp_bias)
-           + dense_parameter_count(c.intermediate_size, E, bias=c.mlp_bias))
+    attention = attention_parameter_count(
+        E, c.num_heads, c.num_kv_heads, bias=c.attention_bias
+    )
+    mlp = dense_parameter_count(
+        E, c.intermediate_size, bias=c.mlp_bias
+    ) + dense_parameter_count(c.intermediate_size, E, bias=c.mlp_bias)
     norms = distinct_layers * 2 * (2 * E) + (2 * E if c.final_norm else 0)
     pooler = dense_parameter_count(E, E) if c.pooler else 0
     head = V * E if (c.lm_head and not c.tie_embeddings) else 0
-    return {"embeddings": embeddings, "attention": distinct_layers * attention, "mlp": distinct_layers * mlp,
-            "norms": norms, "pooler": pooler, "head": head}
+    return {
+        "embeddings": embeddings,
+        "attention": distinct_layers * attention,
+        "mlp": distinct_layers * mlp,
+        "norms": norms,
+        "pooler": pooler,
+        "head": head,
+    }
 
 
 def transformer_parameter_count(config: TransformerConfig) -> int:
@@ -247,7 +332,15 @@ def transformer_parameter_count(config: TransformerConfig) -> int:
 # --- compute and memory -----------------------------------------------------------------------
 
 #: Bytes per element of the usual dtypes.
-DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "float8": 1, "int4": 0.5}
+DTYPE_BYTES = {
+    "float64": 8,
+    "float32": 4,
+    "bfloat16": 2,
+    "float16": 2,
+    "int8": 1,
+    "float8": 1,
+    "int4": 0.5,
+}
 
 
 def training_flops_per_token(n_params: int) -> float:
@@ -275,6 +368,7 @@ def weight_bytes(n_params: int, dtype: str = "float32") -> int:
 
 # --- counting a framework model ------------------------------------------------------------------
 
+
 def _numel(shape) -> int:
     return math.prod(int(s) for s in tuple(shape))
 
@@ -289,14 +383,16 @@ def count_parameters(model, *, trainable_only: bool = False) -> int:
     require gradients (torch) or ``model.trainable_weights`` (Keras).
     No framework is imported: the model is recognised by its methods.
     """
-    if hasattr(model, "named_parameters"):                               # torch.nn.Module
+    # torch.nn.Module
+    if hasattr(model, "named_parameters"):
         seen: dict[int, object] = {}
         for _, p in model.named_parameters(remove_duplicate=True):
             if trainable_only and not p.requires_grad:
                 continue
             seen.setdefault(id(p), p)
         return sum(p.numel() for p in seen.values())
-    if hasattr(model, "weights"):                                        # keras Model / Layer
+    # keras Model / Layer
+    if hasattr(model, "weights"):
         weights = model.trainable_weights if trainable_only else model.weights
         ids, paths, total = set(), set(), 0
         for w in weights:
@@ -308,4 +404,6 @@ def count_parameters(model, *, trainable_only: bool = False) -> int:
                 paths.add(path)
             total += _numel(w.shape)
         return total
-    raise TypeError(f"model must be a torch.nn.Module or a keras Model/Layer, got {type(model).__name__}")
+    raise TypeError(
+        f"model must be a torch.nn.Module or a keras Model/Layer, got {type(model).__name__}"
+    )

@@ -10,7 +10,14 @@ Source 2: ``shared/seeds/001_407bd25bed854499.txt`` (convolution, dot-product at
 
 from __future__ import annotations
 
-__all__ = ["SOURCES", "SHARING_NUMPY", "ATTENTION_NUMPY", "KERAS_CNN", "TORCH_SELF_ATTENTION", "run_source"]
+__all__ = [
+    "SOURCES",
+    "SHARING_NUMPY",
+    "ATTENTION_NUMPY",
+    "KERAS_CNN",
+    "TORCH_SELF_ATTENTION",
+    "run_source",
+]
 
 # Source 1, section 4.1 参数共享
 SHARING_NUMPY = """\

@@ -18,8 +18,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["to_numpy", "as_backend", "assert_close", "assert_close_to_oracle", "default_tolerance",
-           "numerical_gradient"]
+__all__ = [
+    "to_numpy",
+    "as_backend",
+    "assert_close",
+    "assert_close_to_oracle",
+    "default_tolerance",
+    "numerical_gradient",
+]
 
 # (rtol, atol) used when a test gives none: a few units in the last place of each dtype.
 _DEFAULT_TOLERANCES = {
@@ -51,7 +57,9 @@ def to_numpy(x) -> np.ndarray:
 
 def default_tolerance(dtype) -> tuple[float, float]:
     """The (rtol, atol) used for ``dtype`` when a test gives none."""
-    name = getattr(dtype, "name", None) or str(dtype).replace("torch.", "").replace("tf.", "")
+    name = getattr(dtype, "name", None) or str(dtype).replace("torch.", "").replace(
+        "tf.", ""
+    )
     if "bfloat16" in name:
         return (1.6e-2, 1.6e-2)
     try:
@@ -60,7 +68,9 @@ def default_tolerance(dtype) -> tuple[float, float]:
         return (0.0, 0.0)  # integers, booleans: exact
 
 
-def _describe(diff: np.ndarray, allowed: np.ndarray, actual, expected) -> tuple[str, tuple]:
+def _describe(
+    diff: np.ndarray, allowed: np.ndarray, actual, expected
+) -> tuple[str, tuple]:
     excess = np.where(np.isnan(diff), np.inf, diff - allowed)
     flat = int(np.argmax(excess))
     index = np.unravel_index(flat, diff.shape) if diff.ndim else ()
@@ -72,8 +82,16 @@ def _describe(diff: np.ndarray, allowed: np.ndarray, actual, expected) -> tuple[
     )
 
 
-def assert_close(actual, expected, *, rtol: float | None = None, atol: float | None = None,
-                 equal_nan: bool = False, check_dtype: bool = False, name: str = "array") -> None:
+def assert_close(
+    actual,
+    expected,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    equal_nan: bool = False,
+    check_dtype: bool = False,
+    name: str = "array",
+) -> None:
     """Assert ``|actual - expected| <= atol + rtol * |expected|`` element by element.
 
     Shapes must be equal (no broadcasting: a silent broadcast hides bugs). With
@@ -84,12 +102,18 @@ def assert_close(actual, expected, *, rtol: float | None = None, atol: float | N
     """
     a_raw, e_raw = to_numpy(actual), to_numpy(expected)
     if a_raw.shape != e_raw.shape:
-        raise AssertionError(f"{name}: shape {a_raw.shape} != expected shape {e_raw.shape}")
+        raise AssertionError(
+            f"{name}: shape {a_raw.shape} != expected shape {e_raw.shape}"
+        )
     if check_dtype and a_raw.dtype != e_raw.dtype:
-        raise AssertionError(f"{name}: dtype {a_raw.dtype} != expected dtype {e_raw.dtype}")
+        raise AssertionError(
+            f"{name}: dtype {a_raw.dtype} != expected dtype {e_raw.dtype}"
+        )
     # bfloat16 tensors arrive here as float32 arrays: take the tolerance of the original dtype.
     original = getattr(actual, "dtype", a_raw.dtype)
-    default_rtol, default_atol = default_tolerance(original if "bfloat16" in str(original) else a_raw.dtype)
+    default_rtol, default_atol = default_tolerance(
+        original if "bfloat16" in str(original) else a_raw.dtype
+    )
     rtol = default_rtol if rtol is None else rtol
     atol = default_atol if atol is None else atol
     a = a_raw.astype(np.float64) if a_raw.dtype.kind in "biuf" else a_raw
@@ -98,24 +122,34 @@ def assert_close(actual, expected, *, rtol: float | None = None, atol: float | N
         bad = a != e
         if np.any(bad):
             idx = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise AssertionError(f"{name}: {int(bad.sum())} of {bad.size} elements differ; "
-                                 f"first at index {idx}: actual {a[idx]}, expected {e[idx]}")
+            raise AssertionError(
+                f"{name}: {int(bad.sum())} of {bad.size} elements differ; "
+                f"first at index {idx}: actual {a[idx]}, expected {e[idx]}"
+            )
         return
 
     a_nan, e_nan = np.isnan(a), np.isnan(e)
     if not equal_nan and (a_nan.any() or e_nan.any()):
         where = np.argwhere(a_nan | e_nan)[0]
-        raise AssertionError(f"{name}: NaN found ({int(a_nan.sum())} in actual, {int(e_nan.sum())} "
-                             f"in expected), first at index {tuple(int(i) for i in where)}")
+        raise AssertionError(
+            f"{name}: NaN found ({int(a_nan.sum())} in actual, {int(e_nan.sum())} "
+            f"in expected), first at index {tuple(int(i) for i in where)}"
+        )
     if (a_nan != e_nan).any():
         where = tuple(int(i) for i in np.argwhere(a_nan != e_nan)[0])
-        raise AssertionError(f"{name}: NaN in one array only, first at index {where}: "
-                             f"actual {a[where]}, expected {e[where]}")
+        raise AssertionError(
+            f"{name}: NaN in one array only, first at index {where}: "
+            f"actual {a[where]}, expected {e[where]}"
+        )
     a_inf, e_inf = np.isinf(a), np.isinf(e)
-    if (a_inf | e_inf).any() and not np.array_equal(np.where(a_inf, a, 0), np.where(e_inf, e, 0)):
+    if (a_inf | e_inf).any() and not np.array_equal(
+        np.where(a_inf, a, 0), np.where(e_inf, e, 0)
+    ):
         where = tuple(int(i) for i in np.argwhere((a_inf | e_inf) & (a != e))[0])
-        raise AssertionError(f"{name}: infinities differ, first at index {where}: "
-                             f"actual {a[where]}, expected {e[where]}")
+        raise AssertionError(
+            f"{name}: infinities differ, first at index {where}: "
+            f"actual {a[where]}, expected {e[where]}"
+        )
 
     finite = ~(a_nan | a_inf | e_inf)
     with np.errstate(invalid="ignore"):  # inf - inf where both are the same infinity
@@ -131,8 +165,15 @@ def assert_close(actual, expected, *, rtol: float | None = None, atol: float | N
         )
 
 
-def assert_close_to_oracle(fast, baseline, oracle, *, factor: float = 2.0, floor: float | None = None,
-                           name: str = "fast path") -> None:
+def assert_close_to_oracle(
+    fast,
+    baseline,
+    oracle,
+    *,
+    factor: float = 2.0,
+    floor: float | None = None,
+    name: str = "fast path",
+) -> None:
     """Assert the fast path is at most ``factor`` x as wrong as the baseline, plus ``floor``.
 
     ``oracle`` is the float64 reference; ``baseline`` is the plain implementation run in
@@ -143,14 +184,21 @@ def assert_close_to_oracle(fast, baseline, oracle, *, factor: float = 2.0, floor
     f, b, o = (to_numpy(t) for t in (fast, baseline, oracle))
     for label, arr in (("baseline", b), ("oracle", o)):
         if arr.shape != f.shape:
-            raise AssertionError(f"{name}: shape {f.shape} != {label} shape {arr.shape}")
+            raise AssertionError(
+                f"{name}: shape {f.shape} != {label} shape {arr.shape}"
+            )
     if floor is None:
         floor = default_tolerance(f.dtype)[1]
     o64 = o.astype(np.float64)
     baseline_error = float(np.max(np.abs(b.astype(np.float64) - o64), initial=0.0))
     bound = factor * baseline_error + floor
-    assert_close(f.astype(np.float64), o64, rtol=0.0, atol=bound,
-                 name=f"{name} (allowed {factor:g} x baseline error {baseline_error:.3e} + floor {floor:.1e})")
+    assert_close(
+        f.astype(np.float64),
+        o64,
+        rtol=0.0,
+        atol=bound,
+        name=f"{name} (allowed {factor:g} x baseline error {baseline_error:.3e} + floor {floor:.1e})",
+    )
 
 
 def as_backend(x, backend: str, dtype: str | None = None):
@@ -170,12 +218,14 @@ def as_backend(x, backend: str, dtype: str | None = None):
         t = torch.from_numpy(np.ascontiguousarray(x))
         return t.to(getattr(torch, dtype)) if dtype else t
     if backend == "tensorflow":
-        from companion import tensorflow as _quiet  # noqa: F401  (silences TF before import)
+        # noqa: F401 (silences TF before import)
         import tensorflow as tf
 
         t = tf.convert_to_tensor(x)
         return tf.cast(t, getattr(tf, dtype)) if dtype else t
-    raise ValueError(f"backend must be 'numpy', 'torch' or 'tensorflow', got {backend!r}")
+    raise ValueError(
+        f"backend must be 'numpy', 'torch' or 'tensorflow', got {backend!r}"
+    )
 
 
 def numerical_gradient(f, a: np.ndarray, eps: float = 1e-6) -> np.ndarray:

@@ -28,9 +28,11 @@ def rng():
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--build-book", action="store_true", default=False,
+        "--build-book",
+        action="store_true",
+        default=False,
         help="build the book (jupyter-book build . -W -n --keep-going) and check the built site; "
-             "without it, the site checks use an existing _build/html or skip",
+        "without it, the site checks use an existing _build/html or skip",
     )
 
 
@@ -40,14 +42,22 @@ def site(request) -> Path:
         jupyter_book = Path(sys.executable).parent / "jupyter-book"
         result = subprocess.run(
             [str(jupyter_book), "build", str(ROOT), "-W", "-n", "--keep-going"],
-            cwd=ROOT, capture_output=True, text=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         )
         log = result.stdout + result.stderr
-        warnings = [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]
+        warnings = [
+            line for line in log.splitlines() if "WARNING" in line or "ERROR" in line
+        ]
         assert result.returncode == 0 and not warnings, (
             f"jupyter-book build failed (exit {result.returncode}); warnings/errors:\n"
-            + "\n".join(warnings[:40]) + "\n--- last lines ---\n" + "\n".join(log.splitlines()[-30:])
+            + "\n".join(warnings[:40])
+            + "\n--- last lines ---\n"
+            + "\n".join(log.splitlines()[-30:])
         )
     elif not (SITE / "index.html").exists():
-        pytest.skip("no built site in _build/html: run `make book`, or pytest with --build-book")
+        pytest.skip(
+            "no built site in _build/html: run `make book`, or pytest with --build-book"
+        )
     return SITE

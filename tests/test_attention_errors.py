@@ -15,7 +15,10 @@ from companion.testing import as_backend, assert_close, assert_close_to_oracle, 
 
 
 def _ids(params):
-    return [f"{backend}-{'reference' if name.endswith('_reference') else name}" for backend, name, _ in params]
+    return [
+        f"{backend}-{'reference' if name.endswith('_reference') else name}"
+        for backend, name, _ in params
+    ]
 
 
 IMPLEMENTATIONS = registry.implementations("attention")
@@ -28,24 +31,57 @@ BAD_SHAPES = [
     ("kv-lengths", (1, 2, 4, 8), (1, 2, 5, 8), (1, 2, 6, 8), None, "length S"),
     ("kv-heads", (1, 4, 4, 8), (1, 2, 5, 8), (1, 1, 5, 8), None, "number of heads"),
     ("heads-not-divisible", (1, 3, 4, 8), (1, 2, 5, 8), (1, 2, 5, 8), None, "multiple"),
-    ("mask-unbroadcastable", (1, 2, 4, 8), (1, 2, 5, 8), (1, 2, 5, 8), (3, 5), "broadcast"),
-    ("mask-grows-batch", (1, 2, 4, 8), (1, 2, 5, 8), (1, 2, 5, 8), (3, 1, 4, 5), "broadcast"),
+    (
+        "mask-unbroadcastable",
+        (1, 2, 4, 8),
+        (1, 2, 5, 8),
+        (1, 2, 5, 8),
+        (3, 5),
+        "broadcast",
+    ),
+    (
+        "mask-grows-batch",
+        (1, 2, 4, 8),
+        (1, 2, 5, 8),
+        (1, 2, 5, 8),
+        (3, 1, 4, 5),
+        "broadcast",
+    ),
     ("rank-query", (4, 8), (1, 5, 8), (1, 5, 8), None, "axes"),
     ("rank-value", (1, 4, 8), (1, 5, 8), (5, 8), None, "axes"),
-    ("batch-unbroadcastable", (2, 1, 4, 8), (3, 1, 5, 8), (3, 1, 5, 8), None, "broadcast"),
+    (
+        "batch-unbroadcastable",
+        (2, 1, 4, 8),
+        (3, 1, 5, 8),
+        (3, 1, 5, 8),
+        None,
+        "broadcast",
+    ),
 ]
 
 
 @impls
 @pytest.mark.parametrize("case", BAD_SHAPES, ids=[c[0] for c in BAD_SHAPES])
-def test_bad_shapes_raise_value_error_naming_the_shapes(backend, name, function, case, rng):
+def test_bad_shapes_raise_value_error_naming_the_shapes(
+    backend, name, function, case, rng
+):
     _, q_shape, k_shape, v_shape, mask_shape, words = case
-    query, key, value = (as_backend(rng.standard_normal(s), backend) for s in (q_shape, k_shape, v_shape))
-    mask = None if mask_shape is None else as_backend(np.ones(mask_shape, dtype=bool), backend)
+    query, key, value = (
+        as_backend(rng.standard_normal(s), backend) for s in (q_shape, k_shape, v_shape)
+    )
+    mask = (
+        None
+        if mask_shape is None
+        else as_backend(np.ones(mask_shape, dtype=bool), backend)
+    )
     with pytest.raises(ValueError, match=words) as caught:
         function(query, key, value, mask=mask)
     message = str(caught.value)
-    named = [s for s in (q_shape, k_shape, v_shape, mask_shape) if s is not None and str(s) in message]
+    named = [
+        s
+        for s in (q_shape, k_shape, v_shape, mask_shape)
+        if s is not None and str(s) in message
+    ]
     assert named, f"the message names none of the shapes seen: {message}"
 
 
@@ -62,7 +98,9 @@ def test_integer_inputs_raise_type_error(backend, name, function, bad, rng):
 @impls
 @pytest.mark.parametrize("mask_kind", ["bool", "float"])
 def test_inputs_are_not_modified(backend, name, function, mask_kind, rng):
-    query, key, value = (rng.standard_normal(s) for s in ((2, 4, 7, 3), (2, 2, 9, 3), (2, 2, 9, 5)))
+    query, key, value = (
+        rng.standard_normal(s) for s in ((2, 4, 7, 3), (2, 2, 9, 3), (2, 2, 9, 5))
+    )
     mask = rng.random((7, 9)) < 0.6
     if mask_kind == "float":
         mask = np.where(mask, rng.standard_normal((7, 9)), -np.inf)
@@ -71,9 +109,17 @@ def test_inputs_are_not_modified(backend, name, function, mask_kind, rng):
     function(*inputs[:3], mask=inputs[3], causal=True)
     for label, tensor, copy in zip(("query", "key", "value", "mask"), inputs, before):
         after = to_numpy(tensor)
-        if after.dtype.kind == "f":  # -inf entries of the float mask: compare where they are, then the rest
-            assert_close(np.isneginf(after), np.isneginf(copy), name=f"{label}'s -inf entries after the call")
-            after, copy = np.nan_to_num(after, neginf=0.0), np.nan_to_num(copy, neginf=0.0)
+        # -inf entries of the float mask: compare where they are, then the rest
+        if after.dtype.kind == "f":
+            assert_close(
+                np.isneginf(after),
+                np.isneginf(copy),
+                name=f"{label}'s -inf entries after the call",
+            )
+            after, copy = (
+                np.nan_to_num(after, neginf=0.0),
+                np.nan_to_num(copy, neginf=0.0),
+            )
         assert_close(after, copy, rtol=0, atol=0, name=f"{label} after the call")
 
 
@@ -93,11 +139,19 @@ def test_float16_large_logits_stay_finite(backend, name, function, rng):
     key = (100 * rng.uniform(-1, 1, (1, 2, 9, 4))).astype(np.float16)
     value = rng.standard_normal((1, 2, 9, 4)).astype(np.float16)
     mask = rng.random((6, 9)) < 0.7
-    output = to_numpy(function(*(as_backend(a, backend) for a in (query, key, value)),
-                               mask=as_backend(mask, backend)))
+    output = to_numpy(
+        function(
+            *(as_backend(a, backend) for a in (query, key, value)),
+            mask=as_backend(mask, backend),
+        )
+    )
     assert output.dtype == np.float16
-    assert np.isfinite(output).all(), "float16 attention with large logits gave inf or NaN"
+    assert np.isfinite(output).all(), (
+        "float16 attention with large logits gave inf or NaN"
+    )
     exact = [a.astype(np.float64) for a in (query, key, value)]
     oracle = scaled_dot_product_attention_reference(*exact, mask=mask)
     baseline = scaled_dot_product_attention_reference(query, key, value, mask=mask)
-    assert_close_to_oracle(output, baseline, oracle, name=f"{backend}.{name} float16, large logits")
+    assert_close_to_oracle(
+        output, baseline, oracle, name=f"{backend}.{name} float16, large logits"
+    )

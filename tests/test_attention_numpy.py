@@ -32,12 +32,24 @@ from companion.testing import assert_close
 # ----------------------------------------------------------------------------- masks
 
 
-@pytest.mark.parametrize("L, S, picture", [
-    (3, 3, [[1, 0, 0], [1, 1, 0], [1, 1, 1]]),
-    (2, 5, [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]),  # the picture in companion.conventions
-    (4, 2, [[0, 0], [0, 0], [1, 0], [1, 1]]),  # L > S: the first queries see nothing
-    (1, 1, [[1]]),
-], ids=["L3-S3", "L2-S5", "L4-S2", "L1-S1"])
+@pytest.mark.parametrize(
+    "L, S, picture",
+    [
+        (3, 3, [[1, 0, 0], [1, 1, 0], [1, 1, 1]]),
+        (
+            2,
+            5,
+            [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]],
+        ),  # the picture in companion.conventions
+        (
+            4,
+            2,
+            [[0, 0], [0, 0], [1, 0], [1, 1]],
+        ),  # L > S: the first queries see nothing
+        (1, 1, [[1]]),
+    ],
+    ids=["L3-S3", "L2-S5", "L4-S2", "L1-S1"],
+)
 def test_causal_mask_is_bottom_right_aligned(L, S, picture):
     mask = causal_mask(L, S)
     assert mask.dtype == np.bool_
@@ -53,13 +65,23 @@ def test_causal_mask_rejects_bad_sizes(bad):
 def test_padding_mask_picture():
     mask = padding_mask([3, 1, 0], 4)
     assert mask.shape == (3, 1, 1, 4) and mask.dtype == np.bool_
-    expected = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=bool)[:, None, None, :]
+    expected = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=bool)[
+        :, None, None, :
+    ]
     assert_close(mask, expected, name="padding_mask([3, 1, 0], 4)")
 
 
-@pytest.mark.parametrize("lengths, S, error", [
-    ([5], 4, ValueError), ([-1], 4, ValueError), ([1.5], 4, TypeError), ([[1]], 4, ValueError), ([1], -2, ValueError),
-], ids=["too-long", "negative", "float", "2-D", "negative-S"])
+@pytest.mark.parametrize(
+    "lengths, S, error",
+    [
+        ([5], 4, ValueError),
+        ([-1], 4, ValueError),
+        ([1.5], 4, TypeError),
+        ([[1]], 4, ValueError),
+        ([1], -2, ValueError),
+    ],
+    ids=["too-long", "negative", "float", "2-D", "negative-S"],
+)
 def test_padding_mask_rejects_bad_lengths(lengths, S, error):
     with pytest.raises(error, match="lengths|S"):
         padding_mask(lengths, S)
@@ -74,22 +96,42 @@ def test_softmax_masked_entries_and_empty_rows_are_zero(dtype, rng):
     mask = np.array([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=bool)
     weights = softmax(x, mask=mask)
     assert weights.dtype == np.dtype(dtype)
-    assert_close(np.where(mask, 0, weights), np.zeros((3, 5), dtype), rtol=0, atol=0, name="masked entries")
-    assert_close(weights.sum(axis=-1, dtype=np.float64), np.array([1.0, 0.0, 1.0]),
-                 rtol=0, atol=4 * np.finfo(dtype).eps, name="row sums")
+    assert_close(
+        np.where(mask, 0, weights),
+        np.zeros((3, 5), dtype),
+        rtol=0,
+        atol=0,
+        name="masked entries",
+    )
+    assert_close(
+        weights.sum(axis=-1, dtype=np.float64),
+        np.array([1.0, 0.0, 1.0]),
+        rtol=0,
+        atol=4 * np.finfo(dtype).eps,
+        name="row sums",
+    )
 
 
 def test_softmax_is_stable_for_huge_scores():
-    x = np.array([1e4, 1e4 - 1.0, -np.inf], dtype=np.float32)  # exp(1e4) overflows float32
+    # exp(1e4) overflows float32
+    x = np.array([1e4, 1e4 - 1.0, -np.inf], dtype=np.float32)
     weights = softmax(x)
     e = np.float32(np.exp(-1.0))
-    assert_close(weights, np.array([1 / (1 + e), e / (1 + e), 0], dtype=np.float32), name="softmax")
+    assert_close(
+        weights,
+        np.array([1 / (1 + e), e / (1 + e), 0], dtype=np.float32),
+        name="softmax",
+    )
 
 
 def test_softmax_axis_and_all_minus_inf(rng):
     x = rng.standard_normal((4, 3))
-    assert_close(softmax(x, axis=0), softmax(x.T, axis=-1).T, name="softmax along axis 0")
-    assert_close(softmax(np.full(3, -np.inf)), np.zeros(3), rtol=0, atol=0, name="all -inf")
+    assert_close(
+        softmax(x, axis=0), softmax(x.T, axis=-1).T, name="softmax along axis 0"
+    )
+    assert_close(
+        softmax(np.full(3, -np.inf)), np.zeros(3), rtol=0, atol=0, name="all -inf"
+    )
 
 
 def test_softmax_rejects_unbroadcastable_mask():
@@ -100,16 +142,33 @@ def test_softmax_rejects_unbroadcastable_mask():
 # ----------------------------------------------------------------------------- grouped-query
 
 
-@pytest.mark.parametrize("H, H_kv", [(6, 1), (6, 2), (6, 3), (6, 6)], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "H, H_kv", [(6, 1), (6, 2), (6, 3), (6, 6)], ids=lambda v: str(v)
+)
 def test_grouped_query_heads_read_h_div_group(H, H_kv, rng):
     query = rng.standard_normal((2, H, 5, 4))
-    key, value = rng.standard_normal((2, H_kv, 7, 4)), rng.standard_normal((2, H_kv, 7, 3))
+    key, value = (
+        rng.standard_normal((2, H_kv, 7, 4)),
+        rng.standard_normal((2, H_kv, 7, 3)),
+    )
     group = H // H_kv
-    repeated = {"key": np.repeat(key, group, axis=-3), "value": np.repeat(value, group, axis=-3)}  # h -> h // group
-    assert_close(scaled_dot_product_attention_reference(query, key, value, causal=True),
-                 scaled_dot_product_attention_reference(query, repeated["key"], repeated["value"], causal=True),
-                 name="grouped vs repeated heads")
-    assert_close(attention_weights(query, key), attention_weights(query, repeated["key"]), name="weights")
+    # h -> h // group
+    repeated = {
+        "key": np.repeat(key, group, axis=-3),
+        "value": np.repeat(value, group, axis=-3),
+    }
+    assert_close(
+        scaled_dot_product_attention_reference(query, key, value, causal=True),
+        scaled_dot_product_attention_reference(
+            query, repeated["key"], repeated["value"], causal=True
+        ),
+        name="grouped vs repeated heads",
+    )
+    assert_close(
+        attention_weights(query, key),
+        attention_weights(query, repeated["key"]),
+        name="weights",
+    )
 
 
 def test_reference_rejects_mixed_dtypes(rng):
@@ -127,18 +186,31 @@ def test_scaled_and_multiplicative_scores_reduce_to_dot_product(rng):
     assert dot.shape == (2, 5, 7)
     assert_close(dot[1, 2, 3], q[1, 2] @ k[1, 3], name="q_2 . k_3")
     assert_close(scaled_dot_product_scores(q, k), dot / 2.0, name="scaled by 1/sqrt(4)")
-    assert_close(scaled_dot_product_scores(q, k, scale=0.3), 0.3 * dot, name="scale=0.3")
+    assert_close(
+        scaled_dot_product_scores(q, k, scale=0.3), 0.3 * dot, name="scale=0.3"
+    )
     assert_close(multiplicative_scores(q, k, np.eye(4)), dot, name="W = I")
     w = rng.standard_normal((4, 4))
-    assert_close(multiplicative_scores(q, k, w)[0, 1, 2], q[0, 1] @ w @ k[0, 2], name="q^T W k")
+    assert_close(
+        multiplicative_scores(q, k, w)[0, 1, 2], q[0, 1] @ w @ k[0, 2], name="q^T W k"
+    )
 
 
 def test_additive_scores_pair_by_pair(rng):
-    q, k = rng.standard_normal((5, 3)), rng.standard_normal((7, 2))  # D_q != D_k is fine here
-    w_q, w_k, v = rng.standard_normal((3, 6)), rng.standard_normal((2, 6)), rng.standard_normal(6)
+    # D_q != D_k is fine here
+    q, k = rng.standard_normal((5, 3)), rng.standard_normal((7, 2))
+    w_q, w_k, v = (
+        rng.standard_normal((3, 6)),
+        rng.standard_normal((2, 6)),
+        rng.standard_normal(6),
+    )
     scores = additive_scores(q, k, w_q, w_k, v)
     assert scores.shape == (5, 7)
-    assert_close(scores[4, 6], v @ np.tanh(q[4] @ w_q + k[6] @ w_k), name="v^T tanh(W_q q + W_k k)")
+    assert_close(
+        scores[4, 6],
+        v @ np.tanh(q[4] @ w_q + k[6] @ w_k),
+        name="v^T tanh(W_q q + W_k k)",
+    )
     with pytest.raises(ValueError, match="w_k"):
         additive_scores(q, k, w_q, w_k.T, v)
 
@@ -148,10 +220,16 @@ def test_negative_distance_scores(rng):
     scores = negative_distance_scores(q, k)
     assert_close(scores[3, 5], -np.linalg.norm(q[3] - k[5]), name="-||q_3 - k_5||")
     assert (scores <= 0).all()
-    assert_close(negative_distance_scores(q, q).diagonal(), np.zeros(4), name="distance to itself")
+    assert_close(
+        negative_distance_scores(q, q).diagonal(),
+        np.zeros(4),
+        name="distance to itself",
+    )
 
 
-@pytest.mark.parametrize("x_dims, y_dims", [(1, 1), (1, 2), (2, 1), (2, 2)], ids=lambda v: f"{v}d")
+@pytest.mark.parametrize(
+    "x_dims, y_dims", [(1, 1), (1, 2), (2, 1), (2, 2)], ids=lambda v: f"{v}d"
+)
 @pytest.mark.parametrize("bandwidth", [0.3, 1.0, 4.0])
 def test_nadaraya_watson_equals_gaussian_kernel_weights(x_dims, y_dims, bandwidth, rng):
     x_keys = rng.standard_normal((11,) if x_dims == 1 else (11, 3))
@@ -160,25 +238,48 @@ def test_nadaraya_watson_equals_gaussian_kernel_weights(x_dims, y_dims, bandwidt
     predicted = nadaraya_watson(x_query, x_keys, y_values, bandwidth=bandwidth)
     assert predicted.shape == ((5,) if y_dims == 1 else (5, 2))
     q, k = x_query.reshape(5, -1), x_keys.reshape(11, -1)
-    kernel_weights = softmax(-negative_distance_scores(q, k) ** 2 / (2 * bandwidth**2))  # direct formula
-    assert_close(predicted, kernel_weights @ y_values, name="one matmul + key bias vs -||x - x_i||^2 / 2h^2")
+    # direct formula
+    kernel_weights = softmax(
+        -(negative_distance_scores(q, k) ** 2) / (2 * bandwidth**2)
+    )
+    assert_close(
+        predicted,
+        kernel_weights @ y_values,
+        name="one matmul + key bias vs -||x - x_i||^2 / 2h^2",
+    )
 
 
 def test_nadaraya_watson_bandwidth_limits(rng):
     x, y = np.linspace(0, 1, 9), rng.standard_normal(9)
-    assert_close(nadaraya_watson(x, x, y, bandwidth=1e-3), y, name="tiny bandwidth: interpolates")
-    assert_close(nadaraya_watson(x, x, y, bandwidth=1e4), np.full(9, y.mean()), rtol=1e-6, atol=1e-8,
-                 name="huge bandwidth: the mean")
+    assert_close(
+        nadaraya_watson(x, x, y, bandwidth=1e-3), y, name="tiny bandwidth: interpolates"
+    )
+    assert_close(
+        nadaraya_watson(x, x, y, bandwidth=1e4),
+        np.full(9, y.mean()),
+        rtol=1e-6,
+        atol=1e-8,
+        name="huge bandwidth: the mean",
+    )
 
 
-@pytest.mark.parametrize("kwargs, error, words", [
-    ({"bandwidth": 0.0}, ValueError, "bandwidth"),
-    ({"x_keys": np.zeros((4, 2))}, ValueError, "x_keys"),
-    ({"y_values": np.zeros(3)}, ValueError, "y_values"),
-    ({"x_query": np.zeros(5, dtype=int)}, TypeError, "x_query"),
-], ids=["bandwidth", "features", "y-rows", "integer"])
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"bandwidth": 0.0}, ValueError, "bandwidth"),
+        ({"x_keys": np.zeros((4, 2))}, ValueError, "x_keys"),
+        ({"y_values": np.zeros(3)}, ValueError, "y_values"),
+        ({"x_query": np.zeros(5, dtype=int)}, TypeError, "x_query"),
+    ],
+    ids=["bandwidth", "features", "y-rows", "integer"],
+)
 def test_nadaraya_watson_rejects_bad_input(kwargs, error, words):
-    arguments = {"x_query": np.zeros(5), "x_keys": np.zeros(4), "y_values": np.zeros(4), "bandwidth": 1.0}
+    arguments = {
+        "x_query": np.zeros(5),
+        "x_keys": np.zeros(4),
+        "y_values": np.zeros(4),
+        "bandwidth": 1.0,
+    }
     arguments.update(kwargs)
     bandwidth = arguments.pop("bandwidth")
     with pytest.raises(error, match=words):
@@ -195,18 +296,30 @@ def test_multi_head_params_shapes(H, H_kv):
     assert (params.head_dim, params.value_head_dim) == (D, D)
     assert params.w_q.shape == (16, H * D) and params.w_k.shape == (16, H_kv * D)
     assert params.w_v.shape == (16, H_kv * D) and params.w_o.shape == (H * D, 16)
-    assert params.b_q.shape == (H * D,) and params.b_o.shape == (16,) and params.w_q.dtype == np.float32
+    assert (
+        params.b_q.shape == (H * D,)
+        and params.b_o.shape == (16,)
+        and params.w_q.dtype == np.float32
+    )
     x = np.ones((2, 5, 16), np.float32)
     output, weights = multi_head_attention(x, x[:, :3], params, return_weights=True)
-    assert output.shape == (2, 5, 16) and output.dtype == np.float32 and weights.shape == (2, H, 5, 3)
+    assert (
+        output.shape == (2, 5, 16)
+        and output.dtype == np.float32
+        and weights.shape == (2, H, 5, 3)
+    )
     assert MultiHeadParams.random(16, H, bias=False).b_k is None
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"num_kv_heads": 3}, "multiple"),
-    ({"w_o": np.zeros((8, 16))}, "w_o"),
-    ({"b_q": np.zeros(5)}, "b_q"),
-], ids=["heads", "w_o", "b_q"])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"num_kv_heads": 3}, "multiple"),
+        ({"w_o": np.zeros((8, 16))}, "w_o"),
+        ({"b_q": np.zeros(5)}, "b_q"),
+    ],
+    ids=["heads", "w_o", "b_q"],
+)
 def test_multi_head_params_rejects_inconsistent_shapes(change, words):
     fields = vars(MultiHeadParams.random(16, 4)).copy()
     fields.update(change)
@@ -220,27 +333,41 @@ def test_from_torch_matches_torch_multihead_attention(rng):
     module = torch.nn.MultiheadAttention(12, 3, batch_first=True, dtype=torch.float64)
     x_q, x_kv = rng.standard_normal((2, 5, 12)), rng.standard_normal((2, 7, 12))
     expected, _ = module(*(torch.from_numpy(a) for a in (x_q, x_kv, x_kv)))
-    assert_close(multi_head_attention(x_q, x_kv, MultiHeadParams.from_torch(module)), expected,
-                 name="from_torch")
+    assert_close(
+        multi_head_attention(x_q, x_kv, MultiHeadParams.from_torch(module)),
+        expected,
+        name="from_torch",
+    )
 
 
 def test_from_torch_with_kdim_vdim(rng):
     torch = pytest.importorskip("torch")
     torch.manual_seed(1)
-    module = torch.nn.MultiheadAttention(8, 2, kdim=5, vdim=5, batch_first=True, dtype=torch.float64)
+    module = torch.nn.MultiheadAttention(
+        8, 2, kdim=5, vdim=5, batch_first=True, dtype=torch.float64
+    )
     x_q, x_kv = rng.standard_normal((1, 4, 8)), rng.standard_normal((1, 6, 5))
     expected, _ = module(*(torch.from_numpy(a) for a in (x_q, x_kv, x_kv)))
-    assert_close(multi_head_attention(x_q, x_kv, MultiHeadParams.from_torch(module)), expected,
-                 name="from_torch kdim/vdim")
+    assert_close(
+        multi_head_attention(x_q, x_kv, MultiHeadParams.from_torch(module)),
+        expected,
+        name="from_torch kdim/vdim",
+    )
 
 
 def test_from_keras_matches_keras_multihead_attention(rng):
     keras = pytest.importorskip("keras")
-    layer = keras.layers.MultiHeadAttention(num_heads=3, key_dim=4, value_dim=5, output_shape=6, dtype="float64")
+    layer = keras.layers.MultiHeadAttention(
+        num_heads=3, key_dim=4, value_dim=5, output_shape=6, dtype="float64"
+    )
     x_q, x_kv = rng.standard_normal((2, 5, 7)), rng.standard_normal((2, 8, 9))
     expected = keras.ops.convert_to_numpy(layer(x_q, x_kv))
     params = MultiHeadParams.from_keras(layer)
-    assert params.w_k.shape == (9, 12) and params.w_v.shape == (9, 15) and params.w_o.shape == (15, 6)
+    assert (
+        params.w_k.shape == (9, 12)
+        and params.w_v.shape == (9, 15)
+        and params.w_o.shape == (15, 6)
+    )
     assert_close(multi_head_attention(x_q, x_kv, params), expected, name="from_keras")
 
 
@@ -258,12 +385,20 @@ def test_kv_cache_grows_by_doubling():
         k, v = cache.append(key, value)
         capacities.append(cache.capacity)
         assert k.shape == (2, 3, t + 1, 4) and v.shape == (2, 3, t + 1, 5)
-    assert sorted(set(capacities)) == [16, 32, 64]  # three allocations for 40 tokens, not 40
+    # three allocations for 40 tokens, not 40
+    assert sorted(set(capacities)) == [16, 32, 64]
     assert cache.nbytes == 2 * 3 * 64 * (4 + 5) * 8
-    assert_close(cache.key, np.concatenate([k for k, _ in appended], axis=2), name="cached keys")
-    assert_close(cache.value, np.concatenate([v for _, v in appended], axis=2), name="cached values")
+    assert_close(
+        cache.key, np.concatenate([k for k, _ in appended], axis=2), name="cached keys"
+    )
+    assert_close(
+        cache.value,
+        np.concatenate([v for _, v in appended], axis=2),
+        name="cached values",
+    )
     with pytest.raises(ValueError):
-        cache.key[0, 0, 0, 0] = 1.0  # read-only view: the cache cannot be changed behind its back
+        # read-only view: the cache cannot be changed behind its back
+        cache.key[0, 0, 0, 0] = 1.0
     cache.reset()
     assert cache.length == 0 and cache.nbytes == 0
 
@@ -282,37 +417,65 @@ def test_kv_cache_rejects_mismatched_appends():
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_tiled_log_sum_exp(causal, rng):
-    query, key, value = rng.standard_normal((2, 9, 4)), rng.standard_normal((2, 11, 4)), rng.standard_normal((2, 11, 3))
+    query, key, value = (
+        rng.standard_normal((2, 9, 4)),
+        rng.standard_normal((2, 11, 4)),
+        rng.standard_normal((2, 11, 3)),
+    )
     L, S = 9, 11
-    _, lse = _attention_tiled_forward(query, key, value, causal=causal, block_q=4, block_k=3)
+    _, lse = _attention_tiled_forward(
+        query, key, value, causal=causal, block_q=4, block_k=3
+    )
     assert lse.shape == (2, 9)
     scores = 0.5 * query @ np.swapaxes(key, -1, -2)  # t Q K^T with t = 1/sqrt(4)
     weights = attention_weights(query, key, causal=causal)
     visible = causal_mask(L, S) if causal else np.ones((L, S), dtype=bool)
-    assert_close(np.where(visible, np.exp(scores - lse[..., None]), 0.0), weights, name="exp(scores - LSE)")
+    assert_close(
+        np.where(visible, np.exp(scores - lse[..., None]), 0.0),
+        weights,
+        name="exp(scores - LSE)",
+    )
 
 
 def test_tiled_fully_masked_rows_have_zero_output_and_finite_lse(rng):
-    query, key, value = rng.standard_normal((1, 7, 4)), rng.standard_normal((1, 3, 4)), rng.standard_normal((1, 3, 4))
-    output, lse = _attention_tiled_forward(query, key, value, causal=True, block_q=2, block_k=2)
-    assert_close(output[:, :4], np.zeros((1, 4, 4)), rtol=0, atol=0, name="rows that see no key")
+    query, key, value = (
+        rng.standard_normal((1, 7, 4)),
+        rng.standard_normal((1, 3, 4)),
+        rng.standard_normal((1, 3, 4)),
+    )
+    output, lse = _attention_tiled_forward(
+        query, key, value, causal=True, block_q=2, block_k=2
+    )
+    assert_close(
+        output[:, :4], np.zeros((1, 4, 4)), rtol=0, atol=0, name="rows that see no key"
+    )
     assert_close(lse[:, :4], np.zeros((1, 4)), rtol=0, atol=0, name="their LSE")
 
 
 def test_tiled_never_reads_key_blocks_hidden_by_the_causal_mask(rng):
-    query, key, value = rng.standard_normal((1, 8, 4)), rng.standard_normal((1, 8, 4)), rng.standard_normal((1, 8, 4))
+    query, key, value = (
+        rng.standard_normal((1, 8, 4)),
+        rng.standard_normal((1, 8, 4)),
+        rng.standard_normal((1, 8, 4)),
+    )
     expected = scaled_dot_product_attention_reference(query, key, value, causal=True)
     key[:, 4:], value[:, 4:] = np.nan, np.nan  # keys 4..7: hidden from queries 0..3
     output = attention_tiled(query, key, value, causal=True, block_q=4, block_k=4)
-    assert_close(output[:, :4], expected[:, :4], name="query block 0 (key block 1 skipped)")
+    assert_close(
+        output[:, :4], expected[:, :4], name="query block 0 (key block 1 skipped)"
+    )
 
 
 def test_tiled_threads_give_identical_results(rng):
     query = rng.standard_normal((2, 3, 40, 8))
     key, value = rng.standard_normal((2, 1, 50, 8)), rng.standard_normal((2, 1, 50, 8))
     mask = rng.random((40, 50)) < 0.8
-    one = attention_tiled(query, key, value, mask=mask, causal=True, block_q=7, block_k=9, num_threads=1)
-    three = attention_tiled(query, key, value, mask=mask, causal=True, block_q=7, block_k=9, num_threads=3)
+    one = attention_tiled(
+        query, key, value, mask=mask, causal=True, block_q=7, block_k=9, num_threads=1
+    )
+    three = attention_tiled(
+        query, key, value, mask=mask, causal=True, block_q=7, block_k=9, num_threads=3
+    )
     assert_close(three, one, rtol=0, atol=0, name="3 threads vs 1")
 
 
@@ -323,18 +486,29 @@ def test_tiled_rejects_bad_block_sizes(argument, rng):
         attention_tiled(x, x, x, **{argument: 0})
 
 
-@pytest.mark.parametrize("n, num_threads, budget", [
-    (2048, 2, 8 * 2**20),  # half of one 2048 x 2048 float32 matrix (16 MiB)
-    (8192, None, 64 * 2**20),  # the bound; one 8192 x 8192 float32 matrix is 256 MiB
-], ids=["n2048-2threads", "n8192-default-threads"])
+@pytest.mark.parametrize(
+    "n, num_threads, budget",
+    [
+        (2048, 2, 8 * 2**20),  # half of one 2048 x 2048 float32 matrix (16 MiB)
+        # the bound; one 8192 x 8192 float32 matrix is 256 MiB
+        (8192, None, 64 * 2**20),
+    ],
+    ids=["n2048-2threads", "n8192-default-threads"],
+)
 def test_tiled_peak_memory_holds_no_L_by_S_matrix(n, num_threads, budget, rng):
-    query, key, value = (rng.standard_normal((1, n, 64), dtype=np.float32) for _ in range(3))
+    query, key, value = (
+        rng.standard_normal((1, n, 64), dtype=np.float32) for _ in range(3)
+    )
     tracemalloc.start()
     try:
-        output = attention_tiled(query, key, value, causal=True, num_threads=num_threads)
+        output = attention_tiled(
+            query, key, value, causal=True, num_threads=num_threads
+        )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     extra = peak - output.nbytes
     assert output.dtype == np.float32
-    assert extra < budget, f"attention_tiled used {extra / 2**20:.1f} MiB beyond its output at n={n}"
+    assert extra < budget, (
+        f"attention_tiled used {extra / 2**20:.1f} MiB beyond its output at n={n}"
+    )

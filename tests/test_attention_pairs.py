@@ -19,8 +19,11 @@ from companion import registry
 from companion.numpy import padding_mask, scaled_dot_product_attention_reference
 from companion.testing import as_backend, assert_close, assert_close_to_oracle, to_numpy
 
-DTYPES = {"numpy": ("float64", "float32", "float16"), "torch": ("float64", "float32", "float16"),
-          "tensorflow": ("float64", "float32")}
+DTYPES = {
+    "numpy": ("float64", "float32", "float16"),
+    "torch": ("float64", "float32", "float16"),
+    "tensorflow": ("float64", "float32"),
+}
 
 
 IMPLEMENTATIONS = registry.implementations("attention")
@@ -38,7 +41,8 @@ class Case:
     D_v: int
     mask: str | None = None  # None, "bool", "float", "padding"
     causal: bool = False
-    blocks: tuple | None = (3, 4)  # (block_q, block_k) for tiled versions; None = their defaults
+    # (block_q, block_k) for tiled versions; None = their defaults
+    blocks: tuple | None = (3, 4)
 
     def arrays(self, rng):
         """float64 query, key, value and mask (bool or float64), with fully masked rows."""
@@ -47,10 +51,12 @@ class Case:
         value = rng.standard_normal((*self.batch, self.H_kv, self.S, self.D_v))
         mask = None
         if self.mask == "bool":
-            mask = rng.random((*self.batch, 1, self.L, self.S)) < 0.7  # shared by the heads
+            # shared by the heads
+            mask = rng.random((*self.batch, 1, self.L, self.S)) < 0.7
             mask[..., 0, :] = False  # query 0 may attend to nothing
         elif self.mask == "float":
-            mask = rng.standard_normal((self.H, self.L, self.S))  # per head, broadcast over batch
+            # per head, broadcast over batch
+            mask = rng.standard_normal((self.H, self.L, self.S))
             mask[rng.random(mask.shape) < 0.3] = -np.inf
             mask[:, -1, :] = -np.inf  # the last query may attend to nothing
         elif self.mask == "padding":
@@ -77,8 +83,14 @@ def _params():
         short = "reference" if name == registry.pair("attention").reference else name
         for dtype in DTYPES[backend]:
             for case in CASES:
-                yield pytest.param(backend, name, function, dtype, case,
-                                   id=f"{backend}-{short}-{dtype}-{case.id}")
+                yield pytest.param(
+                    backend,
+                    name,
+                    function,
+                    dtype,
+                    case,
+                    id=f"{backend}-{short}-{dtype}-{case.id}",
+                )
 
 
 def _to_dtype(x, dtype):
@@ -93,19 +105,33 @@ def _to_dtype(x, dtype):
 def test_attention_matches_float64_reference(backend, name, function, dtype, case, rng):
     arrays = case.arrays(rng)
     rounded, exact = zip(*(_to_dtype(a, dtype) for a in arrays))
-    oracle = scaled_dot_product_attention_reference(*exact[:3], mask=exact[3], causal=case.causal)
+    oracle = scaled_dot_product_attention_reference(
+        *exact[:3], mask=exact[3], causal=case.causal
+    )
     inputs = [as_backend(a, backend) if a is not None else None for a in rounded]
     kwargs = {"mask": inputs[3], "causal": case.causal}
     if name != registry.pair("attention").reference and case.blocks is not None:
         kwargs.update(block_q=case.blocks[0], block_k=case.blocks[1])
     output = to_numpy(function(*inputs[:3], **kwargs))
 
-    assert output.dtype == np.dtype(dtype), f"{backend}.{name} returned {output.dtype} for {dtype} input"
+    assert output.dtype == np.dtype(dtype), (
+        f"{backend}.{name} returned {output.dtype} for {dtype} input"
+    )
     if dtype == "float64":
         assert_close(output, oracle, name=f"{backend}.{name}")
     else:
-        baseline = scaled_dot_product_attention_reference(*rounded[:3], mask=rounded[3], causal=case.causal)
-        assert_close_to_oracle(output, baseline, oracle, name=f"{backend}.{name} {dtype}")
+        baseline = scaled_dot_product_attention_reference(
+            *rounded[:3], mask=rounded[3], causal=case.causal
+        )
+        assert_close_to_oracle(
+            output, baseline, oracle, name=f"{backend}.{name} {dtype}"
+        )
     if case.causal and case.L > case.S:  # queries 0 .. L - S - 1 see no key: exactly 0
         hidden_rows = output[..., : case.L - case.S, :]
-        assert_close(hidden_rows, np.zeros_like(hidden_rows), rtol=0, atol=0, name="fully masked rows")
+        assert_close(
+            hidden_rows,
+            np.zeros_like(hidden_rows),
+            rtol=0,
+            atol=0,
+            name="fully masked rows",
+        )

@@ -15,16 +15,27 @@ import sys
 import numpy as np
 import pytest
 
-from companion.bench import cli, decoding, timing
 from companion.bench import attention as bench_attention
+from companion.bench import cli, decoding, timing
 
 TARGET_COUNT = 12  # rows of the issue's target table, with the 1- and 2-thread rows
 
 
 def _run(tmp_path, capsys, *extra, plot=True):
     out_json, out_plots = tmp_path / "bench.json", tmp_path / "figures"
-    status = cli.main(["--size", "tiny", "--quiet", "--threads", "2", "--json", str(out_json),
-                       *(["--plot", str(out_plots)] if plot else []), *extra])
+    status = cli.main(
+        [
+            "--size",
+            "tiny",
+            "--quiet",
+            "--threads",
+            "2",
+            "--json",
+            str(out_json),
+            *(["--plot", str(out_plots)] if plot else []),
+            *extra,
+        ]
+    )
     printed = capsys.readouterr().out
     return status, json.loads(out_json.read_text()), printed, out_plots
 
@@ -36,17 +47,25 @@ def test_tiny_run_end_to_end_with_torch(tmp_path, capsys):
     diffs = results["attention"]["max_abs_diff"]
     for name in ("textbook", "reference", "tiled", "torch tiled", "torch SDPA"):
         for kind in ("", " causal"):
-            assert diffs[name + kind] <= 1e-5, f"{name}{kind} differs from the float64 reference by {diffs[name + kind]}"
+            assert diffs[name + kind] <= 1e-5, (
+                f"{name}{kind} differs from the float64 reference by {diffs[name + kind]}"
+            )
     for kind in ("full", "causal"):
         times = results["attention"]["times"][kind]
         assert set(times["torch SDPA"]) == {"128", "256"}
         memory = results["attention"]["memory"][kind]
-        if timing._reset_high_water_mark():  # Linux >= 4.0: the resident high-water mark can be reset
-            assert memory["torch SDPA"]["256"] is not None, "the fresh-process probe measured nothing"
+        # Linux >= 4.0: the resident high-water mark can be reset
+        if timing._reset_high_water_mark():
+            assert memory["torch SDPA"]["256"] is not None, (
+                "the fresh-process probe measured nothing"
+            )
         assert memory["tiled"]["256"] > 0
     assert set(results["attention"]["equal_threads"]) == {"1", "2"}
     conv_diffs = results["conv"]["max_abs_diff"]
-    assert max(conv_diffs["small"].values()) <= 1e-5 and max(conv_diffs["resnet"].values()) <= 1e-5
+    assert (
+        max(conv_diffs["small"].values()) <= 1e-5
+        and max(conv_diffs["resnet"].values()) <= 1e-5
+    )
     for label, heads in results["decoding"]["heads"].items():
         assert heads["identical_tokens"], label
         assert heads["max_abs_logit_diff"] <= 1e-12, label
@@ -54,21 +73,34 @@ def test_tiny_run_end_to_end_with_torch(tmp_path, capsys):
     assert len(results["targets"]) == TARGET_COUNT
     assert {row["status"] for row in results["targets"]} <= {"PASS", "FAIL", "n/a"}
     assert "Targets" in printed and ("PASS" in printed or "FAIL" in printed)
-    assert sorted(p.name for p in plots.iterdir()) == ["attention_memory.png", "attention_time.png",
-                                                       "decoding_per_token.png"]
+    assert sorted(p.name for p in plots.iterdir()) == [
+        "attention_memory.png",
+        "attention_time.png",
+        "decoding_per_token.png",
+    ]
 
 
 def test_runs_without_torch_and_tensorflow(tmp_path, capsys, monkeypatch):
     for name in ("torch", "tensorflow", "companion.tensorflow"):
-        monkeypatch.setitem(sys.modules, name, None)  # `import torch` now raises ImportError
+        # `import torch` now raises ImportError
+        monkeypatch.setitem(sys.modules, name, None)
     status, results, printed, _ = _run(tmp_path, capsys, plot=False)
     assert status == 0
     assert any("torch is not available" in note for note in results["notes"])
     assert any("tensorflow is not available" in note for note in results["notes"])
     assert "torch SDPA" not in results["attention"]["times"]["full"]
-    assert set(results["attention"]["times"]["full"]) >= {"textbook", "reference", "tiled", "bound"}
+    assert set(results["attention"]["times"]["full"]) >= {
+        "textbook",
+        "reference",
+        "tiled",
+        "bound",
+    }
     assert "torch" not in results["conv"]["times"]["resnet"]["1"]
-    torch_rows = [row for row in results["targets"] if "SDPA" in row["target"] or "torch conv2d" in row["target"]]
+    torch_rows = [
+        row
+        for row in results["targets"]
+        if "SDPA" in row["target"] or "torch conv2d" in row["target"]
+    ]
     assert all(row["status"] == "n/a" for row in torch_rows)
     assert "torch is not available" in printed
 
@@ -80,13 +112,17 @@ def test_textbook_line_is_the_tutorial_formula_in_float64(rng):
 
     out = bench_attention.textbook(q, k, v, causal=True)
     assert out.dtype == np.float64  # np.sqrt(d) promotes the float32 scores
-    oracle = scaled_dot_product_attention_reference(*(a.astype(np.float64) for a in (q, k, v)), causal=True)
+    oracle = scaled_dot_product_attention_reference(
+        *(a.astype(np.float64) for a in (q, k, v)), causal=True
+    )
     # Q @ K.T runs in float32 before the promotion: float32 rounding, not float64's.
     assert_close(out, oracle[0], rtol=1e-5, atol=1e-6, name="textbook causal")
 
 
 def test_cached_decoding_equals_recomputation_token_by_token():
-    model = decoding.TinyDecoder(vocab=16, embed_dim=8, num_heads=4, layers=2, num_kv_heads=2)
+    model = decoding.TinyDecoder(
+        vocab=16, embed_dim=8, num_heads=4, layers=2, num_kv_heads=2
+    )
     prompt = np.array([[3, 1, 4]])
     cached, logits_c, caches, _ = decoding.generate(model, prompt, 6, cached=True)
     recomputed, logits_r, _, _ = decoding.generate(model, prompt, 6, cached=False)

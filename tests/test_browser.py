@@ -45,7 +45,12 @@ pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "_build" / "screenshots"
-SCREENSHOT_PAGES = ("book/preface.html", "book/attention_math.html", "book/api.html", "search.html")
+SCREENSHOT_PAGES = (
+    "book/preface.html",
+    "book/attention_math.html",
+    "book/api.html",
+    "search.html",
+)
 PAGE_TIMEOUT = 30.0  # seconds for one page to load and typeset
 SEARCH_TIMEOUT = 20.0
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -131,7 +136,9 @@ class DevTools:
     async def send(self, method: str, timeout: float = PAGE_TIMEOUT, **params) -> dict:
         self.next_id += 1
         command_id = self.next_id
-        await self.connection.write_message(json.dumps({"id": command_id, "method": method, "params": params}))
+        await self.connection.write_message(
+            json.dumps({"id": command_id, "method": method, "params": params})
+        )
         deadline = time.monotonic() + timeout
         while True:
             data = await self._receive(max(deadline - time.monotonic(), 0.01))
@@ -153,8 +160,13 @@ class DevTools:
                 self.events.append(data)
 
     async def evaluate(self, expression: str, timeout: float = PAGE_TIMEOUT):
-        result = await self.send("Runtime.evaluate", timeout=timeout, expression=expression,
-                                 awaitPromise=True, returnByValue=True)
+        result = await self.send(
+            "Runtime.evaluate",
+            timeout=timeout,
+            expression=expression,
+            awaitPromise=True,
+            returnByValue=True,
+        )
         if "exceptionDetails" in result:
             raise RuntimeError(f"script failed: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -165,17 +177,35 @@ def _console_errors(events: list[dict]) -> list[str]:
     errors = []
     for event in events:
         method, params = event["method"], event.get("params", {})
-        if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-            errors.append("console: " + " ".join(str(a.get("value", a.get("description", "")))
-                                                 for a in params.get("args", [])))
+        if method == "Runtime.consoleAPICalled" and params.get("type") in (
+            "error",
+            "assert",
+        ):
+            errors.append(
+                "console: "
+                + " ".join(
+                    str(a.get("value", a.get("description", "")))
+                    for a in params.get("args", [])
+                )
+            )
         elif method == "Runtime.exceptionThrown":
             details = params.get("exceptionDetails", {})
-            errors.append("exception: " + details.get("exception", {}).get("description", details.get("text", "")))
-        elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
+            errors.append(
+                "exception: "
+                + details.get("exception", {}).get(
+                    "description", details.get("text", "")
+                )
+            )
+        elif (
+            method == "Log.entryAdded"
+            and params.get("entry", {}).get("level") == "error"
+        ):
             entry = params["entry"]
             errors.append(f"log: {entry.get('text')} {entry.get('url', '')}".strip())
         elif method == "Network.loadingFailed" and not params.get("canceled"):
-            errors.append(f"load failed: {params.get('errorText')} ({params.get('requestId')})")
+            errors.append(
+                f"load failed: {params.get('errorText')} ({params.get('requestId')})"
+            )
     return errors
 
 
@@ -185,30 +215,52 @@ async def _crawl(browser: str, site: Path, origin: str, pages: list[str]) -> Cra
 
     profile = tempfile.mkdtemp(prefix="companion-chromium-")
     process = subprocess.Popen(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-default-apps", "--disable-extensions", "--mute-audio", "--hide-scrollbars",
-         f"--user-data-dir={profile}", "--remote-debugging-port=0", "--remote-allow-origins=*",
-         "--window-size=1280,900",
-         # No network: every name resolves to nothing, and anything else goes to a dead proxy.
-         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-         "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=127.0.0.1",
-         "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-default-apps",
+            "--disable-extensions",
+            "--mute-audio",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            "--remote-debugging-port=0",
+            "--remote-allow-origins=*",
+            "--window-size=1280,900",
+            # No network: every name resolves to nothing, and anything else goes to a dead proxy.
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+            "--proxy-server=http://127.0.0.1:9",
+            "--proxy-bypass-list=127.0.0.1",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         port_file = Path(profile) / "DevToolsActivePort"
         deadline = time.monotonic() + 30
         while not (port_file.is_file() and port_file.read_text().count("\n") >= 1):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Chromium did not start (exit code {process.poll()})")
+                raise RuntimeError(
+                    f"Chromium did not start (exit code {process.poll()})"
+                )
             await asyncio.sleep(0.1)
         port = int(port_file.read_text().splitlines()[0])
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/json/list", timeout=10
+        ) as response:
             targets = json.load(response)
         page_target = next(t for t in targets if t.get("type") == "page")
-        connection = await websocket_connect(HTTPRequest(page_target["webSocketDebuggerUrl"]),
-                                             max_message_size=256 * 1024 * 1024)
+        connection = await websocket_connect(
+            HTTPRequest(page_target["webSocketDebuggerUrl"]),
+            max_message_size=256 * 1024 * 1024,
+        )
         try:
             return await _visit_all(DevTools(connection), site, origin, pages)
         finally:
@@ -223,7 +275,9 @@ async def _crawl(browser: str, site: Path, origin: str, pages: list[str]) -> Cra
         shutil.rmtree(profile, ignore_errors=True)
 
 
-async def _visit_all(devtools: DevTools, site: Path, origin: str, pages: list[str]) -> Crawl:
+async def _visit_all(
+    devtools: DevTools, site: Path, origin: str, pages: list[str]
+) -> Crawl:
     for domain in ("Page", "Runtime", "Log", "Network"):
         await devtools.send(f"{domain}.enable")
     await devtools.send("Network.setCacheDisabled", cacheDisabled=True)
@@ -237,7 +291,11 @@ async def _visit_all(devtools: DevTools, site: Path, origin: str, pages: list[st
 
     def take(events: list[dict]) -> list[dict]:
         taken = list(events)
-        requests.extend(e["params"]["request"]["url"] for e in taken if e["method"] == "Network.requestWillBeSent")
+        requests.extend(
+            e["params"]["request"]["url"]
+            for e in taken
+            if e["method"] == "Network.requestWillBeSent"
+        )
         events.clear()
         return taken
 
@@ -249,7 +307,9 @@ async def _visit_all(devtools: DevTools, site: Path, origin: str, pages: list[st
         visits[path] = PageVisit(path, report, _console_errors(take(events)))
         if path in SCREENSHOT_PAGES and path != "search.html":
             shot = await devtools.send("Page.captureScreenshot", format="png")
-            (SCREENSHOTS / path.replace("/", "_").replace(".html", ".png")).write_bytes(base64.b64decode(shot["data"]))
+            (SCREENSHOTS / path.replace("/", "_").replace(".html", ".png")).write_bytes(
+                base64.b64decode(shot["data"])
+            )
 
     # The search page fills its results asynchronously, from searchindex.js.
     search_results: list[str] = []
@@ -260,7 +320,8 @@ async def _visit_all(devtools: DevTools, site: Path, origin: str, pages: list[st
     while time.monotonic() < deadline:
         state = await devtools.evaluate(
             "({done: !!(document.querySelector('#search-results .search-summary') || {}).textContent,"
-            " links: Array.from(document.querySelectorAll('#search-results li a')).map(a => a.href)})")
+            " links: Array.from(document.querySelectorAll('#search-results li a')).map(a => a.href)})"
+        )
         search_results = state["links"]
         if state["done"]:
             break
@@ -291,10 +352,15 @@ def origin(site):
 def crawl(site, origin) -> Crawl:
     browser = _find_browser()
     if browser is None:
-        pytest.skip("no Chromium found (tried: " + ", ".join(BROWSERS) + "); "
-                    "install Debian's `chromium` (`.ci/run` does) to run the browser tests")
-    pages = sorted(p.relative_to(site).as_posix() for p in site.rglob("*.html")
-                   if "_static" not in p.parts and not _is_redirect(p))
+        pytest.skip(
+            "no Chromium found (tried: " + ", ".join(BROWSERS) + "); "
+            "install Debian's `chromium` (`.ci/run` does) to run the browser tests"
+        )
+    pages = sorted(
+        p.relative_to(site).as_posix()
+        for p in site.rglob("*.html")
+        if "_static" not in p.parts and not _is_redirect(p)
+    )
     return asyncio.run(_crawl(browser, site, origin, pages))
 
 
@@ -329,26 +395,47 @@ def test_every_formula_is_typeset(crawl):
         raw = [tex for tex in RAW_TEX if tex in report["text"]]
         if raw:
             i = min(report["text"].find(t) for t in raw)
-            problems.append(f"{visit.path}: raw TeX {raw} left in the text: ...{report['text'][max(i - 60, 0):i + 60]!r}")
+            problems.append(
+                f"{visit.path}: raw TeX {raw} left in the text: ...{report['text'][max(i - 60, 0) : i + 60]!r}"
+            )
         if report["untypeset"]:
-            problems.append(f"{visit.path}: formulas not typeset: {report['untypeset'][:3]}")
+            problems.append(
+                f"{visit.path}: formulas not typeset: {report['untypeset'][:3]}"
+            )
         if report["mathjax_errors"]:
-            problems.append(f"{visit.path}: MathJax errors: {report['mathjax_errors'][:3]}")
+            problems.append(
+                f"{visit.path}: MathJax errors: {report['mathjax_errors'][:3]}"
+            )
     assert not problems, "\n".join(problems)
-    typeset = {v.path: v.report["typeset"] for v in crawl.visits.values() if v.report["typeset"]}
-    assert "book/attention_math.html" in typeset, \
+    typeset = {
+        v.path: v.report["typeset"]
+        for v in crawl.visits.values()
+        if v.report["typeset"]
+    }
+    assert "book/attention_math.html" in typeset, (
         f"MathJax typeset nothing in the attention chapter; pages with math: {sorted(typeset)}"
+    )
 
 
 def test_every_image_loaded(crawl):
-    broken = [f"{v.path}: {src}" for v in crawl.visits.values() for src in v.report["broken_images"]]
+    broken = [
+        f"{v.path}: {src}"
+        for v in crawl.visits.values()
+        for src in v.report["broken_images"]
+    ]
     assert not broken, "images that did not load:\n" + "\n".join(broken[:40])
 
 
 def test_no_request_leaves_the_local_server(crawl):
     assert crawl.requests, "no request was recorded: the check would prove nothing"
-    outside = sorted({url for url in crawl.requests
-                      if not url.startswith(crawl.origin + "/") and urlparse(url).scheme not in ("data", "blob", "about")})
+    outside = sorted(
+        {
+            url
+            for url in crawl.requests
+            if not url.startswith(crawl.origin + "/")
+            and urlparse(url).scheme not in ("data", "blob", "about")
+        }
+    )
     assert not outside, "requests to other hosts:\n" + "\n".join(outside[:40])
 
 
@@ -365,42 +452,72 @@ def test_internal_links_resolve(crawl):
                 path += "index.html"
             if path in ids:
                 if fragment and fragment not in ids[path]:
-                    broken.append(f"{visit.path}: {link} (no element with id {fragment!r})")
+                    broken.append(
+                        f"{visit.path}: {link} (no element with id {fragment!r})"
+                    )
                 continue
             if url not in fetched:
                 fetched[url] = _http_status(url)
             if fetched[url] != 200:
                 broken.append(f"{visit.path}: {link} (HTTP {fetched[url]})")
-    assert not broken, "internal links that do not resolve:\n" + "\n".join(sorted(set(broken))[:40])
+    assert not broken, "internal links that do not resolve:\n" + "\n".join(
+        sorted(set(broken))[:40]
+    )
 
 
 def test_search_finds_attention(crawl):
-    assert crawl.search_error is None, f"the search page logged errors: {crawl.search_error}"
+    assert crawl.search_error is None, (
+        f"the search page logged errors: {crawl.search_error}"
+    )
     assert crawl.search_results, "search.html?q=attention listed no result"
     pages = {urlparse(u).path for u in crawl.search_results}
-    assert "/book/attention_math.html" in pages, f"the attention chapter is not among the results: {sorted(pages)}"
+    assert "/book/attention_math.html" in pages, (
+        f"the attention chapter is not among the results: {sorted(pages)}"
+    )
 
 
 def test_notebooks_offer_their_ipynb_download(crawl):
-    notebooks = sorted(p.relative_to(crawl.site).with_suffix(".ipynb").as_posix()
-                       for p in (crawl.site / "_sources").rglob("*.ipynb"))
-    assert notebooks, "no .ipynb under _sources: the download buttons would have nothing to offer"
+    notebooks = sorted(
+        p.relative_to(crawl.site).with_suffix(".ipynb").as_posix()
+        for p in (crawl.site / "_sources").rglob("*.ipynb")
+    )
+    assert notebooks, (
+        "no .ipynb under _sources: the download buttons would have nothing to offer"
+    )
     for path in ("book/attention_math.html", "book/api.html"):
-        downloads = [link for link in crawl.visits[path].report["links"] if link.endswith(".ipynb")]
+        downloads = [
+            link
+            for link in crawl.visits[path].report["links"]
+            if link.endswith(".ipynb")
+        ]
         expected = f"{crawl.origin}/_sources/{path.replace('.html', '.ipynb')}"
-        assert expected in downloads, f"{path} offers no download of its notebook; .ipynb links: {downloads}"
+        assert expected in downloads, (
+            f"{path} offers no download of its notebook; .ipynb links: {downloads}"
+        )
         assert (crawl.site / "_sources" / path.replace(".html", ".ipynb")).is_file()
 
 
 def test_launch_buttons_are_off(crawl):
-    launch = [f"{v.path}: {link}" for v in crawl.visits.values() for link in v.report["links"]
-              if "colab.research.google.com" in link or "mybinder" in link or "binder/v2" in link]
-    assert not launch, "launch buttons are on, but the project has no public repository yet:\n" + "\n".join(launch[:5])
+    launch = [
+        f"{v.path}: {link}"
+        for v in crawl.visits.values()
+        for link in v.report["links"]
+        if "colab.research.google.com" in link
+        or "mybinder" in link
+        or "binder/v2" in link
+    ]
+    assert not launch, (
+        "launch buttons are on, but the project has no public repository yet:\n"
+        + "\n".join(launch[:5])
+    )
 
 
 def test_screenshots_are_saved(crawl):
     for path in SCREENSHOT_PAGES:
         shot = SCREENSHOTS / path.replace("/", "_").replace(".html", ".png")
-        assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"no screenshot {shot}"
-        assert shot.stat().st_size > 5000, f"{shot} is almost empty: the page probably did not render"
-
+        assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", (
+            f"no screenshot {shot}"
+        )
+        assert shot.stat().st_size > 5000, (
+            f"{shot} is almost empty: the page probably did not render"
+        )

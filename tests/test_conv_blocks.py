@@ -33,20 +33,26 @@ def test_blocks_and_threads_match_oracle(case, chunk, num_threads, rng, monkeypa
     weight = rng.standard_normal((C_out, C_in // groups, kH, kW))
     bias = rng.standard_normal(C_out)
     options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-    oracle = npconv.conv2d_reference(x, weight, bias, **options)                # float64
+    # float64
+    oracle = npconv.conv2d_reference(x, weight, bias, **options)
     monkeypatch.setattr(npconv, "_CHUNK_BYTES", CHUNK_BYTES[chunk])
     out = npconv.conv2d_im2col(x, weight, bias, num_threads=num_threads, **options)
-    assert_close(out, oracle, name=f"conv2d_im2col {case} blocks={chunk} threads={num_threads}")
+    assert_close(
+        out, oracle, name=f"conv2d_im2col {case} blocks={chunk} threads={num_threads}"
+    )
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 500, 5000, 10**9])
 def test_blocks_cover_every_output_row_once(chunk_bytes, monkeypatch):
     geo = npconv.conv2d_geometry((3, 2, 10, 6), (4, 2, 3, 3), padding=1)
     monkeypatch.setattr(npconv, "_CHUNK_BYTES", chunk_bytes)
-    covered = np.zeros((geo.N, geo.H_out), dtype=int)                          # (N, H_out)
+    # (N, H_out)
+    covered = np.zeros((geo.N, geo.H_out), dtype=int)
     for b0, b1, i0, i1 in npconv._output_chunks(geo, 2 * 9 * 4):
         covered[b0:b1, i0:i1] += 1
-    assert (covered == 1).all(), f"block size {chunk_bytes}: rows covered {covered.tolist()}"
+    assert (covered == 1).all(), (
+        f"block size {chunk_bytes}: rows covered {covered.tolist()}"
+    )
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])

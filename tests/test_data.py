@@ -3,8 +3,14 @@
 import numpy as np
 import pytest
 
-from companion.data import (SHAPE_NAMES, SEQUENCE_TASKS, sequence_task, shape_offsets, shape_patterns,
-                            shapes_dataset)
+from companion.data import (
+    SEQUENCE_TASKS,
+    SHAPE_NAMES,
+    sequence_task,
+    shape_offsets,
+    shape_patterns,
+    shapes_dataset,
+)
 
 
 @pytest.mark.parametrize("shape_size", [3, 5, 7])
@@ -36,8 +42,16 @@ def test_offsets_split_columns_disjointly_and_completely(image_size, shape_size)
     assert len(cols_train) >= 1 and len(cols_test) >= 1
 
 
-@pytest.mark.parametrize("bad", [dict(split="val"), dict(image_size=5, shape_size=5), dict(num_images=0),
-                                 dict(noise=-0.1)], ids=["split", "too-small", "num_images", "noise"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(split="val"),
+        dict(image_size=5, shape_size=5),
+        dict(num_images=0),
+        dict(noise=-0.1),
+    ],
+    ids=["split", "too-small", "num_images", "noise"],
+)
 def test_shapes_dataset_rejects_bad_arguments(bad):
     kwargs = dict(num_images=4)
     kwargs.update(bad)
@@ -47,7 +61,9 @@ def test_shapes_dataset_rejects_bad_arguments(bad):
 
 @pytest.mark.parametrize("split", ["train", "test", "all"])
 def test_shapes_dataset_places_each_pattern_at_its_offset(split):
-    data = shapes_dataset(40, split=split, image_size=12, shape_size=5, noise=0.0, seed=3)
+    data = shapes_dataset(
+        40, split=split, image_size=12, shape_size=5, noise=0.0, seed=3
+    )
     assert data.images.shape == (40, 1, 12, 12) and data.images.dtype == np.float32
     assert data.labels.shape == (40,) and data.labels.dtype == np.int64
     assert data.offsets.shape == (40, 2) and len(data) == 40
@@ -56,7 +72,7 @@ def test_shapes_dataset_places_each_pattern_at_its_offset(split):
     patterns = shape_patterns(5)
     for image, label, (r, c) in zip(data.images[:, 0], data.labels, data.offsets):
         expected = np.zeros((12, 12), np.float32)
-        expected[r:r + 5, c:c + 5] = patterns[label]
+        expected[r : r + 5, c : c + 5] = patterns[label]
         np.testing.assert_array_equal(image, expected)
 
 
@@ -80,7 +96,11 @@ def test_shapes_dataset_noise_has_the_requested_scale():
 def test_sequence_task_layout_and_answers(task, length):
     data = sequence_task(30, task=task, length=length, num_symbols=7, seed=1)
     assert data.tokens.shape == (30, 2 * length + 1) and data.tokens.dtype == np.int64
-    assert data.vocab_size == 8 and data.separator == 7 and data.prompt_length == length + 1
+    assert (
+        data.vocab_size == 8
+        and data.separator == 7
+        and data.prompt_length == length + 1
+    )
     symbols = data.prompts[:, :length]
     assert (symbols >= 0).all() and (symbols < 7).all()
     assert (data.prompts[:, -1] == data.separator).all()
@@ -89,12 +109,19 @@ def test_sequence_task_layout_and_answers(task, length):
 
 
 def test_sequence_task_is_deterministic_in_the_seed():
-    np.testing.assert_array_equal(sequence_task(10, seed=2).tokens, sequence_task(10, seed=2).tokens)
-    assert not np.array_equal(sequence_task(10, seed=2).tokens, sequence_task(10, seed=3).tokens)
+    np.testing.assert_array_equal(
+        sequence_task(10, seed=2).tokens, sequence_task(10, seed=2).tokens
+    )
+    assert not np.array_equal(
+        sequence_task(10, seed=2).tokens, sequence_task(10, seed=3).tokens
+    )
 
 
-@pytest.mark.parametrize("bad", [dict(task="copy"), dict(length=0), dict(num_symbols=1), dict(num_sequences=0)],
-                         ids=["task", "length", "num_symbols", "num_sequences"])
+@pytest.mark.parametrize(
+    "bad",
+    [dict(task="copy"), dict(length=0), dict(num_symbols=1), dict(num_sequences=0)],
+    ids=["task", "length", "num_symbols", "num_sequences"],
+)
 def test_sequence_task_rejects_bad_arguments(bad):
     kwargs = dict(num_sequences=3)
     kwargs.update(bad)

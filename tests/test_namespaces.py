@@ -18,14 +18,29 @@ from companion import registry
 # Hand-written gradients and the training loop of the shared dense layer exist in numpy
 # only: the frameworks have autograd, and the book derives these by hand on purpose.
 NUMPY_ONLY = {
-    "TrainingResult", "conv2d_backward", "dense_loss", "init_dense_params", "make_shared_teacher_data",
-    "shared_dense_backward", "shared_dense_forward", "train_shared_dense", "unshared_dense_backward",
+    "TrainingResult",
+    "conv2d_backward",
+    "dense_loss",
+    "init_dense_params",
+    "make_shared_teacher_data",
+    "shared_dense_backward",
+    "shared_dense_forward",
+    "train_shared_dense",
+    "unshared_dense_backward",
     "unshared_dense_forward",
 }
 # Keyword-only extras a backend may add (never required, never positional).
 BACKEND_EXTRAS = {
-    ("numpy", "attention_tiled", "num_threads"): "numpy parallelises over query blocks itself",
-    ("numpy", "conv2d_im2col", "num_threads"): "numpy parallelises over batch chunks itself",
+    (
+        "numpy",
+        "attention_tiled",
+        "num_threads",
+    ): "numpy parallelises over query blocks itself",
+    (
+        "numpy",
+        "conv2d_im2col",
+        "num_threads",
+    ): "numpy parallelises over batch chunks itself",
     ("torch", "causal_mask", "device"): "torch tensors are created on a device",
 }
 # Defaults tuned per backend: numpy's blocks fit the L2 cache with BLAS on one thread;
@@ -34,8 +49,13 @@ TUNED_DEFAULTS = {"block_q", "block_k"}
 
 
 def _public_functions(module) -> dict:
-    return {n: getattr(module, n) for n in dir(module)
-            if not n.startswith("_") and callable(getattr(module, n)) and not inspect.ismodule(getattr(module, n))}
+    return {
+        n: getattr(module, n)
+        for n in dir(module)
+        if not n.startswith("_")
+        and callable(getattr(module, n))
+        and not inspect.ismodule(getattr(module, n))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +67,27 @@ def numpy_functions():
 def test_every_numpy_name_exists_in_each_backend(backend, numpy_functions):
     other = _public_functions(registry.namespace(backend))
     missing = sorted(set(numpy_functions) - set(other) - NUMPY_ONLY)
-    assert not missing, f"companion.{backend} lacks these companion.numpy names: {missing}"
+    assert not missing, (
+        f"companion.{backend} lacks these companion.numpy names: {missing}"
+    )
 
 
 def _comparable(signature: inspect.Signature, backend: str, name: str):
     params = []
     for p in signature.parameters.values():
         if (backend, name, p.name) in BACKEND_EXTRAS:
-            assert p.kind is p.KEYWORD_ONLY and p.default is not p.empty, \
+            assert p.kind is p.KEYWORD_ONLY and p.default is not p.empty, (
                 f"{backend}.{name}: extra parameter {p.name} must be keyword-only with a default"
+            )
             continue
-        default = "<tuned>" if p.name in TUNED_DEFAULTS else ("" if p.default is p.empty else repr(p.default))
-        params.append(f"{p.name}:{p.kind.description}{'=' + default if default else ''}")
+        default = (
+            "<tuned>"
+            if p.name in TUNED_DEFAULTS
+            else ("" if p.default is p.empty else repr(p.default))
+        )
+        params.append(
+            f"{p.name}:{p.kind.description}{'=' + default if default else ''}"
+        )
     return params
 
 
@@ -81,14 +110,20 @@ def test_every_registered_pair_exists(backend):
     module = registry.namespace(backend)
     for p in registry.PAIRS:
         for name in (p.reference, *p.fast):
-            assert callable(getattr(module, name, None)), f"companion.{backend} lacks {name} ({p.operation})"
+            assert callable(getattr(module, name, None)), (
+                f"companion.{backend} lacks {name} ({p.operation})"
+            )
 
 
 def test_every_reference_function_is_registered(numpy_functions):
     """A ``*_reference`` without a registered pair would leave its fast twin untested."""
     registered = {p.reference for p in registry.PAIRS}
-    unregistered = sorted(n for n in numpy_functions if n.endswith("_reference") and n not in registered)
-    assert not unregistered, f"register these in companion.registry.PAIRS: {unregistered}"
+    unregistered = sorted(
+        n for n in numpy_functions if n.endswith("_reference") and n not in registered
+    )
+    assert not unregistered, (
+        f"register these in companion.registry.PAIRS: {unregistered}"
+    )
 
 
 def test_multi_head_params_is_one_class():
@@ -98,11 +133,14 @@ def test_multi_head_params_is_one_class():
 
 
 @pytest.mark.parametrize("backend", registry.BACKENDS)
-@pytest.mark.parametrize("lengths, error", [
-    (np.array([[1, 2]]), ValueError),      # not 1-D
-    (np.array([1.0, 2.0]), TypeError),     # not integers
-    (np.array([1, 5]), ValueError),        # longer than S
-])
+@pytest.mark.parametrize(
+    "lengths, error",
+    [
+        (np.array([[1, 2]]), ValueError),  # not 1-D
+        (np.array([1.0, 2.0]), TypeError),  # not integers
+        (np.array([1, 5]), ValueError),  # longer than S
+    ],
+)
 def test_padding_mask_rejects_bad_lengths_alike(backend, lengths, error):
     from companion.testing import as_backend
 

@@ -18,25 +18,36 @@ from companion.numpy import conv2d_output_size, locally_connected2d
 
 # What the reference implementations report for the real checkpoints.
 PUBLISHED = {
-    "gpt2-small": 124_439_808,     # GPT2LMHeadModel "gpt2", LM head tied
+    "gpt2-small": 124_439_808,  # GPT2LMHeadModel "gpt2", LM head tied
     "gpt2-medium": 354_823_168,
     "gpt2-large": 774_030_080,
     "gpt2-xl": 1_557_611_200,
-    "bert-base": 109_482_240,      # BertModel "bert-base-uncased", with pooler
-    "bert-large": 335_141_888,     # BertModel "bert-large-uncased"
-    "albert-base": 11_683_584,     # AlbertModel "albert-base-v2", with pooler
+    "bert-base": 109_482_240,  # BertModel "bert-base-uncased", with pooler
+    "bert-large": 335_141_888,  # BertModel "bert-large-uncased"
+    "albert-base": 11_683_584,  # AlbertModel "albert-base-v2", with pooler
 }
 
 
 def test_preset_names_are_exactly_the_contract():
-    assert set(params.PRESETS) == {"gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "bert-base",
-                                   "bert-large", "albert-base", "albert-large", "albert-xlarge",
-                                   "albert-xxlarge"}
+    assert set(params.PRESETS) == {
+        "gpt2-small",
+        "gpt2-medium",
+        "gpt2-large",
+        "gpt2-xl",
+        "bert-base",
+        "bert-large",
+        "albert-base",
+        "albert-large",
+        "albert-xlarge",
+        "albert-xxlarge",
+    }
 
 
 @pytest.mark.parametrize("preset", list(PUBLISHED))
 def test_published_totals(preset):
-    assert params.transformer_parameter_count(params.PRESETS[preset]) == PUBLISHED[preset]
+    assert (
+        params.transformer_parameter_count(params.PRESETS[preset]) == PUBLISHED[preset]
+    )
 
 
 @pytest.mark.parametrize("preset", list(params.PRESETS))
@@ -61,13 +72,19 @@ def test_albert_sharing_divides_the_layers_only():
 def test_untying_gpt2_adds_a_vocabulary_matrix():
     tied = params.PRESETS["gpt2-small"]
     untied = tied.replace(tie_embeddings=False)
-    extra = params.transformer_parameter_count(untied) - params.transformer_parameter_count(tied)
+    extra = params.transformer_parameter_count(
+        untied
+    ) - params.transformer_parameter_count(tied)
     assert extra == tied.vocab_size * tied.hidden_size
 
 
 def test_flops_and_bytes():
     n = params.transformer_parameter_count(params.PRESETS["gpt2-small"])
-    assert params.training_flops_per_token(n) == 3 * params.inference_flops_per_token(n) == 6 * n
+    assert (
+        params.training_flops_per_token(n)
+        == 3 * params.inference_flops_per_token(n)
+        == 6 * n
+    )
     for dtype in ("float64", "float32", "float16"):
         assert params.weight_bytes(1000, dtype) == np.zeros(1000, dtype=dtype).nbytes
     with pytest.raises(ValueError, match="dtype"):
@@ -75,6 +92,7 @@ def test_flops_and_bytes():
 
 
 # --- single layers against torch and keras -------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def keras():
@@ -97,14 +115,24 @@ def test_dense_count_matches_frameworks(sizes, bias, keras):
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("channels,kernel,groups", [((3, 8), 3, 1), ((4, 6), (1, 5), 2), ((6, 6), 3, 6)],
-                         ids=["3x3", "1x5-groups2", "depthwise"])
+@pytest.mark.parametrize(
+    "channels,kernel,groups",
+    [((3, 8), 3, 1), ((4, 6), (1, 5), 2), ((6, 6), 3, 6)],
+    ids=["3x3", "1x5-groups2", "depthwise"],
+)
 def test_conv2d_count_matches_frameworks(channels, kernel, groups, bias, keras):
     import torch
 
     c_in, c_out = channels
-    expected = params.conv2d_parameter_count(c_in, c_out, kernel, groups=groups, bias=bias)
-    assert params.count_parameters(torch.nn.Conv2d(c_in, c_out, kernel, groups=groups, bias=bias)) == expected
+    expected = params.conv2d_parameter_count(
+        c_in, c_out, kernel, groups=groups, bias=bias
+    )
+    assert (
+        params.count_parameters(
+            torch.nn.Conv2d(c_in, c_out, kernel, groups=groups, bias=bias)
+        )
+        == expected
+    )
     layer = keras.layers.Conv2D(c_out, kernel, groups=groups, use_bias=bias)
     layer.build((None, 11, 11, c_in))
     assert layer.count_params() == expected
@@ -116,11 +144,19 @@ def test_locally_connected_count_is_its_weight_size(stride, padding, rng):
     out_size = conv2d_output_size(size, k, stride=stride, padding=padding)
     weight = rng.standard_normal((*out_size, c_out, c_in, k, k))
     bias = rng.standard_normal((*out_size, c_out))
-    y = locally_connected2d(rng.standard_normal((1, c_in, *size)), weight, bias, stride=stride, padding=padding)
+    y = locally_connected2d(
+        rng.standard_normal((1, c_in, *size)),
+        weight,
+        bias,
+        stride=stride,
+        padding=padding,
+    )
     assert y.shape[2:] == out_size
     expected = params.locally_connected2d_parameter_count(c_in, c_out, k, out_size)
     assert expected == weight.size + bias.size
-    assert expected == out_size[0] * out_size[1] * params.conv2d_parameter_count(c_in, c_out, k)
+    assert expected == out_size[0] * out_size[1] * params.conv2d_parameter_count(
+        c_in, c_out, k
+    )
 
 
 @pytest.mark.parametrize("embed_dim,num_heads", [(8, 1), (12, 3), (16, 4)])
@@ -128,8 +164,13 @@ def test_attention_count_matches_torch_and_keras(embed_dim, num_heads, keras):
     import torch
 
     expected = params.attention_parameter_count(embed_dim, num_heads, num_heads)
-    assert params.count_parameters(torch.nn.MultiheadAttention(embed_dim, num_heads)) == expected
-    layer = keras.layers.MultiHeadAttention(num_heads=num_heads, key_dim=embed_dim // num_heads)
+    assert (
+        params.count_parameters(torch.nn.MultiheadAttention(embed_dim, num_heads))
+        == expected
+    )
+    layer = keras.layers.MultiHeadAttention(
+        num_heads=num_heads, key_dim=embed_dim // num_heads
+    )
     x = np.zeros((1, 2, embed_dim), dtype="float32")
     layer(x, x)
     assert layer.count_params() == expected
@@ -138,19 +179,23 @@ def test_attention_count_matches_torch_and_keras(embed_dim, num_heads, keras):
 def _gqa_projections(embed_dim, num_heads, num_kv_heads, head_dim, bias):
     import torch
 
-    return torch.nn.ModuleDict({
-        "q": torch.nn.Linear(embed_dim, num_heads * head_dim, bias=bias),
-        "k": torch.nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias),
-        "v": torch.nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias),
-        "o": torch.nn.Linear(num_heads * head_dim, embed_dim, bias=bias),
-    })
+    return torch.nn.ModuleDict(
+        {
+            "q": torch.nn.Linear(embed_dim, num_heads * head_dim, bias=bias),
+            "k": torch.nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias),
+            "v": torch.nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias),
+            "o": torch.nn.Linear(num_heads * head_dim, embed_dim, bias=bias),
+        }
+    )
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 3, 6], ids=lambda h: f"Hkv{h}")
 def test_grouped_query_attention_count(num_kv_heads, bias):
     embed_dim, num_heads, head_dim = 24, 6, 5
-    expected = params.attention_parameter_count(embed_dim, num_heads, num_kv_heads, head_dim, bias=bias)
+    expected = params.attention_parameter_count(
+        embed_dim, num_heads, num_kv_heads, head_dim, bias=bias
+    )
     model = _gqa_projections(embed_dim, num_heads, num_kv_heads, head_dim, bias)
     assert params.count_parameters(model) == expected
 
@@ -165,10 +210,14 @@ def test_kv_cache_bytes_is_the_cache_arrays_size(num_kv_heads):
     layers, batch, seq_len, head_dim = 3, 2, 17, 4
     keys = np.zeros((layers, batch, num_kv_heads, seq_len, head_dim), dtype=np.float16)
     values = np.zeros_like(keys)
-    assert params.kv_cache_bytes(layers, num_kv_heads, head_dim, seq_len, batch, 2) == keys.nbytes + values.nbytes
+    assert (
+        params.kv_cache_bytes(layers, num_kv_heads, head_dim, seq_len, batch, 2)
+        == keys.nbytes + values.nbytes
+    )
 
 
 # --- whole models built small -------------------------------------------------------------------
+
 
 def _tiny_transformer(config: params.TransformerConfig):
     """A transformer built from torch.nn pieces, shaped like GPT-2 / BERT / ALBERT by ``config``."""
@@ -180,15 +229,22 @@ def _tiny_transformer(config: params.TransformerConfig):
     D = E // H
 
     def layer():
-        return nn.ModuleDict({
-            "attention": _gqa_projections(E, H, H_kv, D, config.attention_bias),
-            "norm1": nn.LayerNorm(E), "norm2": nn.LayerNorm(E),
-            "mlp_in": nn.Linear(E, config.intermediate_size, bias=config.mlp_bias),
-            "mlp_out": nn.Linear(config.intermediate_size, E, bias=config.mlp_bias),
-        })
+        return nn.ModuleDict(
+            {
+                "attention": _gqa_projections(E, H, H_kv, D, config.attention_bias),
+                "norm1": nn.LayerNorm(E),
+                "norm2": nn.LayerNorm(E),
+                "mlp_in": nn.Linear(E, config.intermediate_size, bias=config.mlp_bias),
+                "mlp_out": nn.Linear(config.intermediate_size, E, bias=config.mlp_bias),
+            }
+        )
 
-    model = nn.ModuleDict({"token": nn.Embedding(config.vocab_size, e),
-                           "position": nn.Embedding(config.max_positions, e)})
+    model = nn.ModuleDict(
+        {
+            "token": nn.Embedding(config.vocab_size, e),
+            "position": nn.Embedding(config.max_positions, e),
+        }
+    )
     if config.type_vocab_size:
         model["segment"] = nn.Embedding(config.type_vocab_size, e)
     if config.embedding_norm:
@@ -196,7 +252,9 @@ def _tiny_transformer(config: params.TransformerConfig):
     if e != E:
         model["project"] = nn.Linear(e, E)
     shared = layer()
-    model["layers"] = nn.ModuleList([shared if config.share_layers else layer() for _ in range(config.num_layers)])
+    model["layers"] = nn.ModuleList(
+        [shared if config.share_layers else layer() for _ in range(config.num_layers)]
+    )
     if config.final_norm:
         model["final_norm"] = nn.LayerNorm(E)
     if config.pooler:
@@ -204,7 +262,7 @@ def _tiny_transformer(config: params.TransformerConfig):
     if config.lm_head:
         model["head"] = nn.Linear(E, config.vocab_size, bias=False)
         if config.tie_embeddings:
-            model["head"].weight = model["token"].weight          # one tensor, two uses
+            model["head"].weight = model["token"].weight  # one tensor, two uses
     assert isinstance(model, torch.nn.Module)
     return model
 
@@ -223,8 +281,15 @@ TINY = {
 def test_formula_matches_a_tiny_torch_model(name):
     changes = dict(TINY[name])
     base = params.PRESETS[changes.pop("preset")]
-    config = base.replace(vocab_size=53, max_positions=11, hidden_size=16, num_layers=3, num_heads=4,
-                          intermediate_size=24, **changes)
+    config = base.replace(
+        vocab_size=53,
+        max_positions=11,
+        hidden_size=16,
+        num_layers=3,
+        num_heads=4,
+        intermediate_size=24,
+        **changes,
+    )
     model = _tiny_transformer(config)
     assert params.count_parameters(model) == params.transformer_parameter_count(config)
     # torch's own dedup agrees; summing without it would count the shared tensors again
@@ -239,7 +304,9 @@ def test_count_parameters_counts_a_shared_tensor_once():
     head.weight = embedding.weight
     model = torch.nn.ModuleList([embedding, head])
     assert params.count_parameters(model) == 40
-    assert sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False)) == 80
+    assert (
+        sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False)) == 80
+    )
 
 
 def test_count_parameters_trainable_only():
@@ -247,15 +314,23 @@ def test_count_parameters_trainable_only():
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     model[0].weight.requires_grad_(False)
-    assert params.count_parameters(model, trainable_only=True) == params.count_parameters(model) - 12
+    assert (
+        params.count_parameters(model, trainable_only=True)
+        == params.count_parameters(model) - 12
+    )
 
 
 def test_count_parameters_keras_shared_layer_once(keras):
     shared = keras.layers.Dense(5)
     inputs = keras.Input((5,))
-    outputs = shared(shared(inputs))                                  # one layer used twice
+    # one layer used twice
+    outputs = shared(shared(inputs))
     model = keras.Model(inputs, outputs)
-    assert params.count_parameters(model) == model.count_params() == params.dense_parameter_count(5, 5)
+    assert (
+        params.count_parameters(model)
+        == model.count_params()
+        == params.dense_parameter_count(5, 5)
+    )
 
 
 def test_count_parameters_rejects_other_objects():
@@ -265,12 +340,18 @@ def test_count_parameters_rejects_other_objects():
 
 # --- the source document's Keras CNN and its torch twin --------------------------------------------
 
+
 def _source_cnn_formula(image_size=28, in_channels=1):
     """The hand count: conv, pool (no parameters), conv, pool, dense, dense."""
-    side = conv2d_output_size(image_size, 3)[0] // 2                 # conv 3x3 "valid", then 2x2 pooling
+    # conv 3x3 "valid", then 2x2 pooling
+    side = conv2d_output_size(image_size, 3)[0] // 2
     side = conv2d_output_size(side, 3)[0] // 2
-    return (params.conv2d_parameter_count(in_channels, 32, 3) + params.conv2d_parameter_count(32, 64, 3)
-            + params.dense_parameter_count(64 * side * side, 64) + params.dense_parameter_count(64, 10))
+    return (
+        params.conv2d_parameter_count(in_channels, 32, 3)
+        + params.conv2d_parameter_count(32, 64, 3)
+        + params.dense_parameter_count(64 * side * side, 64)
+        + params.dense_parameter_count(64, 10)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +360,8 @@ def source_keras_cnn(keras):
 
     keras.utils.set_random_seed(0)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)                  # keras 3: `input_shape` on a layer
+        # keras 3: `input_shape` on a layer
+        warnings.simplefilter("ignore", UserWarning)
         return run_source("keras_cnn")["model"]
 
 
@@ -304,5 +386,6 @@ def test_source_cnn_torch_twin_computes_the_same_function(source_keras_cnn, rng)
     expected = source_keras_cnn(images)
     twin = SourceCNN.from_keras(source_keras_cnn)
     with torch.no_grad():
-        out = twin(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))  # NCHW for torch
+        # NCHW for torch
+        out = twin(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
     assert_close(out, expected, rtol=1e-4, atol=1e-6, name="torch twin vs keras")

@@ -40,9 +40,13 @@ def test_forward_is_the_formula_at_every_position(activation, rng):
 
 def test_unshared_with_equal_matrices_is_the_shared_layer(rng):
     x, weight, bias, _ = _arrays(SHAPES["B3-P5"], True, rng)
-    copies = np.broadcast_to(weight, (x.shape[1], *weight.shape)).copy()        # W_i = W for all i
-    assert_close(sharing.unshared_dense_forward(x, copies, bias), sharing.shared_dense_forward(x, weight, bias),
-                 name="unshared with tied W_i")
+    # W_i = W for all i
+    copies = np.broadcast_to(weight, (x.shape[1], *weight.shape)).copy()
+    assert_close(
+        sharing.unshared_dense_forward(x, copies, bias),
+        sharing.shared_dense_forward(x, weight, bias),
+        name="unshared with tied W_i",
+    )
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -54,7 +58,12 @@ def test_backward_matches_torch_autograd(shared, activation, shape, rng):
     forward, backward = _layer(shared)
     x, weight, bias, grad_y = _arrays(SHAPES[shape], shared, rng)
     tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, weight, bias))
-    torch_f = {"identity": lambda z: z, "tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid}
+    torch_f = {
+        "identity": lambda z: z,
+        "tanh": torch.tanh,
+        "relu": torch.relu,
+        "sigmoid": torch.sigmoid,
+    }
     z = (tx @ tw.T if shared else torch.einsum("bpi,poi->bpo", tx, tw)) + tb
     y = torch_f[activation](z)
     assert_close(forward(x, weight, bias, activation=activation), y, name="forward")
@@ -75,10 +84,15 @@ def test_backward_matches_finite_differences(shared, activation, rng):
         return float(np.sum(grad_y * forward(x_, w_, b_, activation=activation)))
 
     dx, dweight, dbias = backward(grad_y, x, weight, bias, activation=activation)
-    for name, got, wrt in (("dx", dx, lambda a: loss(a, weight, bias)), ("dweight", dweight, lambda a: loss(x, a, bias)),
-                           ("dbias", dbias, lambda a: loss(x, weight, a))):
+    for name, got, wrt in (
+        ("dx", dx, lambda a: loss(a, weight, bias)),
+        ("dweight", dweight, lambda a: loss(x, a, bias)),
+        ("dbias", dbias, lambda a: loss(x, weight, a)),
+    ):
         source = {"dx": x, "dweight": weight, "dbias": bias}[name]
-        assert_close(got, numerical_gradient(wrt, source), rtol=1e-6, atol=1e-8, name=name)
+        assert_close(
+            got, numerical_gradient(wrt, source), rtol=1e-6, atol=1e-8, name=name
+        )
 
 
 def test_shared_gradient_is_the_sum_of_the_per_position_gradients(rng):
@@ -90,7 +104,9 @@ def test_shared_gradient_is_the_sum_of_the_per_position_gradients(rng):
     assert_close(dweight, dweights.sum(axis=0), name="shared gradient")
 
 
-@pytest.mark.parametrize("bad", ["x-2d", "weight-D_in", "bias-per-position", "unshared-P"])
+@pytest.mark.parametrize(
+    "bad", ["x-2d", "weight-D_in", "bias-per-position", "unshared-P"]
+)
 def test_bad_shapes_raise(bad, rng):
     x, weight, bias, _ = _arrays(SHAPES["B3-P5"], True, rng)
     if bad == "x-2d":
@@ -100,7 +116,10 @@ def test_bad_shapes_raise(bad, rng):
     elif bad == "bias-per-position":
         args, forward = (x, weight, bias[0]), sharing.shared_dense_forward
     else:
-        args, forward = (x, rng.standard_normal((4, 3, 4)), bias), sharing.unshared_dense_forward
+        args, forward = (
+            (x, rng.standard_normal((4, 3, 4)), bias),
+            sharing.unshared_dense_forward,
+        )
     with pytest.raises(ValueError, match=r"shape"):
         forward(*args)
 
@@ -113,6 +132,7 @@ def test_unknown_activation_is_a_value_error(rng):
 
 # --- training and what sharing buys ------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def teacher_data():
     return sharing.make_shared_teacher_data(8, 6, 5, 3, rng=1)
@@ -121,10 +141,14 @@ def teacher_data():
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "unshared"])
 def test_training_learns(shared, teacher_data):
     x, y, _, _ = teacher_data
-    result = sharing.train_shared_dense(x, y, shared=shared, steps=300, learning_rate=0.1)
+    result = sharing.train_shared_dense(
+        x, y, shared=shared, steps=300, learning_rate=0.1
+    )
     assert len(result.losses) == 301
     assert result.losses[-1] < 0.05 * result.losses[0]
-    assert all(b <= a + 1e-12 for a, b in zip(result.losses, result.losses[1:])), "loss went up"
+    assert all(b <= a + 1e-12 for a, b in zip(result.losses, result.losses[1:])), (
+        "loss went up"
+    )
 
 
 def test_sharing_needs_fewer_parameters_and_generalises_from_few_examples(teacher_data):
@@ -133,7 +157,10 @@ def test_sharing_needs_fewer_parameters_and_generalises_from_few_examples(teache
     D_out = y.shape[2]
     shared = sharing.train_shared_dense(x, y, shared=True)
     unshared = sharing.train_shared_dense(x, y, shared=False)
-    assert shared.num_parameters == params.dense_parameter_count(D_in, D_out, bias=False) + P * D_out
+    assert (
+        shared.num_parameters
+        == params.dense_parameter_count(D_in, D_out, bias=False) + P * D_out
+    )
     assert unshared.num_parameters == P * params.dense_parameter_count(D_in, D_out)
     # both fit the 8 training examples; only the shared one has seen 8 x 6 examples of its W
     test_shared = sharing.dense_loss(shared.predict(x_test), y_test)
@@ -150,6 +177,7 @@ def test_training_does_not_modify_its_data(teacher_data):
 
 
 # --- the source document's loop, run as written ---------------------------------------------------
+
 
 def test_source_training_loop_fails_on_its_shapes():
     """``np.dot(x, W)`` with x (10, 1) and W (10, 10): the source's loop never runs one step."""

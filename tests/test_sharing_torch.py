@@ -8,7 +8,13 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from companion.numpy import conv as npconv  # noqa: E402
-from companion.params import conv2d_parameter_count, count_parameters, dense_parameter_count  # noqa: E402
+
+# noqa: E402
+from companion.params import (
+    conv2d_parameter_count,
+    count_parameters,
+    dense_parameter_count,
+)
 from companion.testing import (  # noqa: E402
     as_backend,
     assert_close,
@@ -16,8 +22,10 @@ from companion.testing import (  # noqa: E402
     default_tolerance,
     to_numpy,
 )
-from companion.torch.conv import conv2d_reference, convolve2d, locally_connected2d  # noqa: E402
 from companion.torch import padding_mask  # noqa: E402
+
+# noqa: E402
+from companion.torch.conv import conv2d_reference, convolve2d, locally_connected2d
 from companion.torch.sharing import (  # noqa: E402
     TiedEmbedding,
     TiedLMHead,
@@ -36,6 +44,7 @@ def _unique_numel(model):
 
 # --- weight tying ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("output_bias", [False, True], ids=["no-bias", "bias"])
 def test_tied_embedding_shares_one_parameter(output_bias):
     tied = TiedEmbedding(V, E, output_bias=output_bias)
@@ -48,7 +57,9 @@ def test_tied_embedding_shares_one_parameter(output_bias):
 def test_tied_lm_head_is_h_times_embedding_transposed(rng):
     tied = TiedEmbedding(V, E, dtype=torch.float64)
     hidden = torch.from_numpy(rng.standard_normal((B, L, E)))
-    assert_close(tied.logits(hidden), to_numpy(hidden) @ to_numpy(tied.weight).T, name="logits")
+    assert_close(
+        tied.logits(hidden), to_numpy(hidden) @ to_numpy(tied.weight).T, name="logits"
+    )
     ids = torch.from_numpy(rng.integers(0, V, (B, L)))
     assert_close(tied(ids), to_numpy(tied.weight)[to_numpy(ids)], name="embeddings")
 
@@ -84,24 +95,30 @@ def _language_model_loss(embedding_matrix, output_matrix, mixer, ids, targets):
     return nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64], ids=["float32", "float64"]
+)
 def test_gradients_of_both_uses_accumulate_in_the_one_tensor(rng, dtype):
     tied = TiedEmbedding(V, E, dtype=dtype)
     mixer = torch.from_numpy(rng.standard_normal((E, E))).to(dtype)
     ids = torch.from_numpy(rng.integers(0, V, (B, L)))
     targets = torch.from_numpy(rng.integers(0, V, (B, L)))
 
-    _language_model_loss(tied.embedding.weight, tied.head.weight, mixer, ids, targets).backward()
+    _language_model_loss(
+        tied.embedding.weight, tied.head.weight, mixer, ids, targets
+    ).backward()
 
     # untied copies with the same values: one gradient per use
     as_input = tied.weight.detach().clone().requires_grad_(True)
     as_output = tied.weight.detach().clone().requires_grad_(True)
     _language_model_loss(as_input, as_output, mixer, ids, targets).backward()
-    assert as_input.grad.abs().max() > 0 and as_output.grad.abs().max() > 0  # both uses contribute
+    # both uses contribute
+    assert as_input.grad.abs().max() > 0 and as_output.grad.abs().max() > 0
     assert_close(tied.weight.grad, as_input.grad + as_output.grad, name="tied gradient")
 
 
 # --- optimizer groups ------------------------------------------------------------------------
+
 
 class _TinyTiedLM(nn.Module):
     def __init__(self):
@@ -121,15 +138,23 @@ def test_weight_decay_groups_hold_each_tensor_once():
     everything = ids_decay + ids_no_decay
     assert len(everything) == len(set(everything)) == len(list(model.parameters()))
     assert ids_decay == [id(model.mixer.weight)]
-    assert set(ids_no_decay) == {id(model.tokens.weight), id(model.mixer.bias), id(model.norm.weight),
-                                 id(model.norm.bias)}
-    torch.optim.AdamW(param_groups_for_weight_decay(model, 0.1), lr=1e-3)  # accepted as is
+    assert set(ids_no_decay) == {
+        id(model.tokens.weight),
+        id(model.mixer.bias),
+        id(model.norm.weight),
+        id(model.norm.bias),
+    }
+    # accepted as is
+    torch.optim.AdamW(param_groups_for_weight_decay(model, 0.1), lr=1e-3)
 
 
 def test_naive_groups_list_the_tied_tensor_twice():
     """Why the helper exists: grouping by module lists the tied tensor in two groups."""
     model = _TinyTiedLM()
-    naive = [{"params": list(model.tokens.parameters())}, {"params": list(model.head.parameters())}]
+    naive = [
+        {"params": list(model.tokens.parameters())},
+        {"params": list(model.head.parameters())},
+    ]
     with pytest.raises(ValueError, match="more than one parameter group"):
         torch.optim.AdamW(naive, lr=1e-3)
 
@@ -154,16 +179,32 @@ def test_adamw_step_with_groups_leaves_embedding_undecayed():
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()
-    assert_close(model.tokens.weight, before["tokens.weight"], rtol=0, atol=0, name="tied embedding")
-    assert_close(model.mixer.weight, before["mixer.weight"] * (1 - 0.1 * 0.5), name="decayed weight")
+    assert_close(
+        model.tokens.weight,
+        before["tokens.weight"],
+        rtol=0,
+        atol=0,
+        name="tied embedding",
+    )
+    assert_close(
+        model.mixer.weight,
+        before["mixer.weight"] * (1 - 0.1 * 0.5),
+        name="decayed weight",
+    )
     assert model.head.weight is model.tokens.weight
-    assert_close(model.norm.weight, before["norm.weight"], rtol=0, atol=0, name="norm gain")
+    assert_close(
+        model.norm.weight, before["norm.weight"], rtol=0, atol=0, name="norm gain"
+    )
 
 
 # --- sharing across positions: conv vs the same layer without sharing ------------------------
 
-LOCAL_CASES = {"3x3": (1, 0, (3, 3)), "stride2-pad1": (2, 1, (2, 3)), "same-even": (1, "same", (2, 2)),
-               "1x1-stride3": (3, (0, 2), (1, 1))}
+LOCAL_CASES = {
+    "3x3": (1, 0, (3, 3)),
+    "stride2-pad1": (2, 1, (2, 3)),
+    "same-even": (1, "same", (2, 2)),
+    "1x1-stride3": (3, (0, 2), (1, 1)),
+}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -172,16 +213,24 @@ def test_locally_connected2d_matches_numpy_oracle(case, dtype, rng):
 
     stride, padding, kernel = LOCAL_CASES[case]
     x = rng.standard_normal((2, 3, 7, 8))
-    H_out, W_out = npconv.conv2d_output_size((7, 8), kernel, stride=stride, padding=padding)
+    H_out, W_out = npconv.conv2d_output_size(
+        (7, 8), kernel, stride=stride, padding=padding
+    )
     weight = rng.standard_normal((H_out, W_out, 4, 3, *kernel))
     bias = rng.standard_normal((H_out, W_out, 4))
     oracle = npconv.locally_connected2d(x, weight, bias, stride=stride, padding=padding)
-    baseline = npconv.locally_connected2d(*(a.astype(dtype) for a in (x, weight, bias)), stride=stride,
-                                          padding=padding)
-    out = locally_connected2d(*(as_backend(a, "torch", dtype) for a in (x, weight, bias)), stride=stride,
-                              padding=padding)
+    baseline = npconv.locally_connected2d(
+        *(a.astype(dtype) for a in (x, weight, bias)), stride=stride, padding=padding
+    )
+    out = locally_connected2d(
+        *(as_backend(a, "torch", dtype) for a in (x, weight, bias)),
+        stride=stride,
+        padding=padding,
+    )
     assert out.dtype == getattr(torch, dtype)
-    assert_close_to_oracle(out, baseline, oracle, name=f"torch locally_connected2d {dtype}")
+    assert_close_to_oracle(
+        out, baseline, oracle, name=f"torch locally_connected2d {dtype}"
+    )
 
 
 def test_locally_connected2d_with_one_kernel_everywhere_is_conv2d(rng):
@@ -190,9 +239,13 @@ def test_locally_connected2d_with_one_kernel_everywhere_is_conv2d(rng):
     kernel = torch.from_numpy(rng.standard_normal((4, 3, 3, 3)))
     bias = torch.from_numpy(rng.standard_normal(4))
     H_out, W_out = 4, 3
-    shared = kernel.expand(H_out, W_out, *kernel.shape)  # (H_out, W_out, C_out, C_in, kH, kW)
-    assert_close(locally_connected2d(x, shared, bias.expand(H_out, W_out, 4)), conv2d_reference(x, kernel, bias),
-                 name="locally connected with one kernel")
+    # (H_out, W_out, C_out, C_in, kH, kW)
+    shared = kernel.expand(H_out, W_out, *kernel.shape)
+    assert_close(
+        locally_connected2d(x, shared, bias.expand(H_out, W_out, 4)),
+        conv2d_reference(x, kernel, bias),
+        name="locally connected with one kernel",
+    )
 
 
 def test_locally_connected2d_rejects_wrong_positions():
@@ -204,8 +257,11 @@ def test_locally_connected2d_rejects_wrong_positions():
 def test_convolve2d_flips_the_kernel(rng):
 
     x, kernel = rng.standard_normal((5, 7)), rng.standard_normal((2, 3))
-    assert_close(convolve2d(torch.from_numpy(x), torch.from_numpy(kernel)), npconv.convolve2d(x, kernel),
-                 name="convolve2d")
+    assert_close(
+        convolve2d(torch.from_numpy(x), torch.from_numpy(kernel)),
+        npconv.convolve2d(x, kernel),
+        name="convolve2d",
+    )
 
 
 # --- cross-layer sharing (ALBERT) ------------------------------------------------------------
@@ -216,25 +272,45 @@ VOCAB, E_EMB, HIDDEN, HEADS, FFN, POSITIONS = 31, 8, 12, 4, 20, 16
 def _hand_count(num_layers, num_kv_heads, shared):
     """ALBERT's count written out: embeddings + projection + (one or num_layers) layers."""
     kv = (num_kv_heads or HEADS) * (HIDDEN // HEADS)  # H_kv * D
-    embeddings = VOCAB * E_EMB + POSITIONS * E_EMB + 2 * E_EMB + (E_EMB * HIDDEN + HIDDEN)
-    attention = (HIDDEN * HIDDEN + HIDDEN) + 2 * (HIDDEN * kv + kv) + (HIDDEN * HIDDEN + HIDDEN)
+    embeddings = (
+        VOCAB * E_EMB + POSITIONS * E_EMB + 2 * E_EMB + (E_EMB * HIDDEN + HIDDEN)
+    )
+    attention = (
+        (HIDDEN * HIDDEN + HIDDEN) + 2 * (HIDDEN * kv + kv) + (HIDDEN * HIDDEN + HIDDEN)
+    )
     layer = attention + 2 * 2 * HIDDEN + (HIDDEN * FFN + FFN) + (FFN * HIDDEN + HIDDEN)
     return embeddings + (1 if shared else num_layers) * layer
 
 
 def _encoder(num_layers=3, num_kv_heads=None, share_layers=True, **kwargs):
     torch.manual_seed(0)
-    return TransformerEncoder(VOCAB, E_EMB, HIDDEN, num_layers, HEADS, FFN, share_layers=share_layers,
-                              num_kv_heads=num_kv_heads, max_positions=POSITIONS, **kwargs)
+    return TransformerEncoder(
+        VOCAB,
+        E_EMB,
+        HIDDEN,
+        num_layers,
+        HEADS,
+        FFN,
+        share_layers=share_layers,
+        num_kv_heads=num_kv_heads,
+        max_positions=POSITIONS,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("share_layers", [True, False], ids=["shared", "unshared"])
-@pytest.mark.parametrize("num_kv_heads", [None, 2, 1], ids=["H_kv=H", "H_kv=2", "H_kv=1"])
+@pytest.mark.parametrize(
+    "num_kv_heads", [None, 2, 1], ids=["H_kv=H", "H_kv=2", "H_kv=1"]
+)
 @pytest.mark.parametrize("num_layers", [1, 3])
 def test_albert_parameter_count(num_layers, num_kv_heads, share_layers):
     model = _encoder(num_layers, num_kv_heads, share_layers)
     expected = _hand_count(num_layers, num_kv_heads, share_layers)
-    assert count_parameters(model) == sum(p.numel() for p in model.parameters()) == expected
+    assert (
+        count_parameters(model)
+        == sum(p.numel() for p in model.parameters())
+        == expected
+    )
     if share_layers:
         assert all(layer is model.layers[0] for layer in model.layers)
     else:
@@ -246,14 +322,17 @@ def test_albert_shared_gradient_is_the_sum_over_positions(rng):
     shared = _encoder(num_layers=3).double()
     untied = _encoder(num_layers=3, share_layers=False).double()
     untied.load_state_dict(shared.state_dict(), strict=False)  # embeddings
-    untied.layers = nn.ModuleList([copy.deepcopy(shared.layers[0]) for _ in range(3)])  # same values, 3 tensors
+    # same values, 3 tensors
+    untied.layers = nn.ModuleList([copy.deepcopy(shared.layers[0]) for _ in range(3)])
     ids = torch.from_numpy(rng.integers(0, VOCAB, (2, 7)))
     target = torch.from_numpy(rng.standard_normal((2, 7, HIDDEN)))
     for model in (shared, untied):
         ((model(ids) - target) ** 2).sum().backward()
     assert_close(shared(ids), untied(ids), name="same function")
     for name, p in shared.layers[0].named_parameters():
-        per_position = [dict(layer.named_parameters())[name].grad for layer in untied.layers]
+        per_position = [
+            dict(layer.named_parameters())[name].grad for layer in untied.layers
+        ]
         assert all(g.abs().max() > 0 for g in per_position), name
         assert_close(p.grad, sum(per_position), name=f"shared {name} gradient")
 
@@ -277,7 +356,8 @@ def test_albert_padding_mask_is_honoured(rng):
     mask = padding_mask(lengths, 6)  # (B, 1, 1, S)
     out, out_changed = model(ids, mask=mask), model(changed, mask=mask)
     assert_close(out_changed[0, :4], out[0, :4], name="unpadded positions")
-    assert (model(changed)[0, :4] - model(ids)[0, :4]).abs().max() > 1e-6  # without the mask they differ
+    # without the mask they differ
+    assert (model(changed)[0, :4] - model(ids)[0, :4]).abs().max() > 1e-6
 
 
 @pytest.mark.parametrize("bad", ["too-long", "float-ids", "zero-layers"])
@@ -287,17 +367,28 @@ def test_albert_rejects_bad_input(bad):
             _encoder(num_layers=0)
         return
     model = _encoder()
-    ids = torch.zeros(1, POSITIONS + 1, dtype=torch.long) if bad == "too-long" else torch.zeros(1, 3)
-    with pytest.raises(ValueError, match="max_positions" if bad == "too-long" else "integer"):
+    ids = (
+        torch.zeros(1, POSITIONS + 1, dtype=torch.long)
+        if bad == "too-long"
+        else torch.zeros(1, 3)
+    )
+    with pytest.raises(
+        ValueError, match="max_positions" if bad == "too-long" else "integer"
+    ):
         model(ids)
 
 
 # --- hand formulas equal the framework's counts ----------------------------------------------
 
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_dense_count(bias):
     layer = nn.Linear(7, 5, bias=bias)
-    assert count_parameters(layer) == sum(p.numel() for p in layer.parameters()) == 7 * 5 + (5 if bias else 0)
+    assert (
+        count_parameters(layer)
+        == sum(p.numel() for p in layer.parameters())
+        == 7 * 5 + (5 if bias else 0)
+    )
     assert dense_parameter_count(7, 5, bias=bias) == count_parameters(layer)
 
 
@@ -312,12 +403,15 @@ def test_conv_count_does_not_depend_on_the_image(groups):
 @pytest.mark.parametrize("output_bias", [False, True], ids=["no-bias", "bias"])
 def test_tied_count_is_one_matrix(output_bias):
     tied = TiedEmbedding(V, E, output_bias=output_bias)
-    untied = nn.ModuleDict({"embedding": nn.Embedding(V, E), "head": nn.Linear(E, V, bias=output_bias)})
+    untied = nn.ModuleDict(
+        {"embedding": nn.Embedding(V, E), "head": nn.Linear(E, V, bias=output_bias)}
+    )
     assert count_parameters(tied) == V * E + (V if output_bias else 0)
     assert count_parameters(untied) == count_parameters(tied) + V * E
 
 
 # --- conv in half precision: computed in float32, returned in the input dtype ----------------
+
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("name", ["conv2d_reference", "conv2d_im2col"])
@@ -330,7 +424,12 @@ def test_conv2d_half_precision_accumulates_in_float32(name, dtype, rng):
     out = getattr(ct, name)(x, weight, bias, stride=(2, 1), padding="valid", groups=2)
     assert out.dtype == getattr(torch, dtype)
     # the oracle sees the same rounded inputs, so only the output's rounding is left
-    oracle = npconv.conv2d_reference(*(to_numpy(t).astype("float64") for t in (x, weight, bias)),
-                                     stride=(2, 1), padding="valid", groups=2)
-    rtol, atol = default_tolerance(dtype)  # bfloat16 reaches numpy as float32: name the dtype's own tolerance
+    oracle = npconv.conv2d_reference(
+        *(to_numpy(t).astype("float64") for t in (x, weight, bias)),
+        stride=(2, 1),
+        padding="valid",
+        groups=2,
+    )
+    # bfloat16 reaches numpy as float32: name the dtype's own tolerance
+    rtol, atol = default_tolerance(dtype)
     assert_close(out, oracle, rtol=rtol, atol=atol, name=f"torch {name} {dtype}")

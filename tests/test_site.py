@@ -22,10 +22,26 @@ ROOT = Path(__file__).resolve().parent.parent
 class _Resources(HTMLParser):
     """Collects every URL a browser would load while rendering a page (not plain links)."""
 
-    LOADING = {("script", "src"), ("img", "src"), ("iframe", "src"), ("source", "src"),
-               ("video", "src"), ("audio", "src"), ("embed", "src"), ("object", "data")}
-    LOADING_LINK_RELS = {"stylesheet", "preload", "icon", "shortcut", "modulepreload", "prefetch", "manifest",
-                         "apple-touch-icon"}
+    LOADING = {
+        ("script", "src"),
+        ("img", "src"),
+        ("iframe", "src"),
+        ("source", "src"),
+        ("video", "src"),
+        ("audio", "src"),
+        ("embed", "src"),
+        ("object", "data"),
+    }
+    LOADING_LINK_RELS = {
+        "stylesheet",
+        "preload",
+        "icon",
+        "shortcut",
+        "modulepreload",
+        "prefetch",
+        "manifest",
+        "apple-touch-icon",
+    }
 
     def __init__(self):
         super().__init__()
@@ -38,10 +54,14 @@ class _Resources(HTMLParser):
             if tag == t and a.get(attr):
                 self.urls.append(a[attr])
         if tag == "img" and a.get("srcset"):
-            self.urls += [part.split()[0] for part in a["srcset"].split(",") if part.strip()]
+            self.urls += [
+                part.split()[0] for part in a["srcset"].split(",") if part.strip()
+            ]
         if tag == "link" and a.get("href"):
             rels = set((a.get("rel") or "").lower().split())
-            (self.urls if rels & self.LOADING_LINK_RELS else self.links).append(a["href"])
+            (self.urls if rels & self.LOADING_LINK_RELS else self.links).append(
+                a["href"]
+            )
         if tag == "a" and a.get("href"):
             self.links.append(a["href"])
         if a.get("style"):
@@ -68,18 +88,35 @@ def test_no_page_loads_anything_from_another_host(site):
     for page in _pages(site):
         parser = _Resources()
         parser.feed(page.read_text(encoding="utf-8"))
-        offenders += [f"{page.relative_to(site)}: {url}" for url in parser.urls if _is_external(url)]
-        missing = [u for u in parser.urls if not _is_external(u)
-                   and not (page.parent / urlparse(u).path).exists()]
-        offenders += [f"{page.relative_to(site)}: missing local file {u}" for u in missing]
+        offenders += [
+            f"{page.relative_to(site)}: {url}"
+            for url in parser.urls
+            if _is_external(url)
+        ]
+        missing = [
+            u
+            for u in parser.urls
+            if not _is_external(u) and not (page.parent / urlparse(u).path).exists()
+        ]
+        offenders += [
+            f"{page.relative_to(site)}: missing local file {u}" for u in missing
+        ]
     for css in site.rglob("*.css"):
-        for url in re.findall(r"url\(\s*['\"]?([^'\")]+)", css.read_text(encoding="utf-8", errors="replace")):
+        for url in re.findall(
+            r"url\(\s*['\"]?([^'\")]+)",
+            css.read_text(encoding="utf-8", errors="replace"),
+        ):
             if _is_external(url):
                 offenders.append(f"{css.relative_to(site)}: {url}")
-        for url in re.findall(r"@import\s+(?:url\()?['\"]?([^'\");]+)", css.read_text(encoding="utf-8", errors="replace")):
+        for url in re.findall(
+            r"@import\s+(?:url\()?['\"]?([^'\");]+)",
+            css.read_text(encoding="utf-8", errors="replace"),
+        ):
             if _is_external(url):
                 offenders.append(f"{css.relative_to(site)}: @import {url}")
-    assert not offenders, "resources from other hosts or missing:\n" + "\n".join(offenders[:50])
+    assert not offenders, "resources from other hosts or missing:\n" + "\n".join(
+        offenders[:50]
+    )
 
 
 def test_mathjax_is_served_locally(site):
@@ -88,14 +125,19 @@ def test_mathjax_is_served_locally(site):
         html = page.read_text(encoding="utf-8")
         if 'class="math' in html or "\\(" in html:
             pages_with_math.append(page)
-            scripts = re.findall(r'<script[^>]+src="([^"]*mathjax[^"]*)"', html, flags=re.I)
+            scripts = re.findall(
+                r'<script[^>]+src="([^"]*mathjax[^"]*)"', html, flags=re.I
+            )
             assert scripts, f"{page.name} has math but loads no MathJax"
             for src in scripts:
                 assert not _is_external(src), f"{page.name} loads MathJax from {src}"
-                assert (page.parent / src.split("?")[0]).is_file(), f"{page.name}: {src} is not in the site"
+                assert (page.parent / src.split("?")[0]).is_file(), (
+                    f"{page.name}: {src} is not in the site"
+                )
     assert pages_with_math, "no page with math found: the check would prove nothing"
-    assert (site / "_static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").is_dir(), \
-        "MathJax's fonts were not copied into the site"
+    assert (
+        site / "_static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2"
+    ).is_dir(), "MathJax's fonts were not copied into the site"
 
 
 def test_every_chapter_is_in_the_sidebar(site):
@@ -105,7 +147,11 @@ def test_every_chapter_is_in_the_sidebar(site):
     start = preface.find("bd-docs-nav")
     assert start >= 0, "no sidebar (bd-docs-nav) in the preface"
     nav = preface[start:]
-    missing = [f for f in files if f'href="{Path(f).name}.html"' not in nav and f'href="{f}.html"' not in nav]
+    missing = [
+        f
+        for f in files
+        if f'href="{Path(f).name}.html"' not in nav and f'href="{f}.html"' not in nav
+    ]
     assert not missing, f"chapters missing from the sidebar of the preface: {missing}"
     for f in files:
         assert (site / f"{f}.html").is_file(), f"{f}.html was not built"

@@ -42,8 +42,13 @@ def toc_notebooks() -> list[Path]:
 
 def execute(path: Path) -> float:
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=600, kernel_name="python3", record_timing=False,
-                            resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(
+        nb,
+        timeout=600,
+        kernel_name="python3",
+        record_timing=False,
+        resources={"metadata": {"path": str(path.parent)}},
+    )
     start = time.perf_counter()
     client.execute()
     seconds = time.perf_counter() - start
@@ -57,7 +62,9 @@ def main(argv: list[str]) -> int:
     for i, path in enumerate(paths, 1):
         print(f"[{i}/{len(paths)}] {path.relative_to(ROOT)} ...", end=" ", flush=True)
         seconds = execute(path)
-        times[str(path.relative_to(ROOT).with_suffix("").as_posix())] = round(seconds, 1)
+        times[str(path.relative_to(ROOT).with_suffix("").as_posix())] = round(
+            seconds, 1
+        )
         print(f"{seconds:.1f} s", flush=True)
     TIMES.parent.mkdir(parents=True, exist_ok=True)
     TIMES.write_text(json.dumps(dict(sorted(times.items())), indent=1) + "\n")

@@ -31,13 +31,15 @@ NUMPY = ("textbook", "reference", "tiled")
 TORCH = ("torch tiled", "torch SDPA")
 TENSORFLOW = ("tf tiled",)
 PRODUCTS = ("Q K^T", "P V")  # timed to get the matrix-product rate; not contenders
-WARMUP_BELOW = 4096  # larger calls are timed without a warm-up call (it would cost a round)
+# larger calls are timed without a warm-up call (it would cost a round)
+WARMUP_BELOW = 4096
 
 
 def inputs(n: int, seed: int = 0):
     """``q, k, v`` of shape ``(1, n, D)`` (one head), float32."""
     rng = np.random.default_rng(seed + n)
-    return tuple(rng.standard_normal((1, n, D), dtype=np.float32) for _ in range(3))  # (H=1, n, D) each
+    # (H=1, n, D) each
+    return tuple(rng.standard_normal((1, n, D), dtype=np.float32) for _ in range(3))
 
 
 def textbook(q, k, v, causal: bool = False):
@@ -63,7 +65,9 @@ def contender(name: str, n: int, causal: bool, threads: int, modules: dict):
     if name == "tiled":
         from companion.numpy import attention_tiled
 
-        return lambda: attention_tiled(q, k, v, causal=causal, block_q=BLOCK, block_k=BLOCK, num_threads=threads)
+        return lambda: attention_tiled(
+            q, k, v, causal=causal, block_q=BLOCK, block_k=BLOCK, num_threads=threads
+        )
     if name == "Q K^T":
         Q, K = q[0], k[0]
         return lambda: Q @ K.T  # (n, n)
@@ -73,19 +77,24 @@ def contender(name: str, n: int, causal: bool, threads: int, modules: dict):
         return lambda: P @ V  # (n, D)
     if name in TORCH:
         torch = modules["torch"]
-        tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))  # (1, n, D), shared memory
+        # (1, n, D), shared memory
+        tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
         if name == "torch SDPA":
             sdpa = torch.nn.functional.scaled_dot_product_attention
 
             def run():
                 with torch.no_grad():
                     return sdpa(tq, tk, tv, is_causal=causal)
+
             return run
         from companion.torch import attention_tiled as torch_tiled
 
         def run():
             with torch.no_grad():
-                return torch_tiled(tq, tk, tv, causal=causal, block_q=BLOCK, block_k=BLOCK)
+                return torch_tiled(
+                    tq, tk, tv, causal=causal, block_q=BLOCK, block_k=BLOCK
+                )
+
         return run
     if name == "tf tiled":
         tf = modules["tensorflow"]
@@ -116,19 +125,31 @@ def check_outputs(modules: dict, n: int = 256) -> dict[str, float]:
     q, k, v = inputs(n)
     worst = {}
     for causal in (False, True):
-        oracle = reference(*(a.astype(np.float64) for a in (q, k, v)), causal=causal)[0]  # (n, D)
+        # (n, D)
+        oracle = reference(*(a.astype(np.float64) for a in (q, k, v)), causal=causal)[0]
         for name in available(modules):
-            out = np.asarray(to_numpy(contender(name, n, causal, 1, modules)()), dtype=np.float64).reshape(n, D)
+            out = np.asarray(
+                to_numpy(contender(name, n, causal, 1, modules)()), dtype=np.float64
+            ).reshape(n, D)
             diff = float(np.max(np.abs(out - oracle)))
             key = f"{name}{' causal' if causal else ''}"
             worst[key] = diff
             if not diff <= 1e-4:
-                raise AssertionError(f"attention contender {key} differs from the float64 reference by {diff:.3g}")
+                raise AssertionError(
+                    f"attention contender {key} differs from the float64 reference by {diff:.3g}"
+                )
     return worst
 
 
-def time_all(sizes, threads: int, rounds_for, modules: dict, progress, skip_textbook_above: int,
-             skip_others_above: int = 1 << 30) -> dict:
+def time_all(
+    sizes,
+    threads: int,
+    rounds_for,
+    modules: dict,
+    progress,
+    skip_textbook_above: int,
+    skip_others_above: int = 1 << 30,
+) -> dict:
     """Median seconds of every contender at every ``n``, full and causal, plus the bounds.
 
     Returns ``{"full"|"causal": {name: {n: seconds}}}``; names include ``bound`` and
@@ -143,8 +164,12 @@ def time_all(sizes, threads: int, rounds_for, modules: dict, progress, skip_text
     for n in sizes:
         for causal in (False, True):
             kind = "causal" if causal else "full"
-            here = [m for m in names if not (m == "textbook" and n > skip_textbook_above)
-                    and not (m in ("torch tiled", "tf tiled") and n > skip_others_above)]
+            here = [
+                m
+                for m in names
+                if not (m == "textbook" and n > skip_textbook_above)
+                and not (m in ("torch tiled", "tf tiled") and n > skip_others_above)
+            ]
             if not causal:
                 here += PRODUCTS
             progress(f"attention n={n} {kind}, {threads} thread(s): {', '.join(here)}")
@@ -155,8 +180,11 @@ def time_all(sizes, threads: int, rounds_for, modules: dict, progress, skip_text
             for m, seconds in medians.items():
                 results[kind].setdefault(m, {})[n] = seconds
             flops = 4 * n * n * D if not causal else 2 * n * (n + 1) * D
-            products = results["full"]["Q K^T"][n] + results["full"]["P V"][n]  # 4 n^2 d flops
-            results[kind].setdefault("bound", {})[n] = products * flops / (4 * n * n * D)
+            # 4 n^2 d flops
+            products = results["full"]["Q K^T"][n] + results["full"]["P V"][n]
+            results[kind].setdefault("bound", {})[n] = (
+                products * flops / (4 * n * n * D)
+            )
             results[kind].setdefault("bound (peak)", {})[n] = flops / peak_rate
     for m in PRODUCTS:
         del results["full"][m]
@@ -171,7 +199,7 @@ def matmul_peak_rate(threads: int, size: int = 1024) -> float:
     a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
     with threadpool_limits(limits=threads, user_api="blas"):
         seconds = timing.race({"square": lambda: a @ b}, 5)["square"]
-    return 2 * size ** 3 / seconds
+    return 2 * size**3 / seconds
 
 
 def equal_threads(sizes, thread_counts, rounds_for, modules: dict, progress) -> dict:
@@ -186,25 +214,34 @@ def equal_threads(sizes, thread_counts, rounds_for, modules: dict, progress) -> 
         for n in sizes:
             for causal in (False, True):
                 kind = "causal" if causal else "full"
-                progress(f"equal threads: n={n} {kind}, {threads} thread(s): {', '.join(names)}")
+                progress(
+                    f"equal threads: n={n} {kind}, {threads} thread(s): {', '.join(names)}"
+                )
                 with threadpool_limits(limits=threads, user_api="blas"):
                     runs = {m: contender(m, n, causal, threads, modules) for m in names}
                     medians = timing.race(runs, rounds_for(n), warmup=n < WARMUP_BELOW)
                 for m, seconds in medians.items():
-                    results.setdefault(threads, {}).setdefault(kind, {}).setdefault(m, {})[n] = seconds
+                    results.setdefault(threads, {}).setdefault(kind, {}).setdefault(
+                        m, {}
+                    )[n] = seconds
     return results
 
 
 # --- peak extra memory -------------------------------------------------------------------------
 
-def numpy_memory(sizes, threads: int, progress, skip_textbook_above: int, tiled_only_above: int) -> dict:
+
+def numpy_memory(
+    sizes, threads: int, progress, skip_textbook_above: int, tiled_only_above: int
+) -> dict:
     """Peak extra bytes (tracemalloc) of the numpy contenders: ``{kind: {name: {n: bytes}}}``."""
     results = {"full": {}, "causal": {}}
     for n in sizes:
         for causal in (False, True):
             kind = "causal" if causal else "full"
             for name in NUMPY:
-                if (name == "textbook" and n > skip_textbook_above) or (name != "tiled" and n > tiled_only_above):
+                if (name == "textbook" and n > skip_textbook_above) or (
+                    name != "tiled" and n > tiled_only_above
+                ):
                     continue
                 progress(f"memory (tracemalloc) n={n} {kind}: {name}")
                 run = contender(name, n, causal, threads, {})
@@ -220,32 +257,51 @@ def framework_memory(sizes, names, threads: int, progress) -> dict:
         wanted = [m for m in names if m in group]
         if not wanted or not sizes:
             continue
-        progress(f"memory (fresh process, resident size) n={list(sizes)}: {', '.join(wanted)}")
-        request = json.dumps({"sizes": list(sizes), "names": wanted, "threads": threads})
-        done = subprocess.run([sys.executable, "-m", "companion.bench.memprobe", request],
-                              capture_output=True, text=True, env=timing.fresh_process_env())
+        progress(
+            f"memory (fresh process, resident size) n={list(sizes)}: {', '.join(wanted)}"
+        )
+        request = json.dumps(
+            {"sizes": list(sizes), "names": wanted, "threads": threads}
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "companion.bench.memprobe", request],
+            capture_output=True,
+            text=True,
+            env=timing.fresh_process_env(),
+        )
         if done.returncode != 0:
-            progress(f"memory probe failed for {', '.join(wanted)}: {done.stderr.strip()[-500:]}")
+            progress(
+                f"memory probe failed for {', '.join(wanted)}: {done.stderr.strip()[-500:]}"
+            )
             continue
         for kind, per_name in json.loads(done.stdout.strip().splitlines()[-1]).items():
             for name, per_n in per_name.items():
-                results[kind].setdefault(name, {}).update({int(n): b for n, b in per_n.items()})
+                results[kind].setdefault(name, {}).update(
+                    {int(n): b for n, b in per_n.items()}
+                )
     return results
 
 
 def probe(request: dict) -> dict:
     """Run in a fresh process (:mod:`companion.bench.memprobe`): resident peaks per contender and n."""
     names = request["names"]
-    modules = {"torch": timing.framework("torch") if any(m in TORCH for m in names) else None,
-               "tensorflow": timing.framework("tensorflow") if any(m in TENSORFLOW for m in names) else None}
+    modules = {
+        "torch": timing.framework("torch") if any(m in TORCH for m in names) else None,
+        "tensorflow": timing.framework("tensorflow")
+        if any(m in TENSORFLOW for m in names)
+        else None,
+    }
     timing.set_threads(request["threads"], modules["torch"])
     results = {"full": {}, "causal": {}}
     for name in names:
-        contender(name, 64, False, request["threads"], modules)()  # load kernels before measuring
+        # load kernels before measuring
+        contender(name, 64, False, request["threads"], modules)()
         for n in request["sizes"]:
             for causal in (False, True):
                 run = contender(name, n, causal, request["threads"], modules)
-                results["causal" if causal else "full"].setdefault(name, {})[n] = timing.resident_peak(run)
+                results["causal" if causal else "full"].setdefault(name, {})[n] = (
+                    timing.resident_peak(run)
+                )
                 del run
     return results
 
@@ -253,4 +309,3 @@ def probe(request: dict) -> dict:
 def scores_bytes(n: int) -> int:
     """Bytes of one ``n x n`` float32 score matrix, for scale."""
     return 4 * n * n
-

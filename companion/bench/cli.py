@@ -19,12 +19,15 @@ class Config:
 
     sizes: tuple[int, ...]  # attention timings
     memory_sizes: tuple[int, ...]  # attention peak memory (numpy)
-    framework_memory_sizes: tuple[int, ...]  # attention peak memory (torch, tf; fresh process)
+    # attention peak memory (torch, tf; fresh process)
+    framework_memory_sizes: tuple[int, ...]
     equal_thread_sizes: tuple[int, ...]
-    textbook_up_to: int  # the textbook line holds n x n float64 matrices: not above this n
+    # the textbook line holds n x n float64 matrices: not above this n
+    textbook_up_to: int
     numpy_memory_up_to: int  # above this n only the tiled kernel's memory is measured
     rounds: dict = field(default_factory=dict)  # n -> rounds (largest key <= n)
-    others_up_to: int = 1 << 30  # torch tiled and tf tiled (not in the targets) are timed up to this n
+    # torch tiled and tf tiled (not in the targets) are timed up to this n
+    others_up_to: int = 1 << 30
     conv_cases: dict = field(default_factory=lambda: dict(conv.CASES))
     conv_rounds: int = 5
     decode_steps: int = 256
@@ -36,18 +39,41 @@ class Config:
 
 
 CONFIGS = {
-    "full": Config(sizes=(512, 1024, 2048, 4096, 8192, 16384),
-                   memory_sizes=(512, 1024, 2048, 4096, 8192, 16384, 32768),
-                   framework_memory_sizes=(512, 1024, 2048, 4096, 8192, 16384),
-                   equal_thread_sizes=(1024, 2048, 4096), textbook_up_to=16384, numpy_memory_up_to=16384,
-                   rounds={0: 7, 2048: 5, 8192: 2, 16384: 1}, others_up_to=8192),
-    "quick": Config(sizes=(512, 1024, 2048, 4096), memory_sizes=(1024, 4096, 16384), framework_memory_sizes=(),
-                    equal_thread_sizes=(4096,), textbook_up_to=4096, numpy_memory_up_to=4096,
-                    rounds={0: 3, 4096: 2}, conv_rounds=3, decode_rounds=1),
-    "tiny": Config(sizes=(128, 256), memory_sizes=(256,), framework_memory_sizes=(256,),
-                   equal_thread_sizes=(256,), textbook_up_to=256, numpy_memory_up_to=256, rounds={0: 1},
-                   conv_cases=dict(conv.TINY_CASES), conv_rounds=1, decode_steps=8,
-                   decode_model=dict(decoding.TINY_MODEL), decode_rounds=1),
+    "full": Config(
+        sizes=(512, 1024, 2048, 4096, 8192, 16384),
+        memory_sizes=(512, 1024, 2048, 4096, 8192, 16384, 32768),
+        framework_memory_sizes=(512, 1024, 2048, 4096, 8192, 16384),
+        equal_thread_sizes=(1024, 2048, 4096),
+        textbook_up_to=16384,
+        numpy_memory_up_to=16384,
+        rounds={0: 7, 2048: 5, 8192: 2, 16384: 1},
+        others_up_to=8192,
+    ),
+    "quick": Config(
+        sizes=(512, 1024, 2048, 4096),
+        memory_sizes=(1024, 4096, 16384),
+        framework_memory_sizes=(),
+        equal_thread_sizes=(4096,),
+        textbook_up_to=4096,
+        numpy_memory_up_to=4096,
+        rounds={0: 3, 4096: 2},
+        conv_rounds=3,
+        decode_rounds=1,
+    ),
+    "tiny": Config(
+        sizes=(128, 256),
+        memory_sizes=(256,),
+        framework_memory_sizes=(256,),
+        equal_thread_sizes=(256,),
+        textbook_up_to=256,
+        numpy_memory_up_to=256,
+        rounds={0: 1},
+        conv_cases=dict(conv.TINY_CASES),
+        conv_rounds=1,
+        decode_steps=8,
+        decode_model=dict(decoding.TINY_MODEL),
+        decode_rounds=1,
+    ),
 }
 SECTIONS = ("attention", "memory", "conv", "decoding")
 
@@ -56,16 +82,39 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m companion.bench",
         description="Attention, convolution and decoding, measured side by side in one run; prints ratios "
-                    "and the targets of the book chapter 'Making it fast'.")
-    parser.add_argument("--quick", action="store_true", help="a run of about a minute (same as --size quick)")
-    parser.add_argument("--size", choices=sorted(CONFIGS), default=None, help="run size (default: full)")
+        "and the targets of the book chapter 'Making it fast'.",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a run of about a minute (same as --size quick)",
+    )
+    parser.add_argument(
+        "--size", choices=sorted(CONFIGS), default=None, help="run size (default: full)"
+    )
     parser.add_argument("--json", metavar="PATH", help="write the raw numbers to PATH")
     parser.add_argument("--plot", metavar="DIR", help="write PNG figures into DIR")
-    parser.add_argument("--only", metavar="SECTION", action="append", choices=SECTIONS,
-                        help="measure only this section (repeatable)")
-    parser.add_argument("--without", metavar="FRAMEWORK", action="append", choices=("torch", "tensorflow"),
-                        default=[], help="leave a framework out as if it were not installed (repeatable)")
-    parser.add_argument("--threads", type=int, default=None, help="threads for the main tables (default: all cores)")
+    parser.add_argument(
+        "--only",
+        metavar="SECTION",
+        action="append",
+        choices=SECTIONS,
+        help="measure only this section (repeatable)",
+    )
+    parser.add_argument(
+        "--without",
+        metavar="FRAMEWORK",
+        action="append",
+        choices=("torch", "tensorflow"),
+        default=[],
+        help="leave a framework out as if it were not installed (repeatable)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for the main tables (default: all cores)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     if args.quick and args.size not in (None, "quick"):
@@ -84,62 +133,112 @@ def run(config: Config, *, threads: int, sections, without, progress) -> dict:
         if module is None:
             notes.append(f"{name} is not available: its columns are skipped")
     if modules["torch"] is not None:
-        notes.append(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} (idle torch threads "
-                     "do not spin on the cores the next contender needs)")
+        notes.append(
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} (idle torch threads "
+            "do not spin on the cores the next contender needs)"
+        )
     if modules["tensorflow"] is not None:
-        notes.append("tf.nn.conv2d and tf tiled run at TensorFlow's own thread count; "
-                     "TF_ENABLE_ONEDNN_OPTS=" + os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset"))
+        notes.append(
+            "tf.nn.conv2d and tf tiled run at TensorFlow's own thread count; "
+            "TF_ENABLE_ONEDNN_OPTS=" + os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset")
+        )
     thread_counts = sorted({1, threads})
-    results = {"config": asdict(config), "threads": threads, "notes": notes,
-               "machine": {"cores": timing.cores(), "platform": platform.platform(),
-                           "processor": platform.processor(), "python": platform.python_version()},
-               "load_average_start": timing.load_average()}
+    results = {
+        "config": asdict(config),
+        "threads": threads,
+        "notes": notes,
+        "machine": {
+            "cores": timing.cores(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "python": platform.python_version(),
+        },
+        "load_average_start": timing.load_average(),
+    }
     if "attention" in sections:
         progress("checking every attention contender against the float64 reference")
         diffs = attention.check_outputs(modules)
         att = {"threads": threads, "max_abs_diff": diffs}
-        att["times"] = attention.time_all(config.sizes, threads, config.rounds_for, modules, progress,
-                                          config.textbook_up_to, config.others_up_to)
+        att["times"] = attention.time_all(
+            config.sizes,
+            threads,
+            config.rounds_for,
+            modules,
+            progress,
+            config.textbook_up_to,
+            config.others_up_to,
+        )
         if modules["torch"] is not None:
-            att["equal_threads"] = attention.equal_threads(config.equal_thread_sizes, thread_counts,
-                                                           config.rounds_for, modules, progress)
+            att["equal_threads"] = attention.equal_threads(
+                config.equal_thread_sizes,
+                thread_counts,
+                config.rounds_for,
+                modules,
+                progress,
+            )
         att["memory"] = {"full": {}, "causal": {}}
         results["attention"] = att
     if "memory" in sections:
-        att = results.setdefault("attention", {"threads": threads, "times": {"full": {}, "causal": {}}})
-        memory = attention.numpy_memory(config.memory_sizes, threads, progress, config.textbook_up_to,
-                                        config.numpy_memory_up_to)
+        att = results.setdefault(
+            "attention", {"threads": threads, "times": {"full": {}, "causal": {}}}
+        )
+        memory = attention.numpy_memory(
+            config.memory_sizes,
+            threads,
+            progress,
+            config.textbook_up_to,
+            config.numpy_memory_up_to,
+        )
         names = [m for m in attention.available(modules) if m not in attention.NUMPY]
-        framework = attention.framework_memory(config.framework_memory_sizes, names, threads, progress)
+        framework = attention.framework_memory(
+            config.framework_memory_sizes, names, threads, progress
+        )
         for kind in ("full", "causal"):
             memory[kind].update(framework[kind])
         att["memory"] = memory
     if "conv" in sections:
-        results["conv"] = conv.run_all(config.conv_cases, thread_counts, threads, config.conv_rounds, modules,
-                                       progress)
+        results["conv"] = conv.run_all(
+            config.conv_cases,
+            thread_counts,
+            threads,
+            config.conv_rounds,
+            modules,
+            progress,
+        )
     if "decoding" in sections:
-        results["decoding"] = decoding.run_all(config.decode_steps, config.decode_model, config.decode_rounds,
-                                               progress)
+        results["decoding"] = decoding.run_all(
+            config.decode_steps, config.decode_model, config.decode_rounds, progress
+        )
     results["load_average_end"] = timing.load_average()
     results["targets"] = report.targets(results)
     return results
 
 
 def render(results: dict) -> str:
-    parts = [f"companion.bench: {results['machine']['cores']} core(s), {results['machine']['platform']}; "
-             f"load average {results['load_average_start']} (start), {results['load_average_end']} (end)"]
+    parts = [
+        f"companion.bench: {results['machine']['cores']} core(s), {results['machine']['platform']}; "
+        f"load average {results['load_average_start']} (start), {results['load_average_end']} (end)"
+    ]
     parts += [f"note: {note}" for note in results["notes"]]
     att = results.get("attention")
     if att and att["times"]["full"]:
         parts.append(report.attention_tables(att))
-        diffs = ", ".join(f"{m} {d:.1e}" for m, d in att.get("max_abs_diff", {}).items())
-        parts.append(f"attention outputs, max |difference| from the float64 reference at n = 256: {diffs}")
-        parts.append("bound = 4 n^2 d / rate (causal: 2 n (n + 1) d / rate), the rate measured on Q K^T and P V "
-                     "themselves in this run; bound (peak) uses a 1024^3 square product's rate")
+        diffs = ", ".join(
+            f"{m} {d:.1e}" for m, d in att.get("max_abs_diff", {}).items()
+        )
+        parts.append(
+            f"attention outputs, max |difference| from the float64 reference at n = 256: {diffs}"
+        )
+        parts.append(
+            "bound = 4 n^2 d / rate (causal: 2 n (n + 1) d / rate), the rate measured on Q K^T and P V "
+            "themselves in this run; bound (peak) uses a 1024^3 square product's rate"
+        )
     elif att:
         parts.append(report.attention_tables({**att, "equal_threads": {}}))
     if "conv" in results:
-        parts.append(report.conv_tables(results["conv"], results["config"]["conv_cases"]))
+        parts.append(
+            report.conv_tables(results["conv"], results["config"]["conv_cases"])
+        )
     if "decoding" in results:
         parts.append(report.decoding_table(results["decoding"]))
     parts.append(report.targets_table(results["targets"]))
@@ -152,10 +251,17 @@ def main(argv=None) -> int:
     threads = args.threads or timing.cores()
     sections = tuple(args.only or SECTIONS)
     started = time.perf_counter()
-    progress(f"companion.bench --size {args.size}, {threads} thread(s), sections: {', '.join(sections)}; "
-             f"load average {timing.load_average()}")
-    results = run(CONFIGS[args.size], threads=threads, sections=sections, without=set(args.without),
-                  progress=progress)
+    progress(
+        f"companion.bench --size {args.size}, {threads} thread(s), sections: {', '.join(sections)}; "
+        f"load average {timing.load_average()}"
+    )
+    results = run(
+        CONFIGS[args.size],
+        threads=threads,
+        sections=sections,
+        without=set(args.without),
+        progress=progress,
+    )
     results["seconds"] = time.perf_counter() - started
     print(render(results))
     print(f"\n(run took {results['seconds']:.0f} s)")

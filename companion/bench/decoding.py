@@ -28,13 +28,26 @@ TINY_MODEL = dict(vocab=32, embed_dim=16, num_heads=4, layers=1, prompt=4)
 class TinyDecoder:
     """Embeddings tied to the output, ``layers`` residual causal self-attention blocks."""
 
-    def __init__(self, vocab: int, embed_dim: int, num_heads: int, layers: int, num_kv_heads=None, seed: int = 0):
+    def __init__(
+        self,
+        vocab: int,
+        embed_dim: int,
+        num_heads: int,
+        layers: int,
+        num_kv_heads=None,
+        seed: int = 0,
+    ):
         from companion.numpy import MultiHeadParams
 
         rng = np.random.default_rng(seed)
-        self.embedding = rng.standard_normal((vocab, embed_dim)) / np.sqrt(embed_dim)  # (V, E)
-        self.blocks = [MultiHeadParams.random(embed_dim, num_heads, num_kv_heads, seed=seed + 1 + i)
-                       for i in range(layers)]
+        # (V, E)
+        self.embedding = rng.standard_normal((vocab, embed_dim)) / np.sqrt(embed_dim)
+        self.blocks = [
+            MultiHeadParams.random(
+                embed_dim, num_heads, num_kv_heads, seed=seed + 1 + i
+            )
+            for i in range(layers)
+        ]
 
     def logits(self, tokens: np.ndarray, caches=None) -> np.ndarray:
         """Logits of the last position ``(B, V)`` for ``tokens (B, L)`` (the new ones, with caches)."""
@@ -43,7 +56,8 @@ class TinyDecoder:
         h = self.embedding[tokens]  # (B, L, E)
         for i, params in enumerate(self.blocks):
             cache = None if caches is None else caches[i]
-            h = h + multi_head_attention(h, h, params, causal=True, cache=cache)  # (B, L, E)
+            # (B, L, E)
+            h = h + multi_head_attention(h, h, params, causal=True, cache=cache)
         return h[:, -1] @ self.embedding.T  # (B, V)
 
 
@@ -62,7 +76,7 @@ def generate(model: TinyDecoder, prompt: np.ndarray, steps: int, cached: bool):
         all_logits.append(logits)
         tokens = np.concatenate([tokens, choice], axis=1)  # (B, L + 1)
         new = choice
-    return tokens[:, prompt.shape[1]:], np.stack(all_logits), caches, seconds
+    return tokens[:, prompt.shape[1] :], np.stack(all_logits), caches, seconds
 
 
 def run_all(steps: int, model_size: dict, rounds: int, progress) -> dict:
@@ -79,11 +93,18 @@ def run_all(steps: int, model_size: dict, rounds: int, progress) -> dict:
     sizes = dict(model_size)
     prompt_len = sizes.pop("prompt")
     H = sizes["num_heads"]
-    prompt = np.random.default_rng(1).integers(0, sizes["vocab"], size=(1, prompt_len))  # (B=1, prompt)
+    # (B=1, prompt)
+    prompt = np.random.default_rng(1).integers(0, sizes["vocab"], size=(1, prompt_len))
     results = {"steps": steps, "model": dict(model_size), "heads": {}}
-    for label, H_kv in (("multi-head", H), ("grouped-query", max(1, H // 4)), ("multi-query", 1)):
+    for label, H_kv in (
+        ("multi-head", H),
+        ("grouped-query", max(1, H // 4)),
+        ("multi-query", 1),
+    ):
         model = TinyDecoder(**sizes, num_kv_heads=H_kv)
-        progress(f"decoding {steps} tokens, {label} (H={H}, H_kv={H_kv}): cached vs recompute")
+        progress(
+            f"decoding {steps} tokens, {label} (H={H}, H_kv={H_kv}): cached vs recompute"
+        )
         seconds = {"cached": [], "recompute": []}
         per_step = {"cached": [], "recompute": []}
         outputs = {}
@@ -93,24 +114,38 @@ def run_all(steps: int, model_size: dict, rounds: int, progress) -> dict:
                     if way == "recompute" and label != "multi-head" and round_ > 0:
                         continue
                     start = time.perf_counter()
-                    outputs[way] = generate(model, prompt, steps, cached=(way == "cached"))
+                    outputs[way] = generate(
+                        model, prompt, steps, cached=(way == "cached")
+                    )
                     seconds[way].append(time.perf_counter() - start)
                     per_step[way].append(outputs[way][3])
-        (tok_c, log_c, caches, _), (tok_r, log_r, _, _) = outputs["cached"], outputs["recompute"]
+        (tok_c, log_c, caches, _), (tok_r, log_r, _, _) = (
+            outputs["cached"],
+            outputs["recompute"],
+        )
         identical = bool(np.array_equal(tok_c, tok_r))
         if not identical:
-            raise AssertionError(f"decoding ({label}): cached and recomputed tokens differ")
+            raise AssertionError(
+                f"decoding ({label}): cached and recomputed tokens differ"
+            )
         length = prompt_len + steps - 1  # positions cached after the last step
         head_dim = sizes["embed_dim"] // H
         results["heads"][label] = {
             "num_kv_heads": H_kv,
             "seconds": {way: float(np.median(s)) for way, s in seconds.items()},
-            "per_token_ms": {way: 1e3 * float(np.median(s)) / steps for way, s in seconds.items()},
-            "step_ms": {way: (1e3 * np.median(np.array(s), axis=0)).tolist() for way, s in per_step.items()},
+            "per_token_ms": {
+                way: 1e3 * float(np.median(s)) / steps for way, s in seconds.items()
+            },
+            "step_ms": {
+                way: (1e3 * np.median(np.array(s), axis=0)).tolist()
+                for way, s in per_step.items()
+            },
             "identical_tokens": identical,
             "max_abs_logit_diff": float(np.max(np.abs(log_c - log_r))),
             "cache_filled_bytes": sum(c.key.nbytes + c.value.nbytes for c in caches),
-            "cache_formula_bytes": kv_cache_bytes(len(model.blocks), H_kv, head_dim, length, 1, dtype_bytes=8),
+            "cache_formula_bytes": kv_cache_bytes(
+                len(model.blocks), H_kv, head_dim, length, 1, dtype_bytes=8
+            ),
             "cache_held_bytes": sum(c.nbytes for c in caches),
         }
     return results

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from companion.bench.timing import MiB
 
-ATTENTION_ORDER = ("textbook", "reference", "tiled", "torch tiled", "tf tiled", "torch SDPA", "bound", "bound (peak)")
+ATTENTION_ORDER = (
+    "textbook",
+    "reference",
+    "tiled",
+    "torch tiled",
+    "tf tiled",
+    "torch SDPA",
+    "bound",
+    "bound (peak)",
+)
 
 
 def _fmt_ms(seconds) -> str:
@@ -17,8 +26,17 @@ def _fmt_mib(nbytes) -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+    # noqa: E731
+    line = lambda r: (
+        "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
+    )
+    return "\n".join(
+        [
+            line(header),
+            "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+            *map(line, rows),
+        ]
+    )
 
 
 def attention_tables(att: dict) -> str:
@@ -35,8 +53,10 @@ def attention_tables(att: dict) -> str:
                 t = times[m].get(n)
                 row.append("-" if t is None else f"{_fmt_ms(t)} ({t / tiled:.2f}x)")
             rows.append(row)
-        out.append(f"Attention, {kind}, one head, d = 64, float32, {att['threads']} thread(s): "
-                   f"median ms (time / tiled)")
+        out.append(
+            f"Attention, {kind}, one head, d = 64, float32, {att['threads']} thread(s): "
+            f"median ms (time / tiled)"
+        )
         out.append(_table(["n", *names], rows))
     for threads, per_kind in sorted(att.get("equal_threads", {}).items()):
         rows = []
@@ -44,18 +64,36 @@ def attention_tables(att: dict) -> str:
             res = per_kind[kind]
             for n in sorted(res["tiled"]):
                 sdpa = res.get("torch SDPA", {}).get(n)
-                rows.append([kind, str(n), _fmt_ms(res["tiled"][n]), _fmt_ms(sdpa),
-                             "-" if sdpa is None else f"{res['tiled'][n] / sdpa:.2f}"])
-        out.append(f"Equal threads ({threads}): numpy attention_tiled vs torch SDPA, median ms")
+                rows.append(
+                    [
+                        kind,
+                        str(n),
+                        _fmt_ms(res["tiled"][n]),
+                        _fmt_ms(sdpa),
+                        "-" if sdpa is None else f"{res['tiled'][n] / sdpa:.2f}",
+                    ]
+                )
+        out.append(
+            f"Equal threads ({threads}): numpy attention_tiled vs torch SDPA, median ms"
+        )
         out.append(_table(["kind", "n", "tiled", "torch SDPA", "tiled / SDPA"], rows))
     mem = att["memory"]
     for kind in ("full", "causal"):
         per_name = mem[kind]
         names = [m for m in ATTENTION_ORDER if m in per_name]
         sizes = sorted({n for m in names for n in per_name[m]})
-        rows = [[str(n), _fmt_mib(4 * n * n), *(_fmt_mib(per_name[m].get(n)) for m in names)] for n in sizes]
-        out.append(f"Peak extra memory, {kind}, MiB (numpy: tracemalloc; torch/tf: resident size, fresh "
-                   f"process); 'n x n f32' is one score matrix, for scale")
+        rows = [
+            [
+                str(n),
+                _fmt_mib(4 * n * n),
+                *(_fmt_mib(per_name[m].get(n)) for m in names),
+            ]
+            for n in sizes
+        ]
+        out.append(
+            f"Peak extra memory, {kind}, MiB (numpy: tracemalloc; torch/tf: resident size, fresh "
+            f"process); 'n x n f32' is one score matrix, for scale"
+        )
         out.append(_table(["n", "n x n f32", *names], rows))
     return "\n\n".join(out)
 
@@ -70,30 +108,58 @@ def conv_tables(conv: dict, cases: dict) -> str:
                 t = times.get(m)
                 cells.append("-" if t is None else f"{_fmt_ms(t)} ({t / im2col:.2f}x)")
             rows.append([f"{case} {cases[case]}", str(threads), *cells])
-    diffs = "; ".join(f"{case}: " + ", ".join(f"{m} {d:.1e}" for m, d in per.items())
-                      for case, per in conv["max_abs_diff"].items())
-    return ("Convolution, float32, (N, C_in, H, W, C_out, k), padding 1: median ms (time / im2col)\n"
-            + _table(["case", "threads", "reference", "im2col", "torch", "tf"], rows)
-            + f"\nmax |difference| (small: from the float64 loops; resnet: from torch): {diffs}")
+    diffs = "; ".join(
+        f"{case}: " + ", ".join(f"{m} {d:.1e}" for m, d in per.items())
+        for case, per in conv["max_abs_diff"].items()
+    )
+    return (
+        "Convolution, float32, (N, C_in, H, W, C_out, k), padding 1: median ms (time / im2col)\n"
+        + _table(["case", "threads", "reference", "im2col", "torch", "tf"], rows)
+        + f"\nmax |difference| (small: from the float64 loops; resnet: from torch): {diffs}"
+    )
 
 
 def decoding_table(dec: dict) -> str:
     rows = []
     for label, r in dec["heads"].items():
-        rows.append([label, str(r["num_kv_heads"]), f"{r['per_token_ms']['cached']:.2f}",
-                     f"{r['per_token_ms']['recompute']:.2f}",
-                     f"{r['seconds']['recompute'] / r['seconds']['cached']:.1f}x",
-                     "yes" if r["identical_tokens"] else "NO", f"{r['max_abs_logit_diff']:.1e}",
-                     f"{r['cache_filled_bytes'] / 1024:.0f}", f"{r['cache_formula_bytes'] / 1024:.0f}",
-                     f"{r['cache_held_bytes'] / 1024:.0f}"])
+        rows.append(
+            [
+                label,
+                str(r["num_kv_heads"]),
+                f"{r['per_token_ms']['cached']:.2f}",
+                f"{r['per_token_ms']['recompute']:.2f}",
+                f"{r['seconds']['recompute'] / r['seconds']['cached']:.1f}x",
+                "yes" if r["identical_tokens"] else "NO",
+                f"{r['max_abs_logit_diff']:.1e}",
+                f"{r['cache_filled_bytes'] / 1024:.0f}",
+                f"{r['cache_formula_bytes'] / 1024:.0f}",
+                f"{r['cache_held_bytes'] / 1024:.0f}",
+            ]
+        )
     m = dec["model"]
-    return (f"Decoding {dec['steps']} tokens (greedy, float64; V={m['vocab']}, E={m['embed_dim']}, "
-            f"H={m['num_heads']}, layers={m['layers']}, prompt={m['prompt']}): ms per token\n"
-            + _table(["heads", "H_kv", "cached", "recompute", "speed-up", "same tokens", "max |logit diff|",
-                      "cache KiB", "formula KiB", "held KiB (capacity)"], rows))
+    return (
+        f"Decoding {dec['steps']} tokens (greedy, float64; V={m['vocab']}, E={m['embed_dim']}, "
+        f"H={m['num_heads']}, layers={m['layers']}, prompt={m['prompt']}): ms per token\n"
+        + _table(
+            [
+                "heads",
+                "H_kv",
+                "cached",
+                "recompute",
+                "speed-up",
+                "same tokens",
+                "max |logit diff|",
+                "cache KiB",
+                "formula KiB",
+                "held KiB (capacity)",
+            ],
+            rows,
+        )
+    )
 
 
 # --- targets --------------------------------------------------------------------------------
+
 
 def targets(results: dict) -> list[dict]:
     """Every target of the issue, with the measured value, the limit and PASS/FAIL/n/a."""
@@ -101,56 +167,126 @@ def targets(results: dict) -> list[dict]:
 
     def add(name, value, limit, at_most: bool, unit="x"):
         if value is None:
-            rows.append(dict(target=name, value=None, limit=limit, at_most=at_most, status="n/a", unit=unit))
+            rows.append(
+                dict(
+                    target=name,
+                    value=None,
+                    limit=limit,
+                    at_most=at_most,
+                    status="n/a",
+                    unit=unit,
+                )
+            )
             return
         ok = value <= limit if at_most else value >= limit
-        rows.append(dict(target=name, value=value, limit=limit, at_most=at_most, status="PASS" if ok else "FAIL",
-                         unit=unit))
+        rows.append(
+            dict(
+                target=name,
+                value=value,
+                limit=limit,
+                at_most=at_most,
+                status="PASS" if ok else "FAIL",
+                unit=unit,
+            )
+        )
 
     att = results.get("attention")
     if att:
         full = att["times"]["full"]
-        t_at = lambda m, n, kind="full": att["times"][kind].get(m, {}).get(n)  # noqa: E731
+        # noqa: E731
+        t_at = lambda m, n, kind="full": att["times"][kind].get(m, {}).get(n)
         n0 = 4096
-        ratio = None if t_at("tiled", n0) is None else t_at("tiled", n0) / t_at("bound", n0)
-        add(f"tiled (numpy, f32, n = {n0}, {att['threads']} threads) / matrix-product bound", ratio, 1.8, True)
-        speedups = [t_at("textbook", n, kind) / t_at("tiled", n, kind) for kind in ("full", "causal")
-                    for n in full.get("textbook", {}) if n >= 2048 and t_at("textbook", n, kind)]
-        add("textbook / tiled, n >= 2048 (full and causal, the smallest)", min(speedups) if speedups else None,
-            3.0, False)
+        ratio = (
+            None if t_at("tiled", n0) is None else t_at("tiled", n0) / t_at("bound", n0)
+        )
+        add(
+            f"tiled (numpy, f32, n = {n0}, {att['threads']} threads) / matrix-product bound",
+            ratio,
+            1.8,
+            True,
+        )
+        speedups = [
+            t_at("textbook", n, kind) / t_at("tiled", n, kind)
+            for kind in ("full", "causal")
+            for n in full.get("textbook", {})
+            if n >= 2048 and t_at("textbook", n, kind)
+        ]
+        add(
+            "textbook / tiled, n >= 2048 (full and causal, the smallest)",
+            min(speedups) if speedups else None,
+            3.0,
+            False,
+        )
         for threads, per_kind in sorted(att.get("equal_threads", {}).items()):
             for kind, limit in (("full", 1.3), ("causal", 1.0)):
                 res = per_kind[kind]
                 sdpa = res.get("torch SDPA", {}).get(n0)
-                value = None if sdpa is None or n0 not in res["tiled"] else res["tiled"][n0] / sdpa
-                add(f"tiled / torch SDPA, {kind}, n = {n0}, {threads} thread(s)", value, limit, True)
+                value = (
+                    None
+                    if sdpa is None or n0 not in res["tiled"]
+                    else res["tiled"][n0] / sdpa
+                )
+                add(
+                    f"tiled / torch SDPA, {kind}, n = {n0}, {threads} thread(s)",
+                    value,
+                    limit,
+                    True,
+                )
         for n, limit in ((16384, 16), (32768, 32)):
-            peaks = [att["memory"][kind].get("tiled", {}).get(n) for kind in ("full", "causal")]
+            peaks = [
+                att["memory"][kind].get("tiled", {}).get(n)
+                for kind in ("full", "causal")
+            ]
             peaks = [p for p in peaks if p is not None]
-            add(f"tiled peak extra memory, n = {n} (full and causal)", max(peaks) / MiB if peaks else None,
-                limit, True, "MiB")
+            add(
+                f"tiled peak extra memory, n = {n} (full and causal)",
+                max(peaks) / MiB if peaks else None,
+                limit,
+                True,
+                "MiB",
+            )
     conv = results.get("conv")
     if conv:
         small = conv["times"].get("small", {}).get(1, {})
-        add("conv2d_im2col vs conv2d_reference, small case, 1 thread (speed-up)",
-            small["reference"] / small["im2col"] if "reference" in small else None, 150, False)
+        add(
+            "conv2d_im2col vs conv2d_reference, small case, 1 thread (speed-up)",
+            small["reference"] / small["im2col"] if "reference" in small else None,
+            150,
+            False,
+        )
         for threads, limit in ((1, 2.2), (2, 2.6)):
             times = conv["times"].get("resnet", {}).get(threads, {})
-            add(f"conv2d_im2col / torch conv2d, ResNet-like layer, {threads} thread(s)",
-                times["im2col"] / times["torch"] if "torch" in times else None, limit, True)
+            add(
+                f"conv2d_im2col / torch conv2d, ResNet-like layer, {threads} thread(s)",
+                times["im2col"] / times["torch"] if "torch" in times else None,
+                limit,
+                True,
+            )
     dec = results.get("decoding")
     if dec:
         r = dec["heads"]["multi-head"]
-        speedup = r["seconds"]["recompute"] / r["seconds"]["cached"] if r["identical_tokens"] else 0.0
-        add(f"KV-cache decoding vs recomputation, {dec['steps']} tokens, identical tokens (speed-up)",
-            speedup, 5.0, False)
+        speedup = (
+            r["seconds"]["recompute"] / r["seconds"]["cached"]
+            if r["identical_tokens"]
+            else 0.0
+        )
+        add(
+            f"KV-cache decoding vs recomputation, {dec['steps']} tokens, identical tokens (speed-up)",
+            speedup,
+            5.0,
+            False,
+        )
     return rows
 
 
 def targets_table(rows: list[dict]) -> str:
     body = []
     for r in rows:
-        value = "-" if r["value"] is None else f"{r['value']:.2f}{' ' + r['unit'] if r['unit'] != 'x' else 'x'}"
+        value = (
+            "-"
+            if r["value"] is None
+            else f"{r['value']:.2f}{' ' + r['unit'] if r['unit'] != 'x' else 'x'}"
+        )
         sign = "<=" if r.get("at_most", True) else ">="
         limit = f"{sign} {r['limit']:g}{' ' + r['unit'] if r['unit'] != 'x' else 'x'}"
         body.append([r["target"], value, limit, r["status"]])
@@ -158,6 +294,7 @@ def targets_table(rows: list[dict]) -> str:
 
 
 # --- figures ---------------------------------------------------------------------------------
+
 
 def plot(results: dict, directory) -> list[str]:
     """PNG figures into ``directory``: attention time and memory vs n, decoding time per token."""
@@ -179,10 +316,17 @@ def plot(results: dict, directory) -> list[str]:
                 if not per_n:
                     continue
                 ns = sorted(per_n)
-                style = dict(linestyle="--", color="black") if m == "bound" else \
-                    dict(linestyle=":", color="grey") if m == "bound (peak)" else dict(marker="o", markersize=3)
+                style = (
+                    dict(linestyle="--", color="black")
+                    if m == "bound"
+                    else dict(linestyle=":", color="grey")
+                    if m == "bound (peak)"
+                    else dict(marker="o", markersize=3)
+                )
                 ax.loglog(ns, [1e3 * per_n[n] for n in ns], label=m, **style)
-            ax.set_title(f"{kind} attention, d = 64, float32, {att['threads']} thread(s)")
+            ax.set_title(
+                f"{kind} attention, d = 64, float32, {att['threads']} thread(s)"
+            )
             ax.set_xlabel("sequence length n")
             ax.grid(True, which="both", alpha=0.3)
         axes[0].set_ylabel("median time (ms)")
@@ -195,9 +339,17 @@ def plot(results: dict, directory) -> list[str]:
             per_n = {n: b for n, b in per_name.get(m, {}).items() if b}
             if per_n:
                 ns = sorted(per_n)
-                ax.loglog(ns, [per_n[n] / MiB for n in ns], marker="o", markersize=3, label=m)
+                ax.loglog(
+                    ns, [per_n[n] / MiB for n in ns], marker="o", markersize=3, label=m
+                )
         ns = sorted({n for per_n in per_name.values() for n in per_n})
-        ax.loglog(ns, [4 * n * n / MiB for n in ns], linestyle="--", color="black", label="one n x n f32 matrix")
+        ax.loglog(
+            ns,
+            [4 * n * n / MiB for n in ns],
+            linestyle="--",
+            color="black",
+            label="one n x n f32 matrix",
+        )
         ax.set_xlabel("sequence length n")
         ax.set_ylabel("peak extra memory (MiB)")
         ax.set_title("Peak extra memory, full attention")
@@ -210,10 +362,16 @@ def plot(results: dict, directory) -> list[str]:
         r = dec["heads"]["multi-head"]
         for way in ("recompute", "cached"):
             steps = r["step_ms"][way]
-            ax.semilogy(range(1, len(steps) + 1), steps, label=f"{way} ({r['per_token_ms'][way]:.2f} ms/token)")
+            ax.semilogy(
+                range(1, len(steps) + 1),
+                steps,
+                label=f"{way} ({r['per_token_ms'][way]:.2f} ms/token)",
+            )
         ax.set_xlabel("generated token")
         ax.set_ylabel("time of the step (ms)")
-        ax.set_title(f"Decoding {dec['steps']} tokens: KV cache vs recomputing the prefix")
+        ax.set_title(
+            f"Decoding {dec['steps']} tokens: KV cache vs recomputing the prefix"
+        )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         written.append(_save(fig, directory, "decoding_per_token.png"))
@@ -230,4 +388,3 @@ def _save(fig, directory, name) -> str:
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
     return path
-

@@ -18,7 +18,7 @@ import time
 import tracemalloc
 from typing import Callable
 
-MiB = 2 ** 20
+MiB = 2**20
 
 
 class Progress:
@@ -31,11 +31,19 @@ class Progress:
 
     def __call__(self, message: str) -> None:
         if not self.quiet:
-            print(f"[{time.perf_counter() - self.start:6.1f} s] {message}", file=self.stream, flush=True)
+            print(
+                f"[{time.perf_counter() - self.start:6.1f} s] {message}",
+                file=self.stream,
+                flush=True,
+            )
 
 
-def race(contenders: dict[str, Callable[[], object]], rounds: int, warmup: bool = True,
-         min_round_seconds: float = 0.02) -> dict[str, float]:
+def race(
+    contenders: dict[str, Callable[[], object]],
+    rounds: int,
+    warmup: bool = True,
+    min_round_seconds: float = 0.02,
+) -> dict[str, float]:
     """Median seconds per call of each zero-argument callable, timed in interleaved rounds (A B C A B C ...).
 
     The first (warm-up) call also sizes the rounds: a contender faster than
@@ -77,6 +85,7 @@ def traced_peak(run: Callable[[], object]) -> int:
 
 
 # --- resident memory, for allocations tracemalloc cannot see (torch, TensorFlow) ------------
+
 
 def _status_kib(field: str) -> int | None:
     try:
@@ -126,13 +135,17 @@ def resident_peak(run: Callable[[], object]) -> int | None:
 def fresh_process_env() -> dict[str, str]:
     """Environment for a memory-probe subprocess: glibc returns large blocks to the system."""
     env = dict(os.environ)
-    env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072",
-               TF_CPP_MIN_LOG_LEVEL=env.get("TF_CPP_MIN_LOG_LEVEL", "3"),
-               TF_ENABLE_ONEDNN_OPTS=env.get("TF_ENABLE_ONEDNN_OPTS", "0"))
+    env.update(
+        MALLOC_MMAP_THRESHOLD_="131072",
+        MALLOC_TRIM_THRESHOLD_="131072",
+        TF_CPP_MIN_LOG_LEVEL=env.get("TF_CPP_MIN_LOG_LEVEL", "3"),
+        TF_ENABLE_ONEDNN_OPTS=env.get("TF_ENABLE_ONEDNN_OPTS", "0"),
+    )
     return env
 
 
 # --- optional frameworks ---------------------------------------------------------------------
+
 
 def framework(name: str):
     """The module ``torch`` or ``tensorflow``, or ``None`` if it is not installed.
@@ -144,7 +157,8 @@ def framework(name: str):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         if name == "tensorflow":
-            importlib.import_module("companion.tensorflow")  # silences TF's C++ logs before it loads
+            # silences TF's C++ logs before it loads
+            importlib.import_module("companion.tensorflow")
         return importlib.import_module(name)
     except ImportError:
         return None

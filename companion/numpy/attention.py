@@ -42,6 +42,7 @@ _MAX_DEFAULT_THREADS = 8
 
 # --------------------------------------------------------------------------- helpers
 
+
 def _float_array(name: str, x) -> np.ndarray:
     """``x`` as a numpy array of a floating dtype (``TypeError`` otherwise); never a copy."""
     array = np.asarray(x)
@@ -67,8 +68,10 @@ def _validated(query, key, value, mask):
     value = _float_array("value", value)
     shapes = _checks.attention_shapes(query.shape, key.shape, value.shape)
     if not (query.dtype == key.dtype == value.dtype):
-        raise TypeError(f"query, key and value must have the same dtype, got {query.dtype}, "
-                        f"{key.dtype} and {value.dtype}")
+        raise TypeError(
+            f"query, key and value must have the same dtype, got {query.dtype}, "
+            f"{key.dtype} and {value.dtype}"
+        )
     return query, key, value, shapes, _validated_mask(mask, shapes)
 
 
@@ -78,8 +81,10 @@ def _validated_mask(mask, shapes: _checks.AttentionShapes):
         return None
     mask = np.asarray(mask)
     if mask.dtype != np.bool_ and mask.dtype.kind != "f":
-        raise TypeError(f"mask must be boolean (True = attend) or floating (added to the scaled scores), "
-                        f"got dtype {mask.dtype} with shape {mask.shape}")
+        raise TypeError(
+            f"mask must be boolean (True = attend) or floating (added to the scaled scores), "
+            f"got dtype {mask.dtype} with shape {mask.shape}"
+        )
     _checks.check_mask_shape(mask.shape, shapes)
     return mask
 
@@ -98,13 +103,15 @@ def _split_query_heads(x: np.ndarray, shapes: _checks.AttentionShapes) -> np.nda
 
 def _split_mask_heads(mask: np.ndarray, shapes: _checks.AttentionShapes) -> np.ndarray:
     """A mask broadcastable to ``(..., H, L, S)`` made broadcastable to ``(..., H_kv, group, L, S)``."""
-    mask = mask.reshape((1,) * (len(shapes.scores) - mask.ndim) + mask.shape)  # (..., H|1, L|1, S|1)
+    # (..., H|1, L|1, S|1)
+    mask = mask.reshape((1,) * (len(shapes.scores) - mask.ndim) + mask.shape)
     if mask.shape[-3] == 1:
         return mask[..., None, :, :]  # (..., 1, 1, L|1, S|1)
     return _split_query_heads(mask, shapes)  # (..., H_kv, group, L|1, S|1)
 
 
 # --------------------------------------------------------------------------- masks
+
 
 def causal_mask(L: int, S: int) -> np.ndarray:
     r"""The bottom-right aligned causal mask: query ``i`` may attend to key ``j`` iff ``j <= i + (S - L)``.
@@ -130,7 +137,11 @@ def causal_mask(L: int, S: int) -> np.ndarray:
     Explained in the book chapter *Attention: algorithm and math*.
     """
     for name, size in (("L", L), ("S", S)):
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
+        if (
+            isinstance(size, bool)
+            or not isinstance(size, (int, np.integer))
+            or size < 0
+        ):
             raise ValueError(f"{name} must be a non-negative int, got {size!r}")
     return np.tri(int(L), int(S), k=int(S) - int(L), dtype=bool)  # (L, S)
 
@@ -158,17 +169,22 @@ def padding_mask(lengths, S: int) -> np.ndarray:
         raise ValueError(f"S must be a non-negative int, got {S!r}")
     lengths = np.asarray(lengths)
     if lengths.ndim != 1:
-        raise ValueError(f"lengths must be 1-D (one length per sequence), got shape {lengths.shape}")
+        raise ValueError(
+            f"lengths must be 1-D (one length per sequence), got shape {lengths.shape}"
+        )
     if lengths.dtype.kind not in "iu":
         raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
     if lengths.size and (lengths.min() < 0 or lengths.max() > S):
-        raise ValueError(f"lengths must lie in [0, S={S}], got values from {lengths.min()} to {lengths.max()}")
+        raise ValueError(
+            f"lengths must lie in [0, S={S}], got values from {lengths.min()} to {lengths.max()}"
+        )
     positions = np.arange(S)  # (S,)
     is_real = positions[None, :] < lengths[:, None]  # (B, S)
     return is_real[:, None, None, :]  # (B, 1, 1, S)
 
 
 # --------------------------------------------------------------------------- softmax
+
 
 def softmax(x, axis: int = -1, mask=None) -> np.ndarray:
     r"""Numerically stable softmax along ``axis``; masked entries get exactly 0.
@@ -199,36 +215,46 @@ def softmax(x, axis: int = -1, mask=None) -> np.ndarray:
     if mask is not None:
         mask = np.asarray(mask)
         if mask.dtype != np.bool_:
-            raise TypeError(f"mask must be boolean (True = keep), got dtype {mask.dtype}")
+            raise TypeError(
+                f"mask must be boolean (True = keep), got dtype {mask.dtype}"
+            )
         try:
             shape = _checks.broadcast_shape(mask.shape, x.shape)
         except ValueError:
             shape = None
         if shape != x.shape:
-            raise ValueError(f"mask of shape {mask.shape} does not broadcast to x of shape {x.shape}")
+            raise ValueError(
+                f"mask of shape {mask.shape} does not broadcast to x of shape {x.shape}"
+            )
         work = np.where(mask, work, -np.inf)  # masked entries -> -inf (a new array)
     row_max = np.max(work, axis=axis, keepdims=True, initial=-np.inf)  # M
-    row_max = np.where(np.isneginf(row_max), 0, row_max)  # all masked: exp(-inf - 0) = 0, not NaN
+    # all masked: exp(-inf - 0) = 0, not NaN
+    row_max = np.where(np.isneginf(row_max), 0, row_max)
     exp = np.exp(work - row_max)  # e^{x_j - M}, 0 where masked
     total = np.sum(exp, axis=axis, keepdims=True)  # sum_k e^{x_k - M}
-    weights = np.divide(exp, total, out=np.zeros_like(exp), where=total > 0)  # 0 for empty rows
+    # 0 for empty rows
+    weights = np.divide(exp, total, out=np.zeros_like(exp), where=total > 0)
     return weights.astype(x.dtype, copy=False)
 
 
 # --------------------------------------------------------------------------- reference
 
+
 def _grouped_weights(query, key, mask, causal, scale, shapes):
     """Softmax weights with the query heads split by key/value head: ``(..., H_kv, group, L, S)``."""
     dtype = _compute_dtype(query.dtype)
     t = _checks.resolve_scale(scale, shapes.D)
-    q = _split_query_heads(query.astype(dtype, copy=False), shapes)  # (..., H_kv, group, L, D)
-    k = key.astype(dtype, copy=False)[..., :, None, :, :]  # (..., H_kv, 1, S, D): broadcast, not repeated
+    # (..., H_kv, group, L, D)
+    q = _split_query_heads(query.astype(dtype, copy=False), shapes)
+    # (..., H_kv, 1, S, D): broadcast, not repeated
+    k = key.astype(dtype, copy=False)[..., :, None, :, :]
     scores = t * (q @ np.swapaxes(k, -1, -2))  # t Q K^T: (..., H_kv, group, L, S)
     keep = None  # True = may attend, broadcastable to scores
     if mask is not None and mask.dtype == np.bool_:
         keep = _split_mask_heads(mask, shapes)  # (..., H_kv|1, group|1, L|1, S|1)
     elif mask is not None:
-        scores = scores + _split_mask_heads(mask.astype(dtype, copy=False), shapes)  # + bias
+        # + bias
+        scores = scores + _split_mask_heads(mask.astype(dtype, copy=False), shapes)
     if causal:
         visible = causal_mask(shapes.L, shapes.S)  # (L, S)
         keep = visible if keep is None else keep & visible
@@ -237,7 +263,9 @@ def _grouped_weights(query, key, mask, causal, scale, shapes):
     return softmax(scores, axis=-1, mask=keep)  # (..., H_kv, group, L, S)
 
 
-def attention_weights(query, key, *, mask=None, causal: bool = False, scale: float | None = None) -> np.ndarray:
+def attention_weights(
+    query, key, *, mask=None, causal: bool = False, scale: float | None = None
+) -> np.ndarray:
     r"""The attention weights ``softmax(t Q K^T + bias)``, shape ``(..., H, L, S)``.
 
     Parameters
@@ -262,13 +290,15 @@ def attention_weights(query, key, *, mask=None, causal: bool = False, scale: flo
     """
     causal = _check_flag("causal", causal)
     query, key, _, shapes, mask = _validated(query, key, key, mask)
-    weights = _grouped_weights(query, key, mask, causal, scale, shapes)  # (..., H_kv, group, L, S)
+    # (..., H_kv, group, L, S)
+    weights = _grouped_weights(query, key, mask, causal, scale, shapes)
     weights = weights.reshape(shapes.scores)  # (..., H, L, S)
     return weights.astype(query.dtype, copy=False)
 
 
-def scaled_dot_product_attention_reference(query, key, value, *, mask=None, causal: bool = False,
-                                           scale: float | None = None) -> np.ndarray:
+def scaled_dot_product_attention_reference(
+    query, key, value, *, mask=None, causal: bool = False, scale: float | None = None
+) -> np.ndarray:
     r"""Scaled dot-product attention as written: ``softmax(t Q K^T + bias) V``.
 
     .. math::
@@ -298,14 +328,18 @@ def scaled_dot_product_attention_reference(query, key, value, *, mask=None, caus
     """
     causal = _check_flag("causal", causal)
     query, key, value, shapes, mask = _validated(query, key, value, mask)
-    weights = _grouped_weights(query, key, mask, causal, scale, shapes)  # (..., H_kv, group, L, S)
-    v = value.astype(weights.dtype, copy=False)[..., :, None, :, :]  # (..., H_kv, 1, S, D_v)
+    # (..., H_kv, group, L, S)
+    weights = _grouped_weights(query, key, mask, causal, scale, shapes)
+    # (..., H_kv, 1, S, D_v)
+    v = value.astype(weights.dtype, copy=False)[..., :, None, :, :]
     output = weights @ v  # (..., H_kv, group, L, D_v)
-    output = output.reshape(*shapes.batch, shapes.H, shapes.L, shapes.D_v)  # (..., H, L, D_v)
+    # (..., H, L, D_v)
+    output = output.reshape(*shapes.batch, shapes.H, shapes.L, shapes.D_v)
     return output.astype(query.dtype, copy=False)
 
 
 # --------------------------------------------------------------------------- tiled (flash)
+
 
 def _default_threads() -> int:
     try:
@@ -322,11 +356,14 @@ class _BlockBuffers:
         self.block_q, self.block_k = block_q, block_k
         self.q = np.empty(block_q * D, dtype)  # scaled query block t Q_i
         self.scores = np.empty(block_q * block_k, dtype)  # S_ij, then P~_ij in place
-        self.hidden = np.empty(block_q * block_k, np.bool_) if masked else None  # masked entries
+        # masked entries
+        self.hidden = np.empty(block_q * block_k, np.bool_) if masked else None
         self.acc = np.empty(block_q * D_v, dtype)  # O~
         self.pv = np.empty(block_q * D_v, dtype)  # P~_ij V_j
-        self.vectors = np.empty((6, block_q), dtype)  # m, m_new, rowmax / rowsum, c, l, exp guard
-        self.k = np.empty(block_k * D, dtype) if cast_kv else None  # float16 -> float32 copies
+        # m, m_new, rowmax / rowsum, c, l, exp guard
+        self.vectors = np.empty((6, block_q), dtype)
+        # float16 -> float32 copies
+        self.k = np.empty(block_k * D, dtype) if cast_kv else None
         self.v = np.empty(block_k * D_v, dtype) if cast_kv else None
 
     @staticmethod
@@ -334,8 +371,20 @@ class _BlockBuffers:
         return flat[: rows * cols].reshape(rows, cols)  # contiguous (rows, cols)
 
 
-def _tiled_query_block(q_rows, k_head, v_head, float_bias, keep, causal_offset, scale, i0, block_k,
-                       buffers, out_rows, lse_rows):
+def _tiled_query_block(
+    q_rows,
+    k_head,
+    v_head,
+    float_bias,
+    keep,
+    causal_offset,
+    scale,
+    i0,
+    block_k,
+    buffers,
+    out_rows,
+    lse_rows,
+):
     """FlashAttention-2 forward for query rows ``i0 : i0 + bq`` of one head (see REFERENCE.md).
 
     ``q_rows (bq, D)``, ``k_head (S, D)``, ``v_head (S, D_v)``; ``float_bias`` / ``keep`` are
@@ -348,11 +397,14 @@ def _tiled_query_block(q_rows, k_head, v_head, float_bias, keep, causal_offset, 
     np.multiply(q_rows, scale, out=q)  # t Q_i: the scale folded into the query once
     acc = buffers.view(buffers.acc, bq, D_v)  # O~ (bq, D_v)
     acc.fill(0.0)
-    m, m_new, row_stat, c, l, m_used = (row[:bq] for row in buffers.vectors)  # (bq,) each
+    # (bq,) each
+    m, m_new, row_stat, c, l, m_used = (row[:bq] for row in buffers.vectors)
     m.fill(-np.inf)
     l.fill(0.0)
-    last_key = S if causal_offset is None else min(S, i0 + bq + causal_offset)  # keys >= it: hidden
-    for j0 in range(0, max(last_key, 0), block_k):  # blocks above the diagonal are skipped
+    # keys >= it: hidden
+    last_key = S if causal_offset is None else min(S, i0 + bq + causal_offset)
+    # blocks above the diagonal are skipped
+    for j0 in range(0, max(last_key, 0), block_k):
         j1 = min(j0 + block_k, last_key)
         bk = j1 - j0
         k_block, v_block = k_head[j0:j1], v_head[j0:j1]  # (bk, D), (bk, D_v)
@@ -363,20 +415,25 @@ def _tiled_query_block(q_rows, k_head, v_head, float_bias, keep, causal_offset, 
             np.copyto(v_block, v_head[j0:j1])
         scores = buffers.view(buffers.scores, bq, bk)
         np.matmul(q, k_block.T, out=scores)  # S_ij = t Q_i K_j^T: (bq, bk)
-        hidden = None if buffers.hidden is None else buffers.view(buffers.hidden, bq, bk)
+        hidden = (
+            None if buffers.hidden is None else buffers.view(buffers.hidden, bq, bk)
+        )
         if float_bias is not None:
-            np.add(scores, float_bias[i0:i0 + bq, j0:j1], out=scores)  # + bias
+            np.add(scores, float_bias[i0 : i0 + bq, j0:j1], out=scores)  # + bias
         if keep is not None:
-            np.logical_not(keep[i0:i0 + bq, j0:j1], out=hidden)  # (bq, bk)
+            np.logical_not(keep[i0 : i0 + bq, j0:j1], out=hidden)  # (bq, bk)
             np.copyto(scores, -np.inf, where=hidden)  # masked -> -inf
-        if causal_offset is not None and j1 - 1 > i0 + causal_offset:  # block straddles the diagonal
+        # block straddles the diagonal
+        if causal_offset is not None and j1 - 1 > i0 + causal_offset:
             rows = np.arange(i0, i0 + bq)[:, None] + causal_offset  # (bq, 1)
-            np.greater(np.arange(j0, j1)[None, :], rows, out=hidden)  # j > i + (S - L): (bq, bk)
+            # j > i + (S - L): (bq, bk)
+            np.greater(np.arange(j0, j1)[None, :], rows, out=hidden)
             np.copyto(scores, -np.inf, where=hidden)
         np.max(scores, axis=1, out=row_stat)  # rowmax(S_ij)
         np.maximum(m, row_stat, out=m_new)  # m_new = max(m, rowmax)
         np.copyto(m_used, m_new)
-        m_used[np.isneginf(m_new)] = 0.0  # guard: fully masked so far -> exp(-inf - 0) = 0, not NaN
+        # guard: fully masked so far -> exp(-inf - 0) = 0, not NaN
+        m_used[np.isneginf(m_new)] = 0.0
         np.subtract(scores, m_used[:, None], out=scores)
         np.exp(scores, out=scores)  # P~ = exp(S_ij - m_new), in place
         np.subtract(m, m_used, out=c)
@@ -390,15 +447,26 @@ def _tiled_query_block(q_rows, k_head, v_head, float_bias, keep, causal_offset, 
         np.add(acc, pv, out=acc)  # O~ = c O~ + P~ V_j
         m, m_new = m_new, m  # m = m_new (swap the buffers)
     attended = l > 0  # rows that saw at least one key
-    np.divide(acc, l[:, None], out=acc, where=attended[:, None])  # O_i = O~ / l; 0 rows stay 0
+    # O_i = O~ / l; 0 rows stay 0
+    np.divide(acc, l[:, None], out=acc, where=attended[:, None])
     out_rows[...] = acc  # cast to the output dtype
     np.log(l, out=l, where=attended)
     np.add(m, l, out=lse_rows, where=attended)  # LSE_i = m + log(l)
     lse_rows[~attended] = 0.0  # finite for fully masked rows
 
 
-def _attention_tiled_forward(query, key, value, *, mask=None, causal=False, scale=None, block_q=512,
-                             block_k=512, num_threads=None):
+def _attention_tiled_forward(
+    query,
+    key,
+    value,
+    *,
+    mask=None,
+    causal=False,
+    scale=None,
+    block_q=512,
+    block_k=512,
+    num_threads=None,
+):
     """:func:`attention_tiled` returning ``(output (..., H, L, D_v), lse (..., H, L))``.
 
     ``lse`` is the log-sum-exp of each row's scaled (and biased, masked) scores,
@@ -406,7 +474,10 @@ def _attention_tiled_forward(query, key, value, *, mask=None, causal=False, scal
     rows. The backward pass of the torch namespace recomputes the weights from it.
     """
     causal = _check_flag("causal", causal)
-    block_q, block_k = _checks.check_int("block_q", block_q), _checks.check_int("block_k", block_k)
+    block_q, block_k = (
+        _checks.check_int("block_q", block_q),
+        _checks.check_int("block_k", block_k),
+    )
     if num_threads is None:
         num_threads = _default_threads()
     num_threads = _checks.check_int("num_threads", num_threads)
@@ -427,13 +498,25 @@ def _attention_tiled_forward(query, key, value, *, mask=None, causal=False, scal
         float_bias = np.broadcast_to(mask, shapes.scores)  # (..., H, L, S), a view
     causal_offset = S - L if causal else None
 
-    tasks = [(index, h, i0) for index in np.ndindex(*batch) for h in range(H) for i0 in range(0, L, block_q)]
+    tasks = [
+        (index, h, i0)
+        for index in np.ndindex(*batch)
+        for h in range(H)
+        for i0 in range(0, L, block_q)
+    ]
     next_task = iter(tasks)
     lock = threading.Lock()
 
     def work() -> None:
-        buffers = _BlockBuffers(block_q, block_k, shapes.D, shapes.D_v, dtype, cast_kv=dtype != query.dtype,
-                                masked=mask is not None or causal)
+        buffers = _BlockBuffers(
+            block_q,
+            block_k,
+            shapes.D,
+            shapes.D_v,
+            dtype,
+            cast_kv=dtype != query.dtype,
+            masked=mask is not None or causal,
+        )
         while True:
             with lock:
                 task = next(next_task, None)
@@ -443,11 +526,18 @@ def _attention_tiled_forward(query, key, value, *, mask=None, causal=False, scal
             kv = h // shapes.group  # the key/value head of query head h
             i1 = min(i0 + block_q, L)
             _tiled_query_block(
-                q_all[index][h, i0:i1], k_all[index][kv], v_all[index][kv],
+                q_all[index][h, i0:i1],
+                k_all[index][kv],
+                v_all[index][kv],
                 None if float_bias is None else float_bias[index][h],
                 None if keep is None else keep[index][h],
-                causal_offset, scale, i0, block_k, buffers,
-                output[index][h, i0:i1], lse[index][h, i0:i1],
+                causal_offset,
+                scale,
+                i0,
+                block_k,
+                buffers,
+                output[index][h, i0:i1],
+                lse[index][h, i0:i1],
             )
 
     workers = min(num_threads, len(tasks))
@@ -456,14 +546,27 @@ def _attention_tiled_forward(query, key, value, *, mask=None, causal=False, scal
     else:
         from threadpoolctl import threadpool_limits
 
-        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        with (
+            threadpool_limits(limits=1, user_api="blas"),
+            ThreadPoolExecutor(workers) as pool,
+        ):
             for future in [pool.submit(work) for _ in range(workers)]:
                 future.result()  # re-raise a worker's exception here
     return output, lse
 
 
-def attention_tiled(query, key, value, *, mask=None, causal: bool = False, scale: float | None = None,
-                    block_q: int = 512, block_k: int = 512, num_threads: int | None = None) -> np.ndarray:
+def attention_tiled(
+    query,
+    key,
+    value,
+    *,
+    mask=None,
+    causal: bool = False,
+    scale: float | None = None,
+    block_q: int = 512,
+    block_k: int = 512,
+    num_threads: int | None = None,
+) -> np.ndarray:
     r"""Scaled dot-product attention by the FlashAttention-2 forward recurrence, block by block.
 
     Same arguments, conventions and result as :func:`scaled_dot_product_attention_reference`,
@@ -511,6 +614,15 @@ def attention_tiled(query, key, value, *, mask=None, causal: bool = False, scale
 
     Explained in the book chapter *Making it fast*.
     """
-    output, _ = _attention_tiled_forward(query, key, value, mask=mask, causal=causal, scale=scale,
-                                         block_q=block_q, block_k=block_k, num_threads=num_threads)
+    output, _ = _attention_tiled_forward(
+        query,
+        key,
+        value,
+        mask=mask,
+        causal=causal,
+        scale=scale,
+        block_q=block_q,
+        block_k=block_k,
+        num_threads=num_threads,
+    )
     return output

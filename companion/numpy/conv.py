@@ -34,8 +34,15 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from companion._checks import check_float, conv2d_geometry, dtype_name
 
-__all__ = ["corr2d", "convolve2d", "conv2d_output_size", "conv2d_reference", "conv2d_im2col",
-           "conv2d_backward", "locally_connected2d"]
+__all__ = [
+    "corr2d",
+    "convolve2d",
+    "conv2d_output_size",
+    "conv2d_reference",
+    "conv2d_im2col",
+    "conv2d_backward",
+    "locally_connected2d",
+]
 
 
 def _compute_dtype(dtype: np.dtype) -> np.dtype:
@@ -63,10 +70,12 @@ def _check_arrays(**arrays) -> dict[str, np.ndarray]:
 def _pad(x: np.ndarray, pad: tuple[int, int, int, int]) -> np.ndarray:
     """Zero-pad the last two axes by ``(top, bottom, left, right)`` (a new array)."""
     top, bottom, left, right = pad
-    return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))  # (N, C, H + top + bottom, W + left + right)
+    # (N, C, H + top + bottom, W + left + right)
+    return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
 
 
 # --- the source document's formula: one channel, no padding, stride 1 ----------------------
+
 
 def corr2d(x, kernel) -> np.ndarray:
     r"""Two-dimensional cross-correlation of one channel, the source document's formula.
@@ -86,17 +95,22 @@ def corr2d(x, kernel) -> np.ndarray:
     """
     x, kernel = (_check_arrays(x=x, kernel=kernel)[k] for k in ("x", "kernel"))
     if x.ndim != 2 or kernel.ndim != 2:
-        raise ValueError(f"x and kernel must be 2-D (one channel), got shapes {x.shape} and {kernel.shape}")
+        raise ValueError(
+            f"x and kernel must be 2-D (one channel), got shapes {x.shape} and {kernel.shape}"
+        )
     H, W = x.shape
     h, w = kernel.shape
     if h > H or w > W or h < 1 or w < 1:
-        raise ValueError(f"kernel {kernel.shape} must be non-empty and no larger than x {x.shape}")
+        raise ValueError(
+            f"kernel {kernel.shape} must be non-empty and no larger than x {x.shape}"
+        )
     work = _compute_dtype(x.dtype)
     y = np.zeros((H - h + 1, W - w + 1), dtype=work)  # (H - h + 1, W - w + 1)
     for i in range(H - h + 1):
         for j in range(W - w + 1):
-            window = x[i:i + h, j:j + w].astype(work)   # X[i+m, j+n], (h, w)
-            y[i, j] = np.sum(window * kernel)           # sum_m sum_n X[i+m, j+n] K[m, n]
+            window = x[i : i + h, j : j + w].astype(work)  # X[i+m, j+n], (h, w)
+            # sum_m sum_n X[i+m, j+n] K[m, n]
+            y[i, j] = np.sum(window * kernel)
     return y.astype(x.dtype, copy=False)
 
 
@@ -117,7 +131,9 @@ def convolve2d(x, kernel) -> np.ndarray:
     return corr2d(x, kernel[::-1, ::-1])  # K[h-1-m, w-1-n]
 
 
-def conv2d_output_size(input_size, kernel_size, *, stride=1, padding=0, dilation=1) -> tuple[int, int]:
+def conv2d_output_size(
+    input_size, kernel_size, *, stride=1, padding=0, dilation=1
+) -> tuple[int, int]:
     r"""``(H_out, W_out)`` of a conv2d with these settings (the rule of ``torch.nn.Conv2d``).
 
     .. math::
@@ -129,15 +145,25 @@ def conv2d_output_size(input_size, kernel_size, *, stride=1, padding=0, dilation
     Raises ``ValueError`` if the dilated kernel is larger than the padded input.
     """
     H, W = (input_size, input_size) if np.ndim(input_size) == 0 else tuple(input_size)
-    kH, kW = (kernel_size, kernel_size) if np.ndim(kernel_size) == 0 else tuple(kernel_size)
-    geometry = conv2d_geometry((1, 1, int(H), int(W)), (1, 1, int(kH), int(kW)), stride=stride,
-                               padding=padding, dilation=dilation)
+    kH, kW = (
+        (kernel_size, kernel_size) if np.ndim(kernel_size) == 0 else tuple(kernel_size)
+    )
+    geometry = conv2d_geometry(
+        (1, 1, int(H), int(W)),
+        (1, 1, int(kH), int(kW)),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+    )
     return geometry.H_out, geometry.W_out
 
 
 # --- the readable version: loops over every output element --------------------------------
 
-def conv2d_reference(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1) -> np.ndarray:
+
+def conv2d_reference(
+    x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1
+) -> np.ndarray:
     r"""2-D convolution (cross-correlation) by plain loops: the definition, one output at a time.
 
     .. math::
@@ -166,30 +192,45 @@ def conv2d_reference(x, weight, bias=None, *, stride=1, padding=0, dilation=1, g
     """
     arrays = _check_arrays(x=x, weight=weight, bias=bias)
     x, weight, bias = arrays["x"], arrays["weight"], arrays["bias"]
-    geo = conv2d_geometry(x.shape, weight.shape, None if bias is None else bias.shape,
-                          stride=stride, padding=padding, dilation=dilation, groups=groups)
+    geo = conv2d_geometry(
+        x.shape,
+        weight.shape,
+        None if bias is None else bias.shape,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+    )
     (s_h, s_w), (d_h, d_w) = geo.stride, geo.dilation
     work = _compute_dtype(x.dtype)
     x_pad = _pad(x.astype(work, copy=False), geo.pad)  # (N, C_in, H + pads, W + pads)
     w = weight.astype(work, copy=False)
-    y = np.zeros((geo.N, geo.C_out, geo.H_out, geo.W_out), dtype=work)  # (N, C_out, H_out, W_out)
+    # (N, C_out, H_out, W_out)
+    y = np.zeros((geo.N, geo.C_out, geo.H_out, geo.W_out), dtype=work)
     for b in range(geo.N):
         for o in range(geo.C_out):
             group = o // geo.C_out_per_group
-            c0 = group * geo.C_in_per_group                       # first input channel of o's group
+            # first input channel of o's group
+            c0 = group * geo.C_in_per_group
             channels = slice(c0, c0 + geo.C_in_per_group)
             for i in range(geo.H_out):
                 for j in range(geo.W_out):
-                    rows = slice(i * s_h, i * s_h + d_h * (geo.kH - 1) + 1, d_h)   # i s + m d, m < kH
-                    cols = slice(j * s_w, j * s_w + d_w * (geo.kW - 1) + 1, d_w)   # j s + n d, n < kW
-                    receptive_field = x_pad[b, channels, rows, cols]             # (C_in/g, kH, kW)
-                    y[b, o, i, j] = np.sum(receptive_field * w[o])               # sum_c sum_m sum_n X W
+                    # i s + m d, m < kH
+                    rows = slice(i * s_h, i * s_h + d_h * (geo.kH - 1) + 1, d_h)
+                    # j s + n d, n < kW
+                    cols = slice(j * s_w, j * s_w + d_w * (geo.kW - 1) + 1, d_w)
+                    # (C_in/g, kH, kW)
+                    receptive_field = x_pad[b, channels, rows, cols]
+                    # sum_c sum_m sum_n X W
+                    y[b, o, i, j] = np.sum(receptive_field * w[o])
             if bias is not None:
-                y[b, o] += bias[o]                                               # + bias_o
+                # + bias_o
+                y[b, o] += bias[o]
     return y.astype(x.dtype, copy=False)
 
 
 # --- the fast version: im2col, then one matrix product per group --------------------------
+
 
 def _im2col(x: np.ndarray, geo) -> np.ndarray:
     """The patch matrix ``(groups, N * H_out * W_out, kH * kW * C_in/groups)``, C-contiguous.
@@ -203,17 +244,28 @@ def _im2col(x: np.ndarray, geo) -> np.ndarray:
     (s_h, s_w), (d_h, d_w) = geo.stride, geo.dilation
     top, bottom, left, right = geo.pad
     span_h, span_w = d_h * (geo.kH - 1) + 1, d_w * (geo.kW - 1) + 1
-    x_nhwc = np.zeros((geo.N, geo.H + top + bottom, geo.W + left + right, geo.C_in), dtype=x.dtype)  # (N, Hp, Wp, C_in)
-    x_nhwc[:, top:top + geo.H, left:left + geo.W, :] = x.transpose(0, 2, 3, 1)  # zero padding around NHWC x
-    x_nhwc = x_nhwc.reshape(*x_nhwc.shape[:3], G, C_g)                         # (N, Hp, Wp, G, C_in/g)
-    windows = sliding_window_view(x_nhwc, (span_h, span_w), axis=(1, 2))     # (N, Hp-span_h+1, Wp-span_w+1, G, C_in/g, span_h, span_w)
-    windows = windows[:, ::s_h, ::s_w, :, :, ::d_h, ::d_w]                     # (N, H_out, W_out, G, C_in/g, kH, kW), a view
-    patches = windows.transpose(3, 0, 1, 2, 5, 6, 4)                           # (G, N, H_out, W_out, kH, kW, C_in/g)
-    patches = np.ascontiguousarray(patches)                                    # the one big copy
-    return patches.reshape(G, geo.N * geo.H_out * geo.W_out, geo.kH * geo.kW * C_g)  # (G, N*P, K)
+    # (N, Hp, Wp, C_in)
+    x_nhwc = np.zeros(
+        (geo.N, geo.H + top + bottom, geo.W + left + right, geo.C_in), dtype=x.dtype
+    )
+    # zero padding around NHWC x
+    x_nhwc[:, top : top + geo.H, left : left + geo.W, :] = x.transpose(0, 2, 3, 1)
+    # (N, Hp, Wp, G, C_in/g)
+    x_nhwc = x_nhwc.reshape(*x_nhwc.shape[:3], G, C_g)
+    # (N, Hp-span_h+1, Wp-span_w+1, G, C_in/g, span_h, span_w)
+    windows = sliding_window_view(x_nhwc, (span_h, span_w), axis=(1, 2))
+    # (N, H_out, W_out, G, C_in/g, kH, kW), a view
+    windows = windows[:, ::s_h, ::s_w, :, :, ::d_h, ::d_w]
+    # (G, N, H_out, W_out, kH, kW, C_in/g)
+    patches = windows.transpose(3, 0, 1, 2, 5, 6, 4)
+    # the one big copy
+    patches = np.ascontiguousarray(patches)
+    # (G, N*P, K)
+    return patches.reshape(G, geo.N * geo.H_out * geo.W_out, geo.kH * geo.kW * C_g)
 
 
-_CHUNK_BYTES = 1 << 20  # patch rows per product: about 1 MiB, so they stay in a core's L2 cache
+# patch rows per product: about 1 MiB, so they stay in a core's L2 cache
+_CHUNK_BYTES = 1 << 20
 
 
 def _thread_count(num_threads) -> int:
@@ -224,8 +276,14 @@ def _thread_count(num_threads) -> int:
         except AttributeError:  # not on Linux
             cores = os.cpu_count() or 1
         return max(1, min(cores, 8))
-    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
-        raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
+    if (
+        isinstance(num_threads, bool)
+        or not isinstance(num_threads, (int, np.integer))
+        or num_threads < 1
+    ):
+        raise ValueError(
+            f"num_threads must be a positive int or None, got {num_threads!r}"
+        )
     return int(num_threads)
 
 
@@ -237,13 +295,29 @@ def _output_chunks(geo, row_bytes: int):
     image_bytes = geo.H_out * geo.W_out * row_bytes
     if image_bytes <= _CHUNK_BYTES:
         images = max(1, _CHUNK_BYTES // max(image_bytes, 1))
-        return [(b0, min(b0 + images, geo.N), 0, geo.H_out) for b0 in range(0, geo.N, images)]
+        return [
+            (b0, min(b0 + images, geo.N), 0, geo.H_out)
+            for b0 in range(0, geo.N, images)
+        ]
     rows = max(1, _CHUNK_BYTES // (geo.W_out * row_bytes))
-    return [(b, b + 1, i0, min(i0 + rows, geo.H_out)) for b in range(geo.N) for i0 in range(0, geo.H_out, rows)]
+    return [
+        (b, b + 1, i0, min(i0 + rows, geo.H_out))
+        for b in range(geo.N)
+        for i0 in range(0, geo.H_out, rows)
+    ]
 
 
-def conv2d_im2col(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
-                  num_threads: int | None = None) -> np.ndarray:
+def conv2d_im2col(
+    x,
+    weight,
+    bias=None,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    num_threads: int | None = None,
+) -> np.ndarray:
     r"""2-D convolution as im2col plus matrix products; equals :func:`conv2d_reference`.
 
     Every receptive field becomes one row of a patch matrix, so the convolution is a
@@ -272,61 +346,99 @@ def conv2d_im2col(x, weight, bias=None, *, stride=1, padding=0, dilation=1, grou
     """
     arrays = _check_arrays(x=x, weight=weight, bias=bias)
     x, weight, bias = arrays["x"], arrays["weight"], arrays["bias"]
-    geo = conv2d_geometry(x.shape, weight.shape, None if bias is None else bias.shape,
-                          stride=stride, padding=padding, dilation=dilation, groups=groups)
+    geo = conv2d_geometry(
+        x.shape,
+        weight.shape,
+        None if bias is None else bias.shape,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+    )
     work = _compute_dtype(x.dtype)
     G, C_g, C_out_g = geo.groups, geo.C_in_per_group, geo.C_out_per_group
     (s_h, s_w), (d_h, d_w) = geo.stride, geo.dilation
     top, bottom, left, right = geo.pad
-    K = geo.kH * geo.kW * C_g                                                  # patch length
-    x_nhwc = np.zeros((geo.N, geo.H + top + bottom, geo.W + left + right, geo.C_in), dtype=work)  # (N, Hp, Wp, C_in)
-    x_nhwc[:, top:top + geo.H, left:left + geo.W, :] = x.transpose(0, 2, 3, 1)  # zero padding around NHWC x
-    x_nhwc = x_nhwc.reshape(*x_nhwc.shape[:3], G, C_g)                         # (N, Hp, Wp, G, C_in/g)
+    # patch length
+    K = geo.kH * geo.kW * C_g
+    # (N, Hp, Wp, C_in)
+    x_nhwc = np.zeros(
+        (geo.N, geo.H + top + bottom, geo.W + left + right, geo.C_in), dtype=work
+    )
+    # zero padding around NHWC x
+    x_nhwc[:, top : top + geo.H, left : left + geo.W, :] = x.transpose(0, 2, 3, 1)
+    # (N, Hp, Wp, G, C_in/g)
+    x_nhwc = x_nhwc.reshape(*x_nhwc.shape[:3], G, C_g)
     span_h, span_w = d_h * (geo.kH - 1) + 1, d_w * (geo.kW - 1) + 1
-    windows = sliding_window_view(x_nhwc, (span_h, span_w), axis=(1, 2))     # (N, Hp-span_h+1, Wp-span_w+1, G, C_in/g, span_h, span_w)
-    windows = windows[:, ::s_h, ::s_w, :, :, ::d_h, ::d_w]                     # (N, H_out, W_out, G, C_in/g, kH, kW), a view
-    patches = windows.transpose(3, 0, 1, 2, 5, 6, 4)                           # (G, N, H_out, W_out, kH, kW, C_in/g), a view
+    # (N, Hp-span_h+1, Wp-span_w+1, G, C_in/g, span_h, span_w)
+    windows = sliding_window_view(x_nhwc, (span_h, span_w), axis=(1, 2))
+    # (N, H_out, W_out, G, C_in/g, kH, kW), a view
+    windows = windows[:, ::s_h, ::s_w, :, :, ::d_h, ::d_w]
+    # (G, N, H_out, W_out, kH, kW, C_in/g), a view
+    patches = windows.transpose(3, 0, 1, 2, 5, 6, 4)
     w = weight.astype(work, copy=False).reshape(G, C_out_g, C_g, geo.kH, geo.kW)
-    w_cols = np.ascontiguousarray(w.transpose(0, 3, 4, 2, 1)).reshape(G, K, C_out_g)  # (G, K, C_out/g), rows (kH, kW, C_in/g)
-    y = np.empty((geo.N, geo.C_out, geo.H_out, geo.W_out), dtype=work)          # (N, C_out, H_out, W_out)
+    # (G, K, C_out/g), rows (kH, kW, C_in/g)
+    w_cols = np.ascontiguousarray(w.transpose(0, 3, 4, 2, 1)).reshape(G, K, C_out_g)
+    # (N, C_out, H_out, W_out)
+    y = np.empty((geo.N, geo.C_out, geo.H_out, geo.W_out), dtype=work)
     chunks = _output_chunks(geo, G * K * work.itemsize)
-    most = max((b1 - b0) * (i1 - i0) * geo.W_out for b0, b1, i0, i1 in chunks)  # rows of the largest block
+    # rows of the largest block
+    most = max((b1 - b0) * (i1 - i0) * geo.W_out for b0, b1, i0, i1 in chunks)
 
     next_chunk, lock = iter(chunks), threading.Lock()
 
     def work_through() -> None:
-        cols_buffer = np.empty(G * most * K, dtype=work)                       # one patch block, reused
-        prod_buffer = np.empty(G * most * C_out_g, dtype=work)                 # its product, reused
+        # one patch block, reused
+        cols_buffer = np.empty(G * most * K, dtype=work)
+        # its product, reused
+        prod_buffer = np.empty(G * most * C_out_g, dtype=work)
         while True:
-            with lock:                                                         # the next block nobody took
+            # the next block nobody took
+            with lock:
                 chunk = next(next_chunk, None)
             if chunk is None:
                 return
             b0, b1, i0, i1 = chunk
             nb, rows = b1 - b0, i1 - i0
-            P = nb * rows * geo.W_out                                          # output positions in the block
-            cols = cols_buffer[:G * P * K].reshape(G, nb, rows, geo.W_out, geo.kH, geo.kW, C_g)
-            np.copyto(cols, patches[:, b0:b1, i0:i1])                          # im2col of the block
-            prod = prod_buffer[:G * P * C_out_g].reshape(G, P, C_out_g)
-            np.matmul(cols.reshape(G, P, K), w_cols, out=prod)                 # (G, P, C_out/g) = cols_g W_g^T
+            # output positions in the block
+            P = nb * rows * geo.W_out
+            cols = cols_buffer[: G * P * K].reshape(
+                G, nb, rows, geo.W_out, geo.kH, geo.kW, C_g
+            )
+            # im2col of the block
+            np.copyto(cols, patches[:, b0:b1, i0:i1])
+            prod = prod_buffer[: G * P * C_out_g].reshape(G, P, C_out_g)
+            # (G, P, C_out/g) = cols_g W_g^T
+            np.matmul(cols.reshape(G, P, K), w_cols, out=prod)
             prod = prod.reshape(G, nb, rows, geo.W_out, C_out_g)
-            y[b0:b1, :, i0:i1] = prod.transpose(1, 0, 4, 2, 3).reshape(nb, geo.C_out, rows, geo.W_out)  # to NCHW
+            # to NCHW
+            y[b0:b1, :, i0:i1] = prod.transpose(1, 0, 4, 2, 3).reshape(
+                nb, geo.C_out, rows, geo.W_out
+            )
 
     workers = min(_thread_count(num_threads), len(chunks))
     if workers <= 1:
         work_through()
-    else:  # blocks are independent: one thread each, BLAS pinned to one thread (small products)
+    # blocks are independent: one thread each, BLAS pinned to one thread (small
+    # products)
+    else:
         from threadpoolctl import threadpool_limits
 
-        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        with (
+            threadpool_limits(limits=1, user_api="blas"),
+            ThreadPoolExecutor(workers) as pool,
+        ):
             for future in [pool.submit(work_through) for _ in range(workers)]:
-                future.result()                                                # re-raise a worker's exception
+                # re-raise a worker's exception
+                future.result()
     if bias is not None:
-        y += bias.astype(work, copy=False)[:, None, None]                      # + bias_o
+        # + bias_o
+        y += bias.astype(work, copy=False)[:, None, None]
     return y.astype(x.dtype, copy=False)
 
 
 # --- the backward pass, by hand ------------------------------------------------------------
+
 
 def conv2d_backward(grad_out, x, weight, *, stride=1, padding=0, dilation=1, groups=1):
     r"""Gradients of :func:`conv2d_reference` with respect to ``x``, ``weight`` and ``bias``.
@@ -351,42 +463,75 @@ def conv2d_backward(grad_out, x, weight, *, stride=1, padding=0, dilation=1, gro
     """
     arrays = _check_arrays(grad_out=grad_out, x=x, weight=weight)
     grad_out, x, weight = arrays["grad_out"], arrays["x"], arrays["weight"]
-    geo = conv2d_geometry(x.shape, weight.shape, stride=stride, padding=padding,
-                          dilation=dilation, groups=groups)
+    geo = conv2d_geometry(
+        x.shape,
+        weight.shape,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+    )
     expected = (geo.N, geo.C_out, geo.H_out, geo.W_out)
     if grad_out.shape != expected:
-        raise ValueError(f"grad_out must have the output's shape (N, C_out, H_out, W_out) = {expected}, "
-                         f"got {grad_out.shape} (x {x.shape}, weight {weight.shape})")
+        raise ValueError(
+            f"grad_out must have the output's shape (N, C_out, H_out, W_out) = {expected}, "
+            f"got {grad_out.shape} (x {x.shape}, weight {weight.shape})"
+        )
     work = _compute_dtype(x.dtype)
     G, C_g, C_out_g = geo.groups, geo.C_in_per_group, geo.C_out_per_group
     (s_h, s_w), (d_h, d_w) = geo.stride, geo.dilation
-    cols = _im2col(x.astype(work, copy=False), geo)                           # (G, N*P, K)
+    # (G, N*P, K)
+    cols = _im2col(x.astype(work, copy=False), geo)
     w = weight.astype(work, copy=False).reshape(G, C_out_g, C_g, geo.kH, geo.kW)
-    w_cols = w.transpose(0, 3, 4, 2, 1).reshape(G, -1, C_out_g)               # (G, K, C_out/g)
-    g = grad_out.astype(work, copy=False).reshape(geo.N, G, C_out_g, geo.H_out, geo.W_out)
-    g_rows = g.transpose(1, 0, 3, 4, 2).reshape(G, -1, C_out_g)               # (G, N*P, C_out/g)
+    # (G, K, C_out/g)
+    w_cols = w.transpose(0, 3, 4, 2, 1).reshape(G, -1, C_out_g)
+    g = grad_out.astype(work, copy=False).reshape(
+        geo.N, G, C_out_g, geo.H_out, geo.W_out
+    )
+    # (G, N*P, C_out/g)
+    g_rows = g.transpose(1, 0, 3, 4, 2).reshape(G, -1, C_out_g)
 
-    dbias = g.sum(axis=(0, 3, 4)).reshape(geo.C_out)                           # sum_{b,i,j} G_{b,o,i,j}
-    dw_cols = np.matmul(cols.transpose(0, 2, 1), g_rows)                       # (G, K, C_out/g) = cols^T G
-    dweight = (dw_cols.reshape(G, geo.kH, geo.kW, C_g, C_out_g)
-               .transpose(0, 4, 3, 1, 2).reshape(geo.C_out, C_g, geo.kH, geo.kW))  # (C_out, C_in/g, kH, kW)
-    dcols = np.matmul(g_rows, w_cols.transpose(0, 2, 1))                       # (G, N*P, K) = G W
+    # sum_{b,i,j} G_{b,o,i,j}
+    dbias = g.sum(axis=(0, 3, 4)).reshape(geo.C_out)
+    # (G, K, C_out/g) = cols^T G
+    dw_cols = np.matmul(cols.transpose(0, 2, 1), g_rows)
+    dweight = (
+        dw_cols.reshape(G, geo.kH, geo.kW, C_g, C_out_g)
+        # (C_out, C_in/g, kH, kW)
+        .transpose(0, 4, 3, 1, 2)
+        .reshape(geo.C_out, C_g, geo.kH, geo.kW)
+    )
+    # (G, N*P, K) = G W
+    dcols = np.matmul(g_rows, w_cols.transpose(0, 2, 1))
     dcols = dcols.reshape(G, geo.N, geo.H_out, geo.W_out, geo.kH, geo.kW, C_g)
-    dcols = dcols.transpose(1, 0, 6, 4, 5, 2, 3)                               # (N, G, C_in/g, kH, kW, H_out, W_out)
+    # (N, G, C_in/g, kH, kW, H_out, W_out)
+    dcols = dcols.transpose(1, 0, 6, 4, 5, 2, 3)
     top, bottom, left, right = geo.pad
     H_pad, W_pad = geo.H + top + bottom, geo.W + left + right
-    dx_pad = np.zeros((geo.N, G, C_g, H_pad, W_pad), dtype=work)              # (N, G, C_in/g, Hp, Wp)
-    for m in range(geo.kH):                                                    # col2im: each kernel offset (m, n)
-        for n in range(geo.kW):                                                # adds to the inputs it read
-            rows = slice(m * d_h, m * d_h + s_h * (geo.H_out - 1) + 1, s_h)    # i s + m d
-            cols_ = slice(n * d_w, n * d_w + s_w * (geo.W_out - 1) + 1, s_w)   # j s + n d
+    # (N, G, C_in/g, Hp, Wp)
+    dx_pad = np.zeros((geo.N, G, C_g, H_pad, W_pad), dtype=work)
+    # col2im: each kernel offset (m, n)
+    for m in range(geo.kH):
+        # adds to the inputs it read
+        for n in range(geo.kW):
+            # i s + m d
+            rows = slice(m * d_h, m * d_h + s_h * (geo.H_out - 1) + 1, s_h)
+            # j s + n d
+            cols_ = slice(n * d_w, n * d_w + s_w * (geo.W_out - 1) + 1, s_w)
             dx_pad[..., rows, cols_] += dcols[:, :, :, m, n]
-    dx = dx_pad.reshape(geo.N, geo.C_in, H_pad, W_pad)[:, :, top:H_pad - bottom, left:W_pad - right]  # (N, C_in, H, W)
-    return (np.ascontiguousarray(dx, dtype=x.dtype), dweight.astype(x.dtype, copy=False),
-            dbias.astype(x.dtype, copy=False))
+    # (N, C_in, H, W)
+    dx = dx_pad.reshape(geo.N, geo.C_in, H_pad, W_pad)[
+        :, :, top : H_pad - bottom, left : W_pad - right
+    ]
+    return (
+        np.ascontiguousarray(dx, dtype=x.dtype),
+        dweight.astype(x.dtype, copy=False),
+        dbias.astype(x.dtype, copy=False),
+    )
 
 
 # --- the same receptive fields without sharing ---------------------------------------------
+
 
 def locally_connected2d(x, weight, bias=None, *, stride=1, padding=0) -> np.ndarray:
     r"""A locally connected layer: a convolution's receptive fields, one kernel per position.
@@ -407,21 +552,33 @@ def locally_connected2d(x, weight, bias=None, *, stride=1, padding=0) -> np.ndar
     arrays = _check_arrays(x=x, weight=weight, bias=bias)
     x, weight, bias = arrays["x"], arrays["weight"], arrays["bias"]
     if weight.ndim != 6:
-        raise ValueError(f"weight must have shape (H_out, W_out, C_out, C_in, kH, kW), got shape {weight.shape}")
+        raise ValueError(
+            f"weight must have shape (H_out, W_out, C_out, C_in, kH, kW), got shape {weight.shape}"
+        )
     H_out_w, W_out_w, C_out, C_in, kH, kW = weight.shape
-    geo = conv2d_geometry(x.shape, (C_out, C_in, kH, kW), stride=stride, padding=padding)
+    geo = conv2d_geometry(
+        x.shape, (C_out, C_in, kH, kW), stride=stride, padding=padding
+    )
     if (geo.H_out, geo.W_out) != (H_out_w, W_out_w):
-        raise ValueError(f"weight {weight.shape} has {H_out_w} x {W_out_w} positions but x {x.shape} with "
-                         f"kernel {kH} x {kW}, stride {stride} and padding {padding!r} gives "
-                         f"{geo.H_out} x {geo.W_out} output positions")
+        raise ValueError(
+            f"weight {weight.shape} has {H_out_w} x {W_out_w} positions but x {x.shape} with "
+            f"kernel {kH} x {kW}, stride {stride} and padding {padding!r} gives "
+            f"{geo.H_out} x {geo.W_out} output positions"
+        )
     if bias is not None and bias.shape != (geo.H_out, geo.W_out, C_out):
-        raise ValueError(f"bias must have shape (H_out, W_out, C_out) = {(geo.H_out, geo.W_out, C_out)}, "
-                         f"got {bias.shape}")
+        raise ValueError(
+            f"bias must have shape (H_out, W_out, C_out) = {(geo.H_out, geo.W_out, C_out)}, "
+            f"got {bias.shape}"
+        )
     work = _compute_dtype(x.dtype)
     s_h, s_w = geo.stride
-    x_pad = _pad(x.astype(work, copy=False), geo.pad)                          # (N, C_in, Hp, Wp)
-    windows = sliding_window_view(x_pad, (kH, kW), axis=(2, 3))[:, :, ::s_h, ::s_w]  # (N, C_in, H_out, W_out, kH, kW)
-    y = np.einsum("bcijmn,ijocmn->boij", windows, weight.astype(work, copy=False))   # (N, C_out, H_out, W_out)
+    # (N, C_in, Hp, Wp)
+    x_pad = _pad(x.astype(work, copy=False), geo.pad)
+    # (N, C_in, H_out, W_out, kH, kW)
+    windows = sliding_window_view(x_pad, (kH, kW), axis=(2, 3))[:, :, ::s_h, ::s_w]
+    # (N, C_out, H_out, W_out)
+    y = np.einsum("bcijmn,ijocmn->boij", windows, weight.astype(work, copy=False))
     if bias is not None:
-        y = y + bias.astype(work, copy=False).transpose(2, 0, 1)               # + bias_{i,j,o}
+        # + bias_{i,j,o}
+        y = y + bias.astype(work, copy=False).transpose(2, 0, 1)
     return y.astype(x.dtype, copy=False)

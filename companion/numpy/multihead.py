@@ -26,10 +26,10 @@ from companion import _checks
 from companion._kvcache import KVCacheBase
 from companion.conventions import gqa_group_size
 from companion.numpy.attention import (
+    _check_flag,
     _compute_dtype,
     _grouped_weights,
     _validated,
-    _check_flag,
 )
 
 __all__ = ["MultiHeadParams", "KVCache", "multi_head_attention"]
@@ -41,7 +41,8 @@ def _array(x) -> np.ndarray:
         return x.detach().cpu().numpy().copy()
     if hasattr(x, "numpy") and callable(x.numpy):  # tf.Variable, keras Variable
         return np.array(x.numpy())
-    if hasattr(x, "value") and hasattr(getattr(x, "value"), "numpy"):  # keras Variable wrapper
+    # keras Variable wrapper
+    if hasattr(x, "value") and hasattr(x.value, "numpy"):
         return np.array(x.value.numpy())
     return np.array(x)
 
@@ -85,25 +86,46 @@ class MultiHeadParams:
         for name in ("w_q", "w_k", "w_v", "w_o"):
             w = getattr(self, name)
             if getattr(w, "ndim", None) != 2:
-                raise ValueError(f"{name} must be a 2-D array (in, out), got {type(w).__name__} "
-                                 f"of shape {getattr(w, 'shape', None)}")
-        for name, w, heads in (("w_q", self.w_q, H), ("w_k", self.w_k, H_kv), ("w_v", self.w_v, H_kv)):
+                raise ValueError(
+                    f"{name} must be a 2-D array (in, out), got {type(w).__name__} "
+                    f"of shape {getattr(w, 'shape', None)}"
+                )
+        for name, w, heads in (
+            ("w_q", self.w_q, H),
+            ("w_k", self.w_k, H_kv),
+            ("w_v", self.w_v, H_kv),
+        ):
             if w.shape[1] % heads:
-                raise ValueError(f"{name} of shape {tuple(w.shape)} must have a multiple of {heads} heads "
-                                 "as output width")
+                raise ValueError(
+                    f"{name} of shape {tuple(w.shape)} must have a multiple of {heads} heads "
+                    "as output width"
+                )
         if self.w_k.shape[1] // H_kv != self.w_q.shape[1] // H:
-            raise ValueError(f"the query head dimension (w_q {tuple(self.w_q.shape)}, H={H}) and the key head "
-                             f"dimension (w_k {tuple(self.w_k.shape)}, H_kv={H_kv}) differ")
+            raise ValueError(
+                f"the query head dimension (w_q {tuple(self.w_q.shape)}, H={H}) and the key head "
+                f"dimension (w_k {tuple(self.w_k.shape)}, H_kv={H_kv}) differ"
+            )
         if self.w_k.shape[0] != self.w_v.shape[0]:
-            raise ValueError(f"w_k {tuple(self.w_k.shape)} and w_v {tuple(self.w_v.shape)} must read the same "
-                             "input width E_kv")
+            raise ValueError(
+                f"w_k {tuple(self.w_k.shape)} and w_v {tuple(self.w_v.shape)} must read the same "
+                "input width E_kv"
+            )
         if self.w_o.shape[0] != H * self.value_head_dim:
-            raise ValueError(f"w_o of shape {tuple(self.w_o.shape)} must have H * D_v = "
-                             f"{H * self.value_head_dim} rows")
-        for name, w in (("b_q", self.w_q), ("b_k", self.w_k), ("b_v", self.w_v), ("b_o", self.w_o)):
+            raise ValueError(
+                f"w_o of shape {tuple(self.w_o.shape)} must have H * D_v = "
+                f"{H * self.value_head_dim} rows"
+            )
+        for name, w in (
+            ("b_q", self.w_q),
+            ("b_k", self.w_k),
+            ("b_v", self.w_v),
+            ("b_o", self.w_o),
+        ):
             b = getattr(self, name)
             if b is not None and tuple(b.shape) != (w.shape[1],):
-                raise ValueError(f"{name} must have shape ({w.shape[1]},), got {tuple(b.shape)}")
+                raise ValueError(
+                    f"{name} must have shape ({w.shape[1]},), got {tuple(b.shape)}"
+                )
 
     @property
     def head_dim(self) -> int:
@@ -116,13 +138,23 @@ class MultiHeadParams:
         return self.w_v.shape[1] // self.num_kv_heads
 
     @classmethod
-    def random(cls, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, *, bias: bool = True,
-               seed: int = 0, dtype="float64") -> "MultiHeadParams":
+    def random(
+        cls,
+        embed_dim: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        *,
+        bias: bool = True,
+        seed: int = 0,
+        dtype="float64",
+    ) -> "MultiHeadParams":
         """Random weights ``U(-1/sqrt(E), 1/sqrt(E))`` for ``E = embed_dim``, ``D = E // H``."""
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         gqa_group_size(num_heads, num_kv_heads)
         if embed_dim % num_heads:
-            raise ValueError(f"embed_dim={embed_dim} must be a multiple of num_heads={num_heads}")
+            raise ValueError(
+                f"embed_dim={embed_dim} must be a multiple of num_heads={num_heads}"
+            )
         D = embed_dim // num_heads
         rng = np.random.default_rng(seed)
         bound = 1.0 / np.sqrt(embed_dim)
@@ -132,11 +164,16 @@ class MultiHeadParams:
 
         widths = {"q": num_heads * D, "k": num_kv_heads * D, "v": num_kv_heads * D}
         return cls(
-            w_q=uniform(embed_dim, widths["q"]), b_q=uniform(widths["q"]) if bias else None,
-            w_k=uniform(embed_dim, widths["k"]), b_k=uniform(widths["k"]) if bias else None,
-            w_v=uniform(embed_dim, widths["v"]), b_v=uniform(widths["v"]) if bias else None,
-            w_o=uniform(num_heads * D, embed_dim), b_o=uniform(embed_dim) if bias else None,
-            num_heads=num_heads, num_kv_heads=num_kv_heads,
+            w_q=uniform(embed_dim, widths["q"]),
+            b_q=uniform(widths["q"]) if bias else None,
+            w_k=uniform(embed_dim, widths["k"]),
+            b_k=uniform(widths["k"]) if bias else None,
+            w_v=uniform(embed_dim, widths["v"]),
+            b_v=uniform(widths["v"]) if bias else None,
+            w_o=uniform(num_heads * D, embed_dim),
+            b_o=uniform(embed_dim) if bias else None,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
         )
 
     @classmethod
@@ -147,12 +184,16 @@ class MultiHeadParams:
         so ``w_q = in_proj_weight[:E].T``; with ``kdim``/``vdim`` different from ``E`` it
         keeps ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight`` instead.
         """
-        if getattr(module, "bias_k", None) is not None or getattr(module, "add_zero_attn", False):
-            raise ValueError("MultiheadAttention with add_bias_kv or add_zero_attn has no MultiHeadParams equivalent")
+        if getattr(module, "bias_k", None) is not None or getattr(
+            module, "add_zero_attn", False
+        ):
+            raise ValueError(
+                "MultiheadAttention with add_bias_kv or add_zero_attn has no MultiHeadParams equivalent"
+            )
         E = module.embed_dim
         if getattr(module, "in_proj_weight", None) is not None:
             w = _array(module.in_proj_weight)  # (3E, E)
-            w_q, w_k, w_v = w[:E].T, w[E:2 * E].T, w[2 * E:].T  # (E, E) each
+            w_q, w_k, w_v = w[:E].T, w[E : 2 * E].T, w[2 * E :].T  # (E, E) each
         else:
             w_q = _array(module.q_proj_weight).T  # (E, E)
             w_k = _array(module.k_proj_weight).T  # (kdim, E)
@@ -160,11 +201,21 @@ class MultiHeadParams:
         b_q = b_k = b_v = None
         if getattr(module, "in_proj_bias", None) is not None:
             b = _array(module.in_proj_bias)  # (3E,)
-            b_q, b_k, b_v = b[:E], b[E:2 * E], b[2 * E:]
+            b_q, b_k, b_v = b[:E], b[E : 2 * E], b[2 * E :]
         w_o = _array(module.out_proj.weight).T  # (E, E)
         b_o = None if module.out_proj.bias is None else _array(module.out_proj.bias)
-        return cls(np.ascontiguousarray(w_q), b_q, np.ascontiguousarray(w_k), b_k, np.ascontiguousarray(w_v),
-                   b_v, np.ascontiguousarray(w_o), b_o, num_heads=module.num_heads, num_kv_heads=module.num_heads)
+        return cls(
+            np.ascontiguousarray(w_q),
+            b_q,
+            np.ascontiguousarray(w_k),
+            b_k,
+            np.ascontiguousarray(w_v),
+            b_v,
+            np.ascontiguousarray(w_o),
+            b_o,
+            num_heads=module.num_heads,
+            num_kv_heads=module.num_heads,
+        )
 
     @classmethod
     def from_keras(cls, layer) -> "MultiHeadParams":
@@ -175,22 +226,41 @@ class MultiHeadParams:
         (reshaped to ``(heads * value_dim, out)``). Keras scales the query by
         ``1 / sqrt(key_dim)``, the default scale here.
         """
-        dense = {name: getattr(layer, f"{name}_dense", None) or getattr(layer, f"_{name}_dense", None)
-                 for name in ("query", "key", "value", "output")}
+        dense = {
+            name: getattr(layer, f"{name}_dense", None)
+            or getattr(layer, f"_{name}_dense", None)
+            for name in ("query", "key", "value", "output")
+        }
         if any(d is None or getattr(d, "kernel", None) is None for d in dense.values()):
-            raise ValueError("the Keras MultiHeadAttention layer must be built (call it once) before reading it")
+            raise ValueError(
+                "the Keras MultiHeadAttention layer must be built (call it once) before reading it"
+            )
 
         def kernel(name):
             k = _array(dense[name].kernel)
-            return k.reshape(k.shape[0], -1) if name != "output" else k.reshape(-1, k.shape[-1])
+            return (
+                k.reshape(k.shape[0], -1)
+                if name != "output"
+                else k.reshape(-1, k.shape[-1])
+            )
 
         def bias(name):
             b = getattr(dense[name], "bias", None)
             return None if b is None else _array(b).reshape(-1)
 
         H = layer.num_heads
-        return cls(kernel("query"), bias("query"), kernel("key"), bias("key"), kernel("value"), bias("value"),
-                   kernel("output"), bias("output"), num_heads=H, num_kv_heads=H)
+        return cls(
+            kernel("query"),
+            bias("query"),
+            kernel("key"),
+            bias("key"),
+            kernel("value"),
+            bias("value"),
+            kernel("output"),
+            bias("output"),
+            num_heads=H,
+            num_kv_heads=H,
+        )
 
 
 class KVCache(KVCacheBase):
@@ -211,13 +281,15 @@ class KVCache(KVCacheBase):
 
     def _empty(self, like: np.ndarray, capacity: int) -> np.ndarray:
         B, H_kv, _, dim = like.shape
-        return np.empty((B, H_kv, capacity, dim), like.dtype)  # (B, H_kv, capacity, dim)
+        # (B, H_kv, capacity, dim)
+        return np.empty((B, H_kv, capacity, dim), like.dtype)
 
     def _write(self, storage: np.ndarray, start: int, stop: int, x) -> None:
         storage[:, :, start:stop] = x
 
     def _view(self, storage: np.ndarray, length: int) -> np.ndarray:
-        view = storage[:, :, :length]  # read-only: the cache cannot be changed behind its back
+        # read-only: the cache cannot be changed behind its back
+        view = storage[:, :, :length]
         view.flags.writeable = False
         return view
 
@@ -228,11 +300,20 @@ def _project(x: np.ndarray, w, b, heads: int, dtype) -> np.ndarray:
     if b is not None:
         y = y + np.asarray(b, dtype=dtype)
     B, T, width = y.shape
-    return y.reshape(B, T, heads, width // heads).transpose(0, 2, 1, 3)  # (B, heads, T, D)
+    # (B, heads, T, D)
+    return y.reshape(B, T, heads, width // heads).transpose(0, 2, 1, 3)
 
 
-def multi_head_attention(x_q, x_kv, params: MultiHeadParams, *, mask=None, causal: bool = False,
-                         cache: KVCache | None = None, return_weights: bool = False):
+def multi_head_attention(
+    x_q,
+    x_kv,
+    params: MultiHeadParams,
+    *,
+    mask=None,
+    causal: bool = False,
+    cache: KVCache | None = None,
+    return_weights: bool = False,
+):
     r"""Multi-head attention on batch-first inputs: ``(B, L, E_q), (B, S, E_kv) -> (B, L, E_out)``.
 
     .. code-block:: text
@@ -270,35 +351,54 @@ def multi_head_attention(x_q, x_kv, params: MultiHeadParams, *, mask=None, causa
     causal = _check_flag("causal", causal)
     return_weights = _check_flag("return_weights", return_weights)
     if not isinstance(params, MultiHeadParams):
-        raise TypeError(f"params must be a MultiHeadParams, got {type(params).__name__}")
+        raise TypeError(
+            f"params must be a MultiHeadParams, got {type(params).__name__}"
+        )
     x_q, x_kv = np.asarray(x_q), np.asarray(x_kv)
-    for name, x, width in (("x_q", x_q, params.w_q.shape[0]), ("x_kv", x_kv, params.w_k.shape[0])):
+    for name, x, width in (
+        ("x_q", x_q, params.w_q.shape[0]),
+        ("x_kv", x_kv, params.w_k.shape[0]),
+    ):
         _checks.check_float(name, x.dtype)
         if x.ndim != 3 or x.shape[2] != width:
-            raise ValueError(f"{name} must have shape (B, length, {width}) for these params, got shape {x.shape}")
+            raise ValueError(
+                f"{name} must have shape (B, length, {width}) for these params, got shape {x.shape}"
+            )
     if x_q.dtype != x_kv.dtype:
-        raise TypeError(f"x_q and x_kv must have the same dtype, got {x_q.dtype} and {x_kv.dtype}")
+        raise TypeError(
+            f"x_q and x_kv must have the same dtype, got {x_q.dtype} and {x_kv.dtype}"
+        )
     if x_q.shape[0] != x_kv.shape[0]:
-        raise ValueError(f"x_q {x_q.shape} and x_kv {x_kv.shape} must have the same batch size B")
+        raise ValueError(
+            f"x_q {x_q.shape} and x_kv {x_kv.shape} must have the same batch size B"
+        )
     dtype = _compute_dtype(x_q.dtype)
     H, H_kv = params.num_heads, params.num_kv_heads
-    q = _project(x_q.astype(dtype, copy=False), params.w_q, params.b_q, H, dtype)  # (B, H, L, D)
-    k = _project(x_kv.astype(dtype, copy=False), params.w_k, params.b_k, H_kv, dtype)  # (B, H_kv, S_new, D)
-    v = _project(x_kv.astype(dtype, copy=False), params.w_v, params.b_v, H_kv, dtype)  # (B, H_kv, S_new, D_v)
+    # (B, H, L, D)
+    q = _project(x_q.astype(dtype, copy=False), params.w_q, params.b_q, H, dtype)
+    # (B, H_kv, S_new, D)
+    k = _project(x_kv.astype(dtype, copy=False), params.w_k, params.b_k, H_kv, dtype)
+    # (B, H_kv, S_new, D_v)
+    v = _project(x_kv.astype(dtype, copy=False), params.w_v, params.b_v, H_kv, dtype)
     if cache is not None:
         if not isinstance(cache, KVCache):
-            raise TypeError(f"cache must be a companion.numpy.KVCache, got {type(cache).__name__}")
+            raise TypeError(
+                f"cache must be a companion.numpy.KVCache, got {type(cache).__name__}"
+            )
         k, v = cache.append(k, v)  # (B, H_kv, S, D), (B, H_kv, S, D_v)
     q, k, v, shapes, mask = _validated(q, k, v, mask)
-    weights = _grouped_weights(q, k, mask, causal, None, shapes)  # (B, H_kv, group, L, S)
+    # (B, H_kv, group, L, S)
+    weights = _grouped_weights(q, k, mask, causal, None, shapes)
     heads = weights @ v[:, :, None, :, :]  # (B, H_kv, group, L, D_v)
     B, L = x_q.shape[:2]
     heads = heads.reshape(B, H, L, shapes.D_v)  # (B, H, L, D_v)
-    merged = heads.transpose(0, 2, 1, 3).reshape(B, L, H * shapes.D_v)  # (B, L, H * D_v)
+    # (B, L, H * D_v)
+    merged = heads.transpose(0, 2, 1, 3).reshape(B, L, H * shapes.D_v)
     output = merged @ np.asarray(params.w_o, dtype=dtype)  # (B, L, E_out)
     if params.b_o is not None:
         output = output + np.asarray(params.b_o, dtype=dtype)
     output = output.astype(x_q.dtype, copy=False)
     if return_weights:
-        return output, weights.reshape(shapes.scores).astype(x_q.dtype, copy=False)  # (B, H, L, S)
+        # (B, H, L, S)
+        return output, weights.reshape(shapes.scores).astype(x_q.dtype, copy=False)
     return output

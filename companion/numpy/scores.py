@@ -46,17 +46,25 @@ def _pair(query, key, *, same_dim: bool = True):
         x = np.asarray(x)
         _checks.check_float(name, x.dtype)
         if x.ndim < 2:
-            raise ValueError(f"{name} must have shape (..., length, dim) with at least 2 axes, got shape {x.shape}")
+            raise ValueError(
+                f"{name} must have shape (..., length, dim) with at least 2 axes, got shape {x.shape}"
+            )
         arrays.append(x)
     q, k = arrays
     if q.dtype != k.dtype:
-        raise TypeError(f"query and key must have the same dtype, got {q.dtype} and {k.dtype}")
+        raise TypeError(
+            f"query and key must have the same dtype, got {q.dtype} and {k.dtype}"
+        )
     if same_dim and q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"query and key must have the same feature dimension: query {q.shape}, key {k.shape}")
+        raise ValueError(
+            f"query and key must have the same feature dimension: query {q.shape}, key {k.shape}"
+        )
     try:
         _checks.broadcast_shape(q.shape[:-2], k.shape[:-2])
     except ValueError:
-        raise ValueError(f"the leading axes of query {q.shape} and key {k.shape} do not broadcast") from None
+        raise ValueError(
+            f"the leading axes of query {q.shape} and key {k.shape} do not broadcast"
+        ) from None
     return q, k
 
 
@@ -119,7 +127,8 @@ def multiplicative_scores(query, key, w) -> np.ndarray:
     """
     q, k = _pair(query, key, same_dim=False)
     w = _weight("w", w, (q.shape[-1], k.shape[-1]), q.dtype)
-    return (q @ w) @ np.swapaxes(k, -1, -2)  # q^T W k: (..., L, D_k) @ (..., D_k, S) -> (..., L, S)
+    # q^T W k: (..., L, D_k) @ (..., D_k, S) -> (..., L, S)
+    return (q @ w) @ np.swapaxes(k, -1, -2)
 
 
 def negative_distance_scores(query, key) -> np.ndarray:
@@ -168,22 +177,33 @@ def nadaraya_watson(x_query, x_keys, y_values, *, bandwidth: float = 1.0) -> np.
     for name, a in (("x_query", x_query), ("x_keys", x_keys), ("y_values", y_values)):
         _checks.check_float(name, a.dtype)
         if a.ndim not in (1, 2):
-            raise ValueError(f"{name} must be 1-D (one feature) or 2-D (n, d), got shape {a.shape}")
+            raise ValueError(
+                f"{name} must be 1-D (one feature) or 2-D (n, d), got shape {a.shape}"
+            )
     if x_query.ndim != x_keys.ndim:
-        raise ValueError(f"x_query {x_query.shape} and x_keys {x_keys.shape} must both be 1-D or both 2-D")
+        raise ValueError(
+            f"x_query {x_query.shape} and x_keys {x_keys.shape} must both be 1-D or both 2-D"
+        )
     if x_query.ndim == 2 and x_query.shape[1] != x_keys.shape[1]:
-        raise ValueError(f"x_query {x_query.shape} and x_keys {x_keys.shape} must have the same number of features")
+        raise ValueError(
+            f"x_query {x_query.shape} and x_keys {x_keys.shape} must have the same number of features"
+        )
     if y_values.shape[0] != x_keys.shape[0]:
-        raise ValueError(f"y_values {y_values.shape} must have one row per key, x_keys has shape {x_keys.shape}")
+        raise ValueError(
+            f"y_values {y_values.shape} must have one row per key, x_keys has shape {x_keys.shape}"
+        )
     if x_keys.shape[0] == 0:
         raise ValueError("x_keys must hold at least one observation")
     h = float(bandwidth)
     if not (np.isfinite(h) and h > 0):
-        raise ValueError(f"bandwidth must be a positive finite number, got {bandwidth!r}")
+        raise ValueError(
+            f"bandwidth must be a positive finite number, got {bandwidth!r}"
+        )
     dtype = np.result_type(x_query.dtype, x_keys.dtype, y_values.dtype)
     q = x_query.reshape(x_query.shape[0], -1).astype(dtype, copy=False)  # (m, d)
     k = x_keys.reshape(x_keys.shape[0], -1).astype(dtype, copy=False)  # (n, d)
     key_bias = -0.5 * np.sum(k * k, axis=-1)  # -||x_i||^2 / 2: (n,)
-    scores = (q @ k.T + key_bias[None, :]) / (h * h)  # (x . x_i - ||x_i||^2 / 2) / h^2: (m, n)
+    # (x . x_i - ||x_i||^2 / 2) / h^2: (m, n)
+    scores = (q @ k.T + key_bias[None, :]) / (h * h)
     weights = softmax(scores, axis=-1)  # (m, n)
     return weights @ y_values.astype(dtype, copy=False)  # (m,) or (m, d_y)

@@ -23,9 +23,18 @@ import numpy as np
 
 from companion._checks import check_float
 
-__all__ = ["ACTIVATIONS", "shared_dense_forward", "shared_dense_backward", "unshared_dense_forward",
-           "unshared_dense_backward", "init_dense_params", "dense_loss", "make_shared_teacher_data",
-           "TrainingResult", "train_shared_dense"]
+__all__ = [
+    "ACTIVATIONS",
+    "shared_dense_forward",
+    "shared_dense_backward",
+    "unshared_dense_forward",
+    "unshared_dense_backward",
+    "init_dense_params",
+    "dense_loss",
+    "make_shared_teacher_data",
+    "TrainingResult",
+    "train_shared_dense",
+]
 
 
 def _tanh_grad(z):
@@ -47,7 +56,9 @@ ACTIVATIONS = {
 
 def _activation(name: str):
     if name not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+        raise ValueError(
+            f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}"
+        )
     return ACTIVATIONS[name]
 
 
@@ -59,19 +70,27 @@ def _check(x, weight, bias, *, shared: bool):
         raise ValueError(f"x must have shape (B, P, D_in), got shape {x.shape}")
     _, P, D_in = x.shape
     expected_w = "(D_out, D_in)" if shared else "(P, D_out, D_in)"
-    w_ok = (weight.ndim == 2 and weight.shape[1] == D_in) if shared else \
-        (weight.ndim == 3 and weight.shape[0] == P and weight.shape[2] == D_in)
+    w_ok = (
+        (weight.ndim == 2 and weight.shape[1] == D_in)
+        if shared
+        else (weight.ndim == 3 and weight.shape[0] == P and weight.shape[2] == D_in)
+    )
     if not w_ok:
-        raise ValueError(f"weight must have shape {expected_w} with P={P}, D_in={D_in} (x {x.shape}), "
-                         f"got shape {weight.shape}")
+        raise ValueError(
+            f"weight must have shape {expected_w} with P={P}, D_in={D_in} (x {x.shape}), "
+            f"got shape {weight.shape}"
+        )
     D_out = weight.shape[-2]
     if bias.shape != (P, D_out):
-        raise ValueError(f"bias must have shape (P, D_out) = {(P, D_out)} (one bias per position), "
-                         f"got shape {bias.shape}")
+        raise ValueError(
+            f"bias must have shape (P, D_out) = {(P, D_out)} (one bias per position), "
+            f"got shape {bias.shape}"
+        )
     return x, weight, bias
 
 
 # --- shared: one W for every position -------------------------------------------------------
+
 
 def shared_dense_forward(x, weight, bias, *, activation: str = "tanh") -> np.ndarray:
     r"""The shared layer :math:`y_i = f(W x_i + b_i)` at every position ``i``.
@@ -82,8 +101,8 @@ def shared_dense_forward(x, weight, bias, *, activation: str = "tanh") -> np.nda
     """
     x, weight, bias = _check(x, weight, bias, shared=True)
     f, _ = _activation(activation)
-    z = x @ weight.T + bias                   # W x_i + b_i, (B, P, D_out)
-    return f(z)                               # y_i = f(z_i)
+    z = x @ weight.T + bias  # W x_i + b_i, (B, P, D_out)
+    return f(z)  # y_i = f(z_i)
 
 
 def shared_dense_backward(grad_y, x, weight, bias, *, activation: str = "tanh"):
@@ -102,18 +121,24 @@ def shared_dense_backward(grad_y, x, weight, bias, *, activation: str = "tanh"):
     x, weight, bias = _check(x, weight, bias, shared=True)
     grad_y = np.asarray(grad_y)
     if grad_y.shape != x.shape[:2] + (weight.shape[0],):
-        raise ValueError(f"grad_y must have the output's shape (B, P, D_out) = {x.shape[:2] + (weight.shape[0],)}, "
-                         f"got {grad_y.shape}")
+        raise ValueError(
+            f"grad_y must have the output's shape (B, P, D_out) = {x.shape[:2] + (weight.shape[0],)}, "
+            f"got {grad_y.shape}"
+        )
     _, f_grad = _activation(activation)
-    z = x @ weight.T + bias                               # (B, P, D_out), recomputed
-    delta = grad_y * f_grad(z)                            # delta_i = dL/dy_i * f'(z_i), (B, P, D_out)
-    dweight = np.einsum("bpo,bpi->oi", delta, x)          # sum over batch and positions of delta_i x_i^T
-    dbias = delta.sum(axis=0)                             # sum over batch, one per position, (P, D_out)
-    dx = delta @ weight                                   # W^T delta_i, (B, P, D_in)
+    z = x @ weight.T + bias  # (B, P, D_out), recomputed
+    # delta_i = dL/dy_i * f'(z_i), (B, P, D_out)
+    delta = grad_y * f_grad(z)
+    # sum over batch and positions of delta_i x_i^T
+    dweight = np.einsum("bpo,bpi->oi", delta, x)
+    # sum over batch, one per position, (P, D_out)
+    dbias = delta.sum(axis=0)
+    dx = delta @ weight  # W^T delta_i, (B, P, D_in)
     return dx, dweight, dbias
 
 
 # --- unshared: one W_i per position ---------------------------------------------------------
+
 
 def unshared_dense_forward(x, weights, bias, *, activation: str = "tanh") -> np.ndarray:
     r"""The unshared twin :math:`y_i = f(W_i x_i + b_i)`, one matrix per position.
@@ -123,7 +148,7 @@ def unshared_dense_forward(x, weights, bias, *, activation: str = "tanh") -> np.
     """
     x, weights, bias = _check(x, weights, bias, shared=False)
     f, _ = _activation(activation)
-    z = np.einsum("bpi,poi->bpo", x, weights) + bias      # W_i x_i + b_i, (B, P, D_out)
+    z = np.einsum("bpi,poi->bpo", x, weights) + bias  # W_i x_i + b_i, (B, P, D_out)
     return f(z)
 
 
@@ -139,41 +164,68 @@ def unshared_dense_backward(grad_y, x, weights, bias, *, activation: str = "tanh
     x, weights, bias = _check(x, weights, bias, shared=False)
     grad_y = np.asarray(grad_y)
     if grad_y.shape != x.shape[:2] + (weights.shape[1],):
-        raise ValueError(f"grad_y must have the output's shape (B, P, D_out) = {x.shape[:2] + (weights.shape[1],)}, "
-                         f"got {grad_y.shape}")
+        raise ValueError(
+            f"grad_y must have the output's shape (B, P, D_out) = {x.shape[:2] + (weights.shape[1],)}, "
+            f"got {grad_y.shape}"
+        )
     _, f_grad = _activation(activation)
-    z = np.einsum("bpi,poi->bpo", x, weights) + bias      # (B, P, D_out)
-    delta = grad_y * f_grad(z)                            # (B, P, D_out)
-    dweights = np.einsum("bpo,bpi->poi", delta, x)        # per position: sum over batch of delta_i x_i^T
-    dbias = delta.sum(axis=0)                             # (P, D_out)
-    dx = np.einsum("bpo,poi->bpi", delta, weights)        # W_i^T delta_i, (B, P, D_in)
+    z = np.einsum("bpi,poi->bpo", x, weights) + bias  # (B, P, D_out)
+    delta = grad_y * f_grad(z)  # (B, P, D_out)
+    # per position: sum over batch of delta_i x_i^T
+    dweights = np.einsum("bpo,bpi->poi", delta, x)
+    dbias = delta.sum(axis=0)  # (P, D_out)
+    dx = np.einsum("bpo,poi->bpi", delta, weights)  # W_i^T delta_i, (B, P, D_in)
     return dx, dweights, dbias
 
 
 # --- training ------------------------------------------------------------------------------------
 
-def init_dense_params(num_positions: int, in_features: int, out_features: int, *, shared: bool = True,
-                      rng=None):
+
+def init_dense_params(
+    num_positions: int,
+    in_features: int,
+    out_features: int,
+    *,
+    shared: bool = True,
+    rng=None,
+):
     """Glorot-uniform weights and zero biases: ``(W (D_out, D_in) or (P, D_out, D_in), b (P, D_out))``.
 
     ``rng`` is a ``numpy.random.Generator`` or a seed.
     """
     rng = np.random.default_rng(rng)
     limit = np.sqrt(6.0 / (in_features + out_features))
-    shape = (out_features, in_features) if shared else (num_positions, out_features, in_features)
-    return rng.uniform(-limit, limit, size=shape), np.zeros((num_positions, out_features))
+    shape = (
+        (out_features, in_features)
+        if shared
+        else (num_positions, out_features, in_features)
+    )
+    return rng.uniform(-limit, limit, size=shape), np.zeros(
+        (num_positions, out_features)
+    )
 
 
 def dense_loss(prediction, target) -> float:
     r"""Mean squared error per example, :math:`L = \frac{1}{2B} \sum_{b,i,o} (\hat y - y)^2`."""
     prediction, target = np.asarray(prediction), np.asarray(target)
     if prediction.shape != target.shape:
-        raise ValueError(f"prediction {prediction.shape} and target {target.shape} must have one shape")
+        raise ValueError(
+            f"prediction {prediction.shape} and target {target.shape} must have one shape"
+        )
     return float(0.5 * np.sum((prediction - target) ** 2) / prediction.shape[0])
 
 
-def make_shared_teacher_data(num_samples: int, num_positions: int, in_features: int, out_features: int, *,
-                             num_test: int = 256, noise: float = 0.05, activation: str = "tanh", rng=None):
+def make_shared_teacher_data(
+    num_samples: int,
+    num_positions: int,
+    in_features: int,
+    out_features: int,
+    *,
+    num_test: int = 256,
+    noise: float = 0.05,
+    activation: str = "tanh",
+    rng=None,
+):
     r"""Data from a teacher that *is* a shared layer: ``y_i = f(W^* x_i + b^*_i) + noise``.
 
     Returns ``(x, y, x_test, y_test)``: ``num_samples`` training and ``num_test`` fresh test
@@ -215,8 +267,16 @@ class TrainingResult:
         return forward(x, self.weight, self.bias, activation=activation)
 
 
-def train_shared_dense(x, y, *, shared: bool = True, steps: int = 300, learning_rate: float = 0.1,
-                       activation: str = "tanh", rng=0) -> TrainingResult:
+def train_shared_dense(
+    x,
+    y,
+    *,
+    shared: bool = True,
+    steps: int = 300,
+    learning_rate: float = 0.1,
+    activation: str = "tanh",
+    rng=0,
+) -> TrainingResult:
     r"""Learn the layer by full-batch gradient descent on :func:`dense_loss`; the corrected source loop.
 
     Each step: forward, ``dL/dy = (y_hat - y) / B``, the hand backward pass, then
@@ -227,17 +287,24 @@ def train_shared_dense(x, y, *, shared: bool = True, steps: int = 300, learning_
     """
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if x.ndim != 3 or y.ndim != 3 or x.shape[:2] != y.shape[:2]:
-        raise ValueError(f"x (B, P, D_in) and y (B, P, D_out) must share B and P, got {x.shape} and {y.shape}")
+        raise ValueError(
+            f"x (B, P, D_in) and y (B, P, D_out) must share B and P, got {x.shape} and {y.shape}"
+        )
     forward = shared_dense_forward if shared else unshared_dense_forward
     backward = shared_dense_backward if shared else unshared_dense_backward
-    weight, bias = init_dense_params(x.shape[1], x.shape[2], y.shape[2], shared=shared, rng=rng)
+    weight, bias = init_dense_params(
+        x.shape[1], x.shape[2], y.shape[2], shared=shared, rng=rng
+    )
     losses = []
     for _ in range(steps):
-        prediction = forward(x, weight, bias, activation=activation)          # (B, P, D_out)
+        # (B, P, D_out)
+        prediction = forward(x, weight, bias, activation=activation)
         losses.append(dense_loss(prediction, y))
-        grad_y = (prediction - y) / x.shape[0]                                # dL/dy_hat
+        # dL/dy_hat
+        grad_y = (prediction - y) / x.shape[0]
         _, dweight, dbias = backward(grad_y, x, weight, bias, activation=activation)
-        weight = weight - learning_rate * dweight                             # a gradient step, not W += (y - x)
+        # a gradient step, not W += (y - x)
+        weight = weight - learning_rate * dweight
         bias = bias - learning_rate * dbias
     losses.append(dense_loss(forward(x, weight, bias, activation=activation), y))
     return TrainingResult(weight, bias, losses, shared)

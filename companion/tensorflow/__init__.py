@@ -12,9 +12,10 @@ _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import tensorflow as _tf  # noqa: E402,F401
 
+from companion.tensorflow.attention import *  # noqa: F401,F403
+
 # Each topic module adds its names on a line of its own below.
 from companion.tensorflow.conv import *  # noqa: F401,F403
-from companion.tensorflow.attention import *  # noqa: F401,F403
+from companion.tensorflow.multihead import *  # noqa: F401,F403
 from companion.tensorflow.scores import *  # noqa: F401,F403
 from companion.tensorflow.sharing import *  # noqa: F401,F403
-from companion.tensorflow.multihead import *  # noqa: F401,F403

@@ -68,16 +68,22 @@ def softmax(x, axis=-1, mask=None):
     if mask is not None:
         mask = tf.convert_to_tensor(mask)
         if mask.dtype != tf.bool:
-            raise TypeError(f"mask must be boolean (True = keep), got dtype {_checks.dtype_name(mask.dtype)}")
+            raise TypeError(
+                f"mask must be boolean (True = keep), got dtype {_checks.dtype_name(mask.dtype)}"
+            )
         try:
             grown = _checks.broadcast_shape(tuple(mask.shape), shape) != shape
         except ValueError:
             grown = True
         if grown:
-            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to x of shape {shape}")
-        work = tf.where(mask, work, tf.constant(-math.inf, work.dtype))  # masked -> -inf
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not broadcast to x of shape {shape}"
+            )
+        # masked -> -inf
+        work = tf.where(mask, work, tf.constant(-math.inf, work.dtype))
     row_max = tf.reduce_max(work, axis=axis, keepdims=True)  # m, keeps a size-1 axis
-    row_max = tf.where(tf.math.is_finite(row_max), row_max, tf.zeros_like(row_max))  # empty row: 0, not -inf
+    # empty row: 0, not -inf
+    row_max = tf.where(tf.math.is_finite(row_max), row_max, tf.zeros_like(row_max))
     exp = tf.exp(work - row_max)  # e^{x_j - m}; masked entries exp(-inf) = 0
     total = tf.reduce_sum(exp, axis=axis, keepdims=True)  # sum_k e^{x_k - m}
     return tf.cast(tf.math.divide_no_nan(exp, total), x.dtype)  # empty rows 0 / 0 -> 0
@@ -103,13 +109,19 @@ def padding_mask(lengths, S):
     S = _checks.check_int("S", S, minimum=0)
     lengths = tf.convert_to_tensor(lengths)
     if lengths.shape.rank != 1:
-        raise ValueError(f"lengths must be 1-D (one length per sequence), got shape {tuple(lengths.shape)}")
+        raise ValueError(
+            f"lengths must be 1-D (one length per sequence), got shape {tuple(lengths.shape)}"
+        )
     if not lengths.dtype.is_integer:
-        raise TypeError(f"lengths must be integers, got dtype {_checks.dtype_name(lengths.dtype)}")
+        raise TypeError(
+            f"lengths must be integers, got dtype {_checks.dtype_name(lengths.dtype)}"
+        )
     if tf.executing_eagerly() and lengths.shape[0]:
         low, high = int(tf.reduce_min(lengths)), int(tf.reduce_max(lengths))
         if low < 0 or high > S:
-            raise ValueError(f"lengths must lie in [0, S={S}], got values from {low} to {high}")
+            raise ValueError(
+                f"lengths must lie in [0, S={S}], got values from {low} to {high}"
+            )
     positions = tf.range(S, dtype=lengths.dtype)  # (S,)
     mask = positions[None, :] < lengths[:, None]  # (B, S)
     return mask[:, None, None, :]  # (B, 1, 1, S)
@@ -124,11 +136,18 @@ def _check_inputs(query, key, value):
     """Convert, check dtypes and shapes; return tensors, shapes and the input dtype name."""
     query, key = tf.convert_to_tensor(query), tf.convert_to_tensor(key)
     value = key if value is None else tf.convert_to_tensor(value)
-    names = [_checks.check_float(name, t.dtype) for name, t in (("query", query), ("key", key), ("value", value))]
+    names = [
+        _checks.check_float(name, t.dtype)
+        for name, t in (("query", query), ("key", key), ("value", value))
+    ]
     if len(set(names)) != 1:
-        raise TypeError(f"query, key and value must have the same dtype, got {names[0]}, {names[1]} and {names[2]}")
+        raise TypeError(
+            f"query, key and value must have the same dtype, got {names[0]}, {names[1]} and {names[2]}"
+        )
     dtype = names[0]
-    shapes = _checks.attention_shapes(tuple(query.shape), tuple(key.shape), tuple(value.shape))
+    shapes = _checks.attention_shapes(
+        tuple(query.shape), tuple(key.shape), tuple(value.shape)
+    )
     return query, key, value, shapes, dtype
 
 
@@ -144,12 +163,16 @@ def _grouped_mask(mask, shapes, compute_dtype):
         boolean = False
         mask = tf.cast(mask, compute_dtype)
     else:
-        raise TypeError(f"mask must be boolean (True = attend) or floating (added to the scaled scores), "
-                        f"got dtype {_checks.dtype_name(mask.dtype)} with shape {tuple(mask.shape)}")
+        raise TypeError(
+            f"mask must be boolean (True = attend) or floating (added to the scaled scores), "
+            f"got dtype {_checks.dtype_name(mask.dtype)} with shape {tuple(mask.shape)}"
+        )
     _checks.check_mask_shape(tuple(mask.shape), shapes)
-    m = (1,) * (len(shapes.scores) - mask.shape.rank) + tuple(mask.shape)  # padded to (..., H, L, S)
+    # padded to (..., H, L, S)
+    m = (1,) * (len(shapes.scores) - mask.shape.rank) + tuple(mask.shape)
     heads = (shapes.H_kv, shapes.group) if m[-3] != 1 else (1, 1)
-    return tf.reshape(mask, (*m[:-3], *heads, *m[-2:])), boolean  # (..., H_kv, group, L, S), 1s kept
+    # (..., H_kv, group, L, S), 1s kept
+    return tf.reshape(mask, (*m[:-3], *heads, *m[-2:])), boolean
 
 
 def _apply_mask(scores, mask, boolean):
@@ -162,7 +185,8 @@ def _apply_mask(scores, mask, boolean):
 def _grouped_query(query, shapes):
     """``(..., H, L, D)`` -> ``(..., H_kv, group, L, D)``: query head ``h`` sits under k/v head ``h // group``."""
     q = tuple(query.shape)
-    return tf.reshape(query, (*q[:-3], shapes.H_kv, shapes.group, shapes.L, shapes.D))  # (..., H_kv, G, L, D)
+    # (..., H_kv, G, L, D)
+    return tf.reshape(query, (*q[:-3], shapes.H_kv, shapes.group, shapes.L, shapes.D))
 
 
 # ---------------------------------------------------------------------------------------
@@ -182,7 +206,9 @@ def attention_weights(query, key, *, mask=None, causal=False, scale=None):
     """
     causal = _check_flag("causal", causal)
     query, key, _, shapes, dtype = _check_inputs(query, key, None)
-    weights = _grouped_weights(query, key, shapes, dtype, mask=mask, causal=causal, scale=scale)
+    weights = _grouped_weights(
+        query, key, shapes, dtype, mask=mask, causal=causal, scale=scale
+    )
     return tf.cast(tf.reshape(weights, shapes.scores), query.dtype)  # (..., H, L, S)
 
 
@@ -191,17 +217,22 @@ def _grouped_weights(query, key, shapes, dtype, *, mask, causal, scale):
     scale = _checks.resolve_scale(scale, shapes.D)
     work = _compute_dtype(dtype)
     q = _grouped_query(tf.cast(query, work), shapes)  # (..., H_kv, G, L, D)
-    k = tf.cast(key, work)[..., None, :, :]  # (..., H_kv, 1, S, D): shared by the group, not copied
-    scores = tf.linalg.matmul(q, k, transpose_b=True) * tf.constant(scale, work)  # scale Q K^T: (..., H_kv, G, L, S)
+    # (..., H_kv, 1, S, D): shared by the group, not copied
+    k = tf.cast(key, work)[..., None, :, :]
+    # scale Q K^T: (..., H_kv, G, L, S)
+    scores = tf.linalg.matmul(q, k, transpose_b=True) * tf.constant(scale, work)
     if mask is not None:
         grouped, boolean = _grouped_mask(mask, shapes, work)
         scores = _apply_mask(scores, grouped, boolean)  # + M
     if causal:
-        scores = _apply_mask(scores, causal_mask(shapes.L, shapes.S), True)  # bottom-right causal
+        # bottom-right causal
+        scores = _apply_mask(scores, causal_mask(shapes.L, shapes.S), True)
     return softmax(scores, axis=-1)  # (..., H_kv, G, L, S)
 
 
-def scaled_dot_product_attention_reference(query, key, value, *, mask=None, causal=False, scale=None):
+def scaled_dot_product_attention_reference(
+    query, key, value, *, mask=None, causal=False, scale=None
+):
     r"""Scaled dot-product attention, written as the formula: output ``(..., H, L, D_v)``.
 
     .. math:: \operatorname{Attention}(Q, K, V) =
@@ -212,7 +243,9 @@ def scaled_dot_product_attention_reference(query, key, value, *, mask=None, caus
     ``h // (H // H_kv)``). ``mask``, ``causal`` and ``scale`` as in
     :func:`attention_weights`. Conventions: :mod:`companion.conventions`.
     """
-    output, _ = _attention_and_weights(query, key, value, mask=mask, causal=causal, scale=scale)
+    output, _ = _attention_and_weights(
+        query, key, value, mask=mask, causal=causal, scale=scale
+    )
     return output
 
 
@@ -220,10 +253,14 @@ def _attention_and_weights(query, key, value, *, mask=None, causal=False, scale=
     """The reference's ``(output (..., H, L, D_v), weights (..., H, L, S))``, both in the input dtype."""
     causal = _check_flag("causal", causal)
     query, key, value, shapes, dtype = _check_inputs(query, key, value)
-    weights = _grouped_weights(query, key, shapes, dtype, mask=mask, causal=causal, scale=scale)  # (..., H_kv, G, L, S)
+    # (..., H_kv, G, L, S)
+    weights = _grouped_weights(
+        query, key, shapes, dtype, mask=mask, causal=causal, scale=scale
+    )
     v = tf.cast(value, weights.dtype)[..., None, :, :]  # (..., H_kv, 1, S, D_v)
     output = tf.linalg.matmul(weights, v)  # P V: (..., H_kv, G, L, D_v)
-    output = tf.reshape(output, (*shapes.batch, shapes.H, shapes.L, shapes.D_v))  # (..., H, L, D_v)
+    # (..., H, L, D_v)
+    output = tf.reshape(output, (*shapes.batch, shapes.H, shapes.L, shapes.D_v))
     weights = tf.reshape(weights, shapes.scores)  # (..., H, L, S)
     return tf.cast(output, query.dtype), tf.cast(weights, query.dtype)
 
@@ -241,7 +278,9 @@ def _block_of(mask, rows, cols):
     return mask[..., r, c]
 
 
-def attention_tiled(query, key, value, *, mask=None, causal=False, scale=None, block_q=64, block_k=64):
+def attention_tiled(
+    query, key, value, *, mask=None, causal=False, scale=None, block_q=64, block_k=64
+):
     r"""Scaled dot-product attention by blocks (FlashAttention-2 forward); never holds an ``L x S`` matrix.
 
     The same result as :func:`scaled_dot_product_attention_reference`. For each block of
@@ -268,14 +307,19 @@ def attention_tiled(query, key, value, *, mask=None, causal=False, scale=None, b
     block_k = _checks.check_int("block_k", block_k)
     scale = _checks.resolve_scale(scale, shapes.D)
     work = _compute_dtype(dtype)
-    L, S, offset = shapes.L, shapes.S, shapes.S - shapes.L  # query i sees key j iff j <= i + offset
+    # query i sees key j iff j <= i + offset
+    L, S, offset = shapes.L, shapes.S, shapes.S - shapes.L
     if L == 0:
-        return tf.zeros((*shapes.batch, shapes.H, 0, shapes.D_v), query.dtype)  # (..., H, 0, D_v)
+        # (..., H, 0, D_v)
+        return tf.zeros((*shapes.batch, shapes.H, 0, shapes.D_v), query.dtype)
 
-    q = _grouped_query(tf.cast(query, work), shapes) * tf.constant(scale, work)  # t Q: (..., H_kv, G, L, D)
+    # t Q: (..., H_kv, G, L, D)
+    q = _grouped_query(tf.cast(query, work), shapes) * tf.constant(scale, work)
     k = tf.cast(key, work)[..., None, :, :]  # (..., H_kv, 1, S, D)
     v = tf.cast(value, work)[..., None, :, :]  # (..., H_kv, 1, S, D_v)
-    grouped, boolean = _grouped_mask(mask, shapes, work) if mask is not None else (None, True)
+    grouped, boolean = (
+        _grouped_mask(mask, shapes, work) if mask is not None else (None, True)
+    )
     out_lead = (*shapes.batch, shapes.H_kv, shapes.group)  # (..., H_kv, G)
     minus_inf = tf.constant(-math.inf, work)
 
@@ -283,26 +327,45 @@ def attention_tiled(query, key, value, *, mask=None, causal=False, scale=None, b
     for r0 in range(0, L, block_q):
         r1 = min(r0 + block_q, L)
         q_i = q[..., r0:r1, :]  # (..., H_kv, G, bq, D)
-        m = tf.fill((*out_lead, r1 - r0, 1), minus_inf)  # running row max: (..., H_kv, G, bq, 1)
-        l = tf.zeros((*out_lead, r1 - r0, 1), work)  # running normaliser: (..., H_kv, G, bq, 1)
-        acc = tf.zeros((*out_lead, r1 - r0, shapes.D_v), work)  # O~: (..., H_kv, G, bq, D_v)
-        last_visible = r1 - 1 + offset if causal else S - 1  # the last key any row of this block sees
-        for c0 in range(0, min(S, last_visible + 1), block_k):  # causal: later key blocks are skipped
+        # running row max: (..., H_kv, G, bq, 1)
+        m = tf.fill((*out_lead, r1 - r0, 1), minus_inf)
+        # running normaliser: (..., H_kv, G, bq, 1)
+        l = tf.zeros((*out_lead, r1 - r0, 1), work)
+        # O~: (..., H_kv, G, bq, D_v)
+        acc = tf.zeros((*out_lead, r1 - r0, shapes.D_v), work)
+        # the last key any row of this block sees
+        last_visible = r1 - 1 + offset if causal else S - 1
+        # causal: later key blocks are skipped
+        for c0 in range(0, min(S, last_visible + 1), block_k):
             c1 = min(c0 + block_k, S)
-            s_ij = tf.linalg.matmul(q_i, k[..., c0:c1, :], transpose_b=True)  # S_ij: (..., H_kv, G, bq, bk)
+            # S_ij: (..., H_kv, G, bq, bk)
+            s_ij = tf.linalg.matmul(q_i, k[..., c0:c1, :], transpose_b=True)
             if grouped is not None:
-                s_ij = _apply_mask(s_ij, _block_of(grouped, slice(r0, r1), slice(c0, c1)), boolean)  # + M_ij
+                # + M_ij
+                s_ij = _apply_mask(
+                    s_ij, _block_of(grouped, slice(r0, r1), slice(c0, c1)), boolean
+                )
             if causal and c1 - 1 > r0 + offset:  # the block straddles the diagonal
                 rows = tf.range(r0, r1)[:, None]  # (bq, 1)
                 cols = tf.range(c0, c1)[None, :]  # (1, bk)
-                s_ij = _apply_mask(s_ij, cols <= rows + offset, True)  # (..., H_kv, G, bq, bk)
-            m_new = tf.maximum(m, tf.reduce_max(s_ij, axis=-1, keepdims=True))  # m' = max(m, rowmax S_ij)
-            m_safe = tf.where(m_new == minus_inf, tf.zeros_like(m_new), m_new)  # -inf -> 0 inside exp
-            p_tilde = tf.exp(s_ij - m_safe)  # P~ = exp(S_ij - m'): (..., H_kv, G, bq, bk)
+                # (..., H_kv, G, bq, bk)
+                s_ij = _apply_mask(s_ij, cols <= rows + offset, True)
+            # m' = max(m, rowmax S_ij)
+            m_new = tf.maximum(m, tf.reduce_max(s_ij, axis=-1, keepdims=True))
+            # -inf -> 0 inside exp
+            m_safe = tf.where(m_new == minus_inf, tf.zeros_like(m_new), m_new)
+            # P~ = exp(S_ij - m'): (..., H_kv, G, bq, bk)
+            p_tilde = tf.exp(s_ij - m_safe)
             correction = tf.exp(m - m_safe)  # c = exp(m - m')
-            l = correction * l + tf.reduce_sum(p_tilde, axis=-1, keepdims=True)  # l = c l + rowsum P~
-            acc = correction * acc + tf.linalg.matmul(p_tilde, v[..., c0:c1, :])  # O~ = c O~ + P~ V_j
+            # l = c l + rowsum P~
+            l = correction * l + tf.reduce_sum(p_tilde, axis=-1, keepdims=True)
+            # O~ = c O~ + P~ V_j
+            acc = correction * acc + tf.linalg.matmul(p_tilde, v[..., c0:c1, :])
             m = m_new
-        output_blocks.append(tf.math.divide_no_nan(acc, l))  # O_i = O~ / l, 0 where l = 0
+        # O_i = O~ / l, 0 where l = 0
+        output_blocks.append(tf.math.divide_no_nan(acc, l))
     output = tf.concat(output_blocks, axis=-2)  # (..., H_kv, G, L, D_v)
-    return tf.cast(tf.reshape(output, (*shapes.batch, shapes.H, L, shapes.D_v)), query.dtype)  # (..., H, L, D_v)
+    # (..., H, L, D_v)
+    return tf.cast(
+        tf.reshape(output, (*shapes.batch, shapes.H, L, shapes.D_v)), query.dtype
+    )

@@ -17,10 +17,18 @@ from __future__ import annotations
 import tensorflow as tf
 
 from companion._checks import check_float, conv2d_geometry, dtype_name
-from companion.numpy.conv import conv2d_output_size  # sizes only, no arrays: one definition
 
-__all__ = ["corr2d", "convolve2d", "conv2d_output_size", "conv2d_reference", "conv2d_im2col",
-           "locally_connected2d"]
+# sizes only, no arrays: one definition
+from companion.numpy.conv import conv2d_output_size
+
+__all__ = [
+    "corr2d",
+    "convolve2d",
+    "conv2d_output_size",
+    "conv2d_reference",
+    "conv2d_im2col",
+    "locally_connected2d",
+]
 
 _LOW_PRECISION = (tf.float16, tf.bfloat16)
 
@@ -37,7 +45,11 @@ def _as_tensor(name: str, t):
 
 def _check_tensors(x, weight, bias):
     """x, weight, bias as tensors of one floating dtype (``TypeError`` otherwise)."""
-    x, weight, bias = _as_tensor("x", x), _as_tensor("weight", weight), _as_tensor("bias", bias)
+    x, weight, bias = (
+        _as_tensor("x", x),
+        _as_tensor("weight", weight),
+        _as_tensor("bias", bias),
+    )
     dtypes = {dtype_name(t.dtype) for t in (x, weight, bias) if t is not None}
     if len(dtypes) > 1:
         raise TypeError(f"x, weight and bias must have one dtype, got {sorted(dtypes)}")
@@ -52,10 +64,12 @@ def _accumulation_dtype(dtype):
 def _pad_nchw(x, pad):
     """Zero-pad the last two axes of an NCHW tensor by ``(top, bottom, left, right)``."""
     top, bottom, left, right = pad
-    return tf.pad(x, [[0, 0], [0, 0], [top, bottom], [left, right]])  # (N, C_in, H_pad, W_pad)
+    # (N, C_in, H_pad, W_pad)
+    return tf.pad(x, [[0, 0], [0, 0], [top, bottom], [left, right]])
 
 
 # --- the source document's formula: one channel, no padding, stride 1 ----------------------
+
 
 def corr2d(x, kernel):
     r"""Two-dimensional cross-correlation of one channel, the source document's formula.
@@ -70,18 +84,23 @@ def corr2d(x, kernel):
     """
     x, kernel, _ = _check_tensors(x, kernel, None)
     if x.shape.rank != 2 or kernel.shape.rank != 2:
-        raise ValueError(f"x and kernel must be 2-D (H, W) and (h, w), got shapes {tuple(x.shape)} "
-                         f"and {tuple(kernel.shape)}")
+        raise ValueError(
+            f"x and kernel must be 2-D (H, W) and (h, w), got shapes {tuple(x.shape)} "
+            f"and {tuple(kernel.shape)}"
+        )
     H, W = x.shape
     h, w = kernel.shape
     if h > H or w > W or h < 1 or w < 1:
-        raise ValueError(f"kernel {tuple(kernel.shape)} must be non-empty and fit inside x {tuple(x.shape)}")
+        raise ValueError(
+            f"kernel {tuple(kernel.shape)} must be non-empty and fit inside x {tuple(x.shape)}"
+        )
     acc = _accumulation_dtype(x.dtype)
     x_acc, k_acc = tf.cast(x, acc), tf.cast(kernel, acc)
     y = tf.zeros((H - h + 1, W - w + 1), dtype=acc)  # (H - h + 1, W - w + 1)
     for m in range(h):
         for n in range(w):
-            y = y + x_acc[m:m + H - h + 1, n:n + W - w + 1] * k_acc[m, n]  # X_{i+m, j+n} K_{m,n}
+            # X_{i+m, j+n} K_{m,n}
+            y = y + x_acc[m : m + H - h + 1, n : n + W - w + 1] * k_acc[m, n]
     return tf.cast(y, x.dtype)
 
 
@@ -96,13 +115,18 @@ def convolve2d(x, kernel):
     ``corr2d(x, flip(kernel))``: the two differ only by the flip.
     """
     if not isinstance(kernel, (tf.Tensor, tf.Variable)) or kernel.shape.rank != 2:
-        raise ValueError(f"kernel must be a 2-D tf.Tensor, got {getattr(kernel, 'shape', type(kernel).__name__)}")
+        raise ValueError(
+            f"kernel must be a 2-D tf.Tensor, got {getattr(kernel, 'shape', type(kernel).__name__)}"
+        )
     return corr2d(x, tf.reverse(kernel, axis=(0, 1)))  # K[h-1-m, w-1-n]
 
 
 # --- readable reference: a loop over kernel offsets ----------------------------------------
 
-def conv2d_reference(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1):
+
+def conv2d_reference(
+    x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1
+):
     r"""2-D convolution (cross-correlation) written as a loop over the kernel offsets.
 
     .. math::
@@ -117,27 +141,45 @@ def conv2d_reference(x, weight, bias=None, *, stride=1, padding=0, dilation=1, g
     ``torch.nn.functional.conv2d``. Meant for small sizes: it is the formula, not a fast path.
     """
     x, weight, bias = _check_tensors(x, weight, bias)
-    geo = conv2d_geometry(tuple(x.shape), tuple(weight.shape), None if bias is None else tuple(bias.shape),
-                          stride=stride, padding=padding, dilation=dilation, groups=groups)
+    geo = conv2d_geometry(
+        tuple(x.shape),
+        tuple(weight.shape),
+        None if bias is None else tuple(bias.shape),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+    )
     acc = _accumulation_dtype(x.dtype)
     (s_h, s_w), (d_h, d_w), G = geo.stride, geo.dilation, geo.groups
     x_pad = _pad_nchw(tf.cast(x, acc), geo.pad)  # (N, C_in, H_pad, W_pad)
-    x_grouped = tf.reshape(x_pad, (geo.N, G, geo.C_in_per_group, *x_pad.shape[-2:]))  # (N, G, C_g, H_pad, W_pad)
-    w_grouped = tf.reshape(tf.cast(weight, acc),
-                           (G, geo.C_out_per_group, geo.C_in_per_group, geo.kH, geo.kW))  # (G, O_g, C_g, kH, kW)
+    # (N, G, C_g, H_pad, W_pad)
+    x_grouped = tf.reshape(x_pad, (geo.N, G, geo.C_in_per_group, *x_pad.shape[-2:]))
+    w_grouped = tf.reshape(
+        tf.cast(weight, acc),
+        # (G, O_g, C_g, kH, kW)
+        (G, geo.C_out_per_group, geo.C_in_per_group, geo.kH, geo.kW),
+    )
     y = tf.zeros((geo.N, G, geo.C_out_per_group, geo.H_out, geo.W_out), dtype=acc)
     for m in range(geo.kH):
         for q in range(geo.kW):
-            x_shifted = x_grouped[..., d_h * m:d_h * m + s_h * (geo.H_out - 1) + 1:s_h,
-                                  d_w * q:d_w * q + s_w * (geo.W_out - 1) + 1:s_w]  # (N, G, C_g, H_out, W_out)
-            y = y + tf.einsum("ngchw,goc->ngohw", x_shifted, w_grouped[..., m, q])  # sum over c of W_{o,c,m,q} X
-    y = tf.reshape(y, (geo.N, geo.C_out, geo.H_out, geo.W_out))  # (N, C_out, H_out, W_out)
+            x_shifted = x_grouped[
+                ...,
+                d_h * m : d_h * m + s_h * (geo.H_out - 1) + 1 : s_h,
+                # (N, G, C_g, H_out, W_out)
+                d_w * q : d_w * q + s_w * (geo.W_out - 1) + 1 : s_w,
+            ]
+            # sum over c of W_{o,c,m,q} X
+            y = y + tf.einsum("ngchw,goc->ngohw", x_shifted, w_grouped[..., m, q])
+    # (N, C_out, H_out, W_out)
+    y = tf.reshape(y, (geo.N, geo.C_out, geo.H_out, geo.W_out))
     if bias is not None:
         y = y + tf.cast(bias, acc)[:, None, None]  # + b_o
     return tf.cast(y, x.dtype)
 
 
 # --- fast: im2col (tf.image.extract_patches, NHWC) and one matrix product ------------------
+
 
 def conv2d_im2col(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1):
     r"""2-D convolution as im2col + matrix product; same signature and result as :func:`conv2d_reference`.
@@ -149,28 +191,54 @@ def conv2d_im2col(x, weight, bias=None, *, stride=1, padding=0, dilation=1, grou
     back to ``NCHW``. The shared kernel becomes one dense matrix applied to every position.
     """
     x, weight, bias = _check_tensors(x, weight, bias)
-    geo = conv2d_geometry(tuple(x.shape), tuple(weight.shape), None if bias is None else tuple(bias.shape),
-                          stride=stride, padding=padding, dilation=dilation, groups=groups)
+    geo = conv2d_geometry(
+        tuple(x.shape),
+        tuple(weight.shape),
+        None if bias is None else tuple(bias.shape),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+    )
     acc = _accumulation_dtype(x.dtype)
     G, P = geo.groups, geo.H_out * geo.W_out
-    x_nhwc = tf.transpose(_pad_nchw(tf.cast(x, acc), geo.pad), (0, 2, 3, 1))  # (N, H_pad, W_pad, C_in)
-    patches = tf.image.extract_patches(x_nhwc, sizes=(1, geo.kH, geo.kW, 1), strides=(1, *geo.stride, 1),
-                                       rates=(1, *geo.dilation, 1), padding="VALID")  # (N, H_out, W_out, kH kW C_in)
-    patches = tf.reshape(patches, (geo.N, P, geo.kH * geo.kW, G, geo.C_in_per_group))  # (N, P, kH kW, G, C_g)
-    patches = tf.reshape(tf.transpose(patches, (0, 3, 1, 2, 4)),
-                         (geo.N, G, P, geo.kH * geo.kW * geo.C_in_per_group))  # (N, G, P, kH kW C_g)
-    w_oihw = tf.reshape(tf.cast(weight, acc), (G, geo.C_out_per_group, geo.C_in_per_group, geo.kH, geo.kW))
-    w_matrix = tf.reshape(tf.transpose(w_oihw, (0, 3, 4, 2, 1)),
-                          (G, geo.kH * geo.kW * geo.C_in_per_group, geo.C_out_per_group))  # (G, kH kW C_g, O_g)
+    # (N, H_pad, W_pad, C_in)
+    x_nhwc = tf.transpose(_pad_nchw(tf.cast(x, acc), geo.pad), (0, 2, 3, 1))
+    patches = tf.image.extract_patches(
+        x_nhwc,
+        sizes=(1, geo.kH, geo.kW, 1),
+        strides=(1, *geo.stride, 1),
+        # (N, H_out, W_out, kH kW C_in)
+        rates=(1, *geo.dilation, 1),
+        padding="VALID",
+    )
+    # (N, P, kH kW, G, C_g)
+    patches = tf.reshape(patches, (geo.N, P, geo.kH * geo.kW, G, geo.C_in_per_group))
+    patches = tf.reshape(
+        tf.transpose(patches, (0, 3, 1, 2, 4)),
+        # (N, G, P, kH kW C_g)
+        (geo.N, G, P, geo.kH * geo.kW * geo.C_in_per_group),
+    )
+    w_oihw = tf.reshape(
+        tf.cast(weight, acc),
+        (G, geo.C_out_per_group, geo.C_in_per_group, geo.kH, geo.kW),
+    )
+    w_matrix = tf.reshape(
+        tf.transpose(w_oihw, (0, 3, 4, 2, 1)),
+        # (G, kH kW C_g, O_g)
+        (G, geo.kH * geo.kW * geo.C_in_per_group, geo.C_out_per_group),
+    )
     y = tf.matmul(patches, w_matrix)  # (N, G, P, O_g): Y_g = patches_g W_g
     y = tf.transpose(y, (0, 1, 3, 2))  # (N, G, O_g, P)
-    y = tf.reshape(y, (geo.N, geo.C_out, geo.H_out, geo.W_out))  # (N, C_out, H_out, W_out)
+    # (N, C_out, H_out, W_out)
+    y = tf.reshape(y, (geo.N, geo.C_out, geo.H_out, geo.W_out))
     if bias is not None:
         y = y + tf.cast(bias, acc)[:, None, None]  # + b_o
     return tf.cast(y, x.dtype)
 
 
 # --- the same receptive fields without sharing ---------------------------------------------
+
 
 def locally_connected2d(x, weight, bias=None, *, stride=1, padding=0):
     r"""A locally connected layer: a convolution's receptive fields, one kernel per position.
@@ -188,23 +256,42 @@ def locally_connected2d(x, weight, bias=None, *, stride=1, padding=0):
     """
     x, weight, bias = _check_tensors(x, weight, bias)
     if weight.shape.rank != 6:
-        raise ValueError(f"weight must have shape (H_out, W_out, C_out, C_in, kH, kW), got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape (H_out, W_out, C_out, C_in, kH, kW), got shape {tuple(weight.shape)}"
+        )
     H_out_w, W_out_w, C_out, C_in, kH, kW = weight.shape
-    geo = conv2d_geometry(tuple(x.shape), (C_out, C_in, kH, kW), stride=stride, padding=padding)
+    geo = conv2d_geometry(
+        tuple(x.shape), (C_out, C_in, kH, kW), stride=stride, padding=padding
+    )
     if (geo.H_out, geo.W_out) != (H_out_w, W_out_w):
-        raise ValueError(f"weight {tuple(weight.shape)} has {H_out_w} x {W_out_w} positions but x {tuple(x.shape)} "
-                         f"with kernel {kH} x {kW}, stride {stride} and padding {padding!r} gives "
-                         f"{geo.H_out} x {geo.W_out} output positions")
+        raise ValueError(
+            f"weight {tuple(weight.shape)} has {H_out_w} x {W_out_w} positions but x {tuple(x.shape)} "
+            f"with kernel {kH} x {kW}, stride {stride} and padding {padding!r} gives "
+            f"{geo.H_out} x {geo.W_out} output positions"
+        )
     if bias is not None and tuple(bias.shape) != (geo.H_out, geo.W_out, C_out):
-        raise ValueError(f"bias must have shape (H_out, W_out, C_out) = {(geo.H_out, geo.W_out, C_out)}, "
-                         f"got {tuple(bias.shape)}")
+        raise ValueError(
+            f"bias must have shape (H_out, W_out, C_out) = {(geo.H_out, geo.W_out, C_out)}, "
+            f"got {tuple(bias.shape)}"
+        )
     acc = _accumulation_dtype(x.dtype)
-    x_nhwc = tf.transpose(_pad_nchw(tf.cast(x, acc), geo.pad), (0, 2, 3, 1))  # (N, H_pad, W_pad, C_in)
-    patches = tf.image.extract_patches(x_nhwc, sizes=(1, kH, kW, 1), strides=(1, *geo.stride, 1),
-                                       rates=(1, 1, 1, 1), padding="VALID")  # (N, H_out, W_out, kH kW C_in)
-    w_per_position = tf.reshape(tf.transpose(tf.cast(weight, acc), (0, 1, 4, 5, 3, 2)),
-                                (geo.H_out, geo.W_out, kH * kW * C_in, C_out))  # (H_out, W_out, kH kW C_in, C_out)
-    y = tf.einsum("nijk,ijko->noij", patches, w_per_position)  # (N, C_out, H_out, W_out): W_{i,j} X_{field (i,j)}
+    # (N, H_pad, W_pad, C_in)
+    x_nhwc = tf.transpose(_pad_nchw(tf.cast(x, acc), geo.pad), (0, 2, 3, 1))
+    patches = tf.image.extract_patches(
+        x_nhwc,
+        sizes=(1, kH, kW, 1),
+        strides=(1, *geo.stride, 1),
+        # (N, H_out, W_out, kH kW C_in)
+        rates=(1, 1, 1, 1),
+        padding="VALID",
+    )
+    w_per_position = tf.reshape(
+        tf.transpose(tf.cast(weight, acc), (0, 1, 4, 5, 3, 2)),
+        # (H_out, W_out, kH kW C_in, C_out)
+        (geo.H_out, geo.W_out, kH * kW * C_in, C_out),
+    )
+    # (N, C_out, H_out, W_out): W_{i,j} X_{field (i,j)}
+    y = tf.einsum("nijk,ijko->noij", patches, w_per_position)
     if bias is not None:
         y = y + tf.transpose(tf.cast(bias, acc), (2, 0, 1))  # + bias_{i,j,o}
     return tf.cast(y, x.dtype)

@@ -57,7 +57,10 @@ class KVCache(KVCacheBase):
 
     def _empty(self, like, capacity: int):
         B, H_kv, _, dim = like.shape
-        return tf.Variable(tf.zeros((B, H_kv, capacity, dim), like.dtype), trainable=False)  # (B, H_kv, cap, dim)
+        # (B, H_kv, cap, dim)
+        return tf.Variable(
+            tf.zeros((B, H_kv, capacity, dim), like.dtype), trainable=False
+        )
 
     def _write(self, storage, start: int, stop: int, x) -> None:
         storage[:, :, start:stop, :].assign(x)
@@ -95,12 +98,18 @@ def _check_layer_inputs(x_q, x_kv, params: MultiHeadParams):
         raise ValueError(f"x_q {q} and x_kv {kv} must have the same batch size B")
     E_q, E_kv = np.shape(params.w_q)[0], np.shape(params.w_k)[0]
     if q[2] != E_q:
-        raise ValueError(f"x_q {q} has width E={q[2]} but params.w_q {tuple(np.shape(params.w_q))} expects {E_q}")
+        raise ValueError(
+            f"x_q {q} has width E={q[2]} but params.w_q {tuple(np.shape(params.w_q))} expects {E_q}"
+        )
     if kv[2] != E_kv:
-        raise ValueError(f"x_kv {kv} has width E={kv[2]} but params.w_k {tuple(np.shape(params.w_k))} expects {E_kv}")
+        raise ValueError(
+            f"x_kv {kv} has width E={kv[2]} but params.w_k {tuple(np.shape(params.w_k))} expects {E_kv}"
+        )
 
 
-def multi_head_attention(x_q, x_kv, params, *, mask=None, causal=False, cache=None, return_weights=False):
+def multi_head_attention(
+    x_q, x_kv, params, *, mask=None, causal=False, cache=None, return_weights=False
+):
     r"""Multi-head attention with ``params`` on batch-first tensors: ``(B, L, E_q), (B, S, E_kv) -> (B, L, E_out)``.
 
     See the module docstring for the equation. ``params`` is a
@@ -113,30 +122,49 @@ def multi_head_attention(x_q, x_kv, params, *, mask=None, causal=False, cache=No
     returns ``(output, weights (B, H, L, S))``. float16/bfloat16 are computed in float32.
     """
     if not isinstance(params, MultiHeadParams):
-        raise TypeError(f"params must be a MultiHeadParams, got {type(params).__name__}")
+        raise TypeError(
+            f"params must be a MultiHeadParams, got {type(params).__name__}"
+        )
     causal = _check_flag("causal", causal)
     return_weights = _check_flag("return_weights", return_weights)
     if cache is not None and not isinstance(cache, KVCache):
-        raise TypeError(f"cache must be a companion.tensorflow.KVCache, got {type(cache).__name__}")
+        raise TypeError(
+            f"cache must be a companion.tensorflow.KVCache, got {type(cache).__name__}"
+        )
     x_q, x_kv = tf.convert_to_tensor(x_q), tf.convert_to_tensor(x_kv)
-    names = (_checks.check_float("x_q", x_q.dtype), _checks.check_float("x_kv", x_kv.dtype))
+    names = (
+        _checks.check_float("x_q", x_q.dtype),
+        _checks.check_float("x_kv", x_kv.dtype),
+    )
     if names[0] != names[1]:
-        raise TypeError(f"x_q and x_kv must have the same dtype, got {names[0]} and {names[1]}")
+        raise TypeError(
+            f"x_q and x_kv must have the same dtype, got {names[0]} and {names[1]}"
+        )
     _check_layer_inputs(x_q, x_kv, params)
     work = tf.float32 if names[0] in _HALF_PRECISION else x_q.dtype
     H, H_kv = params.num_heads, params.num_kv_heads
 
     xq, xkv = tf.cast(x_q, work), tf.cast(x_kv, work)
-    query = _project(xq, _tensor(params.w_q, work), _tensor(params.b_q, work), H)  # (B, H, L, D)
-    key = _project(xkv, _tensor(params.w_k, work), _tensor(params.b_k, work), H_kv)  # (B, H_kv, S, D)
-    value = _project(xkv, _tensor(params.w_v, work), _tensor(params.b_v, work), H_kv)  # (B, H_kv, S, D_v)
-    query, key, value = (tf.cast(t, x_q.dtype) for t in (query, key, value))  # heads in the input dtype
+    # (B, H, L, D)
+    query = _project(xq, _tensor(params.w_q, work), _tensor(params.b_q, work), H)
+    # (B, H_kv, S, D)
+    key = _project(xkv, _tensor(params.w_k, work), _tensor(params.b_k, work), H_kv)
+    # (B, H_kv, S, D_v)
+    value = _project(xkv, _tensor(params.w_v, work), _tensor(params.b_v, work), H_kv)
+    # heads in the input dtype
+    query, key, value = (tf.cast(t, x_q.dtype) for t in (query, key, value))
     if cache is not None:
-        key, value = cache.append(key, value)  # everything cached: (B, H_kv, S_total, D), (B, H_kv, S_total, D_v)
-    heads, weights = _attention_and_weights(query, key, value, mask=mask, causal=causal)  # (B, H, L, D_v)
+        # everything cached: (B, H_kv, S_total, D), (B, H_kv, S_total, D_v)
+        key, value = cache.append(key, value)
+    # (B, H, L, D_v)
+    heads, weights = _attention_and_weights(query, key, value, mask=mask, causal=causal)
     B, _, L, D_v = heads.shape
-    concatenated = tf.reshape(tf.transpose(tf.cast(heads, work), (0, 2, 1, 3)), (B, L, H * D_v))  # (B, L, H*D_v)
-    output = tf.linalg.matmul(concatenated, _tensor(params.w_o, work))  # [head_0..head_H-1] W_o: (B, L, E_out)
+    # (B, L, H*D_v)
+    concatenated = tf.reshape(
+        tf.transpose(tf.cast(heads, work), (0, 2, 1, 3)), (B, L, H * D_v)
+    )
+    # [head_0..head_H-1] W_o: (B, L, E_out)
+    output = tf.linalg.matmul(concatenated, _tensor(params.w_o, work))
     if params.b_o is not None:
         output = output + _tensor(params.b_o, work)  # + b_o
     output = tf.cast(output, x_q.dtype)
@@ -180,12 +208,24 @@ class MultiHeadAttention(keras.layers.Layer):
     is ``(B, L, S)`` or ``(B, H, L, S)``, ``True`` (nonzero) = attend, as in Keras.
     """
 
-    def __init__(self, num_heads, key_dim, num_kv_heads=None, value_dim=None, use_bias=True, output_dim=None,
-                 **kwargs):
+    def __init__(
+        self,
+        num_heads,
+        key_dim,
+        num_kv_heads=None,
+        value_dim=None,
+        use_bias=True,
+        output_dim=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         gqa_group_size(num_heads, num_kv_heads)  # ValueError unless H_kv divides H
-        for name, size in (("key_dim", key_dim), ("value_dim", value_dim), ("output_dim", output_dim)):
+        for name, size in (
+            ("key_dim", key_dim),
+            ("value_dim", value_dim),
+            ("output_dim", output_dim),
+        ):
             if size is not None:
                 _checks.check_int(name, size)
         self.num_heads = num_heads
@@ -197,14 +237,25 @@ class MultiHeadAttention(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(num_heads=self.num_heads, key_dim=self.key_dim, num_kv_heads=self.num_kv_heads,
-                      value_dim=self.value_dim, use_bias=self.use_bias, output_dim=self.output_dim)
+        config.update(
+            num_heads=self.num_heads,
+            key_dim=self.key_dim,
+            num_kv_heads=self.num_kv_heads,
+            value_dim=self.value_dim,
+            use_bias=self.use_bias,
+            output_dim=self.output_dim,
+        )
         return config
 
     def build(self, query_shape, value_shape, key_shape=None):
         key_shape = value_shape if key_shape is None else key_shape
         E_q, E_k, E_v = query_shape[-1], key_shape[-1], value_shape[-1]
-        H, H_kv, D, D_v = self.num_heads, self.num_kv_heads, self.key_dim, self.value_dim
+        H, H_kv, D, D_v = (
+            self.num_heads,
+            self.num_kv_heads,
+            self.key_dim,
+            self.value_dim,
+        )
         E_out = E_q if self.output_dim is None else self.output_dim
 
         def weight(name, shape, bias=False):
@@ -213,25 +264,37 @@ class MultiHeadAttention(keras.layers.Layer):
 
         self.query_kernel = weight("query_kernel", (E_q, H, D))  # (E_q, H, D)
         self.key_kernel = weight("key_kernel", (E_k, H_kv, D))  # (E_kv, H_kv, D)
-        self.value_kernel = weight("value_kernel", (E_v, H_kv, D_v))  # (E_kv, H_kv, D_v)
+        # (E_kv, H_kv, D_v)
+        self.value_kernel = weight("value_kernel", (E_v, H_kv, D_v))
         self.output_kernel = weight("output_kernel", (H, D_v, E_out))  # (H, D_v, E_out)
         if self.use_bias:
             self.query_bias = weight("query_bias", (H, D), bias=True)  # (H, D)
             self.key_bias = weight("key_bias", (H_kv, D), bias=True)  # (H_kv, D)
-            self.value_bias = weight("value_bias", (H_kv, D_v), bias=True)  # (H_kv, D_v)
+            # (H_kv, D_v)
+            self.value_bias = weight("value_bias", (H_kv, D_v), bias=True)
             self.output_bias = weight("output_bias", (E_out,), bias=True)  # (E_out,)
         else:
             self.query_bias = self.key_bias = self.value_bias = self.output_bias = None
 
-    def call(self, query, value, key=None, attention_mask=None, use_causal_mask=False, cache=None,
-             return_attention_scores=False):
+    def call(
+        self,
+        query,
+        value,
+        key=None,
+        attention_mask=None,
+        use_causal_mask=False,
+        cache=None,
+        return_attention_scores=False,
+    ):
         key = value if key is None else key
         dtype = query.dtype
         B, L, _ = query.shape
 
         def project(x, kernel, bias):  # (B, T, E) -> (B, heads, T, dim)
-            y = tf.einsum("bte,ehd->bhtd", x, tf.cast(kernel, dtype))  # x W: (B, heads, T, dim)
-            return y if bias is None else y + tf.cast(bias, dtype)[None, :, None, :]  # + b
+            # x W: (B, heads, T, dim)
+            y = tf.einsum("bte,ehd->bhtd", x, tf.cast(kernel, dtype))
+            # + b
+            return y if bias is None else y + tf.cast(bias, dtype)[None, :, None, :]
 
         q = project(query, self.query_kernel, self.query_bias)  # (B, H, L, D)
         k = project(key, self.key_kernel, self.key_bias)  # (B, H_kv, S, D)
@@ -241,11 +304,16 @@ class MultiHeadAttention(keras.layers.Layer):
         mask = None
         if attention_mask is not None:
             mask = tf.convert_to_tensor(attention_mask)
-            mask = mask if mask.dtype == tf.bool else tf.not_equal(mask, 0)  # Keras: nonzero = attend
+            # Keras: nonzero = attend
+            mask = mask if mask.dtype == tf.bool else tf.not_equal(mask, 0)
             if mask.shape.rank == 3:
                 mask = mask[:, None, :, :]  # (B, 1, L, S): the same for every head
-        heads, weights = _attention_and_weights(q, k, v, mask=mask, causal=bool(use_causal_mask))  # (B, H, L, D_v)
-        output = tf.einsum("bhld,hde->ble", heads, tf.cast(self.output_kernel, dtype))  # (B, L, E_out)
+        # (B, H, L, D_v)
+        heads, weights = _attention_and_weights(
+            q, k, v, mask=mask, causal=bool(use_causal_mask)
+        )
+        # (B, L, E_out)
+        output = tf.einsum("bhld,hde->ble", heads, tf.cast(self.output_kernel, dtype))
         if self.output_bias is not None:
             output = output + tf.cast(self.output_bias, dtype)  # + b_o
         return (output, weights) if return_attention_scores else output
@@ -255,52 +323,87 @@ class MultiHeadAttention(keras.layers.Layer):
     def to_params(self) -> MultiHeadParams:
         """This layer's weights as a :class:`MultiHeadParams` of numpy arrays (``y = x @ W + b``)."""
         if not self.built:
-            raise ValueError("the layer has no weights yet: call it once (or build it) before to_params()")
+            raise ValueError(
+                "the layer has no weights yet: call it once (or build it) before to_params()"
+            )
 
         def flat(w, rows):
-            return None if w is None else np.array(w.numpy()).reshape(rows, -1)  # a copy, not a view
+            # a copy, not a view
+            return None if w is None else np.array(w.numpy()).reshape(rows, -1)
 
         H, D_v = self.num_heads, self.value_dim
         return MultiHeadParams(
             w_q=flat(self.query_kernel, self.query_kernel.shape[0]),  # (E_q, H*D)
-            b_q=None if self.query_bias is None else flat(self.query_bias, 1)[0],  # (H*D,)
+            # (H*D,)
+            b_q=None if self.query_bias is None else flat(self.query_bias, 1)[0],
             w_k=flat(self.key_kernel, self.key_kernel.shape[0]),  # (E_kv, H_kv*D)
-            b_k=None if self.key_bias is None else flat(self.key_bias, 1)[0],  # (H_kv*D,)
+            # (H_kv*D,)
+            b_k=None if self.key_bias is None else flat(self.key_bias, 1)[0],
             w_v=flat(self.value_kernel, self.value_kernel.shape[0]),  # (E_kv, H_kv*D_v)
-            b_v=None if self.value_bias is None else flat(self.value_bias, 1)[0],  # (H_kv*D_v,)
+            # (H_kv*D_v,)
+            b_v=None if self.value_bias is None else flat(self.value_bias, 1)[0],
             w_o=flat(self.output_kernel, H * D_v),  # (H*D_v, E_out)
-            b_o=None if self.output_bias is None else flat(self.output_bias, 1)[0],  # (E_out,)
+            # (E_out,)
+            b_o=None if self.output_bias is None else flat(self.output_bias, 1)[0],
             num_heads=H,
             num_kv_heads=self.num_kv_heads,
         )
 
     def set_params(self, params: MultiHeadParams) -> None:
         """Copy the weights of ``params`` (shapes must match this built layer)."""
-        H, H_kv, D, D_v = self.num_heads, self.num_kv_heads, self.key_dim, self.value_dim
+        H, H_kv, D, D_v = (
+            self.num_heads,
+            self.num_kv_heads,
+            self.key_dim,
+            self.value_dim,
+        )
         if (params.num_heads, params.num_kv_heads) != (H, H_kv):
-            raise ValueError(f"params have H={params.num_heads}, H_kv={params.num_kv_heads}; the layer has "
-                             f"H={H}, H_kv={H_kv}")
-        pairs = [(self.query_kernel, params.w_q), (self.key_kernel, params.w_k), (self.value_kernel, params.w_v),
-                 (self.output_kernel, params.w_o)]
+            raise ValueError(
+                f"params have H={params.num_heads}, H_kv={params.num_kv_heads}; the layer has "
+                f"H={H}, H_kv={H_kv}"
+            )
+        pairs = [
+            (self.query_kernel, params.w_q),
+            (self.key_kernel, params.w_k),
+            (self.value_kernel, params.w_v),
+            (self.output_kernel, params.w_o),
+        ]
         biases = (params.b_q, params.b_k, params.b_v, params.b_o)
-        if self.use_bias != (biases[0] is not None) or any((b is None) != (biases[0] is None) for b in biases):
-            raise ValueError(f"the layer has use_bias={self.use_bias}; params must have all four biases or none")
+        if self.use_bias != (biases[0] is not None) or any(
+            (b is None) != (biases[0] is None) for b in biases
+        ):
+            raise ValueError(
+                f"the layer has use_bias={self.use_bias}; params must have all four biases or none"
+            )
         if self.use_bias:
-            pairs += list(zip((self.query_bias, self.key_bias, self.value_bias, self.output_bias), biases))
+            pairs += list(
+                zip(
+                    (self.query_bias, self.key_bias, self.value_bias, self.output_bias),
+                    biases,
+                )
+            )
         for variable, array in pairs:
             array = np.asarray(array)
             if array.size != int(np.prod(variable.shape)):
-                raise ValueError(f"params array of shape {array.shape} does not fit weight {variable.path} "
-                                 f"of shape {tuple(variable.shape)} (H={H}, H_kv={H_kv}, D={D}, D_v={D_v})")
+                raise ValueError(
+                    f"params array of shape {array.shape} does not fit weight {variable.path} "
+                    f"of shape {tuple(variable.shape)} (H={H}, H_kv={H_kv}, D={D}, D_v={D_v})"
+                )
             variable.assign(array.reshape(variable.shape).astype(variable.dtype))
 
     @classmethod
     def from_params(cls, params: MultiHeadParams, **kwargs) -> "MultiHeadAttention":
         """A built layer holding the weights of ``params``."""
         E_q, E_kv = np.shape(params.w_q)[0], np.shape(params.w_k)[0]
-        layer = cls(params.num_heads, params.head_dim, num_kv_heads=params.num_kv_heads,
-                    value_dim=params.value_head_dim, use_bias=params.b_q is not None,
-                    output_dim=np.shape(params.w_o)[1], **kwargs)
+        layer = cls(
+            params.num_heads,
+            params.head_dim,
+            num_kv_heads=params.num_kv_heads,
+            value_dim=params.value_head_dim,
+            use_bias=params.b_q is not None,
+            output_dim=np.shape(params.w_o)[1],
+            **kwargs,
+        )
         layer.build((None, None, E_q), (None, None, E_kv))
         layer.set_params(params)
         return layer
@@ -309,7 +412,10 @@ class MultiHeadAttention(keras.layers.Layer):
         """Copy the weights of a built ``keras.layers.MultiHeadAttention`` (same sizes; ``H_kv == H``)."""
         params = MultiHeadParams.from_keras(keras_layer)
         if not self.built:
-            self.build((None, None, np.shape(params.w_q)[0]), (None, None, np.shape(params.w_v)[0]),
-                       (None, None, np.shape(params.w_k)[0]))
+            self.build(
+                (None, None, np.shape(params.w_q)[0]),
+                (None, None, np.shape(params.w_v)[0]),
+                (None, None, np.shape(params.w_k)[0]),
+            )
         self.set_params(params)
         return self

@@ -38,7 +38,9 @@ def _floats(**tensors):
     for name in names[1:]:
         other = _checks.check_float(name, converted[name].dtype)
         if other != first:
-            raise TypeError(f"{names[0]} and {name} must have the same dtype, got {first} and {other}")
+            raise TypeError(
+                f"{names[0]} and {name} must have the same dtype, got {first} and {other}"
+            )
     work = tf.float32 if first in _HALF_PRECISION else tf.as_dtype(first)
     return [tf.cast(t, work) for t in converted.values()], converted[names[0]].dtype
 
@@ -47,13 +49,19 @@ def _query_key_shapes(query, key, same_dim=True):
     q, k = tuple(query.shape), tuple(key.shape)
     for name, shape in (("query", q), ("key", k)):
         if len(shape) < 2:
-            raise ValueError(f"{name} must have shape (..., length, dim) with at least 2 axes, got shape {shape}")
+            raise ValueError(
+                f"{name} must have shape (..., length, dim) with at least 2 axes, got shape {shape}"
+            )
     if same_dim and q[-1] != k[-1]:
-        raise ValueError(f"query and key must have the same feature dimension: query {q}, key {k}")
+        raise ValueError(
+            f"query and key must have the same feature dimension: query {q}, key {k}"
+        )
     try:
         _checks.broadcast_shape(q[:-2], k[:-2])
     except ValueError:
-        raise ValueError(f"the leading axes of query {q} and key {k} do not broadcast") from None
+        raise ValueError(
+            f"the leading axes of query {q} and key {k} do not broadcast"
+        ) from None
     return q, k
 
 
@@ -61,7 +69,8 @@ def dot_product_scores(query, key):
     r"""Dot-product scores :math:`s_{ij} = q_i \cdot k_j`: ``(..., L, D), (..., S, D) -> (..., L, S)``."""
     (q, k), dtype = _floats(query=query, key=key)
     _query_key_shapes(q, k)
-    return tf.cast(tf.linalg.matmul(q, k, transpose_b=True), dtype)  # q . k: (..., L, S)
+    # q . k: (..., L, S)
+    return tf.cast(tf.linalg.matmul(q, k, transpose_b=True), dtype)
 
 
 def scaled_dot_product_scores(query, key, scale=None):
@@ -69,7 +78,10 @@ def scaled_dot_product_scores(query, key, scale=None):
     (q, k), dtype = _floats(query=query, key=key)
     qs, _ = _query_key_shapes(q, k)
     scale = _checks.resolve_scale(scale, qs[-1])
-    return tf.cast(tf.linalg.matmul(q, k, transpose_b=True) * tf.constant(scale, q.dtype), dtype)  # (..., L, S)
+    # (..., L, S)
+    return tf.cast(
+        tf.linalg.matmul(q, k, transpose_b=True) * tf.constant(scale, q.dtype), dtype
+    )
 
 
 def additive_scores(query, key, w_q, w_k, v):
@@ -86,8 +98,10 @@ def additive_scores(query, key, w_q, w_k, v):
         raise ValueError(f"v must be 1-D (A,), got shape {A}")
     for name, w, rows in (("w_q", wq, qs[-1]), ("w_k", wk, ks[-1])):
         if tuple(w.shape) != (rows, A[0]):
-            raise ValueError(f"{name} must have shape ({rows}, {A[0]}) for query {qs}, key {ks} and v {A}, "
-                             f"got {tuple(w.shape)}")
+            raise ValueError(
+                f"{name} must have shape ({rows}, {A[0]}) for query {qs}, key {ks} and v {A}, "
+                f"got {tuple(w.shape)}"
+            )
     projected_q = tf.linalg.matmul(q, wq)[..., :, None, :]  # W_q q: (..., L, 1, A)
     projected_k = tf.linalg.matmul(k, wk)[..., None, :, :]  # W_k k: (..., 1, S, A)
     hidden = tf.tanh(projected_q + projected_k)  # tanh(W_q q + W_k k): (..., L, S, A)
@@ -102,9 +116,12 @@ def multiplicative_scores(query, key, w):
     (q, k, ww), dtype = _floats(query=query, key=key, w=w)
     qs, ks = _query_key_shapes(q, k, same_dim=False)
     if tuple(ww.shape) != (qs[-1], ks[-1]):
-        raise ValueError(f"w must have shape ({qs[-1]}, {ks[-1]}) for query {qs} and key {ks}, got {tuple(ww.shape)}")
+        raise ValueError(
+            f"w must have shape ({qs[-1]}, {ks[-1]}) for query {qs} and key {ks}, got {tuple(ww.shape)}"
+        )
     projected_q = tf.linalg.matmul(q, ww)  # q^T W: (..., L, D_k)
-    return tf.cast(tf.linalg.matmul(projected_q, k, transpose_b=True), dtype)  # q^T W k: (..., L, S)
+    # q^T W k: (..., L, S)
+    return tf.cast(tf.linalg.matmul(projected_q, k, transpose_b=True), dtype)
 
 
 def negative_distance_scores(query, key):
@@ -134,23 +151,33 @@ def nadaraya_watson(x_query, x_keys, y_values, *, bandwidth=1.0):
     qs, ks, ys = tuple(xq.shape), tuple(xk.shape), tuple(y.shape)
     for name, shape in (("x_query", qs), ("x_keys", ks), ("y_values", ys)):
         if len(shape) not in (1, 2):
-            raise ValueError(f"{name} must be 1-D (one feature) or 2-D (n, d), got shape {shape}")
+            raise ValueError(
+                f"{name} must be 1-D (one feature) or 2-D (n, d), got shape {shape}"
+            )
     if len(qs) != len(ks):
         raise ValueError(f"x_query {qs} and x_keys {ks} must both be 1-D or both 2-D")
     if len(qs) == 2 and qs[1] != ks[1]:
-        raise ValueError(f"x_query {qs} and x_keys {ks} must have the same number of features")
+        raise ValueError(
+            f"x_query {qs} and x_keys {ks} must have the same number of features"
+        )
     if ys[0] != ks[0]:
-        raise ValueError(f"y_values {ys} must have one row per key, x_keys has shape {ks}")
+        raise ValueError(
+            f"y_values {ys} must have one row per key, x_keys has shape {ks}"
+        )
     if ks[0] == 0:
         raise ValueError("x_keys must hold at least one observation")
     h = float(bandwidth)
     if not (math.isfinite(h) and h > 0):
-        raise ValueError(f"bandwidth must be a positive finite number, got {bandwidth!r}")
+        raise ValueError(
+            f"bandwidth must be a positive finite number, got {bandwidth!r}"
+        )
     q = tf.reshape(xq, (qs[0], -1))  # (m, d)
     k = tf.reshape(xk, (ks[0], -1))  # (n, d)
     key_bias = -0.5 * tf.reduce_sum(k * k, axis=-1)  # -||x_i||^2 / 2: (n,)
-    scores = (tf.linalg.matmul(q, k, transpose_b=True) + key_bias[None, :]) / (h * h)  # (x.x_i - ||x_i||^2/2) / h^2: (m, n)
+    # (x.x_i - ||x_i||^2/2) / h^2: (m, n)
+    scores = (tf.linalg.matmul(q, k, transpose_b=True) + key_bias[None, :]) / (h * h)
     weights = softmax(scores, axis=-1)  # (m, n)
     values = y[:, None] if len(ys) == 1 else y  # (n, d_y)
     prediction = tf.linalg.matmul(weights, values)  # sum_i w_i y_i: (m, d_y)
-    return tf.cast(prediction[:, 0] if len(ys) == 1 else prediction, dtype)  # (m,) or (m, d_y)
+    # (m,) or (m, d_y)
+    return tf.cast(prediction[:, 0] if len(ys) == 1 else prediction, dtype)

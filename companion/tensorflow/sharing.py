@@ -29,10 +29,16 @@ from keras import layers, ops
 from companion import _checks
 from companion.tensorflow.multihead import MultiHeadAttention
 
-__all__ = ["TiedOutput", "no_weight_decay_variables", "EncoderLayer", "TransformerEncoder"]
+__all__ = [
+    "TiedOutput",
+    "no_weight_decay_variables",
+    "EncoderLayer",
+    "TransformerEncoder",
+]
 
 
 # --- weight tying: the output layer reads the embedding's matrix ---------------------------
+
 
 class TiedOutput(layers.Layer):
     r"""Vocabulary logits from the embedding's own matrix: ``logits = h W_E^T (+ b)``.
@@ -50,9 +56,13 @@ class TiedOutput(layers.Layer):
         Whether to add a learned per-token bias ``(V,)``.
     """
 
-    def __init__(self, embedding_layer: layers.Embedding, *, use_bias: bool = False, **kwargs):
+    def __init__(
+        self, embedding_layer: layers.Embedding, *, use_bias: bool = False, **kwargs
+    ):
         if not isinstance(embedding_layer, layers.Embedding):
-            raise TypeError(f"embedding_layer must be a keras.layers.Embedding, got {type(embedding_layer).__name__}")
+            raise TypeError(
+                f"embedding_layer must be a keras.layers.Embedding, got {type(embedding_layer).__name__}"
+            )
         super().__init__(**kwargs)
         self.embedding_layer = embedding_layer
         self.use_bias = bool(use_bias)
@@ -63,13 +73,22 @@ class TiedOutput(layers.Layer):
         return self.embedding_layer.embeddings
 
     def build(self, input_shape):
-        vocab_size, dim = self.embedding_layer.input_dim, self.embedding_layer.output_dim
+        vocab_size, dim = (
+            self.embedding_layer.input_dim,
+            self.embedding_layer.output_dim,
+        )
         if input_shape[-1] is not None and input_shape[-1] != dim:
-            raise ValueError(f"inputs must have last axis E={dim} (embedding ({vocab_size}, {dim})), "
-                             f"got shape {tuple(input_shape)}")
+            raise ValueError(
+                f"inputs must have last axis E={dim} (embedding ({vocab_size}, {dim})), "
+                f"got shape {tuple(input_shape)}"
+            )
         if not self.embedding_layer.built:
             self.embedding_layer.build(None)
-        self.bias = self.add_weight(shape=(vocab_size,), initializer="zeros", name="bias") if self.use_bias else None
+        self.bias = (
+            self.add_weight(shape=(vocab_size,), initializer="zeros", name="bias")
+            if self.use_bias
+            else None
+        )
 
     def call(self, hidden):
         """``hidden (..., E)`` -> ``logits (..., V)``."""
@@ -85,6 +104,7 @@ class TiedOutput(layers.Layer):
 
 # --- weight decay: which variables to exclude ----------------------------------------------
 
+
 def no_weight_decay_variables(model: keras.Model) -> list:
     """The variables to keep out of weight decay: embeddings, norms, biases, each listed once.
 
@@ -94,9 +114,17 @@ def no_weight_decay_variables(model: keras.Model) -> list:
     ``"bias"``, ...). A tied matrix is an embedding, so it is excluded, once.
     """
     found: dict[int, object] = {}
-    for layer in model._flatten_layers(include_self=True, recursive=True):  # each layer once
-        is_norm = isinstance(layer, (layers.LayerNormalization, layers.BatchNormalization,
-                                     layers.GroupNormalization, getattr(layers, "RMSNormalization", ())))
+    # each layer once
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        is_norm = isinstance(
+            layer,
+            (
+                layers.LayerNormalization,
+                layers.BatchNormalization,
+                layers.GroupNormalization,
+                getattr(layers, "RMSNormalization", ()),
+            ),
+        )
         is_embedding = isinstance(layer, layers.Embedding)
         for var in layer.trainable_weights:
             if is_norm or is_embedding or len(var.shape) < 2:
@@ -105,6 +133,7 @@ def no_weight_decay_variables(model: keras.Model) -> list:
 
 
 # --- cross-layer sharing: ALBERT ------------------------------------------------------------
+
 
 def _gelu(x):
     r"""Exact GELU, :math:`x \Phi(x) = \tfrac{x}{2} (1 + \mathrm{erf}(x / \sqrt{2}))`, in the dtype of ``x``.
@@ -131,14 +160,26 @@ class EncoderLayer(layers.Layer):
     :class:`companion.torch.sharing.EncoderLayer`.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, *,
-                 num_kv_heads: int | None = None, dropout: float = 0.0, **kwargs):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        intermediate_size: int,
+        *,
+        num_kv_heads: int | None = None,
+        dropout: float = 0.0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if hidden_size % num_heads:
-            raise ValueError(f"hidden_size={hidden_size} must be a multiple of num_heads={num_heads}")
-        same_dtype = {"dtype": self.dtype_policy}  # sublayers follow this layer's dtype policy
-        self.attention = MultiHeadAttention(num_heads, hidden_size // num_heads, num_kv_heads=num_kv_heads,
-                                            **same_dtype)
+            raise ValueError(
+                f"hidden_size={hidden_size} must be a multiple of num_heads={num_heads}"
+            )
+        # sublayers follow this layer's dtype policy
+        same_dtype = {"dtype": self.dtype_policy}
+        self.attention = MultiHeadAttention(
+            num_heads, hidden_size // num_heads, num_kv_heads=num_kv_heads, **same_dtype
+        )
         self.attention_norm = layers.LayerNormalization(epsilon=1e-5, **same_dtype)
         self.ffn_in = layers.Dense(intermediate_size, **same_dtype)
         self.ffn_out = layers.Dense(hidden_size, **same_dtype)
@@ -154,7 +195,8 @@ class EncoderLayer(layers.Layer):
 
     def call(self, x, attention_mask=None, training=None):
         attended = self.attention(x, x, attention_mask=attention_mask)  # (B, L, E)
-        x = self.attention_norm(x + self.dropout(attended, training=training))  # (B, L, E): LN(x + MHA(x))
+        # (B, L, E): LN(x + MHA(x))
+        x = self.attention_norm(x + self.dropout(attended, training=training))
         mlp = self.ffn_out(_gelu(self.ffn_in(x)))  # (B, L, I) -> (B, L, E)
         return self.ffn_norm(x + self.dropout(mlp, training=training))  # (B, L, E)
 
@@ -175,43 +217,81 @@ class TransformerEncoder(keras.Model):
     Explained in the book chapter *Parameter sharing in code*.
     """
 
-    def __init__(self, vocab_size: int, embedding_size: int, hidden_size: int, num_layers: int, num_heads: int,
-                 intermediate_size: int, *, share_layers: bool = True, num_kv_heads: int | None = None,
-                 max_positions: int = 512, dropout: float = 0.0, **kwargs):
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_size: int,
+        hidden_size: int,
+        num_layers: int,
+        num_heads: int,
+        intermediate_size: int,
+        *,
+        share_layers: bool = True,
+        num_kv_heads: int | None = None,
+        max_positions: int = 512,
+        dropout: float = 0.0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
-        for name, value in (("vocab_size", vocab_size), ("embedding_size", embedding_size),
-                            ("hidden_size", hidden_size), ("num_layers", num_layers), ("num_heads", num_heads),
-                            ("intermediate_size", intermediate_size), ("max_positions", max_positions)):
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("embedding_size", embedding_size),
+            ("hidden_size", hidden_size),
+            ("num_layers", num_layers),
+            ("num_heads", num_heads),
+            ("intermediate_size", intermediate_size),
+            ("max_positions", max_positions),
+        ):
             _checks.check_int(name, value)
         self.share_layers = bool(share_layers)
         self.max_positions = max_positions
-        same_dtype = {"dtype": self.dtype_policy}  # sublayers follow the model's dtype policy
-        self.token_embedding = layers.Embedding(vocab_size, embedding_size, **same_dtype)
-        self.position_embedding = layers.Embedding(max_positions, embedding_size, **same_dtype)
+        # sublayers follow the model's dtype policy
+        same_dtype = {"dtype": self.dtype_policy}
+        self.token_embedding = layers.Embedding(
+            vocab_size, embedding_size, **same_dtype
+        )
+        self.position_embedding = layers.Embedding(
+            max_positions, embedding_size, **same_dtype
+        )
         self.embedding_norm = layers.LayerNormalization(epsilon=1e-5, **same_dtype)
-        self.embedding_projection = layers.Dense(hidden_size, **same_dtype)  # E_emb -> E_hidden
+        # E_emb -> E_hidden
+        self.embedding_projection = layers.Dense(hidden_size, **same_dtype)
         self.dropout = layers.Dropout(dropout, **same_dtype)
 
         def new_layer() -> EncoderLayer:
-            return EncoderLayer(hidden_size, num_heads, intermediate_size, num_kv_heads=num_kv_heads,
-                                dropout=dropout, **same_dtype)
+            return EncoderLayer(
+                hidden_size,
+                num_heads,
+                intermediate_size,
+                num_kv_heads=num_kv_heads,
+                dropout=dropout,
+                **same_dtype,
+            )
 
         if self.share_layers:
             shared = new_layer()
-            self.encoder_layers = [shared] * num_layers  # one object, num_layers positions
+            # one object, num_layers positions
+            self.encoder_layers = [shared] * num_layers
         else:
             self.encoder_layers = [new_layer() for _ in range(num_layers)]
 
     def call(self, ids, attention_mask=None, training=None):
         if len(ids.shape) != 2 or "int" not in str(ids.dtype):
-            raise ValueError(f"ids must be integer token ids of shape (B, L), got {tuple(ids.shape)} {ids.dtype}")
+            raise ValueError(
+                f"ids must be integer token ids of shape (B, L), got {tuple(ids.shape)} {ids.dtype}"
+            )
         L = ids.shape[1]
         if L is not None and L > self.max_positions:
-            raise ValueError(f"ids has length L={L} but max_positions={self.max_positions}")
+            raise ValueError(
+                f"ids has length L={L} but max_positions={self.max_positions}"
+            )
         positions = ops.arange(ops.shape(ids)[1])  # (L,)
-        x = self.token_embedding(ids) + self.position_embedding(positions)[None]  # (B, L, E_emb)
+        # (B, L, E_emb)
+        x = self.token_embedding(ids) + self.position_embedding(positions)[None]
         x = self.dropout(self.embedding_norm(x), training=training)  # (B, L, E_emb)
         x = self.embedding_projection(x)  # (B, L, E_hidden)
-        for layer in self.encoder_layers:  # the same object num_layers times when shared
-            x = layer(x, attention_mask=attention_mask, training=training)  # (B, L, E_hidden)
+        # the same object num_layers times when shared
+        for layer in self.encoder_layers:
+            # (B, L, E_hidden)
+            x = layer(x, attention_mask=attention_mask, training=training)
         return x

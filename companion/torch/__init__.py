@@ -4,13 +4,15 @@ Works on any device and never leaves it (no ``.numpy()`` inside). Needs the ``to
 extra: ``pip install "companion[torch]"``.
 """
 
-import torch as _torch  # noqa: F401  (fail here, with torch's own message, if it is missing)
+# noqa: F401 (fail here, with torch's own message, if it is missing)
+import torch as _torch
+
+from companion.torch.attention import *  # noqa: F401,F403
 
 # Each topic module adds its names on a line of its own below.
 from companion.torch.conv import *  # noqa: F401,F403
-from companion.torch.attention import *  # noqa: F401,F403
+from companion.torch.models import *  # noqa: F401,F403
+from companion.torch.multihead import *  # noqa: F401,F403
 from companion.torch.scores import *  # noqa: F401,F403
 from companion.torch.sharing import *  # noqa: F401,F403
 from companion.torch.source_cnn import *  # noqa: F401,F403
-from companion.torch.multihead import *  # noqa: F401,F403
-from companion.torch.models import *  # noqa: F401,F403

@@ -18,10 +18,18 @@ import torch
 import torch.nn.functional as F
 
 from companion._checks import check_float, conv2d_geometry, dtype_name
-from companion.numpy.conv import conv2d_output_size  # sizes only, no arrays: one definition
 
-__all__ = ["corr2d", "convolve2d", "conv2d_output_size", "conv2d_reference", "conv2d_im2col",
-           "locally_connected2d"]
+# sizes only, no arrays: one definition
+from companion.numpy.conv import conv2d_output_size
+
+__all__ = [
+    "corr2d",
+    "convolve2d",
+    "conv2d_output_size",
+    "conv2d_reference",
+    "conv2d_im2col",
+    "locally_connected2d",
+]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -47,10 +55,12 @@ def _check_tensors(x, weight, bias) -> None:
 def _pad(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
     """Zero-pad the last two axes by ``(top, bottom, left, right)``."""
     top, bottom, left, right = pad
-    return F.pad(x, (left, right, top, bottom))  # (N, C_in, H + top + bottom, W + left + right)
+    # (N, C_in, H + top + bottom, W + left + right)
+    return F.pad(x, (left, right, top, bottom))
 
 
 # --- the source document's formula: one channel, no padding, stride 1 ----------------------
+
 
 def corr2d(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     r"""Two-dimensional cross-correlation of one channel, the source document's formula.
@@ -65,18 +75,24 @@ def corr2d(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """
     _check_tensors(x, kernel, None)
     if x.ndim != 2 or kernel.ndim != 2:
-        raise ValueError(f"x and kernel must be 2-D (H, W) and (h, w), got shapes {tuple(x.shape)} "
-                         f"and {tuple(kernel.shape)}")
+        raise ValueError(
+            f"x and kernel must be 2-D (H, W) and (h, w), got shapes {tuple(x.shape)} "
+            f"and {tuple(kernel.shape)}"
+        )
     H, W = x.shape
     h, w = kernel.shape
     if h > H or w > W or h < 1 or w < 1:
-        raise ValueError(f"kernel {tuple(kernel.shape)} must be non-empty and fit inside x {tuple(x.shape)}")
+        raise ValueError(
+            f"kernel {tuple(kernel.shape)} must be non-empty and fit inside x {tuple(x.shape)}"
+        )
     acc = _accumulation_dtype(x.dtype)
     x_acc, k_acc = x.to(acc), kernel.to(acc)
-    y = torch.zeros(H - h + 1, W - w + 1, dtype=acc, device=x.device)  # (H - h + 1, W - w + 1)
+    # (H - h + 1, W - w + 1)
+    y = torch.zeros(H - h + 1, W - w + 1, dtype=acc, device=x.device)
     for m in range(h):
         for n in range(w):
-            y = y + x_acc[m:m + H - h + 1, n:n + W - w + 1] * k_acc[m, n]  # X_{i+m, j+n} K_{m,n}
+            # X_{i+m, j+n} K_{m,n}
+            y = y + x_acc[m : m + H - h + 1, n : n + W - w + 1] * k_acc[m, n]
     return y.to(x.dtype)
 
 
@@ -91,14 +107,25 @@ def convolve2d(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     ``corr2d(x, flip(kernel))``: the two differ only by the flip.
     """
     if not isinstance(kernel, torch.Tensor) or kernel.ndim != 2:
-        raise ValueError(f"kernel must be a 2-D torch.Tensor, got {getattr(kernel, 'shape', type(kernel).__name__)}")
+        raise ValueError(
+            f"kernel must be a 2-D torch.Tensor, got {getattr(kernel, 'shape', type(kernel).__name__)}"
+        )
     return corr2d(x, torch.flip(kernel, dims=(0, 1)))  # K[h-1-m, w-1-n]
 
 
 # --- readable reference: a loop over kernel offsets ----------------------------------------
 
-def conv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                     stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+
+def conv2d_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+) -> torch.Tensor:
     r"""2-D convolution (cross-correlation) written as a loop over the kernel offsets.
 
     .. math::
@@ -113,20 +140,35 @@ def conv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     ``torch.nn.functional.conv2d``. Meant for small sizes: it is the formula, not a fast path.
     """
     _check_tensors(x, weight, bias)
-    geo = conv2d_geometry(x.shape, weight.shape, None if bias is None else bias.shape,
-                          stride=stride, padding=padding, dilation=dilation, groups=groups)
+    geo = conv2d_geometry(
+        x.shape,
+        weight.shape,
+        None if bias is None else bias.shape,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+    )
     acc = _accumulation_dtype(x.dtype)
     (s_h, s_w), (d_h, d_w), G = geo.stride, geo.dilation, geo.groups
     x_pad = _pad(x.to(acc), geo.pad)  # (N, C_in, H_pad, W_pad)
-    x_grouped = x_pad.reshape(geo.N, G, geo.C_in_per_group, *x_pad.shape[-2:])  # (N, G, C_g, H_pad, W_pad)
-    w_grouped = weight.to(acc).reshape(G, geo.C_out_per_group, geo.C_in_per_group, geo.kH, geo.kW)  # (G, O_g, C_g, kH, kW)
-    y = torch.zeros(geo.N, G, geo.C_out_per_group, geo.H_out, geo.W_out, dtype=acc, device=x.device)
+    # (N, G, C_g, H_pad, W_pad)
+    x_grouped = x_pad.reshape(geo.N, G, geo.C_in_per_group, *x_pad.shape[-2:])
+    # (G, O_g, C_g, kH, kW)
+    w_grouped = weight.to(acc).reshape(
+        G, geo.C_out_per_group, geo.C_in_per_group, geo.kH, geo.kW
+    )
+    y = torch.zeros(
+        geo.N, G, geo.C_out_per_group, geo.H_out, geo.W_out, dtype=acc, device=x.device
+    )
     for m in range(geo.kH):
         for q in range(geo.kW):
             rows = slice(d_h * m, d_h * m + s_h * (geo.H_out - 1) + 1, s_h)
             cols = slice(d_w * q, d_w * q + s_w * (geo.W_out - 1) + 1, s_w)
-            x_shifted = x_grouped[..., rows, cols]  # (N, G, C_g, H_out, W_out): X_{s i + d m, s j + d q}
-            y = y + torch.einsum("ngchw,goc->ngohw", x_shifted, w_grouped[..., m, q])  # sum over c of W_{o,c,m,q} X
+            # (N, G, C_g, H_out, W_out): X_{s i + d m, s j + d q}
+            x_shifted = x_grouped[..., rows, cols]
+            # sum over c of W_{o,c,m,q} X
+            y = y + torch.einsum("ngchw,goc->ngohw", x_shifted, w_grouped[..., m, q])
     y = y.reshape(geo.N, geo.C_out, geo.H_out, geo.W_out)  # (N, C_out, H_out, W_out)
     if bias is not None:
         y = y + bias.to(acc)[:, None, None]  # + b_o
@@ -135,8 +177,17 @@ def conv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 # --- fast: im2col (F.unfold) and one matrix product ----------------------------------------
 
-def conv2d_im2col(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+
+def conv2d_im2col(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+) -> torch.Tensor:
     r"""2-D convolution as im2col + matrix product; same signature and result as :func:`conv2d_reference`.
 
     ``F.unfold`` copies every receptive field into a column, ``cols (N, C_in kH kW, H_out W_out)``;
@@ -145,14 +196,24 @@ def conv2d_im2col(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     dense matrix applied to every position.
     """
     _check_tensors(x, weight, bias)
-    geo = conv2d_geometry(x.shape, weight.shape, None if bias is None else bias.shape,
-                          stride=stride, padding=padding, dilation=dilation, groups=groups)
+    geo = conv2d_geometry(
+        x.shape,
+        weight.shape,
+        None if bias is None else bias.shape,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+    )
     acc = _accumulation_dtype(x.dtype)
     G, k = geo.groups, geo.kH * geo.kW
     x_pad = _pad(x.to(acc), geo.pad)  # (N, C_in, H_pad, W_pad)
-    cols = F.unfold(x_pad, (geo.kH, geo.kW), dilation=geo.dilation, stride=geo.stride)  # (N, C_in kH kW, H_out W_out)
-    cols = cols.reshape(geo.N, G, geo.C_in_per_group * k, geo.H_out * geo.W_out)  # (N, G, C_g kH kW, H_out W_out)
-    w_matrix = weight.to(acc).reshape(G, geo.C_out_per_group, geo.C_in_per_group * k)  # (G, O_g, C_g kH kW)
+    # (N, C_in kH kW, H_out W_out)
+    cols = F.unfold(x_pad, (geo.kH, geo.kW), dilation=geo.dilation, stride=geo.stride)
+    # (N, G, C_g kH kW, H_out W_out)
+    cols = cols.reshape(geo.N, G, geo.C_in_per_group * k, geo.H_out * geo.W_out)
+    # (G, O_g, C_g kH kW)
+    w_matrix = weight.to(acc).reshape(G, geo.C_out_per_group, geo.C_in_per_group * k)
     y = torch.matmul(w_matrix, cols)  # (N, G, O_g, H_out W_out): Y_g = W_g cols_g
     y = y.reshape(geo.N, geo.C_out, geo.H_out, geo.W_out)  # (N, C_out, H_out, W_out)
     if bias is not None:
@@ -162,8 +223,15 @@ def conv2d_im2col(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 # --- the same receptive fields without sharing ---------------------------------------------
 
-def locally_connected2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                        stride=1, padding=0) -> torch.Tensor:
+
+def locally_connected2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    stride=1,
+    padding=0,
+) -> torch.Tensor:
     r"""A locally connected layer: a convolution's receptive fields, one kernel per position.
 
     .. math::
@@ -179,22 +247,32 @@ def locally_connected2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """
     _check_tensors(x, weight, bias)
     if weight.ndim != 6:
-        raise ValueError(f"weight must have shape (H_out, W_out, C_out, C_in, kH, kW), got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape (H_out, W_out, C_out, C_in, kH, kW), got shape {tuple(weight.shape)}"
+        )
     H_out_w, W_out_w, C_out, C_in, kH, kW = weight.shape
-    geo = conv2d_geometry(x.shape, (C_out, C_in, kH, kW), stride=stride, padding=padding)
+    geo = conv2d_geometry(
+        x.shape, (C_out, C_in, kH, kW), stride=stride, padding=padding
+    )
     if (geo.H_out, geo.W_out) != (H_out_w, W_out_w):
-        raise ValueError(f"weight {tuple(weight.shape)} has {H_out_w} x {W_out_w} positions but x {tuple(x.shape)} "
-                         f"with kernel {kH} x {kW}, stride {stride} and padding {padding!r} gives "
-                         f"{geo.H_out} x {geo.W_out} output positions")
+        raise ValueError(
+            f"weight {tuple(weight.shape)} has {H_out_w} x {W_out_w} positions but x {tuple(x.shape)} "
+            f"with kernel {kH} x {kW}, stride {stride} and padding {padding!r} gives "
+            f"{geo.H_out} x {geo.W_out} output positions"
+        )
     if bias is not None and tuple(bias.shape) != (geo.H_out, geo.W_out, C_out):
-        raise ValueError(f"bias must have shape (H_out, W_out, C_out) = {(geo.H_out, geo.W_out, C_out)}, "
-                         f"got {tuple(bias.shape)}")
+        raise ValueError(
+            f"bias must have shape (H_out, W_out, C_out) = {(geo.H_out, geo.W_out, C_out)}, "
+            f"got {tuple(bias.shape)}"
+        )
     acc = _accumulation_dtype(x.dtype)
     P = geo.H_out * geo.W_out
     x_pad = _pad(x.to(acc), geo.pad)  # (N, C_in, H_pad, W_pad)
     cols = F.unfold(x_pad, (kH, kW), stride=geo.stride)  # (N, C_in kH kW, P)
-    w_per_position = weight.to(acc).reshape(P, C_out, C_in * kH * kW)  # (P, C_out, C_in kH kW)
-    y = torch.einsum("nkp,pok->nop", cols, w_per_position)  # (N, C_out, P): W_{i,j} X_{receptive field (i,j)}
+    # (P, C_out, C_in kH kW)
+    w_per_position = weight.to(acc).reshape(P, C_out, C_in * kH * kW)
+    # (N, C_out, P): W_{i,j} X_{receptive field (i,j)}
+    y = torch.einsum("nkp,pok->nop", cols, w_per_position)
     y = y.reshape(geo.N, C_out, geo.H_out, geo.W_out)  # (N, C_out, H_out, W_out)
     if bias is not None:
         y = y + bias.to(acc).permute(2, 0, 1)  # + bias_{i,j,o}

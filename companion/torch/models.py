@@ -33,8 +33,15 @@ from companion.torch.conv import locally_connected2d
 from companion.torch.multihead import KVCache, MultiHeadAttention
 from companion.torch.sharing import TiedLMHead
 
-__all__ = ["LocallyConnected2d", "MLPClassifier", "LocallyConnectedNet", "SmallCNN",
-           "TransformerBlock", "TinyTransformerLM", "generate"]
+__all__ = [
+    "LocallyConnected2d",
+    "MLPClassifier",
+    "LocallyConnectedNet",
+    "SmallCNN",
+    "TransformerBlock",
+    "TinyTransformerLM",
+    "generate",
+]
 
 
 def _pair(value) -> tuple[int, int]:
@@ -42,6 +49,7 @@ def _pair(value) -> tuple[int, int]:
 
 
 # --- vision ---------------------------------------------------------------------------------------
+
 
 class LocallyConnected2d(nn.Module):
     r"""A convolution's receptive fields without the sharing: one kernel per output position.
@@ -52,15 +60,28 @@ class LocallyConnected2d(nn.Module):
     Initialised like ``nn.Conv2d`` (uniform in :math:`\pm 1/\sqrt{C_{in} k_H k_W}`).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, input_size, *, padding=0,
-                 bias: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        input_size,
+        *,
+        padding=0,
+        bias: bool = True,
+    ):
         super().__init__()
         kH, kW = _pair(kernel_size)
         self.padding = padding
-        self.output_size = conv2d_output_size(input_size, (kH, kW), padding=padding)  # (H_out, W_out)
+        # (H_out, W_out)
+        self.output_size = conv2d_output_size(input_size, (kH, kW), padding=padding)
         H_out, W_out = self.output_size
-        self.weight = nn.Parameter(torch.empty(H_out, W_out, out_channels, in_channels, kH, kW))
-        self.bias = nn.Parameter(torch.empty(H_out, W_out, out_channels)) if bias else None
+        self.weight = nn.Parameter(
+            torch.empty(H_out, W_out, out_channels, in_channels, kH, kW)
+        )
+        self.bias = (
+            nn.Parameter(torch.empty(H_out, W_out, out_channels)) if bias else None
+        )
         bound = 1.0 / math.sqrt(in_channels * kH * kW)
         nn.init.uniform_(self.weight, -bound, bound)
         if self.bias is not None:
@@ -68,7 +89,8 @@ class LocallyConnected2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (B, C_in, H, W)`` -> ``(B, C_out, H_out, W_out)``."""
-        return locally_connected2d(x, self.weight, self.bias, padding=self.padding)  # (B, C_out, H_out, W_out)
+        # (B, C_out, H_out, W_out)
+        return locally_connected2d(x, self.weight, self.bias, padding=self.padding)
 
 
 class MLPClassifier(nn.Module):
@@ -78,7 +100,9 @@ class MLPClassifier(nn.Module):
     weight belongs to one pixel, so nothing learned at one position transfers to another.
     """
 
-    def __init__(self, image_size: int, num_classes: int, hidden=(64, 64), in_channels: int = 1):
+    def __init__(
+        self, image_size: int, num_classes: int, hidden=(64, 64), in_channels: int = 1
+    ):
         super().__init__()
         widths = [in_channels * image_size * image_size, *hidden]
         layers = []
@@ -88,7 +112,8 @@ class MLPClassifier(nn.Module):
         self.classifier = nn.Linear(widths[-1], num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(images))  # (B, C H W) -> (B, hidden) -> (B, num_classes)
+        # (B, C H W) -> (B, hidden) -> (B, num_classes)
+        return self.classifier(self.features(images))
 
 
 class _PositionPooledNet(nn.Module):
@@ -108,10 +133,17 @@ class SmallCNN(_PositionPooledNet):
     since no parameter belongs to a position.
     """
 
-    def __init__(self, num_classes: int, channels=(8, 16), kernel_size: int = 3, in_channels: int = 1):
+    def __init__(
+        self,
+        num_classes: int,
+        channels=(8, 16),
+        kernel_size: int = 3,
+        in_channels: int = 1,
+    ):
         super().__init__()
         c1, c2 = channels
-        self.layer1 = nn.Conv2d(in_channels, c1, kernel_size, padding=kernel_size // 2)  # one kernel, every position
+        # one kernel, every position
+        self.layer1 = nn.Conv2d(in_channels, c1, kernel_size, padding=kernel_size // 2)
         self.layer2 = nn.Conv2d(c1, c2, kernel_size, padding=kernel_size // 2)
         self.classifier = nn.Linear(c2, num_classes)
 
@@ -123,17 +155,26 @@ class LocallyConnectedNet(_PositionPooledNet):
     layers have ``image_size ** 2`` times the convolution's parameters.
     """
 
-    def __init__(self, image_size: int, num_classes: int, channels=(8, 16), kernel_size: int = 3,
-                 in_channels: int = 1):
+    def __init__(
+        self,
+        image_size: int,
+        num_classes: int,
+        channels=(8, 16),
+        kernel_size: int = 3,
+        in_channels: int = 1,
+    ):
         super().__init__()
         c1, c2 = channels
         pad = kernel_size // 2
-        self.layer1 = LocallyConnected2d(in_channels, c1, kernel_size, image_size, padding=pad)
+        self.layer1 = LocallyConnected2d(
+            in_channels, c1, kernel_size, image_size, padding=pad
+        )
         self.layer2 = LocallyConnected2d(c1, c2, kernel_size, image_size, padding=pad)
         self.classifier = nn.Linear(c2, num_classes)
 
 
 # --- language -------------------------------------------------------------------------------------
+
 
 class TransformerBlock(nn.Module):
     r"""A pre-norm decoder block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))``, causal.
@@ -148,15 +189,29 @@ class TransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(embed_dim)
         self.attention = MultiHeadAttention(embed_dim, num_heads)
         self.norm2 = nn.LayerNorm(embed_dim)
-        self.mlp = nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.GELU(), nn.Linear(4 * embed_dim, embed_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(embed_dim, 4 * embed_dim),
+            nn.GELU(),
+            nn.Linear(4 * embed_dim, embed_dim),
+        )
 
-    def forward(self, x: torch.Tensor, *, cache: KVCache | None = None, return_weights: bool = False):
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        return_weights: bool = False,
+    ):
         """``x (B, T, E)`` -> ``(B, T, E)``, and the attention weights ``(B, H, T, S)`` or ``None``."""
         h = self.norm1(x)  # (B, T, E)
         if return_weights:
-            attended, weights = self.attention(h, causal=True, cache=cache, return_weights=True)  # (B, T, E), (B, H, T, S)
+            # (B, T, E), (B, H, T, S)
+            attended, weights = self.attention(
+                h, causal=True, cache=cache, return_weights=True
+            )
         else:
-            attended, weights = self.attention(h, causal=True, cache=cache), None  # (B, T, E)
+            # (B, T, E)
+            attended, weights = self.attention(h, causal=True, cache=cache), None
         x = x + attended  # (B, T, E)
         return x + self.mlp(self.norm2(x)), weights  # (B, T, E)
 
@@ -179,53 +234,96 @@ class TinyTransformerLM(nn.Module):
     Embeddings and the untied head start from ``N(0, 0.02^2)`` as in GPT-2.
     """
 
-    def __init__(self, vocab_size: int, max_length: int, *, embed_dim: int = 64, num_heads: int = 4,
-                 num_layers: int = 2, tied: bool = True):
+    def __init__(
+        self,
+        vocab_size: int,
+        max_length: int,
+        *,
+        embed_dim: int = 64,
+        num_heads: int = 4,
+        num_layers: int = 2,
+        tied: bool = True,
+    ):
         super().__init__()
         self.vocab_size, self.max_length, self.tied = vocab_size, max_length, bool(tied)
         self.embedding = nn.Embedding(vocab_size, embed_dim)  # W_E (V, E)
-        self.position_embedding = nn.Embedding(max_length, embed_dim)  # P (max_length, E)
-        self.blocks = nn.ModuleList(TransformerBlock(embed_dim, num_heads) for _ in range(num_layers))
+        # P (max_length, E)
+        self.position_embedding = nn.Embedding(max_length, embed_dim)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(embed_dim, num_heads) for _ in range(num_layers)
+        )
         self.norm = nn.LayerNorm(embed_dim)
         if self.tied:
             self.head = TiedLMHead(self.embedding)  # W_out is W_E: one (V, E) parameter
         else:
-            self.head = nn.Linear(embed_dim, vocab_size, bias=False)  # W_out (V, E), a second matrix
-        for weight in (self.embedding.weight, self.position_embedding.weight, self.head.weight):
+            # W_out (V, E), a second matrix
+            self.head = nn.Linear(embed_dim, vocab_size, bias=False)
+        for weight in (
+            self.embedding.weight,
+            self.position_embedding.weight,
+            self.head.weight,
+        ):
             nn.init.normal_(weight, std=0.02)
 
     def new_caches(self) -> list[KVCache]:
         """One empty :class:`KVCache` per block, for :meth:`forward` ``(caches=...)``."""
         return [KVCache() for _ in self.blocks]
 
-    def forward(self, ids: torch.Tensor, *, caches: list[KVCache] | None = None, return_weights: bool = False):
+    def forward(
+        self,
+        ids: torch.Tensor,
+        *,
+        caches: list[KVCache] | None = None,
+        return_weights: bool = False,
+    ):
         """``ids (B, T)`` -> ``logits (B, T, V)`` (and a list of per-block weights ``(B, H, T, S)``).
 
         With ``caches`` (from :meth:`new_caches`), ``ids`` continue the cached sequence:
         their positions start at the cached length, and each block appends their keys
         and values to its cache.
         """
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point:
-            raise ValueError(f"ids must be an integer tensor of shape (B, T), got "
-                             f"{getattr(ids, 'shape', type(ids).__name__)}")
+        if (
+            not isinstance(ids, torch.Tensor)
+            or ids.dim() != 2
+            or ids.dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"ids must be an integer tensor of shape (B, T), got "
+                f"{getattr(ids, 'shape', type(ids).__name__)}"
+            )
         if caches is not None and len(caches) != len(self.blocks):
-            raise ValueError(f"caches must hold one KVCache per block ({len(self.blocks)}), got {len(caches)}")
+            raise ValueError(
+                f"caches must hold one KVCache per block ({len(self.blocks)}), got {len(caches)}"
+            )
         start = 0 if caches is None else caches[0].length
         T = ids.shape[1]
         if start + T > self.max_length:
-            raise ValueError(f"positions {start}..{start + T - 1} exceed max_length={self.max_length}")
+            raise ValueError(
+                f"positions {start}..{start + T - 1} exceed max_length={self.max_length}"
+            )
         positions = torch.arange(start, start + T, device=ids.device)  # (T,)
-        x = self.embedding(ids) + self.position_embedding(positions)  # (B, T, E): W_E[ids] + P[positions]
+        # (B, T, E): W_E[ids] + P[positions]
+        x = self.embedding(ids) + self.position_embedding(positions)
         all_weights = []
         for i, block in enumerate(self.blocks):
-            x, weights = block(x, cache=None if caches is None else caches[i], return_weights=return_weights)
+            x, weights = block(
+                x,
+                cache=None if caches is None else caches[i],
+                return_weights=return_weights,
+            )
             all_weights.append(weights)
         logits = self.head(self.norm(x))  # (B, T, V): LN(h) W_out^T
         return (logits, all_weights) if return_weights else logits
 
 
 @torch.no_grad()
-def generate(model: TinyTransformerLM, prompt: torch.Tensor, steps: int, *, use_cache: bool = True) -> torch.Tensor:
+def generate(
+    model: TinyTransformerLM,
+    prompt: torch.Tensor,
+    steps: int,
+    *,
+    use_cache: bool = True,
+) -> torch.Tensor:
     """Greedy decoding: append ``steps`` tokens, each the argmax of the next-token logits.
 
     ``prompt (B, T_0)`` -> ``(B, T_0 + steps)``. With ``use_cache=True`` the prompt is read
@@ -237,16 +335,21 @@ def generate(model: TinyTransformerLM, prompt: torch.Tensor, steps: int, *, use_
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[1] < 1:
-        raise ValueError(f"prompt must be a tensor of shape (B, T_0) with T_0 >= 1, got "
-                         f"{getattr(prompt, 'shape', type(prompt).__name__)}")
+        raise ValueError(
+            f"prompt must be a tensor of shape (B, T_0) with T_0 >= 1, got "
+            f"{getattr(prompt, 'shape', type(prompt).__name__)}"
+        )
     if prompt.shape[1] + steps - 1 > model.max_length:
-        raise ValueError(f"prompt length {prompt.shape[1]} + steps {steps} - 1 exceeds max_length={model.max_length}")
+        raise ValueError(
+            f"prompt length {prompt.shape[1]} + steps {steps} - 1 exceeds max_length={model.max_length}"
+        )
     tokens = prompt
     caches = model.new_caches() if use_cache else None
     new_tokens = prompt  # what the model has not read yet
     for _ in range(steps):
         if use_cache:
-            logits = model(new_tokens, caches=caches)  # (B, T_new, V): only the unread positions
+            # (B, T_new, V): only the unread positions
+            logits = model(new_tokens, caches=caches)
         else:
             logits = model(tokens)  # (B, T, V): everything again
         new_tokens = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)

@@ -41,6 +41,7 @@ __all__ = ["MultiHeadParams", "KVCache", "multi_head_attention", "MultiHeadAtten
 # the key/value cache
 # ---------------------------------------------------------------------------------------
 
+
 class KVCache(KVCacheBase):
     r"""Keys and values of the positions seen so far, for decoding one step at a time (torch).
 
@@ -68,7 +69,9 @@ class KVCache(KVCacheBase):
         B, H_kv, _, dim = like.shape
         return like.new_empty((B, H_kv, capacity, dim))  # (B, H_kv, capacity, dim)
 
-    def _write(self, storage: torch.Tensor, start: int, stop: int, x: torch.Tensor) -> None:
+    def _write(
+        self, storage: torch.Tensor, start: int, stop: int, x: torch.Tensor
+    ) -> None:
         storage[:, :, start:stop] = x
 
     def _view(self, storage: torch.Tensor, length: int) -> torch.Tensor:
@@ -78,6 +81,7 @@ class KVCache(KVCacheBase):
 # ---------------------------------------------------------------------------------------
 # the function
 # ---------------------------------------------------------------------------------------
+
 
 def _as_tensor(array, like: torch.Tensor, dtype: torch.dtype):
     """A weight (numpy array or tensor) as a tensor of ``dtype`` on ``like``'s device; ``None`` stays."""
@@ -97,7 +101,19 @@ def _project(x: torch.Tensor, w: torch.Tensor, b, heads: int) -> torch.Tensor:
     return y.reshape(B, T, heads, width // heads).transpose(1, 2)  # (B, heads, T, D)
 
 
-def _multi_head(x_q, x_k, x_v, weights, num_heads, num_kv_heads, *, mask, causal, cache, return_weights):
+def _multi_head(
+    x_q,
+    x_k,
+    x_v,
+    weights,
+    num_heads,
+    num_kv_heads,
+    *,
+    mask,
+    causal,
+    cache,
+    return_weights,
+):
     """The body shared by :func:`multi_head_attention` and :class:`MultiHeadAttention`.
 
     ``weights = (w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o)`` as tensors applied ``x @ W + b``,
@@ -106,19 +122,27 @@ def _multi_head(x_q, x_k, x_v, weights, num_heads, num_kv_heads, *, mask, causal
     w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o = weights
     compute = w_q.dtype
     q = _project(x_q.to(compute), w_q, b_q, num_heads)  # (B, H, L, D)
-    k = _project(x_k.to(compute), w_k, b_k, num_kv_heads).to(x_q.dtype)  # (B, H_kv, S_new, D)
-    v = _project(x_v.to(compute), w_v, b_v, num_kv_heads).to(x_q.dtype)  # (B, H_kv, S_new, D_v)
+    # (B, H_kv, S_new, D)
+    k = _project(x_k.to(compute), w_k, b_k, num_kv_heads).to(x_q.dtype)
+    # (B, H_kv, S_new, D_v)
+    v = _project(x_v.to(compute), w_v, b_v, num_kv_heads).to(x_q.dtype)
     if cache is not None:
         if not isinstance(cache, KVCache):
-            raise TypeError(f"cache must be a companion.torch.KVCache, got {type(cache).__name__}")
+            raise TypeError(
+                f"cache must be a companion.torch.KVCache, got {type(cache).__name__}"
+            )
         k, v = cache.append(k, v)  # (B, H_kv, S, D), (B, H_kv, S, D_v)
     q = q.to(x_q.dtype)
     if return_weights:
         probs = attention_weights(q, k, mask=mask, causal=causal)  # (B, H, L, S)
-        grouped = _split_heads(probs.to(compute), num_kv_heads)  # (B, H_kv, group, L, S)
+        # (B, H_kv, group, L, S)
+        grouped = _split_heads(probs.to(compute), num_kv_heads)
         heads = _merge_heads(grouped @ v.to(compute).unsqueeze(-3))  # (B, H, L, D_v)
     else:
-        heads = scaled_dot_product_attention_reference(q, k, v, mask=mask, causal=causal).to(compute)  # (B, H, L, D_v)
+        # (B, H, L, D_v)
+        heads = scaled_dot_product_attention_reference(
+            q, k, v, mask=mask, causal=causal
+        ).to(compute)
     B, H, L, D_v = heads.shape
     merged = heads.transpose(1, 2).reshape(B, L, H * D_v)  # (B, L, H * D_v)
     output = merged @ w_o  # (B, L, E_out)
@@ -135,20 +159,36 @@ def _check_layer_inputs(x_q, x_k, x_v, widths):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         _checks.check_float(name, x.dtype)
         if x.dim() != 3 or x.shape[2] != width:
-            raise ValueError(f"{name} must have shape (B, length, {width}) for these weights, "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{name} must have shape (B, length, {width}) for these weights, "
+                f"got shape {tuple(x.shape)}"
+            )
     if not (x_q.dtype == x_k.dtype == x_v.dtype):
-        raise TypeError(f"the inputs must have the same dtype, got {_checks.dtype_name(x_q.dtype)}, "
-                        f"{_checks.dtype_name(x_k.dtype)} and {_checks.dtype_name(x_v.dtype)}")
+        raise TypeError(
+            f"the inputs must have the same dtype, got {_checks.dtype_name(x_q.dtype)}, "
+            f"{_checks.dtype_name(x_k.dtype)} and {_checks.dtype_name(x_v.dtype)}"
+        )
     if not (x_q.shape[0] == x_k.shape[0] == x_v.shape[0]):
-        raise ValueError(f"the inputs must have the same batch size B, got shapes {tuple(x_q.shape)}, "
-                         f"{tuple(x_k.shape)} and {tuple(x_v.shape)}")
+        raise ValueError(
+            f"the inputs must have the same batch size B, got shapes {tuple(x_q.shape)}, "
+            f"{tuple(x_k.shape)} and {tuple(x_v.shape)}"
+        )
     if x_k.shape[1] != x_v.shape[1]:
-        raise ValueError(f"key input {tuple(x_k.shape)} and value input {tuple(x_v.shape)} must have the same length")
+        raise ValueError(
+            f"key input {tuple(x_k.shape)} and value input {tuple(x_v.shape)} must have the same length"
+        )
 
 
-def multi_head_attention(x_q: torch.Tensor, x_kv: torch.Tensor, params: MultiHeadParams, *, mask=None,
-                         causal: bool = False, cache: KVCache | None = None, return_weights: bool = False):
+def multi_head_attention(
+    x_q: torch.Tensor,
+    x_kv: torch.Tensor,
+    params: MultiHeadParams,
+    *,
+    mask=None,
+    causal: bool = False,
+    cache: KVCache | None = None,
+    return_weights: bool = False,
+):
     r"""Multi-head attention on batch-first inputs: ``(B, L, E_q), (B, S, E_kv) -> (B, L, E_out)``.
 
     .. code-block:: text
@@ -169,18 +209,35 @@ def multi_head_attention(x_q: torch.Tensor, x_kv: torch.Tensor, params: MultiHea
     causal = _check_flag("causal", causal)
     return_weights = _check_flag("return_weights", return_weights)
     if not isinstance(params, MultiHeadParams):
-        raise TypeError(f"params must be a MultiHeadParams, got {type(params).__name__}")
-    _check_layer_inputs(x_q, x_kv, x_kv, (params.w_q.shape[0], params.w_k.shape[0], params.w_v.shape[0]))
+        raise TypeError(
+            f"params must be a MultiHeadParams, got {type(params).__name__}"
+        )
+    _check_layer_inputs(
+        x_q, x_kv, x_kv, (params.w_q.shape[0], params.w_k.shape[0], params.w_v.shape[0])
+    )
     compute = _compute_dtype(x_q.dtype)
-    weights = tuple(_as_tensor(getattr(params, name), x_q, compute)
-                    for name in ("w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o", "b_o"))
-    return _multi_head(x_q, x_kv, x_kv, weights, params.num_heads, params.num_kv_heads, mask=mask,
-                       causal=causal, cache=cache, return_weights=return_weights)
+    weights = tuple(
+        _as_tensor(getattr(params, name), x_q, compute)
+        for name in ("w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o", "b_o")
+    )
+    return _multi_head(
+        x_q,
+        x_kv,
+        x_kv,
+        weights,
+        params.num_heads,
+        params.num_kv_heads,
+        mask=mask,
+        causal=causal,
+        cache=cache,
+        return_weights=return_weights,
+    )
 
 
 # ---------------------------------------------------------------------------------------
 # the module
 # ---------------------------------------------------------------------------------------
+
 
 class MultiHeadAttention(nn.Module):
     r"""Multi-head, grouped-query or multi-query attention as a trainable ``torch.nn.Module``.
@@ -206,8 +263,18 @@ class MultiHeadAttention(nn.Module):
     Explained in the book chapters *Attention: algorithm and math* and *Making it fast*.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, bias: bool = True, *,
-                 kdim: int | None = None, vdim: int | None = None, device=None, dtype=None):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        bias: bool = True,
+        *,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         gqa_group_size(num_heads, num_kv_heads)  # ValueError unless H_kv divides H
@@ -215,16 +282,30 @@ class MultiHeadAttention(nn.Module):
             if value is not None:
                 _checks.check_int(name, value)
         if embed_dim % num_heads:
-            raise ValueError(f"embed_dim={embed_dim} must be a multiple of num_heads={num_heads}")
-        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+            raise ValueError(
+                f"embed_dim={embed_dim} must be a multiple of num_heads={num_heads}"
+            )
+        self.embed_dim, self.num_heads, self.num_kv_heads = (
+            embed_dim,
+            num_heads,
+            num_kv_heads,
+        )
         self.kdim = embed_dim if kdim is None else kdim
         self.vdim = embed_dim if vdim is None else vdim
         self.head_dim = embed_dim // num_heads
         factory = {"device": device, "dtype": dtype}
-        self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, bias=bias, **factory)
-        self.k_proj = nn.Linear(self.kdim, num_kv_heads * self.head_dim, bias=bias, **factory)
-        self.v_proj = nn.Linear(self.vdim, num_kv_heads * self.head_dim, bias=bias, **factory)
-        self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias, **factory)
+        self.q_proj = nn.Linear(
+            embed_dim, num_heads * self.head_dim, bias=bias, **factory
+        )
+        self.k_proj = nn.Linear(
+            self.kdim, num_kv_heads * self.head_dim, bias=bias, **factory
+        )
+        self.v_proj = nn.Linear(
+            self.vdim, num_kv_heads * self.head_dim, bias=bias, **factory
+        )
+        self.out_proj = nn.Linear(
+            num_heads * self.head_dim, embed_dim, bias=bias, **factory
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -235,11 +316,22 @@ class MultiHeadAttention(nn.Module):
                 nn.init.zeros_(layer.bias)
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, kdim={self.kdim}, vdim={self.vdim}, bias={self.q_proj.bias is not None}")
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, kdim={self.kdim}, vdim={self.vdim}, bias={self.q_proj.bias is not None}"
+        )
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None, *,
-                mask=None, causal: bool = False, cache: KVCache | None = None, return_weights: bool = False):
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        *,
+        mask=None,
+        causal: bool = False,
+        cache: KVCache | None = None,
+        return_weights: bool = False,
+    ):
         """Attend from ``query (B, L, E)`` to ``key (B, S, kdim)`` / ``value (B, S, vdim)``.
 
         ``key`` defaults to ``query`` (self-attention) and ``value`` to ``key``. ``mask``,
@@ -257,32 +349,68 @@ class MultiHeadAttention(nn.Module):
         for layer in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             weights.append(layer.weight.T.to(compute))  # x @ W.T: (in, out)
             weights.append(None if layer.bias is None else layer.bias.to(compute))
-        return _multi_head(query, key, value, tuple(weights), self.num_heads, self.num_kv_heads, mask=mask,
-                           causal=causal, cache=cache, return_weights=return_weights)
+        return _multi_head(
+            query,
+            key,
+            value,
+            tuple(weights),
+            self.num_heads,
+            self.num_kv_heads,
+            mask=mask,
+            causal=causal,
+            cache=cache,
+            return_weights=return_weights,
+        )
 
     # ----- conversions -----------------------------------------------------------------
 
     @classmethod
-    def from_params(cls, params: MultiHeadParams, *, device=None, dtype=None) -> "MultiHeadAttention":
+    def from_params(
+        cls, params: MultiHeadParams, *, device=None, dtype=None
+    ) -> "MultiHeadAttention":
         """A module holding copies of ``params`` (``dtype`` default: the arrays' dtype, float64 for numpy).
 
         Needs ``D_v == D``, ``E_out == E_q`` and ``H * D == E_q`` (the shapes this module has).
         """
         if not isinstance(params, MultiHeadParams):
-            raise TypeError(f"params must be a MultiHeadParams, got {type(params).__name__}")
+            raise TypeError(
+                f"params must be a MultiHeadParams, got {type(params).__name__}"
+            )
         E, width = params.w_q.shape
-        if width != E or params.w_o.shape[1] != E or params.value_head_dim != params.head_dim:
-            raise ValueError(f"MultiHeadAttention needs H * D == E_q == E_out and D_v == D; got w_q "
-                             f"{tuple(params.w_q.shape)}, w_v {tuple(params.w_v.shape)}, w_o {tuple(params.w_o.shape)} "
-                             f"with H={params.num_heads}, H_kv={params.num_kv_heads}")
-        if dtype is None:  # the dtype of the arrays (float64 for MultiHeadParams.random)
-            dtype = params.w_q.dtype if isinstance(params.w_q, torch.Tensor) else torch.from_numpy(
-                np.asarray(params.w_q)[:0]).dtype
-        module = cls(E, params.num_heads, params.num_kv_heads, bias=params.b_q is not None,
-                     kdim=params.w_k.shape[0], vdim=params.w_v.shape[0], device=device, dtype=dtype)
+        if (
+            width != E
+            or params.w_o.shape[1] != E
+            or params.value_head_dim != params.head_dim
+        ):
+            raise ValueError(
+                f"MultiHeadAttention needs H * D == E_q == E_out and D_v == D; got w_q "
+                f"{tuple(params.w_q.shape)}, w_v {tuple(params.w_v.shape)}, w_o {tuple(params.w_o.shape)} "
+                f"with H={params.num_heads}, H_kv={params.num_kv_heads}"
+            )
+        # the dtype of the arrays (float64 for MultiHeadParams.random)
+        if dtype is None:
+            dtype = (
+                params.w_q.dtype
+                if isinstance(params.w_q, torch.Tensor)
+                else torch.from_numpy(np.asarray(params.w_q)[:0]).dtype
+            )
+        module = cls(
+            E,
+            params.num_heads,
+            params.num_kv_heads,
+            bias=params.b_q is not None,
+            kdim=params.w_k.shape[0],
+            vdim=params.w_v.shape[0],
+            device=device,
+            dtype=dtype,
+        )
         with torch.no_grad():
-            for layer, w, b in ((module.q_proj, params.w_q, params.b_q), (module.k_proj, params.w_k, params.b_k),
-                                (module.v_proj, params.w_v, params.b_v), (module.out_proj, params.w_o, params.b_o)):
+            for layer, w, b in (
+                (module.q_proj, params.w_q, params.b_q),
+                (module.k_proj, params.w_k, params.b_k),
+                (module.v_proj, params.w_v, params.b_v),
+                (module.out_proj, params.w_o, params.b_o),
+            ):
                 layer.weight.copy_(_as_tensor(w, layer.weight, dtype).T)  # (out, in)
                 if (b is None) != (layer.bias is None):
                     raise ValueError("MultiHeadAttention needs all four biases or none")
@@ -301,21 +429,45 @@ class MultiHeadAttention(nn.Module):
         Our module is batch-first and takes ``True`` = attend masks whatever the source's
         ``batch_first``.
         """
-        if getattr(module, "bias_k", None) is not None or getattr(module, "add_zero_attn", False):
-            raise ValueError("MultiheadAttention with add_bias_kv or add_zero_attn has no "
-                             "MultiHeadAttention equivalent")
+        if getattr(module, "bias_k", None) is not None or getattr(
+            module, "add_zero_attn", False
+        ):
+            raise ValueError(
+                "MultiheadAttention with add_bias_kv or add_zero_attn has no "
+                "MultiHeadAttention equivalent"
+            )
         E = module.embed_dim
         if module.in_proj_weight is not None:
             w_q, w_k, w_v = module.in_proj_weight.split(E)  # (E, E) each, (out, in)
         else:
-            w_q, w_k, w_v = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight  # (E, E|kdim|vdim)
-        biases = (None, None, None) if module.in_proj_bias is None else module.in_proj_bias.split(E)  # (E,) each
-        copy = cls(E, module.num_heads, bias=module.in_proj_bias is not None, kdim=module.kdim, vdim=module.vdim,
-                   device=w_q.device, dtype=w_q.dtype)
+            # (E, E|kdim|vdim)
+            w_q, w_k, w_v = (
+                module.q_proj_weight,
+                module.k_proj_weight,
+                module.v_proj_weight,
+            )
+        # (E,) each
+        biases = (
+            (None, None, None)
+            if module.in_proj_bias is None
+            else module.in_proj_bias.split(E)
+        )
+        copy = cls(
+            E,
+            module.num_heads,
+            bias=module.in_proj_bias is not None,
+            kdim=module.kdim,
+            vdim=module.vdim,
+            device=w_q.device,
+            dtype=w_q.dtype,
+        )
         with torch.no_grad():
-            for layer, w, b in ((copy.q_proj, w_q, biases[0]), (copy.k_proj, w_k, biases[1]),
-                                (copy.v_proj, w_v, biases[2]),
-                                (copy.out_proj, module.out_proj.weight, module.out_proj.bias)):
+            for layer, w, b in (
+                (copy.q_proj, w_q, biases[0]),
+                (copy.k_proj, w_k, biases[1]),
+                (copy.v_proj, w_v, biases[2]),
+                (copy.out_proj, module.out_proj.weight, module.out_proj.bias),
+            ):
                 if (b is None) != (layer.bias is None):
                     raise ValueError("MultiHeadAttention needs all four biases or none")
                 layer.weight.copy_(w)
@@ -333,9 +485,14 @@ class MultiHeadAttention(nn.Module):
             return (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()
 
         return MultiHeadParams(
-            w_q=array(self.q_proj.weight.T), b_q=array(self.q_proj.bias),
-            w_k=array(self.k_proj.weight.T), b_k=array(self.k_proj.bias),
-            w_v=array(self.v_proj.weight.T), b_v=array(self.v_proj.bias),
-            w_o=array(self.out_proj.weight.T), b_o=array(self.out_proj.bias),
-            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            w_q=array(self.q_proj.weight.T),
+            b_q=array(self.q_proj.bias),
+            w_k=array(self.k_proj.weight.T),
+            b_k=array(self.k_proj.bias),
+            w_v=array(self.v_proj.weight.T),
+            b_v=array(self.v_proj.bias),
+            w_o=array(self.out_proj.weight.T),
+            b_o=array(self.out_proj.bias),
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
         )

@@ -27,11 +27,19 @@ import torch.nn.functional as F
 from companion import _checks
 from companion.torch.multihead import MultiHeadAttention
 
-__all__ = ["TiedLMHead", "TiedEmbedding", "tie_weights", "shared_parameter_names",
-           "param_groups_for_weight_decay", "EncoderLayer", "TransformerEncoder"]
+__all__ = [
+    "TiedLMHead",
+    "TiedEmbedding",
+    "tie_weights",
+    "shared_parameter_names",
+    "param_groups_for_weight_decay",
+    "EncoderLayer",
+    "TransformerEncoder",
+]
 
 
 # --- weight tying: embedding and output layer share one matrix ------------------------------
+
 
 class TiedLMHead(nn.Module):
     r"""An output layer whose weight *is* an embedding's weight: ``logits = h W_E^T (+ b)``.
@@ -53,17 +61,28 @@ class TiedLMHead(nn.Module):
         super().__init__()
         weight = getattr(embedding, "weight", None)
         if not isinstance(weight, nn.Parameter) or weight.ndim != 2:
-            raise TypeError(f"embedding must have a 2-D nn.Parameter `weight` (V, E), got "
-                            f"{type(embedding).__name__} with weight {type(weight).__name__}")
-        self.weight = weight  # the same nn.Parameter object: registered here and in the embedding
+            raise TypeError(
+                f"embedding must have a 2-D nn.Parameter `weight` (V, E), got "
+                f"{type(embedding).__name__} with weight {type(weight).__name__}"
+            )
+        # the same nn.Parameter object: registered here and in the embedding
+        self.weight = weight
         vocab_size = weight.shape[0]
-        self.bias = nn.Parameter(torch.zeros(vocab_size, dtype=weight.dtype, device=weight.device)) if bias else None
+        self.bias = (
+            nn.Parameter(
+                torch.zeros(vocab_size, dtype=weight.dtype, device=weight.device)
+            )
+            if bias
+            else None
+        )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden (..., E)`` -> ``logits (..., V)``."""
         if hidden.shape[-1] != self.weight.shape[1]:
-            raise ValueError(f"hidden must have last axis E={self.weight.shape[1]} (embedding "
-                             f"{tuple(self.weight.shape)}), got shape {tuple(hidden.shape)}")
+            raise ValueError(
+                f"hidden must have last axis E={self.weight.shape[1]} (embedding "
+                f"{tuple(self.weight.shape)}), got shape {tuple(hidden.shape)}"
+            )
         return F.linear(hidden, self.weight, self.bias)  # (..., V): h W_E^T + b
 
 
@@ -85,10 +104,19 @@ class TiedEmbedding(nn.Module):
         Passed to the parameters' constructors.
     """
 
-    def __init__(self, vocab_size: int, embedding_dim: int, *, output_bias: bool = False,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_dim: int,
+        *,
+        output_bias: bool = False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
-        self.embedding = nn.Embedding(vocab_size, embedding_dim, device=device, dtype=dtype)
+        self.embedding = nn.Embedding(
+            vocab_size, embedding_dim, device=device, dtype=dtype
+        )
         self.head = TiedLMHead(self.embedding, bias=output_bias)
 
     @property
@@ -112,12 +140,19 @@ def tie_weights(output_layer: nn.Module, embedding: nn.Module) -> nn.Module:
     ``(V, E)``; its old weight is dropped. Returns ``output_layer``. Raises
     ``ValueError`` if the shapes differ.
     """
-    w_out, w_emb = getattr(output_layer, "weight", None), getattr(embedding, "weight", None)
+    w_out, w_emb = (
+        getattr(output_layer, "weight", None),
+        getattr(embedding, "weight", None),
+    )
     if not isinstance(w_emb, nn.Parameter) or not isinstance(w_out, torch.Tensor):
-        raise TypeError("output_layer and embedding must both have a `weight`, the embedding's an nn.Parameter")
+        raise TypeError(
+            "output_layer and embedding must both have a `weight`, the embedding's an nn.Parameter"
+        )
     if tuple(w_out.shape) != tuple(w_emb.shape):
-        raise ValueError(f"output_layer.weight {tuple(w_out.shape)} must have the embedding's shape "
-                         f"{tuple(w_emb.shape)} (V, E) to be tied")
+        raise ValueError(
+            f"output_layer.weight {tuple(w_out.shape)} must have the embedding's shape "
+            f"{tuple(w_emb.shape)} (V, E) to be tied"
+        )
     output_layer.weight = w_emb  # one nn.Parameter, two modules
     return output_layer
 
@@ -136,10 +171,18 @@ def shared_parameter_names(model: nn.Module) -> list[list[str]]:
 
 # --- optimizer groups: each tensor once; no decay for biases, norms, embeddings ------------
 
-_NORM_TYPES = tuple(t for t in (
-    nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None), nn.LocalResponseNorm,
-    nn.modules.batchnorm._NormBase,  # BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm*
-) if t is not None)
+_NORM_TYPES = tuple(
+    t
+    for t in (
+        nn.LayerNorm,
+        nn.GroupNorm,
+        getattr(nn, "RMSNorm", None),
+        nn.LocalResponseNorm,
+        # BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm*
+        nn.modules.batchnorm._NormBase,
+    )
+    if t is not None
+)
 _EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
 
 
@@ -181,22 +224,31 @@ def param_groups_for_weight_decay(model: nn.Module, weight_decay: float) -> list
     weight_decay = float(weight_decay)
     if not weight_decay >= 0.0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    order: dict[int, nn.Parameter] = {}  # id -> tensor, first-seen order, each tensor once
+    # id -> tensor, first-seen order, each tensor once
+    order: dict[int, nn.Parameter] = {}
     no_decay: set[int] = set()
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             order.setdefault(id(p), p)
-            if (p.ndim < 2 or name.endswith("bias") or isinstance(module, _NORM_TYPES)
-                    or isinstance(module, _EMBEDDING_TYPES)):
+            if (
+                p.ndim < 2
+                or name.endswith("bias")
+                or isinstance(module, _NORM_TYPES)
+                or isinstance(module, _EMBEDDING_TYPES)
+            ):
                 no_decay.add(id(p))
     kept = [(key, p) for key, p in order.items() if p.requires_grad]
     return [
-        {"params": [p for key, p in kept if key not in no_decay], "weight_decay": weight_decay},
+        {
+            "params": [p for key, p in kept if key not in no_decay],
+            "weight_decay": weight_decay,
+        },
         {"params": [p for key, p in kept if key in no_decay], "weight_decay": 0.0},
     ]
 
 
 # --- cross-layer sharing: ALBERT ------------------------------------------------------------
+
 
 class EncoderLayer(nn.Module):
     r"""One post-norm transformer encoder layer, as in BERT and ALBERT.
@@ -213,8 +265,15 @@ class EncoderLayer(nn.Module):
     Parameters: attention + ``2 * 2E`` (two LayerNorms) + ``E I + I + I E + E`` (the MLP).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, *,
-                 num_kv_heads: int | None = None, dropout: float = 0.0):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        intermediate_size: int,
+        *,
+        num_kv_heads: int | None = None,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.attention = MultiHeadAttention(hidden_size, num_heads, num_kv_heads)
         self.attention_norm = nn.LayerNorm(hidden_size)
@@ -224,8 +283,10 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
-        x = self.attention_norm(x + self.dropout(self.attention(x, mask=mask)))  # (B, L, E): LN(x + MHA(x))
-        mlp = self.ffn_out(F.gelu(self.ffn_in(x)))  # (B, L, I) -> (B, L, E): W_2 GELU(W_1 x + b_1) + b_2
+        # (B, L, E): LN(x + MHA(x))
+        x = self.attention_norm(x + self.dropout(self.attention(x, mask=mask)))
+        # (B, L, I) -> (B, L, E): W_2 GELU(W_1 x + b_1) + b_2
+        mlp = self.ffn_out(F.gelu(self.ffn_in(x)))
         return self.ffn_norm(x + self.dropout(mlp))  # (B, L, E)
 
 
@@ -264,40 +325,69 @@ class TransformerEncoder(nn.Module):
     Explained in the book chapter *Parameter sharing in code*.
     """
 
-    def __init__(self, vocab_size: int, embedding_size: int, hidden_size: int, num_layers: int, num_heads: int,
-                 intermediate_size: int, *, share_layers: bool = True, num_kv_heads: int | None = None,
-                 max_positions: int = 512, dropout: float = 0.0):
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_size: int,
+        hidden_size: int,
+        num_layers: int,
+        num_heads: int,
+        intermediate_size: int,
+        *,
+        share_layers: bool = True,
+        num_kv_heads: int | None = None,
+        max_positions: int = 512,
+        dropout: float = 0.0,
+    ):
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("embedding_size", embedding_size),
-                            ("hidden_size", hidden_size), ("num_layers", num_layers), ("num_heads", num_heads),
-                            ("intermediate_size", intermediate_size), ("max_positions", max_positions)):
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("embedding_size", embedding_size),
+            ("hidden_size", hidden_size),
+            ("num_layers", num_layers),
+            ("num_heads", num_heads),
+            ("intermediate_size", intermediate_size),
+            ("max_positions", max_positions),
+        ):
             _checks.check_int(name, value)
         self.share_layers = bool(share_layers)
         self.max_positions = max_positions
         self.token_embedding = nn.Embedding(vocab_size, embedding_size)
         self.position_embedding = nn.Embedding(max_positions, embedding_size)
         self.embedding_norm = nn.LayerNorm(embedding_size)
-        self.embedding_projection = nn.Linear(embedding_size, hidden_size)  # E_emb -> E_hidden
+        # E_emb -> E_hidden
+        self.embedding_projection = nn.Linear(embedding_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
 
         def new_layer() -> EncoderLayer:
-            return EncoderLayer(hidden_size, num_heads, intermediate_size, num_kv_heads=num_kv_heads,
-                                dropout=dropout)
+            return EncoderLayer(
+                hidden_size,
+                num_heads,
+                intermediate_size,
+                num_kv_heads=num_kv_heads,
+                dropout=dropout,
+            )
 
         if self.share_layers:
             shared = new_layer()
-            self.layers = nn.ModuleList([shared] * num_layers)  # one object, num_layers positions
+            # one object, num_layers positions
+            self.layers = nn.ModuleList([shared] * num_layers)
         else:
             self.layers = nn.ModuleList([new_layer() for _ in range(num_layers)])
 
     def forward(self, ids: torch.Tensor, mask=None) -> torch.Tensor:
         if ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype.is_complex:
-            raise ValueError(f"ids must be integer token ids of shape (B, L), got {tuple(ids.shape)} {ids.dtype}")
+            raise ValueError(
+                f"ids must be integer token ids of shape (B, L), got {tuple(ids.shape)} {ids.dtype}"
+            )
         L = ids.shape[1]
         if L > self.max_positions:
-            raise ValueError(f"ids has length L={L} but max_positions={self.max_positions}")
+            raise ValueError(
+                f"ids has length L={L} but max_positions={self.max_positions}"
+            )
         positions = torch.arange(L, device=ids.device)  # (L,)
-        x = self.token_embedding(ids) + self.position_embedding(positions)  # (B, L, E_emb)
+        # (B, L, E_emb)
+        x = self.token_embedding(ids) + self.position_embedding(positions)
         x = self.dropout(self.embedding_norm(x))  # (B, L, E_emb)
         x = self.embedding_projection(x)  # (B, L, E_hidden)
         for layer in self.layers:  # the same object num_layers times when shared

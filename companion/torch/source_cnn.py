@@ -32,22 +32,27 @@ class SourceCNN(nn.Module):
     in_channels, image_size, num_classes : the source uses 1, 28 and 10
     """
 
-    def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10):
+    def __init__(
+        self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10
+    ):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 32, kernel_size=3)    # shared 3x3 kernels, "valid"
+        # shared 3x3 kernels, "valid"
+        self.conv1 = nn.Conv2d(in_channels, 32, kernel_size=3)
         self.conv2 = nn.Conv2d(32, 64, kernel_size=3)
-        self.pool = nn.MaxPool2d(2)                               # no parameters
-        side = ((image_size - 2) // 2 - 2) // 2                   # 28 -> 26 -> 13 -> 11 -> 5
+        self.pool = nn.MaxPool2d(2)  # no parameters
+        # 28 -> 26 -> 13 -> 11 -> 5
+        side = ((image_size - 2) // 2 - 2) // 2
         self.feature_side = side
         self.dense1 = nn.Linear(64 * side * side, 64)
         self.dense2 = nn.Linear(64, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(torch.relu(self.conv1(x)))                  # (B, 32, 13, 13)
-        x = self.pool(torch.relu(self.conv2(x)))                  # (B, 64, 5, 5)
-        x = torch.flatten(x, 1)                                   # (B, 64 * 5 * 5), channel-major order
-        x = torch.relu(self.dense1(x))                            # (B, 64)
-        return torch.softmax(self.dense2(x), dim=-1)              # (B, 10)
+        x = self.pool(torch.relu(self.conv1(x)))  # (B, 32, 13, 13)
+        x = self.pool(torch.relu(self.conv2(x)))  # (B, 64, 5, 5)
+        # (B, 64 * 5 * 5), channel-major order
+        x = torch.flatten(x, 1)
+        x = torch.relu(self.dense1(x))  # (B, 64)
+        return torch.softmax(self.dense2(x), dim=-1)  # (B, 10)
 
     @classmethod
     def from_keras(cls, model) -> "SourceCNN":
@@ -60,19 +65,37 @@ class SourceCNN(nn.Module):
         convs = [layer for layer in model.layers if type(layer).__name__ == "Conv2D"]
         denses = [layer for layer in model.layers if type(layer).__name__ == "Dense"]
         if len(convs) != 2 or len(denses) != 2:
-            raise ValueError(f"expected the source's 2 Conv2D and 2 Dense layers, got {len(convs)} and {len(denses)}")
+            raise ValueError(
+                f"expected the source's 2 Conv2D and 2 Dense layers, got {len(convs)} and {len(denses)}"
+            )
         c_in = int(convs[0].kernel.shape[2])
         side = int(model.input_shape[1])
-        twin = cls(in_channels=c_in, image_size=side, num_classes=int(denses[1].kernel.shape[1]))
+        twin = cls(
+            in_channels=c_in,
+            image_size=side,
+            num_classes=int(denses[1].kernel.shape[1]),
+        )
         s = twin.feature_side
         with torch.no_grad():
             for conv, keras_conv in zip((twin.conv1, twin.conv2), convs):
-                conv.weight.copy_(torch.from_numpy(np.asarray(keras_conv.kernel).transpose(3, 2, 0, 1).copy()))
+                conv.weight.copy_(
+                    torch.from_numpy(
+                        np.asarray(keras_conv.kernel).transpose(3, 2, 0, 1).copy()
+                    )
+                )
                 conv.bias.copy_(torch.from_numpy(np.asarray(keras_conv.bias)))
-            kernel = np.asarray(denses[0].kernel)                                   # (s*s*64 in hwc order, 64)
-            kernel = kernel.reshape(s, s, 64, -1).transpose(2, 0, 1, 3).reshape(64 * s * s, -1)  # rows in chw order
+            # (s*s*64 in hwc order, 64)
+            kernel = np.asarray(denses[0].kernel)
+            # rows in chw order
+            kernel = (
+                kernel.reshape(s, s, 64, -1)
+                .transpose(2, 0, 1, 3)
+                .reshape(64 * s * s, -1)
+            )
             twin.dense1.weight.copy_(torch.from_numpy(kernel.T.copy()))
             twin.dense1.bias.copy_(torch.from_numpy(np.asarray(denses[0].bias)))
-            twin.dense2.weight.copy_(torch.from_numpy(np.asarray(denses[1].kernel).T.copy()))
+            twin.dense2.weight.copy_(
+                torch.from_numpy(np.asarray(denses[1].kernel).T.copy())
+            )
             twin.dense2.bias.copy_(torch.from_numpy(np.asarray(denses[1].bias)))
         return twin
