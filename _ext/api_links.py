@@ -1,18 +1,20 @@
 """Links between the API appendix (``book/api.ipynb``) and the chapters, both ways.
 
 1. Docstring -> chapter.
-The package's docstrings name the chapter that explains them in plain words (they are read
-in terminals and editors too): ``Explained in the book chapter *Attention: algorithm and
-math*.`` When autodoc renders a docstring for the API appendix, each ``*Title*`` in such a
-sentence becomes a ``:doc:`` link to the chapter whose ``#`` title starts with ``Title``
-(a docstring may shorten a long title). A title that matches no chapter stays emphasised
-text; it never breaks the build.
+The package's docstrings name the chapter that explains them in plain words (they are
+read in terminals and editors too):
+``Explained in the book chapter *Attention: algorithm and math*.`` When autodoc renders
+a docstring for the API appendix, each ``*Title*`` in such a sentence becomes a
+``:doc:`` link to the chapter whose ``#`` title starts with ``Title`` (a docstring may
+shorten a long title). A title that matches no chapter stays emphasised text; it never
+breaks the build.
 
 2. Chapter -> API. Autodoc documents each object under the module that defines it
-(``companion.numpy.attention.attention_tiled``). A reference to the name a reader imports,
+(``companion.numpy.attention.attention_tiled``). A reference to the name a reader
+imports,
 ``{py:func}`companion.numpy.attention_tiled```, or to a bare name inside a docstring
-(``:class:`KVCache``` in :mod:`companion.torch.models`), is resolved by importing it and
-following the object to its defining module.
+(``:class:`KVCache``` in :mod:`companion.torch.models`),
+is resolved by importing it and following the object to its defining module.
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ def _import(dotted: str):
 
 
 def _canonical(target: str, module: str | None) -> str | None:
-    """Where the object called ``target`` (seen from ``module``) is defined, if in companion."""
+    """Where the object called ``target`` (seen from ``module``) is defined, if in
+    companion."""
     candidates = [target] if target.startswith("companion.") else []
     if module and module.startswith("companion"):
         candidates.append(f"{module}.{target}")

@@ -1,9 +1,9 @@
 """Serve MathJax 3 from the built site, so that formulas render with no network.
 
 Jupyter Book 1 points Sphinx at a CDN copy of MathJax. This extension copies MathJax's
-``es5`` distribution (from the ``django-static-mathjax`` wheel, which ships the files and
-has no dependencies) into ``<outdir>/_static/mathjax/`` when the HTML build finishes and
-sets ``mathjax_path`` to it. It is copied into the *output*, not into a source
+``es5`` distribution (from the ``django-static-mathjax`` wheel, which ships the files
+and has no dependencies) into ``<outdir>/_static/mathjax/`` when the HTML build finishes
+and sets ``mathjax_path`` to it. It is copied into the *output*, not into a source
 ``_static/`` folder: Jupyter Book adds every ``.js`` file found there as a script tag on
 every page.
 """

@@ -4,8 +4,8 @@ Three namespaces offer the same functions with the same signatures, one per arra
 library, so that a notebook switches backend by changing one import::
 
     from companion import numpy as cn           # numpy arrays, float64 reference
-    import companion.torch as ct                # torch tensors (needs the `torch` extra)
-    import companion.tensorflow as ctf          # tf tensors (needs the `tf` extra)
+    import companion.torch as ct  # torch tensors (needs the `torch` extra)
+    import companion.tensorflow as ctf  # tf tensors (needs the `tf` extra)
 
 Importing :mod:`companion` imports numpy and nothing else: PyTorch and TensorFlow are
 optional and imported only by their own subpackages (a test checks this in a fresh

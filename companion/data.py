@@ -1,11 +1,13 @@
-r"""Small synthetic data sets, generated on the fly (numpy only, no framework, nothing downloaded).
+r"""Small synthetic data sets, generated on the fly (numpy only, no framework, nothing
+downloaded).
 
 * :func:`shapes_dataset`: grayscale images of one of four small shapes (a plus, a cross,
-  a square outline, a diamond) placed at a random position, with a **split by position**:
-  the ``"train"`` split places a shape only in the left part of the image, the ``"test"``
-  split only at column offsets the training split never uses. A network that shares its
-  weights across positions (a convolution) can recognise a shape where it never saw one;
-  a network with weights per position (a dense layer, a locally connected layer) cannot.
+  a square outline, a diamond) placed at a random position, with a **split by
+  position**: the ``"train"`` split places a shape only in the left part of the image,
+  the ``"test"`` split only at column offsets the training split never uses. A network
+  that shares its weights across positions (a convolution) can recognise a shape where
+  it never saw one; a network with weights per position (a dense layer, a locally
+  connected layer) cannot.
 * :func:`sequence_task`: token sequences ``symbols, separator, answer`` for a tiny
   language model, where the answer is the symbols reversed or sorted.
 
@@ -38,16 +40,17 @@ SPLITS = ("train", "test", "all")
 SEQUENCE_TASKS = ("reverse", "sort")
 
 
-# --- images: shapes at positions ----------------------------------------------------------------
+# --- images: shapes at positions ------------------------------------------------------
 
 
 def shape_patterns(shape_size: int = 5) -> np.ndarray:
-    """The four shapes of :data:`SHAPE_NAMES` drawn on ``shape_size x shape_size`` grids.
+    """The four shapes of :data:`SHAPE_NAMES` drawn on ``shape_size x shape_size``
+    grids.
 
     Returns ``(4, shape_size, shape_size)`` float32 of 0 and 1: a plus (middle row and
     column), a cross (both diagonals), a square outline (the border) and a diamond
-    (``|i - c| + |j - c| = c`` with ``c`` the centre). ``shape_size`` must be odd and >= 3
-    so that every shape has a centre and the four differ.
+    (``|i - c| + |j - c| = c`` with ``c`` the centre). ``shape_size`` must be odd and >=
+    3 so that every shape has a centre and the four differ.
     """
     size = check_int("shape_size", shape_size, minimum=3)
     if size % 2 == 0:
@@ -69,10 +72,10 @@ def shape_offsets(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Allowed top-left offsets ``(rows, columns)`` of a shape in ``split``.
 
-    A ``shape_size`` shape fits at ``n = image_size - shape_size + 1`` offsets along each
-    axis. Rows: all ``n`` in every split. Columns: ``"train"`` takes the first
-    ``n // 2`` (the left part of the image), ``"test"`` the other ``n - n // 2``, which the
-    training split never uses, and ``"all"`` every column. Returns two int arrays.
+    A ``shape_size`` shape fits at ``n = image_size - shape_size + 1`` offsets along
+    each axis. Rows: all ``n`` in every split. Columns: ``"train"`` takes the first
+    ``n // 2`` (the left part of the image), ``"test"`` the other ``n - n // 2``, which
+    the training split never uses, and ``"all"`` every column. Returns two int arrays.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -81,7 +84,8 @@ def shape_offsets(
     n = image_size - shape_size + 1
     if n < 2:
         raise ValueError(
-            f"image_size={image_size} must exceed shape_size={shape_size} so that there are at least "
+            f"image_size={image_size} must exceed shape_size={shape_size} so that "
+            "there are at least "
             f"two column offsets to split between train and test"
         )
     rows = np.arange(n)
@@ -95,8 +99,10 @@ def shape_offsets(
 
 @dataclass(frozen=True)
 class ShapesData:
-    """Images of shapes: ``images (N, 1, H, W)`` float32, ``labels (N,)`` int64 (index into
-    :data:`SHAPE_NAMES`), ``offsets (N, 2)`` int64 (top-left row and column of each shape)."""
+    """Images of shapes: ``images (N, 1, H, W)`` float32, ``labels (N,)`` int64 (index
+    into
+    :data:`SHAPE_NAMES`), ``offsets (N, 2)`` int64 (top-left row and column of each
+    shape)."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -115,7 +121,8 @@ def shapes_dataset(
     noise: float = 0.1,
     seed: int = 0,
 ) -> ShapesData:
-    r"""``num_images`` images, each one shape of :func:`shape_patterns` at an offset of ``split``.
+    r"""``num_images`` images, each one shape of :func:`shape_patterns` at an offset of
+    ``split``.
 
     .. math::
 
@@ -123,9 +130,9 @@ def shapes_dataset(
         \varepsilon_n \sim \mathcal{N}(0, I)
 
     with ``y_n`` uniform over the four shapes, ``(r_n, c_n)`` uniform over
-    :func:`shape_offsets` ``(split)`` and ``sigma = noise``. Images are ``NCHW`` with one
-    channel (torch's layout). Deterministic in ``seed``; different splits or seeds give
-    independent draws.
+    :func:`shape_offsets` ``(split)`` and ``sigma = noise``. Images are ``NCHW`` with
+    one channel (torch's layout). Deterministic in ``seed``; different splits or seeds
+    give independent draws.
     """
     num_images = check_int("num_images", num_images)
     noise = float(noise)
@@ -152,7 +159,7 @@ def shapes_dataset(
     )
 
 
-# --- sequences: reverse or sort ------------------------------------------------------------------
+# --- sequences: reverse or sort -------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -210,8 +217,8 @@ def sequence_task(
 
     ``task="reverse"``: the answer is the symbols in reverse order; ``task="sort"``: in
     ascending order. Symbols are drawn uniformly (with repetition) from
-    ``0 .. num_symbols - 1``. Deterministic in ``seed``. See :class:`SequenceData` for the
-    layout of the tokens.
+    ``0 .. num_symbols - 1``. Deterministic in ``seed``. See :class:`SequenceData` for
+    the layout of the tokens.
     """
     if task not in SEQUENCE_TASKS:
         raise ValueError(f"task must be one of {SEQUENCE_TASKS}, got {task!r}")

@@ -1,4 +1,5 @@
-r"""Digit images drawn from a bitmap font defined here: a 10-class, 28 x 28 data set that ships with the code.
+r"""Digit images drawn from a bitmap font defined here: a 10-class, 28 x 28 data set
+that ships with the code.
 
 The second source document's Keras CNN expects ``28 x 28 x 1`` images of 10 classes (the
 shape of MNIST). MNIST must be downloaded; this generator needs nothing but numpy. Each
@@ -12,10 +13,10 @@ noise:
           + \sigma\, \varepsilon_n, \qquad \varepsilon_n \sim \mathcal{N}(0, I)
 
 with the class ``y_n`` uniform over the ten digits, the factor ``s_n`` uniform over
-``scales``, the offset ``(r_n, c_n)`` uniform over the positions where the enlarged glyph
-fits, the brightness ``a_n`` uniform in ``[0.6, 1]`` and ``sigma = noise``. Images are
-``NCHW`` float32 with one channel (torch's layout; ``images.transpose(0, 2, 3, 1)`` is
-Keras's ``NHWC``). The same arguments give the same arrays.
+``scales``, the offset ``(r_n, c_n)`` uniform over the positions where the enlarged
+glyph fits, the brightness ``a_n`` uniform in ``[0.6, 1]`` and ``sigma = noise``. Images
+are ``NCHW`` float32 with one channel (torch's layout; ``images.transpose(0, 2, 3, 1)``
+is Keras's ``NHWC``). The same arguments give the same arrays.
 
 Explained in the book chapter *Parameter sharing in code*.
 """
@@ -46,7 +47,8 @@ DIGIT_FONT = (
 
 
 def digit_glyphs() -> np.ndarray:
-    """The glyphs of :data:`DIGIT_FONT` as float32 ``(10, 7, 5)`` arrays of 0 and 1 (row-major, top row first)."""
+    """The glyphs of :data:`DIGIT_FONT` as float32 ``(10, 7, 5)`` arrays of 0 and 1
+    (row-major, top row first)."""
     return np.array(
         [[[ch == "#" for ch in row] for row in glyph] for glyph in DIGIT_FONT],
         dtype=np.float32,
@@ -56,7 +58,8 @@ def digit_glyphs() -> np.ndarray:
 @dataclass(frozen=True)
 class DigitsData:
     """Digit images: ``images (N, 1, H, W)`` float32, ``labels (N,)`` int64 (the digit),
-    ``offsets (N, 2)`` int64 (top-left row and column of the glyph), ``scales (N,)`` int64
+    ``offsets (N, 2)`` int64 (top-left row and column of the glyph), ``scales (N,)``
+    int64
     (its enlargement factor)."""
 
     images: np.ndarray
@@ -76,7 +79,8 @@ def digits_dataset(
     noise: float = 0.1,
     seed: int = 0,
 ) -> DigitsData:
-    r"""``num_images`` images of the digits of :data:`DIGIT_FONT`, as in the module's equation.
+    r"""``num_images`` images of the digits of :data:`DIGIT_FONT`, as in the module's
+    equation.
 
     Parameters
     ----------
@@ -109,7 +113,8 @@ def digits_dataset(
         )
     if 7 * scales.max() > image_size:
         raise ValueError(
-            f"a glyph enlarged {scales.max()}x is {7 * scales.max()} pixels tall and does not fit "
+            f"a glyph enlarged {scales.max()}x is {7 * scales.max()} pixels tall and "
+            "does not fit "
             f"image_size={image_size}"
         )
     noise = float(noise)

@@ -21,7 +21,7 @@ BACKENDS = ("numpy", "torch", "tensorflow")
 
 @dataclass(frozen=True)
 class Pair:
-    """One operation: its readable reference and the fast versions that must equal it."""
+    """One operation: its readable reference and the fast versions that equal it."""
 
     operation: str
     reference: str
@@ -44,7 +44,8 @@ def pair(operation: str) -> Pair:
 
 
 def namespace(backend: str):
-    """Import and return ``companion.<backend>`` (this is where a framework gets imported)."""
+    """Import and return ``companion.<backend>`` (this is where a framework gets
+    imported)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return importlib.import_module(f"companion.{backend}")

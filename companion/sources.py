@@ -1,11 +1,14 @@
-"""The code of the two source documents, verbatim, so that tests and the book run it as written.
+"""The code of the two source documents, verbatim, so that tests and the book run it as
+written.
 
-The book quotes these snippets, runs them, shows where they fail or mislead, and corrects
-them with the package. Nothing here is edited: a change would hide the errors the book
-documents (see the errata appendix). ``run_source`` executes one in a fresh namespace.
+The book quotes these snippets, runs them, shows where they fail or mislead, and
+corrects them with the package. Nothing here is edited: a change would hide the errors
+the book documents (see the errata appendix). ``run_source`` executes one in a fresh
+namespace.
 
-Source 1: ``shared/seeds/000_f84334dcb9c313f5.txt`` (distance-based attention, a shared matrix W).
-Source 2: ``shared/seeds/001_407bd25bed854499.txt`` (convolution, dot-product attention, Keras and PyTorch).
+Source 1: ``shared/seeds/000_f84334dcb9c313f5.txt`` (distance-based attention, a shared
+matrix W). Source 2: ``shared/seeds/001_407bd25bed854499.txt`` (convolution, dot-product
+attention, Keras and PyTorch).
 """
 
 from __future__ import annotations
@@ -82,7 +85,8 @@ model = tf.keras.Sequential([
     tf.keras.layers.Dense(10, activation='softmax')
 ])
 
-model.compile(optimizer='adam', loss='sparse_categorical_crossentropy', metrics=['accuracy'])
+model.compile(optimizer='adam', loss='sparse_categorical_crossentropy',
+metrics=['accuracy'])
 """
 
 # Source 2, section 4.2 注意力机制：自注意力
@@ -112,12 +116,13 @@ SOURCES = {
 
 
 def run_source(name: str, namespace: dict | None = None) -> dict:
-    """Execute source snippet ``name`` (a key of :data:`SOURCES`) and return its namespace.
+    """Execute source snippet ``name`` (a key of :data:`SOURCES`) and return its
+    namespace.
 
     With ``namespace`` (a dict), the snippet runs *in* that dict, so that the caller can
-    still inspect what it defined when it raises part way (source 1's sharing code defines
-    ``W`` and ``forward`` and then fails in its training loop). Exceptions propagate
-    unchanged: that is the point.
+    still inspect what it defined when it raises part way (source 1's sharing code
+    defines ``W`` and ``forward`` and then fails in its training loop). Exceptions
+    propagate unchanged: that is the point.
     """
     if name not in SOURCES:
         raise KeyError(f"no source snippet {name!r}; known: {', '.join(SOURCES)}")

@@ -75,7 +75,8 @@ def _describe(
     flat = int(np.argmax(excess))
     index = np.unravel_index(flat, diff.shape) if diff.ndim else ()
     return (
-        f"worst element at index {tuple(int(i) for i in index)}: actual {float(actual[index]):.9g}, "
+        f"worst element at index {tuple(int(i) for i in index)}: actual "
+        f"{float(actual[index]):.9g}, "
         f"expected {float(expected[index]):.9g}, |difference| {diff[index]:.3e}, "
         f"allowed {allowed[index]:.3e}",
         index,
@@ -109,7 +110,8 @@ def assert_close(
         raise AssertionError(
             f"{name}: dtype {a_raw.dtype} != expected dtype {e_raw.dtype}"
         )
-    # bfloat16 tensors arrive here as float32 arrays: take the tolerance of the original dtype.
+    # bfloat16 tensors arrive here as float32 arrays: take the tolerance of the
+    # original dtype.
     original = getattr(actual, "dtype", a_raw.dtype)
     default_rtol, default_atol = default_tolerance(
         original if "bfloat16" in str(original) else a_raw.dtype
@@ -160,7 +162,8 @@ def assert_close(
         message, _ = _describe(diff, allowed, a, e)
         raise AssertionError(
             f"{name}: {int(failing.sum())} of {failing.size} elements "
-            f"({100.0 * failing.mean():.3g}%) exceed the tolerance rtol={rtol:g}, atol={atol:g}; "
+            f"({100.0 * failing.mean():.3g}%) exceed the tolerance rtol={rtol:g}, "
+            f"atol={atol:g}; "
             f"{message}"
         )
 
@@ -174,7 +177,8 @@ def assert_close_to_oracle(
     floor: float | None = None,
     name: str = "fast path",
 ) -> None:
-    """Assert the fast path is at most ``factor`` x as wrong as the baseline, plus ``floor``.
+    """Assert the fast path is at most ``factor`` x as wrong as the baseline, plus
+    ``floor``.
 
     ``oracle`` is the float64 reference; ``baseline`` is the plain implementation run in
     the same dtype as ``fast``. The allowed error is
@@ -197,12 +201,16 @@ def assert_close_to_oracle(
         o64,
         rtol=0.0,
         atol=bound,
-        name=f"{name} (allowed {factor:g} x baseline error {baseline_error:.3e} + floor {floor:.1e})",
+        name=(
+            f"{name} (allowed {factor:g} x baseline error {baseline_error:.3e}"
+            f" + floor {floor:.1e})"
+        ),
     )
 
 
 def as_backend(x, backend: str, dtype: str | None = None):
-    """Convert a numpy array to a tensor of ``backend`` ("numpy", "torch", "tensorflow").
+    """Convert a numpy array to a tensor of ``backend`` ("numpy", "torch",
+    "tensorflow").
 
     ``dtype`` is a name ("float32", "float64", "float16", "bfloat16"); ``None`` keeps
     ``x``'s dtype. The framework is imported only when asked for.
@@ -218,8 +226,8 @@ def as_backend(x, backend: str, dtype: str | None = None):
         t = torch.from_numpy(np.ascontiguousarray(x))
         return t.to(getattr(torch, dtype)) if dtype else t
     if backend == "tensorflow":
-        # noqa: F401 (silences TF before import)
-        import tensorflow as tf
+        # silences TF before import
+        import tensorflow as tf  # noqa: F401
 
         t = tf.convert_to_tensor(x)
         return tf.cast(t, getattr(tf, dtype)) if dtype else t
@@ -229,7 +237,8 @@ def as_backend(x, backend: str, dtype: str | None = None):
 
 
 def numerical_gradient(f, a: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """Central differences ``(f(a + eps e_i) - f(a - eps e_i)) / (2 eps)`` of the scalar ``f`` at ``a``.
+    """Central differences ``(f(a + eps e_i) - f(a - eps e_i)) / (2 eps)`` of the scalar
+    ``f`` at ``a``.
 
     The check that a hand-written gradient is the gradient; ``a`` is not modified.
     """

@@ -3,12 +3,13 @@
 The built site (the ``site`` fixture of ``conftest.py``; ``--build-book`` builds it) is
 served from ``127.0.0.1`` and opened in one headless Chromium whose network is blocked
 (every host name resolves to nothing, and a proxy on a dead port catches the rest). The
-browser is driven through the Chrome DevTools Protocol over a websocket (tornado's client,
-already installed with Jupyter), which also records every request the pages make. Each
-page is loaded once; the tests below then check what was recorded:
+browser is driven through the Chrome DevTools Protocol over a websocket (tornado's
+client, already installed with Jupyter), which also records every request the pages
+make. Each page is loaded once; the tests below then check what was recorded:
 
 * no console error, uncaught exception or failed load on any page;
-* every formula typeset by MathJax (no raw ``$$``, ``\\(`` or ``\\[`` left, no MathJax error);
+* every formula typeset by MathJax (no raw ``$$``, ``\\(`` or ``\\[`` left, no MathJax
+  error);
 * every image loaded;
 * no request left the local server;
 * every internal link resolves (pages, anchors, downloads);
@@ -16,9 +17,9 @@ page is loaded once; the tests below then check what was recorded:
 * each notebook page offers its ``.ipynb`` download, and the file is served;
 * launch buttons (Binder, Colab) are off until the project has a public repository.
 
-Screenshots of a few pages are saved under ``_build/screenshots/`` for people to look at.
-The tests skip, saying why, where no Chromium is installed (``.ci/run`` installs Debian's
-``chromium``).
+Screenshots of a few pages are saved under ``_build/screenshots/`` for people to look
+at. The tests skip, saying why, where no Chromium is installed (``.ci/run`` installs
+Debian's ``chromium``).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stab
 # Text a browser shows where MathJax did not typeset a formula.
 RAW_TEX = ("$$", "\\(", "\\)", "\\[", "\\]")
 
-# Runs in each page once it has loaded: waits for MathJax, then reports what the tests check.
+# Runs in each page once it has loaded: waits for MathJax, then reports what the tests
+# check.
 PAGE_REPORT_JS = r"""
 (async () => {
   if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
@@ -69,7 +71,8 @@ PAGE_REPORT_JS = r"""
   await Promise.all(images.map(img => img.decode().catch(() => null)));
   // Text a reader sees outside code: raw TeX there means a formula was not typeset.
   const main = (document.querySelector('main') || document.body).cloneNode(true);
-  main.querySelectorAll('pre, code, script, style, textarea, .highlight, mjx-container, .MathJax')
+  main.querySelectorAll('pre, code, script, style, textarea, .highlight, mjx-container,
+  .MathJax')
       .forEach(e => e.remove());
   return {
     title: document.title,
@@ -83,7 +86,8 @@ PAGE_REPORT_JS = r"""
     broken_images: images.filter(img => !(img.complete && img.naturalWidth > 0))
       .map(img => img.currentSrc || img.src),
     links: Array.from(document.querySelectorAll('a[href]')).map(a => a.href),
-    ids: Array.from(document.querySelectorAll('[id], a[name]')).map(e => e.id || e.name),
+    ids: Array.from(document.querySelectorAll('[id], a[name]')).map(e => e.id ||
+    e.name),
   };
 })()
 """
@@ -173,7 +177,8 @@ class DevTools:
 
 
 def _console_errors(events: list[dict]) -> list[str]:
-    """The errors a reader would see in the browser's console, from the collected events."""
+    """The errors a reader would see in the browser's console, from the collected
+    events."""
     errors = []
     for event in events:
         method, params = event["method"], event.get("params", {})
@@ -233,7 +238,8 @@ async def _crawl(browser: str, site: Path, origin: str, pages: list[str]) -> Cra
             "--remote-debugging-port=0",
             "--remote-allow-origins=*",
             "--window-size=1280,900",
-            # No network: every name resolves to nothing, and anything else goes to a dead proxy.
+            # No network: every name resolves to nothing, and anything else goes to a
+            # dead proxy.
             "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
             "--proxy-server=http://127.0.0.1:9",
             "--proxy-bypass-list=127.0.0.1",
@@ -319,8 +325,10 @@ async def _visit_all(
     deadline = time.monotonic() + SEARCH_TIMEOUT
     while time.monotonic() < deadline:
         state = await devtools.evaluate(
-            "({done: !!(document.querySelector('#search-results .search-summary') || {}).textContent,"
-            " links: Array.from(document.querySelectorAll('#search-results li a')).map(a => a.href)})"
+            "({done: !!(document.querySelector('#search-results .search-summary')"
+            " || {}).textContent,"
+            " links: Array.from(document.querySelectorAll('#search-results li a'))"
+            ".map(a => a.href)})"
         )
         search_results = state["links"]
         if state["done"]:
@@ -336,7 +344,8 @@ async def _visit_all(
 
 @pytest.fixture(scope="module")
 def origin(site):
-    """The built site served from 127.0.0.1 for the module's tests (links are fetched too)."""
+    """The built site served from 127.0.0.1 for the module's tests (links are fetched
+    too)."""
     handler = functools.partial(_QuietHandler, directory=str(site))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -365,7 +374,8 @@ def crawl(site, origin) -> Crawl:
 
 
 def _is_redirect(page: Path) -> bool:
-    """``index.html`` only sends the browser on to the preface (the site test checks where)."""
+    """``index.html`` only sends the browser on to the preface (the site test checks
+    where)."""
     return 'http-equiv="refresh"' in page.read_text(encoding="utf-8")[:500].lower()
 
 
@@ -396,7 +406,8 @@ def test_every_formula_is_typeset(crawl):
         if raw:
             i = min(report["text"].find(t) for t in raw)
             problems.append(
-                f"{visit.path}: raw TeX {raw} left in the text: ...{report['text'][max(i - 60, 0) : i + 60]!r}"
+                f"{visit.path}: raw TeX {raw} left in the text: "
+                f"...{report['text'][max(i - 60, 0) : i + 60]!r}"
             )
         if report["untypeset"]:
             problems.append(
@@ -413,7 +424,8 @@ def test_every_formula_is_typeset(crawl):
         if v.report["typeset"]
     }
     assert "book/attention_math.html" in typeset, (
-        f"MathJax typeset nothing in the attention chapter; pages with math: {sorted(typeset)}"
+        "MathJax typeset nothing in the attention chapter; pages with math: "
+        f"{sorted(typeset)}"
     )
 
 

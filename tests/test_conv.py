@@ -1,4 +1,5 @@
-"""conv2d in all three namespaces against the numpy float64 oracle, torch's and TensorFlow's built-ins.
+"""conv2d in all three namespaces against the numpy float64 oracle, torch's and
+TensorFlow's built-ins.
 
 The oracle is :func:`companion.numpy.conv2d_reference` in float64. The built-ins
 (``torch.nn.functional.conv2d``, ``tf.nn.conv2d`` through one NHWC helper) are checked
@@ -26,7 +27,8 @@ from companion.testing import (
 PAIR = registry.pair("conv2d")
 NAMES = (PAIR.reference, *PAIR.fast)
 
-# (N, C_in, H, W, C_out, kH, kW, stride, padding, dilation, groups, bias): odd and prime sizes,
+# (N, C_in, H, W, C_out, kH, kW, stride, padding, dilation, groups, bias): odd and prime
+# sizes,
 # 1x1 and non-square kernels, kernel == padded input, "same" with odd and even kernels.
 CASES = {
     "basic3x3": (2, 3, 7, 7, 4, 3, 3, 1, 0, 1, 1, True),
@@ -59,12 +61,14 @@ def _case_arrays(case: str, rng):
 
 
 def _implementation(backend: str, name: str):
-    """The function ``name`` of ``companion.<backend>`` (tests/test_namespaces.py checks they all exist)."""
+    """The function ``name`` of ``companion.<backend>`` (tests/test_namespaces.py checks
+    they all exist)."""
     return getattr(registry.namespace(backend), name)
 
 
 def _run(backend: str, name: str, x, weight, bias, dtype: str, **options):
-    """Convert the numpy inputs to ``backend`` in ``dtype``, run, and return a numpy array."""
+    """Convert the numpy inputs to ``backend`` in ``dtype``, run, and return a numpy
+    array."""
     function = _implementation(backend, name)
     args = [as_backend(a, backend, dtype) for a in (x, weight)]
     b = None if bias is None else as_backend(bias, backend, dtype)
@@ -74,7 +78,8 @@ def _run(backend: str, name: str, x, weight, bias, dtype: str, **options):
 def builtin_conv2d(
     framework: str, x, weight, bias, *, stride=1, padding=0, dilation=1, groups=1
 ):
-    """``torch.nn.functional.conv2d`` or ``tf.nn.conv2d`` on NCHW/OIHW numpy arrays; numpy NCHW out.
+    """``torch.nn.functional.conv2d`` or ``tf.nn.conv2d`` on NCHW/OIHW numpy arrays;
+    numpy NCHW out.
 
     TensorFlow wants ``NHWC`` inputs and ``HWIO`` filters and explicit per-side padding;
     the transposes live here, once. The padding comes from the shared geometry check, so
@@ -103,8 +108,8 @@ def builtin_conv2d(
             )
         return out.numpy()
     if framework == "tensorflow":
-        # noqa: F401 (silences TF before import)
-        import tensorflow as tf
+        # silences TF before import
+        import tensorflow as tf  # noqa: F401
 
         geo = conv2d_geometry(
             x.shape,
@@ -133,7 +138,7 @@ def builtin_conv2d(
     raise ValueError(f"framework must be 'torch' or 'tensorflow', got {framework!r}")
 
 
-# --- every implementation against the float64 oracle ---------------------------------------
+# --- every implementation against the float64 oracle ----------------------------------
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -193,7 +198,8 @@ def test_float16_accumulates_in_float32_and_returns_float16(name, rng):
         bias.astype(np.float16).astype(np.float64),
         **options,
     )
-    # one float16 rounding of the float32 sum: half an ulp of the largest output, relative 2^-11
+    # one float16 rounding of the float32 sum: half an ulp of the largest output,
+    # relative 2^-11
     assert_close(
         out, oracle, rtol=2.0**-10, atol=2.0**-10 * np.abs(oracle).max(), name=name
     )
@@ -208,7 +214,7 @@ def test_inputs_are_not_modified(name, rng):
         assert np.array_equal(before, after)
 
 
-# --- bad input: the same clear errors in every namespace ------------------------------------
+# --- bad input: the same clear errors in every namespace ------------------------------
 
 BAD = {
     "groups-do-not-divide-C_in": (
@@ -310,7 +316,7 @@ def test_mixed_dtypes_are_a_type_error(name, rng):
         getattr(npconv, name)(x, weight)
 
 
-# --- the source document's formula and the flip --------------------------------------------
+# --- the source document's formula and the flip ---------------------------------------
 
 
 @pytest.mark.parametrize("backend", registry.BACKENDS)
@@ -348,7 +354,8 @@ def test_convolution_flips_the_kernel(rng):
 
 
 def test_convolve2d_matches_the_definition_by_impulse():
-    """Convolving an impulse reproduces the kernel itself (correlation gives it flipped)."""
+    """Convolving an impulse reproduces the kernel itself (correlation gives it
+    flipped)."""
     impulse = np.zeros((5, 5))
     impulse[2, 2] = 1.0
     kernel = np.arange(9.0).reshape(3, 3)
@@ -365,7 +372,7 @@ def test_convolve2d_matches_the_definition_by_impulse():
     )
 
 
-# --- output size -----------------------------------------------------------------------------
+# --- output size ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -381,7 +388,7 @@ def test_output_size_matches_output_shape(case, rng):
     assert size == builtin_conv2d("torch", x, weight, bias, **options).shape[2:]
 
 
-# --- the backward pass -------------------------------------------------------------------------
+# --- the backward pass ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -455,7 +462,7 @@ def test_conv2d_backward_rejects_wrong_grad_shape(rng):
         npconv.conv2d_backward(np.zeros((1, 3, 5, 5)), x, weight)
 
 
-# --- the same receptive fields without sharing ------------------------------------------------
+# --- the same receptive fields without sharing ----------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -477,7 +484,7 @@ def test_locally_connected_with_tied_kernels_is_a_convolution(stride, padding, r
 
 
 def test_locally_connected_is_not_translation_equivariant(rng):
-    """Shift the input: a convolution's output shifts along; an untied layer's does not."""
+    """Shift the input: a convolution's output shifts along; an untied layer's not."""
     x = np.zeros((1, 1, 8, 8))
     x[0, 0, 2, 2] = 1.0
     shifted = np.roll(x, (1, 1), axis=(2, 3))

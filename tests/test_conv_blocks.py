@@ -20,7 +20,8 @@ CASES = {
     "groups2": (3, 4, 7, 5, 6, 3, 3, 1, "same", 1, 2),
     "one-row-output": (2, 2, 3, 8, 3, 3, 3, 1, 0, 1, 1),
 }
-# Bytes per block: one patch row (cut into bands of one row), a few rows, about one image.
+# Bytes per block: one patch row (cut into bands of one row), a few rows, about one
+# image.
 CHUNK_BYTES = {"row": 1, "rows": 4096, "images": 20000}
 
 

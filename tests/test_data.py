@@ -1,4 +1,5 @@
-"""The synthetic data generators: shapes, dtypes, determinism, the split by position, the answers."""
+"""The synthetic data generators: shapes, dtypes, determinism, the split by position,
+the answers."""
 
 import numpy as np
 import pytest

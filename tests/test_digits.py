@@ -1,4 +1,5 @@
-"""The digit images of :mod:`companion.digits`: shapes, determinism, the glyph where it is said to be, errors."""
+"""The digit images of :mod:`companion.digits`: shapes, determinism, the glyph where it
+is said to be, errors."""
 
 from __future__ import annotations
 

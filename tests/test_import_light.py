@@ -41,7 +41,10 @@ def test_torch_namespace_imports_torch_only():
 
 def test_tensorflow_namespace_is_quiet():
     """companion.tensorflow silences TF's C++ log lines before TF is imported."""
-    code = "import companion.tensorflow as t; import tensorflow as tf; tf.constant(1.0) + 1"
+    code = (
+        "import companion.tensorflow as t; import tensorflow as tf; "
+        "tf.constant(1.0) + 1"
+    )
     env = {
         k: v
         for k, v in __import__("os").environ.items()

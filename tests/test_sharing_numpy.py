@@ -1,4 +1,5 @@
-"""The shared dense layer y_i = f(W x_i + b_i): hand gradients, training, and the unshared twin."""
+"""The shared dense layer y_i = f(W x_i + b_i): hand gradients, training, and the
+unshared twin."""
 
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ def test_unknown_activation_is_a_value_error(rng):
         sharing.shared_dense_forward(x, weight, bias, activation="swish")
 
 
-# --- training and what sharing buys ------------------------------------------------------------
+# --- training and what sharing buys ---------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +163,8 @@ def test_sharing_needs_fewer_parameters_and_generalises_from_few_examples(teache
         == params.dense_parameter_count(D_in, D_out, bias=False) + P * D_out
     )
     assert unshared.num_parameters == P * params.dense_parameter_count(D_in, D_out)
-    # both fit the 8 training examples; only the shared one has seen 8 x 6 examples of its W
+    # both fit the 8 training examples; only the shared one has seen 8 x 6 examples
+    # of its W
     test_shared = sharing.dense_loss(shared.predict(x_test), y_test)
     test_unshared = sharing.dense_loss(unshared.predict(x_test), y_test)
     assert test_shared < 0.2 * test_unshared
@@ -176,11 +178,12 @@ def test_training_does_not_modify_its_data(teacher_data):
     assert np.array_equal(x, x_before) and np.array_equal(y, y_before)
 
 
-# --- the source document's loop, run as written ---------------------------------------------------
+# --- the source document's loop, run as written ---------------------------------------
 
 
 def test_source_training_loop_fails_on_its_shapes():
-    """``np.dot(x, W)`` with x (10, 1) and W (10, 10): the source's loop never runs one step."""
+    """``np.dot(x, W)`` with x (10, 1) and W (10, 10): the source's loop never runs one
+    step."""
     np.random.seed(0)
     with pytest.raises(ValueError, match=r"shapes \(10,1\) and \(10,10\) not aligned"):
         run_source("sharing_numpy")

@@ -1,4 +1,5 @@
-"""Parameter sharing in Keras/TensorFlow: shared by identity, gradients accumulate, counted once."""
+"""Parameter sharing in Keras/TensorFlow: shared by identity, gradients accumulate,
+counted once."""
 
 import numpy as np
 import pytest
@@ -7,18 +8,14 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 from companion.numpy import conv as npconv  # noqa: E402
-
-# noqa: E402
-from companion.params import (
+from companion.params import (  # noqa: E402
     conv2d_parameter_count,
     count_parameters,
     dense_parameter_count,
 )
 from companion.tensorflow import padding_mask  # noqa: E402
 from companion.tensorflow.conv import convolve2d, locally_connected2d  # noqa: E402
-
-# noqa: E402
-from companion.tensorflow.sharing import (
+from companion.tensorflow.sharing import (  # noqa: E402
     TiedOutput,
     TransformerEncoder,
     no_weight_decay_variables,
@@ -35,7 +32,7 @@ V, E, B, L = 13, 6, 2, 5  # a prime vocabulary, small widths
 
 
 class _TinyTiedLM(keras.Model):
-    """Embed, mix, normalise, project back to the vocabulary with the embedding matrix."""
+    """Embed, mix, normalise, project back to the vocabulary by the embedding matrix."""
 
     def __init__(self, use_bias=False, tied=True):
         super().__init__()
@@ -141,7 +138,8 @@ def test_no_weight_decay_variables_lists_each_once():
 
 
 def test_adamw_with_exclusions_decays_only_the_kernel():
-    """With zero gradients AdamW only decays: the kernel shrinks, the tied embedding does not."""
+    """With zero gradients AdamW only decays: the kernel shrinks, the tied embedding
+    does not."""
     model = _built(_TinyTiedLM())
     before = {id(v): v.numpy().copy() for v in model.trainable_weights}
     opt = keras.optimizers.AdamW(learning_rate=0.1, weight_decay=0.5)
@@ -161,7 +159,7 @@ def test_adamw_with_exclusions_decays_only_the_kernel():
     )
 
 
-# --- sharing across positions: conv vs the same layer without sharing ------------------------
+# --- sharing across positions: conv vs the same layer without sharing -----------------
 
 LOCAL_CASES = {
     "3x3": (1, 0, (3, 3)),
@@ -213,13 +211,13 @@ def test_convolve2d_flips_the_kernel(rng):
     )
 
 
-# --- cross-layer sharing (ALBERT) ------------------------------------------------------------
+# --- cross-layer sharing (ALBERT) -----------------------------------------------------
 
 VOCAB, E_EMB, HIDDEN, HEADS, FFN, POSITIONS = 31, 8, 12, 4, 20, 16
 
 
 def _hand_count(num_layers, num_kv_heads, shared):
-    """ALBERT's count written out: embeddings + projection + (one or num_layers) layers."""
+    """ALBERT's count: embeddings + projection + (1 or num_layers) layers."""
     kv = (num_kv_heads or HEADS) * (HIDDEN // HEADS)  # H_kv * D
     embeddings = (
         VOCAB * E_EMB + POSITIONS * E_EMB + 2 * E_EMB + (E_EMB * HIDDEN + HIDDEN)
@@ -278,7 +276,8 @@ def test_albert_parameter_count(num_layers, num_kv_heads, share_layers):
 
 
 def test_albert_shared_gradient_is_the_sum_over_positions(rng):
-    """The shared layer's gradient equals the sum of the gradients of untied copies, one per position."""
+    """The shared layer's gradient equals the sum of the gradients of untied copies, one
+    per position."""
     shared = _encoder(num_layers=3, dtype="float64")
     untied = _encoder(num_layers=3, share_layers=False, dtype="float64")
     pairs = [
@@ -310,12 +309,15 @@ def test_albert_shared_gradient_is_the_sum_over_positions(rng):
         assert_close(
             tf.convert_to_tensor(g),
             tf.add_n(per_position),
-            name=f"shared {shared.encoder_layers[0].trainable_weights[i].path} gradient",
+            name=(
+                f"shared {shared.encoder_layers[0].trainable_weights[i].path} gradient"
+            ),
         )
 
 
 def test_albert_padding_mask_is_honoured(rng):
-    """With a padding mask, tokens after a row's length do not change the outputs before it."""
+    """With a padding mask, tokens after a row's length do not change the outputs before
+    it."""
     model = _encoder(dtype="float64", length=6)
     ids = rng.integers(0, VOCAB, (2, 6))
     changed = ids.copy()
@@ -351,7 +353,7 @@ def test_albert_rejects_bad_input(bad):
         model(ids)
 
 
-# --- hand formulas equal the framework's counts ----------------------------------------------
+# --- hand formulas equal the framework's counts ---------------------------------------
 
 
 @pytest.mark.parametrize("use_bias", [True, False], ids=["bias", "no-bias"])
@@ -393,7 +395,8 @@ def test_tied_count_is_one_matrix(use_bias):
 
 @pytest.mark.parametrize("num_kv_heads", [None, 1], ids=["H_kv=H", "H_kv=1"])
 def test_albert_keras_equals_torch_with_the_same_weights(num_kv_heads, rng):
-    """The Keras and torch encoders are one function: copy torch's weights, compare outputs."""
+    """The Keras and torch encoders are one function: copy torch's weights, compare
+    outputs."""
     torch = pytest.importorskip("torch")
     from companion.torch.sharing import TransformerEncoder as TorchEncoder
 
@@ -445,7 +448,7 @@ def test_albert_keras_equals_torch_with_the_same_weights(num_kv_heads, rng):
     assert_close(actual, expected, name="keras encoder vs torch encoder")
 
 
-# --- conv in half precision: computed in float32, returned in the input dtype ----------------
+# --- conv in half precision: computed in float32, returned in the input dtype ---------
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

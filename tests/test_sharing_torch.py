@@ -1,4 +1,4 @@
-"""Parameter sharing in PyTorch: shared by identity, gradients accumulate, counted once."""
+"""Parameter sharing in PyTorch: shared by identity, gradients add up, counted once."""
 
 import copy
 
@@ -8,9 +8,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from companion.numpy import conv as npconv  # noqa: E402
-
-# noqa: E402
-from companion.params import (
+from companion.params import (  # noqa: E402
     conv2d_parameter_count,
     count_parameters,
     dense_parameter_count,
@@ -23,9 +21,7 @@ from companion.testing import (  # noqa: E402
     to_numpy,
 )
 from companion.torch import padding_mask  # noqa: E402
-
-# noqa: E402
-from companion.torch.conv import conv2d_reference, convolve2d, locally_connected2d
+from companion.torch.conv import conv2d_reference, convolve2d, locally_connected2d  # noqa: E402
 from companion.torch.sharing import (  # noqa: E402
     TiedEmbedding,
     TiedLMHead,
@@ -42,7 +38,7 @@ def _unique_numel(model):
     return sum(p.numel() for p in model.parameters())
 
 
-# --- weight tying ----------------------------------------------------------------------------
+# --- weight tying ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("output_bias", [False, True], ids=["no-bias", "bias"])
@@ -89,7 +85,7 @@ def test_tied_head_rejects_wrong_width():
 
 
 def _language_model_loss(embedding_matrix, output_matrix, mixer, ids, targets):
-    """Embed, mix, project back to logits; the same code for tied and untied matrices."""
+    """Embed, mix, project back to logits; one code for tied and untied matrices."""
     hidden = torch.tanh(embedding_matrix[ids] @ mixer)  # (B, L, E)
     logits = hidden @ output_matrix.T  # (B, L, V)
     return nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
@@ -117,7 +113,7 @@ def test_gradients_of_both_uses_accumulate_in_the_one_tensor(rng, dtype):
     assert_close(tied.weight.grad, as_input.grad + as_output.grad, name="tied gradient")
 
 
-# --- optimizer groups ------------------------------------------------------------------------
+# --- optimizer groups -----------------------------------------------------------------
 
 
 class _TinyTiedLM(nn.Module):
@@ -172,7 +168,8 @@ def test_weight_decay_skips_frozen_parameters():
 
 
 def test_adamw_step_with_groups_leaves_embedding_undecayed():
-    """With zero gradients AdamW only decays: the matrices shrink, the tied embedding does not."""
+    """With zero gradients AdamW only decays: the matrices shrink, the tied embedding
+    does not."""
     model = _TinyTiedLM()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     opt = torch.optim.AdamW(param_groups_for_weight_decay(model, 0.5), lr=0.1)
@@ -197,7 +194,7 @@ def test_adamw_step_with_groups_leaves_embedding_undecayed():
     )
 
 
-# --- sharing across positions: conv vs the same layer without sharing ------------------------
+# --- sharing across positions: conv vs the same layer without sharing -----------------
 
 LOCAL_CASES = {
     "3x3": (1, 0, (3, 3)),
@@ -264,13 +261,13 @@ def test_convolve2d_flips_the_kernel(rng):
     )
 
 
-# --- cross-layer sharing (ALBERT) ------------------------------------------------------------
+# --- cross-layer sharing (ALBERT) -----------------------------------------------------
 
 VOCAB, E_EMB, HIDDEN, HEADS, FFN, POSITIONS = 31, 8, 12, 4, 20, 16
 
 
 def _hand_count(num_layers, num_kv_heads, shared):
-    """ALBERT's count written out: embeddings + projection + (one or num_layers) layers."""
+    """ALBERT's count: embeddings + projection + (1 or num_layers) layers."""
     kv = (num_kv_heads or HEADS) * (HIDDEN // HEADS)  # H_kv * D
     embeddings = (
         VOCAB * E_EMB + POSITIONS * E_EMB + 2 * E_EMB + (E_EMB * HIDDEN + HIDDEN)
@@ -318,7 +315,8 @@ def test_albert_parameter_count(num_layers, num_kv_heads, share_layers):
 
 
 def test_albert_shared_gradient_is_the_sum_over_positions(rng):
-    """The shared layer's gradient equals the sum of the gradients of untied copies, one per position."""
+    """The shared layer's gradient equals the sum of the gradients of untied copies, one
+    per position."""
     shared = _encoder(num_layers=3).double()
     untied = _encoder(num_layers=3, share_layers=False).double()
     untied.load_state_dict(shared.state_dict(), strict=False)  # embeddings
@@ -347,7 +345,8 @@ def test_albert_weight_decay_groups_list_the_shared_layer_once():
 
 
 def test_albert_padding_mask_is_honoured(rng):
-    """With a padding mask, tokens after a row's length do not change the outputs before it."""
+    """With a padding mask, tokens after a row's length do not change the outputs before
+    it."""
     model = _encoder().double()
     ids = torch.from_numpy(rng.integers(0, VOCAB, (2, 6)))
     lengths = torch.tensor([4, 6])
@@ -378,7 +377,7 @@ def test_albert_rejects_bad_input(bad):
         model(ids)
 
 
-# --- hand formulas equal the framework's counts ----------------------------------------------
+# --- hand formulas equal the framework's counts ---------------------------------------
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
@@ -410,7 +409,7 @@ def test_tied_count_is_one_matrix(output_bias):
     assert count_parameters(untied) == count_parameters(tied) + V * E
 
 
-# --- conv in half precision: computed in float32, returned in the input dtype ----------------
+# --- conv in half precision: computed in float32, returned in the input dtype ---------
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

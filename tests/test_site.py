@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class _Resources(HTMLParser):
-    """Collects every URL a browser would load while rendering a page (not plain links)."""
+    """Collects every URL a browser loads while rendering a page (not plain links)."""
 
     LOADING = {
         ("script", "src"),

@@ -1,4 +1,5 @@
-"""Source 1's attention code, run as written, and its correction :func:`nadaraya_watson`.
+"""Source 1's attention code, run as written, and its correction
+:func:`nadaraya_watson`.
 
 Source 1 computes one similarity for the whole input, ``1 - ||X||`` (the norm of the
 matrix), so its softmax sees a single number and returns 1: the "attention" returns X
@@ -60,7 +61,8 @@ def test_nadaraya_watson_weights_each_pair_by_distance():
     assert not np.allclose(corrected, queries), (
         "unlike the source, the output depends on the keys' distances"
     )
-    # Each output is a convex combination of the values: inside their range, feature by feature.
+    # Each output is a convex combination of the values: inside their range, feature
+    # by feature.
     assert (corrected >= X.min(axis=0) - 1e-12).all() and (
         corrected <= X.max(axis=0) + 1e-12
     ).all()
@@ -76,7 +78,8 @@ def test_nadaraya_watson_weights_each_pair_by_distance():
 
 
 def test_run_source_keeps_what_a_failing_snippet_defined():
-    """Source 1's sharing code raises in its loop; its ``forward`` and ``W`` stay inspectable."""
+    """Source 1's sharing code raises in its loop; its ``forward`` and ``W`` stay
+    inspectable."""
     np.random.seed(0)
     scope: dict = {}
     with pytest.raises(ValueError, match="not aligned"):

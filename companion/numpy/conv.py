@@ -1,19 +1,20 @@
 r"""Convolution as parameter sharing, in numpy: the formulas, the loops and im2col.
 
 A convolution applies one small kernel at every position of its input. The reuse of
-the same ``C_out x C_in / groups x kH x kW`` weights at all ``H_out x W_out`` positions is
-parameter sharing across positions; :func:`locally_connected2d` is the same layer
+the same ``C_out x C_in / groups x kH x kW`` weights at all ``H_out x W_out`` positions
+is parameter sharing across positions; :func:`locally_connected2d` is the same layer
 without the sharing (one kernel per position), for comparison.
 
-Layouts are ``NCHW`` inputs and ``OIHW`` weights ``(C_out, C_in / groups, kH, kW)``, with
-the semantics of ``torch.nn.functional.conv2d`` (see :mod:`companion.conventions`):
+Layouts are ``NCHW`` inputs and ``OIHW`` weights ``(C_out, C_in / groups, kH, kW)``,
+with the semantics of ``torch.nn.functional.conv2d`` (see :mod:`companion.conventions`):
 with ``p`` the padding, ``s`` the stride, ``d`` the dilation and ``g(o)`` the group of
 output channel ``o``,
 
 .. math::
 
-    Y_{b,o,i,j} = \mathrm{bias}_o + \sum_{c \in g(o)} \sum_{m=0}^{kH-1} \sum_{n=0}^{kW-1}
-        X^{\mathrm{pad}}_{b,\,c,\; i s_H + m d_H,\; j s_W + n d_W}\; W_{o,\, c - c_0(o),\, m,\, n}
+    Y_{b,o,i,j} = \mathrm{bias}_o + \sum_{c \in g(o)} \sum_{m=0}^{kH-1}
+        \sum_{n=0}^{kW-1} X^{\mathrm{pad}}_{b,\,c,\; i s_H + m d_H,\; j s_W + n d_W}\;
+        W_{o,\, c - c_0(o),\, m,\, n}
 
 Like every deep-learning library, this is a *cross-correlation*: the kernel is not
 flipped (:func:`corr2d` vs :func:`convolve2d`). Shapes, stride, padding and groups are
@@ -74,7 +75,7 @@ def _pad(x: np.ndarray, pad: tuple[int, int, int, int]) -> np.ndarray:
     return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
 
 
-# --- the source document's formula: one channel, no padding, stride 1 ----------------------
+# --- the source document's formula: one channel, no padding, stride 1 -----------------
 
 
 def corr2d(x, kernel) -> np.ndarray:
@@ -96,7 +97,8 @@ def corr2d(x, kernel) -> np.ndarray:
     x, kernel = (_check_arrays(x=x, kernel=kernel)[k] for k in ("x", "kernel"))
     if x.ndim != 2 or kernel.ndim != 2:
         raise ValueError(
-            f"x and kernel must be 2-D (one channel), got shapes {x.shape} and {kernel.shape}"
+            f"x and kernel must be 2-D (one channel), got shapes {x.shape} and "
+            f"{kernel.shape}"
         )
     H, W = x.shape
     h, w = kernel.shape
@@ -115,11 +117,13 @@ def corr2d(x, kernel) -> np.ndarray:
 
 
 def convolve2d(x, kernel) -> np.ndarray:
-    r"""True two-dimensional convolution ("valid" part): cross-correlation with the flipped kernel.
+    r"""True two-dimensional convolution ("valid" part): cross-correlation with the
+    flipped kernel.
 
     .. math::
 
-        (X * K)_{i,j} = \sum_{m=0}^{h-1} \sum_{n=0}^{w-1} X_{i+m,\, j+n}\, K_{h-1-m,\, w-1-n}
+        (X * K)_{i,j} = \sum_{m=0}^{h-1} \sum_{n=0}^{w-1}
+            X_{i+m,\, j+n}\, K_{h-1-m,\, w-1-n}
 
     ``x (H, W)``, ``kernel (h, w)`` -> ``(H - h + 1, W - w + 1)``; equals
     ``scipy.signal.convolve2d(x, kernel, mode="valid")``. Written as
@@ -134,15 +138,19 @@ def convolve2d(x, kernel) -> np.ndarray:
 def conv2d_output_size(
     input_size, kernel_size, *, stride=1, padding=0, dilation=1
 ) -> tuple[int, int]:
-    r"""``(H_out, W_out)`` of a conv2d with these settings (the rule of ``torch.nn.Conv2d``).
+    r"""``(H_out, W_out)`` of a conv2d with these settings (the rule of
+    ``torch.nn.Conv2d``).
 
     .. math::
 
-        H_{out} = \left\lfloor \frac{H + p_{top} + p_{bottom} - d_H (kH - 1) - 1}{s_H} \right\rfloor + 1
+        H_{out} = \left\lfloor
+            \frac{H + p_{top} + p_{bottom} - d_H (kH - 1) - 1}{s_H}
+        \right\rfloor + 1
 
-    and likewise for ``W``. ``input_size`` and ``kernel_size`` are ints or ``(rows, cols)``
-    pairs; ``padding`` an int, a pair, ``"valid"`` or ``"same"`` (stride 1 only).
-    Raises ``ValueError`` if the dilated kernel is larger than the padded input.
+    and likewise for ``W``. ``input_size`` and ``kernel_size`` are ints or
+    ``(rows, cols)`` pairs; ``padding`` an int, a pair, ``"valid"`` or ``"same"``
+    (stride 1 only). Raises ``ValueError`` if the dilated kernel is larger than the
+    padded input.
     """
     H, W = (input_size, input_size) if np.ndim(input_size) == 0 else tuple(input_size)
     kH, kW = (
@@ -158,18 +166,20 @@ def conv2d_output_size(
     return geometry.H_out, geometry.W_out
 
 
-# --- the readable version: loops over every output element --------------------------------
+# --- the readable version: loops over every output element ----------------------------
 
 
 def conv2d_reference(
     x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1
 ) -> np.ndarray:
-    r"""2-D convolution (cross-correlation) by plain loops: the definition, one output at a time.
+    r"""2-D convolution (cross-correlation) by plain loops: the definition, one output
+    at a time.
 
     .. math::
 
-        Y_{b,o,i,j} = \mathrm{bias}_o + \sum_{c=0}^{C_{in}/g - 1} \sum_{m=0}^{kH-1} \sum_{n=0}^{kW-1}
-            X^{\mathrm{pad}}_{b,\; \gamma(o) C_{in}/g + c,\; i s_H + m d_H,\; j s_W + n d_W}\; W_{o,c,m,n}
+        Y_{b,o,i,j} = \mathrm{bias}_o + \sum_{c=0}^{C_{in}/g - 1} \sum_{m=0}^{kH-1}
+            \sum_{n=0}^{kW-1} X^{\mathrm{pad}}_{b,\; \gamma(o) C_{in}/g + c,\;
+            i s_H + m d_H,\; j s_W + n d_W}\; W_{o,c,m,n}
 
     where ``gamma(o) = o // (C_out / g)`` is the group of output channel ``o``.
 
@@ -179,16 +189,17 @@ def conv2d_reference(
     weight : ndarray ``(C_out, C_in / groups, kH, kW)``, the same dtype as ``x``
     bias : ndarray ``(C_out,)`` or None
     stride, dilation : int or ``(rows, cols)``
-    padding : int, ``(rows, cols)``, ``"valid"`` (no padding) or ``"same"`` (output size =
-        input size; stride 1 only; an odd total padding puts the extra row/column at the
-        bottom/right, as torch does)
+    padding : int, ``(rows, cols)``, ``"valid"`` (no padding) or ``"same"``
+        (output size = input size; stride 1 only; an odd total padding puts the
+        extra row/column at the bottom/right, as torch does)
     groups : int, dividing ``C_in`` and ``C_out``; group ``g`` maps input channels
         ``g C_in/groups ...`` to output channels ``g C_out/groups ...``
 
     Returns
     -------
-    ndarray ``(N, C_out, H_out, W_out)`` in the dtype of ``x`` (float16 accumulates in float32);
-    sizes from :func:`conv2d_output_size`. Equals ``torch.nn.functional.conv2d``.
+    ndarray ``(N, C_out, H_out, W_out)`` in the dtype of ``x`` (float16 accumulates in
+    float32); sizes from :func:`conv2d_output_size`. Equals
+    ``torch.nn.functional.conv2d``.
     """
     arrays = _check_arrays(x=x, weight=weight, bias=bias)
     x, weight, bias = arrays["x"], arrays["weight"], arrays["bias"]
@@ -229,11 +240,12 @@ def conv2d_reference(
     return y.astype(x.dtype, copy=False)
 
 
-# --- the fast version: im2col, then one matrix product per group --------------------------
+# --- the fast version: im2col, then one matrix product per group ----------------------
 
 
 def _im2col(x: np.ndarray, geo) -> np.ndarray:
-    """The patch matrix ``(groups, N * H_out * W_out, kH * kW * C_in/groups)``, C-contiguous.
+    """The patch matrix ``(groups, N * H_out * W_out, kH * kW * C_in/groups)``,
+    C-contiguous.
 
     Rows are output positions, columns run over ``(kH, kW, C_in/g)`` with the channel
     fastest: the layout the matrix product reads row by row, copied in whole runs of
@@ -288,9 +300,11 @@ def _thread_count(num_threads) -> int:
 
 
 def _output_chunks(geo, row_bytes: int):
-    """``(b0, b1, i0, i1)`` blocks of output positions whose patch rows take about ``_CHUNK_BYTES``.
+    """``(b0, b1, i0, i1)`` blocks of output positions whose patch rows take about
+    ``_CHUNK_BYTES``.
 
-    Whole images when one image's patch matrix is small, else bands of output rows of one image.
+    Whole images when one image's patch matrix is small, else bands of output rows of
+    one image.
     """
     image_bytes = geo.H_out * geo.W_out * row_bytes
     if image_bytes <= _CHUNK_BYTES:
@@ -326,23 +340,26 @@ def conv2d_im2col(
     .. math::
 
         Y_g = \mathrm{cols}_g \; W_g^{\top} + \mathrm{bias}_g, \qquad
-        \mathrm{cols}_g \in \mathbb{R}^{(N H_{out} W_{out}) \times (kH\, kW\, C_{in}/g)},\;
+        \mathrm{cols}_g \in
+            \mathbb{R}^{(N H_{out} W_{out}) \times (kH\, kW\, C_{in}/g)},\;
         W_g \in \mathbb{R}^{(C_{out}/g) \times (kH\, kW\, C_{in}/g)}
 
     The whole patch matrix repeats each input value up to ``kH kW`` times (memory
-    ``N H_out W_out kH kW C_in``). This version builds it one block of rows at a time (whole
-    images, or bands of output rows, about 1 MiB each) into one reused buffer and multiplies
-    each block as soon as it is built, while it is still in the cache: the same rows and the
-    same products, about 1.4x faster than one huge patch matrix (measured on a ResNet-like
-    layer), with a few MiB of extra memory instead of the whole patch matrix.
-    Rows are copied from a padded ``NHWC`` copy of ``x`` with the channel fastest (whole runs
-    of channels; other orders cost up to ~2x).
+    ``N H_out W_out kH kW C_in``). This version builds it one block of rows at a time
+    (whole images, or bands of output rows, about 1 MiB each) into one reused buffer and
+    multiplies each block as soon as it is built, while it is still in the cache: the
+    same rows and the same products, about 1.4x faster than one huge patch matrix
+    (measured on a ResNet-like layer), with a few MiB of extra memory instead of the
+    whole patch matrix. Rows are copied from a padded ``NHWC`` copy of ``x`` with the
+    channel fastest (whole runs of channels; other orders cost up to ~2x).
 
-    Same arguments, shapes and dtypes as :func:`conv2d_reference`; float32 stays float32.
+    Same arguments, shapes and dtypes as :func:`conv2d_reference`; float32 stays
+    float32.
 
     ``num_threads`` (numpy only, as for :func:`companion.numpy.attention_tiled`): worker
-    threads over the blocks; default the available cores, at most 8. BLAS is pinned to one
-    thread while they run (multi-threaded BLAS on small products is slow when cores are busy).
+    threads over the blocks; default the available cores, at most 8. BLAS is pinned to
+    one thread while they run (multi-threaded BLAS on small products is slow when cores
+    are busy).
     """
     arrays = _check_arrays(x=x, weight=weight, bias=bias)
     x, weight, bias = arrays["x"], arrays["weight"], arrays["bias"]
@@ -437,14 +454,15 @@ def conv2d_im2col(
     return y.astype(x.dtype, copy=False)
 
 
-# --- the backward pass, by hand ------------------------------------------------------------
+# --- the backward pass, by hand -------------------------------------------------------
 
 
 def conv2d_backward(grad_out, x, weight, *, stride=1, padding=0, dilation=1, groups=1):
-    r"""Gradients of :func:`conv2d_reference` with respect to ``x``, ``weight`` and ``bias``.
+    r"""Gradients of :func:`conv2d_reference` with respect to ``x``, ``weight`` and
+    ``bias``.
 
-    With ``G = dL/dY (N, C_out, H_out, W_out)`` and the im2col matrices of the forward pass
-    (``Y_g = cols_g W_g^T + bias_g``):
+    With ``G = dL/dY (N, C_out, H_out, W_out)`` and the im2col matrices of the forward
+    pass (``Y_g = cols_g W_g^T + bias_g``):
 
     .. math::
 
@@ -454,12 +472,14 @@ def conv2d_backward(grad_out, x, weight, *, stride=1, padding=0, dilation=1, gro
 
     and ``dL/dX`` scatters each row of ``dL/dcols`` back to the receptive field it came
     from (col2im), adding where receptive fields overlap; padding is cut off at the end.
-    The shared weight's gradient is a **sum over all positions**: every position used it.
+    The shared weight's gradient is a **sum over all positions**: every position used
+    it.
 
     Returns
     -------
-    ``(dx (N, C_in, H, W), dweight (C_out, C_in/g, kH, kW), dbias (C_out,))`` in the dtype of
-    ``x``. ``dbias`` is the gradient of a bias, whether or not the forward pass used one.
+    ``(dx (N, C_in, H, W), dweight (C_out, C_in/g, kH, kW), dbias (C_out,))`` in the
+    dtype of ``x``. ``dbias`` is the gradient of a bias, whether or not the forward pass
+    used one.
     """
     arrays = _check_arrays(grad_out=grad_out, x=x, weight=weight)
     grad_out, x, weight = arrays["grad_out"], arrays["x"], arrays["weight"]
@@ -474,7 +494,8 @@ def conv2d_backward(grad_out, x, weight, *, stride=1, padding=0, dilation=1, gro
     expected = (geo.N, geo.C_out, geo.H_out, geo.W_out)
     if grad_out.shape != expected:
         raise ValueError(
-            f"grad_out must have the output's shape (N, C_out, H_out, W_out) = {expected}, "
+            "grad_out must have the output's shape (N, C_out, H_out, W_out) = "
+            f"{expected}, "
             f"got {grad_out.shape} (x {x.shape}, weight {weight.shape})"
         )
     work = _compute_dtype(x.dtype)
@@ -530,11 +551,12 @@ def conv2d_backward(grad_out, x, weight, *, stride=1, padding=0, dilation=1, gro
     )
 
 
-# --- the same receptive fields without sharing ---------------------------------------------
+# --- the same receptive fields without sharing ----------------------------------------
 
 
 def locally_connected2d(x, weight, bias=None, *, stride=1, padding=0) -> np.ndarray:
-    r"""A locally connected layer: a convolution's receptive fields, one kernel per position.
+    r"""A locally connected layer: a convolution's receptive fields, one kernel per
+    position.
 
     .. math::
 
@@ -544,16 +566,18 @@ def locally_connected2d(x, weight, bias=None, *, stride=1, padding=0) -> np.ndar
     ``x (N, C_in, H, W)``, ``weight (H_out, W_out, C_out, C_in, kH, kW)``,
     ``bias (H_out, W_out, C_out)`` or None (unshared too, as in the old Keras
     ``LocallyConnected2D``) -> ``(N, C_out, H_out, W_out)``. With every ``weight[i, j]``
-    equal to one kernel it is :func:`conv2d_reference`; in general it has ``H_out W_out``
-    times the parameters (:func:`companion.params.locally_connected2d_parameter_count`)
-    and must learn a pattern separately at every position.
-    ``padding``: int, pair, ``"valid"`` or ``"same"`` (stride 1).
+    equal to one kernel it is :func:`conv2d_reference`; in general it has
+    ``H_out W_out`` times the parameters
+    (:func:`companion.params.locally_connected2d_parameter_count`) and must learn a
+    pattern separately at every position. ``padding``: int, pair, ``"valid"`` or
+    ``"same"`` (stride 1).
     """
     arrays = _check_arrays(x=x, weight=weight, bias=bias)
     x, weight, bias = arrays["x"], arrays["weight"], arrays["bias"]
     if weight.ndim != 6:
         raise ValueError(
-            f"weight must have shape (H_out, W_out, C_out, C_in, kH, kW), got shape {weight.shape}"
+            "weight must have shape (H_out, W_out, C_out, C_in, kH, kW), got shape "
+            f"{weight.shape}"
         )
     H_out_w, W_out_w, C_out, C_in, kH, kW = weight.shape
     geo = conv2d_geometry(
@@ -561,13 +585,15 @@ def locally_connected2d(x, weight, bias=None, *, stride=1, padding=0) -> np.ndar
     )
     if (geo.H_out, geo.W_out) != (H_out_w, W_out_w):
         raise ValueError(
-            f"weight {weight.shape} has {H_out_w} x {W_out_w} positions but x {x.shape} with "
+            f"weight {weight.shape} has {H_out_w} x {W_out_w} positions but x "
+            f"{x.shape} with "
             f"kernel {kH} x {kW}, stride {stride} and padding {padding!r} gives "
             f"{geo.H_out} x {geo.W_out} output positions"
         )
     if bias is not None and bias.shape != (geo.H_out, geo.W_out, C_out):
         raise ValueError(
-            f"bias must have shape (H_out, W_out, C_out) = {(geo.H_out, geo.W_out, C_out)}, "
+            "bias must have shape (H_out, W_out, C_out) = "
+            f"{(geo.H_out, geo.W_out, C_out)}, "
             f"got {bias.shape}"
         )
     work = _compute_dtype(x.dtype)

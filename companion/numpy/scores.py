@@ -2,8 +2,8 @@ r"""Score functions: how much a query "matches" each key, before the softmax.
 
 Every attention mechanism is ``weights = softmax(score(q, k))`` followed by
 ``output = weights V``; they differ only in the score. Shapes: ``query (..., L, D_q)``,
-``key (..., S, D_k)`` -> scores ``(..., L, S)`` (a head axis, if any, is part of ``...``).
-Weights are applied as ``y = x @ W`` (see :mod:`companion.conventions`).
+``key (..., S, D_k)`` -> scores ``(..., L, S)`` (a head axis, if any, is part of
+``...``). Weights are applied as ``y = x @ W`` (see :mod:`companion.conventions`).
 
 ==========================  ======================================  ================
 score                       formula                                 parameters
@@ -40,14 +40,16 @@ __all__ = [
 
 
 def _pair(query, key, *, same_dim: bool = True):
-    """``query (..., L, D)`` and ``key (..., S, D)`` checked: float, same dtype, rank >= 2."""
+    """``query (..., L, D)`` and ``key (..., S, D)`` checked: float, same dtype, rank >=
+    2."""
     arrays = []
     for name, x in (("query", query), ("key", key)):
         x = np.asarray(x)
         _checks.check_float(name, x.dtype)
         if x.ndim < 2:
             raise ValueError(
-                f"{name} must have shape (..., length, dim) with at least 2 axes, got shape {x.shape}"
+                f"{name} must have shape (..., length, dim) with at least 2 axes, got "
+                f"shape {x.shape}"
             )
         arrays.append(x)
     q, k = arrays
@@ -57,7 +59,8 @@ def _pair(query, key, *, same_dim: bool = True):
         )
     if same_dim and q.shape[-1] != k.shape[-1]:
         raise ValueError(
-            f"query and key must have the same feature dimension: query {q.shape}, key {k.shape}"
+            f"query and key must have the same feature dimension: query {q.shape}, key "
+            f"{k.shape}"
         )
     try:
         _checks.broadcast_shape(q.shape[:-2], k.shape[:-2])
@@ -77,16 +80,18 @@ def _weight(name: str, w, shape: tuple, dtype) -> np.ndarray:
 
 
 def dot_product_scores(query, key) -> np.ndarray:
-    r"""``scores[..., i, j] = q_i . k_j``: ``(..., L, D), (..., S, D) -> (..., L, S)``."""
+    r"""``scores[..., i, j] = q_i . k_j``:
+    ``(..., L, D), (..., S, D) -> (..., L, S)``."""
     q, k = _pair(query, key)
     return q @ np.swapaxes(k, -1, -2)  # (..., L, S)
 
 
 def scaled_dot_product_scores(query, key, scale: float | None = None) -> np.ndarray:
-    r"""``scores[..., i, j] = t q_i . k_j`` with ``t = 1 / sqrt(D)`` by default: ``(..., L, S)``.
+    r"""``scores[..., i, j] = t q_i . k_j`` with ``t = 1 / sqrt(D)`` by default: ``(...,
+    L, S)``.
 
-    With ``D`` independent unit-variance features, ``q . k`` has variance ``D``; the scale
-    brings it back to 1 so that the softmax does not saturate as ``D`` grows.
+    With ``D`` independent unit-variance features, ``q . k`` has variance ``D``; the
+    scale brings it back to 1 so that the softmax does not saturate as ``D`` grows.
     """
     q, k = _pair(query, key)
     t = _checks.resolve_scale(scale, q.shape[-1])  # a Python float: keeps the dtype
@@ -101,7 +106,8 @@ def additive_scores(query, key, w_q, w_k, v) -> np.ndarray:
     query : ``(..., L, D_q)``
     key : ``(..., S, D_k)``
     w_q : ``(D_q, A)``, w_k : ``(D_k, A)``, v : ``(A,)``
-        ``A`` is the hidden width of the one-layer network that compares ``q`` and ``k``.
+        ``A`` is the hidden width of the one-layer network that compares ``q`` and
+        ``k``.
 
     This reference holds the ``(..., L, S, A)`` hidden activations.
     """
@@ -122,8 +128,8 @@ def additive_scores(query, key, w_q, w_k, v) -> np.ndarray:
 def multiplicative_scores(query, key, w) -> np.ndarray:
     r"""Multiplicative (Luong "general") scores ``q_i^T W k_j``: ``(..., L, S)``.
 
-    ``query (..., L, D_q)``, ``key (..., S, D_k)``, ``w (D_q, D_k)``. With ``W = I`` this is
-    the dot product.
+    ``query (..., L, D_q)``, ``key (..., S, D_k)``, ``w (D_q, D_k)``. With ``W = I``
+    this is the dot product.
     """
     q, k = _pair(query, key, same_dim=False)
     w = _weight("w", w, (q.shape[-1], k.shape[-1]), q.dtype)
@@ -132,10 +138,11 @@ def multiplicative_scores(query, key, w) -> np.ndarray:
 
 
 def negative_distance_scores(query, key) -> np.ndarray:
-    r"""``scores[..., i, j] = -||q_i - k_j||`` (Euclidean), the similarity of source 1: ``(..., L, S)``.
+    r"""``scores[..., i, j] = -||q_i - k_j||`` (Euclidean), the similarity of source 1:
+    ``(..., L, S)``.
 
-    Source 1 wrote ``1 - np.linalg.norm(X)``: the norm of the whole matrix, one scalar for
-    all pairs. This is the per-pair distance it meant.
+    Source 1 wrote ``1 - np.linalg.norm(X)``: the norm of the whole matrix, one scalar
+    for all pairs. This is the per-pair distance it meant.
     """
     q, k = _pair(query, key)
     differences = q[..., :, None, :] - k[..., None, :, :]  # q_i - k_j: (..., L, S, D)
@@ -147,11 +154,13 @@ def nadaraya_watson(x_query, x_keys, y_values, *, bandwidth: float = 1.0) -> np.
 
     .. math::
 
-        y(x) = \sum_i \operatorname{softmax}_i\!\Big(-\frac{\|x - x_i\|^2}{2 h^2}\Big)\, y_i
-             = \sum_i \operatorname{softmax}_i\!\Big(\frac{x \cdot x_i - \|x_i\|^2 / 2}{h^2}\Big)\, y_i
+        y(x) = \sum_i \operatorname{softmax}_i\!\Big(
+                   -\frac{\|x - x_i\|^2}{2 h^2}\Big)\, y_i
+             = \sum_i \operatorname{softmax}_i\!\Big(
+                   \frac{x \cdot x_i - \|x_i\|^2 / 2}{h^2}\Big)\, y_i
 
-    Expanding ``||x - x_i||^2 = ||x||^2 - 2 x.x_i + ||x_i||^2``, the ``||x||^2`` term is the
-    same for every key and cancels in the softmax: the kernel weights are attention
+    Expanding ``||x - x_i||^2 = ||x||^2 - 2 x.x_i + ||x_i||^2``, the ``||x||^2`` term is
+    the same for every key and cancels in the softmax: the kernel weights are attention
     weights with the dot-product score ``x . x_i / h^2`` plus a per-key bias
     ``-||x_i||^2 / (2 h^2)``. So it is computed with one matrix product (and
     :func:`companion.numpy.attention_tiled` would apply unchanged).
@@ -182,15 +191,18 @@ def nadaraya_watson(x_query, x_keys, y_values, *, bandwidth: float = 1.0) -> np.
             )
     if x_query.ndim != x_keys.ndim:
         raise ValueError(
-            f"x_query {x_query.shape} and x_keys {x_keys.shape} must both be 1-D or both 2-D"
+            f"x_query {x_query.shape} and x_keys {x_keys.shape} must both be 1-D or "
+            "both 2-D"
         )
     if x_query.ndim == 2 and x_query.shape[1] != x_keys.shape[1]:
         raise ValueError(
-            f"x_query {x_query.shape} and x_keys {x_keys.shape} must have the same number of features"
+            f"x_query {x_query.shape} and x_keys {x_keys.shape} must have the same "
+            "number of features"
         )
     if y_values.shape[0] != x_keys.shape[0]:
         raise ValueError(
-            f"y_values {y_values.shape} must have one row per key, x_keys has shape {x_keys.shape}"
+            f"y_values {y_values.shape} must have one row per key, x_keys has shape "
+            f"{x_keys.shape}"
         )
     if x_keys.shape[0] == 0:
         raise ValueError("x_keys must hold at least one observation")

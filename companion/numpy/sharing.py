@@ -1,4 +1,5 @@
-r"""The first source document's shared layer, :math:`y_i = f(W x_i + b_i)`, by hand in numpy.
+r"""The first source document's shared layer, :math:`y_i = f(W x_i + b_i)`, by hand in
+numpy.
 
 One weight matrix ``W`` serves every position ``i`` (each position keeps its own bias
 ``b_i``): parameter sharing across positions, the idea behind convolutions and the
@@ -10,9 +11,9 @@ Shapes: ``x (B, P, D_in)`` (batch, positions, features), ``W (D_out, D_in)``,
 ``b (P, D_out)`` -> ``y (B, P, D_out)``; unshared weights ``(P, D_out, D_in)``.
 
 The source's own training loop, ``W += 0.01 * (y - x)``, is not a gradient step and
-fails on its shapes (``np.dot`` of ``(10, 1)`` and ``(10, 10)``); :func:`train_shared_dense`
-is the corrected loop. Explained in the book chapters *Parameter sharing: algorithm and
-math* and *Parameter sharing in code*.
+fails on its shapes (``np.dot`` of ``(10, 1)`` and ``(10, 10)``);
+:func:`train_shared_dense` is the corrected loop. Explained in the book chapters
+*Parameter sharing: algorithm and math* and *Parameter sharing in code*.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def _check(x, weight, bias, *, shared: bool):
     )
     if not w_ok:
         raise ValueError(
-            f"weight must have shape {expected_w} with P={P}, D_in={D_in} (x {x.shape}), "
+            f"weight must have shape {expected_w} with P={P}, D_in={D_in} (x "
+            f"{x.shape}), "
             f"got shape {weight.shape}"
         )
     D_out = weight.shape[-2]
@@ -89,7 +91,7 @@ def _check(x, weight, bias, *, shared: bool):
     return x, weight, bias
 
 
-# --- shared: one W for every position -------------------------------------------------------
+# --- shared: one W for every position -------------------------------------------------
 
 
 def shared_dense_forward(x, weight, bias, *, activation: str = "tanh") -> np.ndarray:
@@ -106,12 +108,14 @@ def shared_dense_forward(x, weight, bias, *, activation: str = "tanh") -> np.nda
 
 
 def shared_dense_backward(grad_y, x, weight, bias, *, activation: str = "tanh"):
-    r"""Gradients of :func:`shared_dense_forward`, given ``grad_y = dL/dy (B, P, D_out)``.
+    r"""Gradients of :func:`shared_dense_forward`, given ``grad_y = dL/dy (B, P,
+    D_out)``.
 
     .. math::
 
         \delta_i = \frac{\partial L}{\partial y_i} \odot f'(W x_i + b_i), \quad
-        \frac{\partial L}{\partial W} = \sum_{\text{batch}} \sum_{i=1}^{P} \delta_i\, x_i^{\top}, \quad
+        \frac{\partial L}{\partial W}
+            = \sum_{\text{batch}} \sum_{i=1}^{P} \delta_i\, x_i^{\top}, \quad
         \frac{\partial L}{\partial b_i} = \sum_{\text{batch}} \delta_i, \quad
         \frac{\partial L}{\partial x_i} = W^{\top} \delta_i
 
@@ -122,7 +126,8 @@ def shared_dense_backward(grad_y, x, weight, bias, *, activation: str = "tanh"):
     grad_y = np.asarray(grad_y)
     if grad_y.shape != x.shape[:2] + (weight.shape[0],):
         raise ValueError(
-            f"grad_y must have the output's shape (B, P, D_out) = {x.shape[:2] + (weight.shape[0],)}, "
+            "grad_y must have the output's shape (B, P, D_out) = "
+            f"{x.shape[:2] + (weight.shape[0],)}, "
             f"got {grad_y.shape}"
         )
     _, f_grad = _activation(activation)
@@ -137,14 +142,14 @@ def shared_dense_backward(grad_y, x, weight, bias, *, activation: str = "tanh"):
     return dx, dweight, dbias
 
 
-# --- unshared: one W_i per position ---------------------------------------------------------
+# --- unshared: one W_i per position ---------------------------------------------------
 
 
 def unshared_dense_forward(x, weights, bias, *, activation: str = "tanh") -> np.ndarray:
     r"""The unshared twin :math:`y_i = f(W_i x_i + b_i)`, one matrix per position.
 
-    ``x (B, P, D_in)``, ``weights (P, D_out, D_in)``, ``bias (P, D_out)`` -> ``(B, P, D_out)``.
-    ``P`` times the weights of :func:`shared_dense_forward`.
+    ``x (B, P, D_in)``, ``weights (P, D_out, D_in)``, ``bias (P, D_out)`` ->
+    ``(B, P, D_out)``. ``P`` times the weights of :func:`shared_dense_forward`.
     """
     x, weights, bias = _check(x, weights, bias, shared=False)
     f, _ = _activation(activation)
@@ -153,7 +158,8 @@ def unshared_dense_forward(x, weights, bias, *, activation: str = "tanh") -> np.
 
 
 def unshared_dense_backward(grad_y, x, weights, bias, *, activation: str = "tanh"):
-    r"""Gradients of :func:`unshared_dense_forward`: each ``W_i`` sees only its own position.
+    r"""Gradients of :func:`unshared_dense_forward`: each ``W_i`` sees only its own
+    position.
 
     .. math::
 
@@ -165,7 +171,8 @@ def unshared_dense_backward(grad_y, x, weights, bias, *, activation: str = "tanh
     grad_y = np.asarray(grad_y)
     if grad_y.shape != x.shape[:2] + (weights.shape[1],):
         raise ValueError(
-            f"grad_y must have the output's shape (B, P, D_out) = {x.shape[:2] + (weights.shape[1],)}, "
+            "grad_y must have the output's shape (B, P, D_out) = "
+            f"{x.shape[:2] + (weights.shape[1],)}, "
             f"got {grad_y.shape}"
         )
     _, f_grad = _activation(activation)
@@ -178,7 +185,7 @@ def unshared_dense_backward(grad_y, x, weights, bias, *, activation: str = "tanh
     return dx, dweights, dbias
 
 
-# --- training ------------------------------------------------------------------------------------
+# --- training -------------------------------------------------------------------------
 
 
 def init_dense_params(
@@ -189,7 +196,8 @@ def init_dense_params(
     shared: bool = True,
     rng=None,
 ):
-    """Glorot-uniform weights and zero biases: ``(W (D_out, D_in) or (P, D_out, D_in), b (P, D_out))``.
+    """Glorot-uniform weights and zero biases: ``(W (D_out, D_in) or (P, D_out, D_in), b
+    (P, D_out))``.
 
     ``rng`` is a ``numpy.random.Generator`` or a seed.
     """
@@ -206,11 +214,13 @@ def init_dense_params(
 
 
 def dense_loss(prediction, target) -> float:
-    r"""Mean squared error per example, :math:`L = \frac{1}{2B} \sum_{b,i,o} (\hat y - y)^2`."""
+    r"""Mean squared error per example, :math:`L = \frac{1}{2B} \sum_{b,i,o} (\hat y -
+    y)^2`."""
     prediction, target = np.asarray(prediction), np.asarray(target)
     if prediction.shape != target.shape:
         raise ValueError(
-            f"prediction {prediction.shape} and target {target.shape} must have one shape"
+            f"prediction {prediction.shape} and target {target.shape} must have one "
+            "shape"
         )
     return float(0.5 * np.sum((prediction - target) ** 2) / prediction.shape[0])
 
@@ -226,12 +236,13 @@ def make_shared_teacher_data(
     activation: str = "tanh",
     rng=None,
 ):
-    r"""Data from a teacher that *is* a shared layer: ``y_i = f(W^* x_i + b^*_i) + noise``.
+    r"""Data from a teacher that *is* a shared layer: ``y_i = f(W^* x_i + b^*_i) +
+    noise``.
 
-    Returns ``(x, y, x_test, y_test)``: ``num_samples`` training and ``num_test`` fresh test
-    examples of the same teacher, ``x (n, P, D_in)``, ``y (n, P, D_out)``. With such data the shared layer has the
-    right structure; the unshared one must learn the same ``W^*`` ``P`` times over, from
-    ``P`` times fewer examples each.
+    Returns ``(x, y, x_test, y_test)``: ``num_samples`` training and ``num_test`` fresh
+    test examples of the same teacher, ``x (n, P, D_in)``, ``y (n, P, D_out)``. With
+    such data the shared layer has the right structure; the unshared one must learn the
+    same ``W^*`` ``P`` times over, from ``P`` times fewer examples each.
     """
     rng = np.random.default_rng(rng)
     teacher_w = rng.standard_normal((out_features, in_features)) / np.sqrt(in_features)
@@ -249,7 +260,8 @@ def make_shared_teacher_data(
 
 @dataclass
 class TrainingResult:
-    """What :func:`train_shared_dense` returns: the learned parameters and the loss at every step."""
+    """What :func:`train_shared_dense` returns: the learned parameters and the loss at
+    every step."""
 
     weight: np.ndarray
     bias: np.ndarray
@@ -258,7 +270,8 @@ class TrainingResult:
 
     @property
     def num_parameters(self) -> int:
-        """The number of parameters learned, ``D_out D_in (+ P times that if unshared) + P D_out``."""
+        """The number of parameters learned, ``D_out D_in (+ P times that if unshared) +
+        P D_out``."""
         return int(self.weight.size + self.bias.size)
 
     def predict(self, x, *, activation: str = "tanh") -> np.ndarray:
@@ -277,7 +290,8 @@ def train_shared_dense(
     activation: str = "tanh",
     rng=0,
 ) -> TrainingResult:
-    r"""Learn the layer by full-batch gradient descent on :func:`dense_loss`; the corrected source loop.
+    r"""Learn the layer by full-batch gradient descent on :func:`dense_loss`; the
+    corrected source loop.
 
     Each step: forward, ``dL/dy = (y_hat - y) / B``, the hand backward pass, then
     :math:`W \leftarrow W - \eta\, \partial L / \partial W` (and the same for ``b``).
@@ -288,7 +302,8 @@ def train_shared_dense(
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if x.ndim != 3 or y.ndim != 3 or x.shape[:2] != y.shape[:2]:
         raise ValueError(
-            f"x (B, P, D_in) and y (B, P, D_out) must share B and P, got {x.shape} and {y.shape}"
+            f"x (B, P, D_in) and y (B, P, D_out) must share B and P, got {x.shape} and "
+            f"{y.shape}"
         )
     forward = shared_dense_forward if shared else unshared_dense_forward
     backward = shared_dense_backward if shared else unshared_dense_backward

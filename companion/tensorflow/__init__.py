@@ -1,4 +1,5 @@
-"""companion.tensorflow: the same functions as :mod:`companion.numpy`, for TensorFlow tensors.
+"""companion.tensorflow: the same functions as :mod:`companion.numpy`, for TensorFlow
+tensors.
 
 TensorFlow prints C++ log lines on import that land in notebook outputs; they are
 silenced here before it is imported (``setdefault``, so a user's own setting wins).

@@ -1,11 +1,12 @@
-r"""Convolution as parameter sharing, for TensorFlow tensors: the same functions as :mod:`companion.numpy.conv`.
+r"""Convolution as parameter sharing, for TensorFlow tensors: the same functions as
+:mod:`companion.numpy.conv`.
 
 One kernel is applied at every position of the input: that reuse of the same weights
 is parameter sharing across positions. The API keeps the layouts of the other two
 namespaces, ``NCHW`` inputs and ``OIHW`` weights with the semantics of
 ``torch.nn.functional.conv2d`` (see :mod:`companion.conventions`); TensorFlow's own
-``NHWC`` layout is used inside only. Shapes, stride, padding and groups are checked once,
-by :func:`companion._checks.conv2d_geometry`, for all three backends.
+``NHWC`` layout is used inside only. Shapes, stride, padding and groups are checked
+once, by :func:`companion._checks.conv2d_geometry`, for all three backends.
 
 float16/bfloat16 inputs are computed in float32 and returned in their own dtype.
 
@@ -62,13 +63,13 @@ def _accumulation_dtype(dtype):
 
 
 def _pad_nchw(x, pad):
-    """Zero-pad the last two axes of an NCHW tensor by ``(top, bottom, left, right)``."""
+    """Zero-pad the last two axes of NCHW ``x`` by ``(top, bottom, left, right)``."""
     top, bottom, left, right = pad
     # (N, C_in, H_pad, W_pad)
     return tf.pad(x, [[0, 0], [0, 0], [top, bottom], [left, right]])
 
 
-# --- the source document's formula: one channel, no padding, stride 1 ----------------------
+# --- the source document's formula: one channel, no padding, stride 1 -----------------
 
 
 def corr2d(x, kernel):
@@ -92,7 +93,8 @@ def corr2d(x, kernel):
     h, w = kernel.shape
     if h > H or w > W or h < 1 or w < 1:
         raise ValueError(
-            f"kernel {tuple(kernel.shape)} must be non-empty and fit inside x {tuple(x.shape)}"
+            f"kernel {tuple(kernel.shape)} must be non-empty and fit inside x "
+            f"{tuple(x.shape)}"
         )
     acc = _accumulation_dtype(x.dtype)
     x_acc, k_acc = tf.cast(x, acc), tf.cast(kernel, acc)
@@ -105,23 +107,26 @@ def corr2d(x, kernel):
 
 
 def convolve2d(x, kernel):
-    r"""True two-dimensional convolution ("valid" part): cross-correlation with the flipped kernel.
+    r"""True two-dimensional convolution ("valid" part): cross-correlation with the
+    flipped kernel.
 
     .. math::
 
-        (X * K)_{i,j} = \sum_{m=0}^{h-1} \sum_{n=0}^{w-1} X_{i+m,\, j+n}\, K_{h-1-m,\, w-1-n}
+        (X * K)_{i,j} = \sum_{m=0}^{h-1} \sum_{n=0}^{w-1}
+            X_{i+m,\, j+n}\, K_{h-1-m,\, w-1-n}
 
     ``x (H, W)``, ``kernel (h, w)`` -> ``(H - h + 1, W - w + 1)``, written as
     ``corr2d(x, flip(kernel))``: the two differ only by the flip.
     """
     if not isinstance(kernel, (tf.Tensor, tf.Variable)) or kernel.shape.rank != 2:
         raise ValueError(
-            f"kernel must be a 2-D tf.Tensor, got {getattr(kernel, 'shape', type(kernel).__name__)}"
+            "kernel must be a 2-D tf.Tensor, got "
+            f"{getattr(kernel, 'shape', type(kernel).__name__)}"
         )
     return corr2d(x, tf.reverse(kernel, axis=(0, 1)))  # K[h-1-m, w-1-n]
 
 
-# --- readable reference: a loop over kernel offsets ----------------------------------------
+# --- readable reference: a loop over kernel offsets -----------------------------------
 
 
 def conv2d_reference(
@@ -132,13 +137,16 @@ def conv2d_reference(
     .. math::
 
         Y_{n,o,i,j} = b_o + \sum_{c \in \text{group}(o)} \sum_{m,q}
-            W_{o,c,m,q}\, X^{\text{pad}}_{n,\, g(o) C_g + c,\, s_h i + d_h m,\, s_w j + d_w q}
+            W_{o,c,m,q}\,
+            X^{\text{pad}}_{n,\, g(o) C_g + c,\, s_h i + d_h m,\, s_w j + d_w q}
 
-    ``x (N, C_in, H, W)``, ``weight (C_out, C_in / groups, kH, kW)``, ``bias (C_out,)`` ->
-    ``(N, C_out, H_out, W_out)``; output channel ``o`` of group ``g(o) = o // (C_out / groups)``
-    sees input channels ``g(o) C_g ... (g(o) + 1) C_g - 1`` with ``C_g = C_in / groups``.
-    ``stride``, ``padding`` (int, pair, ``"same"``, ``"valid"``) and ``dilation`` follow
-    ``torch.nn.functional.conv2d``. Meant for small sizes: it is the formula, not a fast path.
+    ``x (N, C_in, H, W)``, ``weight (C_out, C_in / groups, kH, kW)``, ``bias (C_out,)``
+    -> ``(N, C_out, H_out, W_out)``; output channel ``o`` of group
+    ``g(o) = o // (C_out / groups)`` sees input channels
+    ``g(o) C_g ... (g(o) + 1) C_g - 1`` with ``C_g = C_in / groups``. ``stride``,
+    ``padding`` (int, pair, ``"same"``, ``"valid"``) and ``dilation`` follow
+    ``torch.nn.functional.conv2d``. Meant for small sizes: it is the formula, not a fast
+    path.
     """
     x, weight, bias = _check_tensors(x, weight, bias)
     geo = conv2d_geometry(
@@ -178,17 +186,19 @@ def conv2d_reference(
     return tf.cast(y, x.dtype)
 
 
-# --- fast: im2col (tf.image.extract_patches, NHWC) and one matrix product ------------------
+# --- fast: im2col (tf.image.extract_patches, NHWC) and one matrix product -------------
 
 
 def conv2d_im2col(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1):
-    r"""2-D convolution as im2col + matrix product; same signature and result as :func:`conv2d_reference`.
+    r"""2-D convolution as im2col + matrix product; same signature and result as
+    :func:`conv2d_reference`.
 
     The input is moved to ``NHWC`` and padded; ``tf.image.extract_patches`` copies every
     receptive field into one row, ``patches (N, H_out, W_out, kH kW C_in)`` ordered
-    ``(kH, kW, C_in)``; then each group's filters ``(kH kW C_g, O_g)`` multiply its rows in
-    one batched matrix product, ``Y_g = \text{patches}_g \cdot W_g``, and the result goes
-    back to ``NCHW``. The shared kernel becomes one dense matrix applied to every position.
+    ``(kH, kW, C_in)``; then each group's filters ``(kH kW C_g, O_g)`` multiply its rows
+    in one batched matrix product, ``Y_g = \text{patches}_g \cdot W_g``, and the result
+    goes back to ``NCHW``. The shared kernel becomes one dense matrix applied to every
+    position.
     """
     x, weight, bias = _check_tensors(x, weight, bias)
     geo = conv2d_geometry(
@@ -237,11 +247,12 @@ def conv2d_im2col(x, weight, bias=None, *, stride=1, padding=0, dilation=1, grou
     return tf.cast(y, x.dtype)
 
 
-# --- the same receptive fields without sharing ---------------------------------------------
+# --- the same receptive fields without sharing ----------------------------------------
 
 
 def locally_connected2d(x, weight, bias=None, *, stride=1, padding=0):
-    r"""A locally connected layer: a convolution's receptive fields, one kernel per position.
+    r"""A locally connected layer: a convolution's receptive fields, one kernel per
+    position.
 
     .. math::
 
@@ -251,13 +262,14 @@ def locally_connected2d(x, weight, bias=None, *, stride=1, padding=0):
     ``x (N, C_in, H, W)``, ``weight (H_out, W_out, C_out, C_in, kH, kW)``,
     ``bias (H_out, W_out, C_out)`` or None -> ``(N, C_out, H_out, W_out)``, as
     :func:`companion.numpy.conv.locally_connected2d`. ``tf.image.extract_patches`` gives
-    every receptive field; each position then has its own matrix: ``H_out W_out`` times a
-    convolution's parameters, no sharing.
+    every receptive field; each position then has its own matrix: ``H_out W_out`` times
+    a convolution's parameters, no sharing.
     """
     x, weight, bias = _check_tensors(x, weight, bias)
     if weight.shape.rank != 6:
         raise ValueError(
-            f"weight must have shape (H_out, W_out, C_out, C_in, kH, kW), got shape {tuple(weight.shape)}"
+            "weight must have shape (H_out, W_out, C_out, C_in, kH, kW), got shape "
+            f"{tuple(weight.shape)}"
         )
     H_out_w, W_out_w, C_out, C_in, kH, kW = weight.shape
     geo = conv2d_geometry(
@@ -265,13 +277,15 @@ def locally_connected2d(x, weight, bias=None, *, stride=1, padding=0):
     )
     if (geo.H_out, geo.W_out) != (H_out_w, W_out_w):
         raise ValueError(
-            f"weight {tuple(weight.shape)} has {H_out_w} x {W_out_w} positions but x {tuple(x.shape)} "
+            f"weight {tuple(weight.shape)} has {H_out_w} x {W_out_w} positions but x "
+            f"{tuple(x.shape)} "
             f"with kernel {kH} x {kW}, stride {stride} and padding {padding!r} gives "
             f"{geo.H_out} x {geo.W_out} output positions"
         )
     if bias is not None and tuple(bias.shape) != (geo.H_out, geo.W_out, C_out):
         raise ValueError(
-            f"bias must have shape (H_out, W_out, C_out) = {(geo.H_out, geo.W_out, C_out)}, "
+            "bias must have shape (H_out, W_out, C_out) = "
+            f"{(geo.H_out, geo.W_out, C_out)}, "
             f"got {tuple(bias.shape)}"
         )
     acc = _accumulation_dtype(x.dtype)

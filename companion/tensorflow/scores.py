@@ -1,10 +1,11 @@
-r"""Attention score functions and Nadaraya-Watson kernel regression, for TensorFlow tensors.
+r"""Attention score functions and Nadaraya-Watson kernel regression, for TensorFlow
+tensors.
 
 The same names and semantics as :mod:`companion.numpy.scores`. A score function maps
 queries ``(..., L, D_q)`` and keys ``(..., S, D_k)`` to scores ``(..., L, S)``; the
 softmax of the scores along ``S`` gives the attention weights. Weights are applied as
-``x @ W`` (see :mod:`companion.conventions`); float16/bfloat16 are computed in float32 and
-returned in their own dtype.
+``x @ W`` (see :mod:`companion.conventions`); float16/bfloat16 are computed in float32
+and returned in their own dtype.
 
 Explained in the book chapter *Attention: algorithm and math*.
 """
@@ -31,7 +32,8 @@ _HALF_PRECISION = ("float16", "bfloat16")
 
 
 def _floats(**tensors):
-    """Convert to tensors, require one floating dtype; return (tensors in compute dtype, input dtype)."""
+    """Convert to tensors, require one floating dtype; return (tensors in compute dtype,
+    input dtype)."""
     converted = {name: tf.convert_to_tensor(t) for name, t in tensors.items()}
     names = list(converted)
     first = _checks.check_float(names[0], converted[names[0]].dtype)
@@ -39,7 +41,8 @@ def _floats(**tensors):
         other = _checks.check_float(name, converted[name].dtype)
         if other != first:
             raise TypeError(
-                f"{names[0]} and {name} must have the same dtype, got {first} and {other}"
+                f"{names[0]} and {name} must have the same dtype, got {first} and "
+                f"{other}"
             )
     work = tf.float32 if first in _HALF_PRECISION else tf.as_dtype(first)
     return [tf.cast(t, work) for t in converted.values()], converted[names[0]].dtype
@@ -50,7 +53,8 @@ def _query_key_shapes(query, key, same_dim=True):
     for name, shape in (("query", q), ("key", k)):
         if len(shape) < 2:
             raise ValueError(
-                f"{name} must have shape (..., length, dim) with at least 2 axes, got shape {shape}"
+                f"{name} must have shape (..., length, dim) with at least 2 axes, got "
+                f"shape {shape}"
             )
     if same_dim and q[-1] != k[-1]:
         raise ValueError(
@@ -66,7 +70,8 @@ def _query_key_shapes(query, key, same_dim=True):
 
 
 def dot_product_scores(query, key):
-    r"""Dot-product scores :math:`s_{ij} = q_i \cdot k_j`: ``(..., L, D), (..., S, D) -> (..., L, S)``."""
+    r"""Dot-product scores :math:`s_{ij} = q_i \cdot k_j`: ``(..., L, D), (..., S, D) ->
+    (..., L, S)``."""
     (q, k), dtype = _floats(query=query, key=key)
     _query_key_shapes(q, k)
     # q . k: (..., L, S)
@@ -74,7 +79,8 @@ def dot_product_scores(query, key):
 
 
 def scaled_dot_product_scores(query, key, scale=None):
-    r"""Scaled dot-product scores :math:`s_{ij} = q_i \cdot k_j / \sqrt{D}` (or ``scale`` instead of ``1/sqrt(D)``)."""
+    r"""Scaled dot-product scores :math:`s_{ij} = q_i \cdot k_j / \sqrt{D}` (or
+    ``scale`` instead of ``1/sqrt(D)``)."""
     (q, k), dtype = _floats(query=query, key=key)
     qs, _ = _query_key_shapes(q, k)
     scale = _checks.resolve_scale(scale, qs[-1])
@@ -99,7 +105,8 @@ def additive_scores(query, key, w_q, w_k, v):
     for name, w, rows in (("w_q", wq, qs[-1]), ("w_k", wk, ks[-1])):
         if tuple(w.shape) != (rows, A[0]):
             raise ValueError(
-                f"{name} must have shape ({rows}, {A[0]}) for query {qs}, key {ks} and v {A}, "
+                f"{name} must have shape ({rows}, {A[0]}) for query {qs}, key {ks} and "
+                f"v {A}, "
                 f"got {tuple(w.shape)}"
             )
     projected_q = tf.linalg.matmul(q, wq)[..., :, None, :]  # W_q q: (..., L, 1, A)
@@ -111,13 +118,15 @@ def additive_scores(query, key, w_q, w_k, v):
 def multiplicative_scores(query, key, w):
     r"""Multiplicative (Luong "general") scores :math:`s_{ij} = q_i^\top W k_j`.
 
-    ``query (..., L, D_q)``, ``key (..., S, D_k)``, ``w (D_q, D_k)``; returns ``(..., L, S)``.
+    ``query (..., L, D_q)``, ``key (..., S, D_k)``, ``w (D_q, D_k)``; returns
+    ``(..., L, S)``.
     """
     (q, k, ww), dtype = _floats(query=query, key=key, w=w)
     qs, ks = _query_key_shapes(q, k, same_dim=False)
     if tuple(ww.shape) != (qs[-1], ks[-1]):
         raise ValueError(
-            f"w must have shape ({qs[-1]}, {ks[-1]}) for query {qs} and key {ks}, got {tuple(ww.shape)}"
+            f"w must have shape ({qs[-1]}, {ks[-1]}) for query {qs} and key {ks}, got "
+            f"{tuple(ww.shape)}"
         )
     projected_q = tf.linalg.matmul(q, ww)  # q^T W: (..., L, D_k)
     # q^T W k: (..., L, S)
@@ -125,7 +134,8 @@ def multiplicative_scores(query, key, w):
 
 
 def negative_distance_scores(query, key):
-    r"""Negative Euclidean distance :math:`s_{ij} = -\lVert q_i - k_j \rVert` (source 1's similarity, per pair).
+    r"""Negative Euclidean distance :math:`s_{ij} = -\lVert q_i - k_j \rVert` (source
+    1's similarity, per pair).
 
     ``(..., L, D), (..., S, D) -> (..., L, S)``.
     """
@@ -139,13 +149,15 @@ def nadaraya_watson(x_query, x_keys, y_values, *, bandwidth=1.0):
     r"""Nadaraya-Watson regression with a Gaussian kernel, written as attention.
 
     .. math::
-        \hat y(x) = \sum_i \operatorname{softmax}_i\!\Big(-\frac{\lVert x - x_i\rVert^2}{2h^2}\Big) y_i
-                  = \sum_i \operatorname{softmax}_i\!\Big(\frac{x \cdot x_i - \lVert x_i\rVert^2 / 2}{h^2}\Big) y_i
+        \hat y(x) = \sum_i \operatorname{softmax}_i\!\Big(
+                        -\frac{\lVert x - x_i\rVert^2}{2h^2}\Big) y_i
+                  = \sum_i \operatorname{softmax}_i\!\Big(
+                        \frac{x \cdot x_i - \lVert x_i\rVert^2 / 2}{h^2}\Big) y_i
 
     The ``||x||^2`` term is the same for every key and cancels in the softmax, so the
     weights are one matrix product plus a per-key bias. ``x_query (m,)`` or ``(m, d)``,
-    ``x_keys (n,)`` or ``(n, d)``, ``y_values (n,)`` or ``(n, d_y)``; returns ``(m,)`` or
-    ``(m, d_y)`` following ``y_values``; ``h = bandwidth > 0``.
+    ``x_keys (n,)`` or ``(n, d)``, ``y_values (n,)`` or ``(n, d_y)``; returns ``(m,)``
+    or ``(m, d_y)`` following ``y_values``; ``h = bandwidth > 0``.
     """
     (xq, xk, y), dtype = _floats(x_query=x_query, x_keys=x_keys, y_values=y_values)
     qs, ks, ys = tuple(xq.shape), tuple(xk.shape), tuple(y.shape)

@@ -1,4 +1,5 @@
-r"""Parameter sharing in Keras/TensorFlow: a tied output layer and ALBERT's shared layers.
+r"""Parameter sharing in Keras/TensorFlow: a tied output layer and ALBERT's shared
+layers.
 
 Sharing is done by sharing the *object*: a Keras layer called twice uses its variables
 twice, and a layer that reads another layer's variable uses that variable, not a copy.
@@ -7,9 +8,10 @@ Keras does the bookkeeping: ``model.weights`` lists each variable once, so
 gradients of both uses into the one variable's gradient.
 
 * Weight tying (Press & Wolf 2017; GPT-2): :class:`TiedOutput` maps hidden states to
-  vocabulary logits with the embedding matrix ``W_E (V, E)`` itself, ``logits = h W_E^T``.
-* Cross-layer sharing (ALBERT, Lan et al. 2020): one encoder layer applied ``num_layers``
-  times, plus a factorised embedding; :class:`TransformerEncoder`.
+  vocabulary logits with the embedding matrix ``W_E (V, E)`` itself,
+  ``logits = h W_E^T``.
+* Cross-layer sharing (ALBERT, Lan et al. 2020): one encoder layer applied
+  ``num_layers`` times, plus a factorised embedding; :class:`TransformerEncoder`.
 
 Keras has no parameter groups; to keep embeddings, norms and biases out of weight
 decay (see :func:`companion.torch.sharing.param_groups_for_weight_decay` for why), pass
@@ -37,16 +39,17 @@ __all__ = [
 ]
 
 
-# --- weight tying: the output layer reads the embedding's matrix ---------------------------
+# --- weight tying: the output layer reads the embedding's matrix ----------------------
 
 
 class TiedOutput(layers.Layer):
     r"""Vocabulary logits from the embedding's own matrix: ``logits = h W_E^T (+ b)``.
 
-    ``W_E (V, E)`` is ``embedding_layer.embeddings``, the same variable object: the layer
-    adds no copy of it (``tied.tied_weight is embedding_layer.embeddings``), so a model
-    that uses both counts ``V * E`` parameters once and trains one tensor that receives
-    the gradients of both uses. A bias ``(V,)``, if asked for, is this layer's own.
+    ``W_E (V, E)`` is ``embedding_layer.embeddings``, the same variable object: the
+    layer adds no copy of it (``tied.tied_weight is embedding_layer.embeddings``), so a
+    model that uses both counts ``V * E`` parameters once and trains one tensor that
+    receives the gradients of both uses. A bias ``(V,)``, if asked for, is this layer's
+    own.
 
     Parameters
     ----------
@@ -61,7 +64,8 @@ class TiedOutput(layers.Layer):
     ):
         if not isinstance(embedding_layer, layers.Embedding):
             raise TypeError(
-                f"embedding_layer must be a keras.layers.Embedding, got {type(embedding_layer).__name__}"
+                "embedding_layer must be a keras.layers.Embedding, got "
+                f"{type(embedding_layer).__name__}"
             )
         super().__init__(**kwargs)
         self.embedding_layer = embedding_layer
@@ -79,7 +83,8 @@ class TiedOutput(layers.Layer):
         )
         if input_shape[-1] is not None and input_shape[-1] != dim:
             raise ValueError(
-                f"inputs must have last axis E={dim} (embedding ({vocab_size}, {dim})), "
+                f"inputs must have last axis E={dim} (embedding ({vocab_size}, "
+                f"{dim})), "
                 f"got shape {tuple(input_shape)}"
             )
         if not self.embedding_layer.built:
@@ -102,11 +107,12 @@ class TiedOutput(layers.Layer):
         return (*input_shape[:-1], self.embedding_layer.input_dim)
 
 
-# --- weight decay: which variables to exclude ----------------------------------------------
+# --- weight decay: which variables to exclude -----------------------------------------
 
 
 def no_weight_decay_variables(model: keras.Model) -> list:
-    """The variables to keep out of weight decay: embeddings, norms, biases, each listed once.
+    """The variables to keep out of weight decay: embeddings, norms, biases, each listed
+    once.
 
     Use as ``opt = keras.optimizers.AdamW(weight_decay=0.1)`` then
     ``opt.exclude_from_weight_decay(var_list=no_weight_decay_variables(model))`` (by
@@ -132,14 +138,16 @@ def no_weight_decay_variables(model: keras.Model) -> list:
     return list(found.values())
 
 
-# --- cross-layer sharing: ALBERT ------------------------------------------------------------
+# --- cross-layer sharing: ALBERT ------------------------------------------------------
 
 
 def _gelu(x):
-    r"""Exact GELU, :math:`x \Phi(x) = \tfrac{x}{2} (1 + \mathrm{erf}(x / \sqrt{2}))`, in the dtype of ``x``.
+    r"""Exact GELU, :math:`x \Phi(x) = \tfrac{x}{2} (1 + \mathrm{erf}(x / \sqrt{2}))`,
+    in the dtype of ``x``.
 
-    ``keras.activations.gelu(approximate=False)`` uses a float32 ``sqrt(2)`` and so is off
-    by ~4e-9 in float64; a Python float keeps float64 exact (as ``torch.nn.functional.gelu``).
+    ``keras.activations.gelu(approximate=False)`` uses a float32 ``sqrt(2)`` and so is
+    off by ~4e-9 in float64; a Python float keeps float64 exact (as
+    ``torch.nn.functional.gelu``).
     """
     return 0.5 * x * (1.0 + ops.erf(x / math.sqrt(2.0)))  # x Phi(x)
 
@@ -202,7 +210,8 @@ class EncoderLayer(layers.Layer):
 
 
 class TransformerEncoder(keras.Model):
-    r"""An ALBERT-style encoder in Keras: factorised embeddings and (by default) one shared layer.
+    r"""An ALBERT-style encoder in Keras: factorised embeddings and (by default) one
+    shared layer.
 
     The Keras twin of :class:`companion.torch.sharing.TransformerEncoder`, with the same
     arguments and parameter count: tokens ``(V, E_emb)`` plus positions
@@ -278,7 +287,8 @@ class TransformerEncoder(keras.Model):
     def call(self, ids, attention_mask=None, training=None):
         if len(ids.shape) != 2 or "int" not in str(ids.dtype):
             raise ValueError(
-                f"ids must be integer token ids of shape (B, L), got {tuple(ids.shape)} {ids.dtype}"
+                "ids must be integer token ids of shape (B, L), got "
+                f"{tuple(ids.shape)} {ids.dtype}"
             )
         L = ids.shape[1]
         if L is not None and L > self.max_positions:

@@ -4,8 +4,8 @@ Works on any device and never leaves it (no ``.numpy()`` inside). Needs the ``to
 extra: ``pip install "companion[torch]"``.
 """
 
-# noqa: F401 (fail here, with torch's own message, if it is missing)
-import torch as _torch
+# fail here, with torch's own message, if it is missing
+import torch as _torch  # noqa: F401
 
 from companion.torch.attention import *  # noqa: F401,F403
 

@@ -1,4 +1,5 @@
-r"""Convolution as parameter sharing, for torch tensors: the same functions as :mod:`companion.numpy.conv`.
+r"""Convolution as parameter sharing, for torch tensors: the same functions as
+:mod:`companion.numpy.conv`.
 
 One kernel is applied at every position of the input: that reuse of the same weights
 is parameter sharing across positions. Layouts are ``NCHW`` inputs and ``OIHW``
@@ -59,7 +60,7 @@ def _pad(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
     return F.pad(x, (left, right, top, bottom))
 
 
-# --- the source document's formula: one channel, no padding, stride 1 ----------------------
+# --- the source document's formula: one channel, no padding, stride 1 -----------------
 
 
 def corr2d(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,8 @@ def corr2d(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     h, w = kernel.shape
     if h > H or w > W or h < 1 or w < 1:
         raise ValueError(
-            f"kernel {tuple(kernel.shape)} must be non-empty and fit inside x {tuple(x.shape)}"
+            f"kernel {tuple(kernel.shape)} must be non-empty and fit inside x "
+            f"{tuple(x.shape)}"
         )
     acc = _accumulation_dtype(x.dtype)
     x_acc, k_acc = x.to(acc), kernel.to(acc)
@@ -97,23 +99,26 @@ def corr2d(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 
 def convolve2d(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    r"""True two-dimensional convolution ("valid" part): cross-correlation with the flipped kernel.
+    r"""True two-dimensional convolution ("valid" part): cross-correlation with the
+    flipped kernel.
 
     .. math::
 
-        (X * K)_{i,j} = \sum_{m=0}^{h-1} \sum_{n=0}^{w-1} X_{i+m,\, j+n}\, K_{h-1-m,\, w-1-n}
+        (X * K)_{i,j} = \sum_{m=0}^{h-1} \sum_{n=0}^{w-1}
+            X_{i+m,\, j+n}\, K_{h-1-m,\, w-1-n}
 
     ``x (H, W)``, ``kernel (h, w)`` -> ``(H - h + 1, W - w + 1)``, written as
     ``corr2d(x, flip(kernel))``: the two differ only by the flip.
     """
     if not isinstance(kernel, torch.Tensor) or kernel.ndim != 2:
         raise ValueError(
-            f"kernel must be a 2-D torch.Tensor, got {getattr(kernel, 'shape', type(kernel).__name__)}"
+            "kernel must be a 2-D torch.Tensor, got "
+            f"{getattr(kernel, 'shape', type(kernel).__name__)}"
         )
     return corr2d(x, torch.flip(kernel, dims=(0, 1)))  # K[h-1-m, w-1-n]
 
 
-# --- readable reference: a loop over kernel offsets ----------------------------------------
+# --- readable reference: a loop over kernel offsets -----------------------------------
 
 
 def conv2d_reference(
@@ -131,13 +136,16 @@ def conv2d_reference(
     .. math::
 
         Y_{n,o,i,j} = b_o + \sum_{c \in \text{group}(o)} \sum_{m,q}
-            W_{o,c,m,q}\, X^{\text{pad}}_{n,\, g(o) C_g + c,\, s_h i + d_h m,\, s_w j + d_w q}
+            W_{o,c,m,q}\,
+            X^{\text{pad}}_{n,\, g(o) C_g + c,\, s_h i + d_h m,\, s_w j + d_w q}
 
-    ``x (N, C_in, H, W)``, ``weight (C_out, C_in / groups, kH, kW)``, ``bias (C_out,)`` ->
-    ``(N, C_out, H_out, W_out)``; output channel ``o`` of group ``g(o) = o // (C_out / groups)``
-    sees input channels ``g(o) C_g ... (g(o) + 1) C_g - 1`` with ``C_g = C_in / groups``.
-    ``stride``, ``padding`` (int, pair, ``"same"``, ``"valid"``) and ``dilation`` follow
-    ``torch.nn.functional.conv2d``. Meant for small sizes: it is the formula, not a fast path.
+    ``x (N, C_in, H, W)``, ``weight (C_out, C_in / groups, kH, kW)``, ``bias (C_out,)``
+    -> ``(N, C_out, H_out, W_out)``; output channel ``o`` of group
+    ``g(o) = o // (C_out / groups)`` sees input channels
+    ``g(o) C_g ... (g(o) + 1) C_g - 1`` with ``C_g = C_in / groups``. ``stride``,
+    ``padding`` (int, pair, ``"same"``, ``"valid"``) and ``dilation`` follow
+    ``torch.nn.functional.conv2d``. Meant for small sizes: it is the formula, not a fast
+    path.
     """
     _check_tensors(x, weight, bias)
     geo = conv2d_geometry(
@@ -175,7 +183,7 @@ def conv2d_reference(
     return y.to(x.dtype)
 
 
-# --- fast: im2col (F.unfold) and one matrix product ----------------------------------------
+# --- fast: im2col (F.unfold) and one matrix product -----------------------------------
 
 
 def conv2d_im2col(
@@ -188,12 +196,14 @@ def conv2d_im2col(
     dilation=1,
     groups=1,
 ) -> torch.Tensor:
-    r"""2-D convolution as im2col + matrix product; same signature and result as :func:`conv2d_reference`.
+    r"""2-D convolution as im2col + matrix product; same signature and result as
+    :func:`conv2d_reference`.
 
-    ``F.unfold`` copies every receptive field into a column, ``cols (N, C_in kH kW, H_out W_out)``;
-    then each group's filters ``(O_g, C_g kH kW)`` multiply its columns in one batched
-    matrix product, ``Y_g = W_g \cdot \text{cols}_g``. The shared kernel becomes one
-    dense matrix applied to every position.
+    ``F.unfold`` copies every receptive field into a column,
+    ``cols (N, C_in kH kW, H_out W_out)``; then each group's filters
+    ``(O_g, C_g kH kW)`` multiply its columns in one batched matrix product,
+    ``Y_g = W_g \cdot \text{cols}_g``. The shared kernel becomes one dense matrix
+    applied to every position.
     """
     _check_tensors(x, weight, bias)
     geo = conv2d_geometry(
@@ -221,7 +231,7 @@ def conv2d_im2col(
     return y.to(x.dtype)
 
 
-# --- the same receptive fields without sharing ---------------------------------------------
+# --- the same receptive fields without sharing ----------------------------------------
 
 
 def locally_connected2d(
@@ -232,7 +242,8 @@ def locally_connected2d(
     stride=1,
     padding=0,
 ) -> torch.Tensor:
-    r"""A locally connected layer: a convolution's receptive fields, one kernel per position.
+    r"""A locally connected layer: a convolution's receptive fields, one kernel per
+    position.
 
     .. math::
 
@@ -248,7 +259,8 @@ def locally_connected2d(
     _check_tensors(x, weight, bias)
     if weight.ndim != 6:
         raise ValueError(
-            f"weight must have shape (H_out, W_out, C_out, C_in, kH, kW), got shape {tuple(weight.shape)}"
+            "weight must have shape (H_out, W_out, C_out, C_in, kH, kW), got shape "
+            f"{tuple(weight.shape)}"
         )
     H_out_w, W_out_w, C_out, C_in, kH, kW = weight.shape
     geo = conv2d_geometry(
@@ -256,13 +268,15 @@ def locally_connected2d(
     )
     if (geo.H_out, geo.W_out) != (H_out_w, W_out_w):
         raise ValueError(
-            f"weight {tuple(weight.shape)} has {H_out_w} x {W_out_w} positions but x {tuple(x.shape)} "
+            f"weight {tuple(weight.shape)} has {H_out_w} x {W_out_w} positions but x "
+            f"{tuple(x.shape)} "
             f"with kernel {kH} x {kW}, stride {stride} and padding {padding!r} gives "
             f"{geo.H_out} x {geo.W_out} output positions"
         )
     if bias is not None and tuple(bias.shape) != (geo.H_out, geo.W_out, C_out):
         raise ValueError(
-            f"bias must have shape (H_out, W_out, C_out) = {(geo.H_out, geo.W_out, C_out)}, "
+            "bias must have shape (H_out, W_out, C_out) = "
+            f"{(geo.H_out, geo.W_out, C_out)}, "
             f"got {tuple(bias.shape)}"
         )
     acc = _accumulation_dtype(x.dtype)

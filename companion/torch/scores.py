@@ -1,8 +1,8 @@
 r"""Attention score functions and Nadaraya-Watson kernel regression, for torch tensors.
 
 The same functions as :mod:`companion.numpy.scores`. Each score function maps queries
-``(..., L, D_q)`` and keys ``(..., S, D_k)`` to scores ``(..., L, S)``; a softmax over the
-last axis turns them into attention weights. Leading axes broadcast.
+``(..., L, D_q)`` and keys ``(..., S, D_k)`` to scores ``(..., L, S)``; a softmax over
+the last axis turns them into attention weights. Leading axes broadcast.
 
 Explained in the book chapter *Attention: algorithm and math*.
 """
@@ -47,7 +47,8 @@ def _check_tensors(**tensors) -> torch.dtype:
 
 
 def _check_pair(query: torch.Tensor, key: torch.Tensor, same_dim: bool = True) -> None:
-    """``query (..., L, D)`` and ``key (..., S, D)``: at least 2 axes, equal ``D``, broadcasting leading axes."""
+    """``query (..., L, D)`` and ``key (..., S, D)``: at least 2 axes, equal ``D``,
+    broadcasting leading axes."""
     for name, tensor in (("query", query), ("key", key)):
         if tensor.dim() < 2:
             raise ValueError(
@@ -56,20 +57,23 @@ def _check_pair(query: torch.Tensor, key: torch.Tensor, same_dim: bool = True) -
             )
     if same_dim and query.shape[-1] != key.shape[-1]:
         raise ValueError(
-            f"query and key must have the same last dimension D: query {tuple(query.shape)}, "
+            "query and key must have the same last dimension D: query "
+            f"{tuple(query.shape)}, "
             f"key {tuple(key.shape)}"
         )
     try:
         _checks.broadcast_shape(tuple(query.shape[:-2]), tuple(key.shape[:-2]))
     except ValueError:
         raise ValueError(
-            f"the leading axes of query {tuple(query.shape)} and key {tuple(key.shape)} "
+            f"the leading axes of query {tuple(query.shape)} and key "
+            f"{tuple(key.shape)} "
             "do not broadcast"
         ) from None
 
 
 def dot_product_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    r"""Dot-product scores :math:`s_{ij} = q_i \cdot k_j`: ``(..., L, D)``, ``(..., S, D)`` -> ``(..., L, S)``."""
+    r"""Dot-product scores :math:`s_{ij} = q_i \cdot k_j`: ``(..., L, D)``, ``(..., S,
+    D)`` -> ``(..., L, S)``."""
     dtype = _check_tensors(query=query, key=key)
     _check_pair(query, key)
     compute = _compute_dtype(dtype)
@@ -80,7 +84,8 @@ def dot_product_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 def scaled_dot_product_scores(
     query: torch.Tensor, key: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
-    r"""Scaled dot-product scores :math:`s_{ij} = t\, q_i \cdot k_j`, ``t = scale`` or ``1/sqrt(D)``.
+    r"""Scaled dot-product scores :math:`s_{ij} = t\, q_i \cdot k_j`, ``t = scale`` or
+    ``1/sqrt(D)``.
 
     ``(..., L, D)``, ``(..., S, D)`` -> ``(..., L, S)``.
     """
@@ -99,7 +104,8 @@ def additive_scores(
     w_k: torch.Tensor,
     v: torch.Tensor,
 ) -> torch.Tensor:
-    r"""Additive (Bahdanau) scores :math:`s_{ij} = v^\top \tanh(W_q^\top q_i + W_k^\top k_j)`.
+    r"""Additive (Bahdanau) scores :math:`s_{ij} = v^\top \tanh(W_q^\top q_i + W_k^\top
+    k_j)`.
 
     Shapes: ``query (..., L, D_q)``, ``key (..., S, D_k)``, ``w_q (D_q, A)``,
     ``w_k (D_k, A)``, ``v (A,)`` -> ``(..., L, S)``. Weights are applied as ``x @ W``.
@@ -109,7 +115,8 @@ def additive_scores(
     _check_pair(query, key, same_dim=False)
     if w_q.dim() != 2 or w_k.dim() != 2 or v.dim() != 1:
         raise ValueError(
-            f"w_q, w_k must be 2-D and v 1-D, got shapes {tuple(w_q.shape)}, {tuple(w_k.shape)}, "
+            f"w_q, w_k must be 2-D and v 1-D, got shapes {tuple(w_q.shape)}, "
+            f"{tuple(w_k.shape)}, "
             f"{tuple(v.shape)}"
         )
     if (
@@ -118,8 +125,10 @@ def additive_scores(
         or not (w_q.shape[1] == w_k.shape[1] == v.shape[0])
     ):
         raise ValueError(
-            f"shapes do not fit: query {tuple(query.shape)} needs w_q (D_q, A), key {tuple(key.shape)} "
-            f"needs w_k (D_k, A), v (A,); got w_q {tuple(w_q.shape)}, w_k {tuple(w_k.shape)}, "
+            f"shapes do not fit: query {tuple(query.shape)} needs w_q (D_q, A), key "
+            f"{tuple(key.shape)} "
+            f"needs w_k (D_k, A), v (A,); got w_q {tuple(w_q.shape)}, w_k "
+            f"{tuple(w_k.shape)}, "
             f"v {tuple(v.shape)}"
         )
     compute = _compute_dtype(dtype)
@@ -138,13 +147,15 @@ def multiplicative_scores(
 ) -> torch.Tensor:
     r"""Multiplicative (Luong "general") scores :math:`s_{ij} = q_i^\top W k_j`.
 
-    Shapes: ``query (..., L, D_q)``, ``key (..., S, D_k)``, ``w (D_q, D_k)`` -> ``(..., L, S)``.
+    Shapes: ``query (..., L, D_q)``, ``key (..., S, D_k)``, ``w (D_q, D_k)`` ->
+    ``(..., L, S)``.
     """
     dtype = _check_tensors(query=query, key=key, w=w)
     _check_pair(query, key, same_dim=False)
     if w.dim() != 2 or tuple(w.shape) != (query.shape[-1], key.shape[-1]):
         raise ValueError(
-            f"w must have shape (D_q, D_k) = ({query.shape[-1]}, {key.shape[-1]}) for query "
+            f"w must have shape (D_q, D_k) = ({query.shape[-1]}, {key.shape[-1]}) for "
+            "query "
             f"{tuple(query.shape)} and key {tuple(key.shape)}, got {tuple(w.shape)}"
         )
     compute = _compute_dtype(dtype)
@@ -155,7 +166,8 @@ def multiplicative_scores(
 
 
 def negative_distance_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    r"""Negative Euclidean distance :math:`s_{ij} = -\lVert q_i - k_j \rVert` (the source documents' score).
+    r"""Negative Euclidean distance :math:`s_{ij} = -\lVert q_i - k_j \rVert` (the
+    source documents' score).
 
     ``(..., L, D)``, ``(..., S, D)`` -> ``(..., L, S)``. Computed from the differences
     (exact, no cancellation), holding an ``(..., L, S, D)`` intermediate.
@@ -176,13 +188,16 @@ def nadaraya_watson(
     *,
     bandwidth: float = 1.0,
 ) -> torch.Tensor:
-    r"""Nadaraya-Watson kernel regression with a Gaussian kernel: attention with distance scores.
+    r"""Nadaraya-Watson kernel regression with a Gaussian kernel: attention with
+    distance scores.
 
-    .. math:: \hat y(x) = \sum_i \operatorname{softmax}_i\!\left(-\frac{\lVert x - x_i\rVert^2}{2h^2}\right) y_i,
+    .. math:: \hat y(x) = \sum_i \operatorname{softmax}_i\!\left(
+        -\frac{\lVert x - x_i\rVert^2}{2h^2}\right) y_i,
               \qquad h = \text{bandwidth}
 
-    ``x_query`` is ``(m,)`` or ``(m, d)``, ``x_keys`` ``(n,)`` or ``(n, d)`` (1-D means one
-    feature), ``y_values`` ``(n,)`` or ``(n, d_y)``; the result is ``(m,)`` or ``(m, d_y)``.
+    ``x_query`` is ``(m,)`` or ``(m, d)``, ``x_keys`` ``(n,)`` or ``(n, d)`` (1-D means
+    one feature), ``y_values`` ``(n,)`` or ``(n, d_y)``; the result is ``(m,)`` or
+    ``(m, d_y)``.
 
     Explained in the book chapter *Attention: algorithm and math*.
     """
@@ -197,16 +212,19 @@ def nadaraya_watson(
     ):
         if tensor.dim() not in (1, 2):
             raise ValueError(
-                f"{name} must be 1-D (one feature) or 2-D (n, d), got shape {tuple(tensor.shape)}"
+                f"{name} must be 1-D (one feature) or 2-D (n, d), got shape "
+                f"{tuple(tensor.shape)}"
             )
     if x_query.dim() != x_keys.dim():
         raise ValueError(
-            f"x_query {tuple(x_query.shape)} and x_keys {tuple(x_keys.shape)} must both be 1-D "
+            f"x_query {tuple(x_query.shape)} and x_keys {tuple(x_keys.shape)} must "
+            "both be 1-D "
             "or both 2-D"
         )
     if x_query.dim() == 2 and x_query.shape[1] != x_keys.shape[1]:
         raise ValueError(
-            f"x_query {tuple(x_query.shape)} and x_keys {tuple(x_keys.shape)} must have the same "
+            f"x_query {tuple(x_query.shape)} and x_keys {tuple(x_keys.shape)} must "
+            "have the same "
             "number of features"
         )
     if x_keys.shape[0] == 0:
@@ -217,7 +235,8 @@ def nadaraya_watson(
     keys = x_keys.reshape(x_keys.shape[0], -1)
     if y_values.shape[0] != keys.shape[0]:
         raise ValueError(
-            f"y_values {tuple(y_values.shape)} must have one row per key, x_keys has shape "
+            f"y_values {tuple(y_values.shape)} must have one row per key, x_keys has "
+            "shape "
             f"{tuple(x_keys.shape)}"
         )
     compute = _compute_dtype(dtype)
