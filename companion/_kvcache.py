@@ -1,8 +1,8 @@
-"""What the three backends' ``KVCache`` classes share: growth by doubling, checks, views.
+"""What the backends' ``KVCache`` classes share: growth by doubling, checks, views.
 
-Each backend subclasses :class:`KVCacheBase` and supplies four storage operations for its
-own tensors (``_convert``, ``_empty``, ``_write``, ``_view``); the logic of appending,
-growing and validating is written once, here.
+Each backend subclasses :class:`KVCacheBase` and supplies four storage operations for
+its own tensors (``_convert``, ``_empty``, ``_write``, ``_view``); the logic of
+appending, growing and validating is written once, here.
 """
 
 from __future__ import annotations
@@ -13,30 +13,42 @@ __all__ = ["KVCacheBase"]
 
 
 class KVCacheBase:
-    """Keys ``(B, H_kv, S, D)`` and values ``(B, H_kv, S, D_v)`` of the positions seen so far.
+    """Keys ``(B, H_kv, S, D)`` and values ``(B, H_kv, S, D_v)`` of the positions seen.
 
     :meth:`append` writes new positions into preallocated storage whose capacity along
-    ``S`` doubles when it is full: appending ``n`` positions one at a time copies ``O(n)``
-    elements in all (amortised ``O(1)`` per position), not the ``O(n^2)`` of
+    ``S`` doubles when it is full: appending ``n`` positions one at a time copies
+    ``O(n)`` elements in all (amortised ``O(1)`` per position), not the ``O(n^2)`` of
     re-concatenating the cache at every step.
+
+    A rolling cache, ``max_length=W``, keeps only the last ``W`` positions: all that
+    sliding-window attention with window ``W`` can still see (Mistral 7B). Its storage
+    stays ``O(W)`` however long the sequence; :attr:`seen` keeps counting, so positions
+    (for a rotary embedding) stay absolute. When the storage is full, the positions
+    still needed move to the front of a fresh buffer (``O(W)`` copied every ``~W``
+    appends, so still amortised ``O(1)``); views returned earlier are never overwritten.
     """
 
     MIN_CAPACITY = 16
 
-    def __init__(self):
+    def __init__(self, max_length: int | None = None):
+        if max_length is not None:
+            max_length = _checks.check_int("max_length", max_length)
+        self._max_length = max_length
         self._key = None  # (B, H_kv, capacity, D)
         self._value = None  # (B, H_kv, capacity, D_v)
+        # the kept positions are storage[:, :, _start:_start + _length]
+        self._start = 0
         self._length = 0
         # positions ever appended (== _length unless a cache drops some)
         self._seen = 0
 
-    # --- what a backend supplies --------------------------------------------------------
+    # --- what a backend supplies ---------------------------------------------------
     def _convert(self, name: str, x):
         """``x`` as this backend's tensor (or a ``TypeError``)."""
         raise NotImplementedError
 
     def _empty(self, like, capacity: int):
-        """Storage shaped like ``like`` ``(B, H_kv, ., dim)`` but ``capacity`` long along S."""
+        """Storage like ``like`` ``(B, H_kv, ., dim)``, ``capacity`` long along S."""
         raise NotImplementedError
 
     def _write(self, storage, start: int, stop: int, x) -> None:
@@ -50,10 +62,19 @@ class KVCacheBase:
     def _check_compatible(self, key) -> None:
         """Backend-specific checks against the stored tensors (e.g. the device)."""
 
-    # --- shared -------------------------------------------------------------------------
+    def _slice(self, storage, start: int, stop: int):
+        """``storage[:, :, start:stop]``, without copying."""
+        return self._view(storage, stop)[:, :, start:]
+
+    # --- shared --------------------------------------------------------------------
+    @property
+    def max_length(self) -> int | None:
+        """``W`` for a rolling cache (keeps the last ``W`` positions), else ``None``."""
+        return self._max_length
+
     @property
     def length(self) -> int:
-        """``S``, the number of cached positions."""
+        """``S``, the number of cached positions (at most :attr:`max_length`)."""
         return self._length
 
     @property
@@ -81,21 +102,32 @@ class KVCacheBase:
     @property
     def key(self):
         """Cached keys ``(B, H_kv, S, D)`` (``None`` before the first append)."""
-        return None if self._key is None else self._view(self._key, self._length)
+        if self._key is None:
+            return None
+        return self._slice(self._key, self._start, self._start + self._length)
 
     @property
     def value(self):
         """Cached values ``(B, H_kv, S, D_v)`` (``None`` before the first append)."""
-        return None if self._value is None else self._view(self._value, self._length)
+        if self._value is None:
+            return None
+        return self._slice(self._value, self._start, self._start + self._length)
 
     def reset(self) -> None:
         """Forget everything and release the storage."""
         self._key = self._value = None
-        self._length = 0
+        self._start = self._length = 0
         self._seen = 0
 
     def append(self, key, value):
-        """Append ``key (B, H_kv, S_new, D)`` and ``value (B, H_kv, S_new, D_v)``; return all cached."""
+        """Append ``key (B, H_kv, S_new, D)``, ``value (B, H_kv, S_new, D_v)``; return
+        keys and values for attention.
+
+        A cache that keeps everything returns all cached positions. A rolling cache
+        (``max_length=W``) returns the last ``W - 1`` positions before the new ones and
+        the ``S_new`` new ones: exactly what the new queries can see through a window
+        of ``W`` (with ``S_new = 1``, the window itself); it keeps the last ``W``.
+        """
         key, value = self._convert("key", key), self._convert("value", value)
         stored = (
             (None, None, None)
@@ -107,25 +139,44 @@ class KVCacheBase:
         )
         if self._key is not None:
             self._check_compatible(key)
-        start, stop = self._length, self._length + int(key.shape[2])
-        if stop > self.capacity:
-            self._grow(stop, key, value)
+        new = int(key.shape[2])
+        W = self._max_length
+        # positions the new queries can still see: [first, stop) of the storage
+        stop = self._start + self._length
+        first = self._start if W is None else max(self._start, stop - (W - 1))
+        if stop + new > self.capacity:
+            first, stop = self._grow(first, stop, new, key, value)
         # (B, H_kv, S_new, D): only the new positions are written
-        self._write(self._key, start, stop, key)
-        self._write(self._value, start, stop, value)  # (B, H_kv, S_new, D_v)
-        self._length = stop
-        self._seen += stop - start
-        return self.key, self.value  # (B, H_kv, S, D), (B, H_kv, S, D_v)
+        self._write(self._key, stop, stop + new, key)
+        self._write(self._value, stop, stop + new, value)  # (B, H_kv, S_new, D_v)
+        stop += new
+        self._seen += new
+        self._start = first if W is None else max(first, stop - W)
+        self._length = stop - self._start
+        # (B, H_kv, S, D), (B, H_kv, S, D_v)
+        return (
+            self._slice(self._key, first, stop),
+            self._slice(self._value, first, stop),
+        )
 
-    def _grow(self, needed: int, key, value) -> None:
-        # doubling: amortised O(1) per position
-        capacity = max(needed, 2 * self.capacity, self.MIN_CAPACITY)
+    def _grow(self, first: int, stop: int, new: int, key, value) -> tuple[int, int]:
+        """A fresh buffer holding positions ``[first, stop)`` at its front, with room
+        for ``new`` more; returns their new ``(first, stop)``."""
+        kept = stop - first
+        if self._max_length is None:
+            # doubling: amortised O(1) per position
+            capacity = max(kept + new, 2 * self.capacity, self.MIN_CAPACITY)
+        else:
+            # room for W more positions before the next move: amortised O(1)
+            capacity = max(kept + new, 2 * self._max_length, self.MIN_CAPACITY)
         new_key = self._empty(key, capacity)  # (B, H_kv, capacity, D)
         new_value = self._empty(value, capacity)  # (B, H_kv, capacity, D_v)
-        if self._length:
-            self._write(new_key, 0, self._length, self.key)
-            self._write(new_value, 0, self._length, self.value)
+        if kept:
+            self._write(new_key, 0, kept, self._slice(self._key, first, stop))
+            self._write(new_value, 0, kept, self._slice(self._value, first, stop))
         self._key, self._value = new_key, new_value
+        self._start = 0
+        return 0, kept
 
 
 def _numel(shape) -> int:
@@ -136,6 +187,7 @@ def _numel(shape) -> int:
 
 
 def _itemsize(dtype) -> int:
-    """Bytes per element of a numpy, torch (``itemsize``) or TensorFlow (``size``) dtype."""
+    """Bytes per element of a numpy, torch (``itemsize``) or TensorFlow (``size``)
+    dtype."""
     size = getattr(dtype, "itemsize", None)
     return int(size if size is not None else dtype.size)
