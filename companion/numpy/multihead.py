@@ -30,9 +30,44 @@ from companion.numpy.attention import (
     _compute_dtype,
     _grouped_weights,
     _validated,
+    attention_tiled,
 )
 
 __all__ = ["MultiHeadParams", "KVCache", "multi_head_attention"]
+
+IMPLEMENTATIONS = ("auto", "reference", "tiled")
+# "auto" takes the tiled kernel from this many scores per head (L * S) on: one
+# 1024 x 1024 float32 score matrix is 4 MiB, more than a core's cache, and from there
+# the tiled kernel is both faster and O(L) in memory (book chapter *Making it fast*).
+TILED_FROM_SCORES = 1024 * 1024
+
+
+def _choose_implementation(
+    implementation, L: int, S: int, return_weights: bool, tiled_from: int
+) -> str:
+    """``"reference"`` or ``"tiled"`` for ``L`` queries against ``S`` keys.
+
+    ``"auto"`` is ``"tiled"`` from ``L * S >= tiled_from`` on, unless the weights are
+    wanted (the tiled kernel never forms them). Shared by the three backends.
+    """
+    if not isinstance(implementation, str):
+        raise TypeError(
+            f"implementation must be one of {IMPLEMENTATIONS}, "
+            f"got {type(implementation).__name__}"
+        )
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
+        )
+    if implementation == "tiled" and return_weights:
+        raise ValueError(
+            "implementation='tiled' never forms the attention weights, so it cannot "
+            "return them: use return_weights=False or implementation='reference'"
+        )
+    if implementation == "auto":
+        use_tiled = not return_weights and L * S >= tiled_from
+        return "tiled" if use_tiled else "reference"
+    return implementation
 
 
 def _array(x) -> np.ndarray:
@@ -313,6 +348,7 @@ def multi_head_attention(
     causal: bool = False,
     cache: KVCache | None = None,
     return_weights: bool = False,
+    implementation: str = "auto",
 ):
     r"""Multi-head attention on batch-first inputs: ``(B, L, E_q), (B, S, E_kv) -> (B, L, E_out)``.
 
@@ -342,6 +378,11 @@ def multi_head_attention(
         over everything cached.
     return_weights : bool
         Also return the weights ``(B, H, L, S)`` (per head, not averaged).
+    implementation : ``"auto"``, ``"reference"`` or ``"tiled"``
+        Where the heads' attention comes from: the reference (forms the weights) or
+        :func:`companion.numpy.attention_tiled` (never holds an ``L x S`` matrix).
+        ``"auto"`` takes the tiled kernel from ``L * S >= TILED_FROM_SCORES`` on, unless
+        ``return_weights``. Both give the same outputs.
 
     Returns
     -------
@@ -350,6 +391,8 @@ def multi_head_attention(
     """
     causal = _check_flag("causal", causal)
     return_weights = _check_flag("return_weights", return_weights)
+    # checked before the cache changes (the sizes come later)
+    _choose_implementation(implementation, 0, 0, return_weights, TILED_FROM_SCORES)
     if not isinstance(params, MultiHeadParams):
         raise TypeError(
             f"params must be a MultiHeadParams, got {type(params).__name__}"
@@ -386,14 +429,22 @@ def multi_head_attention(
                 f"cache must be a companion.numpy.KVCache, got {type(cache).__name__}"
             )
         k, v = cache.append(k, v)  # (B, H_kv, S, D), (B, H_kv, S, D_v)
-    q, k, v, shapes, mask = _validated(q, k, v, mask)
-    # (B, H_kv, group, L, S)
-    weights = _grouped_weights(q, k, mask, causal, None, shapes)
-    heads = weights @ v[:, :, None, :, :]  # (B, H_kv, group, L, D_v)
     B, L = x_q.shape[:2]
-    heads = heads.reshape(B, H, L, shapes.D_v)  # (B, H, L, D_v)
+    chosen = _choose_implementation(
+        implementation, L, k.shape[2], return_weights, TILED_FROM_SCORES
+    )
+    if chosen == "tiled":
+        heads = attention_tiled(q, k, v, mask=mask, causal=causal)  # (B, H, L, D_v)
+        D_v = heads.shape[-1]
+    else:
+        q, k, v, shapes, mask = _validated(q, k, v, mask)
+        # (B, H_kv, group, L, S)
+        weights = _grouped_weights(q, k, mask, causal, None, shapes)
+        heads = weights @ v[:, :, None, :, :]  # (B, H_kv, group, L, D_v)
+        D_v = shapes.D_v
+        heads = heads.reshape(B, H, L, D_v)  # (B, H, L, D_v)
     # (B, L, H * D_v)
-    merged = heads.transpose(0, 2, 1, 3).reshape(B, L, H * shapes.D_v)
+    merged = heads.transpose(0, 2, 1, 3).reshape(B, L, H * D_v)
     output = merged @ np.asarray(params.w_o, dtype=dtype)  # (B, L, E_out)
     if params.b_o is not None:
         output = output + np.asarray(params.b_o, dtype=dtype)

@@ -30,12 +30,32 @@ import tensorflow as tf
 from companion import _checks
 from companion._kvcache import KVCacheBase
 from companion.conventions import gqa_group_size
-from companion.numpy.multihead import MultiHeadParams
-from companion.tensorflow.attention import _attention_and_weights, _check_flag
+from companion.numpy.multihead import MultiHeadParams, _choose_implementation
+from companion.tensorflow.attention import (
+    _attention_and_weights,
+    _check_flag,
+    attention_tiled,
+)
 
 __all__ = ["MultiHeadParams", "multi_head_attention", "KVCache", "MultiHeadAttention"]
 
 _HALF_PRECISION = ("float16", "bfloat16")
+# "auto" takes the tiled kernel from this many scores per head (L * S) on
+TILED_FROM_SCORES = 1024 * 1024
+
+
+def _heads(query, key, value, mask, causal, return_weights, implementation):
+    """Every head's attention ``(B, H, L, D_v)`` and the weights (``None`` if tiled)."""
+    chosen = _choose_implementation(
+        implementation,
+        query.shape[2],
+        key.shape[2],
+        return_weights,
+        TILED_FROM_SCORES,
+    )
+    if chosen == "tiled":
+        return attention_tiled(query, key, value, mask=mask, causal=causal), None
+    return _attention_and_weights(query, key, value, mask=mask, causal=causal)
 
 
 # ---------------------------------------------------------------------------------------
@@ -108,7 +128,15 @@ def _check_layer_inputs(x_q, x_kv, params: MultiHeadParams):
 
 
 def multi_head_attention(
-    x_q, x_kv, params, *, mask=None, causal=False, cache=None, return_weights=False
+    x_q,
+    x_kv,
+    params,
+    *,
+    mask=None,
+    causal=False,
+    cache=None,
+    return_weights=False,
+    implementation="auto",
 ):
     r"""Multi-head attention with ``params`` on batch-first tensors: ``(B, L, E_q), (B, S, E_kv) -> (B, L, E_out)``.
 
@@ -120,6 +148,10 @@ def multi_head_attention(
     attention runs over every cached position, so feeding a sequence one token at a time
     with ``causal=True`` reproduces full causal self-attention. With ``return_weights``,
     returns ``(output, weights (B, H, L, S))``. float16/bfloat16 are computed in float32.
+    ``implementation`` (``"auto"``, ``"reference"``, ``"tiled"``) picks the heads'
+    attention: the reference or :func:`companion.tensorflow.attention_tiled` (outputs
+    and gradients agree); ``"auto"`` is tiled from ``L * S >= TILED_FROM_SCORES`` on,
+    unless ``return_weights``.
     """
     if not isinstance(params, MultiHeadParams):
         raise TypeError(
@@ -127,6 +159,8 @@ def multi_head_attention(
         )
     causal = _check_flag("causal", causal)
     return_weights = _check_flag("return_weights", return_weights)
+    # checked before the cache changes (the sizes come later)
+    _choose_implementation(implementation, 0, 0, return_weights, TILED_FROM_SCORES)
     if cache is not None and not isinstance(cache, KVCache):
         raise TypeError(
             f"cache must be a companion.tensorflow.KVCache, got {type(cache).__name__}"
@@ -157,7 +191,9 @@ def multi_head_attention(
         # everything cached: (B, H_kv, S_total, D), (B, H_kv, S_total, D_v)
         key, value = cache.append(key, value)
     # (B, H, L, D_v)
-    heads, weights = _attention_and_weights(query, key, value, mask=mask, causal=causal)
+    heads, weights = _heads(
+        query, key, value, mask, causal, return_weights, implementation
+    )
     B, _, L, D_v = heads.shape
     # (B, L, H*D_v)
     concatenated = tf.reshape(
@@ -206,6 +242,8 @@ class MultiHeadAttention(keras.layers.Layer):
     Call ``layer(query (B, L, E_q), value (B, S, E_kv), key=None, attention_mask=None,
     use_causal_mask=False, cache=None, return_attention_scores=False)``; ``attention_mask``
     is ``(B, L, S)`` or ``(B, H, L, S)``, ``True`` (nonzero) = attend, as in Keras.
+    ``implementation`` (``"auto"``, ``"reference"``, ``"tiled"``): where the heads'
+    attention comes from, as in :func:`multi_head_attention`.
     """
 
     def __init__(
@@ -216,9 +254,12 @@ class MultiHeadAttention(keras.layers.Layer):
         value_dim=None,
         use_bias=True,
         output_dim=None,
+        implementation="auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        _choose_implementation(implementation, 0, 0, False, TILED_FROM_SCORES)
+        self.implementation = implementation
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         gqa_group_size(num_heads, num_kv_heads)  # ValueError unless H_kv divides H
         for name, size in (
@@ -244,6 +285,7 @@ class MultiHeadAttention(keras.layers.Layer):
             value_dim=self.value_dim,
             use_bias=self.use_bias,
             output_dim=self.output_dim,
+            implementation=self.implementation,
         )
         return config
 
@@ -286,6 +328,9 @@ class MultiHeadAttention(keras.layers.Layer):
         cache=None,
         return_attention_scores=False,
     ):
+        _choose_implementation(
+            self.implementation, 0, 0, bool(return_attention_scores), TILED_FROM_SCORES
+        )
         key = value if key is None else key
         dtype = query.dtype
         B, L, _ = query.shape
@@ -309,8 +354,14 @@ class MultiHeadAttention(keras.layers.Layer):
             if mask.shape.rank == 3:
                 mask = mask[:, None, :, :]  # (B, 1, L, S): the same for every head
         # (B, H, L, D_v)
-        heads, weights = _attention_and_weights(
-            q, k, v, mask=mask, causal=bool(use_causal_mask)
+        heads, weights = _heads(
+            q,
+            k,
+            v,
+            mask,
+            bool(use_causal_mask),
+            bool(return_attention_scores),
+            self.implementation,
         )
         # (B, L, E_out)
         output = tf.einsum("bhld,hde->ble", heads, tf.cast(self.output_kernel, dtype))

@@ -24,15 +24,19 @@ from torch import nn
 from companion import _checks
 from companion._kvcache import KVCacheBase
 from companion.conventions import gqa_group_size
-from companion.numpy.multihead import MultiHeadParams
+from companion.numpy.multihead import MultiHeadParams, _choose_implementation
 from companion.torch.attention import (
     _check_flag,
     _compute_dtype,
     _merge_heads,
     _split_heads,
+    attention_tiled,
     attention_weights,
     scaled_dot_product_attention_reference,
 )
+
+# "auto" takes the tiled kernel from this many scores per head (L * S) on
+TILED_FROM_SCORES = 1024 * 1024
 
 __all__ = ["MultiHeadParams", "KVCache", "multi_head_attention", "MultiHeadAttention"]
 
@@ -113,6 +117,7 @@ def _multi_head(
     causal,
     cache,
     return_weights,
+    implementation="auto",
 ):
     """The body shared by :func:`multi_head_attention` and :class:`MultiHeadAttention`.
 
@@ -120,6 +125,8 @@ def _multi_head(
     already in the compute dtype on the inputs' device.
     """
     w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o = weights
+    # checked before the cache changes (the sizes come later)
+    _choose_implementation(implementation, 0, 0, return_weights, TILED_FROM_SCORES)
     compute = w_q.dtype
     q = _project(x_q.to(compute), w_q, b_q, num_heads)  # (B, H, L, D)
     # (B, H_kv, S_new, D)
@@ -133,7 +140,13 @@ def _multi_head(
             )
         k, v = cache.append(k, v)  # (B, H_kv, S, D), (B, H_kv, S, D_v)
     q = q.to(x_q.dtype)
-    if return_weights:
+    chosen = _choose_implementation(
+        implementation, q.shape[2], k.shape[2], return_weights, TILED_FROM_SCORES
+    )
+    if chosen == "tiled":
+        # (B, H, L, D_v)
+        heads = attention_tiled(q, k, v, mask=mask, causal=causal).to(compute)
+    elif return_weights:
         probs = attention_weights(q, k, mask=mask, causal=causal)  # (B, H, L, S)
         # (B, H_kv, group, L, S)
         grouped = _split_heads(probs.to(compute), num_kv_heads)
@@ -188,6 +201,7 @@ def multi_head_attention(
     causal: bool = False,
     cache: KVCache | None = None,
     return_weights: bool = False,
+    implementation: str = "auto",
 ):
     r"""Multi-head attention on batch-first inputs: ``(B, L, E_q), (B, S, E_kv) -> (B, L, E_out)``.
 
@@ -205,6 +219,10 @@ def multi_head_attention(
     is bottom-right aligned, so feeding a sequence one token at a time into a
     :class:`KVCache` with ``causal=True`` equals full causal self-attention. Returns
     ``(B, L, E_out)``, or ``(output, weights (B, H, L, S))`` with ``return_weights=True``.
+    ``implementation`` (``"auto"``, ``"reference"``, ``"tiled"``) picks the heads'
+    attention: the reference or :func:`companion.torch.attention_tiled` (outputs and
+    gradients agree); ``"auto"`` is tiled from ``L * S >= TILED_FROM_SCORES`` on, unless
+    ``return_weights``.
     """
     causal = _check_flag("causal", causal)
     return_weights = _check_flag("return_weights", return_weights)
@@ -231,6 +249,7 @@ def multi_head_attention(
         causal=causal,
         cache=cache,
         return_weights=return_weights,
+        implementation=implementation,
     )
 
 
@@ -258,7 +277,9 @@ class MultiHeadAttention(nn.Module):
     ``H / H_kv``. Inputs are batch-first ``(B, L, E)``; masks follow
     :mod:`companion.conventions` (``True`` = attend, the opposite of
     ``nn.MultiheadAttention``'s ``key_padding_mask``); a fully masked query gives 0, not
-    NaN. :meth:`forward` takes a :class:`KVCache` for decoding.
+    NaN. :meth:`forward` takes a :class:`KVCache` for decoding. ``implementation``
+    (``"auto"``, ``"reference"``, ``"tiled"``) is the default of the keyword of that
+    name of :meth:`forward`, as in :func:`multi_head_attention`.
 
     Explained in the book chapters *Attention: algorithm and math* and *Making it fast*.
     """
@@ -274,8 +295,11 @@ class MultiHeadAttention(nn.Module):
         vdim: int | None = None,
         device=None,
         dtype=None,
+        implementation: str = "auto",
     ):
         super().__init__()
+        _choose_implementation(implementation, 0, 0, False, TILED_FROM_SCORES)
+        self.implementation = implementation
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         gqa_group_size(num_heads, num_kv_heads)  # ValueError unless H_kv divides H
         for name, value in (("embed_dim", embed_dim), ("kdim", kdim), ("vdim", vdim)):
@@ -331,13 +355,15 @@ class MultiHeadAttention(nn.Module):
         causal: bool = False,
         cache: KVCache | None = None,
         return_weights: bool = False,
+        implementation: str | None = None,
     ):
         """Attend from ``query (B, L, E)`` to ``key (B, S, kdim)`` / ``value (B, S, vdim)``.
 
         ``key`` defaults to ``query`` (self-attention) and ``value`` to ``key``. ``mask``,
-        ``causal`` (bottom-right), ``cache`` and ``return_weights`` as in
-        :func:`multi_head_attention`. Returns ``(B, L, E)``, or ``(output, weights
-        (B, H, L, S))`` (per head, not averaged) with ``return_weights=True``.
+        ``causal`` (bottom-right), ``cache``, ``return_weights`` and ``implementation``
+        (default: the module's) as in :func:`multi_head_attention`. Returns
+        ``(B, L, E)``, or ``(output, weights (B, H, L, S))`` (per head, not averaged)
+        with ``return_weights=True``.
         """
         causal = _check_flag("causal", causal)
         return_weights = _check_flag("return_weights", return_weights)
@@ -360,6 +386,9 @@ class MultiHeadAttention(nn.Module):
             causal=causal,
             cache=cache,
             return_weights=return_weights,
+            implementation=(
+                self.implementation if implementation is None else implementation
+            ),
         )
 
     # ----- conversions -----------------------------------------------------------------
