@@ -8,5 +8,6 @@ Every public name here also exists, with the same signature, in
 from companion.numpy.attention import *  # noqa: F401,F403
 from companion.numpy.conv import *  # noqa: F401,F403
 from companion.numpy.multihead import *  # noqa: F401,F403
+from companion.numpy.positions import *  # noqa: F401,F403
 from companion.numpy.scores import *  # noqa: F401,F403
 from companion.numpy.sharing import *  # noqa: F401,F403

@@ -13,6 +13,7 @@ from companion.torch.attention import *  # noqa: F401,F403
 from companion.torch.conv import *  # noqa: F401,F403
 from companion.torch.models import *  # noqa: F401,F403
 from companion.torch.multihead import *  # noqa: F401,F403
+from companion.torch.positions import *  # noqa: F401,F403
 from companion.torch.scores import *  # noqa: F401,F403
 from companion.torch.sharing import *  # noqa: F401,F403
 from companion.torch.source_cnn import *  # noqa: F401,F403

@@ -1,0 +1,108 @@
+"""What the three backends' position functions share: checks and ALiBi's slopes.
+
+Backend-free: it sees Python numbers, shapes and dtype names only, so the numpy, torch
+and TensorFlow versions of :mod:`companion.numpy.positions` reject bad input with the
+same words and compute the same slopes.
+"""
+
+from __future__ import annotations
+
+import math
+
+from companion import _checks
+
+__all__ = [
+    "check_length",
+    "check_base",
+    "alibi_slope_list",
+    "rotary_dims",
+    "check_positions",
+]
+
+
+def check_length(name: str, value, minimum: int = 0) -> int:
+    """``value`` as an int ``>= minimum``; ``ValueError`` naming ``name`` otherwise."""
+    return _checks.check_int(name, value, minimum)
+
+
+def check_base(base) -> float:
+    """The rotary/sinusoidal ``base`` as a Python float ``> 1``."""
+    if isinstance(base, bool) or not isinstance(base, (int, float)):
+        try:
+            base = float(base)
+        except (TypeError, ValueError):
+            raise TypeError(f"base must be a number > 1, got {base!r}") from None
+    base = float(base)
+    if not math.isfinite(base) or base <= 1.0:
+        raise ValueError(f"base must be a finite number > 1, got {base!r}")
+    return base
+
+
+def alibi_slope_list(num_heads: int) -> list[float]:
+    r"""ALiBi's head slopes (Press et al. 2022), as Python floats.
+
+    For ``H`` a power of two the slopes are the geometric sequence
+    :math:`m_h = 2^{-8 (h + 1) / H}`, ``h = 0 .. H-1`` (``2^-1 .. 2^-8`` for 8 heads).
+    Otherwise, with ``n`` the largest power of two below ``H``, the paper's rule takes
+    the ``n`` slopes for ``n`` heads and adds every other slope of the ``2n`` sequence
+    (the odd-numbered ones) until there are ``H``.
+    """
+    H = check_length("num_heads", num_heads, 1)
+
+    def power_of_two(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+
+    n = 2 ** int(math.floor(math.log2(H)))
+    if n == H:
+        return power_of_two(H)
+    return power_of_two(n) + power_of_two(2 * n)[0::2][: H - n]
+
+
+def rotary_dims(shape, rotary_dim) -> tuple[int, int]:
+    """``(D, d)``: the feature size of ``x (..., L, D)`` and the rotated size ``d``.
+
+    ``d`` (``rotary_dim``, default ``D``) must be even and at most ``D``: features are
+    rotated in pairs, and partial rotary (GPT-NeoX) leaves ``D - d`` features alone.
+    """
+    shape = tuple(shape)
+    if len(shape) < 2:
+        raise ValueError(
+            f"x must have shape (..., L, D) with at least 2 axes, got {shape}"
+        )
+    D = int(shape[-1])
+    if rotary_dim is None:
+        d = D
+        if d % 2:
+            raise ValueError(
+                f"rotary embeddings rotate pairs of features: the last axis of x must "
+                f"be even, got D={D} (x of shape {shape}); pass an even rotary_dim to "
+                "rotate only part of it"
+            )
+    else:
+        d = _checks.check_int("rotary_dim", rotary_dim, 2)
+        if d % 2 or d > D:
+            raise ValueError(
+                f"rotary_dim must be even and at most D={D} (x of shape {shape}), "
+                f"got {rotary_dim!r}"
+            )
+    return D, d
+
+
+def check_positions(positions_shape, dtype_name: str, x_shape) -> None:
+    """Integer positions, ``(L,)`` or broadcasting to the ``(..., L)`` of ``x``."""
+    if not (dtype_name.startswith("int") or dtype_name.startswith("uint")):
+        raise TypeError(
+            f"positions must be integers (absolute token positions), got dtype "
+            f"{dtype_name}"
+        )
+    p, target = tuple(positions_shape), tuple(x_shape)[:-1]
+    if len(p) < 1:
+        raise ValueError(f"positions must have shape (L,) or (..., L), got shape {p}")
+    try:
+        result = _checks.broadcast_shape(p, target)
+    except ValueError:
+        result = None
+    if result != target:
+        raise ValueError(
+            f"positions of shape {p} do not broadcast to x's (..., L) = {target}"
+        )

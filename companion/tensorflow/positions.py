@@ -1,0 +1,116 @@
+r"""Position information for attention in TensorFlow: sinusoidal, rotary (RoPE), ALiBi.
+
+The same functions as :mod:`companion.numpy.positions` (the float64 oracle), for
+TensorFlow tensors, eager or inside ``tf.function`` (static shapes). Default dtype
+float32; everything is computed in float64 and cast once.
+
+Explained in the book chapter *Positions and the transformer block*.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from companion import _checks, _positions
+
+__all__ = [
+    "sinusoidal_positions",
+    "rotary_embedding",
+    "alibi_slopes",
+    "alibi_bias",
+]
+
+_HALF = ("float16", "bfloat16")
+
+
+def _output_dtype(dtype):
+    dtype = tf.float32 if dtype is None else tf.as_dtype(dtype)
+    _checks.check_float("dtype", dtype)
+    return dtype
+
+
+def sinusoidal_positions(length: int, dim: int, *, base: float = 10000.0, dtype=None):
+    r"""Vaswani et al.'s table ``(length, dim)``, interleaved.
+
+    ``PE[p, 2i] = sin(p / base^(2i/dim))``, ``PE[p, 2i+1] = cos(p / base^(2i/dim))``.
+    See :func:`companion.numpy.sinusoidal_positions`.
+    """
+    length = _positions.check_length("length", length, 0)
+    dim = _positions.check_length("dim", dim, 1)
+    base = _positions.check_base(base)
+    dtype = _output_dtype(dtype)
+    column = tf.range(dim)  # (dim,)
+    exponent = tf.cast(-2 * (column // 2), tf.float64) / dim  # (dim,)
+    frequency = tf.pow(tf.constant(base, tf.float64), exponent)  # (dim,)
+    # (length, dim)
+    angle = tf.cast(tf.range(length), tf.float64)[:, None] * frequency[None, :]
+    even = tf.broadcast_to(column % 2 == 0, tf.shape(angle))  # (length, dim)
+    table = tf.where(even, tf.sin(angle), tf.cos(angle))  # (length, dim)
+    return tf.cast(table, dtype)
+
+
+def rotary_embedding(
+    x,
+    positions,
+    *,
+    base: float = 10000.0,
+    interleaved: bool = False,
+    rotary_dim: int | None = None,
+):
+    r"""Rotate pairs of features of ``x (..., L, D)`` by ``p * base^(-2i/d)``.
+
+    ``interleaved=False`` pairs ``i`` with ``i + d/2`` (Llama, GPT-NeoX); ``True`` pairs
+    ``2i`` with ``2i + 1`` (RoFormer, GPT-J); ``rotary_dim`` rotates only the first
+    ``d`` features. See :func:`companion.numpy.rotary_embedding`.
+    """
+    x = tf.convert_to_tensor(x)
+    name = _checks.check_float("x", x.dtype)
+    D, d = _positions.rotary_dims(x.shape, rotary_dim)
+    positions = tf.convert_to_tensor(positions)
+    _positions.check_positions(
+        positions.shape, _checks.dtype_name(positions.dtype), x.shape
+    )
+    base = _positions.check_base(base)
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"interleaved must be True or False, got {interleaved!r}")
+    dtype = tf.float32 if name in _HALF else x.dtype
+    exponent = -2.0 * tf.range(d // 2, dtype=tf.float64) / d  # (d/2,)
+    theta = tf.pow(tf.constant(base, tf.float64), exponent)  # (d/2,)
+    # (..., L, d/2): p theta_i
+    angle = tf.cast(positions, tf.float64)[..., None] * theta
+    cos, sin = tf.cast(tf.cos(angle), dtype), tf.cast(tf.sin(angle), dtype)
+    xc = tf.cast(x, dtype)
+    if interleaved:
+        x_a, x_b = xc[..., 0:d:2], xc[..., 1:d:2]  # (..., L, d/2) each
+    else:
+        x_a, x_b = xc[..., : d // 2], xc[..., d // 2 : d]  # (..., L, d/2) each
+    y_a = x_a * cos - x_b * sin  # (..., L, d/2): Re(z e^{i p theta})
+    y_b = x_b * cos + x_a * sin  # (..., L, d/2): Im(z e^{i p theta})
+    if interleaved:
+        stacked = tf.stack([y_a, y_b], axis=-1)  # (..., L, d/2, 2)
+        rotated = tf.reshape(stacked, [*y_a.shape[:-1], d])  # (..., L, d)
+    else:
+        rotated = tf.concat([y_a, y_b], axis=-1)  # (..., L, d)
+    out = tf.concat([rotated, xc[..., d:]], axis=-1)  # (..., L, D)
+    return tf.cast(out, x.dtype)
+
+
+def alibi_slopes(num_heads: int, *, dtype=None):
+    r"""ALiBi's slope per head ``(H,)``; ``2^-1 .. 2^-8`` for 8 heads.
+
+    See :func:`companion.numpy.alibi_slopes`."""
+    slopes = tf.constant(_positions.alibi_slope_list(num_heads), tf.float64)
+    return tf.cast(slopes, _output_dtype(dtype))
+
+
+def alibi_bias(num_heads: int, L: int, S: int, *, dtype=None):
+    r"""ALiBi's float mask ``(H, L, S)``: ``-m_h |i + (S - L) - j|`` (bottom-right).
+
+    See :func:`companion.numpy.alibi_bias`."""
+    L = _positions.check_length("L", L, 0)
+    S = _positions.check_length("S", S, 0)
+    slopes = alibi_slopes(num_heads, dtype=tf.float64)  # (H,)
+    query = tf.range(L, dtype=tf.float64)[:, None] + (S - L)  # (L, 1)
+    distance = tf.abs(query - tf.range(S, dtype=tf.float64)[None, :])  # (L, S)
+    bias = slopes[:, None, None] * (0.0 - distance)  # (H, L, S), never -0.0
+    return tf.cast(bias, _output_dtype(dtype))
