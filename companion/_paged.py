@@ -1,0 +1,329 @@
+r"""Paged key/value caches: one pool of fixed-size blocks, a block table per sequence.
+
+What vLLM's PagedAttention (Kwon et al. 2023) does with memory, written once for every
+backend. The pool holds ``num_blocks`` blocks of ``block_size`` positions each; a
+sequence owns a *block table*, the list of its blocks in order, so that position ``j``
+lives in block ``table[j // block_size]`` at slot ``j % block_size``::
+
+    pool (key or value)          sequence A: 21 positions    sequence B = fork(A)
+    +----+----+----+----+----+   table [0, 3]                + 6 of its own
+    | b0 | b1 | b2 | b3 | b4 |   b0: 0..15, b3: 16..20       table [0, 4]
+    +----+----+----+----+----+                               b0 shared (ref count 2),
+                                                             b4 = copy of b3, + 6
+
+:meth:`PagedKVCacheBase.fork` shares every block of a sequence with a new one (a prompt
+with several continuations): reference counts go up, nothing is copied. The first
+append to a shared block that is only partly filled copies it first (copy on write);
+full shared blocks are never written again. :meth:`~PagedKVCacheBase.free` drops a
+sequence; a block goes back to the pool when its count reaches zero.
+
+Every operation checks first and changes nothing when it fails: reading a freed
+sequence, appending when the pool is exhausted, appending beyond ``max_blocks`` of a
+block table.
+
+Backends subclass :class:`PagedKVCacheBase` and supply the storage operations for
+their tensors (``_convert``, ``_zeros``, ``_write``, ``_copy_block``, ``_gather``).
+Explained in the book chapter *Long context*.
+"""
+
+from __future__ import annotations
+
+from companion import _checks
+from companion._kvcache import _itemsize
+
+__all__ = ["BlockPool", "PagedKVCacheBase", "PoolExhaustedError", "visible_keys"]
+
+
+class PoolExhaustedError(RuntimeError):
+    """Raised when a cache operation needs more free blocks than the pool has."""
+
+
+class BlockPool:
+    """Which blocks are free and how many block tables hold each (reference counts).
+
+    Bookkeeping only, no tensors: ``allocate`` hands out the lowest free block with
+    count 1, ``share`` adds a holder, ``release`` removes one and frees the block at 0.
+    """
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = _checks.check_int("num_blocks", num_blocks)
+        self._refcount = [0] * self.num_blocks
+        # popped from the end: the lowest block number first
+        self._free = list(range(self.num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def refcount(self, block: int) -> int:
+        return self._refcount[block]
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise PoolExhaustedError(
+                f"the block pool is exhausted: all {self.num_blocks} blocks are in use"
+            )
+        block = self._free.pop()
+        self._refcount[block] = 1
+        return block
+
+    def share(self, block: int) -> None:
+        if self._refcount[block] < 1:
+            raise RuntimeError(f"block {block} is free; it cannot be shared")
+        self._refcount[block] += 1
+
+    def release(self, block: int) -> None:
+        if self._refcount[block] < 1:
+            raise RuntimeError(f"block {block} is already free")
+        self._refcount[block] -= 1
+        if self._refcount[block] == 0:
+            self._free.append(block)
+            self._free.sort(reverse=True)
+
+
+class PagedKVCacheBase:
+    r"""Keys ``(H_kv, S, D)`` and values ``(H_kv, S, D_v)`` of many sequences, paged.
+
+    Parameters
+    ----------
+    num_blocks : int
+        Blocks in the pool; the memory is allocated once, up front.
+    block_size : int
+        Positions per block (vLLM's default is 16).
+    num_kv_heads, head_dim : int
+        ``H_kv`` and ``D``.
+    value_head_dim : int, optional
+        ``D_v`` (default ``D``).
+    dtype : optional
+        The backend's dtype (or its name); default float32.
+    max_blocks : int, optional
+        The most blocks one block table may hold (default: the whole pool).
+
+    Sequences are named by the integers :meth:`new_sequence` and :meth:`fork` return.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        value_head_dim: int | None = None,
+        *,
+        dtype=None,
+        max_blocks: int | None = None,
+    ):
+        self.pool = BlockPool(num_blocks)
+        self.block_size = _checks.check_int("block_size", block_size)
+        self.num_kv_heads = _checks.check_int("num_kv_heads", num_kv_heads)
+        self.head_dim = _checks.check_int("head_dim", head_dim)
+        self.value_head_dim = (
+            self.head_dim
+            if value_head_dim is None
+            else _checks.check_int("value_head_dim", value_head_dim)
+        )
+        self.max_blocks = (
+            self.pool.num_blocks
+            if max_blocks is None
+            else _checks.check_int("max_blocks", max_blocks)
+        )
+        dims = (self.num_kv_heads, self.block_size)
+        # (num_blocks, H_kv, block_size, D)
+        self._key = self._zeros((self.pool.num_blocks, *dims, self.head_dim), dtype)
+        # (num_blocks, H_kv, block_size, D_v)
+        self._value = self._zeros(
+            (self.pool.num_blocks, *dims, self.value_head_dim), dtype
+        )
+        self._tables: dict[int, list[int]] = {}
+        self._lengths: dict[int, int] = {}
+        self._next_id = 0
+
+    # --- what a backend supplies ----------------------------------------------------
+    def _convert(self, name: str, x):
+        """``x`` as this backend's tensor (or a ``TypeError``)."""
+        raise NotImplementedError
+
+    def _zeros(self, shape: tuple[int, ...], dtype):
+        """A zero tensor of ``shape`` and ``dtype`` (a name, or None for float32)."""
+        raise NotImplementedError
+
+    def _write(self, storage, block: int, start: int, stop: int, x) -> None:
+        """``storage[block, :, start:stop] = x`` for ``x (H_kv, stop - start, dim)``."""
+        raise NotImplementedError
+
+    def _copy_block(self, storage, source: int, target: int) -> None:
+        """``storage[target] = storage[source]``."""
+        raise NotImplementedError
+
+    def _gather(self, storage, blocks: list[int], length: int):
+        """The first ``length`` positions via ``blocks``: ``(H_kv, length, dim)``."""
+        raise NotImplementedError
+
+    # --- sequences ------------------------------------------------------------------
+    def new_sequence(self) -> int:
+        """An empty sequence (no blocks yet); returns its id."""
+        seq = self._next_id
+        self._next_id += 1
+        self._tables[seq], self._lengths[seq] = [], 0
+        return seq
+
+    def fork(self, seq: int) -> int:
+        """A new sequence sharing every block of ``seq`` (no copy); returns its id."""
+        table = self._table(seq)
+        for block in table:
+            self.pool.share(block)
+        child = self.new_sequence()
+        self._tables[child], self._lengths[child] = list(table), self._lengths[seq]
+        return child
+
+    def free(self, seq: int) -> None:
+        """Drop ``seq``; its blocks held by no other sequence return to the pool."""
+        for block in self._table(seq):
+            self.pool.release(block)
+        del self._tables[seq], self._lengths[seq]
+
+    @property
+    def sequences(self) -> tuple[int, ...]:
+        """The ids of the live sequences."""
+        return tuple(self._tables)
+
+    def length(self, seq: int) -> int:
+        """Positions stored for ``seq``."""
+        self._table(seq)
+        return self._lengths[seq]
+
+    def block_table(self, seq: int) -> tuple[int, ...]:
+        """The blocks of ``seq``, in order."""
+        return tuple(self._table(seq))
+
+    def _table(self, seq) -> list[int]:
+        table = self._tables.get(seq) if isinstance(seq, int) else None
+        if table is None:
+            raise KeyError(
+                f"sequence {seq!r} does not exist (freed, or never created); "
+                f"live sequences: {sorted(self._tables)}"
+            )
+        return table
+
+    # --- writing --------------------------------------------------------------------
+    def append(self, seq: int, key, value) -> None:
+        """Append ``key (H_kv, S_new, D)`` and ``value (H_kv, S_new, D_v)`` to ``seq``.
+
+        Needs ``ceil`` of the new positions beyond the last block's free slots in new
+        blocks, plus one for a copy on write when that last block is shared. If the pool
+        (or ``max_blocks``) cannot supply them, raises and changes nothing.
+        """
+        table = self._table(seq)
+        key, value = self._convert("key", key), self._convert("value", value)
+        self._check_append(key, value)
+        new, length, size = int(key.shape[1]), self._lengths[seq], self.block_size
+        used = -(-length // size)  # blocks holding positions
+        needed = -(-(length + new) // size) - used
+        partial = length % size != 0
+        copy = partial and new > 0 and self.pool.refcount(table[-1]) > 1
+        if used + needed > self.max_blocks:
+            raise ValueError(
+                f"appending {new} positions to sequence {seq} (length {length}) needs "
+                f"{used + needed} blocks of {size}, beyond max_blocks={self.max_blocks}"
+            )
+        if needed + copy > self.pool.num_free:
+            raise PoolExhaustedError(
+                f"appending {new} positions to sequence {seq} needs {needed + copy} "
+                f"free blocks; the pool of {self.pool.num_blocks} has "
+                f"{self.pool.num_free} left"
+            )
+        if copy:
+            # copy on write: the shared partial block gets a private copy
+            private = self.pool.allocate()
+            for storage in (self._key, self._value):
+                self._copy_block(storage, table[-1], private)
+            self.pool.release(table[-1])
+            table[-1] = private
+        table.extend(self.pool.allocate() for _ in range(needed))
+        done = 0
+        while done < new:
+            position = length + done
+            block, slot = table[position // size], position % size
+            n = min(size - slot, new - done)
+            # (H_kv, n, D) and (H_kv, n, D_v) into one block
+            self._write(self._key, block, slot, slot + n, key[:, done : done + n])
+            self._write(self._value, block, slot, slot + n, value[:, done : done + n])
+            done += n
+        self._lengths[seq] = length + new
+
+    def _check_append(self, key, value) -> None:
+        k, v = tuple(key.shape), tuple(value.shape)
+        expected = (self.num_kv_heads, self.head_dim, self.value_head_dim)
+        if len(k) != 3 or len(v) != 3 or (k[0], k[2], v[2]) != expected or k[1] != v[1]:
+            raise ValueError(
+                f"key must be (H_kv, S_new, D) = ({expected[0]}, S_new, {expected[1]}) "
+                f"and value (H_kv, S_new, D_v) = ({expected[0]}, S_new, {expected[2]}) "
+                f"with the same S_new, got key {k} and value {v}"
+            )
+        names = (_checks.check_float("key", key.dtype),)
+        names += (_checks.check_float("value", value.dtype),)
+        stored = _checks.dtype_name(self._key.dtype)
+        if names != (stored, stored):
+            raise TypeError(
+                f"key and value must have the cache's dtype {stored}, got {names}"
+            )
+
+    # --- reading --------------------------------------------------------------------
+    def gather(self, seq: int):
+        """``(key (H_kv, S, D), value (H_kv, S, D_v))`` of ``seq``, read through its
+        block table (a copy)."""
+        table, length = self._table(seq), self._lengths[seq]
+        return (
+            self._gather(self._key, table, length),
+            self._gather(self._value, table, length),
+        )
+
+    # --- memory ---------------------------------------------------------------------
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of keys and values one block holds."""
+        per_position = self.num_kv_heads * (self.head_dim + self.value_head_dim)
+        return _itemsize(self._key.dtype) * per_position * self.block_size
+
+    @property
+    def blocks_in_use(self) -> int:
+        """Distinct blocks held by at least one sequence."""
+        return self.pool.num_blocks - self.pool.num_free
+
+    @property
+    def blocks_unshared(self) -> int:
+        """Blocks the live sequences would hold if each had its own copy."""
+        size = self.block_size
+        return sum(-(-n // size) for n in self._lengths.values())
+
+    @property
+    def nbytes_in_use(self) -> int:
+        """Bytes of the blocks in use."""
+        return self.blocks_in_use * self.bytes_per_block
+
+    @property
+    def nbytes_saved(self) -> int:
+        """Bytes that sharing saves: (unshared - in use) blocks."""
+        return (self.blocks_unshared - self.blocks_in_use) * self.bytes_per_block
+
+
+def visible_keys(length: int, L: int, *, causal: bool, window: int | None):
+    """For the ``L`` last positions of a sequence of ``length``: ``(lo, hi)`` per query.
+
+    Query ``i`` sits at absolute position ``p = i + length - L`` (bottom-right) and
+    sees keys ``lo[i] <= j < hi[i]``: all of them without ``causal``/``window``;
+    ``j <= p`` with ``causal``; ``p - window < j`` (and ``j < p + window`` without
+    ``causal``) with a window.
+    """
+    lo, hi = [], []
+    for i in range(L):
+        p = i + length - L
+        top = p + 1 if causal else length
+        bottom = 0
+        if window is not None:
+            bottom = max(0, p - window + 1)
+            if not causal:
+                top = min(length, p + window)
+        lo.append(bottom)
+        hi.append(top)
+    return lo, hi

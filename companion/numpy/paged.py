@@ -1,0 +1,147 @@
+r"""A paged key/value cache in numpy and attention that reads through its block tables.
+
+:class:`PagedKVCache` keeps the keys and values of many sequences in one pool of
+fixed-size blocks (vLLM's PagedAttention, Kwon et al. 2023); the bookkeeping (block
+tables, reference counts, copy on write, clear errors) lives in
+:mod:`companion._paged`. :func:`paged_attention` runs attention for a batch of
+sequences block by block, with the online softmax of the tiled kernel: each block of a
+sequence's table is one key tile, and no sequence's keys are ever gathered into one
+array.
+
+Explained in the book chapter *Long context*.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from companion import _checks
+from companion._paged import PagedKVCacheBase, PoolExhaustedError, visible_keys
+from companion.numpy.attention import _check_flag, _compute_dtype, _float_array
+
+__all__ = ["PagedKVCache", "PoolExhaustedError", "paged_attention"]
+
+
+class PagedKVCache(PagedKVCacheBase):
+    r"""Keys and values of many sequences in one pool of blocks (numpy).
+
+    ``PagedKVCache(num_blocks, block_size, num_kv_heads, head_dim, value_head_dim=None,
+    *, dtype="float32", max_blocks=None)``. Pool storage ``(num_blocks, H_kv,
+    block_size, D)`` for keys and ``(..., D_v)`` for values is allocated once. A
+    sequence is an integer id: :meth:`new_sequence`, :meth:`fork` (shares the blocks,
+    copy on write), :meth:`free`; :meth:`append` takes ``key (H_kv, S_new, D)`` and
+    ``value (H_kv, S_new, D_v)``.
+    """
+
+    def _convert(self, name: str, x) -> np.ndarray:
+        return np.asarray(x)
+
+    def _zeros(self, shape, dtype) -> np.ndarray:
+        return np.zeros(shape, np.dtype("float32" if dtype is None else dtype))
+
+    def _write(self, storage, block: int, start: int, stop: int, x) -> None:
+        storage[block, :, start:stop] = x
+
+    def _copy_block(self, storage, source: int, target: int) -> None:
+        storage[target] = storage[source]
+
+    def _gather(self, storage, blocks, length: int) -> np.ndarray:
+        # (n_blocks, H_kv, block_size, dim) -> (H_kv, n_blocks * block_size, dim)
+        paged = storage[np.asarray(blocks, dtype=np.intp)]
+        H_kv, dim = storage.shape[1], storage.shape[3]
+        flat = paged.transpose(1, 0, 2, 3).reshape(H_kv, -1, dim)
+        return flat[:, :length]  # (H_kv, S, dim)
+
+
+def _paged_one(q, cache, seq, causal, window, t, dtype):
+    """One sequence by blocks: ``q (H_kv, group, L, D)`` -> ``(H_kv, group, L, D_v)``.
+
+    The online softmax of :func:`companion.numpy.attention_tiled`: for each block ``b``
+    of the table, ``m_new = max(m, rowmax(S_b))``, ``c = exp(m - m_new)``,
+    ``l = c l + rowsum(P_b)``, ``O = c O + P_b V_b``; at the end ``O / l`` (0 where
+    ``l = 0``).
+    """
+    H_kv, group, L, _ = q.shape
+    table, length, size = cache._table(seq), cache._lengths[seq], cache.block_size
+    lo, hi = visible_keys(length, L, causal=causal, window=window)
+    lo, hi = np.asarray(lo)[:, None], np.asarray(hi)[:, None]  # (L, 1)
+    m = np.full((H_kv, group, L, 1), -np.inf, dtype)
+    l = np.zeros((H_kv, group, L, 1), dtype)  # noqa: E741
+    o = np.zeros((H_kv, group, L, cache.value_head_dim), dtype)
+    for index, block in enumerate(table):
+        start = index * size
+        n = min(size, length - start)
+        if start >= hi.max() or start + n <= lo.min():
+            continue  # no query sees this block: skipped
+        k = cache._key[block, :, :n].astype(dtype)  # (H_kv, n, D)
+        v = cache._value[block, :, :n].astype(dtype)  # (H_kv, n, D_v)
+        # t Q K_b^T: (H_kv, group, L, n)
+        scores = t * (q @ k[:, None].swapaxes(-1, -2))
+        j = start + np.arange(n)[None, :]  # (1, n)
+        keep = (lo <= j) & (j < hi)  # (L, n)
+        scores = np.where(keep, scores, -np.inf)
+        m_new = np.maximum(m, scores.max(axis=-1, keepdims=True))
+        safe = np.where(np.isinf(m_new), 0.0, m_new)  # -inf rows: exp(-inf - 0) = 0
+        p = np.exp(scores - safe)  # (H_kv, group, L, n)
+        c = np.exp(m - safe)  # rescales what was accumulated
+        l = c * l + p.sum(axis=-1, keepdims=True)  # noqa: E741
+        o = c * o + p @ v[:, None]  # (H_kv, group, L, D_v)
+        m = m_new
+    positive = l > 0
+    return np.where(positive, o / np.where(positive, l, 1), 0)
+
+
+def paged_attention(
+    query,
+    cache: PagedKVCache,
+    sequences,
+    *,
+    causal: bool = False,
+    window: int | None = None,
+    scale: float | None = None,
+) -> np.ndarray:
+    r"""Attention of ``query (B, H, L, D)`` over the cached keys of ``B`` sequences.
+
+    Query row ``b`` attends to the positions of ``sequences[b]`` read through its block
+    table; each sequence may have its own length ``S_b``, and the ``L`` queries are its
+    last ``L`` positions (bottom-right), so decoding appends the new keys first, then
+    calls this with ``L = 1``. ``causal`` and ``window`` mean what they mean for
+    :func:`companion.numpy.scaled_dot_product_attention_reference`: query position
+    ``p`` sees ``p - window < j <= p``. Grouped-query when ``H > H_kv``.
+
+    Returns ``(B, H, L, D_v)`` in the query's dtype (float16 computed in float32).
+    """
+    causal = _check_flag("causal", causal)
+    if window is not None:
+        window = _checks.check_int("window", window)
+    if not isinstance(cache, PagedKVCache):
+        raise TypeError(
+            f"cache must be a companion.numpy.PagedKVCache, got {type(cache).__name__}"
+        )
+    query = _float_array("query", query)
+    sequences = list(sequences)
+    if query.ndim != 4 or query.shape[0] != len(sequences):
+        raise ValueError(
+            f"query must have shape (B, H, L, D) with B = len(sequences) = "
+            f"{len(sequences)}, got shape {query.shape}"
+        )
+    B, H, L, D = query.shape
+    if D != cache.head_dim or H % cache.num_kv_heads:
+        raise ValueError(
+            f"query {query.shape} does not fit the cache: D must be {cache.head_dim} "
+            f"and H a multiple of H_kv = {cache.num_kv_heads}"
+        )
+    for seq in sequences:
+        cache._table(seq)  # KeyError for a freed or unknown sequence
+    dtype = _compute_dtype(query.dtype)
+    t = _checks.resolve_scale(scale, D)
+    group = H // cache.num_kv_heads
+    # (B, H_kv, group, L, D)
+    q = query.astype(dtype).reshape(B, cache.num_kv_heads, group, L, D)
+    out = np.stack(
+        [
+            _paged_one(q[b], cache, seq, causal, window, t, dtype)
+            for b, seq in enumerate(sequences)
+        ]
+    )  # (B, H_kv, group, L, D_v)
+    return out.reshape(B, H, L, cache.value_head_dim).astype(query.dtype)
