@@ -8,6 +8,7 @@ same words and compute the same slopes.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from companion import _checks
 
@@ -17,6 +18,9 @@ __all__ = [
     "alibi_slope_list",
     "rotary_dims",
     "check_positions",
+    "RotaryConfig",
+    "as_rotary",
+    "rotary_positions",
 ]
 
 
@@ -106,3 +110,56 @@ def check_positions(positions_shape, dtype_name: str, x_shape) -> None:
         raise ValueError(
             f"positions of shape {p} do not broadcast to x's (..., L) = {target}"
         )
+
+
+@dataclass(frozen=True)
+class RotaryConfig:
+    """How an attention layer applies :func:`rotary_embedding` to its queries and keys.
+
+    The ``rope=`` keyword of the attention functions and layers takes one of these, or
+    ``True`` (the defaults), a number (the ``base``) or a dict of these fields; ``None``
+    or ``False`` means no rotary embedding.
+    """
+
+    base: float = 10000.0
+    interleaved: bool = False
+    rotary_dim: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "base", check_base(self.base))
+        if not isinstance(self.interleaved, bool):
+            raise TypeError(
+                f"interleaved must be True or False, got {self.interleaved!r}"
+            )
+        if self.rotary_dim is not None:
+            _checks.check_int("rotary_dim", self.rotary_dim, 2)
+
+
+def as_rotary(rope) -> RotaryConfig | None:
+    """``rope=`` as a :class:`RotaryConfig`, or ``None`` for no rotary embedding."""
+    if rope is None or rope is False:
+        return None
+    if rope is True:
+        return RotaryConfig()
+    if isinstance(rope, RotaryConfig):
+        return rope
+    if isinstance(rope, dict):
+        return RotaryConfig(**rope)
+    if isinstance(rope, (int, float)):
+        return RotaryConfig(base=rope)
+    raise TypeError(
+        "rope must be None, True, a base (number), a dict or a RotaryConfig, "
+        f"got {rope!r}"
+    )
+
+
+def rotary_positions(L: int, S_new: int, start: int) -> tuple[range, range]:
+    """Absolute positions of ``L`` queries and ``S_new`` new keys after ``start`` seen.
+
+    The keys are ``start .. start + S_new - 1``; the queries are the last ``L`` of
+    them, bottom-right aligned like the causal mask (for self-attention ``L ==
+    S_new`` and both are the same positions).
+    """
+    keys = range(start, start + S_new)
+    queries = range(start + S_new - L, start + S_new)
+    return queries, keys

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from companion import _checks
+from companion import _checks, _positions
 from companion._kvcache import KVCacheBase
 from companion.conventions import gqa_group_size
 from companion.numpy.attention import (
@@ -32,6 +32,7 @@ from companion.numpy.attention import (
     _validated,
     attention_tiled,
 )
+from companion.numpy.positions import _rotate_queries_and_keys
 
 __all__ = ["MultiHeadParams", "KVCache", "multi_head_attention"]
 
@@ -349,6 +350,7 @@ def multi_head_attention(
     cache: KVCache | None = None,
     return_weights: bool = False,
     implementation: str = "auto",
+    rope=None,
 ):
     r"""Multi-head attention on batch-first inputs: ``(B, L, E_q), (B, S, E_kv) -> (B, L, E_out)``.
 
@@ -383,6 +385,12 @@ def multi_head_attention(
         :func:`companion.numpy.attention_tiled` (never holds an ``L x S`` matrix).
         ``"auto"`` takes the tiled kernel from ``L * S >= TILED_FROM_SCORES`` on, unless
         ``return_weights``. Both give the same outputs.
+    rope : optional
+        Rotary embeddings (:func:`companion.numpy.rotary_embedding`) for the queries and
+        keys: ``True``, a base, a dict or a :class:`RotaryConfig`. The new keys sit at
+        ``cache.seen ..`` (0 .. without a cache) and the queries are the last ``L`` of
+        those positions; the cache stores rotated keys, so decoding one token at a time
+        equals the full causal pass.
 
     Returns
     -------
@@ -423,6 +431,10 @@ def multi_head_attention(
     k = _project(x_kv.astype(dtype, copy=False), params.w_k, params.b_k, H_kv, dtype)
     # (B, H_kv, S_new, D_v)
     v = _project(x_kv.astype(dtype, copy=False), params.w_v, params.b_v, H_kv, dtype)
+    rope = _positions.as_rotary(rope)
+    if rope is not None:  # at absolute positions, from cache.seen on
+        start = cache.seen if isinstance(cache, KVCache) else 0
+        q, k = _rotate_queries_and_keys(q, k, rope, start)
     if cache is not None:
         if not isinstance(cache, KVCache):
             raise TypeError(

@@ -23,11 +23,13 @@ math* and *Making it fast*.
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import numpy as np
 import tensorflow as tf
 
-from companion import _checks
+from companion import _checks, _positions
 from companion._kvcache import KVCacheBase
 from companion.conventions import gqa_group_size
 from companion.numpy.multihead import MultiHeadParams, _choose_implementation
@@ -36,6 +38,7 @@ from companion.tensorflow.attention import (
     _check_flag,
     attention_tiled,
 )
+from companion.tensorflow.positions import _rotate_queries_and_keys
 
 __all__ = ["MultiHeadParams", "multi_head_attention", "KVCache", "MultiHeadAttention"]
 
@@ -137,6 +140,7 @@ def multi_head_attention(
     cache=None,
     return_weights=False,
     implementation="auto",
+    rope=None,
 ):
     r"""Multi-head attention with ``params`` on batch-first tensors: ``(B, L, E_q), (B, S, E_kv) -> (B, L, E_out)``.
 
@@ -151,7 +155,9 @@ def multi_head_attention(
     ``implementation`` (``"auto"``, ``"reference"``, ``"tiled"``) picks the heads'
     attention: the reference or :func:`companion.tensorflow.attention_tiled` (outputs
     and gradients agree); ``"auto"`` is tiled from ``L * S >= TILED_FROM_SCORES`` on,
-    unless ``return_weights``.
+    unless ``return_weights``. ``rope`` (``True``, a base, a dict or a
+    :class:`RotaryConfig`) rotates queries and keys at their absolute positions (the
+    new keys from ``cache.seen`` on), as in :func:`companion.numpy.multi_head_attention`.
     """
     if not isinstance(params, MultiHeadParams):
         raise TypeError(
@@ -187,6 +193,10 @@ def multi_head_attention(
     value = _project(xkv, _tensor(params.w_v, work), _tensor(params.b_v, work), H_kv)
     # heads in the input dtype
     query, key, value = (tf.cast(t, x_q.dtype) for t in (query, key, value))
+    rope = _positions.as_rotary(rope)
+    if rope is not None:  # at absolute positions, from cache.seen on
+        start = 0 if cache is None else cache.seen
+        query, key = _rotate_queries_and_keys(query, key, rope, start)
     if cache is not None:
         # everything cached: (B, H_kv, S_total, D), (B, H_kv, S_total, D_v)
         key, value = cache.append(key, value)
@@ -243,7 +253,9 @@ class MultiHeadAttention(keras.layers.Layer):
     use_causal_mask=False, cache=None, return_attention_scores=False)``; ``attention_mask``
     is ``(B, L, S)`` or ``(B, H, L, S)``, ``True`` (nonzero) = attend, as in Keras.
     ``implementation`` (``"auto"``, ``"reference"``, ``"tiled"``): where the heads'
-    attention comes from, as in :func:`multi_head_attention`.
+    attention comes from, as in :func:`multi_head_attention`. ``rope`` (``True``, a
+    base, a dict or a :class:`RotaryConfig`) rotates queries and keys at their absolute
+    positions in every call, as in :func:`multi_head_attention`.
     """
 
     def __init__(
@@ -255,9 +267,11 @@ class MultiHeadAttention(keras.layers.Layer):
         use_bias=True,
         output_dim=None,
         implementation="auto",
+        rope=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.rope = _positions.as_rotary(rope)  # RotaryConfig or None
         _choose_implementation(implementation, 0, 0, False, TILED_FROM_SCORES)
         self.implementation = implementation
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -286,6 +300,7 @@ class MultiHeadAttention(keras.layers.Layer):
             use_bias=self.use_bias,
             output_dim=self.output_dim,
             implementation=self.implementation,
+            rope=None if self.rope is None else dataclasses.asdict(self.rope),
         )
         return config
 
@@ -344,6 +359,9 @@ class MultiHeadAttention(keras.layers.Layer):
         q = project(query, self.query_kernel, self.query_bias)  # (B, H, L, D)
         k = project(key, self.key_kernel, self.key_bias)  # (B, H_kv, S, D)
         v = project(value, self.value_kernel, self.value_bias)  # (B, H_kv, S, D_v)
+        if self.rope is not None:  # at absolute positions, from cache.seen on
+            start = 0 if cache is None else cache.seen
+            q, k = _rotate_queries_and_keys(q, k, self.rope, start)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H_kv, S_total, D), (B, H_kv, S_total, D_v)
         mask = None

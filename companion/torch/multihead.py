@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from companion import _checks
+from companion import _checks, _positions
 from companion._kvcache import KVCacheBase
 from companion.conventions import gqa_group_size
 from companion.numpy.multihead import MultiHeadParams, _choose_implementation
@@ -34,6 +34,7 @@ from companion.torch.attention import (
     attention_weights,
     scaled_dot_product_attention_reference,
 )
+from companion.torch.positions import _rotate_queries_and_keys
 
 # "auto" takes the tiled kernel from this many scores per head (L * S) on
 TILED_FROM_SCORES = 1024 * 1024
@@ -118,6 +119,7 @@ def _multi_head(
     cache,
     return_weights,
     implementation="auto",
+    rope=None,
 ):
     """The body shared by :func:`multi_head_attention` and :class:`MultiHeadAttention`.
 
@@ -133,6 +135,9 @@ def _multi_head(
     k = _project(x_k.to(compute), w_k, b_k, num_kv_heads).to(x_q.dtype)
     # (B, H_kv, S_new, D_v)
     v = _project(x_v.to(compute), w_v, b_v, num_kv_heads).to(x_q.dtype)
+    if rope is not None:  # at absolute positions, from cache.seen on
+        start = cache.seen if isinstance(cache, KVCache) else 0
+        q, k = _rotate_queries_and_keys(q, k, rope, start)
     if cache is not None:
         if not isinstance(cache, KVCache):
             raise TypeError(
@@ -202,6 +207,7 @@ def multi_head_attention(
     cache: KVCache | None = None,
     return_weights: bool = False,
     implementation: str = "auto",
+    rope=None,
 ):
     r"""Multi-head attention on batch-first inputs: ``(B, L, E_q), (B, S, E_kv) -> (B, L, E_out)``.
 
@@ -222,7 +228,9 @@ def multi_head_attention(
     ``implementation`` (``"auto"``, ``"reference"``, ``"tiled"``) picks the heads'
     attention: the reference or :func:`companion.torch.attention_tiled` (outputs and
     gradients agree); ``"auto"`` is tiled from ``L * S >= TILED_FROM_SCORES`` on, unless
-    ``return_weights``.
+    ``return_weights``. ``rope`` (``True``, a base, a dict or a :class:`RotaryConfig`)
+    rotates queries and keys at their absolute positions (the new keys from
+    ``cache.seen`` on), as in :func:`companion.numpy.multi_head_attention`.
     """
     causal = _check_flag("causal", causal)
     return_weights = _check_flag("return_weights", return_weights)
@@ -250,6 +258,7 @@ def multi_head_attention(
         cache=cache,
         return_weights=return_weights,
         implementation=implementation,
+        rope=_positions.as_rotary(rope),
     )
 
 
@@ -279,7 +288,9 @@ class MultiHeadAttention(nn.Module):
     ``nn.MultiheadAttention``'s ``key_padding_mask``); a fully masked query gives 0, not
     NaN. :meth:`forward` takes a :class:`KVCache` for decoding. ``implementation``
     (``"auto"``, ``"reference"``, ``"tiled"``) is the default of the keyword of that
-    name of :meth:`forward`, as in :func:`multi_head_attention`.
+    name of :meth:`forward`, as in :func:`multi_head_attention`. ``rope`` (``True``, a
+    base, a dict or a :class:`RotaryConfig`) rotates queries and keys at their absolute
+    positions in every call, as in :func:`multi_head_attention`.
 
     Explained in the book chapters *Attention: algorithm and math* and *Making it fast*.
     """
@@ -296,8 +307,10 @@ class MultiHeadAttention(nn.Module):
         device=None,
         dtype=None,
         implementation: str = "auto",
+        rope=None,
     ):
         super().__init__()
+        self.rope = _positions.as_rotary(rope)  # RotaryConfig or None
         _choose_implementation(implementation, 0, 0, False, TILED_FROM_SCORES)
         self.implementation = implementation
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -343,7 +356,7 @@ class MultiHeadAttention(nn.Module):
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
             f"head_dim={self.head_dim}, kdim={self.kdim}, vdim={self.vdim}, bias={self.q_proj.bias is not None}"
-        )
+        ) + ("" if self.rope is None else f", rope={self.rope}")
 
     def forward(
         self,
@@ -389,6 +402,7 @@ class MultiHeadAttention(nn.Module):
             implementation=(
                 self.implementation if implementation is None else implementation
             ),
+            rope=self.rope,
         )
 
     # ----- conversions -----------------------------------------------------------------

@@ -14,12 +14,14 @@ from __future__ import annotations
 import torch
 
 from companion import _checks, _positions
+from companion._positions import RotaryConfig
 
 __all__ = [
     "sinusoidal_positions",
     "rotary_embedding",
     "alibi_slopes",
     "alibi_bias",
+    "RotaryConfig",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -118,3 +120,22 @@ def alibi_bias(num_heads: int, L: int, S: int, *, dtype=None):
     distance = (query - torch.arange(S, dtype=torch.float64)[None, :]).abs()  # (L, S)
     bias = slopes[:, None, None] * (0.0 - distance)  # (H, L, S), never -0.0
     return bias.to(_output_dtype(dtype))
+
+
+def _rotate_queries_and_keys(q, k, rope: RotaryConfig, start: int):
+    """``q (B, H, L, D)`` and new ``k (B, H_kv, S_new, D)`` rotated where they sit.
+
+    The keys sit at ``start`` (``cache.seen``) on, the queries are the last ``L`` of
+    them (see :func:`companion._positions.rotary_positions`).
+    """
+    queries, keys = _positions.rotary_positions(q.shape[-2], k.shape[-2], start)
+    kwargs = dict(
+        base=rope.base, interleaved=rope.interleaved, rotary_dim=rope.rotary_dim
+    )
+    q = rotary_embedding(
+        q, torch.arange(queries.start, queries.stop, device=q.device), **kwargs
+    )
+    k = rotary_embedding(
+        k, torch.arange(keys.start, keys.stop, device=q.device), **kwargs
+    )
+    return q, k  # (B, H, L, D), (B, H_kv, S_new, D)
