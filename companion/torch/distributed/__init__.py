@@ -1,0 +1,50 @@
+"""companion.torch.distributed: attention and shared weights across processes.
+
+Built on PyTorch's own engine, ``torch.distributed`` (gloo on CPU processes, NCCL on
+GPUs; no transport of our own):
+
+* :func:`launch` starts the processes (or joins ``torchrun``'s);
+* :func:`shard_sequence`, :func:`gather_sequence` and :func:`ring_attention` split a
+  sequence over ranks (contiguous or zigzag) and attend over all of it;
+* :class:`TensorParallelMultiHeadAttention` splits a
+  :class:`companion.torch.MultiHeadAttention` by heads (Megatron);
+* :mod:`companion.torch.distributed.data_parallel` trains with PyTorch's
+  ``DistributedDataParallel`` and counts what it reduces;
+* :func:`counting` counts the bytes the package's calls send.
+
+Import it explicitly (``import companion.torch.distributed``); ``companion.torch``
+does not. Explained in the book chapter *Scaling out*.
+"""
+
+from companion.torch.distributed.comm import CommCount, counting
+from companion.torch.distributed.launch import (
+    WorkerError,
+    device,
+    free_port,
+    launch,
+    under_torchrun,
+)
+from companion.torch.distributed.ring import (
+    LAYOUTS,
+    RingAttentionFunction,
+    gather_sequence,
+    ring_attention,
+    shard_positions,
+    shard_sequence,
+)
+
+__all__ = [
+    "CommCount",
+    "counting",
+    "WorkerError",
+    "device",
+    "free_port",
+    "launch",
+    "under_torchrun",
+    "LAYOUTS",
+    "RingAttentionFunction",
+    "gather_sequence",
+    "ring_attention",
+    "shard_positions",
+    "shard_sequence",
+]

@@ -1,0 +1,148 @@
+"""Ring attention on gloo processes equals one process's attention on the full sequence.
+
+Each world size is one launch (starting processes that import torch costs seconds), in
+which every case runs; the parent compares the gathered outputs and gradients with the
+float64 oracle: the numpy reference for the output, torch autograd through the torch
+reference for the gradients.
+"""
+
+import pytest
+import torch
+
+from companion.numpy import scaled_dot_product_attention_reference as numpy_reference
+from companion.testing import assert_close
+from companion.torch import scaled_dot_product_attention_reference as torch_reference
+from companion.torch.distributed import (
+    launch,
+    shard_positions,
+    shard_sequence,
+)
+from companion.torch.distributed.examples import (
+    attention_inputs,
+    run_ring_attention,
+    uneven_ring_attention,
+)
+
+# (B, H, H_kv, D, D_v): multi-head, grouped-query, multi-query
+HEADS = [(2, 4, 4, 8, 8), (1, 4, 2, 8, 5), (1, 3, 1, 4, 6)]
+
+
+def _cases(world_size):
+    cases = []
+    for layout in ("contiguous", "zigzag"):
+        for causal in (False, True):
+            for i, (B, H, H_kv, D, D_v) in enumerate(HEADS):
+                chunk = 3 if i != 1 else 1  # odd chunks, and one-token chunks
+                length = 2 * world_size * chunk
+                cases.append(
+                    dict(
+                        B=B,
+                        H=H,
+                        H_kv=H_kv,
+                        length=length,
+                        D=D,
+                        D_v=D_v,
+                        causal=causal,
+                        layout=layout,
+                        seed=10 * i + world_size,
+                    )
+                )
+    return cases
+
+
+def _oracle(case):
+    case = dict(case)
+    causal = case.pop("causal")
+    del case["layout"]
+    q, k, v, grad_out = attention_inputs(**case)
+    expected = numpy_reference(q.numpy(), k.numpy(), v.numpy(), causal=causal)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch_reference(*leaves, causal=causal).backward(grad_out)
+    return expected, [t.grad for t in leaves]
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda w: f"world{w}")
+def ring_run(request):
+    world_size = request.param
+    cases = _cases(world_size)
+    return world_size, cases, launch(run_ring_attention, world_size, cases)
+
+
+def test_ring_attention_equals_one_process(ring_run):
+    world_size, cases, per_rank = ring_run
+    for case, result in zip(cases, per_rank[0]):
+        expected, grads = _oracle(case)
+        name = f"W={world_size} {case}"
+        assert_close(result["output"], expected, name=f"output {name}")
+        for key, grad in zip(("grad_query", "grad_key", "grad_value"), grads):
+            assert_close(result[key], grad, name=f"{key} {name}")
+
+
+def test_ring_bytes_follow_the_formula(ring_run):
+    """Forward (W-1)(k+v) bytes per rank; backward (W-1)(k+v) + W(k+v)."""
+    world_size, cases, per_rank = ring_run
+    W = world_size
+    for case, *results in zip(cases, *per_rank):
+        shard = case["length"] // W
+        k = case["B"] * case["H_kv"] * shard * case["D"] * 8
+        v = case["B"] * case["H_kv"] * shard * case["D_v"] * 8
+        for result in results:
+            fwd, bwd = result["forward"], result["backward"]
+            assert fwd["bytes"].get("send", 0) == (W - 1) * (k + v)
+            assert fwd["calls"].get("send", 0) == 2 * (W - 1)
+            expected = (W - 1) * (k + v) + (W * (k + v) if W > 1 else 0)
+            assert bwd["bytes"].get("send", 0) == expected
+
+
+def test_causal_work_contiguous_unbalanced_zigzag_balanced(ring_run):
+    world_size, cases, per_rank = ring_run
+    W = world_size
+    for index, case in enumerate(cases):
+        if not case["causal"]:
+            continue
+        work = [per_rank[r][index]["forward"]["score_entries"] for r in range(W)]
+        heads = case["B"] * case["H"]
+        if case["layout"] == "contiguous":
+            c = case["length"] // W  # rank r: r + 1 tiles of c x c
+            assert work == [heads * (r + 1) * c * c for r in range(W)]
+        else:
+            h = case["length"] // (2 * W)  # every rank: 2W + 1 tiles of h x h
+            assert work == [heads * (2 * W + 1) * h * h] * W
+
+
+def test_uneven_split_is_a_clear_error_raised_in_the_parent():
+    with pytest.raises(ValueError, match=r"rank [01]: .*same shard length.*\[4, 5\]"):
+        launch(uneven_ring_attention, 2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_shard_sequence_layouts(layout):
+    W, N = 3, 12
+    x = torch.arange(N, dtype=torch.float64).reshape(1, N, 1)
+    shards = [shard_sequence(x, r, W, layout=layout) for r in range(W)]
+    positions = [shard_positions(N, r, W, layout=layout) for r in range(W)]
+    for shard, pos in zip(shards, positions):
+        assert_close(shard[0, :, 0], pos.to(torch.float64))
+    assert sorted(torch.cat(positions).tolist()) == list(range(N))
+    if layout == "zigzag":  # rank r: chunks r and 2W-1-r of 2W
+        assert positions[0].tolist() == [0, 1, 10, 11]
+        assert positions[2].tolist() == [4, 5, 6, 7]
+    x_before = x.clone()
+    shards[0][0, 0, 0] = -1.0  # a copy: the input is untouched
+    assert_close(x, x_before)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_shard_sequence_uneven_is_a_value_error(layout):
+    with pytest.raises(ValueError, match="does not split into"):
+        shard_sequence(torch.zeros(1, 1, 10, 2), 0, 3, layout=layout)
+    # 12 splits into 4 contiguous chunks but not into the 8 chunks of a zigzag
+    if layout == "zigzag":
+        with pytest.raises(ValueError, match="8 equal chunks"):
+            shard_sequence(torch.zeros(1, 1, 12, 2), 0, 4, layout=layout)
+    else:
+        assert shard_sequence(torch.zeros(1, 1, 12, 2), 0, 4).shape == (1, 1, 3, 2)
+    with pytest.raises(ValueError, match="layout"):
+        shard_sequence(torch.zeros(1, 1, 12, 2), 0, 3, layout="striped")
+    with pytest.raises(ValueError, match="rank"):
+        shard_sequence(torch.zeros(1, 1, 12, 2), 3, 3)
