@@ -298,6 +298,16 @@ class MultiHeadParams:
             num_kv_heads=H,
         )
 
+    @classmethod
+    def from_hf(cls, module) -> "MultiHeadParams":
+        """The weights of a Hugging Face GPT-2, BERT, ALBERT or Llama-style attention.
+
+        See :func:`companion.hf.attention_params` (``transformers`` is not imported).
+        """
+        from companion.hf import attention_params
+
+        return attention_params(module)
+
 
 class KVCache(KVCacheBase):
     r"""Keys and values of the positions seen so far, for decoding one step at a time.

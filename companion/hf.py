@@ -1,0 +1,472 @@
+r"""Hugging Face Transformers, built from configurations and read into the package.
+
+The source documents name Hugging Face Transformers (BERT, GPT) as the library a reader
+will use next. This module checks the book against it, with **no download**: models are
+built from a configuration with random weights (``from_pretrained`` is never called, and
+:func:`offline` sets ``HF_HUB_OFFLINE=1`` and ``TRANSFORMERS_OFFLINE=1`` before
+``transformers`` is imported).
+
+* :func:`attention_params` (also ``MultiHeadParams.from_hf``): the attention of a GPT-2,
+  BERT, ALBERT or Llama-style layer (grouped-query heads) as :class:`MultiHeadParams`;
+* :func:`hf_config` / :func:`hf_model` and :func:`transformer_config`: between
+  :class:`companion.params.TransformerConfig` and ``GPT2Config``, ``BertConfig``,
+  ``AlbertConfig``, so that the package's parameter counts meet ``num_parameters()``;
+* :func:`tiny_lm_from_gpt2`: a ``GPT2LMHeadModel``'s weights in a
+  :class:`companion.torch.TinyTransformerLM`;
+* :func:`albert_encoder_from_hf`: an ``AlbertModel``'s weights in the ALBERT encoder
+  :class:`companion.torch.sharing.TransformerEncoder`.
+
+Weight layouts. GPT-2 keeps its projections in ``Conv1D`` modules whose weight is
+``(in, out)``, applied as ``x @ W + b``: exactly :class:`MultiHeadParams`'s layout, with
+``c_attn.weight (E, 3E) = [W_q | W_k | W_v]`` side by side. BERT, ALBERT and Llama use
+``nn.Linear`` (weight ``(out, in)``, applied ``x @ W.T``), so ``w_q = query.weight.T``.
+In every one, head ``h`` is the slice ``h*D:(h+1)*D`` of the projected width, and a
+Llama layer's query head ``h`` reads key/value head ``h // (H / H_kv)``
+(``repeat_kv``), the grouped-query convention of :mod:`companion.conventions`.
+
+This module imports numpy only; ``torch`` and ``transformers`` are imported inside the
+functions that need them.
+
+Explained in the book chapter *Tools and resources*.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from companion.params import TransformerConfig
+
+__all__ = [
+    "offline",
+    "attention_params",
+    "hf_config",
+    "hf_model",
+    "transformer_config",
+    "tiny_lm_from_gpt2",
+    "albert_encoder_from_hf",
+]
+
+
+def offline():
+    """Set ``HF_HUB_OFFLINE=1`` and ``TRANSFORMERS_OFFLINE=1``, import ``transformers``.
+
+    Returns the ``transformers`` module. Nothing in this package downloads: models are
+    built from configurations with random weights.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import transformers
+
+    return transformers
+
+
+def _numpy(t) -> np.ndarray:
+    """A numpy copy of a torch tensor (duck-typed: torch is not imported here)."""
+    return t.detach().cpu().numpy().copy()
+
+
+def _linear(layer) -> tuple[np.ndarray, np.ndarray | None]:
+    """``nn.Linear`` ``(out, in)`` as ``(w (in, out), b (out,))`` for ``x @ w + b``."""
+    w = np.ascontiguousarray(_numpy(layer.weight).T)  # (in, out)
+    b = None if layer.bias is None else _numpy(layer.bias)
+    return w, b
+
+
+def _check_scale(module, head_dim: int) -> None:
+    """Raise unless the module scales its scores by ``1 / sqrt(D)``, as ours do."""
+    scaling = getattr(module, "scaling", None)
+    if scaling is not None and not math.isclose(scaling, head_dim**-0.5, rel_tol=1e-12):
+        raise ValueError(
+            f"{type(module).__name__} scales its scores by {scaling}, not 1/sqrt(D) = "
+            f"{head_dim**-0.5} (e.g. GPT-2's scale_attn_by_inverse_layer_idx): "
+            "MultiHeadParams always uses 1/sqrt(D)"
+        )
+
+
+def attention_params(module):
+    r"""The weights of a Hugging Face attention module as :class:`MultiHeadParams`.
+
+    Recognised by their submodules (no class is imported):
+
+    =====================  ==========================  ==============================
+    module                 projections                 heads ``H``, ``H_kv``
+    =====================  ==========================  ==============================
+    ``GPT2Attention``      ``c_attn (E, 3E)``,         ``num_heads``
+                           ``c_proj``
+    ``BertAttention``      ``self.query/key/value``,   ``num_attention_heads``
+                           ``output.dense``
+    ``AlbertAttention``    ``query/key/value``,        ``num_attention_heads``
+                           ``dense``
+    ``LlamaAttention``     ``q_proj/k_proj/v_proj``,   ``num_attention_heads``,
+    (Mistral, Qwen2, ...)  ``o_proj``                  ``num_key_value_heads``
+    =====================  ==========================  ==============================
+
+    What these modules do around the projections is not part of
+    :class:`MultiHeadParams`: BERT's and ALBERT's residual connection and LayerNorm
+    after ``dense``, and Llama's rotary embedding of queries and keys (pass ``rope=`` to
+    :func:`companion.numpy.multi_head_attention` where it has one). GPT-2 with
+    ``scale_attn_by_inverse_layer_idx`` (another scale) or cross-attention is refused.
+    """
+    from companion.numpy.multihead import MultiHeadParams
+
+    if hasattr(module, "c_attn") and hasattr(module, "c_proj"):  # GPT-2, Conv1D
+        if getattr(module, "is_cross_attention", False):
+            raise ValueError("GPT-2 cross-attention (q_attn) is not supported")
+        H = module.num_heads
+        E = module.embed_dim
+        _check_scale(module, E // H)
+        if not getattr(module, "scale_attn_weights", True):
+            raise ValueError(
+                "GPT-2 with scale_attn_weights=False does not scale by 1/sqrt(D)"
+            )
+        w = _numpy(module.c_attn.weight)  # (E, 3E): x @ w + b
+        b = _numpy(module.c_attn.bias)  # (3E,)
+        return MultiHeadParams(
+            np.ascontiguousarray(w[:, :E]),
+            b[:E],
+            np.ascontiguousarray(w[:, E : 2 * E]),
+            b[E : 2 * E],
+            np.ascontiguousarray(w[:, 2 * E :]),
+            b[2 * E :],
+            _numpy(module.c_proj.weight),  # (E, E), already (in, out)
+            _numpy(module.c_proj.bias),
+            num_heads=H,
+            num_kv_heads=H,
+        )
+    if hasattr(module, "q_proj") and hasattr(module, "o_proj"):  # Llama-style
+        config = module.config
+        H = config.num_attention_heads
+        H_kv = getattr(config, "num_key_value_heads", None) or H
+        _check_scale(module, module.head_dim)
+        parts = [_linear(getattr(module, n)) for n in ("q_proj", "k_proj", "v_proj")]
+        w_o, b_o = _linear(module.o_proj)
+        (w_q, b_q), (w_k, b_k), (w_v, b_v) = parts
+        return MultiHeadParams(
+            w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o, num_heads=H, num_kv_heads=H_kv
+        )
+    if hasattr(module, "self") and hasattr(module, "output"):  # BertAttention
+        inner, dense = module.self, module.output.dense
+    elif hasattr(module, "query") and hasattr(module, "dense"):  # AlbertAttention
+        inner, dense = module, module.dense
+    else:
+        raise TypeError(
+            "module must be a Hugging Face GPT-2, BERT, ALBERT or Llama-style "
+            f"attention module, got {type(module).__name__}"
+        )
+    H = inner.num_attention_heads
+    _check_scale(inner, inner.attention_head_size)
+    (w_q, b_q), (w_k, b_k), (w_v, b_v) = (
+        _linear(getattr(inner, n)) for n in ("query", "key", "value")
+    )
+    w_o, b_o = _linear(dense)
+    return MultiHeadParams(
+        w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o, num_heads=H, num_kv_heads=H
+    )
+
+
+# --- configurations and counts -------------------------------------------------------
+
+
+def _family(config: TransformerConfig) -> str:
+    """``"albert"``, ``"bert"`` or ``"gpt2"``: the model family ``config`` describes."""
+    if config.share_layers or config.embedding_size not in (None, config.hidden_size):
+        return "albert"
+    if config.lm_head and config.final_norm and not config.pooler:
+        return "gpt2"
+    if config.pooler and config.embedding_norm and not config.lm_head:
+        return "bert"
+    raise ValueError(
+        f"config describes none of GPT-2 (tied LM head, final norm), BERT (pooler, "
+        f"embedding norm) or ALBERT (shared layers, factorised embeddings): {config}"
+    )
+
+
+def hf_config(config: TransformerConfig, **overrides):
+    """The ``GPT2Config``, ``BertConfig`` or ``AlbertConfig`` of ``config``'s sizes.
+
+    ``overrides`` go to the Hugging Face configuration (e.g. ``attn_implementation``,
+    ``layer_norm_eps``). Only what :class:`TransformerConfig` can express is supported:
+    grouped-query heads and bias-free layers raise ``ValueError`` for these families.
+    """
+    if not isinstance(config, TransformerConfig):
+        raise TypeError(
+            f"config must be a TransformerConfig, got {type(config).__name__}"
+        )
+    if config.num_kv_heads not in (None, config.num_heads):
+        raise ValueError("GPT-2, BERT and ALBERT have no grouped-query heads")
+    if not (config.attention_bias and config.mlp_bias):
+        raise ValueError("GPT-2, BERT and ALBERT have biases in every projection")
+    transformers = offline()
+    family = _family(config)
+    if family == "gpt2":
+        if config.type_vocab_size or not config.tie_embeddings:
+            raise ValueError("GPT-2 has no segment embeddings and a tied head")
+        kwargs = dict(
+            vocab_size=config.vocab_size,
+            n_positions=config.max_positions,
+            n_embd=config.hidden_size,
+            n_layer=config.num_layers,
+            n_head=config.num_heads,
+            n_inner=config.intermediate_size,
+            tie_word_embeddings=True,
+        )
+        return transformers.GPT2Config(**{**kwargs, **overrides})
+    kwargs = dict(
+        vocab_size=config.vocab_size,
+        max_position_embeddings=config.max_positions,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        intermediate_size=config.intermediate_size,
+        type_vocab_size=config.type_vocab_size,
+    )
+    if family == "bert":
+        return transformers.BertConfig(**{**kwargs, **overrides})
+    if not config.share_layers:
+        raise ValueError("ALBERT shares its layers (share_layers=True)")
+    kwargs["embedding_size"] = config.embedding_size or config.hidden_size
+    return transformers.AlbertConfig(**{**kwargs, **overrides})
+
+
+def hf_model(config: TransformerConfig, **overrides):
+    """``GPT2LMHeadModel``, ``BertModel`` or ``AlbertModel`` (pooler) for ``config``.
+
+    Random weights, nothing downloaded. Built on the current default device: inside
+    ``with torch.device("meta"):`` a model of any size costs no memory, and
+    ``num_parameters()`` still counts it.
+    """
+    transformers = offline()
+    hf = hf_config(config, **overrides)
+    model_class = {
+        "gpt2": transformers.GPT2LMHeadModel,
+        "bert": transformers.BertModel,
+        "albert": transformers.AlbertModel,
+    }[hf.model_type]
+    return model_class(hf)
+
+
+def transformer_config(hf) -> TransformerConfig:
+    """The :class:`TransformerConfig` of a GPT-2, BERT or ALBERT configuration.
+
+    The inverse of :func:`hf_config`, counted by
+    :func:`companion.params.transformer_parameter_count` as ``num_parameters()`` counts
+    ``GPT2LMHeadModel`` (tied head), ``BertModel`` and ``AlbertModel`` (with pooler).
+    ALBERT with more than one hidden group or inner group is refused.
+    """
+    model_type = getattr(hf, "model_type", None)
+    if model_type == "gpt2":
+        return TransformerConfig(
+            vocab_size=hf.vocab_size,
+            max_positions=hf.n_positions,
+            hidden_size=hf.n_embd,
+            num_layers=hf.n_layer,
+            num_heads=hf.n_head,
+            intermediate_size=hf.n_inner or 4 * hf.n_embd,
+            tie_embeddings=bool(hf.tie_word_embeddings),
+            lm_head=True,
+            final_norm=True,
+        )
+    if model_type not in ("bert", "albert"):
+        raise TypeError(
+            f"hf must be a GPT2Config, BertConfig or AlbertConfig, got "
+            f"{type(hf).__name__} (model_type {model_type!r})"
+        )
+    common = dict(
+        vocab_size=hf.vocab_size,
+        max_positions=hf.max_position_embeddings,
+        hidden_size=hf.hidden_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads,
+        intermediate_size=hf.intermediate_size,
+        type_vocab_size=hf.type_vocab_size,
+        pooler=True,
+        embedding_norm=True,
+    )
+    if model_type == "bert":
+        return TransformerConfig(**common)
+    if hf.num_hidden_groups != 1 or hf.inner_group_num != 1:
+        raise ValueError(
+            "only ALBERT with num_hidden_groups=1 and inner_group_num=1 (one shared "
+            f"layer) is supported, got {hf.num_hidden_groups} and {hf.inner_group_num}"
+        )
+    return TransformerConfig(
+        **common, embedding_size=hf.embedding_size, share_layers=True
+    )
+
+
+# --- whole models --------------------------------------------------------------------
+
+
+_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def _activation(name: str):
+    """``torch.nn.GELU`` for a Hugging Face activation name (exact or tanh)."""
+    from torch import nn
+
+    if name == "gelu":
+        return nn.GELU()
+    if name in _TANH_GELU:
+        return nn.GELU(approximate="tanh")
+    raise ValueError(f"activation {name!r} is neither GELU nor its tanh approximation")
+
+
+def tiny_lm_from_gpt2(model, *, dtype=None):
+    r"""A ``GPT2LMHeadModel``'s weights in :class:`~companion.torch.TinyTransformerLM`.
+
+    The two are the same network: learned positions, pre-norm blocks
+    ``x + attn(LN(x))``, ``x + MLP(LN(x))``, a final LayerNorm, the head tied to the
+    token embedding. What GPT-2 sets and is copied here: LayerNorm ``eps``
+    (``layer_norm_epsilon``, 1e-5), the MLP's activation (``gelu_new`` is the tanh
+    approximation of GELU) and width ``n_inner``. ``Conv1D`` weights ``(in, out)``
+    become ``nn.Linear`` weights ``(out, in)``. Dropout is not copied (evaluation only).
+    ``dtype`` defaults to the model's. The result is in evaluation mode.
+    """
+    import torch
+
+    from companion.torch.models import TinyTransformerLM
+
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) != "gpt2":
+        raise TypeError(f"model must be a GPT2LMHeadModel, got {type(model).__name__}")
+    if not config.tie_word_embeddings:
+        raise ValueError("TinyTransformerLM(tied=True) needs tie_word_embeddings=True")
+    if config.scale_attn_by_inverse_layer_idx or not config.scale_attn_weights:
+        raise ValueError("the package's attention scales by 1/sqrt(D) in every layer")
+    E, n_inner = config.n_embd, config.n_inner or 4 * config.n_embd
+    if n_inner != 4 * E:
+        raise ValueError(
+            f"TinyTransformerLM's MLP is E -> 4E -> E, got n_inner={n_inner}"
+        )
+    gpt = model.transformer
+    dtype = gpt.wte.weight.dtype if dtype is None else dtype
+    tiny = TinyTransformerLM(
+        config.vocab_size,
+        config.n_positions,
+        embed_dim=E,
+        num_heads=config.n_head,
+        num_layers=config.n_layer,
+        tied=True,
+    ).to(dtype)
+    activation = _activation(config.activation_function)
+    eps = config.layer_norm_epsilon
+
+    def copy_norm(ours, theirs):
+        ours.eps = eps
+        ours.weight.copy_(theirs.weight)
+        ours.bias.copy_(theirs.bias)
+
+    def copy_conv1d(linear, conv):
+        linear.weight.copy_(conv.weight.T)  # Conv1D (in, out) -> Linear (out, in)
+        linear.bias.copy_(conv.bias)
+
+    with torch.no_grad():
+        tiny.embedding.weight.copy_(gpt.wte.weight)
+        tiny.position_embedding.weight.copy_(gpt.wpe.weight)
+        for block, theirs in zip(tiny.blocks, gpt.h):
+            copy_norm(block.norm1, theirs.ln_1)
+            copy_norm(block.norm2, theirs.ln_2)
+            attn, w = block.attention, theirs.attn.c_attn.weight  # (E, 3E)
+            b = theirs.attn.c_attn.bias
+            for i, proj in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
+                proj.weight.copy_(w[:, i * E : (i + 1) * E].T)
+                proj.bias.copy_(b[i * E : (i + 1) * E])
+            copy_conv1d(attn.out_proj, theirs.attn.c_proj)
+            copy_conv1d(block.mlp[0], theirs.mlp.c_fc)
+            block.mlp[1] = activation
+            copy_conv1d(block.mlp[2], theirs.mlp.c_proj)
+        copy_norm(tiny.norm, gpt.ln_f)
+    return tiny.eval()
+
+
+def albert_encoder_from_hf(model, *, dtype=None):
+    r"""An ``AlbertModel``'s weights in the ALBERT encoder of the package.
+
+    The encoder is :class:`companion.torch.sharing.TransformerEncoder`.
+
+    Returns ``(encoder, pooler)``: ``encoder(ids, mask)`` equals
+    ``model(ids, attention_mask=...).last_hidden_state`` and ``pooler(hidden[:, 0])``
+    (an ``nn.Sequential(Linear, Tanh)`` of the first token) its ``pooler_output``.
+
+    Copied: the token and position tables, the embedding LayerNorm and projection, the
+    one shared layer (attention, its LayerNorm, the MLP, its LayerNorm), every
+    LayerNorm's ``eps`` (``layer_norm_eps``, 1e-12 in ALBERT against torch's 1e-5).
+    What the encoder has no place for, and how it is handled:
+
+    * **token-type (segment) embeddings**: the encoder has none. With every token in
+      segment 0 (``token_type_ids`` left out, Hugging Face's default), the segment-0
+      row is the same vector added at every position, so it is added to the
+      position table; inputs with two segments are not representable.
+    * **pooler**: returned beside the encoder, built from ``model.pooler``.
+    * **activation**: the encoder's MLP calls exact GELU (``F.gelu``) and has no knob;
+      ALBERT's default ``hidden_act="gelu_new"`` is the tanh approximation, so the
+      configuration must say ``hidden_act="gelu"`` (``ValueError`` otherwise).
+    * dropout: evaluation only.
+    """
+    import torch
+    from torch import nn
+
+    from companion.torch.sharing import TransformerEncoder
+
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) != "albert":
+        raise TypeError(f"model must be an AlbertModel, got {type(model).__name__}")
+    transformer_config(config)  # ValueError unless one group of one shared layer
+    E = config.hidden_size
+    theirs_emb = model.embeddings
+    dtype = theirs_emb.word_embeddings.weight.dtype if dtype is None else dtype
+    encoder = TransformerEncoder(
+        config.vocab_size,
+        config.embedding_size,
+        E,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.intermediate_size,
+        share_layers=True,
+        max_positions=config.max_position_embeddings,
+    ).to(dtype)
+    layer = model.encoder.albert_layer_groups[0].albert_layers[0]
+    ours = encoder.layers[0]  # the one shared EncoderLayer
+    if _activation(config.hidden_act).approximate != "none":
+        raise ValueError(
+            "the ALBERT encoder's MLP uses exact GELU (F.gelu); build the AlbertConfig "
+            f"with hidden_act='gelu', got {config.hidden_act!r}"
+        )
+    eps = config.layer_norm_eps
+
+    def copy_linear(a, b):
+        a.weight.copy_(b.weight)
+        a.bias.copy_(b.bias)
+
+    def copy_norm(a, b):
+        a.eps = eps
+        copy_linear(a, b)
+
+    with torch.no_grad():
+        encoder.token_embedding.weight.copy_(theirs_emb.word_embeddings.weight)
+        segment0 = theirs_emb.token_type_embeddings.weight[0]  # (E_emb,)
+        encoder.position_embedding.weight.copy_(
+            theirs_emb.position_embeddings.weight + segment0
+        )
+        copy_norm(encoder.embedding_norm, theirs_emb.LayerNorm)
+        copy_linear(
+            encoder.embedding_projection, model.encoder.embedding_hidden_mapping_in
+        )
+        attn = layer.attention
+        for a, b in (
+            (ours.attention.q_proj, attn.query),
+            (ours.attention.k_proj, attn.key),
+            (ours.attention.v_proj, attn.value),
+            (ours.attention.out_proj, attn.dense),
+        ):
+            copy_linear(a, b)
+        copy_norm(ours.attention_norm, attn.LayerNorm)
+        copy_linear(ours.ffn_in, layer.ffn)
+        copy_linear(ours.ffn_out, layer.ffn_output)
+        copy_norm(ours.ffn_norm, layer.full_layer_layer_norm)
+        pooler = nn.Sequential(nn.Linear(E, E), nn.Tanh()).to(dtype)
+        copy_linear(pooler[0], model.pooler)
+    return encoder.eval(), pooler.eval()
