@@ -35,6 +35,10 @@ __all__ = [
     "PRESETS",
     "transformer_parameter_count",
     "parameter_breakdown",
+    "EncoderDecoderConfig",
+    "ENCODER_DECODER_PRESETS",
+    "encoder_decoder_parameter_count",
+    "encoder_decoder_parameter_breakdown",
     "training_flops_per_token",
     "inference_flops_per_token",
     "weight_bytes",
@@ -327,6 +331,111 @@ def transformer_parameter_count(config: TransformerConfig) -> int:
     :func:`parameter_breakdown` for the components.
     """
     return sum(parameter_breakdown(config).values())
+
+
+# --- encoder-decoder transformers (Vaswani et al. 2017) -----------------------------------
+
+
+@dataclass(frozen=True)
+class EncoderDecoderConfig:
+    """The sizes of an encoder-decoder transformer (as ``Seq2SeqTransformer`` builds it).
+
+    Attributes
+    ----------
+    vocab_size
+        the source vocabulary (and the target one unless ``tgt_vocab_size`` is given)
+    hidden_size, num_heads, intermediate_size
+        ``E``, ``H`` and the MLP's inner width
+    num_encoder_layers, num_decoder_layers
+        the two stacks' depths
+    tgt_vocab_size
+        the target vocabulary (``None`` = ``vocab_size``, a shared vocabulary)
+    share_embeddings
+        ``"none"`` (source embedding, target embedding and output layer: three
+        matrices), ``"decoder-output"`` (the output layer is the target embedding) or
+        ``"all"`` (one matrix for all three; needs one vocabulary)
+    final_norm
+        a LayerNorm after each stack (pre-norm models, ``torch.nn.Transformer``)
+    bias
+        biases in the attention and MLP projections (the output layer has none)
+
+    Sinusoidal positions have no parameters.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_heads: int
+    num_encoder_layers: int
+    num_decoder_layers: int
+    intermediate_size: int
+    tgt_vocab_size: int | None = None
+    share_embeddings: str = "all"
+    final_norm: bool = False
+    bias: bool = True
+
+    def replace(self, **changes) -> "EncoderDecoderConfig":
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        return replace(self, **changes)
+
+
+#: Vaswani et al. (2017), Table 3: base and big, EN-DE with a shared source-target
+#: vocabulary of about 37000 BPE tokens and three-way tied embeddings. The paper
+#: reports 65M and 213M parameters.
+ENCODER_DECODER_PRESETS: dict[str, EncoderDecoderConfig] = {
+    "transformer-base": EncoderDecoderConfig(
+        vocab_size=37000,
+        hidden_size=512,
+        num_heads=8,
+        num_encoder_layers=6,
+        num_decoder_layers=6,
+        intermediate_size=2048,
+    ),
+    "transformer-big": EncoderDecoderConfig(
+        vocab_size=37000,
+        hidden_size=1024,
+        num_heads=16,
+        num_encoder_layers=6,
+        num_decoder_layers=6,
+        intermediate_size=4096,
+    ),
+}
+
+
+def encoder_decoder_parameter_breakdown(config: EncoderDecoderConfig) -> dict[str, int]:
+    r"""The parameters of an encoder-decoder transformer by component.
+
+    Keys: ``embeddings`` (the distinct vocabulary matrices: ``(V_s + 2 V_t) E``,
+    ``(V_s + V_t) E`` or ``V E`` for ``share_embeddings`` none / decoder-output / all),
+    ``encoder`` (per layer: self-attention, MLP, two LayerNorms), ``decoder`` (per
+    layer: self-attention, cross-attention, MLP, three LayerNorms) and ``final_norms``.
+    """
+    c = config
+    E, Vs = c.hidden_size, c.vocab_size
+    Vt = Vs if c.tgt_vocab_size is None else c.tgt_vocab_size
+    matrices = {"none": (Vs + 2 * Vt), "decoder-output": Vs + Vt, "all": Vs}
+    if c.share_embeddings not in matrices:
+        raise ValueError(
+            f"share_embeddings must be one of {tuple(matrices)}, got {c.share_embeddings!r}"
+        )
+    if c.share_embeddings == "all" and Vs != Vt:
+        raise ValueError(
+            f"share_embeddings='all' needs one vocabulary, got {Vs} and {Vt}"
+        )
+    attention = attention_parameter_count(E, c.num_heads, bias=c.bias)
+    mlp = dense_parameter_count(E, c.intermediate_size, bias=c.bias)
+    mlp += dense_parameter_count(c.intermediate_size, E, bias=c.bias)
+    norm = 2 * E  # gamma, beta
+    return {
+        "embeddings": matrices[c.share_embeddings] * E,
+        "encoder": c.num_encoder_layers * (attention + mlp + 2 * norm),
+        "decoder": c.num_decoder_layers * (2 * attention + mlp + 3 * norm),
+        "final_norms": 2 * norm if c.final_norm else 0,
+    }
+
+
+def encoder_decoder_parameter_count(config: EncoderDecoderConfig) -> int:
+    """Total parameters of an encoder-decoder transformer, each shared matrix once."""
+    return sum(encoder_decoder_parameter_breakdown(config).values())
 
 
 # --- compute and memory -----------------------------------------------------------------------

@@ -389,3 +389,67 @@ def test_source_cnn_torch_twin_computes_the_same_function(source_keras_cnn, rng)
         # NCHW for torch
         out = twin(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
     assert_close(out, expected, rtol=1e-4, atol=1e-6, name="torch twin vs keras")
+
+
+# --- encoder-decoder transformers (Vaswani et al. 2017) --------------------------------
+
+
+# Vaswani et al. 2017, Table 3, and what torch counts for the same sizes (three-way tied
+# embeddings over a shared vocabulary of 37000 tokens, no final LayerNorms).
+PAPER = {"transformer-base": 65e6, "transformer-big": 213e6}
+
+
+@pytest.mark.parametrize("preset", list(PAPER))
+def test_encoder_decoder_presets_against_torch(preset):
+    """Built on the meta device (no memory): ours and nn.Transformer count alike."""
+    torch = pytest.importorskip("torch")
+    from companion.torch.seq2seq import Seq2SeqTransformer
+
+    c = params.ENCODER_DECODER_PRESETS[preset]
+    n = params.encoder_decoder_parameter_count(c)
+    ours = Seq2SeqTransformer(
+        c.vocab_size,
+        c.vocab_size,
+        c.hidden_size,
+        c.num_heads,
+        c.num_encoder_layers,
+        c.num_decoder_layers,
+        c.intermediate_size,
+        share_embeddings=c.share_embeddings,
+        device="meta",
+    )
+    assert params.count_parameters(ours) == n
+    theirs = torch.nn.Transformer(
+        c.hidden_size,
+        c.num_heads,
+        c.num_encoder_layers,
+        c.num_decoder_layers,
+        c.intermediate_size,
+        batch_first=True,
+        device="meta",
+    )
+    # nn.Transformer has a final LayerNorm (gamma, beta) after each stack; one embedding
+    final_norms = 2 * 2 * c.hidden_size
+    embedding = c.vocab_size * c.hidden_size
+    assert params.count_parameters(theirs) - final_norms + embedding == n
+    # within 3% of the paper's rounded totals (the chapter explains the gap)
+    assert abs(n / PAPER[preset] - 1) < 0.03
+
+
+def test_encoder_decoder_sharing_removes_vocabulary_matrices():
+    base = params.ENCODER_DECODER_PRESETS["transformer-base"]
+    V, E = base.vocab_size, base.hidden_size
+    counts = {
+        share: params.encoder_decoder_parameter_count(
+            base.replace(share_embeddings=share)
+        )
+        for share in ("none", "decoder-output", "all")
+    }
+    assert counts["none"] - counts["decoder-output"] == V * E
+    assert counts["decoder-output"] - counts["all"] == V * E
+    with pytest.raises(ValueError, match="share_embeddings"):
+        params.encoder_decoder_parameter_count(base.replace(share_embeddings="some"))
+    with pytest.raises(ValueError, match="one vocabulary"):
+        params.encoder_decoder_parameter_count(base.replace(tgt_vocab_size=V + 1))
+    parts = params.encoder_decoder_parameter_breakdown(base.replace(final_norm=True))
+    assert parts["final_norms"] == 4 * E
