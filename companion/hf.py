@@ -42,6 +42,7 @@ from companion.params import TransformerConfig
 __all__ = [
     "offline",
     "attention_params",
+    "rope",
     "hf_config",
     "hf_model",
     "transformer_config",
@@ -106,9 +107,10 @@ def attention_params(module):
 
     What these modules do around the projections is not part of
     :class:`MultiHeadParams`: BERT's and ALBERT's residual connection and LayerNorm
-    after ``dense``, and Llama's rotary embedding of queries and keys (pass ``rope=`` to
-    :func:`companion.numpy.multi_head_attention` where it has one). GPT-2 with
-    ``scale_attn_by_inverse_layer_idx`` (another scale) or cross-attention is refused.
+    after ``dense``, and Llama's rotary embedding of queries and keys (pass
+    ``rope=hf.rope(config)`` to :func:`companion.numpy.multi_head_attention`). GPT-2
+    with ``scale_attn_by_inverse_layer_idx`` (another scale) or cross-attention is
+    refused.
     """
     from companion.numpy.multihead import MultiHeadParams
 
@@ -165,6 +167,34 @@ def attention_params(module):
     return MultiHeadParams(
         w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o, num_heads=H, num_kv_heads=H
     )
+
+
+def rope(config) -> dict:
+    r"""The ``rope=`` of :func:`companion.numpy.multi_head_attention` for a Llama.
+
+    Hugging Face's ``rotate_half`` pairs feature ``i`` with ``i + D/2``
+    (``interleaved=False``) and turns pair ``i`` at position ``p`` by
+    :math:`p\,\theta^{-2i/D}` with ``theta = rope_parameters["rope_theta"]``;
+    ``partial_rotary_factor`` rotates the first features only. Scaled variants
+    (``rope_type`` other than ``"default"``: linear, dynamic, YaRN, Llama 3) are
+    refused.
+    """
+    parameters = dict(getattr(config, "rope_parameters", None) or {})
+    kind = parameters.get("rope_type", "default")
+    if kind != "default":
+        raise ValueError(f"only rope_type='default' is supported, got {kind!r}")
+    head_dim = getattr(config, "head_dim", None) or (
+        config.hidden_size // config.num_attention_heads
+    )
+    factor = parameters.get(
+        "partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)
+    )
+    rotary_dim = int(head_dim * factor)
+    return {
+        "base": float(parameters.get("rope_theta", 10000.0)),
+        "interleaved": False,
+        "rotary_dim": None if rotary_dim == head_dim else rotary_dim,
+    }
 
 
 # --- configurations and counts -------------------------------------------------------

@@ -22,7 +22,6 @@ from companion.numpy import (  # noqa: E402
     MultiHeadParams,
     multi_head_attention,
     padding_mask,
-    scaled_dot_product_attention_reference,
 )
 from companion.params import (  # noqa: E402
     PRESETS,
@@ -196,42 +195,41 @@ def _rotary_tables(positions: torch.Tensor, D: int, theta: float):
 
 
 @pytest.mark.parametrize("num_kv_heads", [1, 2])
-def test_llama_attention_with_rotary_embedding(x, num_kv_heads):
-    """Llama's rotate_half is ``rotary_embedding(interleaved=False)``, in float64.
+def test_llama_attention_with_rotary_embedding(num_kv_heads):
+    """Llama's rotate_half is ``rope=hf.rope(config)``, in float64, cached or not.
 
     Hugging Face computes its own tables in float32 whatever the model's dtype
     (``LlamaRotaryEmbedding.forward`` calls ``.float()``): they equal the float64
     tables to float32 rounding, so the float64 comparison gets the exact tables.
     """
-    from companion.numpy import rotary_embedding
+    from companion.numpy import KVCache
 
     model, attention = _llama_attention(num_kv_heads)
-    params = hf.attention_params(attention)
-    positions = torch.arange(3, 3 + L)[None]  # (1, L): not starting at 0
+    params = MultiHeadParams.from_hf(attention)
+    rope = hf.rope(model.config)
+    assert rope == {"base": 10000.0, "interleaved": False, "rotary_dim": None}
+    T, prefix = L + 3, 3
+    # (B, T, E)
+    x = np.random.default_rng(1).standard_normal((B, T, E))
     hidden = torch.from_numpy(x)
-    theta = model.config.rope_parameters["rope_theta"]
-    cos, sin = _rotary_tables(positions, E // H, theta)
+    positions = torch.arange(T)[None]  # (1, T)
+    cos, sin = _rotary_tables(positions, E // H, rope["base"])
     with torch.no_grad():
         theirs_cos, theirs_sin = model.model.rotary_emb(hidden, positions)
         expected = attention(
-            hidden, position_embeddings=(cos, sin), attention_mask=_causal_float_mask(L)
+            hidden, position_embeddings=(cos, sin), attention_mask=_causal_float_mask(T)
         )[0]
     float32 = dict(zip(("rtol", "atol"), default_tolerance("float32")))
     assert_close(theirs_cos, cos, name="HF cos (float32 tables)", **float32)
     assert_close(theirs_sin, sin, name="HF sin (float32 tables)", **float32)
-
-    def heads(w, b, n):
-        # (B, L, n * D) -> (B, n, L, D)
-        return (x @ w + b).reshape(B, L, n, -1).transpose(0, 2, 1, 3)
-
-    q = rotary_embedding(heads(params.w_q, params.b_q, H), positions[0], base=theta)
-    k = heads(params.w_k, params.b_k, num_kv_heads)
-    k = rotary_embedding(k, positions[0], base=theta)
-    v = heads(params.w_v, params.b_v, num_kv_heads)
-    # (B, H, L, D)
-    o = scaled_dot_product_attention_reference(q, k, v, causal=True)
-    actual = o.transpose(0, 2, 1, 3).reshape(B, L, E) @ params.w_o + params.b_o
-    assert_close(actual, expected, name="Llama attention with RoPE")
+    whole = multi_head_attention(x, x, params, causal=True, rope=rope)
+    assert_close(whole, expected, name="Llama attention with RoPE")
+    # a cached prefix: the new tokens sit at positions prefix .. T - 1
+    cache = KVCache()
+    first, rest = x[:, :prefix], x[:, prefix:]
+    multi_head_attention(first, first, params, causal=True, rope=rope, cache=cache)
+    step = multi_head_attention(rest, rest, params, causal=True, rope=rope, cache=cache)
+    assert_close(step, expected[:, prefix:], name="Llama attention with RoPE, cached")
 
 
 def test_from_hf_refuses_what_it_cannot_express():
