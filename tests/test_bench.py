@@ -1,4 +1,4 @@
-"""``python -m companion.bench`` end to end, in its smallest configuration (``--size tiny``).
+"""``python -m companion.bench`` end to end, in its smallest size (``--size tiny``).
 
 No timing is asserted (the machines are shared and noisy): these tests prove that the
 benchmark runs, writes its JSON and figures, reports every target, checks the outputs
@@ -18,7 +18,10 @@ import pytest
 from companion.bench import attention as bench_attention
 from companion.bench import cli, decoding, timing
 
-TARGET_COUNT = 12  # rows of the issue's target table, with the 1- and 2-thread rows
+FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
+TARGET_COUNT = (
+    22  # rows of the target table: every ratio at 1 and 2 threads, full and causal
+)
 
 
 def _run(tmp_path, capsys, *extra, plot=True):
@@ -45,10 +48,20 @@ def test_tiny_run_end_to_end_with_torch(tmp_path, capsys):
     status, results, printed, plots = _run(tmp_path, capsys, "--without", "tensorflow")
     assert status == 0
     diffs = results["attention"]["max_abs_diff"]
-    for name in ("textbook", "reference", "tiled", "torch tiled", "torch SDPA"):
+    for name in (
+        "textbook",
+        "reference",
+        "tiled",
+        "torch tiled",
+        "torch SDPA",
+        "torch SDPA fwd+bwd",
+        "torch tiled fwd+bwd",
+        "torch.compile",
+    ):
         for kind in ("", " causal"):
             assert diffs[name + kind] <= 1e-5, (
-                f"{name}{kind} differs from the float64 reference by {diffs[name + kind]}"
+                f"{name}{kind} differs from the float64 reference by "
+                f"{diffs[name + kind]}"
             )
     for kind in ("full", "causal"):
         times = results["attention"]["times"][kind]
@@ -61,6 +74,23 @@ def test_tiny_run_end_to_end_with_torch(tmp_path, capsys):
             )
         assert memory["tiled"]["256"] > 0
     assert set(results["attention"]["equal_threads"]) == {"1", "2"}
+    for threads in ("1", "2"):
+        for kind in ("full", "causal"):
+            equal = results["attention"]["equal_threads"][threads][kind]
+            assert {
+                "tiled",
+                "torch SDPA",
+                "torch tiled fwd+bwd",
+                "torch.compile",
+            } <= set(equal)
+    # the fair peer ran torch's flash kernel, forward and backward, and nothing refused
+    kernels = results["attention"]["kernels"]
+    for kind in ("full", "causal"):
+        assert FLASH in kernels["torch SDPA"][kind]
+        assert FLASH + "_backward" in kernels["torch SDPA fwd+bwd"][kind]
+        assert not any("math" in k for k in kernels["torch SDPA"][kind])
+    assert results["attention"]["refused"] == {}
+    assert {"torch", "numpy"} <= set(results["machine"]["versions"])
     conv_diffs = results["conv"]["max_abs_diff"]
     assert (
         max(conv_diffs["small"].values()) <= 1e-5
@@ -138,3 +168,66 @@ def test_quick_and_size_must_agree():
         cli.parse_args(["--quick", "--size", "full"])
     assert cli.parse_args(["--quick"]).size == "quick"
     assert cli.parse_args([]).size == "full"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch explains the refusal
+def test_sdpa_is_called_on_4d_inputs_under_the_flash_restriction():
+    torch = pytest.importorskip("torch")
+    modules = {"torch": torch}
+    run = bench_attention.contender("torch SDPA", 64, True, 1, modules)
+    out = run()
+    assert tuple(out.shape) == (1, 1, 64, bench_attention.D)  # (B, H, L, D)
+    # the restriction is real: a 3-D call, which has no flash kernel, raises
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.zeros(1, 64, bench_attention.D)
+    with pytest.raises(RuntimeError), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+
+def test_a_peer_that_cannot_run_its_best_path_is_refused(monkeypatch):
+    torch = pytest.importorskip("torch")
+    original = bench_attention.contender
+
+    def broken(name, *args):
+        if name == "torch.compile":
+
+            def fail():
+                raise RuntimeError("no C++ compiler")
+
+            return fail
+        return original(name, *args)
+
+    monkeypatch.setattr(bench_attention, "contender", broken)
+    monkeypatch.setattr(bench_attention, "TENSORFLOW", ())
+    modules = {"torch": torch, "tensorflow": None}
+    bench_attention.check_outputs(modules, n=32)
+    assert "no C++ compiler" in modules["refused"]["torch.compile"]
+    assert "torch.compile" not in bench_attention.available(modules)
+    assert "torch SDPA" in bench_attention.available(modules)
+
+
+def test_sdpa_on_the_math_path_is_refused(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    original = bench_attention.contender
+
+    def math_path(name, n, causal, threads, modules):
+        run = original(name, n, causal, threads, modules)
+        if name != "torch SDPA":
+            return run
+
+        def on_math():
+            q = torch.zeros(1, 1, n, bench_attention.D)
+            with sdpa_kernel([SDPBackend.MATH]):
+                return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+        return on_math
+
+    monkeypatch.setattr(bench_attention, "contender", math_path)
+    modules = {"torch": torch, "tensorflow": None, "refused": {}}
+    kernels = bench_attention.kernels_used(modules, n=32)
+    assert not any("flash" in k for k in kernels["torch SDPA"]["full"])
+    assert "did not run the flash kernel" in modules["refused"]["torch SDPA"]
+    assert "torch SDPA fwd+bwd" not in modules["refused"]

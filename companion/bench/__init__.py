@@ -1,4 +1,4 @@
-"""The benchmark behind the book chapter *Making it fast*: ``python -m companion.bench``.
+"""The benchmark behind the chapter *Making it fast*: ``python -m companion.bench``.
 
 It measures, side by side in one run on the machine it runs on, attention (the textbook
 line, the reference, the tiled kernels, torch's SDPA and the matrix-product bound),

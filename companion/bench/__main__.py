@@ -1,4 +1,7 @@
-"""``python -m companion.bench [--quick] [--json PATH] [--plot DIR]``: see :mod:`companion.bench.cli`."""
+"""``python -m companion.bench [--quick] [--json PATH] [--plot DIR]``.
+
+See :mod:`companion.bench.cli`.
+"""
 
 from companion.bench.cli import main
 

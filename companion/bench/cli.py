@@ -1,4 +1,4 @@
-"""``python -m companion.bench``: the command line, the three run sizes and the run itself."""
+"""``python -m companion.bench``: the command line, the three run sizes and the run."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ from companion.bench import attention, conv, decoding, report, timing
 
 @dataclass(frozen=True)
 class Config:
-    """What one run measures. ``full`` is the benchmark; ``quick`` about a minute; ``tiny`` a smoke test."""
+    """What one run measures.
+
+    ``full`` is the benchmark; ``quick`` about a minute; ``tiny`` a smoke test.
+    """
 
     sizes: tuple[int, ...]  # attention timings
     memory_sizes: tuple[int, ...]  # attention peak memory (numpy)
@@ -26,8 +29,9 @@ class Config:
     textbook_up_to: int
     numpy_memory_up_to: int  # above this n only the tiled kernel's memory is measured
     rounds: dict = field(default_factory=dict)  # n -> rounds (largest key <= n)
-    # torch tiled and tf tiled (not in the targets) are timed up to this n
+    # torch tiled, tf tiled and keras are timed up to this n in the main table
     others_up_to: int = 1 << 30
+    compile_sizes: tuple[int, ...] = ()  # torch.compile, at equal threads only
     conv_cases: dict = field(default_factory=lambda: dict(conv.CASES))
     conv_rounds: int = 5
     decode_steps: int = 256
@@ -48,6 +52,7 @@ CONFIGS = {
         numpy_memory_up_to=16384,
         rounds={0: 7, 2048: 5, 8192: 2, 16384: 1},
         others_up_to=8192,
+        compile_sizes=(4096,),
     ),
     "quick": Config(
         sizes=(512, 1024, 2048, 4096),
@@ -57,6 +62,7 @@ CONFIGS = {
         textbook_up_to=4096,
         numpy_memory_up_to=4096,
         rounds={0: 3, 4096: 2},
+        compile_sizes=(4096,),
         conv_rounds=3,
         decode_rounds=1,
     ),
@@ -68,6 +74,7 @@ CONFIGS = {
         textbook_up_to=256,
         numpy_memory_up_to=256,
         rounds={0: 1},
+        compile_sizes=(256,),
         conv_cases=dict(conv.TINY_CASES),
         conv_rounds=1,
         decode_steps=8,
@@ -81,7 +88,8 @@ SECTIONS = ("attention", "memory", "conv", "decoding")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m companion.bench",
-        description="Attention, convolution and decoding, measured side by side in one run; prints ratios "
+        description="Attention, convolution and decoding, measured side by side in "
+        "one run; prints ratios "
         "and the targets of the book chapter 'Making it fast'.",
     )
     parser.add_argument(
@@ -137,9 +145,12 @@ def run(config: Config, *, threads: int, sections, without, progress) -> dict:
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} (idle torch threads "
             "do not spin on the cores the next contender needs)"
         )
+    framework_threads = None
     if modules["tensorflow"] is not None:
+        framework_threads = _tensorflow_threads(modules["tensorflow"], threads)
         notes.append(
-            "tf.nn.conv2d and tf tiled run at TensorFlow's own thread count; "
+            f"TensorFlow runs at {framework_threads} thread(s) (fixed when it starts): "
+            "tf.nn.conv2d, tf tiled and keras appear only in that row; "
             "TF_ENABLE_ONEDNN_OPTS=" + os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset")
         )
     thread_counts = sorted({1, threads})
@@ -152,13 +163,25 @@ def run(config: Config, *, threads: int, sections, without, progress) -> dict:
             "platform": platform.platform(),
             "processor": platform.processor(),
             "python": platform.python_version(),
+            "versions": _versions(modules),
         },
         "load_average_start": timing.load_average(),
     }
     if "attention" in sections:
         progress("checking every attention contender against the float64 reference")
         diffs = attention.check_outputs(modules)
-        att = {"threads": threads, "max_abs_diff": diffs}
+        progress("recording the kernels each torch peer ran (profiler)")
+        kernels = attention.kernels_used(modules)
+        refused = dict(modules.get("refused", {}))
+        for name, why in refused.items():
+            notes.append(f"peer refused, not reported: {name}: {why}")
+        att = {
+            "threads": threads,
+            "framework_threads": framework_threads,
+            "max_abs_diff": diffs,
+            "kernels": kernels,
+            "refused": refused,
+        }
         att["times"] = attention.time_all(
             config.sizes,
             threads,
@@ -175,6 +198,8 @@ def run(config: Config, *, threads: int, sections, without, progress) -> dict:
                 config.rounds_for,
                 modules,
                 progress,
+                framework_threads,
+                config.compile_sizes,
             )
         att["memory"] = {"full": {}, "causal": {}}
         results["attention"] = att
@@ -214,10 +239,34 @@ def run(config: Config, *, threads: int, sections, without, progress) -> dict:
     return results
 
 
+def _tensorflow_threads(tf, threads: int) -> int:
+    """Ask TensorFlow for ``threads`` intra-op threads (only before it starts)."""
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError:
+        pass  # already started: it keeps its own count
+    return tf.config.threading.get_intra_op_parallelism_threads() or timing.cores()
+
+
+def _versions(modules: dict) -> dict:
+    import numpy
+
+    versions = {"numpy": numpy.__version__}
+    if modules.get("torch") is not None:
+        versions["torch"] = modules["torch"].__version__
+    if modules.get("tensorflow") is not None:
+        import keras
+
+        versions["tensorflow"] = modules["tensorflow"].__version__
+        versions["keras"] = keras.__version__
+    return versions
+
+
 def render(results: dict) -> str:
     parts = [
-        f"companion.bench: {results['machine']['cores']} core(s), {results['machine']['platform']}; "
-        f"load average {results['load_average_start']} (start), {results['load_average_end']} (end)"
+        f"companion.bench: {results['machine']['cores']} core(s), "
+        f"{results['machine']['platform']}; load average "
+        f"{results['load_average_start']} (start), {results['load_average_end']} (end)"
     ]
     parts += [f"note: {note}" for note in results["notes"]]
     att = results.get("attention")
@@ -227,10 +276,12 @@ def render(results: dict) -> str:
             f"{m} {d:.1e}" for m, d in att.get("max_abs_diff", {}).items()
         )
         parts.append(
-            f"attention outputs, max |difference| from the float64 reference at n = 256: {diffs}"
+            "attention outputs, max |difference| from the float64 reference at "
+            f"n = 256: {diffs}"
         )
         parts.append(
-            "bound = 4 n^2 d / rate (causal: 2 n (n + 1) d / rate), the rate measured on Q K^T and P V "
+            "bound = 4 n^2 d / rate (causal: 2 n (n + 1) d / rate), the rate measured "
+            "on Q K^T and P V "
             "themselves in this run; bound (peak) uses a 1024^3 square product's rate"
         )
     elif att:
@@ -252,7 +303,8 @@ def main(argv=None) -> int:
     sections = tuple(args.only or SECTIONS)
     started = time.perf_counter()
     progress(
-        f"companion.bench --size {args.size}, {threads} thread(s), sections: {', '.join(sections)}; "
+        f"companion.bench --size {args.size}, {threads} thread(s), "
+        f"sections: {', '.join(sections)}; "
         f"load average {timing.load_average()}"
     )
     results = run(

@@ -1,12 +1,14 @@
 """Convolution: the loops, im2col and the frameworks' built-ins on two float32 layers.
 
-- ``small``: ``N = 2``, ``4 -> 8`` channels, ``16 x 16``, ``3 x 3``, padding 1, with bias;
+- ``small``: ``N = 2``, ``4 -> 8`` channels, ``16 x 16``, ``3 x 3``, padding 1, bias;
   :func:`companion.numpy.conv2d_reference` (plain loops) runs here only.
-- ``resnet``: a ResNet-like layer, ``N = 8``, ``64 -> 64`` channels, ``56 x 56``, ``3 x 3``,
+- ``resnet``: a ResNet-like layer, ``N = 8``, ``64 -> 64`` channels, ``56 x 56``,
+  ``3 x 3``,
   padding 1.
 
-Contenders: ``reference``, ``im2col`` (:func:`companion.numpy.conv2d_im2col`, ``num_threads``
-= the threads of the row), ``torch`` (``torch.nn.functional.conv2d``, oneDNN, at the same
+Contenders: ``reference``, ``im2col`` (:func:`companion.numpy.conv2d_im2col`,
+``num_threads`` = the threads of the row), ``torch`` (``torch.nn.functional.conv2d``,
+oneDNN, at the same
 threads) and ``tf`` (``tf.nn.conv2d`` on NHWC inputs, at TensorFlow's own thread count,
 fixed when it starts; timed only in the rows at all cores).
 """
@@ -36,7 +38,7 @@ def arrays(shape, seed: int = 0):
 
 
 def contender(name: str, shape, threads: int, modules: dict):
-    """A zero-argument callable for contender ``name`` on the layer ``shape`` (NCHW output, except tf)."""
+    """A callable running ``name`` on the layer ``shape`` (NCHW, except tf)."""
     from companion.numpy import conv2d_im2col, conv2d_reference
 
     x, weight, bias = arrays(shape)
@@ -74,7 +76,7 @@ def as_nchw(name: str, out) -> np.ndarray:
 def run_all(
     cases: dict, thread_counts, all_cores: int, rounds: int, modules: dict, progress
 ) -> dict:
-    """``{"times": {case: {threads: {name: s}}}, "max_abs_diff": {case: {name: d}}}``."""
+    """``{"times": {case: {threads: {name: s}}}, "max_abs_diff": {case: {m: d}}}``."""
     from threadpoolctl import threadpool_limits
 
     from companion.numpy import conv2d_reference

@@ -1,4 +1,4 @@
-"""Decoding: generate tokens with a :class:`companion.numpy.KVCache`, or recompute the prefix.
+"""Decoding: generate with a :class:`companion.numpy.KVCache`, or recompute the prefix.
 
 A small decoder, float64 so that the two ways agree to the last bit of every choice:
 token embeddings ``(V, E)`` tied to the output layer, ``layers`` causal self-attention
@@ -26,7 +26,7 @@ TINY_MODEL = dict(vocab=32, embed_dim=16, num_heads=4, layers=1, prompt=4)
 
 
 class TinyDecoder:
-    """Embeddings tied to the output, ``layers`` residual causal self-attention blocks."""
+    """Embeddings tied to the output; ``layers`` residual causal attention blocks."""
 
     def __init__(
         self,
@@ -50,7 +50,10 @@ class TinyDecoder:
         ]
 
     def logits(self, tokens: np.ndarray, caches=None) -> np.ndarray:
-        """Logits of the last position ``(B, V)`` for ``tokens (B, L)`` (the new ones, with caches)."""
+        """Logits of the last position ``(B, V)`` for ``tokens (B, L)``.
+
+        With caches, ``tokens`` are the new ones only.
+        """
         from companion.numpy import multi_head_attention
 
         h = self.embedding[tokens]  # (B, L, E)
@@ -62,7 +65,7 @@ class TinyDecoder:
 
 
 def generate(model: TinyDecoder, prompt: np.ndarray, steps: int, cached: bool):
-    """Greedy tokens ``(B, steps)``, logits ``(steps, B, V)``, the caches and the seconds of each step."""
+    """Greedy tokens ``(B, steps)``, logits ``(steps, B, V)``, caches, step seconds."""
     from companion.numpy import KVCache
 
     caches = [KVCache() for _ in model.blocks] if cached else None
@@ -80,11 +83,12 @@ def generate(model: TinyDecoder, prompt: np.ndarray, steps: int, cached: bool):
 
 
 def run_all(steps: int, model_size: dict, rounds: int, progress) -> dict:
-    """Times, speed-up, identity of outputs and KV-cache bytes (multi-head, grouped, multi-query).
+    """Times, speed-up, same outputs, KV-cache bytes (multi-head, grouped, multi-query).
 
-    Multi-head heads race ``cached`` against ``recompute`` for ``rounds`` interleaved rounds;
-    grouped-query and multi-query heads run ``cached`` ``rounds`` times and ``recompute``
-    once (to check the tokens). BLAS runs on one thread: these products are small.
+    Multi-head heads race ``cached`` against ``recompute`` for ``rounds`` interleaved
+    rounds; grouped-query and multi-query heads run ``cached`` ``rounds`` times and
+    ``recompute`` once (to check the tokens). BLAS runs on one thread: these products
+    are small.
     """
     from threadpoolctl import threadpool_limits
 
@@ -103,7 +107,8 @@ def run_all(steps: int, model_size: dict, rounds: int, progress) -> dict:
     ):
         model = TinyDecoder(**sizes, num_kv_heads=H_kv)
         progress(
-            f"decoding {steps} tokens, {label} (H={H}, H_kv={H_kv}): cached vs recompute"
+            f"decoding {steps} tokens, {label} (H={H}, H_kv={H_kv}): "
+            "cached vs recompute"
         )
         seconds = {"cached": [], "recompute": []}
         per_step = {"cached": [], "recompute": []}

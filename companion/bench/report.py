@@ -11,9 +11,15 @@ ATTENTION_ORDER = (
     "torch tiled",
     "tf tiled",
     "torch SDPA",
+    "torch.compile",
+    "keras",
+    "torch tiled fwd+bwd",
+    "torch SDPA fwd+bwd",
     "bound",
     "bound (peak)",
 )
+# each contender of the equal-threads table is divided by the SDPA call doing its work
+SDPA_FOR = {"torch tiled fwd+bwd": "torch SDPA fwd+bwd"}
 
 
 def _fmt_ms(seconds) -> str:
@@ -26,10 +32,10 @@ def _fmt_mib(nbytes) -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    # noqa: E731
-    line = lambda r: (
-        "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
-    )
+
+    def line(r):
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
+
     return "\n".join(
         [
             line(header),
@@ -54,29 +60,17 @@ def attention_tables(att: dict) -> str:
                 row.append("-" if t is None else f"{_fmt_ms(t)} ({t / tiled:.2f}x)")
             rows.append(row)
         out.append(
-            f"Attention, {kind}, one head, d = 64, float32, {att['threads']} thread(s): "
+            f"Attention, {kind}, one head, d = 64, float32, "
+            f"{att['threads']} thread(s): "
             f"median ms (time / tiled)"
         )
         out.append(_table(["n", *names], rows))
     for threads, per_kind in sorted(att.get("equal_threads", {}).items()):
-        rows = []
-        for kind in ("full", "causal"):
-            res = per_kind[kind]
-            for n in sorted(res["tiled"]):
-                sdpa = res.get("torch SDPA", {}).get(n)
-                rows.append(
-                    [
-                        kind,
-                        str(n),
-                        _fmt_ms(res["tiled"][n]),
-                        _fmt_ms(sdpa),
-                        "-" if sdpa is None else f"{res['tiled'][n] / sdpa:.2f}",
-                    ]
-                )
         out.append(
-            f"Equal threads ({threads}): numpy attention_tiled vs torch SDPA, median ms"
+            f"Equal threads ({threads}): median ms (time / torch SDPA flash, 4-D "
+            "(1, 1, n, 64), is_causal; fwd+bwd: / SDPA fwd+bwd)"
         )
-        out.append(_table(["kind", "n", "tiled", "torch SDPA", "tiled / SDPA"], rows))
+        out.append(equal_threads_table(per_kind))
     mem = att["memory"]
     for kind in ("full", "causal"):
         per_name = mem[kind]
@@ -91,11 +85,35 @@ def attention_tables(att: dict) -> str:
             for n in sizes
         ]
         out.append(
-            f"Peak extra memory, {kind}, MiB (numpy: tracemalloc; torch/tf: resident size, fresh "
+            f"Peak extra memory, {kind}, MiB (numpy: tracemalloc; "
+            "torch/tf: resident size, fresh "
             f"process); 'n x n f32' is one score matrix, for scale"
         )
         out.append(_table(["n", "n x n f32", *names], rows))
     return "\n\n".join(out)
+
+
+def equal_threads_table(per_kind: dict) -> str:
+    """One row per (kind, n); a column per contender: ``ms (ratio to SDPA)``."""
+    names = [
+        m for m in ATTENTION_ORDER if any(m in per_kind[kind] for kind in per_kind)
+    ]
+    rows = []
+    for kind in ("full", "causal"):
+        res = per_kind.get(kind, {})
+        for n in sorted({n for m in res.values() for n in m}, key=int):
+            row = [kind, str(n)]
+            for m in names:
+                t = res.get(m, {}).get(n)
+                sdpa = res.get(SDPA_FOR.get(m, "torch SDPA"), {}).get(n)
+                if t is None:
+                    row.append("-")
+                elif sdpa is None or m in ("torch SDPA", "torch SDPA fwd+bwd"):
+                    row.append(_fmt_ms(t))
+                else:
+                    row.append(f"{_fmt_ms(t)} ({t / sdpa:.2f}x)")
+            rows.append(row)
+    return _table(["kind", "n", *names], rows)
 
 
 def conv_tables(conv: dict, cases: dict) -> str:
@@ -113,9 +131,11 @@ def conv_tables(conv: dict, cases: dict) -> str:
         for case, per in conv["max_abs_diff"].items()
     )
     return (
-        "Convolution, float32, (N, C_in, H, W, C_out, k), padding 1: median ms (time / im2col)\n"
+        "Convolution, float32, (N, C_in, H, W, C_out, k), padding 1: "
+        "median ms (time / im2col)\n"
         + _table(["case", "threads", "reference", "im2col", "torch", "tf"], rows)
-        + f"\nmax |difference| (small: from the float64 loops; resnet: from torch): {diffs}"
+        + "\nmax |difference| (small: from the float64 loops; resnet: from torch): "
+        + diffs
     )
 
 
@@ -138,8 +158,9 @@ def decoding_table(dec: dict) -> str:
         )
     m = dec["model"]
     return (
-        f"Decoding {dec['steps']} tokens (greedy, float64; V={m['vocab']}, E={m['embed_dim']}, "
-        f"H={m['num_heads']}, layers={m['layers']}, prompt={m['prompt']}): ms per token\n"
+        f"Decoding {dec['steps']} tokens (greedy, float64; V={m['vocab']}, "
+        f"E={m['embed_dim']}, H={m['num_heads']}, layers={m['layers']}, "
+        f"prompt={m['prompt']}): ms per token\n"
         + _table(
             [
                 "heads",
@@ -158,11 +179,11 @@ def decoding_table(dec: dict) -> str:
     )
 
 
-# --- targets --------------------------------------------------------------------------------
+# --- targets --------------------------------------------------------------------------
 
 
 def targets(results: dict) -> list[dict]:
-    """Every target of the issue, with the measured value, the limit and PASS/FAIL/n/a."""
+    """Every target of the issue: the measured value, the limit and PASS/FAIL/n/a."""
     rows = []
 
     def add(name, value, limit, at_most: bool, unit="x"):
@@ -193,14 +214,17 @@ def targets(results: dict) -> list[dict]:
     att = results.get("attention")
     if att:
         full = att["times"]["full"]
-        # noqa: E731
-        t_at = lambda m, n, kind="full": att["times"][kind].get(m, {}).get(n)
+
+        def t_at(m, n, kind="full"):
+            return att["times"][kind].get(m, {}).get(n)
+
         n0 = 4096
         ratio = (
             None if t_at("tiled", n0) is None else t_at("tiled", n0) / t_at("bound", n0)
         )
         add(
-            f"tiled (numpy, f32, n = {n0}, {att['threads']} threads) / matrix-product bound",
+            f"tiled (numpy, f32, n = {n0}, {att['threads']} threads) "
+            "/ matrix-product bound",
             ratio,
             1.8,
             True,
@@ -217,21 +241,47 @@ def targets(results: dict) -> list[dict]:
             3.0,
             False,
         )
-        for threads, per_kind in sorted(att.get("equal_threads", {}).items()):
-            for kind, limit in (("full", 1.3), ("causal", 1.0)):
-                res = per_kind[kind]
-                sdpa = res.get("torch SDPA", {}).get(n0)
-                value = (
-                    None
-                    if sdpa is None or n0 not in res["tiled"]
-                    else res["tiled"][n0] / sdpa
-                )
+        equal = {
+            int(t): per_kind for t, per_kind in att.get("equal_threads", {}).items()
+        }
+
+        def versus(name, threads, kind):
+            """``name`` / its SDPA peer at ``n0`` and ``threads`` (None if absent)."""
+            res = equal.get(threads, {}).get(kind, {})
+            t = res.get(name, {}).get(n0)
+            sdpa = res.get(SDPA_FOR.get(name, "torch SDPA"), {}).get(n0)
+            return None if t is None or sdpa is None else t / sdpa
+
+        sdpa = "torch SDPA (flash, (1, 1, n, 64), is_causal)"
+        for threads in (1, 2):
+            for kind in ("full", "causal"):
                 add(
-                    f"tiled / torch SDPA, {kind}, n = {n0}, {threads} thread(s)",
-                    value,
-                    limit,
+                    f"numpy tiled / {sdpa}, {kind}, n = {n0}, {threads} thread(s)",
+                    versus("tiled", threads, kind),
+                    1.2,
                     True,
                 )
+        for name, label in (
+            ("torch tiled", "torch tiled / torch SDPA"),
+            ("torch tiled fwd+bwd", "torch tiled fwd+bwd / torch SDPA fwd+bwd"),
+        ):
+            for threads in (1, 2):
+                for kind in ("full", "causal"):
+                    add(
+                        f"{label}, {kind}, n = {n0}, {threads} thread(s)",
+                        versus(name, threads, kind),
+                        2.0,
+                        True,
+                    )
+        tf_threads = att.get("framework_threads")
+        for kind in ("full", "causal"):
+            add(
+                f"tf tiled / torch SDPA, {kind}, n = {n0}, "
+                f"{tf_threads or '-'} thread(s)",
+                versus("tf tiled", tf_threads, kind),
+                3.0,
+                True,
+            )
         for n, limit in ((16384, 16), (32768, 32)):
             peaks = [
                 att["memory"][kind].get("tiled", {}).get(n)
@@ -271,7 +321,8 @@ def targets(results: dict) -> list[dict]:
             else 0.0
         )
         add(
-            f"KV-cache decoding vs recomputation, {dec['steps']} tokens, identical tokens (speed-up)",
+            f"KV-cache decoding vs recomputation, {dec['steps']} tokens, "
+            "identical tokens (speed-up)",
             speedup,
             5.0,
             False,
@@ -293,11 +344,11 @@ def targets_table(rows: list[dict]) -> str:
     return "Targets\n" + _table(["target", "measured", "target", "result"], body)
 
 
-# --- figures ---------------------------------------------------------------------------------
+# --- figures --------------------------------------------------------------------------
 
 
 def plot(results: dict, directory) -> list[str]:
-    """PNG figures into ``directory``: attention time and memory vs n, decoding time per token."""
+    """PNG figures into ``directory``: attention time and memory, decoding per token."""
     import os
 
     import matplotlib

@@ -22,7 +22,7 @@ MiB = 2**20
 
 
 class Progress:
-    """Progress lines on a stream (stderr by default), each with the seconds since the start."""
+    """Progress lines on a stream (default stderr), with the seconds since the start."""
 
     def __init__(self, stream=None, quiet: bool = False):
         self.stream = sys.stderr if stream is None else stream
@@ -44,11 +44,11 @@ def race(
     warmup: bool = True,
     min_round_seconds: float = 0.02,
 ) -> dict[str, float]:
-    """Median seconds per call of each zero-argument callable, timed in interleaved rounds (A B C A B C ...).
+    """Median seconds per call of each callable, in interleaved rounds (A B C A B C).
 
     The first (warm-up) call also sizes the rounds: a contender faster than
     ``min_round_seconds`` is called several times per round, so that the clock's
-    resolution and one-off hiccups weigh less. Without ``warmup`` every round is one call.
+    resolution and one-off hiccups weigh less. Without ``warmup`` a round is one call.
     """
     calls = {name: 1 for name in contenders}
     if warmup:
@@ -68,7 +68,7 @@ def race(
 
 
 def traced_peak(run: Callable[[], object]) -> int:
-    """Peak bytes allocated (through Python's allocators, numpy included) while ``run()`` runs.
+    """Peak bytes allocated (Python's allocators, numpy included) while ``run()`` runs.
 
     Counted from what was allocated when it started, so inputs do not count; the result
     it returns does (it is allocated inside).
@@ -84,7 +84,7 @@ def traced_peak(run: Callable[[], object]) -> int:
     return max(0, peak - base)
 
 
-# --- resident memory, for allocations tracemalloc cannot see (torch, TensorFlow) ------------
+# --- resident memory, for allocations tracemalloc cannot see (torch, TensorFlow) ------
 
 
 def _status_kib(field: str) -> int | None:
@@ -97,7 +97,7 @@ def _status_kib(field: str) -> int | None:
 
 
 def _reset_high_water_mark() -> bool:
-    """Linux >= 4.0: make the peak resident size (``ru_maxrss``, VmHWM) the current size."""
+    """Linux >= 4.0: make the peak resident size (VmHWM) the current size."""
     try:
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")
@@ -114,10 +114,11 @@ def _trim_malloc() -> None:
 
 
 def resident_peak(run: Callable[[], object]) -> int | None:
-    """Peak extra resident bytes while ``run()`` runs (``None`` where it cannot be measured).
+    """Peak extra resident bytes while ``run()`` runs (``None`` where not measurable).
 
-    Meant for a fresh process started by :func:`fresh_process_env`: the high-water mark is
-    reset to the current resident size, ``run()`` runs, and the growth of the mark is the
+    Meant for a fresh process started by :func:`fresh_process_env`: the high-water mark
+    is reset to the current resident size, ``run()`` runs, and the growth of the mark is
+    the
     answer. Fixed malloc thresholds make every large block a fresh mapping, so memory
     freed by earlier calls cannot hide new allocations.
     """
@@ -133,7 +134,7 @@ def resident_peak(run: Callable[[], object]) -> int | None:
 
 
 def fresh_process_env() -> dict[str, str]:
-    """Environment for a memory-probe subprocess: glibc returns large blocks to the system."""
+    """Environment for a memory-probe subprocess: glibc returns large blocks."""
     env = dict(os.environ)
     env.update(
         MALLOC_MMAP_THRESHOLD_="131072",
@@ -144,7 +145,7 @@ def fresh_process_env() -> dict[str, str]:
     return env
 
 
-# --- optional frameworks ---------------------------------------------------------------------
+# --- optional frameworks --------------------------------------------------------------
 
 
 def framework(name: str):
@@ -165,7 +166,7 @@ def framework(name: str):
 
 
 def set_threads(threads: int, torch_module=None) -> None:
-    """Use ``threads`` threads in torch (intra-op); numpy's BLAS is limited by the caller."""
+    """Use ``threads`` threads in torch (intra-op); the caller limits numpy's BLAS."""
     if torch_module is not None:
         torch_module.set_num_threads(threads)
 
