@@ -11,8 +11,10 @@ from companion.torch.attention import *  # noqa: F401,F403
 
 # Each topic module adds its names on a line of its own below.
 from companion.torch.conv import *  # noqa: F401,F403
+from companion.torch.latent import *  # noqa: F401,F403
 from companion.torch.models import *  # noqa: F401,F403
 from companion.torch.multihead import *  # noqa: F401,F403
+from companion.torch.paged import *  # noqa: F401,F403
 from companion.torch.positions import *  # noqa: F401,F403
 from companion.torch.scores import *  # noqa: F401,F403
 from companion.torch.sharing import *  # noqa: F401,F403
