@@ -397,10 +397,10 @@ def multi_head_attention(
         ``return_weights``. Both give the same outputs.
     rope : optional
         Rotary embeddings (:func:`companion.numpy.rotary_embedding`) for the queries and
-        keys: ``True``, a base, a dict or a :class:`RotaryConfig`. The new keys sit at
-        ``cache.seen ..`` (0 .. without a cache) and the queries are the last ``L`` of
-        those positions; the cache stores rotated keys, so decoding one token at a time
-        equals the full causal pass.
+        keys: ``True``, a base, a dict or a :class:`~companion.numpy.RotaryConfig`. The
+        new keys sit at ``cache.seen ..`` (0 .. without a cache) and the queries are
+        the last ``L`` of those positions; the cache stores rotated keys, so decoding
+        one token at a time equals the full causal pass.
 
     Returns
     -------

@@ -156,8 +156,9 @@ def multi_head_attention(
     attention: the reference or :func:`companion.tensorflow.attention_tiled` (outputs
     and gradients agree); ``"auto"`` is tiled from ``L * S >= TILED_FROM_SCORES`` on,
     unless ``return_weights``. ``rope`` (``True``, a base, a dict or a
-    :class:`RotaryConfig`) rotates queries and keys at their absolute positions (the
-    new keys from ``cache.seen`` on), as in :func:`companion.numpy.multi_head_attention`.
+    :class:`~companion.numpy.RotaryConfig`) rotates queries and keys at their absolute
+    positions (the new keys from ``cache.seen`` on), as in
+    :func:`companion.numpy.multi_head_attention`.
     """
     if not isinstance(params, MultiHeadParams):
         raise TypeError(
@@ -254,8 +255,9 @@ class MultiHeadAttention(keras.layers.Layer):
     is ``(B, L, S)`` or ``(B, H, L, S)``, ``True`` (nonzero) = attend, as in Keras.
     ``implementation`` (``"auto"``, ``"reference"``, ``"tiled"``): where the heads'
     attention comes from, as in :func:`multi_head_attention`. ``rope`` (``True``, a
-    base, a dict or a :class:`RotaryConfig`) rotates queries and keys at their absolute
-    positions in every call, as in :func:`multi_head_attention`.
+    base, a dict or a :class:`~companion.numpy.RotaryConfig`) rotates queries and
+    keys at their absolute positions in every call, as in
+    :func:`multi_head_attention`.
     """
 
     def __init__(

@@ -3,22 +3,25 @@ r"""Small models for the application chapters, built from the package's pieces.
 Vision, three networks of the same depth (two feature layers and a classifier) for
 ``(B, 1, H, W)`` images, which differ in how they share weights across positions:
 
-* :class:`MLPClassifier`: dense layers on the flattened image, one weight per pixel per unit;
-* :class:`LocallyConnectedNet`: the convolutional network's receptive fields with a kernel
-  of its own at every position (:class:`LocallyConnected2d`, built on
+* :class:`MLPClassifier`: dense layers on the flattened image, one weight per pixel
+  per unit;
+* :class:`LocallyConnectedNet`: the convolutional network's receptive fields with a
+  kernel of its own at every position (:class:`LocallyConnected2d`, built on
   :func:`companion.torch.conv.locally_connected2d`);
 * :class:`SmallCNN`: the same network with one kernel shared by every position.
 
 Both image networks end with a global max over positions, so the classifier itself sees
 no position: the only difference between them is weight sharing.
 
-Language: :class:`TinyTransformerLM`, a decoder-only transformer (pre-norm blocks of
-:class:`companion.torch.multihead.MultiHeadAttention` and an MLP) whose output layer is the
-token embedding itself (:class:`companion.torch.sharing.TiedLMHead`) or, with
-``tied=False``, a matrix of its own; :func:`generate` decodes greedily, with or without a
+Language: :class:`TinyTransformerLM`, a decoder-only transformer (blocks of
+:class:`companion.torch.multihead.MultiHeadAttention` and an MLP, with swappable norms,
+MLPs and position schemes) whose output layer is the token embedding itself
+(:class:`companion.torch.sharing.TiedLMHead`) or, with ``tied=False``, a matrix of its
+own; :func:`generate` decodes greedily, with or without a
 :class:`companion.torch.multihead.KVCache` per layer.
 
-Explained in the book chapters *Applications: vision* and *Applications: language*.
+Explained in the book chapters *Applications: vision*, *Applications: language* and
+(the block, its parts and the positions) *Positions and the transformer block*.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from torch import nn
 from companion.numpy.conv import conv2d_output_size
 from companion.torch.conv import locally_connected2d
 from companion.torch.multihead import KVCache, MultiHeadAttention
+from companion.torch.positions import alibi_bias, sinusoidal_positions
 from companion.torch.sharing import TiedLMHead
 
 __all__ = [
@@ -38,6 +42,9 @@ __all__ = [
     "MLPClassifier",
     "LocallyConnectedNet",
     "SmallCNN",
+    "make_norm",
+    "make_mlp",
+    "SwiGLU",
     "TransformerBlock",
     "TinyTransformerLM",
     "generate",
@@ -48,15 +55,16 @@ def _pair(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
-# --- vision ---------------------------------------------------------------------------------------
+# --- vision ---------------------------------------------------------------------------
 
 
 class LocallyConnected2d(nn.Module):
-    r"""A convolution's receptive fields without the sharing: one kernel per output position.
+    r"""A convolution's receptive fields without sharing: a kernel per output position.
 
-    ``weight (H_out, W_out, C_out, C_in, kH, kW)`` and ``bias (H_out, W_out, C_out)``: the
-    parameters of a ``Conv2d(C_in, C_out, kernel_size)`` times ``H_out * W_out``. The input
-    size must be fixed at construction, since the number of kernels depends on it.
+    ``weight (H_out, W_out, C_out, C_in, kH, kW)`` and ``bias (H_out, W_out, C_out)``:
+    the parameters of a ``Conv2d(C_in, C_out, kernel_size)`` times ``H_out * W_out``.
+    The input size must be fixed at construction, since the number of kernels depends
+    on it.
     Initialised like ``nn.Conv2d`` (uniform in :math:`\pm 1/\sqrt{C_{in} k_H k_W}`).
     """
 
@@ -94,10 +102,11 @@ class LocallyConnected2d(nn.Module):
 
 
 class MLPClassifier(nn.Module):
-    """Dense layers on the flattened image: ``(B, C, H, W)`` -> logits ``(B, num_classes)``.
+    """Dense layers on the flattened image: ``(B, C, H, W)`` -> ``(B, num_classes)``.
 
-    ``hidden`` gives the widths of the hidden layers (ReLU after each); every first-layer
-    weight belongs to one pixel, so nothing learned at one position transfers to another.
+    ``hidden`` gives the widths of the hidden layers (ReLU after each); every
+    first-layer weight belongs to one pixel, so nothing learned at one position
+    transfers to another.
     """
 
     def __init__(
@@ -127,7 +136,7 @@ class _PositionPooledNet(nn.Module):
 
 
 class SmallCNN(_PositionPooledNet):
-    """Two ``kernel_size`` convolutions ('same' size), a global max, a linear classifier.
+    """Two ``kernel_size`` convolutions ('same' size), a global max, a linear layer.
 
     ``(B, in_channels, H, W)`` -> logits ``(B, num_classes)``; works for any image size,
     since no parameter belongs to a position.
@@ -173,27 +182,110 @@ class LocallyConnectedNet(_PositionPooledNet):
         self.classifier = nn.Linear(c2, num_classes)
 
 
-# --- language -------------------------------------------------------------------------------------
+# --- language -------------------------------------------------------------------------
+
+
+NORMS = ("layer", "rms")
+MLPS = ("gelu", "gelu_tanh", "swiglu")
+POSITIONS = ("learned", "sinusoidal", "rope", "alibi", None)
+
+
+def make_norm(kind: str, embed_dim: int, *, eps: float = 1e-5) -> nn.Module:
+    r"""``"layer"``: ``nn.LayerNorm`` (centre, scale, shift); ``"rms"``: ``nn.RMSNorm``.
+
+    .. math::
+
+        \mathrm{LN}(x) = \gamma \odot \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}
+        + \beta, \qquad
+        \mathrm{RMS}(x) = \gamma \odot \frac{x}{\sqrt{\overline{x^2} + \epsilon}}
+
+    RMSNorm (Zhang and Sennrich 2019) drops the mean and the shift: one reduction
+    instead of two, ``E`` parameters instead of ``2E``.
+    """
+    if kind == "layer":
+        return nn.LayerNorm(embed_dim, eps=eps)
+    if kind == "rms":
+        return nn.RMSNorm(embed_dim, eps=eps)
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+
+class SwiGLU(nn.Module):
+    r"""The gated MLP of PaLM and Llama (Shazeer 2020): ``(silu(x W_g) * x W_u) W_d``.
+
+    Three ``E x hidden`` matrices instead of two, so ``hidden`` defaults to ``8E/3``
+    (rounded down): about the ``8 E^2`` weights of a ``4E`` GELU MLP. No biases, as in
+    Llama.
+    """
+
+    def __init__(self, embed_dim: int, hidden_dim: int, *, bias: bool = False):
+        super().__init__()
+        self.gate = nn.Linear(embed_dim, hidden_dim, bias=bias)
+        self.up = nn.Linear(embed_dim, hidden_dim, bias=bias)
+        self.down = nn.Linear(hidden_dim, embed_dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, T, hidden): silu(x W_gate) * (x W_up)
+        gated = nn.functional.silu(self.gate(x)) * self.up(x)
+        return self.down(gated)  # (B, T, E)
+
+
+def make_mlp(kind: str, embed_dim: int, hidden_dim: int | None = None) -> nn.Module:
+    """The position-wise MLP: ``"gelu"`` (exact erf GELU, ``E -> 4E -> E``),
+    ``"gelu_tanh"`` (GPT-2's tanh approximation) or ``"swiglu"`` (:class:`SwiGLU`)."""
+    if kind in ("gelu", "gelu_tanh"):
+        hidden = 4 * embed_dim if hidden_dim is None else hidden_dim
+        return nn.Sequential(
+            nn.Linear(embed_dim, hidden),
+            nn.GELU(approximate="tanh" if kind == "gelu_tanh" else "none"),
+            nn.Linear(hidden, embed_dim),
+        )
+    if kind == "swiglu":
+        hidden = 8 * embed_dim // 3 if hidden_dim is None else hidden_dim
+        return SwiGLU(embed_dim, hidden)
+    raise ValueError(f"mlp must be one of {MLPS}, got {kind!r}")
 
 
 class TransformerBlock(nn.Module):
-    r"""A pre-norm decoder block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))``, causal.
+    r"""A decoder block with named, swappable parts; causal self-attention.
 
-    The attention is :class:`companion.torch.multihead.MultiHeadAttention` with
-    ``causal=True`` (bottom-right aligned, so that new tokens fed after a
-    :class:`KVCache` see every cached position); the MLP is ``E -> 4E -> E`` with GELU.
+    .. code-block:: text
+
+        pre-norm (norm_first=True, GPT-2, Llama)    post-norm (norm_first=False, 2017)
+        x = x + attention(norm1(x))                 x = norm1(x + attention(x))
+        x = x + mlp(norm2(x))                       x = norm2(x + mlp(x))
+
+    ``attention`` is :class:`companion.torch.multihead.MultiHeadAttention` with
+    ``causal=True`` (bottom-right aligned, so new tokens fed after a :class:`KVCache`
+    see every cached position), ``num_kv_heads`` for grouped-query heads and ``rope``
+    for rotary embeddings; ``norm`` is ``"layer"`` or ``"rms"`` (:func:`make_norm`, eps
+    ``norm_eps``); ``mlp`` is ``"gelu"``, ``"gelu_tanh"`` or ``"swiglu"``
+    (:func:`make_mlp`). The defaults are a GPT-style pre-norm block with an exact-GELU
+    ``E -> 4E -> E`` MLP.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        norm: str = "layer",
+        norm_eps: float = 1e-5,
+        norm_first: bool = True,
+        mlp: str = "gelu",
+        mlp_hidden: int | None = None,
+        rope=None,
+    ):
         super().__init__()
-        self.norm1 = nn.LayerNorm(embed_dim)
-        self.attention = MultiHeadAttention(embed_dim, num_heads)
-        self.norm2 = nn.LayerNorm(embed_dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(embed_dim, 4 * embed_dim),
-            nn.GELU(),
-            nn.Linear(4 * embed_dim, embed_dim),
+        if not isinstance(norm_first, bool):
+            raise TypeError(f"norm_first must be True or False, got {norm_first!r}")
+        self.norm_first = norm_first
+        self.norm1 = make_norm(norm, embed_dim, eps=norm_eps)
+        self.attention = MultiHeadAttention(
+            embed_dim, num_heads, num_kv_heads, rope=rope
         )
+        self.norm2 = make_norm(norm, embed_dim, eps=norm_eps)
+        self.mlp = make_mlp(mlp, embed_dim, mlp_hidden)
 
     def forward(
         self,
@@ -201,23 +293,29 @@ class TransformerBlock(nn.Module):
         *,
         cache: KVCache | None = None,
         return_weights: bool = False,
+        mask=None,
     ):
-        """``x (B, T, E)`` -> ``(B, T, E)``, and the attention weights ``(B, H, T, S)`` or ``None``."""
-        h = self.norm1(x)  # (B, T, E)
+        """``x (B, T, E)`` -> ``(B, T, E)``, and weights ``(B, H, T, S)`` or ``None``.
+
+        ``mask`` (e.g. an ALiBi bias ``(H, T, S)``) is added to the scores, with the
+        causal mask.
+        """
+        h = self.norm1(x) if self.norm_first else x  # (B, T, E)
+        kwargs = dict(causal=True, cache=cache, mask=mask)
         if return_weights:
             # (B, T, E), (B, H, T, S)
-            attended, weights = self.attention(
-                h, causal=True, cache=cache, return_weights=True
-            )
+            attended, weights = self.attention(h, return_weights=True, **kwargs)
         else:
-            # (B, T, E)
-            attended, weights = self.attention(h, causal=True, cache=cache), None
-        x = x + attended  # (B, T, E)
-        return x + self.mlp(self.norm2(x)), weights  # (B, T, E)
+            attended, weights = self.attention(h, **kwargs), None  # (B, T, E)
+        if self.norm_first:
+            x = x + attended  # (B, T, E): the residual stream
+            return x + self.mlp(self.norm2(x)), weights  # (B, T, E)
+        x = self.norm1(x + attended)  # (B, T, E)
+        return self.norm2(x + self.mlp(x)), weights  # (B, T, E)
 
 
 class TinyTransformerLM(nn.Module):
-    r"""A small decoder-only transformer language model with tied (or untied) embeddings.
+    r"""A small decoder-only transformer language model, tied (or untied) embeddings.
 
     .. math::
 
@@ -230,8 +328,20 @@ class TinyTransformerLM(nn.Module):
     :class:`companion.torch.sharing.TiedLMHead` holding the embedding's own
     ``nn.Parameter`` (``model.head.weight is model.embedding.weight``); with
     ``tied=False`` it is an ``nn.Linear(E, V, bias=False)`` of its own, exactly
-    ``V * E`` more parameters. Positions are learned, ``P (max_length, E)``.
-    Embeddings and the untied head start from ``N(0, 0.02^2)`` as in GPT-2.
+    ``V * E`` more parameters. Embeddings and the untied head start from
+    ``N(0, 0.02^2)`` as in GPT-2.
+
+    ``positions`` says where the model learns order from:
+
+    * ``"learned"``: a table ``P (max_length, E)`` added to the embeddings (GPT-2);
+    * ``"sinusoidal"``: Vaswani et al.'s fixed table, added (no parameters);
+    * ``"rope"``: rotary embeddings of the queries and keys in every block;
+    * ``"alibi"``: ALiBi's distance penalty added to the scores in every block;
+    * ``None``: nothing; only the causal mask breaks the symmetry.
+
+    ``norm``, ``norm_eps``, ``norm_first``, ``mlp`` and ``num_kv_heads`` are passed to
+    every :class:`TransformerBlock`; the final norm is ``norm`` too. The defaults are
+    the learned-position, pre-LayerNorm, exact-GELU model of the language chapter.
     """
 
     def __init__(
@@ -243,16 +353,39 @@ class TinyTransformerLM(nn.Module):
         num_heads: int = 4,
         num_layers: int = 2,
         tied: bool = True,
+        positions: str | None = "learned",
+        num_kv_heads: int | None = None,
+        norm: str = "layer",
+        norm_eps: float = 1e-5,
+        norm_first: bool = True,
+        mlp: str = "gelu",
     ):
         super().__init__()
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
         self.vocab_size, self.max_length, self.tied = vocab_size, max_length, bool(tied)
+        self.positions, self.num_heads = positions, num_heads
         self.embedding = nn.Embedding(vocab_size, embed_dim)  # W_E (V, E)
-        # P (max_length, E)
-        self.position_embedding = nn.Embedding(max_length, embed_dim)
-        self.blocks = nn.ModuleList(
-            TransformerBlock(embed_dim, num_heads) for _ in range(num_layers)
+        self.position_embedding = None
+        if positions == "learned":
+            # P (max_length, E)
+            self.position_embedding = nn.Embedding(max_length, embed_dim)
+        elif positions == "sinusoidal":
+            # (max_length, E), fixed, not in the state dict
+            table = sinusoidal_positions(max_length, embed_dim, dtype=torch.float32)
+            self.register_buffer("position_table", table, persistent=False)
+        block = dict(
+            num_kv_heads=num_kv_heads,
+            norm=norm,
+            norm_eps=norm_eps,
+            norm_first=norm_first,
+            mlp=mlp,
+            rope=True if positions == "rope" else None,
         )
-        self.norm = nn.LayerNorm(embed_dim)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(embed_dim, num_heads, **block) for _ in range(num_layers)
+        )
+        self.norm = make_norm(norm, embed_dim, eps=norm_eps)
         if self.tied:
             self.head = TiedLMHead(self.embedding)  # W_out is W_E: one (V, E) parameter
         else:
@@ -260,13 +393,17 @@ class TinyTransformerLM(nn.Module):
             self.head = nn.Linear(embed_dim, vocab_size, bias=False)
         for weight in (
             self.embedding.weight,
-            self.position_embedding.weight,
+            *(
+                ()
+                if self.position_embedding is None
+                else (self.position_embedding.weight,)
+            ),
             self.head.weight,
         ):
             nn.init.normal_(weight, std=0.02)
 
     def new_caches(self) -> list[KVCache]:
-        """One empty :class:`KVCache` per block, for :meth:`forward` ``(caches=...)``."""
+        """One empty :class:`KVCache` per block, for ``forward(ids, caches=...)``."""
         return [KVCache() for _ in self.blocks]
 
     def forward(
@@ -276,10 +413,10 @@ class TinyTransformerLM(nn.Module):
         caches: list[KVCache] | None = None,
         return_weights: bool = False,
     ):
-        """``ids (B, T)`` -> ``logits (B, T, V)`` (and a list of per-block weights ``(B, H, T, S)``).
+        """``ids (B, T)`` -> ``logits (B, T, V)`` (and the weights ``(B, H, T, S)``).
 
         With ``caches`` (from :meth:`new_caches`), ``ids`` continue the cached sequence:
-        their positions start at the cached length, and each block appends their keys
+        their positions start at the positions seen, and each block appends their keys
         and values to its cache.
         """
         if (
@@ -293,23 +430,34 @@ class TinyTransformerLM(nn.Module):
             )
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(
-                f"caches must hold one KVCache per block ({len(self.blocks)}), got {len(caches)}"
+                f"caches must hold one KVCache per block ({len(self.blocks)}), "
+                f"got {len(caches)}"
             )
-        start = 0 if caches is None else caches[0].length
+        start = 0 if caches is None else caches[0].seen
         T = ids.shape[1]
         if start + T > self.max_length:
             raise ValueError(
-                f"positions {start}..{start + T - 1} exceed max_length={self.max_length}"
+                f"positions {start}..{start + T - 1} exceed "
+                f"max_length={self.max_length}"
             )
-        positions = torch.arange(start, start + T, device=ids.device)  # (T,)
-        # (B, T, E): W_E[ids] + P[positions]
-        x = self.embedding(ids) + self.position_embedding(positions)
+        x = self.embedding(ids)  # (B, T, E): W_E[ids]
+        if self.positions == "learned":
+            positions = torch.arange(start, start + T, device=ids.device)  # (T,)
+            x = x + self.position_embedding(positions)  # (B, T, E): + P[positions]
+        elif self.positions == "sinusoidal":
+            x = x + self.position_table[start : start + T]  # (B, T, E)
+        mask = None
+        if self.positions == "alibi":
+            S = T + (0 if caches is None else caches[0].length)
+            # (H, T, S): -m_h |i - j|, added to the scores
+            mask = alibi_bias(self.num_heads, T, S, dtype=x.dtype).to(x.device)
         all_weights = []
         for i, block in enumerate(self.blocks):
             x, weights = block(
                 x,
                 cache=None if caches is None else caches[i],
                 return_weights=return_weights,
+                mask=mask,
             )
             all_weights.append(weights)
         logits = self.head(self.norm(x))  # (B, T, V): LN(h) W_out^T
@@ -324,12 +472,12 @@ def generate(
     *,
     use_cache: bool = True,
 ) -> torch.Tensor:
-    """Greedy decoding: append ``steps`` tokens, each the argmax of the next-token logits.
+    """Greedy decoding: append ``steps`` tokens, each the argmax of the next logits.
 
-    ``prompt (B, T_0)`` -> ``(B, T_0 + steps)``. With ``use_cache=True`` the prompt is read
-    once into one :class:`KVCache` per block and each new token costs one position; with
-    ``use_cache=False`` the whole sequence is run again at every step. Both compute the
-    same logits (up to rounding), so they pick the same tokens. Needs
+    ``prompt (B, T_0)`` -> ``(B, T_0 + steps)``. With ``use_cache=True`` the prompt is
+    read once into one :class:`KVCache` per block and each new token costs one
+    position; with ``use_cache=False`` the whole sequence is run again at every step.
+    Both compute the same logits (up to rounding), so they pick the same tokens. Needs
     ``T_0 + steps - 1 <= model.max_length`` (the last token is produced, not read).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -341,7 +489,8 @@ def generate(
         )
     if prompt.shape[1] + steps - 1 > model.max_length:
         raise ValueError(
-            f"prompt length {prompt.shape[1]} + steps {steps} - 1 exceeds max_length={model.max_length}"
+            f"prompt length {prompt.shape[1]} + steps {steps} - 1 exceeds "
+            f"max_length={model.max_length}"
         )
     tokens = prompt
     caches = model.new_caches() if use_cache else None

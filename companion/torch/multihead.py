@@ -228,9 +228,10 @@ def multi_head_attention(
     ``implementation`` (``"auto"``, ``"reference"``, ``"tiled"``) picks the heads'
     attention: the reference or :func:`companion.torch.attention_tiled` (outputs and
     gradients agree); ``"auto"`` is tiled from ``L * S >= TILED_FROM_SCORES`` on, unless
-    ``return_weights``. ``rope`` (``True``, a base, a dict or a :class:`RotaryConfig`)
-    rotates queries and keys at their absolute positions (the new keys from
-    ``cache.seen`` on), as in :func:`companion.numpy.multi_head_attention`.
+    ``return_weights``. ``rope`` (``True``, a base, a dict or a
+    :class:`~companion.numpy.RotaryConfig`) rotates queries and keys at their absolute
+    positions (the new keys from ``cache.seen`` on), as in
+    :func:`companion.numpy.multi_head_attention`.
     """
     causal = _check_flag("causal", causal)
     return_weights = _check_flag("return_weights", return_weights)
@@ -289,8 +290,9 @@ class MultiHeadAttention(nn.Module):
     NaN. :meth:`forward` takes a :class:`KVCache` for decoding. ``implementation``
     (``"auto"``, ``"reference"``, ``"tiled"``) is the default of the keyword of that
     name of :meth:`forward`, as in :func:`multi_head_attention`. ``rope`` (``True``, a
-    base, a dict or a :class:`RotaryConfig`) rotates queries and keys at their absolute
-    positions in every call, as in :func:`multi_head_attention`.
+    base, a dict or a :class:`~companion.numpy.RotaryConfig`) rotates queries and
+    keys at their absolute positions in every call, as in
+    :func:`multi_head_attention`.
 
     Explained in the book chapters *Attention: algorithm and math* and *Making it fast*.
     """
