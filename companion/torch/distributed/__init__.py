@@ -32,6 +32,10 @@ from companion.torch.distributed.ring import (
     shard_positions,
     shard_sequence,
 )
+from companion.torch.distributed.tensor_parallel import (
+    TensorParallelMultiHeadAttention,
+    head_split,
+)
 
 __all__ = [
     "CommCount",
@@ -47,4 +51,6 @@ __all__ = [
     "ring_attention",
     "shard_positions",
     "shard_sequence",
+    "TensorParallelMultiHeadAttention",
+    "head_split",
 ]

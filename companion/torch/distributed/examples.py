@@ -16,14 +16,36 @@ import time
 import torch
 import torch.distributed as dist
 
-from companion.torch.distributed.comm import counting
+from companion.torch.distributed.comm import counting, nbytes
+from companion.torch.distributed.data_parallel import (
+    REDUCED_PARAMETERS,
+    counting_allreduce_hook,
+    unique_parameter_bytes,
+)
 from companion.torch.distributed.ring import (
     gather_sequence,
     ring_attention,
     shard_sequence,
 )
+from companion.torch.distributed.tensor_parallel import (
+    TensorParallelMultiHeadAttention,
+)
+from companion.torch.models import TinyTransformerLM
+from companion.torch.multihead import MultiHeadAttention
 
-__all__ = ["attention_inputs", "run_ring_attention", "uneven_ring_attention"]
+__all__ = [
+    "attention_inputs",
+    "run_ring_attention",
+    "uneven_ring_attention",
+    "attention_module",
+    "tensor_parallel_inputs",
+    "run_tensor_parallel",
+    "language_model",
+    "language_batch",
+    "language_loss",
+    "run_data_parallel",
+    "run_parallel",
+]
 
 
 def attention_inputs(B, H, H_kv, length, D, D_v, *, seed=0, dtype=torch.float64):
@@ -87,3 +109,161 @@ def uneven_ring_attention():
     rank = dist.get_rank()
     x = torch.zeros(1, 1, 4 + rank, 2, dtype=torch.float64)  # (B, H, L_r, D)
     return ring_attention(x, x, x)
+
+
+# --------------------------------------------------------------------------------------
+# tensor parallelism
+# --------------------------------------------------------------------------------------
+
+
+def attention_module(E, H, H_kv, *, seed=0):
+    """A float64 ``MultiHeadAttention`` with random weights and biases."""
+    torch.manual_seed(seed)
+    module = MultiHeadAttention(E, H, H_kv, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
+            layer.bias.copy_(0.1 * torch.randn(layer.bias.shape, generator=g))
+    return module
+
+
+def tensor_parallel_inputs(E, B, L, *, seed=0):
+    """Input ``x (B, L, E)`` and an output gradient, float64, from ``seed``."""
+    g = torch.Generator().manual_seed(seed + 2)
+    x = torch.randn(B, L, E, generator=g, dtype=torch.float64)
+    return x, torch.randn(B, L, E, generator=g, dtype=torch.float64)
+
+
+def run_tensor_parallel(cases):
+    """Tensor-parallel attention forward and backward for each case.
+
+    A case: ``E, H, H_kv, B, L, causal, seed``. Returns per case: ``output`` and
+    ``grad_input`` (full, this rank's), this rank's ``heads`` and ``kv_heads``, the
+    gradients of its parts (``q_proj.weight`` ...) and its ``forward``/``backward``
+    counts.
+    """
+    results = []
+    for case in cases:
+        module = attention_module(case["E"], case["H"], case["H_kv"], seed=case["seed"])
+        parallel = TensorParallelMultiHeadAttention(module)
+        x, grad_out = tensor_parallel_inputs(
+            case["E"], case["B"], case["L"], seed=case["seed"]
+        )
+        x.requires_grad_()
+        with counting() as forward:
+            y = parallel(x, causal=case["causal"])
+        with counting() as backward:
+            y.backward(grad_out)
+        results.append(
+            {
+                "output": _numpy(y),
+                "grad_input": _numpy(x.grad),
+                "heads": (parallel.heads.start, parallel.heads.stop),
+                "kv_heads": (parallel.kv_heads.start, parallel.kv_heads.stop),
+                "grads": {n: _numpy(p.grad) for n, p in parallel.named_parameters()},
+                "forward": forward.as_dict(),
+                "backward": backward.as_dict(),
+            }
+        )
+    return results
+
+
+# --------------------------------------------------------------------------------------
+# data parallelism with tied weights
+# --------------------------------------------------------------------------------------
+
+
+def language_model(tied, *, seed=0, vocab_size=13, length=8, embed_dim=16):
+    """A float64 ``TinyTransformerLM`` (one block, two heads) from ``seed``."""
+    torch.manual_seed(seed)
+    model = TinyTransformerLM(
+        vocab_size, length, embed_dim=embed_dim, num_heads=2, num_layers=1, tied=tied
+    )
+    return model.double()
+
+
+def language_batch(batch, *, seed=0, vocab_size=13, length=8):
+    """Token ids ``(batch, length)`` and next-token targets, from ``seed``."""
+    g = torch.Generator().manual_seed(seed + 3)
+    ids = torch.randint(0, vocab_size, (batch, length + 1), generator=g)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def language_loss(model, ids, targets):
+    """Mean next-token cross-entropy."""
+    logits = model(ids)  # (B, T, V)
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    )
+
+
+def run_data_parallel(batch=6, seed=0, fsdp=True):
+    """One backward pass of ``DistributedDataParallel`` on this rank's rows of a batch.
+
+    For ``tied`` in (True, False): the gradients (rank 0, by parameter name, each
+    shared tensor once), the bytes DDP all-reduced on this rank, the parameters it
+    reduced (how often the tied one appears) and the model's unique parameter bytes.
+    With ``fsdp``, the same with ``fully_shard`` (FSDP2), or the error it raised, and
+    ``FullyShardedDataParallel`` (FSDP1)'s error.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if batch % world_size:
+        raise ValueError(f"batch={batch} must split evenly over {world_size} ranks")
+    rows = slice(rank * batch // world_size, (rank + 1) * batch // world_size)
+    ids, targets = language_batch(batch, seed=seed)
+    results = {}
+    for tied in (True, False):
+        model = language_model(tied, seed=seed)
+        ddp = DistributedDataParallel(model)
+        ddp.register_comm_hook(None, counting_allreduce_hook)
+        REDUCED_PARAMETERS.clear()
+        with counting() as count:
+            language_loss(ddp, ids[rows], targets[rows]).backward()
+        tied_id = id(model.embedding.weight)
+        results[tied] = {
+            "grads": {n: _numpy(p.grad) for n, p in model.named_parameters()},
+            "bytes": count.bytes["ddp_all_reduce"],
+            "unique_parameter_bytes": unique_parameter_bytes(model),
+            "parameter_bytes_per_use": sum(
+                nbytes(p) for _, p in model.named_parameters(remove_duplicate=False)
+            ),
+            "embedding_reductions": REDUCED_PARAMETERS.count(tied_id),
+        }
+    if fsdp:
+        results["fsdp2"] = _fsdp2(ids[rows], targets[rows], seed)
+        results["fsdp1"] = _fsdp1(seed)
+    return results if rank == 0 else {k: results[k]["bytes"] for k in (True, False)}
+
+
+def _fsdp2(ids, targets, seed):
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        model = language_model(True, seed=seed)
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        language_loss(model, ids, targets).backward()
+        return {n: _numpy(p.grad.full_tensor()) for n, p in model.named_parameters()}
+    except Exception as error:  # shown in the chapter as it is
+        return f"{type(error).__name__}: {error}"
+
+
+def _fsdp1(seed):
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        FullyShardedDataParallel(language_model(True, seed=seed))
+        return "ran"
+    except Exception as error:  # shown in the chapter as it is
+        return f"{type(error).__name__}: {error}"
+
+
+def run_parallel(tensor_parallel_cases, data_parallel=True):
+    """:func:`run_tensor_parallel` and :func:`run_data_parallel` in one launch."""
+    return {
+        "tensor_parallel": run_tensor_parallel(tensor_parallel_cases),
+        "data_parallel": run_data_parallel() if data_parallel else None,
+    }
