@@ -221,3 +221,36 @@ def test_inputs_are_not_modified():
     np.testing.assert_array_equal(x, before)
     for name, w in weights.items():
         np.testing.assert_array_equal(getattr(params, name), w)
+
+
+def test_folding_once_equals_folding_at_every_call():
+    params = LatentAttentionParams.random(*SHAPES[0], seed=17)
+    x = _input(2, 6, SHAPES[0][0], seed=18)
+    folded = params.absorbed()
+    H, d_c = params.num_heads, params.latent_dim
+    assert folded[0].shape == (H, 16, d_c) and folded[1].shape == (H, d_c, 32)
+    assert_close(
+        latent_attention(x, params, absorbed=folded),
+        latent_attention(x, params, absorbed=True),
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_torch_takes_tensor_weights_and_folded_tensors():
+    torch = pytest.importorskip("torch")
+    from companion.torch.latent import latent_attention as torch_latent
+
+    params = LatentAttentionParams.random(*SHAPES[0], seed=19)
+    x = _input(1, 5, SHAPES[0][0], seed=20)
+    expected = latent_attention(x, params)
+    tensors = LatentAttentionParams(
+        **{
+            name: torch.as_tensor(value) if isinstance(value, np.ndarray) else value
+            for name, value in vars(params).items()
+        }
+    )
+    folded = tensors.absorbed()
+    assert all(isinstance(t, torch.Tensor) for t in folded)
+    out = torch_latent(torch.as_tensor(x), tensors, absorbed=folded)
+    assert_close(out, expected, name="tensor weights, folded once")

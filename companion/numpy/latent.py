@@ -64,6 +64,9 @@ __all__ = [
 class LatentAttentionParams:
     r"""The weights of one MLA layer, applied as ``y = x @ W`` (no biases).
 
+    numpy arrays (the torch version converts them), or torch tensors for
+    :func:`companion.torch.latent_attention`.
+
     ==========  ==========================  ============================================
     field       shape                       role
     ==========  ==========================  ============================================
@@ -194,11 +197,17 @@ class LatentAttentionParams:
         ``(H, d_c' or E, d_c)`` and ``(H, d_c, E_out)``."""
         H, d_h, d_v = self.num_heads, self.head_dim, self.value_head_dim
         d_c = self.latent_dim
-        uq = self.w_uq.reshape(-1, H, d_h).transpose(1, 0, 2)  # (H, d_c', d_h)
-        uk = self.w_uk.reshape(d_c, H, d_h).transpose(1, 0, 2)  # (H, d_c, d_h)
-        uv = self.w_uv.reshape(d_c, H, d_v).transpose(1, 0, 2)  # (H, d_c, d_v)
+        uq = _permute(self.w_uq.reshape(-1, H, d_h), 1, 0, 2)  # (H, d_c', d_h)
+        uk = _permute(self.w_uk.reshape(d_c, H, d_h), 1, 2, 0)  # (H, d_h, d_c)
+        uv = _permute(self.w_uv.reshape(d_c, H, d_v), 1, 0, 2)  # (H, d_c, d_v)
         wo = self.w_o.reshape(H, d_v, -1)  # (H, d_v, E_out)
-        return uq @ uk.transpose(0, 2, 1), uv @ wo
+        return uq @ uk, uv @ wo
+
+
+def _permute(a, *axes):
+    """``a`` with its axes reordered: a numpy array or a torch tensor (the weights may
+    be either)."""
+    return a.permute(*axes) if hasattr(a, "permute") else a.transpose(axes)
 
 
 def _heads(y: np.ndarray, heads: int) -> np.ndarray:
@@ -229,15 +238,19 @@ def latent_attention(
         Holds the latents ``(B, 1, S, d_c)`` as its keys and the rotary keys
         ``(B, 1, S, d_h^R)`` as its values; the new tokens' positions start at
         ``cache.seen``. A rolling cache (``max_length``) works too.
-    absorbed : bool
+    absorbed : bool or tuple
         Attend over the latents with the folded weights (:meth:`~LatentAttentionParams.
-        absorbed`) instead of expanding keys and values per head; same result.
+        absorbed`) instead of expanding keys and values per head; same result. Pass
+        the tuple ``params.absorbed()`` itself to fold once, not at every call.
     base : float
         The RoPE base.
 
     Returns ``(B, L, E_out)`` in ``x``'s dtype (float16 computed in float32).
     """
     causal = _check_flag("causal", causal)
+    folded = None
+    if isinstance(absorbed, tuple) and len(absorbed) == 2:
+        folded, absorbed = absorbed, True  # params.absorbed(), computed once
     absorbed = _check_flag("absorbed", absorbed)
     if not isinstance(params, LatentAttentionParams):
         raise TypeError(
@@ -274,7 +287,7 @@ def latent_attention(
     S = c_kv.shape[2]
     scale = 1.0 / math.sqrt(d_h + d_R)
     if absorbed:
-        uqk, uvo = (w(a) for a in params.absorbed())
+        uqk, uvo = (w(a) for a in (folded or params.absorbed()))
         # (B, H, L, d_c): the query in latent space, c^Q W^UQ_i W^UK_i^T
         q_latent = c_q[:, None] @ uqk[None]
         query = np.concatenate([q_latent, q_r], axis=-1)  # (B, H, L, d_c + d_h^R)

@@ -53,6 +53,9 @@ def latent_attention(
     See :func:`companion.numpy.latent_attention`.
     """
     causal = _check_flag("causal", causal)
+    folded = None
+    if isinstance(absorbed, tuple) and len(absorbed) == 2:
+        folded, absorbed = absorbed, True  # params.absorbed(), computed once
     absorbed = _check_flag("absorbed", absorbed)
     if not isinstance(params, LatentAttentionParams):
         raise TypeError(
@@ -92,7 +95,7 @@ def latent_attention(
     S = c_kv.shape[2]
     scale = 1.0 / math.sqrt(params.head_dim + d_R)
     if absorbed:
-        uqk, uvo = (w(a) for a in params.absorbed())
+        uqk, uvo = (w(a) for a in (folded or params.absorbed()))
         # (B, H, L, d_c): the query in latent space
         q_latent = c_q[:, None] @ uqk[None]
         query = torch.cat([q_latent, q_r], dim=-1)  # (B, H, L, d_c + d_h^R)
