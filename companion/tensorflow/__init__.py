@@ -20,4 +20,5 @@ from companion.tensorflow.conv import *  # noqa: F401,F403
 from companion.tensorflow.multihead import *  # noqa: F401,F403
 from companion.tensorflow.positions import *  # noqa: F401,F403
 from companion.tensorflow.scores import *  # noqa: F401,F403
+from companion.tensorflow.seq2seq import *  # noqa: F401,F403
 from companion.tensorflow.sharing import *  # noqa: F401,F403
