@@ -29,6 +29,10 @@ _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 def dtype_name(dtype) -> str:
     """``'float32'`` for numpy ``float32``, ``torch.float32`` and ``tf.float32`` alike."""
     name = getattr(dtype, "name", None)
+    if not isinstance(name, str) and str(dtype).startswith("torch."):
+        # torch dtypes have no .name; asked first, numpy's TypeError never comes (a
+        # caught exception inside np.dtype stops torch.compile / torch.export tracing)
+        name = str(dtype)
     if not isinstance(name, str):
         try:
             import numpy as np
@@ -71,7 +75,8 @@ def check_int(name: str, value, minimum: int = 1) -> int:
 
 def broadcast_shape(*shapes: tuple[int, ...]) -> tuple[int, ...]:
     """numpy broadcasting of shapes; ``ValueError`` if they do not broadcast."""
-    ndim = max((len(s) for s in shapes), default=0)
+    # max(..., default=0) would break a torch.compile graph (dynamo has no default=)
+    ndim = max([len(s) for s in shapes] + [0])
     out = []
     for axis in range(-ndim, 0):
         sizes = {s[axis] for s in shapes if len(s) >= -axis and s[axis] != 1}
