@@ -309,3 +309,24 @@ def test_inputs_are_not_modified():
     paged_attention(q, cache, [seq], causal=True)
     for x, c in zip((k, v, q), copies):
         np.testing.assert_array_equal(x, c)
+
+
+def test_long_context_bench_counts_cache_bytes_exactly():
+    """``companion.bench.longctx`` at its tiny size: the bytes it reports per token."""
+    pytest.importorskip("torch")
+    from companion.bench import longctx
+
+    size = dict(longctx.TINY)
+    rows = longctx.run_all(size, progress=lambda message: None)["contexts"]["128"]
+    H, D = size["num_heads"], size["embed_dim"] // size["num_heads"]
+    per_position = 4 * 2 * H * D  # float32 keys and values of H heads
+    kept = {kind: r["filled_bytes_per_token"] for kind, r in rows.items()}
+    assert kept["full"] == kept["paged"] == per_position
+    assert kept["grouped"] == 4 * 2 * size["kv_heads"] * D
+    assert kept["latent"] == 4 * (size["latent_dim"] + size["rope_dim"])
+    assert kept["windowed"] == per_position * size["window"] / 128
+    # 2 forks of a 125-position prompt (blocks of 8) decode 3 tokens each: 15 full
+    # prompt blocks shared, one private block per fork
+    block = size["block_size"] * per_position
+    assert kept["paged, forks"] == (15 + 2) * block / 2 / 128
+    assert all(r["ms_per_token"] > 0 for r in rows.values())

@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from companion.bench import attention, conv, decoding, report, timing
+from companion.bench import attention, conv, decoding, longctx, report, timing
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Config:
     decode_steps: int = 256
     decode_model: dict = field(default_factory=lambda: dict(decoding.MODEL))
     decode_rounds: int = 3
+    longctx: dict = field(default_factory=lambda: dict(longctx.FULL))
 
     def rounds_for(self, n: int) -> int:
         return self.rounds[max(k for k in self.rounds if k <= n)]
@@ -65,6 +66,7 @@ CONFIGS = {
         compile_sizes=(4096,),
         conv_rounds=3,
         decode_rounds=1,
+        longctx=dict(longctx.QUICK),
     ),
     "tiny": Config(
         sizes=(128, 256),
@@ -80,9 +82,10 @@ CONFIGS = {
         decode_steps=8,
         decode_model=dict(decoding.TINY_MODEL),
         decode_rounds=1,
+        longctx=dict(longctx.TINY),
     ),
 }
-SECTIONS = ("attention", "memory", "conv", "decoding")
+SECTIONS = ("attention", "memory", "conv", "decoding", "longctx")
 
 
 def parse_args(argv=None):
@@ -234,6 +237,10 @@ def run(config: Config, *, threads: int, sections, without, progress) -> dict:
         results["decoding"] = decoding.run_all(
             config.decode_steps, config.decode_model, config.decode_rounds, progress
         )
+    if "longctx" in sections and modules["torch"] is None:
+        notes.append("the long-context section needs torch: skipped")
+    elif "longctx" in sections:
+        results["longctx"] = longctx.run_all(config.longctx, progress)
     results["load_average_end"] = timing.load_average()
     results["targets"] = report.targets(results)
     return results
@@ -292,6 +299,8 @@ def render(results: dict) -> str:
         )
     if "decoding" in results:
         parts.append(report.decoding_table(results["decoding"]))
+    if "longctx" in results:
+        parts.append(longctx.table(results["longctx"]))
     parts.append(report.targets_table(results["targets"]))
     return "\n\n".join(parts)
 
