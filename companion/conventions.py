@@ -43,6 +43,20 @@ Masks
                   query 0         1 1 1 1 0               1 0 0 0 0
                   query 1         1 1 1 1 1               1 1 0 0 0
 
+* **window** ``w`` (sliding-window attention, an int ``>= 1``): query ``i`` at absolute
+  position ``p = i + (S - L)`` (bottom-right, as causal) sees key ``j`` iff
+  ``p - w < j <= p`` with ``causal=True`` (the last ``w`` keys, itself included:
+  Mistral's convention), and iff ``|p - j| < w`` with ``causal=False`` (a symmetric band:
+  Longformer's local attention). The tiled kernels skip the key blocks outside the band,
+  so their work is ``O(L * w)``::
+
+      L = S = 5, w = 2      causal        not causal
+                            1 0 0 0 0     1 1 0 0 0
+                            1 1 0 0 0     1 1 1 0 0
+                            0 1 1 0 0     0 1 1 1 0
+                            0 0 1 1 0     0 0 1 1 1
+                            0 0 0 1 1     0 0 0 1 1
+
 * A **fully masked row** (a query that may attend to nothing) gives weights of exactly 0
   and an output row of exactly 0: never NaN (``torch.nn.MultiheadAttention`` gives NaN),
   never uniform weights (Keras adds ``-1e9`` and so averages all values).

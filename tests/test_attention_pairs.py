@@ -43,9 +43,10 @@ class Case:
     causal: bool = False
     # (block_q, block_k) for tiled versions; None = their defaults
     blocks: tuple | None = (3, 4)
+    window: int | None = None  # sliding window (causal) or band (not causal)
 
     def arrays(self, rng):
-        """float64 query, key, value and mask (bool or float64), with fully masked rows."""
+        """float64 query, key, value and mask; some rows see nothing."""
         query = rng.standard_normal((*self.batch, self.H, self.L, self.D))
         key = rng.standard_normal((*self.batch, self.H_kv, self.S, self.D))
         value = rng.standard_normal((*self.batch, self.H_kv, self.S, self.D_v))
@@ -75,6 +76,25 @@ CASES = [
     Case("float-mask-causal", (1,), 2, 2, 13, 13, 4, 4, mask="float", causal=True),
     Case("padding", (3,), 2, 2, 6, 9, 4, 4, mask="padding"),
     Case("default-blocks", (1,), 2, 1, 67, 131, 16, 8, causal=True, blocks=None),
+    Case("window-causal-gqa", (2,), 4, 2, 13, 13, 4, 4, causal=True, window=3),
+    Case("window-causal-L<S", (1,), 2, 2, 5, 17, 4, 4, causal=True, window=4),
+    Case("window-causal-L>S", (1,), 2, 1, 11, 6, 4, 4, causal=True, window=2),
+    Case("window-band-L<S", (1,), 2, 2, 7, 12, 4, 3, window=3),
+    Case("window-1-bool-mask", (2,), 4, 1, 9, 9, 4, 6, mask="bool", window=1),
+    Case("window-float-mask", (1,), 2, 2, 13, 13, 4, 4, mask="float", window=5),
+    Case(
+        "window-default-blocks",
+        (1,),
+        2,
+        2,
+        70,
+        70,
+        8,
+        8,
+        causal=True,
+        window=9,
+        blocks=None,
+    ),
 ]
 
 
@@ -94,7 +114,7 @@ def _params():
 
 
 def _to_dtype(x, dtype):
-    """Round to ``dtype`` (the backend's input) and back to float64 (the oracle's input)."""
+    """Round to ``dtype`` (the backend's input) and back to float64 (the oracle's)."""
     if x is None or x.dtype == np.bool_:
         return x, x
     rounded = x.astype(dtype)
@@ -106,10 +126,12 @@ def test_attention_matches_float64_reference(backend, name, function, dtype, cas
     arrays = case.arrays(rng)
     rounded, exact = zip(*(_to_dtype(a, dtype) for a in arrays))
     oracle = scaled_dot_product_attention_reference(
-        *exact[:3], mask=exact[3], causal=case.causal
+        *exact[:3], mask=exact[3], causal=case.causal, window=case.window
     )
     inputs = [as_backend(a, backend) if a is not None else None for a in rounded]
     kwargs = {"mask": inputs[3], "causal": case.causal}
+    if case.window is not None:
+        kwargs["window"] = case.window
     if name != registry.pair("attention").reference and case.blocks is not None:
         kwargs.update(block_q=case.blocks[0], block_k=case.blocks[1])
     output = to_numpy(function(*inputs[:3], **kwargs))
@@ -121,7 +143,7 @@ def test_attention_matches_float64_reference(backend, name, function, dtype, cas
         assert_close(output, oracle, name=f"{backend}.{name}")
     else:
         baseline = scaled_dot_product_attention_reference(
-            *rounded[:3], mask=rounded[3], causal=case.causal
+            *rounded[:3], mask=rounded[3], causal=case.causal, window=case.window
         )
         assert_close_to_oracle(
             output, baseline, oracle, name=f"{backend}.{name} {dtype}"

@@ -1,11 +1,12 @@
-r"""Scaled dot-product attention in numpy: the readable reference and the tiled (flash) version.
+r"""Scaled dot-product attention in numpy: the readable reference and the tiled one.
 
-The conventions (layouts, masks, bottom-right causal alignment, grouped-query heads, fully
-masked rows, dtypes, errors) are those of :mod:`companion.conventions`; every function
-here validates its input through :mod:`companion._checks`, as the torch and TensorFlow
-namespaces do, so that all three reject bad input with the same words.
+The conventions (layouts, masks, bottom-right causal alignment, grouped-query heads,
+fully masked rows, dtypes, errors) are those of :mod:`companion.conventions`; every
+function here validates its input through :mod:`companion._checks`, as the torch and
+TensorFlow namespaces do, so that all three reject bad input with the same words.
 
-The equation, for one head (queries ``Q (L, D)``, keys ``K (S, D)``, values ``V (S, D_v)``)::
+The equation, for one head (queries ``Q (L, D)``, keys ``K (S, D)``, values
+``V (S, D_v)``)::
 
     scores  = t Q K^T + bias          (L, S)   t = scale = 1 / sqrt(D) by default
     weights = softmax_rows(scores)    (L, S)   masked entries -> exactly 0
@@ -26,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from companion import _checks
+from companion import _checks, _tiling
 
 __all__ = [
     "softmax",
@@ -44,7 +45,7 @@ _MAX_DEFAULT_THREADS = 8
 
 
 def _float_array(name: str, x) -> np.ndarray:
-    """``x`` as a numpy array of a floating dtype (``TypeError`` otherwise); never a copy."""
+    """``x`` as a numpy array of a floating dtype (else ``TypeError``); never a copy."""
     array = np.asarray(x)
     _checks.check_float(name, array.dtype)
     return array
@@ -62,7 +63,7 @@ def _check_flag(name: str, value) -> bool:
 
 
 def _validated(query, key, value, mask):
-    """Arrays, sizes and mask of one attention call, checked through :mod:`companion._checks`."""
+    """Arrays, sizes and mask of one attention call, checked by ``_checks``."""
     query = _float_array("query", query)
     key = _float_array("key", key)
     value = _float_array("value", value)
@@ -82,7 +83,8 @@ def _validated_mask(mask, shapes: _checks.AttentionShapes):
     mask = np.asarray(mask)
     if mask.dtype != np.bool_ and mask.dtype.kind != "f":
         raise TypeError(
-            f"mask must be boolean (True = attend) or floating (added to the scaled scores), "
+            "mask must be boolean (True = attend) or floating (added to the scaled "
+            "scores), "
             f"got dtype {mask.dtype} with shape {mask.shape}"
         )
     _checks.check_mask_shape(mask.shape, shapes)
@@ -90,7 +92,7 @@ def _validated_mask(mask, shapes: _checks.AttentionShapes):
 
 
 def _split_query_heads(x: np.ndarray, shapes: _checks.AttentionShapes) -> np.ndarray:
-    """``(..., H, L, X) -> (..., H_kv, group, L, X)``: query head ``h`` lands in group ``h // group``.
+    """``(..., H, L, X) -> (..., H_kv, group, L, X)``: head ``h`` in ``h // group``.
 
     A reshape (a view for contiguous input), not a copy: this is the grouped-query head
     map ``h -> h // (H // H_kv)`` of :mod:`companion.conventions`::
@@ -102,7 +104,7 @@ def _split_query_heads(x: np.ndarray, shapes: _checks.AttentionShapes) -> np.nda
 
 
 def _split_mask_heads(mask: np.ndarray, shapes: _checks.AttentionShapes) -> np.ndarray:
-    """A mask broadcastable to ``(..., H, L, S)`` made broadcastable to ``(..., H_kv, group, L, S)``."""
+    """A mask for ``(..., H, L, S)`` made broadcastable to ``(..., H_kv, G, L, S)``."""
     # (..., H|1, L|1, S|1)
     mask = mask.reshape((1,) * (len(shapes.scores) - mask.ndim) + mask.shape)
     if mask.shape[-3] == 1:
@@ -113,13 +115,24 @@ def _split_mask_heads(mask: np.ndarray, shapes: _checks.AttentionShapes) -> np.n
 # --------------------------------------------------------------------------- masks
 
 
-def causal_mask(L: int, S: int) -> np.ndarray:
-    r"""The bottom-right aligned causal mask: query ``i`` may attend to key ``j`` iff ``j <= i + (S - L)``.
+def causal_mask(L: int, S: int, *, window: int | None = None) -> np.ndarray:
+    r"""The bottom-right aligned causal mask: query ``i`` sees keys ``j <= i + S - L``.
 
     Parameters
     ----------
     L, S : int
         Query and key lengths.
+    window : int, optional
+        Sliding-window attention (Mistral's convention): query ``i``, at absolute
+        position ``p = i + (S - L)``, sees only the last ``window`` keys, itself
+        included, ``p - window < j <= p``::
+
+            causal_mask(5, 5, window=2)     causal_mask(2, 5, window=3)
+            1 0 0 0 0                       0 1 1 1 0
+            1 1 0 0 0                       0 0 1 1 1
+            0 1 1 0 0
+            0 0 1 1 0
+            0 0 0 1 1
 
     Returns
     -------
@@ -143,11 +156,31 @@ def causal_mask(L: int, S: int) -> np.ndarray:
             or size < 0
         ):
             raise ValueError(f"{name} must be a non-negative int, got {size!r}")
-    return np.tri(int(L), int(S), k=int(S) - int(L), dtype=bool)  # (L, S)
+    window = _tiling.check_window(window)
+    return _band(0, int(L), 0, int(S), int(L), int(S), True, window)  # (L, S)
+
+
+def _band(i0, i1, j0, j1, L, S, causal, window) -> np.ndarray:
+    """Bool ``(i1 - i0, j1 - j0)``: which keys each query may see (``_tiling``).
+
+    Query ``i`` sits at position ``p = i + (S - L)``; with ``d = j - p`` it sees key
+    ``j`` iff ``d <= 0`` (causal), ``-window < d`` (a window) and, without causal,
+    ``d < window``.
+    """
+    # d = j - p: (bq, bk)
+    d = np.arange(j0, j1)[None, :] - (np.arange(i0, i1)[:, None] + (S - L))
+    visible = np.ones(d.shape, dtype=bool)
+    if causal:
+        visible &= d <= 0
+    if window is not None:
+        visible &= d > -window
+        if not causal:
+            visible &= d < window
+    return visible
 
 
 def padding_mask(lengths, S: int) -> np.ndarray:
-    r"""Key padding mask: position ``j`` of sequence ``b`` is real iff ``j < lengths[b]``.
+    r"""Key padding mask: key ``j`` of sequence ``b`` is real iff ``j < lengths[b]``.
 
     Parameters
     ----------
@@ -176,7 +209,8 @@ def padding_mask(lengths, S: int) -> np.ndarray:
         raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
     if lengths.size and (lengths.min() < 0 or lengths.max() > S):
         raise ValueError(
-            f"lengths must lie in [0, S={S}], got values from {lengths.min()} to {lengths.max()}"
+            f"lengths must lie in [0, S={S}], got values from {lengths.min()} to "
+            f"{lengths.max()}"
         )
     positions = np.arange(S)  # (S,)
     is_real = positions[None, :] < lengths[:, None]  # (B, S)
@@ -191,12 +225,13 @@ def softmax(x, axis: int = -1, mask=None) -> np.ndarray:
 
     .. math::
 
-        \operatorname{softmax}(x)_j = \frac{m_j\, e^{x_j - M}}{\sum_k m_k\, e^{x_k - M}},
+        \operatorname{softmax}(x)_j =
+        \frac{m_j\, e^{x_j - M}}{\sum_k m_k\, e^{x_k - M}},
         \qquad M = \max_{k:\, m_k} x_k
 
     Subtracting the maximum ``M`` changes nothing mathematically and keeps ``exp`` from
-    overflowing. A row whose entries are all masked (or all ``-inf``) gives 0 everywhere,
-    never NaN and never uniform weights.
+    overflowing. A row whose entries are all masked (or all ``-inf``) gives 0
+    everywhere, never NaN and never uniform weights.
 
     Parameters
     ----------
@@ -240,8 +275,8 @@ def softmax(x, axis: int = -1, mask=None) -> np.ndarray:
 # --------------------------------------------------------------------------- reference
 
 
-def _grouped_weights(query, key, mask, causal, scale, shapes):
-    """Softmax weights with the query heads split by key/value head: ``(..., H_kv, group, L, S)``."""
+def _grouped_weights(query, key, mask, causal, scale, shapes, window=None):
+    """Softmax weights, query heads split by k/v head: ``(..., H_kv, G, L, S)``."""
     dtype = _compute_dtype(query.dtype)
     t = _checks.resolve_scale(scale, shapes.D)
     # (..., H_kv, group, L, D)
@@ -255,8 +290,9 @@ def _grouped_weights(query, key, mask, causal, scale, shapes):
     elif mask is not None:
         # + bias
         scores = scores + _split_mask_heads(mask.astype(dtype, copy=False), shapes)
-    if causal:
-        visible = causal_mask(shapes.L, shapes.S)  # (L, S)
+    if causal or window is not None:
+        L, S = shapes.L, shapes.S
+        visible = _band(0, L, 0, S, L, S, causal, window)  # (L, S)
         keep = visible if keep is None else keep & visible
     if keep is not None:
         keep = np.broadcast_to(keep, scores.shape)  # (..., H_kv, group, L, S)
@@ -264,7 +300,13 @@ def _grouped_weights(query, key, mask, causal, scale, shapes):
 
 
 def attention_weights(
-    query, key, *, mask=None, causal: bool = False, scale: float | None = None
+    query,
+    key,
+    *,
+    mask=None,
+    causal: bool = False,
+    scale: float | None = None,
+    window: int | None = None,
 ) -> np.ndarray:
     r"""The attention weights ``softmax(t Q K^T + bias)``, shape ``(..., H, L, S)``.
 
@@ -280,6 +322,10 @@ def attention_weights(
         Apply :func:`causal_mask` (bottom-right aligned) as well.
     scale : float, optional
         ``t``; default ``1 / sqrt(D)``.
+    window : int, optional
+        Keep only keys near each query (position ``p = i + (S - L)``): with ``causal``
+        the last ``window`` keys, ``p - window < j <= p`` (see :func:`causal_mask`);
+        without, a symmetric band ``|p - j| < window``.
 
     Returns
     -------
@@ -289,35 +335,55 @@ def attention_weights(
     Explained in the book chapter *Attention: algorithm and math*.
     """
     causal = _check_flag("causal", causal)
+    window = _tiling.check_window(window)
     query, key, _, shapes, mask = _validated(query, key, key, mask)
     # (..., H_kv, group, L, S)
-    weights = _grouped_weights(query, key, mask, causal, scale, shapes)
+    weights = _grouped_weights(query, key, mask, causal, scale, shapes, window)
     weights = weights.reshape(shapes.scores)  # (..., H, L, S)
     return weights.astype(query.dtype, copy=False)
 
 
 def scaled_dot_product_attention_reference(
-    query, key, value, *, mask=None, causal: bool = False, scale: float | None = None
+    query,
+    key,
+    value,
+    *,
+    mask=None,
+    causal: bool = False,
+    scale: float | None = None,
+    window: int | None = None,
 ) -> np.ndarray:
     r"""Scaled dot-product attention as written: ``softmax(t Q K^T + bias) V``.
 
     .. math::
 
-        \operatorname{Attention}(Q, K, V) = \operatorname{softmax}\!\Big(\frac{Q K^\top}{\sqrt{D}}
-        + \text{bias}\Big) V
+        \operatorname{Attention}(Q, K, V) =
+        \operatorname{softmax}\!\Big(\frac{Q K^\top}{\sqrt{D}} + \text{bias}\Big) V
 
-    Shapes: ``query (..., H, L, D)``, ``key (..., H_kv, S, D)``, ``value (..., H_kv, S, D_v)``
-    -> ``(..., H, L, D_v)``. Grouped-query attention when ``H_kv < H``: the query heads are
-    reshaped to ``(..., H_kv, H // H_kv, L, D)`` and broadcast against the key/value heads
-    ``(..., H_kv, 1, S, D)``; no key or value head is copied.
+    Shapes: ``query (..., H, L, D)``, ``key (..., H_kv, S, D)``,
+    ``value (..., H_kv, S, D_v)`` -> ``(..., H, L, D_v)``. Grouped-query attention when
+    ``H_kv < H``: the query heads are reshaped to ``(..., H_kv, H // H_kv, L, D)`` and
+    broadcast against the key/value heads ``(..., H_kv, 1, S, D)``; no key or value
+    head is copied.
 
-    Masks (see :mod:`companion.conventions`): a bool ``mask`` keeps ``True`` entries, a float
-    ``mask`` is added to the scaled scores, ``causal=True`` applies the bottom-right
-    aligned :func:`causal_mask`::
+    Masks (see :mod:`companion.conventions`): a bool ``mask`` keeps ``True`` entries, a
+    float ``mask`` is added to the scaled scores, ``causal=True`` applies the
+    bottom-right aligned :func:`causal_mask`::
 
         L = 2, S = 5, causal    keys  0 1 2 3 4
                       query 0         1 1 1 1 0
                       query 1         1 1 1 1 1
+
+    ``window = w`` keeps only the keys within ``w`` positions of each query (position
+    ``p = i + (S - L)``): ``p - w < j <= p`` with ``causal`` (sliding-window attention),
+    ``|p - j| < w`` without (a symmetric band)::
+
+        L = S = 5, window = 2     causal        not causal
+                                  1 0 0 0 0     1 1 0 0 0
+                                  1 1 0 0 0     1 1 1 0 0
+                                  0 1 1 0 0     0 1 1 1 0
+                                  0 0 1 1 0     0 0 1 1 1
+                                  0 0 0 1 1     0 0 0 1 1
 
     A query that may attend to nothing gets an output row of exactly 0.
 
@@ -327,9 +393,10 @@ def scaled_dot_product_attention_reference(
     Explained in the book chapter *Attention: algorithm and math*.
     """
     causal = _check_flag("causal", causal)
+    window = _tiling.check_window(window)
     query, key, value, shapes, mask = _validated(query, key, value, mask)
     # (..., H_kv, group, L, S)
-    weights = _grouped_weights(query, key, mask, causal, scale, shapes)
+    weights = _grouped_weights(query, key, mask, causal, scale, shapes, window)
     # (..., H_kv, 1, S, D_v)
     v = value.astype(weights.dtype, copy=False)[..., :, None, :, :]
     output = weights @ v  # (..., H_kv, group, L, D_v)
@@ -338,7 +405,7 @@ def scaled_dot_product_attention_reference(
     return output.astype(query.dtype, copy=False)
 
 
-# --------------------------------------------------------------------------- tiled (flash)
+# ------------------------------------------------------------------------ tiled (flash)
 
 
 def _default_threads() -> int:
@@ -350,7 +417,7 @@ def _default_threads() -> int:
 
 
 class _BlockBuffers:
-    """One worker's scratch space, allocated once and reused for every block it computes."""
+    """One worker's scratch space, allocated once and reused for each of its blocks."""
 
     def __init__(self, block_q, block_k, D, D_v, dtype, cast_kv, masked):
         self.block_q, self.block_k = block_q, block_k
@@ -377,19 +444,22 @@ def _tiled_query_block(
     v_head,
     float_bias,
     keep,
-    causal_offset,
+    tiles,
+    band,
     scale,
     i0,
-    block_k,
     buffers,
     out_rows,
     lse_rows,
 ):
-    """FlashAttention-2 forward for query rows ``i0 : i0 + bq`` of one head (see REFERENCE.md).
+    """FlashAttention-2 forward for query rows ``i0 : i0 + bq`` of one head.
 
-    ``q_rows (bq, D)``, ``k_head (S, D)``, ``v_head (S, D_v)``; ``float_bias`` / ``keep`` are
-    ``(L|1, S|1)`` views or ``None``; ``causal_offset`` is ``S - L`` or ``None``. Writes
-    ``out_rows (bq, D_v)`` and ``lse_rows (bq,)``.
+    ``q_rows (bq, D)``, ``k_head (S, D)``, ``v_head (S, D_v)``; ``float_bias`` and
+    ``keep`` are ``(L|1, S|1)`` views or ``None``; ``tiles`` the key blocks
+    ``(j0, j1, full)`` the rows may see (:func:`companion._tiling.plan`: blocks that
+    causal or a window hide are absent); ``band(i0, i1, j0, j1)`` the bool ``(bq, bk)``
+    visibility of a tile that is not ``full``. Writes ``out_rows (bq, D_v)`` and
+    ``lse_rows (bq,)``.
     """
     bq, D = q_rows.shape
     S, D_v = v_head.shape
@@ -401,11 +471,7 @@ def _tiled_query_block(
     m, m_new, row_stat, c, l, m_used = (row[:bq] for row in buffers.vectors)
     m.fill(-np.inf)
     l.fill(0.0)
-    # keys >= it: hidden
-    last_key = S if causal_offset is None else min(S, i0 + bq + causal_offset)
-    # blocks above the diagonal are skipped
-    for j0 in range(0, max(last_key, 0), block_k):
-        j1 = min(j0 + block_k, last_key)
+    for j0, j1, full in tiles:  # hidden blocks are not in the plan
         bk = j1 - j0
         k_block, v_block = k_head[j0:j1], v_head[j0:j1]  # (bk, D), (bk, D_v)
         if buffers.k is not None:
@@ -423,11 +489,8 @@ def _tiled_query_block(
         if keep is not None:
             np.logical_not(keep[i0 : i0 + bq, j0:j1], out=hidden)  # (bq, bk)
             np.copyto(scores, -np.inf, where=hidden)  # masked -> -inf
-        # block straddles the diagonal
-        if causal_offset is not None and j1 - 1 > i0 + causal_offset:
-            rows = np.arange(i0, i0 + bq)[:, None] + causal_offset  # (bq, 1)
-            # j > i + (S - L): (bq, bk)
-            np.greater(np.arange(j0, j1)[None, :], rows, out=hidden)
+        if not full:  # the block straddles the causal diagonal or the window's edge
+            np.logical_not(band(i0, i0 + bq, j0, j1), out=hidden)  # (bq, bk)
             np.copyto(scores, -np.inf, where=hidden)
         np.max(scores, axis=1, out=row_stat)  # rowmax(S_ij)
         np.maximum(m, row_stat, out=m_new)  # m_new = max(m, rowmax)
@@ -463,6 +526,7 @@ def _attention_tiled_forward(
     mask=None,
     causal=False,
     scale=None,
+    window=None,
     block_q=512,
     block_k=512,
     num_threads=None,
@@ -474,6 +538,7 @@ def _attention_tiled_forward(
     rows. The backward pass of the torch namespace recomputes the weights from it.
     """
     causal = _check_flag("causal", causal)
+    window = _tiling.check_window(window)
     block_q, block_k = (
         _checks.check_int("block_q", block_q),
         _checks.check_int("block_k", block_k),
@@ -487,7 +552,7 @@ def _attention_tiled_forward(
     batch, H, L, S = shapes.batch, shapes.H, shapes.L, shapes.S
     output = np.zeros((*batch, H, L, shapes.D_v), dtype=query.dtype)  # (..., H, L, D_v)
     lse = np.zeros((*batch, H, L), dtype=dtype)  # (..., H, L)
-    # Broadcast views (no copies) so that every (batch index, head) has its own 2-D slices.
+    # Broadcast views (no copies): every (batch index, head) has its own 2-D slices.
     q_all = np.broadcast_to(query, (*batch, H, L, shapes.D))
     k_all = np.broadcast_to(key, (*batch, shapes.H_kv, S, shapes.D))
     v_all = np.broadcast_to(value, (*batch, shapes.H_kv, S, shapes.D_v))
@@ -496,13 +561,16 @@ def _attention_tiled_forward(
         keep = np.broadcast_to(mask, shapes.scores)  # (..., H, L, S), a view
     elif mask is not None:
         float_bias = np.broadcast_to(mask, shapes.scores)  # (..., H, L, S), a view
-    causal_offset = S - L if causal else None
+    plan = _tiling.plan(L, S, block_q, block_k, causal, window)
+
+    def band(i0, i1, j0, j1):
+        return _band(i0, i1, j0, j1, L, S, causal, window)
 
     tasks = [
-        (index, h, i0)
+        (index, h, block)
         for index in np.ndindex(*batch)
         for h in range(H)
-        for i0 in range(0, L, block_q)
+        for block in plan
     ]
     next_task = iter(tasks)
     lock = threading.Lock()
@@ -515,26 +583,25 @@ def _attention_tiled_forward(
             shapes.D_v,
             dtype,
             cast_kv=dtype != query.dtype,
-            masked=mask is not None or causal,
+            masked=mask is not None or causal or window is not None,
         )
         while True:
             with lock:
                 task = next(next_task, None)
             if task is None:
                 return
-            index, h, i0 = task
+            index, h, (i0, i1, tiles) = task
             kv = h // shapes.group  # the key/value head of query head h
-            i1 = min(i0 + block_q, L)
             _tiled_query_block(
                 q_all[index][h, i0:i1],
                 k_all[index][kv],
                 v_all[index][kv],
                 None if float_bias is None else float_bias[index][h],
                 None if keep is None else keep[index][h],
-                causal_offset,
+                tiles,
+                band,
                 scale,
                 i0,
-                block_k,
                 buffers,
                 output[index][h, i0:i1],
                 lse[index][h, i0:i1],
@@ -563,16 +630,18 @@ def attention_tiled(
     mask=None,
     causal: bool = False,
     scale: float | None = None,
+    window: int | None = None,
     block_q: int = 512,
     block_k: int = 512,
     num_threads: int | None = None,
 ) -> np.ndarray:
-    r"""Scaled dot-product attention by the FlashAttention-2 forward recurrence, block by block.
+    r"""Scaled dot-product attention by the FlashAttention-2 forward recurrence.
 
-    Same arguments, conventions and result as :func:`scaled_dot_product_attention_reference`,
-    but the ``L x S`` scores are never held: for each block of ``block_q`` query rows
-    ``Q_i`` it walks the key/value blocks ``K_j, V_j`` of ``block_k`` rows and keeps only a
-    running maximum ``m``, a running sum ``l`` and an unnormalised output ``O~``::
+    Same arguments, conventions and result as
+    :func:`scaled_dot_product_attention_reference`, but the ``L x S`` scores are never
+    held: for each block of ``block_q`` query rows ``Q_i`` it walks the key/value blocks
+    ``K_j, V_j`` of ``block_k`` rows and keeps only a running maximum ``m``, a running
+    sum ``l`` and an unnormalised output ``O~``::
 
         S_ij  = t Q_i K_j^T  (+ bias, masked -> -inf)          (bq, bk)
         m_new = max(m, rowmax(S_ij))                           (bq,)
@@ -582,16 +651,21 @@ def attention_tiled(
         O~    = c O~ + P~ V_j                                  (bq, D_v)
         end:  O_i = O~ / l ,  LSE_i = m + log(l)
 
-    With ``causal=True`` (bottom-right aligned) the key blocks entirely above the diagonal
-    are skipped and the mask is applied only to the blocks that straddle it::
+    With ``causal=True`` (bottom-right aligned) the key blocks entirely above the
+    diagonal are skipped and the mask is applied only to the blocks that straddle it::
 
         blocks of 2 x 2, L = S = 6      key block  0    1    2
                            query block 0         [\ ] skip skip
                            query block 1         [##] [\ ] skip
                            query block 2         [##] [##] [\ ]
 
-    A row that sees no key at all keeps ``m = -inf`` and ``l = 0``; the guards (``exp``
-    of ``-inf - 0``, division only where ``l > 0``) make its output exactly 0, never NaN.
+    With ``window`` (see :func:`scaled_dot_product_attention_reference`) only the key
+    blocks that meet the band are visited, so the work is ``O(L * window)``, not
+    ``O(L * S)``.
+
+    A row that sees no key at all keeps ``m = -inf`` and ``l = 0``; the guards
+    (``exp`` of ``-inf - 0``, division only where ``l > 0``) make its output exactly 0,
+    never NaN.
 
     Parameters
     ----------
@@ -621,6 +695,7 @@ def attention_tiled(
         mask=mask,
         causal=causal,
         scale=scale,
+        window=window,
         block_q=block_q,
         block_k=block_k,
         num_threads=num_threads,

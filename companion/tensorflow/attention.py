@@ -1,8 +1,8 @@
-r"""Scaled dot-product attention for TensorFlow tensors: the readable reference and the tiled version.
+r"""Scaled dot-product attention for TensorFlow tensors: readable and tiled versions.
 
 The same functions, names and semantics as :mod:`companion.numpy.attention`; the
-conventions (layouts, ``True`` = attend, bottom-right causal, the grouped-query head map,
-fully masked rows giving exactly 0) are those of :mod:`companion.conventions`.
+conventions (layouts, ``True`` = attend, bottom-right causal, the grouped-query head
+map, fully masked rows giving exactly 0) are those of :mod:`companion.conventions`.
 
 Everything is written in TensorFlow ops on static shapes, so it runs eagerly and inside
 ``tf.function``; float16/bfloat16 inputs are computed in float32 and returned in their
@@ -18,7 +18,7 @@ import math
 
 import tensorflow as tf
 
-from companion import _checks
+from companion import _checks, _tiling
 
 __all__ = [
     "softmax",
@@ -38,15 +38,15 @@ def _compute_dtype(dtype_name: str):
 
 
 def _check_flag(name: str, value) -> bool:
-    """``value`` as a Python bool; ``TypeError`` for anything else (a tensor flag cannot pick a code path)."""
+    """``value`` as a Python bool, ``TypeError`` otherwise (no tensor flags)."""
     if not isinstance(value, bool) and type(value).__name__ != "bool_":
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return bool(value)
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # softmax and masks
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 
 
 def softmax(x, axis=-1, mask=None):
@@ -56,8 +56,8 @@ def softmax(x, axis=-1, mask=None):
               \qquad m = \max_k x_k
 
     Entries where ``mask`` is ``False`` (and entries equal to ``-inf``) get exactly 0; a
-    row with nothing left gives all zeros, never NaN (``tf.nn.softmax`` of an all ``-inf``
-    row is NaN). ``mask`` must broadcast to ``x.shape`` without growing it.
+    row with nothing left gives all zeros, never NaN (``tf.nn.softmax`` of an all
+    ``-inf`` row is NaN). ``mask`` must broadcast to ``x.shape`` without growing it.
     """
     x = tf.convert_to_tensor(x)
     x_dtype = _checks.check_float("x", x.dtype)
@@ -69,7 +69,8 @@ def softmax(x, axis=-1, mask=None):
         mask = tf.convert_to_tensor(mask)
         if mask.dtype != tf.bool:
             raise TypeError(
-                f"mask must be boolean (True = keep), got dtype {_checks.dtype_name(mask.dtype)}"
+                "mask must be boolean (True = keep), got dtype "
+                f"{_checks.dtype_name(mask.dtype)}"
             )
         try:
             grown = _checks.broadcast_shape(tuple(mask.shape), shape) != shape
@@ -77,7 +78,8 @@ def softmax(x, axis=-1, mask=None):
             grown = True
         if grown:
             raise ValueError(
-                f"mask of shape {tuple(mask.shape)} does not broadcast to x of shape {shape}"
+                f"mask of shape {tuple(mask.shape)} does not broadcast to x of shape "
+                f"{shape}"
             )
         # masked -> -inf
         work = tf.where(mask, work, tf.constant(-math.inf, work.dtype))
@@ -89,20 +91,45 @@ def softmax(x, axis=-1, mask=None):
     return tf.cast(tf.math.divide_no_nan(exp, total), x.dtype)  # empty rows 0 / 0 -> 0
 
 
-def causal_mask(L, S):
-    """Boolean ``(L, S)`` mask, bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + (S - L)``.
+def causal_mask(L, S, *, window=None):
+    """Bool ``(L, S)``, bottom-right aligned: query ``i`` sees key ``j <= i + (S - L)``.
 
-    See the drawing in :mod:`companion.conventions`; for ``L == S`` it is the lower triangle.
+    See the drawing in :mod:`companion.conventions`; for ``L == S`` it is the lower
+    triangle. With ``window = w``, query ``i`` (position ``p = i + (S - L)``) sees only
+    the last ``w`` keys, ``p - w < j <= p``::
+
+        L = S = 5, window = 2     1 0 0 0 0
+                                  1 1 0 0 0
+                                  0 1 1 0 0
+                                  0 0 1 1 0
+                                  0 0 0 1 1
     """
     L = _checks.check_int("L", L, minimum=0)
     S = _checks.check_int("S", S, minimum=0)
-    rows = tf.range(L)[:, None]  # (L, 1)
-    cols = tf.range(S)[None, :]  # (1, S)
-    return cols <= rows + (S - L)  # (L, S)
+    window = _tiling.check_window(window)
+    return _band(0, L, 0, S, L, S, True, window)  # (L, S)
+
+
+def _band(i0, i1, j0, j1, L, S, causal, window):
+    """Bool ``(i1 - i0, j1 - j0)``: which keys each query may see (``_tiling``).
+
+    With ``d = j - p``, ``p = i + (S - L)``: ``d <= 0`` if causal, ``-w < d`` with a
+    window ``w``, and ``d < w`` with a window but not causal.
+    """
+    # d = j - p: (bq, bk)
+    d = tf.range(j0, j1)[None, :] - (tf.range(i0, i1)[:, None] + (S - L))
+    visible = tf.ones(tf.shape(d), tf.bool)
+    if causal:
+        visible &= d <= 0
+    if window is not None:
+        visible &= d > -window
+        if not causal:
+            visible &= d < window
+    return visible
 
 
 def padding_mask(lengths, S):
-    """Boolean ``(B, 1, 1, S)`` mask, ``True`` at positions ``< lengths[b]`` (the real tokens).
+    """Boolean ``(B, 1, 1, S)`` mask, ``True`` at positions ``< lengths[b]``.
 
     ``lengths`` is a 1-D integer tensor (or list) of ``B`` lengths in ``[0, S]``.
     """
@@ -110,7 +137,8 @@ def padding_mask(lengths, S):
     lengths = tf.convert_to_tensor(lengths)
     if lengths.shape.rank != 1:
         raise ValueError(
-            f"lengths must be 1-D (one length per sequence), got shape {tuple(lengths.shape)}"
+            "lengths must be 1-D (one length per sequence), got shape "
+            f"{tuple(lengths.shape)}"
         )
     if not lengths.dtype.is_integer:
         raise TypeError(
@@ -127,13 +155,13 @@ def padding_mask(lengths, S):
     return mask[:, None, None, :]  # (B, 1, 1, S)
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # shared preparation: checks, dtypes, the grouped-query layout of masks
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 
 
 def _check_inputs(query, key, value):
-    """Convert, check dtypes and shapes; return tensors, shapes and the input dtype name."""
+    """Convert, check dtypes and shapes; return tensors, shapes and the dtype name."""
     query, key = tf.convert_to_tensor(query), tf.convert_to_tensor(key)
     value = key if value is None else tf.convert_to_tensor(value)
     names = [
@@ -142,7 +170,8 @@ def _check_inputs(query, key, value):
     ]
     if len(set(names)) != 1:
         raise TypeError(
-            f"query, key and value must have the same dtype, got {names[0]}, {names[1]} and {names[2]}"
+            "query, key and value must have the same dtype, got "
+            f"{names[0]}, {names[1]} and {names[2]}"
         )
     dtype = names[0]
     shapes = _checks.attention_shapes(
@@ -152,7 +181,7 @@ def _check_inputs(query, key, value):
 
 
 def _grouped_mask(mask, shapes, compute_dtype):
-    """The mask as ``(..., H_kv or 1, group or 1, L or 1, S or 1)``, without copying it to full size.
+    """The mask as ``(..., H_kv|1, group|1, L|1, S|1)``, never copied to full size.
 
     Returns ``(mask, is_boolean)``; float masks are cast to ``compute_dtype``.
     """
@@ -164,7 +193,8 @@ def _grouped_mask(mask, shapes, compute_dtype):
         mask = tf.cast(mask, compute_dtype)
     else:
         raise TypeError(
-            f"mask must be boolean (True = attend) or floating (added to the scaled scores), "
+            "mask must be boolean (True = attend) or floating (added to the scaled "
+            "scores), "
             f"got dtype {_checks.dtype_name(mask.dtype)} with shape {tuple(mask.shape)}"
         )
     _checks.check_mask_shape(tuple(mask.shape), shapes)
@@ -176,43 +206,48 @@ def _grouped_mask(mask, shapes, compute_dtype):
 
 
 def _apply_mask(scores, mask, boolean):
-    """Masked scores: ``-inf`` where a boolean mask is False, ``+ mask`` for a float mask."""
+    """Masked scores: ``-inf`` where a boolean mask is False, ``+ mask`` for a float."""
     if boolean:
         return tf.where(mask, scores, tf.constant(-math.inf, scores.dtype))
     return scores + mask
 
 
 def _grouped_query(query, shapes):
-    """``(..., H, L, D)`` -> ``(..., H_kv, group, L, D)``: query head ``h`` sits under k/v head ``h // group``."""
+    """``(..., H, L, D)`` -> ``(..., H_kv, group, L, D)``: ``h`` in ``h // group``."""
     q = tuple(query.shape)
     # (..., H_kv, G, L, D)
     return tf.reshape(query, (*q[:-3], shapes.H_kv, shapes.group, shapes.L, shapes.D))
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # reference: the formula, written plainly
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 
 
-def attention_weights(query, key, *, mask=None, causal=False, scale=None):
-    r"""The attention weights ``softmax(scale * Q K^T + mask)``, shape ``(..., H, L, S)``.
+def attention_weights(query, key, *, mask=None, causal=False, scale=None, window=None):
+    r"""The attention weights ``softmax(scale * Q K^T + mask)``, ``(..., H, L, S)``.
 
-    .. math:: P = \operatorname{softmax}_\text{rows}\!\left(\frac{Q K^\top}{\sqrt{D}} + M\right)
+    .. math:: P = \operatorname{softmax}_\text{rows}\!\left(
+              \frac{Q K^\top}{\sqrt{D}} + M\right)
 
     ``query (..., H, L, D)``, ``key (..., H_kv, S, D)``; ``mask`` boolean (``True`` =
     attend) or float (added to the scaled scores), broadcastable to ``(..., H, L, S)``;
-    ``causal`` adds the bottom-right causal mask; ``scale`` defaults to ``1 / sqrt(D)``.
-    A row with nothing to attend to is all zeros. Conventions: :mod:`companion.conventions`.
+    ``causal`` adds the bottom-right causal mask; ``scale`` defaults to ``1 / sqrt(D)``;
+    ``window = w`` keeps keys ``p - w < j <= p`` (causal) or ``|p - j| < w`` (not),
+    ``p = i + (S - L)``.
+    A row with nothing to attend to is all zeros. Conventions:
+    :mod:`companion.conventions`.
     """
     causal = _check_flag("causal", causal)
+    window = _tiling.check_window(window)
     query, key, _, shapes, dtype = _check_inputs(query, key, None)
     weights = _grouped_weights(
-        query, key, shapes, dtype, mask=mask, causal=causal, scale=scale
+        query, key, shapes, dtype, mask=mask, causal=causal, scale=scale, window=window
     )
     return tf.cast(tf.reshape(weights, shapes.scores), query.dtype)  # (..., H, L, S)
 
 
-def _grouped_weights(query, key, shapes, dtype, *, mask, causal, scale):
+def _grouped_weights(query, key, shapes, dtype, *, mask, causal, scale, window=None):
     """Weights in the compute dtype, laid out ``(..., H_kv, group, L, S)``."""
     scale = _checks.resolve_scale(scale, shapes.D)
     work = _compute_dtype(dtype)
@@ -224,38 +259,46 @@ def _grouped_weights(query, key, shapes, dtype, *, mask, causal, scale):
     if mask is not None:
         grouped, boolean = _grouped_mask(mask, shapes, work)
         scores = _apply_mask(scores, grouped, boolean)  # + M
-    if causal:
-        # bottom-right causal
-        scores = _apply_mask(scores, causal_mask(shapes.L, shapes.S), True)
+    if causal or window is not None:
+        # bottom-right causal and/or the window's band
+        L, S = shapes.L, shapes.S
+        scores = _apply_mask(scores, _band(0, L, 0, S, L, S, causal, window), True)
     return softmax(scores, axis=-1)  # (..., H_kv, G, L, S)
 
 
 def scaled_dot_product_attention_reference(
-    query, key, value, *, mask=None, causal=False, scale=None
+    query, key, value, *, mask=None, causal=False, scale=None, window=None
 ):
-    r"""Scaled dot-product attention, written as the formula: output ``(..., H, L, D_v)``.
+    r"""Scaled dot-product attention, written as the formula: ``(..., H, L, D_v)``.
 
     .. math:: \operatorname{Attention}(Q, K, V) =
-              \operatorname{softmax}_\text{rows}\!\left(\frac{Q K^\top}{\sqrt{D}} + M\right) V
+              \operatorname{softmax}_\text{rows}\!\left(
+              \frac{Q K^\top}{\sqrt{D}} + M\right) V
 
     ``query (..., H, L, D)``, ``key (..., H_kv, S, D)``, ``value (..., H_kv, S, D_v)``;
     grouped-query when ``H_kv < H`` (query head ``h`` reads key/value head
-    ``h // (H // H_kv)``). ``mask``, ``causal`` and ``scale`` as in
+    ``h // (H // H_kv)``). ``mask``, ``causal``, ``scale`` and ``window`` as in
     :func:`attention_weights`. Conventions: :mod:`companion.conventions`.
     """
     output, _ = _attention_and_weights(
-        query, key, value, mask=mask, causal=causal, scale=scale
+        query, key, value, mask=mask, causal=causal, scale=scale, window=window
     )
     return output
 
 
-def _attention_and_weights(query, key, value, *, mask=None, causal=False, scale=None):
-    """The reference's ``(output (..., H, L, D_v), weights (..., H, L, S))``, both in the input dtype."""
+def _attention_and_weights(
+    query, key, value, *, mask=None, causal=False, scale=None, window=None
+):
+    """The reference's ``(output (..., H, L, D_v), weights (..., H, L, S))``.
+
+    Both in the input dtype.
+    """
     causal = _check_flag("causal", causal)
+    window = _tiling.check_window(window)
     query, key, value, shapes, dtype = _check_inputs(query, key, value)
     # (..., H_kv, G, L, S)
     weights = _grouped_weights(
-        query, key, shapes, dtype, mask=mask, causal=causal, scale=scale
+        query, key, shapes, dtype, mask=mask, causal=causal, scale=scale, window=window
     )
     v = tf.cast(value, weights.dtype)[..., None, :, :]  # (..., H_kv, 1, S, D_v)
     output = tf.linalg.matmul(weights, v)  # P V: (..., H_kv, G, L, D_v)
@@ -265,107 +308,145 @@ def _attention_and_weights(query, key, value, *, mask=None, causal=False, scale=
     return tf.cast(output, query.dtype), tf.cast(weights, query.dtype)
 
 
-# ---------------------------------------------------------------------------------------
-# tiled: FlashAttention-2 forward, blockwise online softmax
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
+# tiled: FlashAttention-2 forward on large tiles, all heads at once
+# --------------------------------------------------------------------------------------
+
+# One tile of scores holds at most this many numbers for all heads together (1 MiB of
+# float32): each TensorFlow op does real work, and a Python loop over a few dozen tiles
+# costs little next to it.
+_TILE_NUMBERS = 1 << 18
+
+
+def _default_blocks(rows_per_query: int, L: int, S: int) -> tuple[int, int]:
+    """``(block_q, block_k)`` from the shapes: ``rows_per_query`` = heads x group rows.
+
+    Keys in blocks of 512 (fewer when ``S`` is shorter); queries in blocks of at most
+    512 rows that keep one tile of all heads within :data:`_TILE_NUMBERS` numbers, at
+    least 16 rows.
+    """
+    block_k = max(1, min(S, 512))
+    block_q = min(512, _TILE_NUMBERS // max(1, rows_per_query * block_k))
+    return max(1, min(L, max(16, block_q))), block_k
+
+
+def attention_tiled(
+    query,
+    key,
+    value,
+    *,
+    mask=None,
+    causal=False,
+    scale=None,
+    window=None,
+    block_q=None,
+    block_k=None,
+):
+    r"""Scaled dot-product attention by FlashAttention-2 tiles; no ``L x S`` matrix.
+
+    The same result as :func:`scaled_dot_product_attention_reference`. For each block of
+    ``block_q`` query rows (of all batch elements and heads at once), walk the key/value
+    blocks of ``block_k`` positions keeping a running row maximum ``m``, normaliser
+    ``l`` and unnormalised output ``O~``:
+
+    .. math::
+        S_{ij} &= t\, Q_i K_j^\top\ (+M_{ij}), \qquad
+        m' = \max(m, \operatorname{rowmax} S_{ij}),
+        \qquad \tilde P = e^{S_{ij} - m'}, \qquad c = e^{m - m'} \\
+        l &\leftarrow c\, l + \operatorname{rowsum} \tilde P, \qquad
+        \tilde O \leftarrow c\, \tilde O + \tilde P V_j, \qquad m \leftarrow m'
+        \qquad\text{and finally}\qquad O_i = \tilde O / l.
+
+    Where ``m'`` is ``-inf`` (nothing seen yet) 0 is used inside the exponentials, and
+    rows with ``l = 0`` (fully masked) give 0. Tiles that ``causal`` (bottom-right) or
+    ``window`` hide entirely are skipped (:mod:`companion._tiling`), and a mask is built
+    only for tiles that straddle the edge. Arguments as in
+    :func:`scaled_dot_product_attention_reference`; ``block_q`` and ``block_k`` need not
+    divide ``L`` and ``S`` and by default are chosen from the shapes (512 x 512 for one
+    head; fewer query rows when many heads share a tile). Grouped query heads become
+    rows of one matmul against their key/value head, which is never copied. A Python
+    loop over a few dozen large tiles: it runs eagerly and traces into ``tf.function``.
+    Derivation: ``REFERENCE.md``, *Making it fast*.
+    """
+    causal = _check_flag("causal", causal)
+    window = _tiling.check_window(window)
+    query, key, value, shapes, dtype = _check_inputs(query, key, value)
+    scale = _checks.resolve_scale(scale, shapes.D)
+    work = _compute_dtype(dtype)
+    batch, H_kv, G, L, S = shapes.batch, shapes.H_kv, shapes.group, shapes.L, shapes.S
+    D, D_v = shapes.D, shapes.D_v
+    N = H_kv * math.prod(batch)
+    default_q, default_k = _default_blocks(N * G, L, S)
+    block_q = default_q if block_q is None else _checks.check_int("block_q", block_q)
+    block_k = default_k if block_k is None else _checks.check_int("block_k", block_k)
+    grouped, boolean = (
+        _grouped_mask(mask, shapes, work) if mask is not None else (None, True)
+    )
+    if L == 0 or N == 0:
+        return tf.zeros((*batch, shapes.H, L, D_v), query.dtype)  # (..., H, L, D_v)
+
+    # t Q: (..., H, L, D) -> (N, G, L, D) -> (N, L, G, D) -> (N, L * G, D)
+    q = tf.broadcast_to(tf.cast(query, work), (*batch, shapes.H, L, D))
+    q = tf.reshape(q * tf.constant(scale, work), (N, G, L, D))
+    q = tf.reshape(tf.transpose(q, (0, 2, 1, 3)), (N, L * G, D))
+    k = tf.reshape(tf.broadcast_to(tf.cast(key, work), (*batch, H_kv, S, D)), (N, S, D))
+    v = tf.reshape(
+        tf.broadcast_to(tf.cast(value, work), (*batch, H_kv, S, D_v)), (N, S, D_v)
+    )
+    minus_inf = tf.constant(-math.inf, work)
+
+    output_blocks = []
+    for i0, i1, tiles in _tiling.plan(L, S, block_q, block_k, causal, window):
+        rows = (i1 - i0) * G
+        q_i = q[:, i0 * G : i1 * G]  # (N, bq * G, D)
+        m = tf.fill((N, rows, 1), minus_inf)  # running row max
+        l = tf.zeros((N, rows, 1), work)  # running normaliser
+        acc = tf.zeros((N, rows, D_v), work)  # O~
+        for j0, j1, full in tiles:
+            # S_ij: (N, bq * G, bk)
+            s_ij = tf.linalg.matmul(q_i, k[:, j0:j1], transpose_b=True)
+            if grouped is not None:
+                # (..., H_kv, bq, G, bk): rows split by position and group member
+                split = tf.reshape(s_ij, (*batch, H_kv, i1 - i0, G, j1 - j0))
+                tile = _block_of(grouped, slice(i0, i1), slice(j0, j1))
+                # + M_ij, (..., H_kv|1, bq|1, G|1, bk|1)
+                split = _apply_mask(split, _swap_rows_and_group(tile), boolean)
+                s_ij = tf.reshape(split, (N, rows, j1 - j0))
+            if not full:  # the tile straddles the causal diagonal or the window edge
+                band = _band(i0, i1, j0, j1, L, S, causal, window)  # (bq, bk)
+                split = tf.reshape(s_ij, (N, i1 - i0, G, j1 - j0))
+                split = _apply_mask(split, band[:, None, :], True)
+                s_ij = tf.reshape(split, (N, rows, j1 - j0))
+            # m' = max(m, rowmax S_ij)
+            m_new = tf.maximum(m, tf.reduce_max(s_ij, axis=-1, keepdims=True))
+            # -inf -> 0 inside exp
+            m_safe = tf.where(m_new == minus_inf, tf.zeros_like(m_new), m_new)
+            p_tilde = tf.exp(s_ij - m_safe)  # P~ = exp(S_ij - m'): (N, bq * G, bk)
+            correction = tf.exp(m - m_safe)  # c = exp(m - m')
+            # l = c l + rowsum P~
+            l = correction * l + tf.reduce_sum(p_tilde, axis=-1, keepdims=True)
+            # O~ = c O~ + P~ V_j
+            acc = correction * acc + tf.linalg.matmul(p_tilde, v[:, j0:j1])
+            m = m_new
+        output_blocks.append(tf.math.divide_no_nan(acc, l))  # O_i = O~ / l, 0 if l = 0
+    output = tf.concat(output_blocks, axis=1)  # (N, L * G, D_v)
+    # (N, L, G, D_v) -> (N, G, L, D_v) -> (..., H, L, D_v)
+    output = tf.transpose(tf.reshape(output, (N, L, G, D_v)), (0, 2, 1, 3))
+    output = tf.reshape(output, (*batch, shapes.H, L, D_v))
+    return tf.cast(output, query.dtype)
 
 
 def _block_of(mask, rows, cols):
-    """The part of a grouped mask for query rows ``rows`` and key columns ``cols`` (size-1 axes stay)."""
+    """The part of a grouped mask for ``rows`` and ``cols`` (size-1 axes stay)."""
     m = tuple(mask.shape)
     r = slice(None) if m[-2] == 1 else rows
     c = slice(None) if m[-1] == 1 else cols
     return mask[..., r, c]
 
 
-def attention_tiled(
-    query, key, value, *, mask=None, causal=False, scale=None, block_q=64, block_k=64
-):
-    r"""Scaled dot-product attention by blocks (FlashAttention-2 forward); never holds an ``L x S`` matrix.
-
-    The same result as :func:`scaled_dot_product_attention_reference`. For each block of
-    ``block_q`` query rows, walk the key/value blocks of ``block_k`` positions keeping a
-    running row maximum ``m``, normaliser ``l`` and unnormalised output ``O~``:
-
-    .. math::
-        S_{ij} &= t\, Q_i K_j^\top\ (+M_{ij}), \qquad m' = \max(m, \operatorname{rowmax} S_{ij}),
-        \qquad \tilde P = e^{S_{ij} - m'}, \qquad c = e^{m - m'} \\
-        l &\leftarrow c\, l + \operatorname{rowsum} \tilde P, \qquad
-        \tilde O \leftarrow c\, \tilde O + \tilde P V_j, \qquad m \leftarrow m'
-        \qquad\text{and finally}\qquad O_i = \tilde O / l.
-
-    Where ``m'`` is ``-inf`` (nothing seen yet) 0 is used inside the exponentials, and rows
-    with ``l = 0`` (fully masked) give 0. With ``causal``, key blocks entirely above the
-    bottom-right diagonal are skipped and the mask is built only for blocks that straddle
-    it. Arguments as in :func:`scaled_dot_product_attention_reference`; ``block_q`` and
-    ``block_k`` need not divide ``L`` and ``S``. A Python loop over blocks: it runs eagerly
-    and unrolls inside ``tf.function``. Derivation: ``REFERENCE.md``, *Making it fast*.
-    """
-    causal = _check_flag("causal", causal)
-    query, key, value, shapes, dtype = _check_inputs(query, key, value)
-    block_q = _checks.check_int("block_q", block_q)
-    block_k = _checks.check_int("block_k", block_k)
-    scale = _checks.resolve_scale(scale, shapes.D)
-    work = _compute_dtype(dtype)
-    # query i sees key j iff j <= i + offset
-    L, S, offset = shapes.L, shapes.S, shapes.S - shapes.L
-    if L == 0:
-        # (..., H, 0, D_v)
-        return tf.zeros((*shapes.batch, shapes.H, 0, shapes.D_v), query.dtype)
-
-    # t Q: (..., H_kv, G, L, D)
-    q = _grouped_query(tf.cast(query, work), shapes) * tf.constant(scale, work)
-    k = tf.cast(key, work)[..., None, :, :]  # (..., H_kv, 1, S, D)
-    v = tf.cast(value, work)[..., None, :, :]  # (..., H_kv, 1, S, D_v)
-    grouped, boolean = (
-        _grouped_mask(mask, shapes, work) if mask is not None else (None, True)
-    )
-    out_lead = (*shapes.batch, shapes.H_kv, shapes.group)  # (..., H_kv, G)
-    minus_inf = tf.constant(-math.inf, work)
-
-    output_blocks = []
-    for r0 in range(0, L, block_q):
-        r1 = min(r0 + block_q, L)
-        q_i = q[..., r0:r1, :]  # (..., H_kv, G, bq, D)
-        # running row max: (..., H_kv, G, bq, 1)
-        m = tf.fill((*out_lead, r1 - r0, 1), minus_inf)
-        # running normaliser: (..., H_kv, G, bq, 1)
-        l = tf.zeros((*out_lead, r1 - r0, 1), work)
-        # O~: (..., H_kv, G, bq, D_v)
-        acc = tf.zeros((*out_lead, r1 - r0, shapes.D_v), work)
-        # the last key any row of this block sees
-        last_visible = r1 - 1 + offset if causal else S - 1
-        # causal: later key blocks are skipped
-        for c0 in range(0, min(S, last_visible + 1), block_k):
-            c1 = min(c0 + block_k, S)
-            # S_ij: (..., H_kv, G, bq, bk)
-            s_ij = tf.linalg.matmul(q_i, k[..., c0:c1, :], transpose_b=True)
-            if grouped is not None:
-                # + M_ij
-                s_ij = _apply_mask(
-                    s_ij, _block_of(grouped, slice(r0, r1), slice(c0, c1)), boolean
-                )
-            if causal and c1 - 1 > r0 + offset:  # the block straddles the diagonal
-                rows = tf.range(r0, r1)[:, None]  # (bq, 1)
-                cols = tf.range(c0, c1)[None, :]  # (1, bk)
-                # (..., H_kv, G, bq, bk)
-                s_ij = _apply_mask(s_ij, cols <= rows + offset, True)
-            # m' = max(m, rowmax S_ij)
-            m_new = tf.maximum(m, tf.reduce_max(s_ij, axis=-1, keepdims=True))
-            # -inf -> 0 inside exp
-            m_safe = tf.where(m_new == minus_inf, tf.zeros_like(m_new), m_new)
-            # P~ = exp(S_ij - m'): (..., H_kv, G, bq, bk)
-            p_tilde = tf.exp(s_ij - m_safe)
-            correction = tf.exp(m - m_safe)  # c = exp(m - m')
-            # l = c l + rowsum P~
-            l = correction * l + tf.reduce_sum(p_tilde, axis=-1, keepdims=True)
-            # O~ = c O~ + P~ V_j
-            acc = correction * acc + tf.linalg.matmul(p_tilde, v[..., c0:c1, :])
-            m = m_new
-        # O_i = O~ / l, 0 where l = 0
-        output_blocks.append(tf.math.divide_no_nan(acc, l))
-    output = tf.concat(output_blocks, axis=-2)  # (..., H_kv, G, L, D_v)
-    # (..., H, L, D_v)
-    return tf.cast(
-        tf.reshape(output, (*shapes.batch, shapes.H, L, shapes.D_v)), query.dtype
-    )
+def _swap_rows_and_group(tile):
+    """A grouped mask tile ``(..., G|1, bq|1, bk|1)`` as ``(..., bq|1, G|1, bk|1)``."""
+    rank = len(tile.shape)
+    order = list(range(rank))
+    order[-3], order[-2] = order[-2], order[-3]
+    return tf.transpose(tile, order)

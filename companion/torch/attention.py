@@ -1,4 +1,4 @@
-r"""Scaled dot-product attention for torch tensors: the readable reference and the tiled one.
+r"""Scaled dot-product attention for torch tensors: the readable and the tiled version.
 
 The same functions as :mod:`companion.numpy.attention`, for torch tensors on any device
 (the computation never leaves the inputs' device). Layouts, mask meaning, bottom-right
@@ -10,9 +10,11 @@ Explained in the book chapters *Attention: algorithm and math* and *Making it fa
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from companion import _checks
+from companion import _checks, _tiling
 
 __all__ = [
     "softmax",
@@ -27,9 +29,9 @@ __all__ = [
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # helpers: dtypes, masks, grouped-query reshapes
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,7 +40,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_inputs(query, key, value) -> _checks.AttentionShapes:
-    """Types, dtypes and shapes of ``query``, ``key``, ``value``, checked through ``_checks``."""
+    """Types, dtypes and shapes of ``query``, ``key``, ``value`` (by ``_checks``)."""
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(
@@ -47,8 +49,9 @@ def _check_inputs(query, key, value) -> _checks.AttentionShapes:
         _checks.check_float(name, tensor.dtype)
     if not (query.dtype == key.dtype == value.dtype):
         raise TypeError(
-            f"query, key and value must have the same dtype, got {_checks.dtype_name(query.dtype)}, "
-            f"{_checks.dtype_name(key.dtype)} and {_checks.dtype_name(value.dtype)}"
+            "query, key and value must have the same dtype, got "
+            f"{_checks.dtype_name(query.dtype)}, {_checks.dtype_name(key.dtype)} and "
+            f"{_checks.dtype_name(value.dtype)}"
         )
     return _checks.attention_shapes(
         tuple(query.shape), tuple(key.shape), tuple(value.shape)
@@ -62,7 +65,7 @@ def _as_mask(
     dtype: torch.dtype,
     name: str = "mask",
 ):
-    """``mask`` as a tensor on ``device``: boolean stays boolean, a float mask becomes ``dtype``.
+    """``mask`` as a tensor on ``device``: bool stays bool, float becomes ``dtype``.
 
     Accepts torch tensors, numpy arrays and nested lists; checks that it broadcasts to
     ``(..., H, L, S)``.
@@ -77,8 +80,8 @@ def _as_mask(
         converted = mask.to(device=device, dtype=dtype)
     else:
         raise TypeError(
-            f"{name} must be boolean (True = attend) or floating (added to the scaled scores), "
-            f"got dtype {_checks.dtype_name(mask.dtype)}"
+            f"{name} must be boolean (True = attend) or floating (added to the scaled "
+            f"scores), got dtype {_checks.dtype_name(mask.dtype)}"
         )
     _checks.check_mask_shape(tuple(converted.shape), shapes, name)
     return converted
@@ -91,7 +94,7 @@ def _check_flag(name: str, value) -> bool:
 
 
 def _split_heads(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """``(..., H, L, D)`` -> ``(..., H_kv, group, L, D)``: query head ``h`` lands in group ``h // group``.
+    """``(..., H, L, D)`` -> ``(..., H_kv, group, L, D)``: head ``h`` -> ``h // group``.
 
     Splitting an axis is always a view; no copy of the queries, none of the keys/values.
     """
@@ -106,19 +109,21 @@ def _merge_heads(grouped: torch.Tensor) -> torch.Tensor:
     return grouped.reshape(*lead, H_kv * group, L, X)  # (..., H, L, X)
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # building blocks: softmax and masks
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 
 
 def softmax(x: torch.Tensor, axis: int = -1, mask=None) -> torch.Tensor:
-    r"""Numerically stable softmax along ``axis``; masked entries and all-masked rows give 0.
+    r"""Numerically stable softmax along ``axis``; masked entries and rows give 0.
 
-    .. math:: \operatorname{softmax}(x)_j = \frac{m_j\, e^{x_j - \max_k x_k}}{\sum_k m_k\, e^{x_k - \max_k x_k}}
+    .. math:: \operatorname{softmax}(x)_j = \frac{m_j\, e^{x_j - \max_k x_k}}
+              {\sum_k m_k\, e^{x_k - \max_k x_k}}
 
-    where ``m`` is the boolean ``mask`` (``True`` = keep, broadcast to ``x``). Entries of
-    ``x`` equal to ``-inf`` count as masked too. A row with nothing kept gives exactly 0,
-    never NaN. float16/bfloat16 accumulate in float32 and return their own dtype.
+    where ``m`` is the boolean ``mask`` (``True`` = keep, broadcast to ``x``).
+    Entries of ``x`` equal to ``-inf`` count as masked too. A row with nothing kept
+    gives exactly 0, never NaN. float16/bfloat16 accumulate in float32 and return
+    their own dtype.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -132,11 +137,13 @@ def softmax(x: torch.Tensor, axis: int = -1, mask=None) -> torch.Tensor:
         mask = torch.as_tensor(mask, device=x.device)
         if mask.dtype != torch.bool:
             raise TypeError(
-                f"mask must be boolean (True = keep), got dtype {_checks.dtype_name(mask.dtype)}"
+                "mask must be boolean (True = keep), got dtype "
+                f"{_checks.dtype_name(mask.dtype)}"
             )
         if _checks.broadcast_shape(tuple(mask.shape), tuple(x.shape)) != tuple(x.shape):
             raise ValueError(
-                f"mask of shape {tuple(mask.shape)} does not broadcast to x of shape {tuple(x.shape)}"
+                f"mask of shape {tuple(mask.shape)} does not broadcast to x of shape "
+                f"{tuple(x.shape)}"
             )
         # masked -> -inf, by selection
         logits = logits.masked_fill(~mask, float("-inf"))
@@ -156,8 +163,10 @@ def softmax(x: torch.Tensor, axis: int = -1, mask=None) -> torch.Tensor:
     return weights.to(x.dtype)
 
 
-def causal_mask(L: int, S: int, *, device=None) -> torch.Tensor:
-    """Boolean ``(L, S)`` mask, bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + (S - L)``.
+def causal_mask(
+    L: int, S: int, *, window: int | None = None, device=None
+) -> torch.Tensor:
+    """Boolean ``(L, S)``, bottom-right aligned: query ``i`` sees ``j <= i + S - L``.
 
     ::
 
@@ -166,15 +175,23 @@ def causal_mask(L: int, S: int, *, device=None) -> torch.Tensor:
               query 1           1 1 1 1 1
 
     With ``L == S`` this is the lower triangle (torch's ``is_causal``); see
-    :mod:`companion.conventions` for the top-left alignment of the built-ins. ``device``
-    (torch only) places the mask.
+    :mod:`companion.conventions` for the top-left alignment of the built-ins. With
+    ``window = w`` query ``i`` (position ``p = i + (S - L)``) sees only the last ``w``
+    keys, ``p - w < j <= p`` (sliding-window attention)::
+
+        L = S = 5, window = 2     1 0 0 0 0
+                                  1 1 0 0 0
+                                  0 1 1 0 0
+                                  0 0 1 1 0
+                                  0 0 0 1 1
+
+    ``device`` (torch only) places the mask.
     """
     for name, value in (("L", L), ("S", S)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    query_index = torch.arange(L, device=device).unsqueeze(-1)  # (L, 1)
-    key_index = torch.arange(S, device=device).unsqueeze(0)  # (1, S)
-    return key_index <= query_index + (S - L)  # (L, S)
+    window = _tiling.check_window(window)
+    return _band(0, L, 0, S, L, S, True, window, device)  # (L, S)
 
 
 def padding_mask(lengths, S: int) -> torch.Tensor:
@@ -188,7 +205,8 @@ def padding_mask(lengths, S: int) -> torch.Tensor:
     lengths = torch.as_tensor(lengths)
     if lengths.dim() != 1:
         raise ValueError(
-            f"lengths must be 1-D (one length per batch element), got shape {tuple(lengths.shape)}"
+            "lengths must be 1-D (one length per batch element), got shape "
+            f"{tuple(lengths.shape)}"
         )
     if (
         lengths.is_floating_point()
@@ -205,13 +223,13 @@ def padding_mask(lengths, S: int) -> torch.Tensor:
     return keep[:, None, None, :]  # (B, 1, 1, S)
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # reference: the formula, written plainly
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 
 
-def _masked_scores(query, key, mask, causal, scale, shapes):
-    """Scaled scores ``(..., H, L, S)`` with the mask applied (masked -> ``-inf``), in the compute dtype."""
+def _masked_scores(query, key, mask, causal, scale, shapes, window=None):
+    """Scaled scores ``(..., H, L, S)``, masked -> ``-inf``, in the compute dtype."""
     compute = _compute_dtype(query.dtype)
     # (..., H_kv, group, L, D)
     q = _split_heads(query.to(compute), shapes.H_kv)
@@ -224,9 +242,10 @@ def _masked_scores(query, key, mask, causal, scale, shapes):
     elif mask is not None:
         # float mask: added to scaled scores
         scores = scores + mask
-    if causal:
-        visible = causal_mask(shapes.L, shapes.S, device=scores.device)  # (L, S)
-        # bottom-right causal
+    if causal or window is not None:
+        L, S = shapes.L, shapes.S
+        # bottom-right causal and/or the window's band: (L, S)
+        visible = _band(0, L, 0, S, L, S, causal, window, scores.device)
         scores = scores.masked_fill(~visible, float("-inf"))
     return scores
 
@@ -238,18 +257,26 @@ def attention_weights(
     mask=None,
     causal: bool = False,
     scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    r"""The attention weights :math:`P = \operatorname{softmax}(t\, Q K^\top + \text{mask})`, shape ``(..., H, L, S)``.
+    r"""The attention weights, shape ``(..., H, L, S)``.
 
-    ``query (..., H, L, D)``, ``key (..., H_kv, S, D)``; grouped-query when ``H_kv < H``;
-    ``t = scale`` or ``1/sqrt(D)``. Fully masked rows are exactly 0. See
+    .. math:: P = \operatorname{softmax}(t\, Q K^\top + \text{mask})
+
+    ``query (..., H, L, D)``, ``key (..., H_kv, S, D)``; grouped-query when
+    ``H_kv < H``; ``t = scale`` or ``1/sqrt(D)``; ``window`` as in :func:`causal_mask`
+    (with ``causal=False`` a symmetric band ``|p - j| < window``). Fully masked rows are
+    exactly 0. See
     :mod:`companion.conventions`.
     """
     causal = _check_flag("causal", causal)
+    window = _tiling.check_window(window)
     shapes = _check_inputs(query, key, key)
     scale = _checks.resolve_scale(scale, shapes.D)
     mask = _as_mask(mask, shapes, query.device, _compute_dtype(query.dtype))
-    scores = _masked_scores(query, key, mask, causal, scale, shapes)  # (..., H, L, S)
+    scores = _masked_scores(
+        query, key, mask, causal, scale, shapes, window
+    )  # (..., H, L, S)
     return softmax(scores, axis=-1).to(query.dtype)  # (..., H, L, S)
 
 
@@ -261,30 +288,39 @@ def scaled_dot_product_attention_reference(
     mask=None,
     causal: bool = False,
     scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     r"""Scaled dot-product attention, written as the formula.
 
-    .. math:: O = \operatorname{softmax}\!\left(t\, Q K^\top + \text{mask}\right) V, \qquad t = 1/\sqrt{D}
+    .. math:: O = \operatorname{softmax}\!\left(t\, Q K^\top + \text{mask}\right) V,
+              \qquad t = 1/\sqrt{D}
 
-    Shapes: ``query (..., H, L, D)``, ``key (..., H_kv, S, D)``, ``value (..., H_kv, S, D_v)``
-    -> ``(..., H, L, D_v)``. ``mask`` is boolean (``True`` = attend) or float (added to the
-    scaled scores), broadcastable to ``(..., H, L, S)``; ``causal`` is bottom-right aligned;
-    query head ``h`` reads key/value head ``h // (H // H_kv)``::
+    Shapes: ``query (..., H, L, D)``, ``key (..., H_kv, S, D)``,
+    ``value (..., H_kv, S, D_v)`` -> ``(..., H, L, D_v)``. ``mask`` is boolean
+    (``True`` = attend) or float (added to the scaled scores), broadcastable to
+    ``(..., H, L, S)``; ``causal`` is bottom-right aligned; ``window = w`` keeps only
+    keys within ``w`` positions (``p - w < j <= p`` with ``causal``, ``|p - j| < w``
+    without, ``p = i + (S - L)``); query head ``h`` reads key/value head
+    ``h // (H // H_kv)``::
 
         H = 6, H_kv = 2     query heads  0 1 2 | 3 4 5
                             k/v head     0 0 0 | 1 1 1
 
-    A query that may attend to nothing gives an output row of exactly 0. float16/bfloat16
-    accumulate in float32 and return their own dtype. See :mod:`companion.conventions`.
+    A query that may attend to nothing gives an output row of exactly 0.
+    float16/bfloat16 accumulate in float32 and return their own dtype. See
+    :mod:`companion.conventions`.
 
     Explained in the book chapter *Attention: algorithm and math*.
     """
     causal = _check_flag("causal", causal)
+    window = _tiling.check_window(window)
     shapes = _check_inputs(query, key, value)
     scale = _checks.resolve_scale(scale, shapes.D)
     compute = _compute_dtype(query.dtype)
     mask = _as_mask(mask, shapes, query.device, compute)
-    scores = _masked_scores(query, key, mask, causal, scale, shapes)  # (..., H, L, S)
+    scores = _masked_scores(
+        query, key, mask, causal, scale, shapes, window
+    )  # (..., H, L, S)
     weights = softmax(scores, axis=-1)  # (..., H, L, S)
     # (..., H_kv, group, L, S)
     grouped = _split_heads(weights, shapes.H_kv)
@@ -295,211 +331,173 @@ def scaled_dot_product_attention_reference(
     return output.to(query.dtype)
 
 
-# ---------------------------------------------------------------------------------------
-# fast: FlashAttention-2 tiles with a hand-written backward pass
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
+# fast: FlashAttention-2 on large tiles, all heads at once, hand-written backward pass
+# --------------------------------------------------------------------------------------
+
+# One tile of scores holds about this many numbers for all heads together (1 MiB of
+# float32): large enough that each torch call does real work (a Python loop over a few
+# dozen tiles, not thousands), small enough to stay in the cache.
+_TILE_NUMBERS = 1 << 18
 
 
-def _block_scores(q_block, k_block, mask, causal, scale, rows, cols, L, S):
-    """Scaled, masked scores of one tile: ``(..., H_kv, group, bq, bk)`` in the compute dtype.
+def _default_blocks(rows_per_query: int, L: int, S: int) -> tuple[int, int]:
+    """``(block_q, block_k)`` from the shapes: ``rows_per_query`` = heads x group rows.
 
-    ``mask`` is the user's mask expanded (a view, no copy) to ``(..., H_kv, group, L, S)``;
-    only its tile is read. ``rows``/``cols`` are the tile's query/key index ranges.
+    Keys in blocks of 512 (fewer when ``S`` is shorter); queries in blocks of at most
+    512 rows that make one tile of all heads at most :data:`_TILE_NUMBERS` numbers, at
+    least 16 rows. Square 512 blocks keep the causal diagonal's wasted work small.
     """
-    # (..., H_kv, group, bq, bk)
-    scores = scale * (q_block @ k_block.transpose(-1, -2))
+    block_k = max(1, min(S, 512))
+    block_q = min(512, _TILE_NUMBERS // max(1, rows_per_query * block_k))
+    return max(1, min(L, max(16, block_q))), block_k
+
+
+def _band(i0, i1, j0, j1, L, S, causal, window, device) -> torch.Tensor:
+    """Boolean ``(i1 - i0, j1 - j0)``: which keys each query row may see (``_tiling``).
+
+    Row ``r`` is query ``i0 + r`` at position ``p = i0 + r + (S - L)``, column ``c`` is
+    key ``j0 + c``; ``c <= r + k`` with ``k = p - j`` at ``r = c = 0`` is ``tril(k)``.
+    """
+    k = i0 + (S - L) - j0  # diagonal offset of the tile
+    visible = torch.ones(i1 - i0, j1 - j0, dtype=torch.bool, device=device)
+    if causal:
+        visible.tril_(k)  # d <= 0
+    elif window is not None:
+        visible.tril_(k + window - 1)  # d < w
+    if window is not None:
+        visible.triu_(k - window + 1)  # d > -w
+    return visible
+
+
+def _tile_scores(q_i, k_j, mask, band, i0, i1, j0, j1, group):
+    """Scores of one tile for all heads: ``(N, bq * G, bk)``, masked entries ``-inf``.
+
+    ``q_i (N, bq * G, D)`` holds the scaled queries row-major by position then group
+    member; ``mask`` is ``None`` or ``(..., H_kv, G, L, S)`` (a broadcast view, never
+    copied to full size); ``band`` ``None`` or ``(bq, bk)`` bool.
+    """
+    scores = torch.bmm(q_i, k_j.transpose(1, 2))  # t Q_i K_j^T: (N, bq * G, bk)
+    # (N, bq, G, bk): the same memory, split by group member
+    split = scores.view(scores.shape[0], i1 - i0, group, j1 - j0)
     if mask is not None:
-        # (..., H_kv, group, bq, bk)
-        tile = mask[..., rows.start : rows.stop, cols.start : cols.stop]
+        # (..., H_kv, bq, G, bk), a view of the user's mask
+        tile = mask[..., i0:i1, j0:j1].transpose(-3, -2)
+        split = split.view(tile.shape)
         if tile.dtype == torch.bool:
-            scores = scores.masked_fill(~tile, float("-inf"))
+            split.masked_fill_(~tile, float("-inf"))
         else:
-            scores = scores + tile
-    # the tile straddles the diagonal
-    if causal and cols.stop - 1 > rows.start + (S - L):
-        # (bq, 1)
-        query_index = torch.arange(
-            rows.start, rows.stop, device=scores.device
-        ).unsqueeze(-1)
-        # (1, bk)
-        key_index = torch.arange(cols.start, cols.stop, device=scores.device).unsqueeze(
-            0
-        )
-        scores = scores.masked_fill(key_index > query_index + (S - L), float("-inf"))
+            split.add_(tile)
+    if band is not None:
+        split.masked_fill_(~band[:, None, :], float("-inf"))  # (bq, 1, bk)
     return scores
 
 
-def _tile_hidden(rows: range, cols: range, causal: bool, L: int, S: int) -> bool:
-    """True when causal hides the whole tile: its first key lies past the last query's diagonal."""
-    return causal and cols.start > (rows.stop - 1) + (S - L)
-
-
 class TiledAttentionFunction(torch.autograd.Function):
-    r"""FlashAttention-2 forward and backward on grouped tensors, as a ``torch.autograd.Function``.
+    r"""FlashAttention-2 forward and backward as a ``torch.autograd.Function``.
 
-    Inputs (prepared by :func:`attention_tiled`): ``q (..., H_kv, group, L, D)``,
-    ``k (..., H_kv, 1, S, D)``, ``v (..., H_kv, 1, S, D_v)``, ``mask`` ``None`` or expanded
-    to ``(..., H_kv, group, L, S)`` (a stride-0 view), ``causal``, ``scale``, ``block_q``,
-    ``block_k``. Saves only ``q, k, v``, the output ``O`` and the log-sum-exp
-    ``LSE (..., H_kv, group, L)``: O(L) memory beyond inputs and outputs.
+    Inputs (prepared by :func:`attention_tiled`): ``q (N, L * G, D)``, the scaled
+    queries ``t Q`` of ``N = batch x H_kv`` key/value heads, their ``G`` grouped query
+    heads interleaved row by row (row ``i * G + g`` is query ``i`` of group member
+    ``g``); ``k (N, S, D)``, ``v (N, S, D_v)`` (never copied per group member); ``mask``
+    ``None`` or ``(..., H_kv, G, L, S)`` (a broadcast view); ``plan`` from
+    :func:`companion._tiling.plan`; ``group``, ``causal``, ``window``. Returns
+    ``O (N, L * G, D_v)``.
 
-    Backward recomputes :math:`P_{ij} = \exp(t Q_i K_j^\top - \mathrm{LSE}_i)` per tile and
-    accumulates (``Delta_i = rowsum(dO_i * O_i)``)::
+    Each step is one batched matmul over all heads and a whole tile of
+    ``block_q x block_k`` positions, so the Python loop runs over a few dozen tiles.
+    Saves ``q, k, v``, ``O`` and the log-sum-exp ``LSE (N, L * G)``, no ``L x S`` one.
+    Backward recomputes :math:`P_{ij} = \exp(t Q_i K_j^\top - \mathrm{LSE}_i)` per tile
+    (``Delta_i = rowsum(dO_i * O_i)``)::
 
         dV_j += P_ij^T dO_i
         dP_ij = dO_i V_j^T
         dS_ij = P_ij * (dP_ij - Delta_i)
-        dQ_i += t dS_ij K_j ;   dK_j += t dS_ij^T Q_i
+        dQ_i += dS_ij K_j ;   dK_j += dS_ij^T (t Q_i)
 
-    summing ``dK``/``dV`` over the query heads of a group. No gradient flows to a float
-    ``mask`` (``None`` is returned for it). Differentiable once (no double backward).
+    The gradient of the scaled queries is returned; ``attention_tiled`` scales it by
+    ``t`` through autograd. Rows ``i * G + g`` of a tile belong to the same key/value
+    head, so ``dK``/``dV`` sum over the group inside the matmul. No gradient flows to a
+    float ``mask``. Differentiable once (no double backward).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, causal, scale, block_q, block_k):
-        *lead, H_kv, group, L, D = q.shape
-        S, D_v = k.shape[-2], v.shape[-1]
-        compute = _compute_dtype(q.dtype)
-        # (..., H_kv, group, L, D_v)
-        output = torch.zeros(*lead, H_kv, group, L, D_v, dtype=q.dtype, device=q.device)
-        # (..., H_kv, group, L)
-        lse = torch.zeros(*lead, H_kv, group, L, dtype=compute, device=q.device)
-        for i0 in range(0, L, block_q):
-            rows = range(i0, min(i0 + block_q, L))
-            # (..., H_kv, group, bq, D)
-            q_block = q[..., rows.start : rows.stop, :].to(compute)
-            row_max = torch.full(
-                (*lead, H_kv, group, len(rows), 1),
-                float("-inf"),
-                # m (..., bq, 1)
-                dtype=compute,
-                device=q.device,
+    def forward(ctx, q, k, v, mask, plan, group, causal, window):
+        N, rows, _ = q.shape
+        L, S, D_v = rows // group, k.shape[1], v.shape[2]
+        output = torch.zeros(N, rows, D_v, dtype=q.dtype, device=q.device)
+        lse = torch.zeros(N, rows, dtype=q.dtype, device=q.device)
+        for i0, i1, tiles in plan:
+            r0, r1 = i0 * group, i1 * group
+            q_i = q[:, r0:r1]  # (N, bq * G, D)
+            m = torch.full(
+                (N, r1 - r0, 1), float("-inf"), dtype=q.dtype, device=q.device
             )
-            # l (..., bq, 1)
-            row_sum = torch.zeros_like(row_max)
-            # O~ (..., bq, D_v)
-            acc = torch.zeros(
-                *lead, H_kv, group, len(rows), D_v, dtype=compute, device=q.device
-            )
-            for j0 in range(0, S, block_k):
-                cols = range(j0, min(j0 + block_k, S))
-                if _tile_hidden(rows, cols, causal, L, S):
-                    # every later tile is hidden too
-                    break
-                # (..., H_kv, 1, bk, D)
-                k_block = k[..., cols.start : cols.stop, :].to(compute)
-                # (..., H_kv, 1, bk, D_v)
-                v_block = v[..., cols.start : cols.stop, :].to(compute)
-                # S_ij (..., bq, bk)
-                scores = _block_scores(
-                    q_block, k_block, mask, causal, scale, rows, cols, L, S
+            l = torch.zeros_like(m)  # (N, bq * G, 1)
+            acc = torch.zeros(N, r1 - r0, D_v, dtype=q.dtype, device=q.device)  # O~
+            for j0, j1, full in tiles:
+                band = (
+                    None
+                    if full
+                    else _band(i0, i1, j0, j1, L, S, causal, window, q.device)
                 )
-                # m_new (..., bq, 1)
-                new_max = torch.maximum(row_max, scores.amax(dim=-1, keepdim=True))
-                # -inf -> 0
-                safe_max = torch.where(
-                    torch.isinf(new_max), torch.zeros_like(new_max), new_max
+                # S_ij (N, bq * G, bk)
+                scores = _tile_scores(
+                    q_i, k[:, j0:j1], mask, band, i0, i1, j0, j1, group
                 )
-                # P~ = exp(S_ij - m_new) (..., bq, bk)
-                p_tilde = torch.exp(scores - safe_max)
-                # c = exp(m - m_new) (..., bq, 1)
-                correction = torch.exp(row_max - safe_max)
-                # l = c l + rowsum(P~)
-                row_sum = correction * row_sum + p_tilde.sum(dim=-1, keepdim=True)
-                # O~ = c O~ + P~ V_j (..., bq, D_v)
-                acc = correction * acc + p_tilde @ v_block
-                row_max = new_max
-            # (..., bq, 1); False: fully masked
-            attended = row_sum > 0
-            safe_sum = torch.where(attended, row_sum, torch.ones_like(row_sum))
-            output[..., rows.start : rows.stop, :] = torch.where(
-                attended,
-                acc / safe_sum,
-                torch.zeros_like(acc),
-                # O_i = O~ / l, 0 if
-                # masked
-            ).to(q.dtype)
-            lse[..., rows.start : rows.stop] = torch.where(
-                # LSE_i = m + log l
-                attended,
-                row_max + torch.log(safe_sum),
-                torch.zeros_like(row_sum),
-            ).squeeze(-1)
+                # m_new = max(m, rowmax S_ij)
+                m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
+                # nothing seen yet: use 0 inside exp
+                m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)
+                # P~ = exp(S_ij - m_new), in place
+                p = scores.sub_(m_safe).exp_()
+                c = torch.exp(m - m_safe)  # c = exp(m - m_new)
+                l = l.mul_(c).add_(p.sum(dim=-1, keepdim=True))  # l = c l + rowsum P~
+                acc.mul_(c).baddbmm_(p, v[:, j0:j1])  # O~ = c O~ + P~ V_j
+                m = m_new
+            attended = l > 0  # False: the row saw no key
+            # O_i = O~ / l
+            output[:, r0:r1] = acc.div_(torch.where(attended, l, torch.ones_like(l)))
+            lse[:, r0:r1] = torch.where(attended, m + torch.log(l), 0.0).squeeze(-1)
         ctx.save_for_backward(q, k, v, output, lse)
         ctx.mask = mask
-        ctx.settings = (causal, scale, block_q, block_k)
+        ctx.settings = (plan, group, causal, window)
         return output
 
     @staticmethod
-    # the backward is hand-written: no double backward
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         q, k, v, output, lse = ctx.saved_tensors
-        mask = ctx.mask
-        causal, scale, block_q, block_k = ctx.settings
-        L, S = q.shape[-2], k.shape[-2]
-        compute = _compute_dtype(q.dtype)
-        # dO (..., H_kv, group, L, D_v)
-        grad_output = grad_output.to(compute)
-        # Delta = rowsum(dO * O)
-        delta = (grad_output * output.to(compute)).sum(dim=-1)
-        # dQ (..., H_kv, group, L, D)
-        grad_q = torch.zeros(q.shape, dtype=compute, device=q.device)
-        # dK (..., H_kv, 1, S, D)
-        grad_k = torch.zeros(k.shape, dtype=compute, device=k.device)
-        # dV (..., H_kv, 1, S, D_v)
-        grad_v = torch.zeros(v.shape, dtype=compute, device=v.device)
-        for j0 in range(0, S, block_k):
-            cols = range(j0, min(j0 + block_k, S))
-            # K_j (..., H_kv, 1, bk, D)
-            k_block = k[..., cols.start : cols.stop, :].to(compute)
-            # V_j (..., H_kv, 1, bk, D_v)
-            v_block = v[..., cols.start : cols.stop, :].to(compute)
-            for i0 in range(0, L, block_q):
-                rows = range(i0, min(i0 + block_q, L))
-                if _tile_hidden(rows, cols, causal, L, S):
-                    # P_ij = 0: no gradient
-                    continue
-                # Q_i (..., bq, D)
-                q_block = q[..., rows.start : rows.stop, :].to(compute)
-                # dO_i (..., bq, D_v)
-                do_block = grad_output[..., rows.start : rows.stop, :]
-                # (..., bq, bk)
-                scores = _block_scores(
-                    q_block, k_block, mask, causal, scale, rows, cols, L, S
+        mask, (plan, group, causal, window) = ctx.mask, ctx.settings
+        L, S = q.shape[1] // group, k.shape[1]
+        grad_output = grad_output.contiguous()  # dO (N, L * G, D_v)
+        delta = (grad_output * output).sum(dim=-1, keepdim=True)  # (N, L * G, 1)
+        grad_q = torch.zeros_like(q)  # (N, L * G, D)
+        grad_k = torch.zeros_like(k)  # (N, S, D)
+        grad_v = torch.zeros_like(v)  # (N, S, D_v)
+        for i0, i1, tiles in plan:
+            r0, r1 = i0 * group, i1 * group
+            q_i, do_i = q[:, r0:r1], grad_output[:, r0:r1]
+            lse_i, delta_i = lse[:, r0:r1, None], delta[:, r0:r1]
+            grad_q_i = torch.zeros_like(q_i)  # dQ_i (N, bq * G, D)
+            for j0, j1, full in tiles:
+                band = (
+                    None
+                    if full
+                    else _band(i0, i1, j0, j1, L, S, causal, window, q.device)
                 )
-                # P_ij (..., bq, bk)
-                probs = torch.exp(
-                    scores - lse[..., rows.start : rows.stop].unsqueeze(-1)
-                )
-                grad_v[..., cols.start : cols.stop, :] += (
-                    # dV_j += P^T dO (..., 1, bk, D_v)
-                    probs.transpose(-1, -2) @ do_block
-                ).sum(dim=-3, keepdim=True)
-                # dP_ij = dO_i V_j^T (..., bq, bk)
-                grad_probs = do_block @ v_block.transpose(-1, -2)
-                # dS_ij
-                grad_scores = probs * (
-                    grad_probs - delta[..., rows.start : rows.stop].unsqueeze(-1)
-                )
-                # dQ_i += t dS K_j
-                grad_q[..., rows.start : rows.stop, :] += scale * (
-                    grad_scores @ k_block
-                )
-                grad_k[..., cols.start : cols.stop, :] += scale * (
-                    # dK_j += t dS^T Q_i (..., 1, bk, D)
-                    grad_scores.transpose(-1, -2) @ q_block
-                ).sum(dim=-3, keepdim=True)
-        return (
-            grad_q.to(q.dtype),
-            grad_k.to(k.dtype),
-            grad_v.to(v.dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+                k_j, v_j = k[:, j0:j1], v[:, j0:j1]
+                scores = _tile_scores(q_i, k_j, mask, band, i0, i1, j0, j1, group)
+                p = scores.sub_(lse_i).exp_()  # P_ij (N, bq * G, bk)
+                grad_v[:, j0:j1].baddbmm_(p.transpose(1, 2), do_i)  # dV_j += P^T dO_i
+                # dS = P * (dO_i V_j^T - Delta_i)
+                grad_s = torch.bmm(do_i, v_j.transpose(1, 2)).sub_(delta_i).mul_(p)
+                grad_q_i.baddbmm_(grad_s, k_j)  # dQ_i += dS K_j
+                grad_k[:, j0:j1].baddbmm_(
+                    grad_s.transpose(1, 2), q_i
+                )  # dK_j += dS^T tQ
+            grad_q[:, r0:r1] = grad_q_i
+        return grad_q, grad_k, grad_v, None, None, None, None, None
 
 
 def attention_tiled(
@@ -510,44 +508,57 @@ def attention_tiled(
     mask=None,
     causal: bool = False,
     scale: float | None = None,
-    block_q: int = 64,
-    block_k: int = 64,
+    window: int | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
 ) -> torch.Tensor:
-    r"""Scaled dot-product attention by FlashAttention-2 tiles; same result as the reference.
+    r"""Scaled dot-product attention by FlashAttention-2 tiles; the reference's result.
 
-    Computes :func:`scaled_dot_product_attention_reference` one ``block_q x block_k`` tile
-    at a time with the online softmax (the recurrence is in :class:`TiledAttentionFunction`
-    and in the book), never holding an ``L x S`` matrix of scores, and skipping key blocks
-    that the (bottom-right) causal mask hides entirely. The backward pass is the
+    Computes :func:`scaled_dot_product_attention_reference` one ``block_q x block_k``
+    tile at a time with the online softmax (the recurrence is in
+    :class:`TiledAttentionFunction` and in the book), for all batch elements and heads
+    at once, never holding an ``L x S`` matrix of scores. Tiles that ``causal``
+    (bottom-right) or ``window`` hide entirely are skipped (see
+    :mod:`companion._tiling`): the work is about half for causal attention and
+    ``O(L * window)`` with a window. The backward pass is the
     FlashAttention-2 backward: it recomputes each tile's probabilities from the saved
     log-sum-exp. Gradients flow to ``query``, ``key`` and ``value``; **not** to a float
     ``mask`` (treated as a constant).
 
-    Shapes, mask, causal, grouped-query and dtype rules are those of the reference:
-    ``query (..., H, L, D)``, ``key (..., H_kv, S, D)``, ``value (..., H_kv, S, D_v)``
-    -> ``(..., H, L, D_v)``. ``block_q`` and ``block_k`` need not divide ``L`` and ``S``.
+    Shapes, mask, causal, window, grouped-query and dtype rules are those of the
+    reference: ``query (..., H, L, D)``, ``key (..., H_kv, S, D)``,
+    ``value (..., H_kv, S, D_v)`` -> ``(..., H, L, D_v)``. Grouped query heads read
+    their key/value head in place (the ``G`` query heads of a group become rows of one
+    matmul). ``block_q`` and ``block_k`` need not divide ``L`` and ``S``; by default
+    they are chosen from the shapes (``_default_blocks``: 512 x 512 for one head, fewer
+    query rows when many heads share a tile).
 
     Explained in the book chapter *Making it fast*.
     """
     causal = _check_flag("causal", causal)
+    window = _tiling.check_window(window)
     shapes = _check_inputs(query, key, value)
     scale = _checks.resolve_scale(scale, shapes.D)
-    block_q = _checks.check_int("block_q", block_q)
-    block_k = _checks.check_int("block_k", block_k)
-    mask = _as_mask(mask, shapes, query.device, _compute_dtype(query.dtype))
     batch, H, H_kv, L, S = shapes.batch, shapes.H, shapes.H_kv, shapes.L, shapes.S
-    # (..., H_kv, group, L, D)
-    q = _split_heads(query.expand(*batch, H, L, shapes.D), H_kv)
-    # (..., H_kv, 1, S, D)
-    k = key.expand(*batch, H_kv, S, shapes.D).unsqueeze(-3)
-    # (..., H_kv, 1, S, D_v)
-    v = value.expand(*batch, H_kv, S, shapes.D_v).unsqueeze(-3)
+    G, D, D_v = shapes.group, shapes.D, shapes.D_v
+    N = H_kv * math.prod(batch)
+    default_q, default_k = _default_blocks(N * G, L, S)
+    block_q = default_q if block_q is None else _checks.check_int("block_q", block_q)
+    block_k = default_k if block_k is None else _checks.check_int("block_k", block_k)
+    compute = _compute_dtype(query.dtype)
+    mask = _as_mask(mask, shapes, query.device, compute)
+    if L == 0 or N == 0:
+        return torch.zeros(*batch, H, L, D_v, dtype=query.dtype, device=query.device)
+    # (..., H_kv, G, L, D) -> (N, L, G, D) -> (N, L * G, D): a copy of the queries only
+    q = _split_heads(query.expand(*batch, H, L, D).to(compute) * scale, H_kv)
+    q = q.reshape(N, G, L, D).transpose(1, 2).reshape(N, L * G, D)
+    k = key.expand(*batch, H_kv, S, D).to(compute).reshape(N, S, D)  # (N, S, D)
+    v = value.expand(*batch, H_kv, S, D_v).to(compute).reshape(N, S, D_v)
     if mask is not None:
-        # (..., H_kv, group, L, S), a view
-        mask = _split_heads(mask.expand(*shapes.scores), H_kv)
-        mask = mask.detach()
-    output = TiledAttentionFunction.apply(
-        q, k, v, mask, bool(causal), scale, block_q, block_k
-    )
-    # (..., H, L, D_v)
-    return _merge_heads(output)
+        # (..., H_kv, G, L, S), a broadcast view
+        mask = _split_heads(mask.detach().expand(*shapes.scores), H_kv)
+    plan = _tiling.plan(L, S, block_q, block_k, causal, window)
+    output = TiledAttentionFunction.apply(q, k, v, mask, plan, G, causal, window)
+    # (N, L * G, D_v) -> (N, G, L, D_v) -> (..., H, L, D_v)
+    output = output.view(N, L, G, D_v).transpose(1, 2).reshape(*batch, H, L, D_v)
+    return output.to(query.dtype)

@@ -1,0 +1,136 @@
+r"""Which tiles of the ``L x S`` score matrix a tiled attention kernel must compute.
+
+Shared by the numpy, torch and TensorFlow ``attention_tiled``: plain Python on sizes, no
+arrays. Positions follow :mod:`companion.conventions` (bottom-right alignment): query
+``i`` sits at absolute position ``p = i + (S - L)`` and, with distance ``d = j - p`` to
+key ``j``,
+
+============================  =============================  ==========================
+``causal``, ``window``        key ``j`` visible iff          picture (rows: queries)
+============================  =============================  ==========================
+``False``, ``None``           always                         full
+``True``,  ``None``           ``d <= 0``                     lower triangle
+``True``,  ``w``              ``-w < d <= 0``                the last ``w`` keys
+``False``, ``w``              ``-w < d < w``                 a symmetric band
+============================  =============================  ==========================
+
+A tile is *skipped* when no entry is visible, *full* when every entry is (no mask is
+built for it), and *partial* otherwise (the kernel masks it).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+__all__ = [
+    "check_window",
+    "key_range",
+    "tile_is_full",
+    "QueryBlock",
+    "plan",
+    "visible_counts",
+]
+
+
+def check_window(window) -> int | None:
+    """``window`` as a Python int ``>= 1`` or ``None``.
+
+    ``TypeError`` for a non-integer (bools and floats too), ``ValueError`` below 1.
+    """
+    if window is None:
+        return None
+    if isinstance(window, bool) or not hasattr(window, "__index__"):
+        raise TypeError(
+            f"window must be an int >= 1 (the number of keys a query sees) or None, "
+            f"got {window!r}"
+        )
+    if int(window) < 1:
+        raise ValueError(f"window must be an int >= 1 or None, got {window!r}")
+    return int(window)
+
+
+def key_range(
+    i0: int, i1: int, L: int, S: int, causal: bool, window: int | None
+) -> tuple[int, int]:
+    """Keys ``[lo, hi)`` that at least one query of rows ``[i0, i1)`` may see.
+
+    Every visible key of those rows lies in the range; ``lo == hi`` when none does.
+    """
+    first, last = i0 + (S - L), i1 - 1 + (S - L)  # positions of the first/last row
+    lo, hi = 0, S
+    if causal:
+        hi = min(S, last + 1)  # d <= 0
+    elif window is not None:
+        hi = min(S, last + window)  # d < w
+    if window is not None:
+        lo = max(0, first - window + 1)  # d > -w
+    lo = min(max(lo, 0), S)
+    return lo, max(lo, min(hi, S))
+
+
+def tile_is_full(
+    i0: int,
+    i1: int,
+    j0: int,
+    j1: int,
+    L: int,
+    S: int,
+    causal: bool,
+    window: int | None,
+) -> bool:
+    """True when every query of ``[i0, i1)`` may see every key of ``[j0, j1)``."""
+    first, last = i0 + (S - L), i1 - 1 + (S - L)
+    if causal and j1 - 1 > first:  # the last key is past the first row's diagonal
+        return False
+    if window is not None:
+        if j0 <= last - window:  # the first key is too far behind the last row
+            return False
+        if not causal and j1 - 1 >= first + window:  # too far ahead of the first row
+            return False
+    return True
+
+
+class QueryBlock(NamedTuple):
+    """Query rows ``[i0, i1)`` and their key tiles ``(j0, j1, full)``, in key order."""
+
+    i0: int
+    i1: int
+    tiles: tuple[tuple[int, int, bool], ...]
+
+
+def plan(
+    L: int, S: int, block_q: int, block_k: int, causal: bool, window: int | None
+) -> list[QueryBlock]:
+    """The tiles to compute, query block by query block; skipped tiles are absent.
+
+    For each block of ``block_q`` query rows the key tiles of ``block_k`` columns start
+    at the first key any of its rows may see, so the work is ``O(L * S)`` for full
+    attention, about half of it when causal, and ``O(L * (window + block_k))`` with a
+    window::
+
+        L = S = 8, block_q = block_k = 2, causal, window = 3   (/: a partial tile)
+                   keys 0-1 2-3 4-5 6-7
+        queries 0-1      /
+                2-3      /   /
+                4-5          /   /
+                6-7              /   /
+    """
+    blocks = []
+    for i0 in range(0, L, block_q):
+        i1 = min(i0 + block_q, L)
+        lo, hi = key_range(i0, i1, L, S, causal, window)
+        tiles = []
+        for j0 in range(lo, hi, block_k):
+            j1 = min(j0 + block_k, hi)
+            tiles.append((j0, j1, tile_is_full(i0, i1, j0, j1, L, S, causal, window)))
+        blocks.append(QueryBlock(i0, i1, tuple(tiles)))
+    return blocks
+
+
+def visible_counts(L: int, S: int, causal: bool, window: int | None) -> int:
+    """How many ``(i, j)`` pairs are visible: the work a kernel cannot avoid."""
+    total = 0
+    for i0 in range(L):
+        lo, hi = key_range(i0, i0 + 1, L, S, causal, window)
+        total += hi - lo
+    return total
