@@ -191,3 +191,25 @@ def _itemsize(dtype) -> int:
     dtype."""
     size = getattr(dtype, "itemsize", None)
     return int(size if size is not None else dtype.size)
+
+
+def window_for_cache(window, cache) -> int | None:
+    """The attention window to use with ``cache``; checked before the cache changes.
+
+    A rolling cache (``max_length=W``) has dropped what lies further back than ``W``
+    positions, so it needs a window of at most ``W``, and ``W`` is the default; any
+    other cache (or none) leaves ``window`` as given.
+    """
+    if window is not None:
+        window = _checks.check_int("window", window)
+    W = getattr(cache, "max_length", None)
+    if W is None:
+        return window
+    if window is None:
+        return W
+    if window > W:
+        raise ValueError(
+            f"window={window} is wider than the rolling cache (max_length={W}): the "
+            "cache no longer holds positions such a window would see"
+        )
+    return window

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from companion import _checks, _positions
-from companion._kvcache import KVCacheBase
+from companion._kvcache import KVCacheBase, window_for_cache
 from companion.conventions import gqa_group_size
 from companion.numpy.attention import (
     _check_flag,
@@ -361,6 +361,7 @@ def multi_head_attention(
     return_weights: bool = False,
     implementation: str = "auto",
     rope=None,
+    window: int | None = None,
 ):
     r"""Multi-head attention on batch-first inputs: ``(B, L, E_q), (B, S, E_kv) -> (B, L, E_out)``.
 
@@ -401,6 +402,11 @@ def multi_head_attention(
         new keys sit at ``cache.seen ..`` (0 .. without a cache) and the queries are
         the last ``L`` of those positions; the cache stores rotated keys, so decoding
         one token at a time equals the full causal pass.
+    window : int, optional
+        Sliding-window attention (:func:`companion.numpy.causal_mask`): query position
+        ``p`` sees keys ``p - window < j <= p`` (with ``causal``). With a rolling
+        ``KVCache(max_length=W)`` the window defaults to ``W`` and may not exceed it;
+        decoding one token at a time then equals full sliding-window attention.
 
     Returns
     -------
@@ -411,6 +417,7 @@ def multi_head_attention(
     return_weights = _check_flag("return_weights", return_weights)
     # checked before the cache changes (the sizes come later)
     _choose_implementation(implementation, 0, 0, return_weights, TILED_FROM_SCORES)
+    window = window_for_cache(window, cache)
     if not isinstance(params, MultiHeadParams):
         raise TypeError(
             f"params must be a MultiHeadParams, got {type(params).__name__}"
@@ -456,12 +463,13 @@ def multi_head_attention(
         implementation, L, k.shape[2], return_weights, TILED_FROM_SCORES
     )
     if chosen == "tiled":
-        heads = attention_tiled(q, k, v, mask=mask, causal=causal)  # (B, H, L, D_v)
+        # (B, H, L, D_v)
+        heads = attention_tiled(q, k, v, mask=mask, causal=causal, window=window)
         D_v = heads.shape[-1]
     else:
         q, k, v, shapes, mask = _validated(q, k, v, mask)
         # (B, H_kv, group, L, S)
-        weights = _grouped_weights(q, k, mask, causal, None, shapes)
+        weights = _grouped_weights(q, k, mask, causal, None, shapes, window)
         heads = weights @ v[:, :, None, :, :]  # (B, H_kv, group, L, D_v)
         D_v = shapes.D_v
         heads = heads.reshape(B, H, L, D_v)  # (B, H, L, D_v)

@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from companion import _checks, _positions
-from companion._kvcache import KVCacheBase
+from companion._kvcache import KVCacheBase, window_for_cache
 from companion.conventions import gqa_group_size
 from companion.numpy.multihead import MultiHeadParams, _choose_implementation
 from companion.tensorflow.attention import (
@@ -47,7 +47,9 @@ _HALF_PRECISION = ("float16", "bfloat16")
 TILED_FROM_SCORES = 1024 * 1024
 
 
-def _heads(query, key, value, mask, causal, return_weights, implementation):
+def _heads(
+    query, key, value, mask, causal, return_weights, implementation, window=None
+):
     """Every head's attention ``(B, H, L, D_v)`` and the weights (``None`` if tiled)."""
     chosen = _choose_implementation(
         implementation,
@@ -57,8 +59,13 @@ def _heads(query, key, value, mask, causal, return_weights, implementation):
         TILED_FROM_SCORES,
     )
     if chosen == "tiled":
-        return attention_tiled(query, key, value, mask=mask, causal=causal), None
-    return _attention_and_weights(query, key, value, mask=mask, causal=causal)
+        tiled = attention_tiled(
+            query, key, value, mask=mask, causal=causal, window=window
+        )
+        return tiled, None
+    return _attention_and_weights(
+        query, key, value, mask=mask, causal=causal, window=window
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -141,6 +148,7 @@ def multi_head_attention(
     return_weights=False,
     implementation="auto",
     rope=None,
+    window=None,
 ):
     r"""Multi-head attention with ``params`` on batch-first tensors: ``(B, L, E_q), (B, S, E_kv) -> (B, L, E_out)``.
 
@@ -158,7 +166,8 @@ def multi_head_attention(
     unless ``return_weights``. ``rope`` (``True``, a base, a dict or a
     :class:`~companion.numpy.RotaryConfig`) rotates queries and keys at their absolute
     positions (the new keys from ``cache.seen`` on), as in
-    :func:`companion.numpy.multi_head_attention`.
+    :func:`companion.numpy.multi_head_attention`. ``window`` is sliding-window
+    attention, as there (a rolling ``KVCache(max_length=W)`` defaults it to ``W``).
     """
     if not isinstance(params, MultiHeadParams):
         raise TypeError(
@@ -168,6 +177,7 @@ def multi_head_attention(
     return_weights = _check_flag("return_weights", return_weights)
     # checked before the cache changes (the sizes come later)
     _choose_implementation(implementation, 0, 0, return_weights, TILED_FROM_SCORES)
+    window = window_for_cache(window, cache)
     if cache is not None and not isinstance(cache, KVCache):
         raise TypeError(
             f"cache must be a companion.tensorflow.KVCache, got {type(cache).__name__}"
@@ -203,7 +213,7 @@ def multi_head_attention(
         key, value = cache.append(key, value)
     # (B, H, L, D_v)
     heads, weights = _heads(
-        query, key, value, mask, causal, return_weights, implementation
+        query, key, value, mask, causal, return_weights, implementation, window
     )
     B, _, L, D_v = heads.shape
     # (B, L, H*D_v)
@@ -382,6 +392,7 @@ class MultiHeadAttention(keras.layers.Layer):
             bool(use_causal_mask),
             bool(return_attention_scores),
             self.implementation,
+            window_for_cache(None, cache),  # a rolling cache's window
         )
         # (B, L, E_out)
         output = tf.einsum("bhld,hde->ble", heads, tf.cast(self.output_kernel, dtype))

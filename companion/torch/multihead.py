@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from companion import _checks, _positions
-from companion._kvcache import KVCacheBase
+from companion._kvcache import KVCacheBase, window_for_cache
 from companion.conventions import gqa_group_size
 from companion.numpy.multihead import MultiHeadParams, _choose_implementation
 from companion.torch.attention import (
@@ -120,6 +120,7 @@ def _multi_head(
     return_weights,
     implementation="auto",
     rope=None,
+    window=None,
 ):
     """The body shared by :func:`multi_head_attention` and :class:`MultiHeadAttention`.
 
@@ -129,6 +130,7 @@ def _multi_head(
     w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o = weights
     # checked before the cache changes (the sizes come later)
     _choose_implementation(implementation, 0, 0, return_weights, TILED_FROM_SCORES)
+    window = window_for_cache(window, cache)
     compute = w_q.dtype
     q = _project(x_q.to(compute), w_q, b_q, num_heads)  # (B, H, L, D)
     # (B, H_kv, S_new, D)
@@ -150,16 +152,18 @@ def _multi_head(
     )
     if chosen == "tiled":
         # (B, H, L, D_v)
-        heads = attention_tiled(q, k, v, mask=mask, causal=causal).to(compute)
+        heads = attention_tiled(q, k, v, mask=mask, causal=causal, window=window)
+        heads = heads.to(compute)
     elif return_weights:
-        probs = attention_weights(q, k, mask=mask, causal=causal)  # (B, H, L, S)
+        # (B, H, L, S)
+        probs = attention_weights(q, k, mask=mask, causal=causal, window=window)
         # (B, H_kv, group, L, S)
         grouped = _split_heads(probs.to(compute), num_kv_heads)
         heads = _merge_heads(grouped @ v.to(compute).unsqueeze(-3))  # (B, H, L, D_v)
     else:
         # (B, H, L, D_v)
         heads = scaled_dot_product_attention_reference(
-            q, k, v, mask=mask, causal=causal
+            q, k, v, mask=mask, causal=causal, window=window
         ).to(compute)
     B, H, L, D_v = heads.shape
     merged = heads.transpose(1, 2).reshape(B, L, H * D_v)  # (B, L, H * D_v)
@@ -208,6 +212,7 @@ def multi_head_attention(
     return_weights: bool = False,
     implementation: str = "auto",
     rope=None,
+    window: int | None = None,
 ):
     r"""Multi-head attention on batch-first inputs: ``(B, L, E_q), (B, S, E_kv) -> (B, L, E_out)``.
 
@@ -231,7 +236,8 @@ def multi_head_attention(
     ``return_weights``. ``rope`` (``True``, a base, a dict or a
     :class:`~companion.numpy.RotaryConfig`) rotates queries and keys at their absolute
     positions (the new keys from ``cache.seen`` on), as in
-    :func:`companion.numpy.multi_head_attention`.
+    :func:`companion.numpy.multi_head_attention`. ``window`` is sliding-window
+    attention, as there (a rolling ``KVCache(max_length=W)`` defaults it to ``W``).
     """
     causal = _check_flag("causal", causal)
     return_weights = _check_flag("return_weights", return_weights)
@@ -260,6 +266,7 @@ def multi_head_attention(
         return_weights=return_weights,
         implementation=implementation,
         rope=_positions.as_rotary(rope),
+        window=window,
     )
 
 
@@ -371,6 +378,7 @@ class MultiHeadAttention(nn.Module):
         cache: KVCache | None = None,
         return_weights: bool = False,
         implementation: str | None = None,
+        window: int | None = None,
     ):
         """Attend from ``query (B, L, E)`` to ``key (B, S, kdim)`` / ``value (B, S, vdim)``.
 
@@ -405,6 +413,7 @@ class MultiHeadAttention(nn.Module):
                 self.implementation if implementation is None else implementation
             ),
             rope=self.rope,
+            window=window,
         )
 
     # ----- conversions -----------------------------------------------------------------
