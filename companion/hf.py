@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 
@@ -54,12 +55,16 @@ __all__ = [
 def offline():
     """Set ``HF_HUB_OFFLINE=1`` and ``TRANSFORMERS_OFFLINE=1``, import ``transformers``.
 
-    Returns the ``transformers`` module. Nothing in this package downloads: models are
-    built from configurations with random weights.
+    Returns the ``transformers`` module (imported without tqdm's notebook warning).
+    Nothing in this package downloads: models are built from configurations with
+    random weights.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import transformers
+    with warnings.catch_warnings():
+        # tqdm.auto, imported by transformers, warns in a notebook without ipywidgets
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import transformers
 
     return transformers
 
