@@ -114,7 +114,7 @@ def check_positions(positions_shape, dtype_name: str, x_shape) -> None:
 
 @dataclass(frozen=True)
 class RotaryConfig:
-    """How an attention layer applies :func:`rotary_embedding` to its queries and keys.
+    """How attention rotates queries and keys: :func:`companion.numpy.rotary_embedding`.
 
     The ``rope=`` keyword of the attention functions and layers takes one of these, or
     ``True`` (the defaults), a number (the ``base``) or a dict of these fields; ``None``
