@@ -34,8 +34,9 @@ class CommCount:
     ``bytes["send"]`` counts what this rank sent point to point, ``bytes["all_reduce"]``
     the payload it handed to all-reduces; ``calls`` counts the tensors (one per
     ``isend``, one per ``all_reduce``). ``score_entries`` counts the attention scores
-    this rank computed (the work of the ring's blocks) and ``compute_seconds`` the time
-    it spent computing them (waits for messages left out).
+    this rank computed (the work of the ring's blocks) and ``compute_seconds`` the CPU
+    time it spent computing them (process time: waits for messages, and time when other
+    processes had the cores, are left out).
     """
 
     bytes: dict = field(default_factory=lambda: defaultdict(int))
