@@ -125,6 +125,7 @@ def test_keras_layer_with_rope_matches_the_function(rng):
         "interleaved": False,
         "rotary_dim": None,
     }
+    assert ctf.MultiHeadAttention.from_config(layer.get_config()).rope == layer.rope
     x = rng.normal(size=(2, 6, 16))
     expected = registry.namespace("numpy").multi_head_attention(
         x, x, params, causal=True, rope=True
