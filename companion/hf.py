@@ -354,11 +354,12 @@ def tiny_lm_from_gpt2(model, *, dtype=None):
 
     The two are the same network: learned positions, pre-norm blocks
     ``x + attn(LN(x))``, ``x + MLP(LN(x))``, a final LayerNorm, the head tied to the
-    token embedding. What GPT-2 sets and is copied here: LayerNorm ``eps``
-    (``layer_norm_epsilon``, 1e-5), the MLP's activation (``gelu_new`` is the tanh
-    approximation of GELU) and width ``n_inner``. ``Conv1D`` weights ``(in, out)``
-    become ``nn.Linear`` weights ``(out, in)``. Dropout is not copied (evaluation only).
-    ``dtype`` defaults to the model's. The result is in evaluation mode.
+    token embedding. What GPT-2 sets becomes the model's knobs: ``norm_eps`` (GPT-2's
+    ``layer_norm_epsilon``, 1e-5) and ``mlp="gelu_tanh"`` (``gelu_new`` is the tanh
+    approximation of GELU); the MLP's width ``n_inner`` must be ``4E``. ``Conv1D``
+    weights ``(in, out)`` become ``nn.Linear`` weights ``(out, in)``. Dropout is not
+    copied (evaluation only). ``dtype`` defaults to the model's. The result is in
+    evaluation mode.
     """
     import torch
 
@@ -378,6 +379,7 @@ def tiny_lm_from_gpt2(model, *, dtype=None):
         )
     gpt = model.transformer
     dtype = gpt.wte.weight.dtype if dtype is None else dtype
+    tanh = _activation(config.activation_function).approximate == "tanh"
     tiny = TinyTransformerLM(
         config.vocab_size,
         config.n_positions,
@@ -385,12 +387,14 @@ def tiny_lm_from_gpt2(model, *, dtype=None):
         num_heads=config.n_head,
         num_layers=config.n_layer,
         tied=True,
+        positions="learned",
+        norm="layer",
+        norm_eps=config.layer_norm_epsilon,
+        norm_first=True,
+        mlp="gelu_tanh" if tanh else "gelu",
     ).to(dtype)
-    activation = _activation(config.activation_function)
-    eps = config.layer_norm_epsilon
 
     def copy_norm(ours, theirs):
-        ours.eps = eps
         ours.weight.copy_(theirs.weight)
         ours.bias.copy_(theirs.bias)
 
@@ -411,7 +415,6 @@ def tiny_lm_from_gpt2(model, *, dtype=None):
                 proj.bias.copy_(b[i * E : (i + 1) * E])
             copy_conv1d(attn.out_proj, theirs.attn.c_proj)
             copy_conv1d(block.mlp[0], theirs.mlp.c_fc)
-            block.mlp[1] = activation
             copy_conv1d(block.mlp[2], theirs.mlp.c_proj)
         copy_norm(tiny.norm, gpt.ln_f)
     return tiny.eval()
