@@ -167,3 +167,62 @@ def test_rope_positions_start_at_cache_seen(rng):
     got = mod.multi_head_attention(x, x, params, causal=True, rope=True, cache=cache)
     assert math.isfinite(float(np.abs(got).max()))
     assert_close(got, expected)
+
+
+@pytest.mark.parametrize("backend", registry.BACKENDS)
+@pytest.mark.parametrize(
+    "function",
+    ["scaled_dot_product_attention_reference", "attention_tiled", "attention_weights"],
+)
+@pytest.mark.parametrize("L, S", [(5, 5), (3, 7)])
+def test_alibi_bias_is_a_float_mask_for_every_attention_function(
+    rng, backend, function, L, S
+):
+    """The bias broadcasts as ``(H, L, S)`` and is added to the scaled scores."""
+    mod, ref = registry.namespace(backend), registry.namespace("numpy")
+    H, D = 4, 8
+    q = rng.normal(size=(2, H, L, D))
+    k, v = rng.normal(size=(2, 2, H, S, D))
+    bias = P.alibi_bias(H, L, S)
+    args = (q, k) if function == "attention_weights" else (q, k, v)
+    expected = getattr(ref, function)(*args, mask=bias, causal=True)
+    scores = q @ k.swapaxes(-1, -2) / math.sqrt(D) + bias
+    weights = ref.softmax(scores, mask=ref.causal_mask(L, S))
+    assert_close(expected, weights if function == "attention_weights" else weights @ v)
+    got = getattr(mod, function)(
+        *(as_backend(a, backend) for a in args),
+        mask=mod.alibi_bias(H, L, S, dtype=_dtype(backend)),
+        causal=True,
+    )
+    assert_close(got, expected)
+
+
+@pytest.mark.parametrize("backend", registry.BACKENDS)
+def test_alibi_bias_as_the_mask_of_multi_head_attention(rng, backend):
+    mod = registry.namespace(backend)
+    params = MultiHeadParams.random(16, 4, 2, seed=6)
+    x = rng.normal(size=(2, 6, 16))
+    bias = P.alibi_bias(4, 6, 6)
+    expected = registry.namespace("numpy").multi_head_attention(
+        x, x, params, causal=True, mask=bias
+    )
+    assert not np.allclose(
+        expected, registry.namespace("numpy").multi_head_attention(x, x, params)
+    )
+    xb = as_backend(x, backend)
+    got = mod.multi_head_attention(
+        xb, xb, params, causal=True, mask=mod.alibi_bias(4, 6, 6, dtype=_dtype(backend))
+    )
+    assert_close(got, expected)
+
+
+def _dtype(backend):
+    if backend == "torch":
+        import torch
+
+        return torch.float64
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.float64
+    return np.float64
