@@ -239,8 +239,9 @@ def latent_attention(
         ``(B, 1, S, d_h^R)`` as its values; the new tokens' positions start at
         ``cache.seen``. A rolling cache (``max_length``) works too.
     absorbed : bool or tuple
-        Attend over the latents with the folded weights (:meth:`~LatentAttentionParams.
-        absorbed`) instead of expanding keys and values per head; same result. Pass
+        Attend over the latents with the folded weights
+        (:meth:`LatentAttentionParams.absorbed`) instead of expanding keys and values
+        per head; same result. Pass
         the tuple ``params.absorbed()`` itself to fold once, not at every call.
     base : float
         The RoPE base.

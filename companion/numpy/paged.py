@@ -28,8 +28,8 @@ class PagedKVCache(PagedKVCacheBase):
     ``PagedKVCache(num_blocks, block_size, num_kv_heads, head_dim, value_head_dim=None,
     *, dtype="float32", max_blocks=None)``. Pool storage ``(num_blocks, H_kv,
     block_size, D)`` for keys and ``(..., D_v)`` for values is allocated once. A
-    sequence is an integer id: :meth:`new_sequence`, :meth:`fork` (shares the blocks,
-    copy on write), :meth:`free`; :meth:`append` takes ``key (H_kv, S_new, D)`` and
+    sequence is an integer id: ``new_sequence()``, ``fork()`` (shares the blocks,
+    copy on write), ``free()``; ``append()`` takes ``key (H_kv, S_new, D)`` and
     ``value (H_kv, S_new, D_v)``.
     """
 
