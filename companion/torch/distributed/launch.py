@@ -146,7 +146,7 @@ def _launch_under_torchrun(fn, world_size, args, backend):
     return values
 
 
-def launch(fn, world_size: int, *args, backend: str | None = None, timeout=120.0):
+def launch(fn, world_size: int, *args, backend: str | None = None, timeout=300.0):
     """Run ``fn(*args)`` in ``world_size`` processes of one group; return the values.
 
     ``backend``: ``"gloo"`` (CPU; the default without enough GPUs) or ``"nccl"``.
