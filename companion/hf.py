@@ -6,8 +6,9 @@ built from a configuration with random weights (``from_pretrained`` is never cal
 :func:`offline` sets ``HF_HUB_OFFLINE=1`` and ``TRANSFORMERS_OFFLINE=1`` before
 ``transformers`` is imported).
 
-* :func:`attention_params` (also ``MultiHeadParams.from_hf``): the attention of a GPT-2,
-  BERT, ALBERT or Llama-style layer (grouped-query heads) as :class:`MultiHeadParams`;
+* :func:`attention_params` (also ``MultiHeadParams.from_hf``): the attention of a
+  GPT-2, BERT, ALBERT or Llama-style layer (grouped-query heads) as
+  :class:`~companion.numpy.multihead.MultiHeadParams`;
 * :func:`hf_config` / :func:`hf_model` and :func:`transformer_config`: between
   :class:`companion.params.TransformerConfig` and ``GPT2Config``, ``BertConfig``,
   ``AlbertConfig``, so that the package's parameter counts meet ``num_parameters()``;
@@ -17,7 +18,8 @@ built from a configuration with random weights (``from_pretrained`` is never cal
   :class:`companion.torch.sharing.TransformerEncoder`.
 
 Weight layouts. GPT-2 keeps its projections in ``Conv1D`` modules whose weight is
-``(in, out)``, applied as ``x @ W + b``: exactly :class:`MultiHeadParams`'s layout, with
+``(in, out)``, applied as ``x @ W + b``: exactly the layout of
+:class:`~companion.numpy.multihead.MultiHeadParams`, with
 ``c_attn.weight (E, 3E) = [W_q | W_k | W_v]`` side by side. BERT, ALBERT and Llama use
 ``nn.Linear`` (weight ``(out, in)``, applied ``x @ W.T``), so ``w_q = query.weight.T``.
 In every one, head ``h`` is the slice ``h*D:(h+1)*D`` of the projected width, and a
@@ -93,7 +95,7 @@ def _check_scale(module, head_dim: int) -> None:
 
 
 def attention_params(module):
-    r"""The weights of a Hugging Face attention module as :class:`MultiHeadParams`.
+    r"""The weights of a Hugging Face attention module as ``MultiHeadParams``.
 
     Recognised by their submodules (no class is imported):
 
@@ -110,12 +112,12 @@ def attention_params(module):
     (Mistral, Qwen2, ...)  ``o_proj``                  ``num_key_value_heads``
     =====================  ==========================  ==============================
 
-    What these modules do around the projections is not part of
-    :class:`MultiHeadParams`: BERT's and ALBERT's residual connection and LayerNorm
-    after ``dense``, and Llama's rotary embedding of queries and keys (pass
-    ``rope=hf.rope(config)`` to :func:`companion.numpy.multi_head_attention`). GPT-2
-    with ``scale_attn_by_inverse_layer_idx`` (another scale) or cross-attention is
-    refused.
+    Returns a :class:`~companion.numpy.multihead.MultiHeadParams`. What these modules
+    do around the projections is not part of it: BERT's and ALBERT's residual
+    connection and LayerNorm after ``dense``, and Llama's rotary embedding of queries
+    and keys (pass ``rope=hf.rope(config)`` to
+    :func:`companion.numpy.multi_head_attention`). GPT-2 with
+    ``scale_attn_by_inverse_layer_idx`` (another scale) or cross-attention is refused.
     """
     from companion.numpy.multihead import MultiHeadParams
 
@@ -223,8 +225,9 @@ def hf_config(config: TransformerConfig, **overrides):
     """The ``GPT2Config``, ``BertConfig`` or ``AlbertConfig`` of ``config``'s sizes.
 
     ``overrides`` go to the Hugging Face configuration (e.g. ``attn_implementation``,
-    ``layer_norm_eps``). Only what :class:`TransformerConfig` can express is supported:
-    grouped-query heads and bias-free layers raise ``ValueError`` for these families.
+    ``layer_norm_eps``). Only what :class:`~companion.params.TransformerConfig` can
+    express is supported: grouped-query heads and bias-free layers raise
+    ``ValueError`` for these families.
     """
     if not isinstance(config, TransformerConfig):
         raise TypeError(
@@ -284,7 +287,9 @@ def hf_model(config: TransformerConfig, **overrides):
 
 
 def transformer_config(hf) -> TransformerConfig:
-    """The :class:`TransformerConfig` of a GPT-2, BERT or ALBERT configuration.
+    """The ``TransformerConfig`` of a GPT-2, BERT or ALBERT configuration.
+
+    Returns a :class:`~companion.params.TransformerConfig`.
 
     The inverse of :func:`hf_config`, counted by
     :func:`companion.params.transformer_parameter_count` as ``num_parameters()`` counts
