@@ -96,6 +96,11 @@ def test_tensor_parallel_bytes_follow_the_formula(parallel_run):
             assert result["forward"]["bytes"] == {"all_reduce": payload}
             assert result["forward"]["calls"] == {"all_reduce": 1}
             assert result["backward"]["bytes"] == {"all_reduce": payload + kv_grads}
+            # PyTorch's CommDebugMode sees the same all-reduce calls
+            calls = result["forward"]["calls"]["all_reduce"]
+            calls += result["backward"]["calls"]["all_reduce"]
+            assert calls == 2 + (4 if replicated else 0)
+            assert result["comm_debug_mode"] == {"c10d.allreduce_": calls}
 
 
 def test_head_split_errors():

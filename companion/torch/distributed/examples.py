@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor.debug import CommDebugMode
 
 from companion.torch.distributed.comm import counting, nbytes
 from companion.torch.distributed.data_parallel import (
@@ -137,8 +138,8 @@ def run_tensor_parallel(cases):
 
     A case: ``E, H, H_kv, B, L, causal, seed``. Returns per case: ``output`` and
     ``grad_input`` (full, this rank's), this rank's ``heads`` and ``kv_heads``, the
-    gradients of its parts (``q_proj.weight`` ...) and its ``forward``/``backward``
-    counts.
+    gradients of its parts (``q_proj.weight`` ...), its ``forward``/``backward``
+    counts and, to compare, the collectives PyTorch's ``CommDebugMode`` saw.
     """
     results = []
     for case in cases:
@@ -148,10 +149,11 @@ def run_tensor_parallel(cases):
             case["E"], case["B"], case["L"], seed=case["seed"]
         )
         x.requires_grad_()
-        with counting() as forward:
-            y = parallel(x, causal=case["causal"])
-        with counting() as backward:
-            y.backward(grad_out)
+        with CommDebugMode() as torch_count:  # PyTorch's own count, to compare
+            with counting() as forward:
+                y = parallel(x, causal=case["causal"])
+            with counting() as backward:
+                y.backward(grad_out)
         results.append(
             {
                 "output": _numpy(y),
@@ -161,6 +163,9 @@ def run_tensor_parallel(cases):
                 "grads": {n: _numpy(p.grad) for n, p in parallel.named_parameters()},
                 "forward": forward.as_dict(),
                 "backward": backward.as_dict(),
+                "comm_debug_mode": {
+                    str(op): n for op, n in torch_count.get_comm_counts().items()
+                },
             }
         )
     return results
