@@ -1,14 +1,14 @@
 r"""The encoder-decoder transformer as a Keras 3 model (TensorFlow backend).
 
-The same model as :class:`companion.torch.Seq2SeqTransformer` (Vaswani et al. 2017):
-post-norm or pre-norm layers, cross-attention from the decoder's states ``(B, L, E)`` to
-the encoder's output ``(B, S, E)``, sinusoidal positions, the embedding scaled by
-``sqrt(E)``, and ``share_embeddings`` = ``"none"``, ``"decoder-output"`` or ``"all"``
+The same model as :class:`companion.torch.seq2seq.Seq2SeqTransformer` (Vaswani et al.
+2017): post-norm or pre-norm layers, cross-attention from the decoder's states ``(B, L,
+E)`` to the encoder's output ``(B, S, E)``, sinusoidal positions, the embedding scaled
+by ``sqrt(E)``, and ``share_embeddings`` = ``"none"``, ``"decoder-output"`` or ``"all"``
 (the paper's three-way tying). :meth:`Seq2SeqTransformer.load_from_torch` copies the
 weights of the torch model, and the two then compute the same function.
 :meth:`Seq2SeqTransformer.greedy_decode` and :meth:`Seq2SeqTransformer.beam_search`
-decode with a :class:`KVCache` per decoder layer for self-attention and the encoder's
-keys and values computed once.
+decode with a :class:`~companion.tensorflow.multihead.KVCache` per decoder layer for
+self-attention and the encoder's keys and values computed once.
 
 Masks follow :mod:`companion.conventions` (``True`` = attend); a source mask is boolean
 ``(B, S)``, ``True`` for real tokens, by default ``src != pad_id``.
@@ -31,6 +31,7 @@ from companion.tensorflow.sharing import TiedOutput
 
 __all__ = [
     "SHARE_EMBEDDINGS",
+    "cross_attention_kv",
     "Seq2SeqEncoderLayer",
     "Seq2SeqDecoderLayer",
     "Seq2SeqTransformer",
@@ -213,13 +214,13 @@ class Seq2SeqDecoderLayer(keras.layers.Layer):
 class Seq2SeqTransformer(keras.Model):
     r"""The encoder-decoder transformer of Vaswani et al. (2017), batch-first, Keras 3.
 
-    Arguments and semantics as :class:`companion.torch.Seq2SeqTransformer`:
+    Arguments and semantics as :class:`companion.torch.seq2seq.Seq2SeqTransformer`:
     ``share_embeddings`` ``"none"`` (three ``V x E`` matrices), ``"decoder-output"``
-    (:class:`companion.tensorflow.TiedOutput` reads the target embedding) or ``"all"``
-    (one embedding layer for source and target, and the output reads it); the output
-    layer has no bias; ``final_norm`` defaults to ``norm_first``. ``dtype`` (e.g.
-    ``"float64"``) is passed to every layer. Call ``model(src, tgt)`` -> logits
-    ``(B, L, V_tgt)``.
+    (:class:`companion.tensorflow.sharing.TiedOutput` reads the target embedding) or
+    ``"all"`` (one embedding layer for source and target, and the output reads it); the
+    output layer has no bias; ``final_norm`` defaults to ``norm_first``. ``dtype`` (e.g.
+    ``"float64"``) is passed to every layer. Call ``model(src, tgt)`` -> logits ``(B, L,
+    V_tgt)``.
     """
 
     def __init__(
@@ -352,9 +353,10 @@ class Seq2SeqTransformer(keras.Model):
     ):
         """``tgt (B, L)``, ``memory (B, S, E)`` -> logits ``(B, L, V_tgt)``.
 
-        As :meth:`companion.torch.Seq2SeqTransformer.decode`: ``caches`` one
-        :class:`KVCache` per decoder layer, ``memory_kv`` per layer the memory's
-        ``(key, value)``, ``return_weights`` adds the cross-attention weights.
+        As :meth:`companion.torch.seq2seq.Seq2SeqTransformer.decode`: ``caches`` one
+        :class:`~companion.tensorflow.multihead.KVCache` per decoder layer,
+        ``memory_kv`` per layer the memory's ``(key, value)``, ``return_weights`` adds
+        the cross-attention weights.
         """
         tgt = _ids("tgt", tgt)
         offset = 0 if caches is None else caches[0].seen
@@ -413,7 +415,9 @@ class Seq2SeqTransformer(keras.Model):
     # ----- loading the torch model ---------------------------------------------------
 
     def load_from_torch(self, model) -> "Seq2SeqTransformer":
-        """Copy the weights of a :class:`companion.torch.Seq2SeqTransformer` (in place).
+        """Copy the weights of the torch model (in place).
+
+        ``model`` is a :class:`companion.torch.seq2seq.Seq2SeqTransformer`.
 
         The sizes and ``share_embeddings`` must agree. Returns ``self``.
         """
@@ -478,7 +482,7 @@ class Seq2SeqTransformer(keras.Model):
     ):
         """The most likely next token at each step: ``(tokens (B, T), scores (B,))``.
 
-        As :meth:`companion.torch.Seq2SeqTransformer.greedy_decode`.
+        As :meth:`companion.torch.seq2seq.Seq2SeqTransformer.greedy_decode`.
         """
         return self.beam_search(
             src,
@@ -503,10 +507,10 @@ class Seq2SeqTransformer(keras.Model):
     ):
         """The best of ``beam_size`` hypotheses: ``(tokens (B, T), scores (B,))``.
 
-        As :meth:`companion.torch.Seq2SeqTransformer.beam_search`: summed
+        As :meth:`companion.torch.seq2seq.Seq2SeqTransformer.beam_search`: summed
         log-probabilities, finished beams padded at no cost, the encoder's keys and
-        values computed once, a :class:`KVCache` per decoder layer reordered with the
-        beams.
+        values computed once, a :class:`~companion.tensorflow.multihead.KVCache` per
+        decoder layer reordered with the beams.
         """
         _checks.check_int("beam_size", beam_size)
         _checks.check_int("max_length", max_length)

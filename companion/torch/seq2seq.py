@@ -8,16 +8,16 @@ position each target position reads, an alignment.
 * :class:`Seq2SeqTransformer`: the encoder-decoder transformer (Vaswani et al. 2017),
   post-norm as in the paper or pre-norm, sinusoidal positions, the embedding scaled by
   ``sqrt(E)``, and ``share_embeddings`` = ``"none"`` (three matrices),
-  ``"decoder-output"`` (the output layer reuses the target embedding, Press & Wolf
-  2017) or ``"all"`` (one matrix for source embedding, target embedding and output
-  layer, the paper's three-way tying over a shared vocabulary).
+  ``"decoder-output"`` (the output layer reuses the target embedding, Press & Wolf 2017)
+  or ``"all"`` (one matrix for source embedding, target embedding and output layer, the
+  paper's three-way tying over a shared vocabulary).
   :meth:`Seq2SeqTransformer.from_torch` loads a ``torch.nn.Transformer``'s weights.
-  :meth:`Seq2SeqTransformer.greedy_decode` and
-  :meth:`Seq2SeqTransformer.beam_search` decode with a :class:`KVCache` per decoder
-  layer for self-attention and the encoder's keys and values computed once.
+  :meth:`Seq2SeqTransformer.greedy_decode` and :meth:`Seq2SeqTransformer.beam_search`
+  decode with a :class:`~companion.torch.multihead.KVCache` per decoder layer for
+  self-attention and the encoder's keys and values computed once.
 * :class:`BahdanauSeq2Seq`: a bidirectional GRU encoder and a GRU decoder reading the
   source through additive attention (Bahdanau et al. 2015), scored by
-  :func:`companion.torch.additive_scores`.
+  :func:`companion.torch.scores.additive_scores`.
 
 Masks follow :mod:`companion.conventions` (``True`` = attend). A source mask is boolean
 ``(B, S)``, ``True`` for real tokens; by default it is ``src != pad_id``.
@@ -42,6 +42,7 @@ from companion.torch.sharing import TiedLMHead
 
 __all__ = [
     "SHARE_EMBEDDINGS",
+    "cross_attention_kv",
     "Seq2SeqEncoderLayer",
     "Seq2SeqDecoderLayer",
     "Seq2SeqTransformer",
@@ -233,14 +234,13 @@ class Seq2SeqTransformer(nn.Module):
         h      = Decoder(E_tgt[tgt] * sqrt(E) + PE, memory)            (B, L, E)
         logits = h W_out^T                                              (B, L, V_tgt)
 
-    ``PE`` are the sinusoidal positions of :func:`companion.torch.sinusoidal_positions`.
-    ``share_embeddings``:
+    ``PE`` are the sinusoidal positions of
+    :func:`companion.torch.positions.sinusoidal_positions`. ``share_embeddings``:
 
-    ==================  ===============================================  =============
-    ``"none"``          ``E_src``, ``E_tgt``, ``W_out`` three matrices   ``(Vs+2Vt)E``
-    ``"decoder-output"``  ``W_out`` is ``E_tgt``                         ``(Vs+Vt)E``
-    ``"all"``           one matrix, ``Vs == Vt`` (a shared vocabulary)   ``V E``
-    ==================  ===============================================  =============
+    * ``"none"``: ``E_src``, ``E_tgt`` and ``W_out`` are three matrices,
+      ``(V_src + 2 V_tgt) E`` parameters;
+    * ``"decoder-output"``: ``W_out`` is ``E_tgt``, ``(V_src + V_tgt) E``;
+    * ``"all"``: one matrix, ``V E``; needs ``V_src == V_tgt`` (a shared vocabulary).
 
     The output layer has no bias. ``norm_first=False`` is the paper's post-norm;
     ``final_norm`` (default: ``norm_first``) adds a LayerNorm after each stack, as
@@ -368,11 +368,11 @@ class Seq2SeqTransformer(nn.Module):
         """``tgt (B, L)``, ``memory (B, S, E)`` -> logits ``(B, L, V_tgt)``.
 
         ``src_mask (B, S)`` bool as returned by :meth:`source_mask`; ``tgt_mask (B, L)``
-        bool, True = token (default: none). ``caches``: one :class:`KVCache` per decoder
-        layer (the positions continue from ``caches[0].seen``); ``memory_kv``: per layer
-        the memory's ``(key, value)`` from :meth:`memory_keys_values`. With
-        ``return_weights`` also a list of the cross-attention weights ``(B, H, L, S)``
-        per layer.
+        bool, True = token (default: none). ``caches``: one
+        :class:`~companion.torch.multihead.KVCache` per decoder layer (the positions
+        continue from ``caches[0].seen``); ``memory_kv``: per layer the memory's ``(key,
+        value)`` from :meth:`memory_keys_values`. With ``return_weights`` also a list of
+        the cross-attention weights ``(B, H, L, S)`` per layer.
         """
         _check_ids("tgt", tgt)
         offset = 0 if caches is None else caches[0].seen
@@ -507,9 +507,9 @@ class Seq2SeqTransformer(nn.Module):
         Keeps the ``K = beam_size`` prefixes of highest summed log-probability; a
         finished prefix (it emitted ``eos_id``) keeps its score and is padded. The
         memory is encoded once; with ``use_cache`` its cross-attention keys and values
-        are computed once per layer and each decoder layer appends one token per step
-        to its :class:`KVCache` (reordered when beams are selected). Scores are not
-        length-normalised.
+        are computed once per layer and each decoder layer appends one token per step to
+        its :class:`~companion.torch.multihead.KVCache` (reordered when beams are
+        selected). Scores are not length-normalised.
         """
         _checks.check_int("beam_size", beam_size)
         _checks.check_int("max_length", max_length)
@@ -671,7 +671,7 @@ class BahdanauSeq2Seq(nn.Module):
         logit = W_o [s_i; c_i; E_tgt[y_{i-1}]]           (B, V_tgt)
 
     with ``s_0 = tanh(W_s h_1^{bwd})``. The score is
-    :func:`companion.torch.additive_scores` with parameters ``w_q (H, A)``,
+    :func:`companion.torch.scores.additive_scores` with parameters ``w_q (H, A)``,
     ``w_k (2H, A)``, ``v (A,)``.
     """
 
