@@ -254,3 +254,22 @@ def test_torch_takes_tensor_weights_and_folded_tensors():
     assert all(isinstance(t, torch.Tensor) for t in folded)
     out = torch_latent(torch.as_tensor(x), tensors, absorbed=folded)
     assert_close(out, expected, name="tensor weights, folded once")
+
+
+@pytest.mark.parametrize("absorbed", [False, True], ids=["expanded", "absorbed"])
+@pytest.mark.parametrize("chunks", [(1,) * 14, (6, 1, 7)])
+def test_rolling_latent_cache_equals_sliding_window_mla(absorbed, chunks):
+    params = LatentAttentionParams.random(*SHAPES[0], seed=21)
+    x = _input(2, 14, SHAPES[0][0], seed=22)
+    full = latent_attention(x, params, window=4)
+    assert not np.allclose(full, latent_attention(x, params))  # the window matters
+    cache = KVCache(max_length=4)
+    outputs, start = [], 0
+    for n in chunks:
+        step = x[:, start : start + n]
+        outputs.append(latent_attention(step, params, cache=cache, absorbed=absorbed))
+        start += n
+    assert_close(np.concatenate(outputs, axis=1), full)
+    assert (cache.length, cache.seen) == (4, 14)
+    with pytest.raises(ValueError, match="wider than the rolling cache"):
+        latent_attention(x[:, :1], params, cache=cache, window=5)

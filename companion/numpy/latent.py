@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from companion import _checks
+from companion._kvcache import window_for_cache
 from companion.numpy.attention import (
     _check_flag,
     _compute_dtype,
@@ -224,6 +225,7 @@ def latent_attention(
     cache: KVCache | None = None,
     absorbed: bool = False,
     base: float = 10000.0,
+    window: int | None = None,
 ):
     r"""Multi-head latent self-attention ``(B, L, E) -> (B, L, E_out)``.
 
@@ -237,7 +239,8 @@ def latent_attention(
     cache : KVCache, optional
         Holds the latents ``(B, 1, S, d_c)`` as its keys and the rotary keys
         ``(B, 1, S, d_h^R)`` as its values; the new tokens' positions start at
-        ``cache.seen``. A rolling cache (``max_length``) works too.
+        ``cache.seen``. A rolling cache (``max_length=W``) keeps the last ``W``
+        latents and sets the window.
     absorbed : bool or tuple
         Attend over the latents with the folded weights
         (:meth:`LatentAttentionParams.absorbed`) instead of expanding keys and values
@@ -245,10 +248,13 @@ def latent_attention(
         the tuple ``params.absorbed()`` itself to fold once, not at every call.
     base : float
         The RoPE base.
+    window : int, optional
+        Sliding-window attention, as in :func:`companion.numpy.multi_head_attention`.
 
     Returns ``(B, L, E_out)`` in ``x``'s dtype (float16 computed in float32).
     """
     causal = _check_flag("causal", causal)
+    window = window_for_cache(window, cache)
     folded = None
     if isinstance(absorbed, tuple) and len(absorbed) == 2:
         folded, absorbed = absorbed, True  # params.absorbed(), computed once
@@ -295,7 +301,7 @@ def latent_attention(
         key = np.concatenate([c_kv, k_r], axis=-1)  # (B, 1, S, d_c + d_h^R)
         # multi-query attention on the latents: (B, H, L, d_c)
         mixed = scaled_dot_product_attention_reference(
-            query, key, c_kv, causal=causal, scale=scale
+            query, key, c_kv, causal=causal, scale=scale, window=window
         )
         out = (mixed @ uvo[None]).sum(axis=1)  # sum_i (B, L, E_out)
     else:
@@ -306,7 +312,7 @@ def latent_attention(
         key = np.concatenate([k_c, np.broadcast_to(k_r, (B, H, S, d_R))], axis=-1)
         value = _heads(c_kv[:, 0] @ w(params.w_uv), H)  # (B, H, S, d_v)
         heads = scaled_dot_product_attention_reference(
-            query, key, value, causal=causal, scale=scale
+            query, key, value, causal=causal, scale=scale, window=window
         )  # (B, H, L, d_v)
         merged = heads.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, H * d_v)
         out = merged @ w(params.w_o)  # (B, L, E_out)

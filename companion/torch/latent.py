@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from companion import _checks
+from companion._kvcache import window_for_cache
 from companion.numpy.latent import LatentAttentionParams, kv_cache_elements_per_token
 from companion.torch.attention import (
     _check_flag,
@@ -47,12 +48,14 @@ def latent_attention(
     cache: KVCache | None = None,
     absorbed: bool = False,
     base: float = 10000.0,
+    window: int | None = None,
 ) -> torch.Tensor:
     r"""Multi-head latent self-attention ``(B, L, E) -> (B, L, E_out)`` (torch).
 
     See :func:`companion.numpy.latent_attention`.
     """
     causal = _check_flag("causal", causal)
+    window = window_for_cache(window, cache)
     folded = None
     if isinstance(absorbed, tuple) and len(absorbed) == 2:
         folded, absorbed = absorbed, True  # params.absorbed(), computed once
@@ -102,7 +105,7 @@ def latent_attention(
         key = torch.cat([c_kv, k_r], dim=-1)  # (B, 1, S, d_c + d_h^R)
         # multi-query attention on the latents: (B, H, L, d_c)
         mixed = scaled_dot_product_attention_reference(
-            query, key, c_kv, causal=causal, scale=scale
+            query, key, c_kv, causal=causal, scale=scale, window=window
         )
         out = (mixed @ uvo[None]).sum(dim=1)  # sum_i (B, L, E_out)
     else:
@@ -113,7 +116,7 @@ def latent_attention(
         key = torch.cat([k_c, k_r.expand(B, H, S, d_R)], dim=-1)
         value = _heads(c_kv[:, 0] @ w(params.w_uv), H)  # (B, H, S, d_v)
         heads = scaled_dot_product_attention_reference(
-            query, key, value, causal=causal, scale=scale
+            query, key, value, causal=causal, scale=scale, window=window
         )  # (B, H, L, d_v)
         merged = heads.transpose(1, 2).reshape(B, L, -1)  # (B, L, H * d_v)
         out = merged @ w(params.w_o)  # (B, L, E_out)
