@@ -340,14 +340,22 @@ def transformer_parameter_count(config: TransformerConfig) -> int:
 class EncoderDecoderConfig:
     """The sizes of an encoder-decoder transformer (as ``Seq2SeqTransformer`` builds it).
 
+    Sinusoidal positions have no parameters, so no maximum length is needed.
+
     Attributes
     ----------
     vocab_size
         the source vocabulary (and the target one unless ``tgt_vocab_size`` is given)
-    hidden_size, num_heads, intermediate_size
-        ``E``, ``H`` and the MLP's inner width
-    num_encoder_layers, num_decoder_layers
-        the two stacks' depths
+    hidden_size
+        ``E``, the width of every layer
+    num_heads
+        attention heads ``H``
+    num_encoder_layers
+        the encoder's depth
+    num_decoder_layers
+        the decoder's depth
+    intermediate_size
+        the MLP's inner width (``4 E`` in the paper)
     tgt_vocab_size
         the target vocabulary (``None`` = ``vocab_size``, a shared vocabulary)
     share_embeddings
@@ -358,8 +366,6 @@ class EncoderDecoderConfig:
         a LayerNorm after each stack (pre-norm models, ``torch.nn.Transformer``)
     bias
         biases in the attention and MLP projections (the output layer has none)
-
-    Sinusoidal positions have no parameters.
     """
 
     vocab_size: int
@@ -378,9 +384,9 @@ class EncoderDecoderConfig:
         return replace(self, **changes)
 
 
-#: Vaswani et al. (2017), Table 3: base and big, EN-DE with a shared source-target
-#: vocabulary of about 37000 BPE tokens and three-way tied embeddings. The paper
-#: reports 65M and 213M parameters.
+#: The base and big models of Vaswani et al. (2017, Table 3) for English-German, with a
+#: shared source-target vocabulary of about 37000 BPE tokens and three-way tied
+#: embeddings. The paper reports 65M and 213M parameters.
 ENCODER_DECODER_PRESETS: dict[str, EncoderDecoderConfig] = {
     "transformer-base": EncoderDecoderConfig(
         vocab_size=37000,
