@@ -79,7 +79,7 @@ class KVCacheBase:
 
     @property
     def seen(self) -> int:
-        """Positions ever appended: the absolute position of the next token.
+        """Positions ever appended, which is the absolute position of the next token.
 
         Equals :attr:`length` for a cache that keeps everything; a cache that drops old
         positions (a rolling window) keeps counting, so positions stay absolute.

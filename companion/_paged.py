@@ -303,7 +303,7 @@ class PagedKVCacheBase:
 
     @property
     def nbytes_saved(self) -> int:
-        """Bytes that sharing saves: (unshared - in use) blocks."""
+        """Bytes that sharing saves, (unshared - in use) blocks of them."""
         return (self.blocks_unshared - self.blocks_in_use) * self.bytes_per_block
 
 
