@@ -29,6 +29,10 @@ __all__ = [
     "QueryBlock",
     "plan",
     "visible_counts",
+    "query_range",
+    "full_rows",
+    "KeyBlock",
+    "key_plan",
 ]
 
 
@@ -134,3 +138,77 @@ def visible_counts(L: int, S: int, causal: bool, window: int | None) -> int:
         lo, hi = key_range(i0, i0 + 1, L, S, causal, window)
         total += hi - lo
     return total
+
+
+def query_range(
+    j0: int, j1: int, L: int, S: int, causal: bool, window: int | None
+) -> tuple[int, int]:
+    """Queries ``[lo, hi)`` of which at least one may see a key of ``[j0, j1)``."""
+    off = S - L  # query i sits at position i + off
+    lo, hi = 0, L
+    if causal:
+        lo = max(lo, j0 - off)  # p >= j0
+    elif window is not None:
+        lo = max(lo, j0 - window + 1 - off)  # p - j0 < w for the first key
+    if window is not None:
+        hi = min(hi, j1 - 1 + window - off)  # p - (j1 - 1) < w for the last key
+    lo = min(max(lo, 0), L)
+    return lo, max(lo, min(hi, L))
+
+
+def full_rows(
+    j0: int, j1: int, L: int, S: int, causal: bool, window: int | None
+) -> tuple[int, int]:
+    """Queries ``[lo, hi)`` that may see every key of ``[j0, j1)`` (none: lo >= hi)."""
+    off = S - L
+    lo, hi = 0, L
+    if causal:
+        lo = max(lo, j1 - 1 - off)  # the last key at or before p
+    if window is not None:
+        hi = min(hi, j0 + window - off)  # the first key within w behind p
+        if not causal:
+            lo = max(lo, j1 - window - off)  # the last key within w ahead of p
+    return lo, hi
+
+
+class KeyBlock(NamedTuple):
+    """Keys ``[j0, j1)`` and the query row chunks ``(i0, i1, full)`` that see them."""
+
+    j0: int
+    j1: int
+    chunks: tuple[tuple[int, int, bool], ...]
+
+
+def key_plan(
+    L: int, S: int, block_q: int, block_k: int, causal: bool, window: int | None
+) -> list[KeyBlock]:
+    """The work by key blocks: for each, the query rows that see it, in chunks.
+
+    The rows of a key block are split where they change from partly to fully visible,
+    so that a mask is built only for the rows that need one, and then into chunks of at
+    most ``block_q`` rows. Kernels that keep running statistics for all query rows
+    walk the key blocks once each; with ``block_q >= L`` every step is one large
+    matmul over all the rows that need it::
+
+        L = S = 8, block_k = 4, causal          keys 0-3          keys 4-7
+                                                rows 0-2 partial  rows 4-6 partial
+                                                rows 3-7 full     row  7   full
+    """
+    blocks = []
+    for j0 in range(0, S, block_k):
+        j1 = min(j0 + block_k, S)
+        lo, hi = query_range(j0, j1, L, S, causal, window)
+        if lo >= hi:
+            continue
+        f0, f1 = full_rows(j0, j1, L, S, causal, window)
+        f0, f1 = max(f0, lo), min(f1, hi)
+        if f0 >= f1:
+            pieces = [(lo, hi, False)]
+        else:
+            pieces = [(lo, f0, False), (f0, f1, True), (f1, hi, False)]
+        chunks = []
+        for a, b, full in pieces:
+            for i0 in range(a, b, block_q):
+                chunks.append((i0, min(i0 + block_q, b), full))
+        blocks.append(KeyBlock(j0, j1, tuple(chunks)))
+    return blocks

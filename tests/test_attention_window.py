@@ -189,6 +189,31 @@ def test_plan_covers_exactly_the_visible_pairs():
         assert np.all(covered[keep] == 1), "a visible pair is in no tile"
 
 
+def test_key_plan_covers_exactly_the_visible_pairs():
+    """The key-major plan (torch's kernel): same rule; 'full' rows need no mask."""
+    for L, S, bq, bk, causal, window in [
+        (13, 13, 3, 4, True, 5),
+        (7, 20, 2, 3, True, 4),
+        (20, 7, 4, 2, True, 3),
+        (11, 15, 5, 4, False, 3),
+        (9, 9, 100, 4, True, None),
+        (9, 9, 4, 4, False, None),
+        (16, 16, 100, 8, True, 2),
+    ]:
+        keep = band(L, S, causal, window or L + S)
+        covered = np.zeros((L, S), dtype=int)
+        for j0, j1, chunks in _tiling.key_plan(L, S, bq, bk, causal, window):
+            for i0, i1, full in chunks:
+                assert i1 - i0 <= bq
+                covered[i0:i1, j0:j1] += 1
+                inside = keep[i0:i1, j0:j1]
+                assert inside.any(axis=1).all(), "a planned row sees nothing here"
+                if full:
+                    assert inside.all(), "a chunk marked full has hidden pairs"
+        assert covered.max() <= 1
+        assert np.all(covered[keep] == 1), "a visible pair is in no chunk"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [True, False])
 def test_tiled_never_reads_keys_outside_the_window_blocks(backend, causal, rng):

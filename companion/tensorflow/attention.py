@@ -390,21 +390,45 @@ def attention_tiled(
     q = tf.reshape(q * tf.constant(scale, work), (N, G, L, D))
     q = tf.reshape(tf.transpose(q, (0, 2, 1, 3)), (N, L * G, D))
     k = tf.reshape(tf.broadcast_to(tf.cast(key, work), (*batch, H_kv, S, D)), (N, S, D))
+    k_t = tf.transpose(k, (0, 2, 1))  # K^T (N, D, S): plain matmuls, no transpose_b
     v = tf.reshape(
         tf.broadcast_to(tf.cast(value, work), (*batch, H_kv, S, D_v)), (N, S, D_v)
     )
-    minus_inf = tf.constant(-math.inf, work)
+    plan = tuple(_tiling.plan(L, S, block_q, block_k, causal, window))
+    sizes = (tuple(batch), H_kv, G, L, S, causal, window, boolean)
+    tiles = sum(len(block.tiles) for block in plan)
+    if tf.executing_eagerly() and tiles >= _GRAPH_TILES:
+        # many tiles: one traced graph per shape runs them without eager overhead
+        output = _tiled_graph(q, k_t, v, grouped, plan, sizes)
+    else:
+        output = _tiled_loop(q, k_t, v, grouped, plan, sizes)  # (N, L * G, D_v)
+    # (N, L, G, D_v) -> (N, G, L, D_v) -> (..., H, L, D_v)
+    output = tf.transpose(tf.reshape(output, (N, L, G, D_v)), (0, 2, 1, 3))
+    output = tf.reshape(output, (*batch, shapes.H, L, D_v))
+    return tf.cast(output, query.dtype)
 
+
+def _tiled_loop(q, k_t, v, grouped, plan, sizes):
+    """The FlashAttention-2 forward over the planned tiles: ``O (N, L * G, D_v)``.
+
+    ``q (N, L * G, D)`` scaled queries (row ``i * G + g`` is query ``i`` of group member
+    ``g``), ``k_t (N, D, S)``, ``v (N, S, D_v)``, ``grouped`` the mask or ``None``,
+    ``plan`` from :func:`companion._tiling.plan`, ``sizes`` the static sizes and flags.
+    """
+    batch, H_kv, G, L, S, causal, window, boolean = sizes
+    N, D_v, work = q.shape[0], v.shape[-1], q.dtype
+    # the running max starts at the lowest finite number, not -inf, so that
+    # exp(S - m) and exp(m_old - m) need no guard for rows that saw nothing yet
+    lowest = tf.constant(work.min, work)
     output_blocks = []
-    for i0, i1, tiles in _tiling.plan(L, S, block_q, block_k, causal, window):
+    for i0, i1, tiles in plan:
         rows = (i1 - i0) * G
         q_i = q[:, i0 * G : i1 * G]  # (N, bq * G, D)
-        m = tf.fill((N, rows, 1), minus_inf)  # running row max
+        m = tf.fill((N, rows, 1), lowest)  # running row max
         l = tf.zeros((N, rows, 1), work)  # running normaliser
         acc = tf.zeros((N, rows, D_v), work)  # O~
         for j0, j1, full in tiles:
-            # S_ij: (N, bq * G, bk)
-            s_ij = tf.linalg.matmul(q_i, k[:, j0:j1], transpose_b=True)
+            s_ij = tf.linalg.matmul(q_i, k_t[:, :, j0:j1])  # S_ij: (N, bq * G, bk)
             if grouped is not None:
                 # (..., H_kv, bq, G, bk): rows split by position and group member
                 split = tf.reshape(s_ij, (*batch, H_kv, i1 - i0, G, j1 - j0))
@@ -419,21 +443,24 @@ def attention_tiled(
                 s_ij = tf.reshape(split, (N, rows, j1 - j0))
             # m' = max(m, rowmax S_ij)
             m_new = tf.maximum(m, tf.reduce_max(s_ij, axis=-1, keepdims=True))
-            # -inf -> 0 inside exp
-            m_safe = tf.where(m_new == minus_inf, tf.zeros_like(m_new), m_new)
-            p_tilde = tf.exp(s_ij - m_safe)  # P~ = exp(S_ij - m'): (N, bq * G, bk)
-            correction = tf.exp(m - m_safe)  # c = exp(m - m')
+            p_tilde = tf.exp(s_ij - m_new)  # P~ = exp(S_ij - m'): (N, bq * G, bk)
+            correction = tf.exp(m - m_new)  # c = exp(m - m')
             # l = c l + rowsum P~
             l = correction * l + tf.reduce_sum(p_tilde, axis=-1, keepdims=True)
             # O~ = c O~ + P~ V_j
             acc = correction * acc + tf.linalg.matmul(p_tilde, v[:, j0:j1])
             m = m_new
         output_blocks.append(tf.math.divide_no_nan(acc, l))  # O_i = O~ / l, 0 if l = 0
-    output = tf.concat(output_blocks, axis=1)  # (N, L * G, D_v)
-    # (N, L, G, D_v) -> (N, G, L, D_v) -> (..., H, L, D_v)
-    output = tf.transpose(tf.reshape(output, (N, L, G, D_v)), (0, 2, 1, 3))
-    output = tf.reshape(output, (*batch, shapes.H, L, D_v))
-    return tf.cast(output, query.dtype)
+    if not output_blocks:
+        return tf.zeros((N, 0, D_v), work)
+    return tf.concat(output_blocks, axis=1)  # (N, L * G, D_v)
+
+
+# From this many tiles on, an eager call runs the loop as a traced graph (once per
+# shape): eager dispatch costs more than the tiles' work, tracing a few hundred ops
+# costs about a second once.
+_GRAPH_TILES = 16
+_tiled_graph = tf.function(_tiled_loop)
 
 
 def _block_of(mask, rows, cols):

@@ -335,22 +335,25 @@ def scaled_dot_product_attention_reference(
 # fast: FlashAttention-2 on large tiles, all heads at once, hand-written backward pass
 # --------------------------------------------------------------------------------------
 
-# One tile of scores holds about this many numbers for all heads together (1 MiB of
-# float32): large enough that each torch call does real work (a Python loop over a few
-# dozen tiles, not thousands), small enough to stay in the cache.
-_TILE_NUMBERS = 1 << 18
+# One step computes at most this many scores for all heads together (16 MiB of
+# float32): each torch call does a lot of work (few parallel regions, few Python
+# iterations: a thread that waits at each op's barrier costs little), while the memory
+# stays O(L * block_k) per head, never O(L * S).
+_STEP_NUMBERS = 1 << 22
 
 
-def _default_blocks(rows_per_query: int, L: int, S: int) -> tuple[int, int]:
-    """``(block_q, block_k)`` from the shapes: ``rows_per_query`` = heads x group rows.
+def _default_blocks(rows: int, L: int, S: int) -> tuple[int, int]:
+    """``(block_q, block_k)`` from the shapes; ``rows`` = batch x heads x ``L``.
 
-    Keys in blocks of 512 (fewer when ``S`` is shorter); queries in blocks of at most
-    512 rows that make one tile of all heads at most :data:`_TILE_NUMBERS` numbers, at
-    least 16 rows. Square 512 blocks keep the causal diagonal's wasted work small.
+    Keys in blocks of 512 (fewer when ``S`` is shorter, or when that many scores for
+    every query row would exceed :data:`_STEP_NUMBERS`, down to 64); query rows in
+    chunks that keep one step within :data:`_STEP_NUMBERS` (all of them for one head
+    at ``L = 4096``).
     """
-    block_k = max(1, min(S, 512))
-    block_q = min(512, _TILE_NUMBERS // max(1, rows_per_query * block_k))
-    return max(1, min(L, max(16, block_q))), block_k
+    block_k = max(1, min(S, 512, max(64, _STEP_NUMBERS // max(1, rows))))
+    per_row = max(1, rows // max(1, L))  # heads x group
+    block_q = max(1, _STEP_NUMBERS // (per_row * block_k))
+    return max(1, min(L, block_q)), block_k
 
 
 def _band(i0, i1, j0, j1, L, S, causal, window, device) -> torch.Tensor:
@@ -425,17 +428,17 @@ class TiledAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, mask, plan, group, causal, window):
         N, rows, _ = q.shape
         L, S, D_v = rows // group, k.shape[1], v.shape[2]
-        output = torch.zeros(N, rows, D_v, dtype=q.dtype, device=q.device)
-        lse = torch.zeros(N, rows, dtype=q.dtype, device=q.device)
-        for i0, i1, tiles in plan:
-            r0, r1 = i0 * group, i1 * group
-            q_i = q[:, r0:r1]  # (N, bq * G, D)
-            m = torch.full(
-                (N, r1 - r0, 1), float("-inf"), dtype=q.dtype, device=q.device
-            )
-            l = torch.zeros_like(m)  # (N, bq * G, 1)
-            acc = torch.zeros(N, r1 - r0, D_v, dtype=q.dtype, device=q.device)  # O~
-            for j0, j1, full in tiles:
+        # running statistics of every query row, updated in place slice by slice; the
+        # running max starts at the lowest finite number, not -inf, so that
+        # exp(S - m) and exp(m_old - m) need no guard for rows that saw nothing yet
+        lowest = torch.finfo(q.dtype).min
+        m = torch.full((N, rows, 1), lowest, dtype=q.dtype, device=q.device)
+        l = torch.zeros_like(m)  # (N, L * G, 1)
+        acc = torch.zeros(N, rows, D_v, dtype=q.dtype, device=q.device)  # O~
+        for j0, j1, chunks in plan:
+            k_j, v_j = k[:, j0:j1], v[:, j0:j1]  # (N, bk, D), (N, bk, D_v)
+            for i0, i1, full in chunks:
+                r0, r1 = i0 * group, i1 * group
                 band = (
                     None
                     if full
@@ -443,22 +446,22 @@ class TiledAttentionFunction(torch.autograd.Function):
                 )
                 # S_ij (N, bq * G, bk)
                 scores = _tile_scores(
-                    q_i, k[:, j0:j1], mask, band, i0, i1, j0, j1, group
+                    q[:, r0:r1], k_j, mask, band, i0, i1, j0, j1, group
                 )
+                m_i = m[:, r0:r1]  # a view
                 # m_new = max(m, rowmax S_ij)
-                m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
-                # nothing seen yet: use 0 inside exp
-                m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)
-                # P~ = exp(S_ij - m_new), in place
-                p = scores.sub_(m_safe).exp_()
-                c = torch.exp(m - m_safe)  # c = exp(m - m_new)
-                l = l.mul_(c).add_(p.sum(dim=-1, keepdim=True))  # l = c l + rowsum P~
-                acc.mul_(c).baddbmm_(p, v[:, j0:j1])  # O~ = c O~ + P~ V_j
-                m = m_new
-            attended = l > 0  # False: the row saw no key
-            # O_i = O~ / l
-            output[:, r0:r1] = acc.div_(torch.where(attended, l, torch.ones_like(l)))
-            lse[:, r0:r1] = torch.where(attended, m + torch.log(l), 0.0).squeeze(-1)
+                m_new = torch.maximum(m_i, scores.amax(dim=-1, keepdim=True))
+                p = scores.sub_(m_new).exp_()  # P~ = exp(S_ij - m_new), in place
+                c = m_i.sub(m_new).exp_()  # c = exp(m - m_new)
+                # l = c l + rowsum P~
+                l[:, r0:r1].mul_(c).add_(p.sum(dim=-1, keepdim=True))
+                acc[:, r0:r1].mul_(c).baddbmm_(p, v_j)  # O~ = c O~ + P~ V_j
+                m_i.copy_(m_new)
+        attended = l > 0  # False: the row saw no key
+        output = acc.div_(torch.where(attended, l, torch.ones_like(l)))  # O = O~ / l
+        lse = torch.where(attended, m + torch.log(l), 0.0).squeeze(
+            -1
+        )  # LSE = m + log l
         ctx.save_for_backward(q, k, v, output, lse)
         ctx.mask = mask
         ctx.settings = (plan, group, causal, window)
@@ -472,31 +475,29 @@ class TiledAttentionFunction(torch.autograd.Function):
         L, S = q.shape[1] // group, k.shape[1]
         grad_output = grad_output.contiguous()  # dO (N, L * G, D_v)
         delta = (grad_output * output).sum(dim=-1, keepdim=True)  # (N, L * G, 1)
+        lse = lse.unsqueeze(-1)  # (N, L * G, 1)
         grad_q = torch.zeros_like(q)  # (N, L * G, D)
         grad_k = torch.zeros_like(k)  # (N, S, D)
         grad_v = torch.zeros_like(v)  # (N, S, D_v)
-        for i0, i1, tiles in plan:
-            r0, r1 = i0 * group, i1 * group
-            q_i, do_i = q[:, r0:r1], grad_output[:, r0:r1]
-            lse_i, delta_i = lse[:, r0:r1, None], delta[:, r0:r1]
-            grad_q_i = torch.zeros_like(q_i)  # dQ_i (N, bq * G, D)
-            for j0, j1, full in tiles:
+        for j0, j1, chunks in plan:
+            k_j, v_j = k[:, j0:j1], v[:, j0:j1]
+            grad_k_j, grad_v_j = grad_k[:, j0:j1], grad_v[:, j0:j1]  # views
+            for i0, i1, full in chunks:
+                r0, r1 = i0 * group, i1 * group
                 band = (
                     None
                     if full
                     else _band(i0, i1, j0, j1, L, S, causal, window, q.device)
                 )
-                k_j, v_j = k[:, j0:j1], v[:, j0:j1]
+                q_i, do_i = q[:, r0:r1], grad_output[:, r0:r1]
                 scores = _tile_scores(q_i, k_j, mask, band, i0, i1, j0, j1, group)
-                p = scores.sub_(lse_i).exp_()  # P_ij (N, bq * G, bk)
-                grad_v[:, j0:j1].baddbmm_(p.transpose(1, 2), do_i)  # dV_j += P^T dO_i
+                p = scores.sub_(lse[:, r0:r1]).exp_()  # P_ij (N, bq * G, bk)
+                grad_v_j.baddbmm_(p.transpose(1, 2), do_i)  # dV_j += P^T dO_i
                 # dS = P * (dO_i V_j^T - Delta_i)
-                grad_s = torch.bmm(do_i, v_j.transpose(1, 2)).sub_(delta_i).mul_(p)
-                grad_q_i.baddbmm_(grad_s, k_j)  # dQ_i += dS K_j
-                grad_k[:, j0:j1].baddbmm_(
-                    grad_s.transpose(1, 2), q_i
-                )  # dK_j += dS^T tQ
-            grad_q[:, r0:r1] = grad_q_i
+                grad_s = torch.bmm(do_i, v_j.transpose(1, 2))
+                grad_s.sub_(delta[:, r0:r1]).mul_(p)
+                grad_q[:, r0:r1].baddbmm_(grad_s, k_j)  # dQ_i += dS K_j
+                grad_k_j.baddbmm_(grad_s.transpose(1, 2), q_i)  # dK_j += dS^T tQ_i
         return grad_q, grad_k, grad_v, None, None, None, None, None
 
 
@@ -542,7 +543,7 @@ def attention_tiled(
     batch, H, H_kv, L, S = shapes.batch, shapes.H, shapes.H_kv, shapes.L, shapes.S
     G, D, D_v = shapes.group, shapes.D, shapes.D_v
     N = H_kv * math.prod(batch)
-    default_q, default_k = _default_blocks(N * G, L, S)
+    default_q, default_k = _default_blocks(N * G * L, L, S)
     block_q = default_q if block_q is None else _checks.check_int("block_q", block_q)
     block_k = default_k if block_k is None else _checks.check_int("block_k", block_k)
     compute = _compute_dtype(query.dtype)
@@ -557,7 +558,7 @@ def attention_tiled(
     if mask is not None:
         # (..., H_kv, G, L, S), a broadcast view
         mask = _split_heads(mask.detach().expand(*shapes.scores), H_kv)
-    plan = _tiling.plan(L, S, block_q, block_k, causal, window)
+    plan = _tiling.key_plan(L, S, block_q, block_k, causal, window)
     output = TiledAttentionFunction.apply(q, k, v, mask, plan, G, causal, window)
     # (N, L * G, D_v) -> (N, G, L, D_v) -> (..., H, L, D_v)
     output = output.view(N, L, G, D_v).transpose(1, 2).reshape(*batch, H, L, D_v)
