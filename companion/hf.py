@@ -13,7 +13,7 @@ built from a configuration with random weights (``from_pretrained`` is never cal
   :class:`companion.params.TransformerConfig` and ``GPT2Config``, ``BertConfig``,
   ``AlbertConfig``, so that the package's parameter counts meet ``num_parameters()``;
 * :func:`tiny_lm_from_gpt2`: a ``GPT2LMHeadModel``'s weights in a
-  :class:`companion.torch.TinyTransformerLM`;
+  :class:`~companion.torch.models.TinyTransformerLM`;
 * :func:`albert_encoder_from_hf`: an ``AlbertModel``'s weights in the ALBERT encoder
   :class:`companion.torch.sharing.TransformerEncoder`.
 
@@ -116,7 +116,7 @@ def attention_params(module):
     do around the projections is not part of it: BERT's and ALBERT's residual
     connection and LayerNorm after ``dense``, and Llama's rotary embedding of queries
     and keys (pass ``rope=hf.rope(config)`` to
-    :func:`companion.numpy.multi_head_attention`). GPT-2 with
+    :func:`~companion.numpy.multihead.multi_head_attention`). GPT-2 with
     ``scale_attn_by_inverse_layer_idx`` (another scale) or cross-attention is refused.
     """
     from companion.numpy.multihead import MultiHeadParams
@@ -177,7 +177,10 @@ def attention_params(module):
 
 
 def rope(config) -> dict:
-    r"""The ``rope=`` of :func:`companion.numpy.multi_head_attention` for a Llama.
+    r"""The ``rope=`` of ``multi_head_attention`` for a Llama configuration.
+
+    For :func:`companion.numpy.multihead.multi_head_attention` and the torch and Keras
+    layers.
 
     Hugging Face's ``rotate_half`` pairs feature ``i`` with ``i + D/2``
     (``interleaved=False``) and turns pair ``i`` at position ``p`` by
@@ -355,9 +358,10 @@ def _activation(name: str):
 
 
 def tiny_lm_from_gpt2(model, *, dtype=None):
-    r"""A ``GPT2LMHeadModel``'s weights in :class:`~companion.torch.TinyTransformerLM`.
+    r"""A ``GPT2LMHeadModel``'s weights in the package's ``TinyTransformerLM``.
 
-    The two are the same network: learned positions, pre-norm blocks
+    Returns a :class:`companion.torch.models.TinyTransformerLM`. The two are the same
+    network: learned positions, pre-norm blocks
     ``x + attn(LN(x))``, ``x + MLP(LN(x))``, a final LayerNorm, the head tied to the
     token embedding. What GPT-2 sets becomes the model's knobs: ``norm_eps`` (GPT-2's
     ``layer_norm_epsilon``, 1e-5) and ``mlp="gelu_tanh"`` (``gelu_new`` is the tanh
