@@ -29,15 +29,12 @@ NUMPY_ONLY = {
     "unshared_dense_backward",
     "unshared_dense_forward",
 }
-# Paged caches and latent attention exist in numpy and torch only (DESIGN 3.3): serving
-# systems that page caches or run MLA do it in PyTorch; TensorFlow has no counterpart.
+# Latent attention exists in numpy and torch only (DESIGN 3.3): the models that use it
+# (DeepSeek-V2 and later) are served from PyTorch; TensorFlow has no counterpart.
 NOT_IN_TENSORFLOW = {
     "LatentAttentionParams",
-    "PagedKVCache",
-    "PoolExhaustedError",
     "kv_cache_elements_per_token",
     "latent_attention",
-    "paged_attention",
 }
 # Keyword-only extras a backend may add (never required, never positional).
 BACKEND_EXTRAS = {

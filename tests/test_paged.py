@@ -1,4 +1,4 @@
-"""Paged KV caches (numpy, torch): shared prefixes, copy on write, memory, clear errors.
+"""Paged KV caches (numpy, torch, TF): shared prefixes, copy on write, clear errors.
 
 Decoding several continuations of one prompt through a paged cache equals attention
 over each sequence's own keys (the float64 numpy oracle); the memory saved by sharing
@@ -15,15 +15,18 @@ import pytest
 from companion.numpy import scaled_dot_product_attention_reference as oracle
 from companion.testing import as_backend, assert_close, to_numpy
 
-BACKENDS = ["numpy", "torch"]
+BACKENDS = ["numpy", "torch", "tensorflow"]
 
 
 def _module(backend: str):
     if backend == "numpy":
         import companion.numpy.paged as module
-    else:
+    elif backend == "torch":
         pytest.importorskip("torch")
         import companion.torch.paged as module
+    else:
+        pytest.importorskip("tensorflow")
+        import companion.tensorflow.paged as module
     return module
 
 

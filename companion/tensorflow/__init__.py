@@ -18,6 +18,7 @@ from companion.tensorflow.attention import *  # noqa: F401,F403
 # Each topic module adds its names on a line of its own below.
 from companion.tensorflow.conv import *  # noqa: F401,F403
 from companion.tensorflow.multihead import *  # noqa: F401,F403
+from companion.tensorflow.paged import *  # noqa: F401,F403
 from companion.tensorflow.positions import *  # noqa: F401,F403
 from companion.tensorflow.scores import *  # noqa: F401,F403
 from companion.tensorflow.seq2seq import *  # noqa: F401,F403
