@@ -240,7 +240,7 @@ def run(config: Config, *, threads: int, sections, without, progress) -> dict:
     if "longctx" in sections and modules["torch"] is None:
         notes.append("the long-context section needs torch: skipped")
     elif "longctx" in sections:
-        results["longctx"] = longctx.run_all(config.longctx, progress)
+        results["longctx"] = longctx.run_all(config.longctx, progress, threads)
     results["load_average_end"] = timing.load_average()
     results["targets"] = report.targets(results)
     return results

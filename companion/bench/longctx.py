@@ -162,11 +162,16 @@ class _Case:
         }
 
 
-def run_all(size: dict, progress) -> dict:
-    """Time per generated token and cache bytes per token for every kind and context."""
+def run_all(size: dict, progress, threads: int | None = None) -> dict:
+    """Time per generated token and cache bytes per token for every kind and context.
+
+    ``threads``: torch's intra-op threads for the run (default: leave torch's own).
+    """
     import torch
 
-    results = {"size": dict(size), "contexts": {}}
+    if threads is not None:
+        torch.set_num_threads(threads)
+    results = {"size": dict(size), "contexts": {}, "threads": torch.get_num_threads()}
     steps, rounds = size["steps"], size["rounds"]
     for n in size["contexts"]:
         prefill = n - steps * rounds - 1  # the context ends at n
@@ -209,7 +214,8 @@ def table(results: dict) -> str:
         f"Long context, one attention layer, torch float32 (E={s['embed_dim']}, "
         f"H={s['num_heads']}, D={D}; grouped H_kv={s['kv_heads']}; latent "
         f"d_c={s['latent_dim']}, d_h^R={s['rope_dim']}; window W={s['window']}; "
-        f"paged block {s['block_size']}, {s['forks']} forks share the prompt): "
+        f"paged block {s['block_size']}, {s['forks']} forks share the prompt; "
+        f"{results.get('threads', '?')} thread(s)): "
         "cache bytes per token of context and ms per generated token (per sequence)"
     )
     rows = []
