@@ -313,3 +313,23 @@ def test_bahdanau_learns_to_reverse():
         optimizer.step()
         losses.append(loss.item())
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+
+
+def test_decoding_rejects_bad_arguments(rng):
+    model = _model()
+    src, _ = _batch(rng)
+    with pytest.raises(ValueError, match="beam_size"):
+        model.beam_search(src, bos_id=BOS, eos_id=EOS, max_length=3, beam_size=0)
+    with pytest.raises(ValueError, match="src_mask"):
+        model.encode(src, torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="at least one token"):
+        _bahdanau().encode(torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_inputs_are_not_modified(rng):
+    model = _model()
+    src, tgt = _batch(rng)
+    src_copy, tgt_copy = src.clone(), tgt.clone()
+    model(src, tgt)
+    model.beam_search(src, bos_id=BOS, eos_id=EOS, max_length=3, beam_size=2)
+    assert torch.equal(src, src_copy) and torch.equal(tgt, tgt_copy)
