@@ -110,3 +110,17 @@ def test_keras_rejects_bad_arguments():
     model = Seq2SeqTransformer(V, V, E, H, 1, 1, FF)
     with pytest.raises(TypeError, match="src"):
         model(tf.zeros((2, 3)), tf.zeros((2, 3), tf.int64))
+
+
+def test_keras_three_way_tied_matrix_is_trained_once(rng):
+    """One variable in trainable_weights, and its gradient collects all three uses."""
+    ours, _ = _pair("all", False)
+    src, tgt = _batch(rng)
+    table = ours.src_embedding.embeddings
+    assert sum(w is table for w in ours.trainable_weights) == 1
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.square(ours(src, tgt)))
+    grad = tf.convert_to_tensor(tape.gradient(loss, table))
+    # rows of words in neither sentence get a gradient from the output layer alone
+    unused = sorted(set(range(V)) - set(src.ravel()) - set(tgt.ravel()))
+    assert unused and float(tf.reduce_max(tf.abs(tf.gather(grad, unused)))) > 0
