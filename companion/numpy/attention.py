@@ -21,6 +21,7 @@ Explained in the book chapters *Attention: algorithm and math* and *Making it fa
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -427,8 +428,8 @@ class _BlockBuffers:
         self.hidden = np.empty(block_q * block_k, np.bool_) if masked else None
         self.acc = np.empty(block_q * D_v, dtype)  # O~
         self.pv = np.empty(block_q * D_v, dtype)  # P~_ij V_j
-        # m, m_new, rowmax / rowsum, c, l, exp guard
-        self.vectors = np.empty((6, block_q), dtype)
+        # m, m_new, rowmax / rowsum, c, l
+        self.vectors = np.empty((5, block_q), dtype)
         # float16 -> float32 copies
         self.k = np.empty(block_k * D, dtype) if cast_kv else None
         self.v = np.empty(block_k * D_v, dtype) if cast_kv else None
@@ -468,8 +469,10 @@ def _tiled_query_block(
     acc = buffers.view(buffers.acc, bq, D_v)  # O~ (bq, D_v)
     acc.fill(0.0)
     # (bq,) each
-    m, m_new, row_stat, c, l, m_used = (row[:bq] for row in buffers.vectors)
-    m.fill(-np.inf)
+    m, m_new, row_stat, c, l = (row[:bq] for row in buffers.vectors)
+    # the running max starts at the lowest finite number, not -inf, so that
+    # exp(S_ij - m_new) and exp(m - m_new) need no guard for rows that saw nothing yet
+    m.fill(np.finfo(m.dtype).min)
     l.fill(0.0)
     for j0, j1, full in tiles:  # hidden blocks are not in the plan
         bk = j1 - j0
@@ -494,12 +497,9 @@ def _tiled_query_block(
             np.copyto(scores, -np.inf, where=hidden)
         np.max(scores, axis=1, out=row_stat)  # rowmax(S_ij)
         np.maximum(m, row_stat, out=m_new)  # m_new = max(m, rowmax)
-        np.copyto(m_used, m_new)
-        # guard: fully masked so far -> exp(-inf - 0) = 0, not NaN
-        m_used[np.isneginf(m_new)] = 0.0
-        np.subtract(scores, m_used[:, None], out=scores)
+        np.subtract(scores, m_new[:, None], out=scores)
         np.exp(scores, out=scores)  # P~ = exp(S_ij - m_new), in place
-        np.subtract(m, m_used, out=c)
+        np.subtract(m, m_new, out=c)
         np.exp(c, out=c)  # c = exp(m - m_new)
         np.sum(scores, axis=1, out=row_stat)  # rowsum(P~)
         np.multiply(l, c, out=l)
@@ -563,14 +563,23 @@ def _attention_tiled_forward(
         float_bias = np.broadcast_to(mask, shapes.scores)  # (..., H, L, S), a view
     plan = _tiling.plan(L, S, block_q, block_k, causal, window)
 
-    def band(i0, i1, j0, j1):
-        return _band(i0, i1, j0, j1, L, S, causal, window)
+    @functools.lru_cache(maxsize=256)
+    def shifted_band(bq, bk, shift):
+        return _band(shift, shift + bq, 0, bk, L, S, causal, window)
 
+    def band(i0, i1, j0, j1):  # depends on the shape and on i0 - j0 only
+        return shifted_band(i1 - i0, j1 - j0, i0 - j0)
+
+    # the costliest blocks first (causal: the last rows), so that the threads finish
+    # together: a greedy longest-first split of the triangle
+    plan = sorted(
+        plan, key=lambda b: -(b.i1 - b.i0) * sum(t[1] - t[0] for t in b.tiles)
+    )
     tasks = [
         (index, h, block)
+        for block in plan
         for index in np.ndindex(*batch)
         for h in range(H)
-        for block in plan
     ]
     next_task = iter(tasks)
     lock = threading.Lock()

@@ -397,7 +397,7 @@ def attention_tiled(
     plan = tuple(_tiling.plan(L, S, block_q, block_k, causal, window))
     sizes = (tuple(batch), H_kv, G, L, S, causal, window, boolean)
     tiles = sum(len(block.tiles) for block in plan)
-    if tf.executing_eagerly() and tiles >= _GRAPH_TILES:
+    if tf.executing_eagerly() and tiles >= _GRAPH_TILES and L * S >= _GRAPH_SCORES:
         # many tiles: one traced graph per shape runs them without eager overhead
         output = _tiled_graph(q, k_t, v, grouped, plan, sizes)
     else:
@@ -456,10 +456,11 @@ def _tiled_loop(q, k_t, v, grouped, plan, sizes):
     return tf.concat(output_blocks, axis=1)  # (N, L * G, D_v)
 
 
-# From this many tiles on, an eager call runs the loop as a traced graph (once per
-# shape): eager dispatch costs more than the tiles' work, tracing a few hundred ops
-# costs about a second once.
+# From this many tiles and scores on, an eager call runs the loop as a traced graph
+# (once per shape): eager dispatch then costs more than the tiles' work, and tracing a
+# few hundred ops (about a second, once) is worth it; small calls stay eager.
 _GRAPH_TILES = 16
+_GRAPH_SCORES = 1 << 18
 _tiled_graph = tf.function(_tiled_loop)
 
 
