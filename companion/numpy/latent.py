@@ -46,6 +46,7 @@ import numpy as np
 
 from companion import _checks
 from companion._kvcache import window_for_cache
+from companion._paged import visible_keys
 from companion.numpy.attention import (
     _check_flag,
     _compute_dtype,
@@ -211,6 +212,15 @@ def _permute(a, *axes):
     return a.permute(*axes) if hasattr(a, "permute") else a.transpose(axes)
 
 
+def _band(L: int, S: int, causal: bool, window: int | None):
+    """Bool ``(L, S)``: which keys the last ``L`` of ``S`` positions see (or None)."""
+    if not causal and window is None:
+        return None
+    lo, hi = visible_keys(S, L, causal=causal, window=window)
+    j = np.arange(S)[None, :]
+    return (np.asarray(lo)[:, None] <= j) & (j < np.asarray(hi)[:, None])
+
+
 def _heads(y: np.ndarray, heads: int) -> np.ndarray:
     """``(B, T, heads * d) -> (B, heads, T, d)``."""
     B, T, width = y.shape
@@ -299,10 +309,15 @@ def latent_attention(
         q_latent = c_q[:, None] @ uqk[None]
         query = np.concatenate([q_latent, q_r], axis=-1)  # (B, H, L, d_c + d_h^R)
         key = np.concatenate([c_kv, k_r], axis=-1)  # (B, 1, S, d_c + d_h^R)
-        # multi-query attention on the latents: (B, H, L, d_c)
+        # multi-query attention on the latents, the heads folded into the query
+        # rows (one key head, as FlashMLA decodes): (B, 1, H L, .)
+        rows = query.reshape(B, 1, H * L, -1)
+        keep = _band(L, S, causal, window)  # (L, S) or None
+        if keep is not None:
+            keep = np.tile(keep, (H, 1))  # (H L, S): row h L + i is query i of head h
         mixed = scaled_dot_product_attention_reference(
-            query, key, c_kv, causal=causal, scale=scale, window=window
-        )
+            rows, key, c_kv, mask=keep, scale=scale
+        ).reshape(B, H, L, -1)  # (B, H, L, d_c)
         out = (mixed @ uvo[None]).sum(axis=1)  # sum_i (B, L, E_out)
     else:
         q_c = _heads(c_q @ w(params.w_uq), H)  # (B, H, L, d_h)

@@ -18,7 +18,11 @@ import torch
 
 from companion import _checks
 from companion._kvcache import window_for_cache
-from companion.numpy.latent import LatentAttentionParams, kv_cache_elements_per_token
+from companion.numpy.latent import (
+    LatentAttentionParams,
+    _band,
+    kv_cache_elements_per_token,
+)
 from companion.torch.attention import (
     _check_flag,
     _compute_dtype,
@@ -103,10 +107,15 @@ def latent_attention(
         q_latent = c_q[:, None] @ uqk[None]
         query = torch.cat([q_latent, q_r], dim=-1)  # (B, H, L, d_c + d_h^R)
         key = torch.cat([c_kv, k_r], dim=-1)  # (B, 1, S, d_c + d_h^R)
-        # multi-query attention on the latents: (B, H, L, d_c)
+        # multi-query attention on the latents, the heads folded into the query
+        # rows (one key head: no broadcast of the keys over H): (B, 1, H L, .)
+        rows = query.reshape(B, 1, H * L, -1)
+        keep = _band(L, S, causal, window)  # (L, S) or None
+        if keep is not None:
+            keep = torch.as_tensor(keep, device=x.device).repeat(H, 1)  # (H L, S)
         mixed = scaled_dot_product_attention_reference(
-            query, key, c_kv, causal=causal, scale=scale, window=window
-        )
+            rows, key, c_kv, mask=keep, scale=scale
+        ).reshape(B, H, L, -1)  # (B, H, L, d_c)
         out = (mixed @ uvo[None]).sum(dim=1)  # sum_i (B, L, E_out)
     else:
         q_c = _heads(c_q @ w(params.w_uq), H)  # (B, H, L, d_h)
