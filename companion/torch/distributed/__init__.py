@@ -3,14 +3,18 @@
 Built on PyTorch's own engine, ``torch.distributed`` (gloo on CPU processes, NCCL on
 GPUs; no transport of our own):
 
-* :func:`launch` starts the processes (or joins ``torchrun``'s);
-* :func:`shard_sequence`, :func:`gather_sequence` and :func:`ring_attention` split a
-  sequence over ranks (contiguous or zigzag) and attend over all of it;
-* :class:`TensorParallelMultiHeadAttention` splits a
-  :class:`companion.torch.MultiHeadAttention` by heads (Megatron);
+* :func:`~companion.torch.distributed.launch.launch` starts the processes (or joins
+  ``torchrun``'s);
+* :func:`~companion.torch.distributed.ring.shard_sequence`,
+  :func:`~companion.torch.distributed.ring.gather_sequence` and
+  :func:`~companion.torch.distributed.ring.ring_attention` split a sequence over ranks
+  (contiguous or zigzag) and attend over all of it;
+* :class:`~companion.torch.distributed.tensor_parallel.TensorParallelMultiHeadAttention`
+  splits a :class:`~companion.torch.multihead.MultiHeadAttention` by heads (Megatron);
 * :mod:`companion.torch.distributed.data_parallel` trains with PyTorch's
   ``DistributedDataParallel`` and counts what it reduces;
-* :func:`counting` counts the bytes the package's calls send.
+* :func:`~companion.torch.distributed.comm.counting` counts the bytes the package's
+  calls send.
 
 Import it explicitly (``import companion.torch.distributed``); ``companion.torch``
 does not. Explained in the book chapter *Scaling out*.

@@ -11,7 +11,7 @@ reduced once: ``V E`` elements fewer than an untied model, per step.
 :func:`counting_allreduce_hook` is DDP's default all-reduce hook, counted: registered
 with ``ddp.register_comm_hook(None, counting_allreduce_hook)``, it adds each bucket's
 bytes to the active :func:`~companion.torch.distributed.comm.counting` block as
-``"ddp_all_reduce"`` and the bucket's parameters to :data:`REDUCED_PARAMETERS`.
+``"ddp_all_reduce"`` and the bucket's parameters to ``REDUCED_PARAMETERS``.
 
 FSDP: the sharded ``fully_shard`` (FSDP2) runs on CPU with gloo;
 ``FullyShardedDataParallel`` (FSDP1) refuses: "FSDP needs a non-CPU accelerator

@@ -1,4 +1,6 @@
-"""Functions that run inside :func:`launch`'s processes, for the tests and the chapter.
+"""Functions run in the processes of :func:`~companion.torch.distributed.launch.launch`.
+
+For the tests and the chapter.
 
 Each builds its inputs from a seed (the same full tensors on every rank), runs the
 distributed computation on this rank's part and returns what the caller checks:
@@ -265,7 +267,7 @@ def _fsdp1(seed):
 
 
 def run_parallel(tensor_parallel_cases, data_parallel=True):
-    """:func:`run_tensor_parallel` and :func:`run_data_parallel` in one launch."""
+    """:func:`run_tensor_parallel` and :func:`run_data_parallel`, one launch."""
     return {
         "tensor_parallel": run_tensor_parallel(tensor_parallel_cases),
         "data_parallel": run_data_parallel() if data_parallel else None,

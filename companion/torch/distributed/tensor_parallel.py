@@ -105,7 +105,7 @@ def _linear_part(layer: nn.Linear, rows=slice(None), cols=slice(None), bias=True
 
 
 class TensorParallelMultiHeadAttention(nn.Module):
-    """This rank's share of a :class:`companion.torch.MultiHeadAttention`, by heads.
+    """This rank's heads of a :class:`~companion.torch.multihead.MultiHeadAttention`.
 
     Built from the full module (the same weights on every rank, e.g. the same seed);
     holds copies of its parts: ``q_proj``, ``k_proj``, ``v_proj`` (rows of this
