@@ -14,7 +14,7 @@ import torch
 
 from companion.params import count_parameters
 from companion.testing import assert_close
-from companion.torch import alibi_bias, sinusoidal_positions
+from companion.torch import KVCache, alibi_bias, sinusoidal_positions
 from companion.torch.models import (
     SwiGLU,
     TinyTransformerLM,
@@ -199,3 +199,17 @@ def test_every_scheme_refuses_positions_past_max_length(positions):
     model = _lm(positions)
     with pytest.raises(ValueError, match="max_length"):
         model(torch.zeros(1, 21, dtype=torch.long))
+
+
+@pytest.mark.parametrize("positions", SCHEMES, ids=str)
+def test_rolling_caches_see_a_window(positions):
+    """With rolling caches (``max_length=W``) every scheme decodes; the first ``W``
+    positions see everything and equal the full pass, later ones see a window only."""
+    model, W = _lm(positions), 5
+    ids = torch.randint(13, (2, 11), generator=torch.Generator().manual_seed(4))
+    full = model(ids)
+    caches = [KVCache(max_length=W) for _ in model.blocks]
+    steps = torch.cat([model(ids[:, t : t + 1], caches=caches) for t in range(11)], 1)
+    assert caches[0].seen == 11 and caches[0].length == W
+    assert_close(steps[:, :W], full[:, :W])
+    assert not torch.allclose(steps[:, W:], full[:, W:])

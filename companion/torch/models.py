@@ -448,7 +448,7 @@ class TinyTransformerLM(nn.Module):
             x = x + self.position_table[start : start + T]  # (B, T, E)
         mask = None
         if self.positions == "alibi":
-            S = T + (0 if caches is None else caches[0].length)
+            S = T + (0 if caches is None else _visible_cached(caches[0]))
             # (H, T, S): -m_h |i - j|, added to the scores
             mask = alibi_bias(self.num_heads, T, S, dtype=x.dtype).to(x.device)
         all_weights = []
@@ -462,6 +462,13 @@ class TinyTransformerLM(nn.Module):
             all_weights.append(weights)
         logits = self.head(self.norm(x))  # (B, T, V): LN(h) W_out^T
         return (logits, all_weights) if return_weights else logits
+
+
+def _visible_cached(cache: KVCache) -> int:
+    """Cached positions the next tokens attend to: all of them, or for a rolling cache
+    (``max_length=W``) the last ``W - 1`` (what its ``append`` returns)."""
+    W = cache.max_length
+    return cache.length if W is None else min(cache.length, W - 1)
 
 
 @torch.no_grad()
