@@ -45,6 +45,20 @@ def test_default_blocks_follow_the_shapes(module):
     assert heads * block_q * block_k <= 1 << 22
 
 
+def test_numpy_default_blocks_fit_half_the_l2_cache():
+    import companion.numpy.attention as np_attention
+
+    l2 = np_attention._l2_cache_bytes()
+    assert l2 >= 1 << 16
+    for itemsize in (4, 8):
+        block_q, block_k = np_attention._default_blocks(4096, 4096, itemsize)
+        assert block_q == block_k and 128 <= block_q <= 1024
+        # the largest power of two whose block of scores fits half the L2 cache
+        assert block_q * block_k * itemsize <= max(l2 // 2, 128 * 128 * itemsize)
+        assert block_q == 1024 or (2 * block_q) ** 2 * itemsize > l2 // 2
+    assert np_attention._default_blocks(7, 5, 4) == (7, 5)
+
+
 def _rows_and_lengths(module, heads, L, S):
     """The first argument each backend's ``_default_blocks`` takes, and L, S."""
     if module is torch_attention:

@@ -409,6 +409,46 @@ def scaled_dot_product_attention_reference(
 # ------------------------------------------------------------------------ tiled (flash)
 
 
+def _l2_cache_bytes() -> int:
+    """One core's L2 cache in bytes (Linux sysfs), or 1 MiB where unknown."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for index in sorted(os.listdir(base)):
+            folder = os.path.join(base, index)
+            if not index.startswith("index"):
+                continue
+            with open(os.path.join(folder, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(folder, "type")) as f:
+                kind = f.read().strip()
+            if level == "2" and kind in ("Unified", "Data"):
+                with open(os.path.join(folder, "size")) as f:
+                    size = f.read().strip().upper()
+                factor = {"K": 1 << 10, "M": 1 << 20}.get(size[-1:], 1)
+                return int(size.rstrip("KM")) * factor
+    except (OSError, ValueError):
+        pass
+    return 1 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def _block_side(itemsize: int) -> int:
+    """The largest power of two ``b`` (128 to 1024) whose ``b x b`` scores fill at most
+    half a core's L2 cache: the matmul, ``exp`` and reductions of a tile then run from
+    the cache."""
+    budget = _l2_cache_bytes() // 2 // itemsize  # numbers
+    side = 128
+    while side < 1024 and (2 * side) ** 2 <= budget:
+        side *= 2
+    return side
+
+
+def _default_blocks(L: int, S: int, itemsize: int) -> tuple[int, int]:
+    """``(block_q, block_k)`` from the shapes and the L2 cache (``_block_side``)."""
+    side = _block_side(itemsize)
+    return max(1, min(L, side)), max(1, min(S, side))
+
+
 def _default_threads() -> int:
     try:
         cores = len(os.sched_getaffinity(0))
@@ -527,8 +567,8 @@ def _attention_tiled_forward(
     causal=False,
     scale=None,
     window=None,
-    block_q=512,
-    block_k=512,
+    block_q=None,
+    block_k=None,
     num_threads=None,
 ):
     """:func:`attention_tiled` returning ``(output (..., H, L, D_v), lse (..., H, L))``.
@@ -539,10 +579,8 @@ def _attention_tiled_forward(
     """
     causal = _check_flag("causal", causal)
     window = _tiling.check_window(window)
-    block_q, block_k = (
-        _checks.check_int("block_q", block_q),
-        _checks.check_int("block_k", block_k),
-    )
+    block_q = None if block_q is None else _checks.check_int("block_q", block_q)
+    block_k = None if block_k is None else _checks.check_int("block_k", block_k)
     if num_threads is None:
         num_threads = _default_threads()
     num_threads = _checks.check_int("num_threads", num_threads)
@@ -550,6 +588,9 @@ def _attention_tiled_forward(
     scale = _checks.resolve_scale(scale, shapes.D)
     dtype = _compute_dtype(query.dtype)
     batch, H, L, S = shapes.batch, shapes.H, shapes.L, shapes.S
+    default_q, default_k = _default_blocks(L, S, dtype.itemsize)
+    block_q = default_q if block_q is None else block_q
+    block_k = default_k if block_k is None else block_k
     output = np.zeros((*batch, H, L, shapes.D_v), dtype=query.dtype)  # (..., H, L, D_v)
     lse = np.zeros((*batch, H, L), dtype=dtype)  # (..., H, L)
     # Broadcast views (no copies): every (batch index, head) has its own 2-D slices.
@@ -640,8 +681,8 @@ def attention_tiled(
     causal: bool = False,
     scale: float | None = None,
     window: int | None = None,
-    block_q: int = 512,
-    block_k: int = 512,
+    block_q: int | None = None,
+    block_k: int | None = None,
     num_threads: int | None = None,
 ) -> np.ndarray:
     r"""Scaled dot-product attention by the FlashAttention-2 forward recurrence.
@@ -681,9 +722,11 @@ def attention_tiled(
     query, key, value, mask, causal, scale
         As for :func:`scaled_dot_product_attention_reference`; bool and float masks are
         sliced per block (broadcast views, never expanded to ``L x S``).
-    block_q, block_k : int
-        Rows of the query and key blocks. The defaults keep one block of scores
-        (512 x 512 float32, 1 MiB) in a core's L2 cache.
+    block_q, block_k : int, optional
+        Rows of the query and key blocks. By default chosen from the shapes and the
+        cache size (:func:`_default_blocks`): square blocks whose scores fill half a
+        core's L2 cache (512 x 512 float32, 1 MiB, for a 2 MiB L2), fewer rows for
+        shorter sequences.
     num_threads : int, optional
         Worker threads over (batch, head, query block) tasks; default: the available
         cores, at most 8. BLAS is pinned to one thread while they run (numpy releases
