@@ -391,3 +391,21 @@ def test_rotary_rejects_integer_x(backend):
     x = as_backend(np.ones((2, 4), dtype=np.int64), backend)
     with pytest.raises(TypeError, match="x must be a floating"):
         _module(backend).rotary_embedding(x, as_backend(np.arange(2), backend))
+
+
+def test_tensorflow_positions_run_inside_tf_function(rng):
+    import tensorflow as tf
+
+    ctf = _module("tensorflow")
+    x = tf.constant(rng.normal(size=(2, 3, 5, 8)))
+
+    @tf.function
+    def rotate(t):
+        return ctf.rotary_embedding(t, tf.range(5), interleaved=True, rotary_dim=6)
+
+    expected = P.rotary_embedding(
+        x.numpy(), np.arange(5), interleaved=True, rotary_dim=6
+    )
+    assert_close(rotate(x), expected)
+    table = tf.function(lambda: ctf.sinusoidal_positions(6, 4, dtype=tf.float64))()
+    assert_close(table, P.sinusoidal_positions(6, 4))
