@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from companion import registry
 from companion.numpy import MultiHeadParams
@@ -155,17 +157,31 @@ def test_bad_rope_is_rejected(backend, rope, error):
         registry.namespace(backend).multi_head_attention(x, x, params, rope=rope)
 
 
-def test_rope_positions_start_at_cache_seen(rng):
-    """Only offsets matter: queries and keys from position 100 000 on (a cache that
-    dropped everything before) give the attention they give from position 0."""
+@settings(max_examples=25, deadline=None)
+@given(
+    start=st.integers(0, 200_000),
+    H_kv=st.sampled_from([1, 2, 4]),
+    interleaved=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_rope_attention_depends_on_offsets_only(start, H_kv, interleaved, seed):
+    """Queries and keys from position ``start`` on (a cache that has seen ``start``
+    positions and dropped them, as a rolling cache does) give the attention they give
+    from position 0: weights and outputs depend on positions only through ``m - n``."""
     mod = registry.namespace("numpy")
-    params = MultiHeadParams.random(8, 2, seed=4)
-    x = rng.normal(size=(1, 4, 8))
-    expected = mod.multi_head_attention(x, x, params, causal=True, rope=True)
+    params = MultiHeadParams.random(16, 4, H_kv, seed=4)
+    x = np.random.default_rng(seed).normal(size=(1, 5, 16))
+    rope = {"interleaved": interleaved}
+    expected, weights = mod.multi_head_attention(
+        x, x, params, causal=True, rope=rope, return_weights=True
+    )
     cache = mod.KVCache()
-    cache._seen = 100_000  # as a rolling cache that dropped every earlier position
-    got = mod.multi_head_attention(x, x, params, causal=True, rope=True, cache=cache)
-    assert math.isfinite(float(np.abs(got).max()))
+    cache._seen = start  # positions seen before and no longer stored
+    got, got_weights = mod.multi_head_attention(
+        x, x, params, causal=True, rope=rope, cache=cache, return_weights=True
+    )
+    assert cache.seen == start + 5
+    assert_close(got_weights, weights)
     assert_close(got, expected)
 
 
