@@ -7,8 +7,8 @@ proves it:
   (``np.sqrt`` returns float64 and promotes the float32 scores: 2x memory);
 - ``reference``: :func:`companion.numpy.scaled_dot_product_attention_reference`;
 - ``tiled``: :func:`companion.numpy.attention_tiled` with ``num_threads = threads``;
-- ``torch tiled``, ``tf tiled``: the torch and TensorFlow ``attention_tiled``, default
-  blocks (what a user gets without tuning);
+- ``torch tiled``, ``tf tiled``: the torch and TensorFlow ``attention_tiled``;
+  every tiled kernel with its default blocks (what a user gets without tuning);
 - ``torch SDPA``: ``torch.nn.functional.scaled_dot_product_attention`` on 4-D
   ``(B, H, L, D) = (1, 1, n, 64)`` tensors with ``is_causal`` (no mask tensor), called
   inside ``torch.nn.attention.sdpa_kernel([SDPBackend.FLASH_ATTENTION])``: if the flash
@@ -38,7 +38,6 @@ import numpy as np
 from companion.bench import timing
 
 D = 64
-BLOCK = 512  # rows per tile for the numpy kernel (512 x 512 float32 scores = 1 MiB)
 NUMPY = ("textbook", "reference", "tiled")
 TORCH = ("torch tiled", "torch SDPA")
 TRAINING = ("torch tiled fwd+bwd", "torch SDPA fwd+bwd")
@@ -186,9 +185,8 @@ def contender(name: str, n: int, causal: bool, threads: int, modules: dict):
     if name == "tiled":
         from companion.numpy import attention_tiled
 
-        return lambda: attention_tiled(
-            q, k, v, causal=causal, block_q=BLOCK, block_k=BLOCK, num_threads=threads
-        )
+        # default blocks (chosen from the shapes and the cache), as a user calls it
+        return lambda: attention_tiled(q, k, v, causal=causal, num_threads=threads)
     if name == "Q K^T":
         Q, K = q[0], k[0]
         return lambda: Q @ K.T  # (n, n)
