@@ -140,3 +140,42 @@ def test_shard_sequence_uneven_is_a_value_error(layout):
         shard_sequence(torch.zeros(1, 1, 12, 2), 0, 3, layout="striped")
     with pytest.raises(ValueError, match="rank"):
         shard_sequence(torch.zeros(1, 1, 12, 2), 3, 3)
+
+
+@pytest.fixture
+def one_process_group():
+    """A world of one gloo process, in this process (no environment variables set)."""
+    import torch.distributed as dist
+
+    from companion.torch.distributed import free_port
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    yield
+    dist.destroy_process_group()
+
+
+def test_ring_attention_bad_input_is_a_clear_error(one_process_group):
+    from companion.torch.distributed import ring_attention
+
+    q = torch.zeros(1, 4, 6, 8, dtype=torch.float64)  # (B, H, L, D)
+    kv = torch.zeros(1, 2, 6, 8, dtype=torch.float64)  # (B, H_kv, L, D)
+    with pytest.raises(TypeError, match="query must be a torch.Tensor"):
+        ring_attention(q.numpy(), kv, kv)
+    with pytest.raises(TypeError, match="one dtype"):
+        ring_attention(q, kv.float(), kv)
+    with pytest.raises(ValueError, match="H_kv=3 must divide query heads H=4"):
+        ring_attention(q, kv[:, :1].expand(1, 3, 6, 8), kv[:, :1].expand(1, 3, 6, 8))
+    with pytest.raises(ValueError, match="same length"):
+        ring_attention(q, kv[..., :4, :], kv[..., :4, :])
+    with pytest.raises(ValueError, match="two equal chunks"):
+        ring_attention(q[..., :5, :], kv[..., :5, :], kv[..., :5, :], layout="zigzag")
+    with pytest.raises(ValueError, match="layout"):
+        ring_attention(q, kv, kv, layout="striped")
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        ring_attention(q, kv, kv, causal="yes")
+    q_before = q.clone()
+    out = ring_attention(q, kv, kv, causal=True)  # world of one: plain attention
+    assert out.shape == (1, 4, 6, 8)
+    assert_close(q, q_before)
