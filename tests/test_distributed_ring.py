@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from companion.numpy import scaled_dot_product_attention_reference as numpy_reference
-from companion.testing import assert_close
+from companion.testing import assert_close, assert_close_to_oracle
 from companion.torch import scaled_dot_product_attention_reference as torch_reference
 from companion.torch.distributed import (
     launch,
@@ -46,17 +46,39 @@ def _cases(world_size):
                         seed=10 * i + world_size,
                     )
                 )
+    # float32, grouped heads, both layouts, causal: the ring in another dtype
+    for layout in ("contiguous", "zigzag"):
+        cases.append(
+            dict(
+                B=1,
+                H=4,
+                H_kv=2,
+                length=4 * world_size,
+                D=8,
+                D_v=8,
+                causal=True,
+                layout=layout,
+                seed=99,
+                dtype=torch.float32,
+            )
+        )
     return cases
 
 
-def _oracle(case):
+def _oracle(case, dtype=torch.float64):
+    """float64 output (numpy) and gradients (autograd), or the ``dtype`` baseline."""
     case = dict(case)
     causal = case.pop("causal")
     del case["layout"]
-    q, k, v, grad_out = attention_inputs(**case)
-    expected = numpy_reference(q.numpy(), k.numpy(), v.numpy(), causal=causal)
+    case.pop("dtype", None)
+    q, k, v, grad_out = attention_inputs(**case, dtype=dtype)
+    if dtype == torch.float64:
+        expected = numpy_reference(q.numpy(), k.numpy(), v.numpy(), causal=causal)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    torch_reference(*leaves, causal=causal).backward(grad_out)
+    out = torch_reference(*leaves, causal=causal)
+    out.backward(grad_out)
+    if dtype != torch.float64:
+        expected = out.detach()
     return expected, [t.grad for t in leaves]
 
 
@@ -70,11 +92,32 @@ def ring_run(request):
 def test_ring_attention_equals_one_process(ring_run):
     world_size, cases, per_rank = ring_run
     for case, result in zip(cases, per_rank[0]):
+        if case.get("dtype", torch.float64) != torch.float64:
+            continue
         expected, grads = _oracle(case)
         name = f"W={world_size} {case}"
         assert_close(result["output"], expected, name=f"output {name}")
         for key, grad in zip(("grad_query", "grad_key", "grad_value"), grads):
             assert_close(result[key], grad, name=f"{key} {name}")
+
+
+def test_ring_attention_float32_as_close_as_one_process_float32(ring_run):
+    """float32: no more than 2x the error of single-process float32 attention."""
+    world_size, cases, per_rank = ring_run
+    checked = 0
+    for case, result in zip(cases, per_rank[0]):
+        if case.get("dtype") != torch.float32:
+            continue
+        oracle, oracle_grads = _oracle(case)
+        baseline, baseline_grads = _oracle(case, torch.float32)
+        name = f"float32 W={world_size} {case}"
+        assert_close_to_oracle(result["output"], baseline, oracle, name=name)
+        for key, b, o in zip(
+            ("grad_query", "grad_key", "grad_value"), baseline_grads, oracle_grads
+        ):
+            assert_close_to_oracle(result[key], b, o, name=f"{key} {name}")
+        checked += 1
+    assert checked == 2
 
 
 def test_ring_bytes_follow_the_formula(ring_run):
@@ -83,8 +126,9 @@ def test_ring_bytes_follow_the_formula(ring_run):
     W = world_size
     for case, *results in zip(cases, *per_rank):
         shard = case["length"] // W
-        k = case["B"] * case["H_kv"] * shard * case["D"] * 8
-        v = case["B"] * case["H_kv"] * shard * case["D_v"] * 8
+        size = torch.tensor([], dtype=case.get("dtype", torch.float64)).element_size()
+        k = case["B"] * case["H_kv"] * shard * case["D"] * size
+        v = case["B"] * case["H_kv"] * shard * case["D_v"] * size
         for result in results:
             fwd, bwd = result["forward"], result["backward"]
             assert fwd["bytes"].get("send", 0) == (W - 1) * (k + v)
