@@ -107,6 +107,39 @@ def test_torch_default_path_gradients_equal_the_reference(causal, rng):
         assert_close(got, want, name=f"d{label}")
 
 
+@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, 300)])
+def test_torch_row_split_over_threads_equals_the_reference(causal, window, rng):
+    """Large enough to split the rows over two threads: same output and gradients."""
+    B, H, H_kv, L, S, D = 1, 2, 1, 1024, 1031, 4
+    q = torch.tensor(rng.standard_normal((B, H, L, D)), requires_grad=True)
+    k = torch.tensor(rng.standard_normal((B, H_kv, S, D)), requires_grad=True)
+    v = torch.tensor(rng.standard_normal((B, H_kv, S, D)), requires_grad=True)
+    grad_out = torch.tensor(rng.standard_normal((B, H, L, D)))
+    kwargs = {"causal": causal, "window": window}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch_attention._SPLIT_SCORES <= B * H * L * S
+        fast = ct.attention_tiled(q, k, v, **kwargs)
+        grads = torch.autograd.grad(fast, (q, k, v), grad_out)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    slow = ct.scaled_dot_product_attention_reference(q, k, v, **kwargs)
+    expected = torch.autograd.grad(slow, (q, k, v), grad_out)
+    assert_close(fast, slow, name="output")
+    for label, got, want in zip("QKV", grads, expected):
+        assert_close(got, want, name=f"d{label}")
+
+
+def test_balanced_rows_split_the_causal_triangle_evenly():
+    ranges = torch_attention._balanced_rows(4096, 4096, True, None, 2)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 4096
+    (a, cut), (_, _) = ranges
+    # the first range holds about half the triangle's area: cut near 4096 / sqrt(2)
+    assert abs(cut - 4096 / 2**0.5) < 16
+
+
 def test_torch_default_path_saves_no_score_matrix(rng):
     L = S = 96
     q, k, v = (

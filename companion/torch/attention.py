@@ -11,6 +11,7 @@ Explained in the book chapters *Attention: algorithm and math* and *Making it fa
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -435,33 +436,16 @@ class TiledAttentionFunction(torch.autograd.Function):
         m = torch.full((N, rows, 1), lowest, dtype=q.dtype, device=q.device)
         l = torch.zeros_like(m)  # (N, L * G, 1)
         acc = torch.zeros(N, rows, D_v, dtype=q.dtype, device=q.device)  # O~
-        for j0, j1, chunks in plan:
-            k_j, v_j = k[:, j0:j1], v[:, j0:j1]  # (N, bk, D), (N, bk, D_v)
-            for i0, i1, full in chunks:
-                r0, r1 = i0 * group, i1 * group
-                band = (
-                    None
-                    if full
-                    else _band(i0, i1, j0, j1, L, S, causal, window, q.device)
-                )
-                # S_ij (N, bq * G, bk)
-                scores = _tile_scores(
-                    q[:, r0:r1], k_j, mask, band, i0, i1, j0, j1, group
-                )
-                m_i = m[:, r0:r1]  # a view
-                # m_new = max(m, rowmax S_ij)
-                m_new = torch.maximum(m_i, scores.amax(dim=-1, keepdim=True))
-                p = scores.sub_(m_new).exp_()  # P~ = exp(S_ij - m_new), in place
-                c = m_i.sub(m_new).exp_()  # c = exp(m - m_new)
-                # l = c l + rowsum P~
-                l[:, r0:r1].mul_(c).add_(p.sum(dim=-1, keepdim=True))
-                acc[:, r0:r1].mul_(c).baddbmm_(p, v_j)  # O~ = c O~ + P~ V_j
-                m_i.copy_(m_new)
+        sizes = (group, L, S, causal, window)
+
+        def work(part):
+            _forward_steps(q, k, v, mask, part, sizes, m, l, acc)
+
+        _run_split(work, plan, sizes, q)
         attended = l > 0  # False: the row saw no key
         output = acc.div_(torch.where(attended, l, torch.ones_like(l)))  # O = O~ / l
-        lse = torch.where(attended, m + torch.log(l), 0.0).squeeze(
-            -1
-        )  # LSE = m + log l
+        # LSE = m + log l
+        lse = torch.where(attended, m + torch.log(l), 0.0).squeeze(-1)
         ctx.save_for_backward(q, k, v, output, lse)
         ctx.mask = mask
         ctx.settings = (plan, group, causal, window)
@@ -473,32 +457,132 @@ class TiledAttentionFunction(torch.autograd.Function):
         q, k, v, output, lse = ctx.saved_tensors
         mask, (plan, group, causal, window) = ctx.mask, ctx.settings
         L, S = q.shape[1] // group, k.shape[1]
+        sizes = (group, L, S, causal, window)
         grad_output = grad_output.contiguous()  # dO (N, L * G, D_v)
         delta = (grad_output * output).sum(dim=-1, keepdim=True)  # (N, L * G, 1)
         lse = lse.unsqueeze(-1)  # (N, L * G, 1)
-        grad_q = torch.zeros_like(q)  # (N, L * G, D)
-        grad_k = torch.zeros_like(k)  # (N, S, D)
-        grad_v = torch.zeros_like(v)  # (N, S, D_v)
-        for j0, j1, chunks in plan:
-            k_j, v_j = k[:, j0:j1], v[:, j0:j1]
-            grad_k_j, grad_v_j = grad_k[:, j0:j1], grad_v[:, j0:j1]  # views
-            for i0, i1, full in chunks:
-                r0, r1 = i0 * group, i1 * group
-                band = (
-                    None
-                    if full
-                    else _band(i0, i1, j0, j1, L, S, causal, window, q.device)
-                )
-                q_i, do_i = q[:, r0:r1], grad_output[:, r0:r1]
-                scores = _tile_scores(q_i, k_j, mask, band, i0, i1, j0, j1, group)
-                p = scores.sub_(lse[:, r0:r1]).exp_()  # P_ij (N, bq * G, bk)
-                grad_v_j.baddbmm_(p.transpose(1, 2), do_i)  # dV_j += P^T dO_i
-                # dS = P * (dO_i V_j^T - Delta_i)
-                grad_s = torch.bmm(do_i, v_j.transpose(1, 2))
-                grad_s.sub_(delta[:, r0:r1]).mul_(p)
-                grad_q[:, r0:r1].baddbmm_(grad_s, k_j)  # dQ_i += dS K_j
-                grad_k_j.baddbmm_(grad_s.transpose(1, 2), q_i)  # dK_j += dS^T tQ_i
+        grad_q = torch.zeros_like(q)  # (N, L * G, D): rows split between workers
+        partial_kv = []  # (dK, dV) of each worker, summed at the end
+
+        def work(part):
+            grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
+            partial_kv.append((grad_k, grad_v))
+            inputs = (q, k, v, mask, grad_output, delta, lse)
+            _backward_steps(*inputs, part, sizes, grad_q, grad_k, grad_v)
+
+        _run_split(work, plan, sizes, q)
+        grad_k = sum(g for g, _ in partial_kv[1:]) + partial_kv[0][0]
+        grad_v = sum(g for _, g in partial_kv[1:]) + partial_kv[0][1]
         return grad_q, grad_k, grad_v, None, None, None, None, None
+
+
+def _forward_steps(q, k, v, mask, plan, sizes, m, l, acc):
+    """The forward recurrence over ``plan``, updating ``m, l, acc`` rows in place."""
+    group, L, S, causal, window = sizes
+    for j0, j1, chunks in plan:
+        k_j, v_j = k[:, j0:j1], v[:, j0:j1]  # (N, bk, D), (N, bk, D_v)
+        for i0, i1, full in chunks:
+            r0, r1 = i0 * group, i1 * group
+            band = (
+                None if full else _band(i0, i1, j0, j1, L, S, causal, window, q.device)
+            )
+            # S_ij (N, bq * G, bk)
+            scores = _tile_scores(q[:, r0:r1], k_j, mask, band, i0, i1, j0, j1, group)
+            m_i = m[:, r0:r1]  # a view
+            # m_new = max(m, rowmax S_ij)
+            m_new = torch.maximum(m_i, scores.amax(dim=-1, keepdim=True))
+            p = scores.sub_(m_new).exp_()  # P~ = exp(S_ij - m_new), in place
+            c = m_i.sub(m_new).exp_()  # c = exp(m - m_new)
+            # l = c l + rowsum P~
+            l[:, r0:r1].mul_(c).add_(p.sum(dim=-1, keepdim=True))
+            acc[:, r0:r1].mul_(c).baddbmm_(p, v_j)  # O~ = c O~ + P~ V_j
+            m_i.copy_(m_new)
+
+
+def _backward_steps(q, k, v, mask, do, delta, lse, plan, sizes, dq, dk, dv):
+    """The backward recurrence over ``plan``, accumulating into ``dq, dk, dv``."""
+    group, L, S, causal, window = sizes
+    for j0, j1, chunks in plan:
+        k_j, v_j = k[:, j0:j1], v[:, j0:j1]
+        dk_j, dv_j = dk[:, j0:j1], dv[:, j0:j1]  # views
+        for i0, i1, full in chunks:
+            r0, r1 = i0 * group, i1 * group
+            band = (
+                None if full else _band(i0, i1, j0, j1, L, S, causal, window, q.device)
+            )
+            q_i, do_i = q[:, r0:r1], do[:, r0:r1]
+            scores = _tile_scores(q_i, k_j, mask, band, i0, i1, j0, j1, group)
+            p = scores.sub_(lse[:, r0:r1]).exp_()  # P_ij (N, bq * G, bk)
+            dv_j.baddbmm_(p.transpose(1, 2), do_i)  # dV_j += P^T dO_i
+            # dS = P * (dO_i V_j^T - Delta_i)
+            grad_s = torch.bmm(do_i, v_j.transpose(1, 2))
+            grad_s.sub_(delta[:, r0:r1]).mul_(p)
+            dq[:, r0:r1].baddbmm_(grad_s, k_j)  # dQ_i += dS K_j
+            dk_j.baddbmm_(grad_s.transpose(1, 2), q_i)  # dK_j += dS^T tQ_i
+
+
+# Split the query rows between Python threads (each running torch on one thread) from
+# this many scores on: one parallel region per call instead of one per torch op, which
+# keeps two threads useful on a busy machine, where every op's barrier waits for both.
+_SPLIT_SCORES = 1 << 20
+
+
+def _run_split(work, plan, sizes, q):
+    """Run ``work(plan part)`` for the whole plan, split by query rows over threads.
+
+    With ``torch.get_num_threads() > 1`` on CPU and a large problem, the rows are cut
+    into one range per thread of about equal work (a row's work is the number of keys
+    it sees), each worker runs its rows with ``torch.set_num_threads(1)`` (a per-thread
+    setting) and no autograd; otherwise ``work`` runs once, here, on the whole plan.
+    """
+    group, L, S, causal, window = sizes
+    threads = torch.get_num_threads()
+    scores = q.shape[0] * q.shape[1] * S  # an upper bound of the work
+    if threads <= 1 or q.device.type != "cpu" or scores < _SPLIT_SCORES:
+        work(plan)
+        return
+    ranges = _balanced_rows(L, S, causal, window, min(threads, max(1, L // 16)))
+    parts = [_rows_of(plan, a, b) for a, b in ranges]
+
+    def run(part):
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            work(part)
+
+    with ThreadPoolExecutor(len(parts)) as pool:
+        for future in [pool.submit(run, part) for part in parts]:
+            future.result()  # re-raise a worker's exception here
+
+
+def _balanced_rows(L, S, causal, window, parts):
+    """``parts`` contiguous query row ranges of about equal work (keys seen + 16)."""
+    position = torch.arange(L, dtype=torch.float64) + (S - L)
+    hi = torch.full_like(position, S)
+    lo = torch.zeros_like(position)
+    if causal:
+        hi = torch.clamp(position + 1, max=S)
+    elif window is not None:
+        hi = torch.clamp(position + window, max=S)
+    if window is not None:
+        lo = torch.clamp(position - window + 1, min=0)
+    cost = torch.cumsum(torch.clamp(hi - lo, min=0) + 16, 0)  # (L,)
+    targets = cost[-1] * torch.arange(1, parts, dtype=torch.float64) / parts
+    cuts = [0, *torch.searchsorted(cost, targets).tolist(), L]
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def _rows_of(plan, a, b):
+    """The part of a key plan that concerns query rows ``[a, b)``."""
+    part = []
+    for j0, j1, chunks in plan:
+        kept = tuple(
+            (max(i0, a), min(i1, b), full)
+            for i0, i1, full in chunks
+            if max(i0, a) < min(i1, b)
+        )
+        if kept:
+            part.append(_tiling.KeyBlock(j0, j1, kept))
+    return part
 
 
 def attention_tiled(
