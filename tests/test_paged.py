@@ -333,3 +333,32 @@ def test_long_context_bench_counts_cache_bytes_exactly():
     block = size["block_size"] * per_position
     assert kept["paged, forks"] == (15 + 2) * block / 2 / 128
     assert all(r["ms_per_token"] > 0 for r in rows.values())
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+def test_float32_frameworks_against_the_float64_oracle(backend):
+    """float32 paged attention: at most 2x the error of numpy float32 paged."""
+    from companion.numpy.paged import PagedKVCache, paged_attention
+    from companion.testing import assert_close_to_oracle
+
+    module = _module(backend)
+    rng = np.random.default_rng(5)
+    k, v = rng.normal(size=(2, 37, 8)), rng.normal(size=(2, 37, 8))
+    q = rng.normal(size=(1, 4, 3, 8))
+    expected = oracle(q[0], k, v, causal=True, window=9)[None]
+    baseline_cache = PagedKVCache(16, 8, 2, 8, dtype="float32")
+    seq = baseline_cache.new_sequence()
+    baseline_cache.append(seq, k.astype("float32"), v.astype("float32"))
+    baseline = paged_attention(
+        q.astype("float32"), baseline_cache, [seq], causal=True, window=9
+    )
+    cache = module.PagedKVCache(16, 8, 2, 8, dtype="float32")
+    seq = cache.new_sequence()
+    cache.append(
+        seq, as_backend(k, backend, "float32"), as_backend(v, backend, "float32")
+    )
+    out = module.paged_attention(
+        as_backend(q, backend, "float32"), cache, [seq], causal=True, window=9
+    )
+    assert to_numpy(out).dtype == np.float32
+    assert_close_to_oracle(out, baseline, expected, name=f"{backend} float32")
