@@ -46,6 +46,21 @@ def _cases(world_size):
                         seed=10 * i + world_size,
                     )
                 )
+    # a scale of our own
+    cases.append(
+        dict(
+            B=1,
+            H=2,
+            H_kv=1,
+            length=2 * world_size,
+            D=4,
+            D_v=4,
+            causal=True,
+            layout="zigzag",
+            seed=7,
+            scale=0.3,
+        )
+    )
     # float32, grouped heads, both layouts, causal: the ring in another dtype
     for layout in ("contiguous", "zigzag"):
         cases.append(
@@ -71,11 +86,14 @@ def _oracle(case, dtype=torch.float64):
     causal = case.pop("causal")
     del case["layout"]
     case.pop("dtype", None)
+    scale = case.pop("scale", None)
     q, k, v, grad_out = attention_inputs(**case, dtype=dtype)
     if dtype == torch.float64:
-        expected = numpy_reference(q.numpy(), k.numpy(), v.numpy(), causal=causal)
+        expected = numpy_reference(
+            q.numpy(), k.numpy(), v.numpy(), causal=causal, scale=scale
+        )
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = torch_reference(*leaves, causal=causal)
+    out = torch_reference(*leaves, causal=causal, scale=scale)
     out.backward(grad_out)
     if dtype != torch.float64:
         expected = out.detach()
@@ -223,3 +241,17 @@ def test_ring_attention_bad_input_is_a_clear_error(one_process_group):
     out = ring_attention(q, kv, kv, causal=True)  # world of one: plain attention
     assert out.shape == (1, 4, 6, 8)
     assert_close(q, q_before)
+
+
+def test_ring_attention_on_a_subgroup():
+    """Ranks 1 and 2 of 3 form the ring (group rank 0 is global rank 1); 0 idles."""
+    case = dict(B=1, H=4, H_kv=2, length=8, D=4, D_v=4, causal=True, layout="zigzag")
+    per_rank = launch(run_ring_attention, 3, [case], 0, [1, 2])
+    assert per_rank[0] is None
+    result = per_rank[1][0]
+    expected, grads = _oracle(case)
+    assert_close(result["output"], expected, name="output")
+    for key, grad in zip(("grad_query", "grad_key", "grad_value"), grads):
+        assert_close(result[key], grad, name=key)
+    k_and_v = 2 * (1 * 2 * 4 * 4 * 8)  # (B, H_kv, length / 2, D) float64, twice
+    assert result["forward"]["bytes"]["send"] == k_and_v  # W - 1 = 1 hop

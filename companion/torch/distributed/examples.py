@@ -63,30 +63,36 @@ def _numpy(x):
     return x.detach().cpu().numpy()
 
 
-def run_ring_attention(cases, repeats: int = 0):
+def run_ring_attention(cases, repeats: int = 0, ranks=None):
     """Ring attention forward and backward for each case of ``cases``.
 
     A case is a dict with ``B, H, H_kv, length, D, D_v, causal, layout`` (and
-    ``seed``). Returns one dict per case: ``output``, ``grad_query``, ``grad_key``,
-    ``grad_value`` (gathered, rank 0 only), ``forward`` and ``backward`` (this rank's
-    counts) and, with ``repeats > 0``, ``compute_seconds``: this rank's CPU time in
-    the blocks, the least of ``repeats`` more forward passes.
+    ``seed``, ``dtype``, ``scale``). Returns one dict per case: ``output``,
+    ``grad_query``, ``grad_key``, ``grad_value`` (gathered, on the group's first rank
+    only), ``forward`` and ``backward`` (this rank's counts) and, with ``repeats > 0``,
+    ``compute_seconds``: this rank's CPU time in the blocks, the least of ``repeats``
+    more forward passes. With ``ranks`` (global ranks), the ring runs in a group of
+    those ranks (``dist.new_group``); the others return ``None``.
     """
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    group = None if ranks is None else dist.new_group(list(ranks))
+    if ranks is not None and dist.get_rank() not in ranks:
+        return None
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     results = []
     for case in cases:
         case = dict(case)
         causal, layout = case.pop("causal"), case.pop("layout")
+        options = dict(causal=causal, layout=layout, scale=case.pop("scale", None))
         q, k, v, grad_out = attention_inputs(**case)
         shards = [shard_sequence(t, rank, world_size, layout=layout) for t in (q, k, v)]
         q_s, k_s, v_s = (t.requires_grad_() for t in shards)
         with counting() as forward:
-            out = ring_attention(q_s, k_s, v_s, causal=causal, layout=layout)
+            out = ring_attention(q_s, k_s, v_s, group=group, **options)
         with counting() as backward:
             out.backward(shard_sequence(grad_out, rank, world_size, layout=layout))
         result = {"forward": forward.as_dict(), "backward": backward.as_dict()}
         gathered = [
-            gather_sequence(t.detach(), layout=layout)
+            gather_sequence(t.detach(), layout=layout, group=group)
             for t in (out, q_s.grad, k_s.grad, v_s.grad)
         ]
         if rank == 0:
@@ -96,9 +102,9 @@ def run_ring_attention(cases, repeats: int = 0):
             best = float("inf")
             with torch.no_grad():
                 for _ in range(repeats):
-                    dist.barrier()
+                    dist.barrier(group=group)
                     with counting() as count:
-                        ring_attention(q_s, k_s, v_s, causal=causal, layout=layout)
+                        ring_attention(q_s, k_s, v_s, group=group, **options)
                     best = min(best, count.compute_seconds)
             result["compute_seconds"] = best
         results.append(result)
