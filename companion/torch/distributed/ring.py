@@ -30,9 +30,10 @@ chunk with a late one, so every rank computes the same ``2 W + 1`` half-chunk ti
 (Brandon et al. 2023; zhuzilin/ring-flash-attention's ``zigzag_ring_flash_attn``).
 
 Communication per call, per rank, with ``k`` and ``v`` the bytes of the local key and
-value shards: forward ``(W - 1)(k + v)``; backward ``(W - 1)(k + v) + W (k + v)``
-(the gradients make ``W`` hops, the last one home). Each exchange is started before the
-block computation it overlaps and waited for after it.
+value shards (float16/bfloat16 travel as float32, the dtype they are computed in):
+forward ``(W - 1)(k + v)``; backward ``(W - 1)(k + v) + W (k + v)`` (the gradients
+make ``W`` hops, the last one home). Each exchange is started before the block
+computation it overlaps and waited for after it.
 
 Explained in the book chapter *Scaling out*.
 """
