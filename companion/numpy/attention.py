@@ -444,9 +444,13 @@ def _block_side(itemsize: int) -> int:
 
 
 def _default_blocks(L: int, S: int, itemsize: int) -> tuple[int, int]:
-    """``(block_q, block_k)`` from the shapes and the L2 cache (``_block_side``)."""
+    """``(block_q, block_k)`` from the L2 cache (``_block_side``), whatever ``L, S``.
+
+    Blocks larger than the sequence are cut to it by the plan; the scratch buffers keep
+    the full block size, so that the kernel's extra memory does not depend on ``n``.
+    """
     side = _block_side(itemsize)
-    return max(1, min(L, side)), max(1, min(S, side))
+    return side, side
 
 
 def _default_threads() -> int:
@@ -725,8 +729,7 @@ def attention_tiled(
     block_q, block_k : int, optional
         Rows of the query and key blocks. By default chosen from the shapes and the
         cache size (:func:`_default_blocks`): square blocks whose scores fill half a
-        core's L2 cache (512 x 512 float32, 1 MiB, for a 2 MiB L2), fewer rows for
-        shorter sequences.
+        core's L2 cache (512 x 512 float32, 1 MiB, for a 2 MiB L2).
     num_threads : int, optional
         Worker threads over (batch, head, query block) tasks; default: the available
         cores, at most 8. BLAS is pinned to one thread while they run (numpy releases

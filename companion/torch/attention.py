@@ -405,11 +405,15 @@ class TiledAttentionFunction(torch.autograd.Function):
     heads interleaved row by row (row ``i * G + g`` is query ``i`` of group member
     ``g``); ``k (N, S, D)``, ``v (N, S, D_v)`` (never copied per group member); ``mask``
     ``None`` or ``(..., H_kv, G, L, S)`` (a broadcast view); ``plan`` from
-    :func:`companion._tiling.plan`; ``group``, ``causal``, ``window``. Returns
+    :func:`companion._tiling.key_plan`; ``group``, ``causal``, ``window``. Returns
     ``O (N, L * G, D_v)``.
 
-    Each step is one batched matmul over all heads and a whole tile of
-    ``block_q x block_k`` positions, so the Python loop runs over a few dozen tiles.
+    The plan walks the key blocks once; each step is one batched matmul over all heads
+    and all the query rows that see the block (a mask is built only for the rows at the
+    causal diagonal or the window's edge), so the Python loop runs a few dozen steps,
+    updating running statistics of every row in place. On several CPU threads the rows
+    are split into equal-work ranges run by one Python worker each
+    (:func:`_run_split`).
     Saves ``q, k, v``, ``O`` and the log-sum-exp ``LSE (N, L * G)``, no ``L x S`` one.
     Backward recomputes :math:`P_{ij} = \exp(t Q_i K_j^\top - \mathrm{LSE}_i)` per tile
     (``Delta_i = rowsum(dO_i * O_i)``)::
@@ -602,7 +606,8 @@ def attention_tiled(
     Computes :func:`scaled_dot_product_attention_reference` one ``block_q x block_k``
     tile at a time with the online softmax (the recurrence is in
     :class:`TiledAttentionFunction` and in the book), for all batch elements and heads
-    at once, never holding an ``L x S`` matrix of scores. Tiles that ``causal``
+    at once, never holding an ``L x S`` matrix of scores (at most ``block_q x block_k``
+    scores per head per step). Tiles that ``causal``
     (bottom-right) or ``window`` hide entirely are skipped (see
     :mod:`companion._tiling`): the work is about half for causal attention and
     ``O(L * window)`` with a window. The backward pass is the
@@ -615,8 +620,9 @@ def attention_tiled(
     ``value (..., H_kv, S, D_v)`` -> ``(..., H, L, D_v)``. Grouped query heads read
     their key/value head in place (the ``G`` query heads of a group become rows of one
     matmul). ``block_q`` and ``block_k`` need not divide ``L`` and ``S``; by default
-    they are chosen from the shapes (``_default_blocks``: 512 x 512 for one head, fewer
-    query rows when many heads share a tile).
+    they are chosen from the shapes (``_default_blocks``: blocks of 512 keys against
+    every query row for one head at ``n = 4096``, fewer of both when many heads share
+    a step, which holds at most 2^22 scores).
 
     Explained in the book chapter *Making it fast*.
     """
