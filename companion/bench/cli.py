@@ -146,7 +146,10 @@ def run(config: Config, *, threads: int, sections, without, progress) -> dict:
     if modules["torch"] is not None:
         notes.append(
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} (idle torch threads "
-            "do not spin on the cores the next contender needs)"
+            "do not spin on the cores the next contender needs), "
+            "TORCHINDUCTOR_COMPILE_THREADS="
+            f"{os.environ.get('TORCHINDUCTOR_COMPILE_THREADS')} (no compile workers "
+            "left running)"
         )
     framework_threads = None
     if modules["tensorflow"] is not None:

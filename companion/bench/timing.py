@@ -156,6 +156,9 @@ def framework(name: str):
     runs next, which in an interleaved race is the numpy contender.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # torch.compile compiles in this process: a pool of compile workers would keep
+    # running after the compile and slow whatever is timed next
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     try:
         if name == "tensorflow":
             # silences TF's C++ logs before it loads
