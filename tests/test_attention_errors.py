@@ -25,7 +25,8 @@ IMPLEMENTATIONS = registry.implementations("attention")
 IDS = _ids(IMPLEMENTATIONS)
 impls = pytest.mark.parametrize("backend, name, function", IMPLEMENTATIONS, ids=IDS)
 
-# (id, query shape, key shape, value shape, mask shape or None, words the message must contain)
+# (id, query shape, key shape, value shape, mask shape or None,
+#  words the message must contain)
 BAD_SHAPES = [
     ("head-dims", (1, 2, 4, 8), (1, 2, 5, 6), (1, 2, 5, 6), None, "head dimension"),
     ("kv-lengths", (1, 2, 4, 8), (1, 2, 5, 8), (1, 2, 6, 8), None, "length S"),

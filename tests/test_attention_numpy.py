@@ -139,7 +139,7 @@ def test_softmax_rejects_unbroadcastable_mask():
         softmax(np.zeros((2, 3)), mask=np.ones(4, dtype=bool))
 
 
-# ----------------------------------------------------------------------------- grouped-query
+# ------------------------------------------------------------------------ grouped-query
 
 
 @pytest.mark.parametrize(
@@ -286,7 +286,7 @@ def test_nadaraya_watson_rejects_bad_input(kwargs, error, words):
         nadaraya_watson(**arguments, bandwidth=bandwidth)
 
 
-# ----------------------------------------------------------------------------- multi-head
+# --------------------------------------------------------------------------- multi-head
 
 
 @pytest.mark.parametrize("H, H_kv", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
@@ -412,7 +412,7 @@ def test_kv_cache_rejects_mismatched_appends():
         cache.append(np.zeros((1, 2, 3, 4)), np.zeros((1, 2, 2, 4)))
 
 
-# ----------------------------------------------------------------------------- tiled kernel
+# ------------------------------------------------------------------------- tiled kernel
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

@@ -1,13 +1,15 @@
 """The TensorFlow attention namespace against Keras's built-in layer and against itself.
 
-* ``keras.layers.MultiHeadAttention`` keeps its weights as kernels ``(dim, heads, head_dim)``,
-  biases ``(heads, head_dim)`` and an output kernel ``(heads, value_dim, out)``;
+* ``keras.layers.MultiHeadAttention`` keeps its weights as kernels
+  ``(dim, heads, head_dim)``, biases ``(heads, head_dim)`` and an output kernel
+  ``(heads, value_dim, out)``;
   ``MultiHeadParams.from_keras`` and our layer's ``load_from_keras`` read them, and then
   ``multi_head_attention`` and our ``MultiHeadAttention`` layer equal Keras (masks,
   ``use_causal_mask`` for ``L == S``);
 * the documented differences, each shown: Keras's causal mask is top-left aligned when
-  ``L != S`` (ours is bottom-right, and equals Keras given that mask explicitly); a fully
-  masked query gets uniform weights in Keras's default (fused) path but exactly 0 here;
+  ``L != S`` (ours is bottom-right, and equals Keras given that mask explicitly); a
+  fully masked query gets uniform weights in Keras's default (fused) path but exactly
+  0 here;
 * our layer's grouped-query parameter count matches the formula; decoding token by token
   with a ``KVCache`` equals full causal self-attention; ``attention_tiled`` inside
   ``tf.function`` equals eager and never touches key blocks the causal mask hides.
@@ -33,7 +35,7 @@ BLOCKS = {"block_q": 3, "block_k": 4}  # divide none of the lengths below
 
 
 def call(name, fn, *args, **kwargs):
-    """Call an attention implementation, with block sizes that divide nothing for the tiled one."""
+    """Call an attention implementation; tiled with blocks that divide nothing."""
     if name == "attention_tiled":
         kwargs = {**BLOCKS, **kwargs}
     return fn(*args, **kwargs)
@@ -42,7 +44,7 @@ def call(name, fn, *args, **kwargs):
 def keras_mha(
     rng, *, num_heads, key_dim, value_dim=None, E=8, E_kv=None, use_bias=True
 ):
-    """A built Keras layer with random (non-zero) biases, so that copying them is tested too."""
+    """A built Keras layer with random (non-zero) biases: copying them is tested too."""
     layer = keras.layers.MultiHeadAttention(
         num_heads=num_heads, key_dim=key_dim, value_dim=value_dim, use_bias=use_bias
     )
@@ -62,9 +64,9 @@ def float64(t):
     return tf.cast(t, tf.float64).numpy()
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # softmax, masks, the tiled kernel
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -120,9 +122,9 @@ def test_tf_function_equals_eager(_backend, name, fn, causal, dtype, rng):
 
 @pytest.mark.parametrize("L,S", [(8, 8), (6, 9)], ids=["L=S", "L<S"])
 def test_tiled_causal_never_reads_hidden_key_blocks(L, S, rng):
-    """Keys and values hidden by the causal mask in whole blocks are NaN: the tiled kernel skips them.
+    """Keys and values the causal mask hides in whole blocks are NaN: tiled skips them.
 
-    The reference multiplies the (zero) weights by every value, so NaN reaches every row.
+    The reference multiplies the (zero) weights by every value: NaN reaches every row.
     """
     block = 4
     q = tf.constant(rng.standard_normal((1, 2, L, 4)))
@@ -240,9 +242,9 @@ def test_nadaraya_watson_equals_numpy(x_shape, y_shape, rng):
     )
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Keras's MultiHeadAttention: layouts, equality, documented differences
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 
 
 def test_keras_weight_layout_and_from_keras(rng):
@@ -367,8 +369,8 @@ def test_fully_masked_query_is_zero_here_uniform_in_keras_fused_path(rng):
         atol=0,
         name="masked row = b_o exactly",
     )
-    # Keras's fused path (the default call) adds a large negative number: uniform weights,
-    # i.e. what a zero query would give (all scores equal).
+    # Keras's fused path (the default call) adds a large negative number: uniform
+    # weights, i.e. what a zero query would give (all scores equal).
     params = MultiHeadParams.from_keras(keras_layer)
     zero_query = MultiHeadParams(
         params.w_q * 0,
@@ -388,7 +390,8 @@ def test_fully_masked_query_is_zero_here_uniform_in_keras_fused_path(rng):
     assert_close(
         keras_fused[0, 1], uniform[0, 1], name="Keras fused path: uniform weights"
     )
-    # With return_attention_scores=True Keras 3.15 takes another path that zeroes masked weights.
+    # With return_attention_scores=True Keras 3.15 takes another path that zeroes
+    # masked weights.
     _, keras_weights = keras_layer(
         x_q, x_kv, attention_mask=mask, return_attention_scores=True
     )
@@ -400,9 +403,9 @@ def test_fully_masked_query_is_zero_here_uniform_in_keras_fused_path(rng):
     )
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # our Keras layer: grouped-query parameters, conversion, KV cache
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("H,H_kv", [(6, 6), (6, 2), (6, 1)], ids=["MHA", "GQA", "MQA"])

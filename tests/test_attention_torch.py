@@ -3,11 +3,13 @@
 * every attention implementation registered for torch equals
   ``torch.nn.functional.scaled_dot_product_attention`` (boolean and float masks, causal,
   grouped-query heads, scale; float16/bfloat16 within twice the built-in's own error);
-* the hand-written FlashAttention-2 backward of ``attention_tiled`` equals autograd through
-  the reference (and passes ``torch.autograd.gradcheck``), saving no ``L x S`` tensor;
+* the hand-written FlashAttention-2 backward of ``attention_tiled`` equals autograd
+  through the reference (and passes ``torch.autograd.gradcheck``), saving no ``L x S``
+  tensor;
 * ``multi_head_attention`` and the ``MultiHeadAttention`` module equal
-  ``torch.nn.MultiheadAttention`` with copied weights, differ from it only where documented
-  (a fully masked query: NaN there, 0 here), and decode token by token with a KV cache.
+  ``torch.nn.MultiheadAttention`` with copied weights, differ from it only where
+  documented (a fully masked query: NaN there, 0 here), and decode token by token with
+  a KV cache.
 
 The cross-backend comparison with the numpy float64 oracle lives in
 ``tests/test_attention_pairs.py``.
@@ -40,15 +42,15 @@ def tensor(rng, shape, device, dtype="float64"):
 
 
 def call(name, fn, *args, **kwargs):
-    """Call an attention implementation, with block sizes that divide nothing for the tiled one."""
+    """Call an attention implementation; tiled with blocks that divide nothing."""
     if name == "attention_tiled":
         kwargs = {**BLOCKS, **kwargs}
     return fn(*args, **kwargs)
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # masks and softmax
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("L,S", [(1, 1), (3, 3), (2, 5), (5, 2), (1, 7)])
@@ -92,9 +94,9 @@ def test_softmax_masked_entries_and_empty_rows_are_zero(rng, device, dtype):
     assert_close(weights[[0, 1, 3]], expected, name="kept rows vs torch.softmax")
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # attention against torch.nn.functional.scaled_dot_product_attention
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 
 SHAPES = [  # (B, H, H_kv, L, S, D, D_v)
     (2, 4, 4, 7, 7, 8, 8),
@@ -246,9 +248,9 @@ def test_leading_axes_broadcast(rng, device):
         assert_close(call(name, getattr(ct, name), q, k, v), expected, name=name)
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # the FlashAttention-2 backward of attention_tiled
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 
 GRAD_CASES = {  # (B, H, H_kv, L, S, D, D_v), mask kind, causal
     "plain": ((2, 2, 2, 7, 9, 4, 3), None, False),
@@ -368,9 +370,9 @@ def test_tiled_float_mask_gets_no_gradient(rng):
     assert not out.requires_grad
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # multi-head attention: the function, the module, the KV cache
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 
 
 def torch_mha(
@@ -396,7 +398,7 @@ def torch_mha(
 
 
 def run_mha(module, x_q, x_kv_k, x_kv_v, **kwargs):
-    """Call ``nn.MultiheadAttention`` with batch-first tensors whatever its ``batch_first``."""
+    """Call ``nn.MultiheadAttention`` with batch-first tensors, whatever its setting."""
     if module.batch_first:
         return module(x_q, x_kv_k, x_kv_v, **kwargs)
     out, weights = module(
@@ -442,7 +444,7 @@ def test_multi_head_attention_boolean_attn_mask_is_inverted(rng, device):
 
 
 def test_fully_masked_query_nan_in_nn_zero_here(rng, device):
-    """The documented difference: nn.MultiheadAttention gives NaN, ours (and SDPA) exactly 0."""
+    """The documented difference: nn.MultiheadAttention gives NaN, ours (and SDPA) 0."""
     E, H, L, S = 8, 2, 3, 4
     module = torch_mha(E, H, batch_first=True, device=device)
     params = ct.MultiHeadParams.from_torch(module)
@@ -628,13 +630,16 @@ def test_kv_cache_grows_by_doubling(device):
         )
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # score functions and Nadaraya-Watson against the numpy float64 oracle
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 
 
 def score_arguments(rng):
-    """numpy float64 arguments of every score function: queries (2, 5, 4), keys (2, 7, 4 or 3)."""
+    """numpy float64 arguments of every score function.
+
+    Queries (2, 5, 4), keys (2, 7, 4 or 3).
+    """
     q, k, k3 = (
         rng.standard_normal((2, 5, 4)),
         rng.standard_normal((2, 7, 4)),
