@@ -27,7 +27,7 @@ _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 
 def dtype_name(dtype) -> str:
-    """``'float32'`` for numpy ``float32``, ``torch.float32`` and ``tf.float32`` alike."""
+    """``'float32'`` for numpy ``float32``, ``torch.float32`` and ``tf.float32``."""
     name = getattr(dtype, "name", None)
     if not isinstance(name, str) and str(dtype).startswith("torch."):
         # torch dtypes have no .name; asked first, numpy's TypeError never comes (a
@@ -53,14 +53,16 @@ def check_float(name: str, dtype) -> str:
     n = dtype_name(dtype)
     if n not in _FLOAT_NAMES:
         raise TypeError(
-            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
+            "float64), "
             f"got dtype {n}"
         )
     return n
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:
-    """``value`` as a Python int ``>= minimum`` (Python or numpy integers, not bools); ``ValueError`` otherwise."""
+    """``value`` as a Python int ``>= minimum`` (Python or numpy integers, not bools);
+    ``ValueError`` otherwise."""
     if (
         isinstance(value, bool)
         or not hasattr(value, "__index__")
@@ -82,7 +84,8 @@ def broadcast_shape(*shapes: tuple[int, ...]) -> tuple[int, ...]:
         sizes = {s[axis] for s in shapes if len(s) >= -axis and s[axis] != 1}
         if len(sizes) > 1:
             raise ValueError(
-                f"shapes {', '.join(map(str, shapes))} do not broadcast (axis {axis}: sizes {sorted(sizes)})"
+                f"shapes {', '.join(map(str, shapes))} do not broadcast (axis {axis}: "
+                f"sizes {sorted(sizes)})"
             )
         out.append(sizes.pop() if sizes else 1)
     return tuple(out)
@@ -111,7 +114,8 @@ class AttentionShapes(NamedTuple):
 
 
 def attention_shapes(query_shape, key_shape, value_shape) -> AttentionShapes:
-    """Check ``query (..., H, L, D)``, ``key (..., H_kv, S, D)``, ``value (..., H_kv, S, D_v)``.
+    """Check ``query (..., H, L, D)``, ``key (..., H_kv, S, D)``, ``value (..., H_kv, S,
+    D_v)``.
 
     Raises ``ValueError`` for a rank below 3, mismatched head dimensions, key/value
     lengths or head counts, ``H`` not a multiple of ``H_kv``, and leading axes that do
@@ -121,7 +125,8 @@ def attention_shapes(query_shape, key_shape, value_shape) -> AttentionShapes:
     for name, shape in (("query", q), ("key", k), ("value", v)):
         if len(shape) < 3:
             raise ValueError(
-                f"{name} must have shape (..., heads, length, dim) with at least 3 axes, "
+                f"{name} must have shape (..., heads, length, dim) with at least 3 "
+                "axes, "
                 f"got shape {shape}"
             )
     H, L, D = q[-3:]
@@ -134,15 +139,18 @@ def attention_shapes(query_shape, key_shape, value_shape) -> AttentionShapes:
         )
     if S_v != S:
         raise ValueError(
-            f"key and value must have the same length S: key {k} has S={S}, value {v} has S={S_v}"
+            f"key and value must have the same length S: key {k} has S={S}, value {v} "
+            f"has S={S_v}"
         )
     if H_v != H_kv:
         raise ValueError(
-            f"key and value must have the same number of heads: key {k} has {H_kv}, value {v} has {H_v}"
+            f"key and value must have the same number of heads: key {k} has {H_kv}, "
+            f"value {v} has {H_v}"
         )
     if H_kv < 1 or H % H_kv != 0:
         raise ValueError(
-            f"the query heads H={H} (query {q}) must be a multiple of the key/value heads "
+            f"the query heads H={H} (query {q}) must be a multiple of the key/value "
+            "heads "
             f"H_kv={H_kv} (key {k}) for grouped-query attention"
         )
     if S == 0:
@@ -153,13 +161,15 @@ def attention_shapes(query_shape, key_shape, value_shape) -> AttentionShapes:
         batch = broadcast_shape(q[:-3], k[:-3], v[:-3])
     except ValueError:
         raise ValueError(
-            f"the leading (batch) axes of query {q}, key {k} and value {v} do not broadcast"
+            f"the leading (batch) axes of query {q}, key {k} and value {v} do not "
+            "broadcast"
         ) from None
     return AttentionShapes(batch, H, H_kv, L, S, D, D_v)
 
 
 def check_mask_shape(mask_shape, shapes: AttentionShapes, name: str = "mask") -> None:
-    """Raise ``ValueError`` unless ``mask_shape`` broadcasts to ``(..., H, L, S)`` without growing it."""
+    """Raise ``ValueError`` unless ``mask_shape`` broadcasts to ``(..., H, L, S)``
+    without growing it."""
     m = tuple(mask_shape)
     target = shapes.scores
     try:
@@ -188,11 +198,12 @@ def resolve_scale(scale, D: int) -> float:
     return scale
 
 
-# --- convolution geometry (shared by the numpy, torch and tensorflow conv2d) ---------------
+# --- convolution geometry (shared by the numpy, torch and tensorflow conv2d) ----------
 
 
 class Conv2dGeometry(NamedTuple):
-    """The sizes of one ``conv2d`` call (``NCHW`` input, ``OIHW`` weight), all Python ints.
+    """The sizes of one ``conv2d`` call (``NCHW`` input, ``OIHW`` weight), all Python
+    ints.
 
     ``pad`` is ``(top, bottom, left, right)``: ``padding="same"`` puts the odd extra row
     or column at the bottom/right, as ``torch.nn.functional.conv2d`` does.
@@ -252,7 +263,8 @@ def conv2d_geometry(
         raise ValueError(f"x must have shape (N, C_in, H, W) (NCHW), got shape {x}")
     if len(w) != 4:
         raise ValueError(
-            f"weight must have shape (C_out, C_in / groups, kH, kW) (OIHW), got shape {w}"
+            "weight must have shape (C_out, C_in / groups, kH, kW) (OIHW), got shape "
+            f"{w}"
         )
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
@@ -260,11 +272,13 @@ def conv2d_geometry(
     C_out, C_in_g, kH, kW = w
     if C_in % groups or C_out % groups:
         raise ValueError(
-            f"groups={groups} must divide both C_in={C_in} (x {x}) and C_out={C_out} (weight {w})"
+            f"groups={groups} must divide both C_in={C_in} (x {x}) and C_out={C_out} "
+            f"(weight {w})"
         )
     if C_in_g * groups != C_in:
         raise ValueError(
-            f"weight {w} expects C_in / groups = {C_in_g}, so C_in = {C_in_g * groups}, "
+            f"weight {w} expects C_in / groups = {C_in_g}, so C_in = "
+            f"{C_in_g * groups}, "
             f"but x {x} has C_in = {C_in} (groups={groups})"
         )
     if min(kH, kW, C_out) < 1:
@@ -294,7 +308,8 @@ def conv2d_geometry(
             )
         else:
             raise ValueError(
-                f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}"
+                "padding must be an int, a pair of ints, 'same' or 'valid', got "
+                f"{padding!r}"
             )
     else:
         ph, pw = _int_pair("padding", padding, 0)
@@ -304,8 +319,10 @@ def conv2d_geometry(
     W_out = (W + pad[2] + pad[3] - span_w) // stride[1] + 1
     if H + pad[0] + pad[1] < span_h or W + pad[2] + pad[3] < span_w:
         raise ValueError(
-            f"the dilated kernel ({span_h} x {span_w}, weight {w}, dilation {dilation}) is larger "
-            f"than the padded input ({H + pad[0] + pad[1]} x {W + pad[2] + pad[3]}, x {x}, "
+            f"the dilated kernel ({span_h} x {span_w}, weight {w}, dilation "
+            f"{dilation}) is larger "
+            f"than the padded input ({H + pad[0] + pad[1]} x {W + pad[2] + pad[3]}, x "
+            f"{x}, "
             f"padding {padding!r})"
         )
     return Conv2dGeometry(
@@ -322,11 +339,12 @@ def check_cache_append(
     cached_value_shape=None,
     cached_dtype=None,
 ) -> None:
-    """Check one ``KVCache.append(key, value)`` against itself and against what is cached.
+    """Check one ``KVCache.append(key, value)`` against itself and against what is
+    cached.
 
     ``key (B, H_kv, S_new, D)`` and ``value (B, H_kv, S_new, D_v)`` must agree on
-    ``(B, H_kv, S_new)`` and dtype; once the cache holds something, ``B``, ``H_kv``, ``D``,
-    ``D_v`` and the dtype are fixed.
+    ``(B, H_kv, S_new)`` and dtype; once the cache holds something, ``B``, ``H_kv``,
+    ``D``, ``D_v`` and the dtype are fixed.
     """
     k, v = tuple(key_shape), tuple(value_shape)
     for name, shape in (("key", k), ("value", v)):
@@ -346,7 +364,8 @@ def check_cache_append(
     ck, cv = tuple(cached_key_shape), tuple(cached_value_shape)
     if (k[:2], k[3], v[3]) != (ck[:2], ck[3], cv[3]):
         raise ValueError(
-            f"key {k} / value {v} do not match the cache's (B, H_kv, D) = {(*ck[:2], ck[3])} "
+            f"key {k} / value {v} do not match the cache's (B, H_kv, D) = "
+            f"{(*ck[:2], ck[3])} "
             f"and (B, H_kv, D_v) = {(*cv[:2], cv[3])}"
         )
     if names[0] != dtype_name(cached_dtype):

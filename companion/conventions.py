@@ -22,20 +22,22 @@ E     embedding (model) width of a layer's input, ``E = H * D`` usually
   ``torch.nn.functional.scaled_dot_product_attention``. Leading axes ``...`` broadcast.
 * Layers (``multi_head_attention``, the torch and Keras modules) take batch-first
   ``(B, L, E)`` inputs, as ``batch_first=True`` in torch and as Keras does.
-* Convolutions take ``NCHW`` inputs and ``OIHW`` weights (``(C_out, C_in / groups, kH, kW)``),
-  the layout of ``torch.nn.functional.conv2d``; the TensorFlow namespace keeps this at its
-  API and transposes to ``NHWC`` inside.
+* Convolutions take ``NCHW`` inputs and ``OIHW`` weights
+  (``(C_out, C_in / groups, kH, kW)``), the layout of ``torch.nn.functional.conv2d``;
+  the TensorFlow namespace keeps this at its API and transposes to ``NHWC`` inside.
 
 Masks
 -----
 * A **boolean mask** means ``True`` = *may attend*. It broadcasts to ``(..., H, L, S)``.
-  (``torch.nn.functional.scaled_dot_product_attention`` agrees; ``torch.nn.MultiheadAttention``'s
-  ``key_padding_mask`` says the opposite, ``True`` = ignore.)
+  (``torch.nn.functional.scaled_dot_product_attention`` agrees;
+  ``torch.nn.MultiheadAttention``'s ``key_padding_mask`` says the opposite, ``True`` =
+  ignore.)
 * A **float mask** is added to the scaled scores (``-inf`` entries are masked).
-* **causal** is *bottom-right aligned*: query ``i`` sees key ``j`` iff ``j <= i + (S - L)``.
-  When ``L == S`` this is the usual lower triangle and equals torch's ``is_causal``; when
-  ``L < S`` (decoding with a KV cache: the new queries are the *last* ``L`` positions) it
-  differs from torch's ``is_causal`` and Keras's ``use_causal_mask``, which are top-left
+* **causal** is *bottom-right aligned*: query ``i`` sees key ``j`` iff
+  ``j <= i + (S - L)``. When ``L == S`` this is the usual lower triangle and equals
+  torch's ``is_causal``; when ``L < S`` (decoding with a KV cache: the new queries are
+  the *last* ``L`` positions) it differs from torch's ``is_causal`` and Keras's
+  ``use_causal_mask``, which are top-left
   aligned::
 
       L = 2, S = 5          bottom-right (ours)     top-left (torch is_causal, Keras)
@@ -46,8 +48,9 @@ Masks
 * **window** ``w`` (sliding-window attention, an int ``>= 1``): query ``i`` at absolute
   position ``p = i + (S - L)`` (bottom-right, as causal) sees key ``j`` iff
   ``p - w < j <= p`` with ``causal=True`` (the last ``w`` keys, itself included:
-  Mistral's convention), and iff ``|p - j| < w`` with ``causal=False`` (a symmetric band:
-  Longformer's local attention). The tiled kernels skip the key blocks outside the band,
+  Mistral's convention), and iff ``|p - j| < w`` with ``causal=False`` (a symmetric
+  band: Longformer's local attention). The tiled kernels skip the key blocks outside the
+  band,
   so their work is ``O(L * w)``::
 
       L = S = 5, w = 2      causal        not causal
@@ -64,7 +67,8 @@ Masks
 Grouped-query heads
 -------------------
 Query head ``h`` uses key/value head ``h // (H // H_kv)``, the order of
-``torch.repeat_interleave`` and of torch SDPA's ``enable_gqa=True``. ``H % H_kv != 0`` is
+``torch.repeat_interleave`` and of torch SDPA's ``enable_gqa=True``. ``H % H_kv != 0``
+is
 an error. ``H_kv == 1`` is multi-query attention::
 
       H = 6, H_kv = 2       query heads  0 1 2 | 3 4 5
@@ -75,16 +79,16 @@ Numbers
 * **scale** defaults to ``1 / sqrt(D)``, computed with :func:`math.sqrt` as a Python
   float so that it never changes the input dtype (``np.sqrt(d)`` returns a numpy float64
   that silently promotes float32 arrays to float64: twice the memory, 1.6x the time).
-* **dtypes**: the output dtype equals the input dtype; float16/bfloat16 inputs accumulate
-  in float32. Integer inputs are a ``TypeError`` (attention of integers is a bug, not a
-  request for float64).
+* **dtypes**: the output dtype equals the input dtype; float16/bfloat16 inputs
+  accumulate in float32. Integer inputs are a ``TypeError`` (attention of integers is a
+  bug, not a request for float64).
 * Masked scores are set by selection (``where``) to ``-inf``, never by adding a large
   finite number (``-1e9`` is not representable in float16).
 
 Errors and inputs
 -----------------
-* Bad input raises ``ValueError`` (shapes, values) or ``TypeError`` (dtypes, types) with a
-  message that names the argument and the shapes seen, never a bare ``IndexError``,
+* Bad input raises ``ValueError`` (shapes, values) or ``TypeError`` (dtypes, types) with
+  a message that names the argument and the shapes seen, never a bare ``IndexError``,
   ``AssertionError``, a silent broadcast or a NaN.
 * Inputs are never modified in place.
 """
@@ -127,7 +131,8 @@ def gqa_group_size(num_heads: int, num_kv_heads: int) -> int:
     )
     if num_heads % num_kv_heads != 0:
         raise ValueError(
-            f"num_heads (H={num_heads}) must be a multiple of num_kv_heads (H_kv={num_kv_heads}): "
+            f"num_heads (H={num_heads}) must be a multiple of num_kv_heads "
+            f"(H_kv={num_kv_heads}): "
             "each key/value head serves an equal group of query heads"
         )
     return num_heads // num_kv_heads

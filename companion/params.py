@@ -1,9 +1,10 @@
-r"""Counting parameters, FLOPs and bytes, framework free: what sharing saves, in numbers.
+r"""Counting parameters, FLOPs and bytes, framework free: what sharing saves, in
+numbers.
 
 Formulas for single layers (dense, convolution, locally connected, attention with
-grouped-query heads, the KV cache) and for whole transformers (:class:`TransformerConfig`,
-:data:`PRESETS`, :func:`transformer_parameter_count`), counting exactly as the reference
-implementations count their models:
+grouped-query heads, the KV cache) and for whole transformers
+(:class:`TransformerConfig`, :data:`PRESETS`, :func:`transformer_parameter_count`),
+counting exactly as the reference implementations count their models:
 
 * GPT-2 (Hugging Face ``GPT2LMHeadModel``): the LM head is **tied** to the token
   embedding, so it adds nothing; ``gpt2`` (small) has 124,439,808 parameters.
@@ -51,7 +52,7 @@ def _pair(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
-# --- single layers -------------------------------------------------------------------------------
+# --- single layers --------------------------------------------------------------------
 
 
 def dense_parameter_count(
@@ -69,14 +70,16 @@ def conv2d_parameter_count(
     groups: int = 1,
     bias: bool = True,
 ) -> int:
-    r"""A conv2d layer: :math:`C_{out} (C_{in}/g)\, k_H k_W + C_{out}`, whatever the input size.
+    r"""A conv2d layer: :math:`C_{out} (C_{in}/g)\, k_H k_W + C_{out}`, whatever the
+    input size.
 
     The count does not depend on the image size: the kernel is shared by every position.
     """
     kH, kW = _pair(kernel_size)
     if in_channels % groups or out_channels % groups:
         raise ValueError(
-            f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
+            f"groups={groups} must divide in_channels={in_channels} and "
+            f"out_channels={out_channels}"
         )
     return out_channels * (in_channels // groups) * kH * kW + (
         out_channels if bias else 0
@@ -86,7 +89,8 @@ def conv2d_parameter_count(
 def locally_connected2d_parameter_count(
     in_channels: int, out_channels: int, kernel_size, output_size, *, bias: bool = True
 ) -> int:
-    r"""A locally connected layer: :math:`H_{out} W_{out} (C_{out} C_{in} k_H k_W + C_{out})`.
+    r"""A locally connected layer: :math:`H_{out} W_{out} (C_{out} C_{in} k_H k_W +
+    C_{out})`.
 
     The convolution's count times the number of output positions (bias unshared too, as
     in :func:`companion.numpy.locally_connected2d`).
@@ -108,7 +112,8 @@ def attention_parameter_count(
     *,
     bias: bool = True,
 ) -> int:
-    r"""Multi-head attention with ``num_kv_heads`` key/value heads (grouped-query attention).
+    r"""Multi-head attention with ``num_kv_heads`` key/value heads (grouped-query
+    attention).
 
     .. math::
 
@@ -116,7 +121,8 @@ def attention_parameter_count(
         + \underbrace{H D\, E}_{W_O} \;+\; \text{biases } (H D + 2 H_{kv} D + E)
 
     ``head_dim`` defaults to ``E / H``. ``H_kv = H`` is ordinary multi-head attention,
-    ``H_kv = 1`` multi-query attention: the key/value projections shrink by ``H / H_kv``.
+    ``H_kv = 1`` multi-query attention: the key/value projections shrink by
+    ``H / H_kv``.
     """
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if num_kv_heads < 1 or num_heads % num_kv_heads:
@@ -126,7 +132,8 @@ def attention_parameter_count(
     if head_dim is None:
         if embed_dim % num_heads:
             raise ValueError(
-                f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; give head_dim"
+                f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; "
+                "give head_dim"
             )
         head_dim = embed_dim // num_heads
     q, kv = num_heads * head_dim, num_kv_heads * head_dim
@@ -143,7 +150,8 @@ def kv_cache_bytes(
     batch: int = 1,
     dtype_bytes: int = 2,
 ) -> int:
-    r"""Memory of a KV cache: :math:`2 \cdot n_{layers} \cdot B \cdot H_{kv} \cdot S \cdot D \cdot \text{bytes}`.
+    r"""Memory of a KV cache: :math:`2 \cdot n_{layers} \cdot B \cdot H_{kv} \cdot S
+    \cdot D \cdot \text{bytes}`.
 
     The 2 is keys and values. It grows with the number of key/value heads, so
     grouped-query attention (``H_kv < H``) divides the cache by ``H / H_kv``.
@@ -151,7 +159,7 @@ def kv_cache_bytes(
     return 2 * num_layers * batch * num_kv_heads * seq_len * head_dim * dtype_bytes
 
 
-# --- whole transformers --------------------------------------------------------------------------
+# --- whole transformers ---------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -169,7 +177,8 @@ class TransformerConfig:
     num_layers
         the number of transformer layers
     num_heads
-        query heads; ``num_kv_heads`` (``None`` = ``num_heads``) below it is grouped-query
+        query heads; ``num_kv_heads`` (``None`` = ``num_heads``) below it is
+        grouped-query
     intermediate_size
         the MLP's inner width (``4 E`` in GPT-2 and BERT)
     embedding_size
@@ -279,12 +288,13 @@ PRESETS: dict[str, TransformerConfig] = {
 
 
 def parameter_breakdown(config: TransformerConfig) -> dict[str, int]:
-    r"""The parameters of ``config`` by component; the values sum to :func:`transformer_parameter_count`.
+    r"""The parameters of ``config`` by component; the values sum to
+    :func:`transformer_parameter_count`.
 
-    Keys: ``embeddings`` (token, position, segment embeddings, their LayerNorm and ALBERT's
-    projection), ``attention`` (``Q, K, V, O`` of all *distinct* layers), ``mlp``,
-    ``norms`` (the layers' LayerNorms and the final one), ``pooler``, ``head`` (0 when tied).
-    Per distinct layer, with ``E`` hidden, ``I`` intermediate:
+    Keys: ``embeddings`` (token, position, segment embeddings, their LayerNorm and
+    ALBERT's projection), ``attention`` (``Q, K, V, O`` of all *distinct* layers),
+    ``mlp``, ``norms`` (the layers' LayerNorms and the final one), ``pooler``, ``head``
+    (0 when tied). Per distinct layer, with ``E`` hidden, ``I`` intermediate:
 
     .. math::
 
@@ -325,7 +335,8 @@ def parameter_breakdown(config: TransformerConfig) -> dict[str, int]:
 
 
 def transformer_parameter_count(config: TransformerConfig) -> int:
-    """Total parameters of ``config``, counted as the reference implementation counts them.
+    """Total parameters of ``config``, counted as the reference implementation counts
+    them.
 
     A tied head counts once (it is the token embedding); shared layers count once. See
     :func:`parameter_breakdown` for the components.
@@ -333,12 +344,13 @@ def transformer_parameter_count(config: TransformerConfig) -> int:
     return sum(parameter_breakdown(config).values())
 
 
-# --- encoder-decoder transformers (Vaswani et al. 2017) -----------------------------------
+# --- encoder-decoder transformers (Vaswani et al. 2017) -------------------------------
 
 
 @dataclass(frozen=True)
 class EncoderDecoderConfig:
-    """The sizes of an encoder-decoder transformer (as ``Seq2SeqTransformer`` builds it).
+    """The sizes of an encoder-decoder transformer (as ``Seq2SeqTransformer`` builds
+    it).
 
     Sinusoidal positions have no parameters, so no maximum length is needed.
 
@@ -421,7 +433,8 @@ def encoder_decoder_parameter_breakdown(config: EncoderDecoderConfig) -> dict[st
     matrices = {"none": (Vs + 2 * Vt), "decoder-output": Vs + Vt, "all": Vs}
     if c.share_embeddings not in matrices:
         raise ValueError(
-            f"share_embeddings must be one of {tuple(matrices)}, got {c.share_embeddings!r}"
+            f"share_embeddings must be one of {tuple(matrices)}, got "
+            f"{c.share_embeddings!r}"
         )
     if c.share_embeddings == "all" and Vs != Vt:
         raise ValueError(
@@ -444,7 +457,7 @@ def encoder_decoder_parameter_count(config: EncoderDecoderConfig) -> int:
     return sum(encoder_decoder_parameter_breakdown(config).values())
 
 
-# --- compute and memory -----------------------------------------------------------------------
+# --- compute and memory ---------------------------------------------------------------
 
 #: Bytes per element of the usual dtypes.
 DTYPE_BYTES = {
@@ -459,12 +472,13 @@ DTYPE_BYTES = {
 
 
 def training_flops_per_token(n_params: int) -> float:
-    r"""About :math:`6N` floating-point operations per token for training (Kaplan et al. 2020).
+    r"""About :math:`6N` floating-point operations per token for training (Kaplan et al.
+    2020).
 
     ``2N`` for the forward pass (a multiply and an add per weight) and ``4N`` for the
     backward pass; attention over the context and embedding lookups are left out.
-    Sharing layers (ALBERT) cuts ``N`` in memory but **not** this compute: a shared layer
-    is still run ``num_layers`` times, so use the unshared count here.
+    Sharing layers (ALBERT) cuts ``N`` in memory but **not** this compute: a shared
+    layer is still run ``num_layers`` times, so use the unshared count here.
     """
     return 6.0 * n_params
 
@@ -475,13 +489,14 @@ def inference_flops_per_token(n_params: int) -> float:
 
 
 def weight_bytes(n_params: int, dtype: str = "float32") -> int:
-    """Memory of ``n_params`` weights stored in ``dtype`` (a name of :data:`DTYPE_BYTES`)."""
+    """Memory of ``n_params`` weights stored in ``dtype`` (a name of
+    :data:`DTYPE_BYTES`)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     return math.ceil(n_params * DTYPE_BYTES[dtype])
 
 
-# --- counting a framework model ------------------------------------------------------------------
+# --- counting a framework model -------------------------------------------------------
 
 
 def _numel(shape) -> int:
@@ -489,14 +504,15 @@ def _numel(shape) -> int:
 
 
 def count_parameters(model, *, trainable_only: bool = False) -> int:
-    """Number of parameters of a torch module or a Keras model, **each shared tensor once**.
+    """Number of parameters of a torch module or a Keras model, **each shared tensor
+    once**.
 
-    torch: ``model.named_parameters(remove_duplicate=True)``, deduplicated again by object
-    identity (a tied embedding/head is one ``Parameter``), buffers excluded. Keras:
-    ``model.weights`` (trainable and non-trainable, as ``count_params()``), deduplicated
-    by identity and by variable path. ``trainable_only`` keeps the parameters that
-    require gradients (torch) or ``model.trainable_weights`` (Keras).
-    No framework is imported: the model is recognised by its methods.
+    torch: ``model.named_parameters(remove_duplicate=True)``, deduplicated again by
+    object identity (a tied embedding/head is one ``Parameter``), buffers excluded.
+    Keras: ``model.weights`` (trainable and non-trainable, as ``count_params()``),
+    deduplicated by identity and by variable path. ``trainable_only`` keeps the
+    parameters that require gradients (torch) or ``model.trainable_weights`` (Keras). No
+    framework is imported: the model is recognised by its methods.
     """
     # torch.nn.Module
     if hasattr(model, "named_parameters"):
@@ -520,5 +536,6 @@ def count_parameters(model, *, trainable_only: bool = False) -> int:
             total += _numel(w.shape)
         return total
     raise TypeError(
-        f"model must be a torch.nn.Module or a keras Model/Layer, got {type(model).__name__}"
+        "model must be a torch.nn.Module or a keras Model/Layer, got "
+        f"{type(model).__name__}"
     )

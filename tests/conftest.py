@@ -1,7 +1,8 @@
 """Shared pytest configuration for the package tests.
 
 Every test seeds its own generator through the ``rng`` fixture; comparisons go through
-:func:`companion.testing.assert_close` (one helper, messages that name the worst element).
+:func:`companion.testing.assert_close` (one helper, messages that name the worst
+element).
 """
 
 import os
@@ -31,7 +32,8 @@ def pytest_addoption(parser):
         "--build-book",
         action="store_true",
         default=False,
-        help="build the book (jupyter-book build . -W -n --keep-going) and check the built site; "
+        help="build the book (jupyter-book build . -W -n --keep-going) and check the "
+        "built site; "
         "without it, the site checks use an existing _build/html or skip",
     )
 

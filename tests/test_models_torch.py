@@ -1,4 +1,5 @@
-"""The application models: shapes, parameter counts, sharing by identity, KV-cache decoding."""
+"""The application models: shapes, parameter counts, sharing by identity, KV-cache
+decoding."""
 
 import pytest
 import torch
@@ -89,7 +90,8 @@ def test_cnn_gives_the_same_logits_for_a_shape_wherever_it_is():
     cnn = _vision_model("cnn")
     pattern = torch.from_numpy(shape_patterns(5)[1])
     images = torch.zeros(2, 1, 16, 16)  # any size: no parameter belongs to a position
-    # 3 pixels from the border: no receptive field that sees the shape reads layer 2's zero padding
+    # 3 pixels from the border: no receptive field that sees the shape reads layer 2's
+    # zero padding
     images[0, 0, 3:8, 3:8] = pattern
     images[1, 0, 8:13, 7:12] = pattern
     logits = cnn(images)
@@ -98,7 +100,7 @@ def test_cnn_gives_the_same_logits_for_a_shape_wherever_it_is():
     )
 
 
-# --- language ---------------------------------------------------------------------------------------
+# --- language -------------------------------------------------------------------------
 
 V, MAX_LENGTH, E, HEADS, LAYERS = 11, 12, 16, 2, 2
 
@@ -122,7 +124,8 @@ def test_tied_and_untied_counts_differ_by_one_embedding_matrix():
 
 
 def _logits_reading(model, ids, lookup, head):
-    """The model's forward with the embedding lookup and the output layer reading given tensors."""
+    """The model's forward with the embedding lookup and the output layer reading given
+    tensors."""
     hidden = F.embedding(ids, lookup) + model.position_embedding(
         torch.arange(ids.shape[1])
     )

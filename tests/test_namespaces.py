@@ -1,9 +1,9 @@
 """The three namespaces offer the same names with the same signatures (DESIGN §3).
 
 A notebook switches backend by changing one import, so every public function of
-``companion.numpy`` must exist in ``companion.torch`` and ``companion.tensorflow`` with the
-same parameter names, kinds and defaults. The few differences are listed here, each with
-its reason; anything else that differs fails this test.
+``companion.numpy`` must exist in ``companion.torch`` and ``companion.tensorflow`` with
+the same parameter names, kinds and defaults. The few differences are listed here, each
+with its reason; anything else that differs fails this test.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def _comparable(signature: inspect.Signature, backend: str, name: str):
     for p in signature.parameters.values():
         if (backend, name, p.name) in BACKEND_EXTRAS:
             assert p.kind is p.KEYWORD_ONLY and p.default is not p.empty, (
-                f"{backend}.{name}: extra parameter {p.name} must be keyword-only with a default"
+                f"{backend}.{name}: extra parameter {p.name} must be keyword-only with "
+                "a default"
             )
             continue
         default = (
@@ -126,7 +127,7 @@ def test_every_registered_pair_exists(backend):
 
 
 def test_every_reference_function_is_registered(numpy_functions):
-    """A ``*_reference`` without a registered pair would leave its fast twin untested."""
+    """A ``*_reference`` without a registered pair leaves its fast twin untested."""
     registered = {p.reference for p in registry.PAIRS}
     unregistered = sorted(
         n for n in numpy_functions if n.endswith("_reference") and n not in registered

@@ -1,4 +1,5 @@
-"""companion.params: hand formulas against the frameworks' own counts, and the published totals.
+"""companion.params: hand formulas against the frameworks' own counts, and the published
+totals.
 
 Published totals are those the reference implementations report for the real checkpoints
 (Hugging Face ``num_parameters()``); they are checked by construction from the
@@ -59,7 +60,8 @@ def test_breakdown_sums_to_the_total(preset):
 
 
 def test_albert_sharing_divides_the_layers_only():
-    """Unsharing ALBERT-base's layer multiplies attention, MLP and norms by the layer count."""
+    """Unsharing ALBERT-base's layer multiplies attention, MLP and norms by the layer
+    count."""
     shared = params.PRESETS["albert-base"]
     unshared = params.parameter_breakdown(shared.replace(share_layers=False))
     one = params.parameter_breakdown(shared)
@@ -91,7 +93,7 @@ def test_flops_and_bytes():
         params.weight_bytes(10, "float13")
 
 
-# --- single layers against torch and keras -------------------------------------------------------
+# --- single layers against torch and keras --------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -216,11 +218,12 @@ def test_kv_cache_bytes_is_the_cache_arrays_size(num_kv_heads):
     )
 
 
-# --- whole models built small -------------------------------------------------------------------
+# --- whole models built small ---------------------------------------------------------
 
 
 def _tiny_transformer(config: params.TransformerConfig):
-    """A transformer built from torch.nn pieces, shaped like GPT-2 / BERT / ALBERT by ``config``."""
+    """A transformer built from torch.nn pieces, shaped like GPT-2 / BERT / ALBERT by
+    ``config``."""
     import torch
     from torch import nn
 
@@ -338,7 +341,7 @@ def test_count_parameters_rejects_other_objects():
         params.count_parameters(np.zeros(3))
 
 
-# --- the source document's Keras CNN and its torch twin --------------------------------------------
+# --- the source document's Keras CNN and its torch twin -------------------------------
 
 
 def _source_cnn_formula(image_size=28, in_channels=1):
@@ -391,7 +394,7 @@ def test_source_cnn_torch_twin_computes_the_same_function(source_keras_cnn, rng)
     assert_close(out, expected, rtol=1e-4, atol=1e-6, name="torch twin vs keras")
 
 
-# --- encoder-decoder transformers (Vaswani et al. 2017) --------------------------------
+# --- encoder-decoder transformers (Vaswani et al. 2017) -------------------------------
 
 
 # Vaswani et al. 2017, Table 3, and what torch counts for the same sizes (three-way tied

@@ -2,8 +2,9 @@ r"""Multi-head (and grouped-query) attention layers in numpy, with a key/value c
 
 .. math::
 
-    \operatorname{MHA}(X_q, X_{kv}) = \operatorname{concat}_h\big(\operatorname{Attention}(
-        X_q W_q^{(h)},\; X_{kv} W_k^{(g(h))},\; X_{kv} W_v^{(g(h))})\big)\, W_o + b_o,
+    \operatorname{MHA}(X_q, X_{kv}) = \operatorname{concat}_h\big(
+        \operatorname{Attention}(X_q W_q^{(h)},\; X_{kv} W_k^{(g(h))},\;
+        X_{kv} W_v^{(g(h))})\big)\, W_o + b_o,
     \qquad g(h) = h \,//\, (H / H_{kv})
 
 One set of projection weights is shared by every position of every sequence (the
@@ -72,7 +73,8 @@ def _choose_implementation(
 
 
 def _array(x) -> np.ndarray:
-    """A numpy copy of a numpy array, torch tensor or Keras/TF variable (duck-typed, no imports)."""
+    """A numpy copy of a numpy array, torch tensor or Keras/TF variable (duck-typed, no
+    imports)."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor / Parameter
         return x.detach().cpu().numpy().copy()
     if hasattr(x, "numpy") and callable(x.numpy):  # tf.Variable, keras Variable
@@ -87,20 +89,24 @@ def _array(x) -> np.ndarray:
 class MultiHeadParams:
     r"""The weights of one multi-head attention layer, applied as ``y = x @ W + b``.
 
-    ================  ===========================  ===========================================
-    field             shape                        role
-    ================  ===========================  ===========================================
-    ``w_q``           ``(E_q, H * D)``             query projection; head ``h`` = columns ``h*D:(h+1)*D``
+    ================  =======================  =====================================
+    field             shape                    role
+    ================  =======================  =====================================
+    ``w_q``           ``(E_q, H * D)``         query projection; head ``h`` = columns
+                                               ``h*D:(h+1)*D``
     ``b_q``           ``(H * D,)`` or None
-    ``w_k``           ``(E_kv, H_kv * D)``         key projection
+    ``w_k``           ``(E_kv, H_kv * D)``     key projection
     ``b_k``           ``(H_kv * D,)`` or None
-    ``w_v``           ``(E_kv, H_kv * D_v)``       value projection
-    ``b_v``           ``(H_kv * D_v,)`` or None
-    ``w_o``           ``(H * D_v, E_out)``         output projection of the concatenated heads
+    ``w_v``           ``(E_kv, H_kv * D_v)``   value projection
+    ``b_v``           ``(H_kv * D_v,)`` or
+                      None
+    ``w_o``           ``(H * D_v, E_out)``     output projection of the concatenated
+                                               heads
     ``b_o``           ``(E_out,)`` or None
     ``num_heads``     ``H``
-    ``num_kv_heads``  ``H_kv``                     divides ``H``; ``H_kv < H`` is grouped-query attention
-    ================  ===========================  ===========================================
+    ``num_kv_heads``  ``H_kv``                 divides ``H``; ``H_kv < H`` is
+                                               grouped-query attention
+    ================  =======================  =====================================
     """
 
     w_q: np.ndarray
@@ -133,17 +139,20 @@ class MultiHeadParams:
         ):
             if w.shape[1] % heads:
                 raise ValueError(
-                    f"{name} of shape {tuple(w.shape)} must have a multiple of {heads} heads "
+                    f"{name} of shape {tuple(w.shape)} must have a multiple of {heads} "
+                    "heads "
                     "as output width"
                 )
         if self.w_k.shape[1] // H_kv != self.w_q.shape[1] // H:
             raise ValueError(
-                f"the query head dimension (w_q {tuple(self.w_q.shape)}, H={H}) and the key head "
+                f"the query head dimension (w_q {tuple(self.w_q.shape)}, H={H}) and "
+                "the key head "
                 f"dimension (w_k {tuple(self.w_k.shape)}, H_kv={H_kv}) differ"
             )
         if self.w_k.shape[0] != self.w_v.shape[0]:
             raise ValueError(
-                f"w_k {tuple(self.w_k.shape)} and w_v {tuple(self.w_v.shape)} must read the same "
+                f"w_k {tuple(self.w_k.shape)} and w_v {tuple(self.w_v.shape)} must "
+                "read the same "
                 "input width E_kv"
             )
         if self.w_o.shape[0] != H * self.value_head_dim:
@@ -184,7 +193,8 @@ class MultiHeadParams:
         seed: int = 0,
         dtype="float64",
     ) -> "MultiHeadParams":
-        """Random weights ``U(-1/sqrt(E), 1/sqrt(E))`` for ``E = embed_dim``, ``D = E // H``."""
+        """Random weights ``U(-1/sqrt(E), 1/sqrt(E))`` for ``E = embed_dim``, ``D = E //
+        H``."""
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         gqa_group_size(num_heads, num_kv_heads)
         if embed_dim % num_heads:
@@ -214,17 +224,20 @@ class MultiHeadParams:
 
     @classmethod
     def from_torch(cls, module) -> "MultiHeadParams":
-        """The weights of a ``torch.nn.MultiheadAttention`` (torch is not imported here).
+        """The weights of a ``torch.nn.MultiheadAttention`` (torch is not imported
+        here).
 
-        torch stores ``in_proj_weight (3E, E) = [W_q; W_k; W_v]`` applied as ``x @ W.T``,
-        so ``w_q = in_proj_weight[:E].T``; with ``kdim``/``vdim`` different from ``E`` it
-        keeps ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight`` instead.
+        torch stores ``in_proj_weight (3E, E) = [W_q; W_k; W_v]`` applied as
+        ``x @ W.T``, so ``w_q = in_proj_weight[:E].T``; with ``kdim``/``vdim`` different
+        from ``E`` it keeps ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``
+        instead.
         """
         if getattr(module, "bias_k", None) is not None or getattr(
             module, "add_zero_attn", False
         ):
             raise ValueError(
-                "MultiheadAttention with add_bias_kv or add_zero_attn has no MultiHeadParams equivalent"
+                "MultiheadAttention with add_bias_kv or add_zero_attn has no "
+                "MultiHeadParams equivalent"
             )
         E = module.embed_dim
         if getattr(module, "in_proj_weight", None) is not None:
@@ -255,12 +268,13 @@ class MultiHeadParams:
 
     @classmethod
     def from_keras(cls, layer) -> "MultiHeadParams":
-        """The weights of a built ``keras.layers.MultiHeadAttention`` (keras is not imported here).
+        """The weights of a built ``keras.layers.MultiHeadAttention`` (keras is not
+        imported here).
 
-        Keras keeps kernels ``(dim, heads, head_dim)`` (reshaped to ``(dim, heads * head_dim)``),
-        biases ``(heads, head_dim)`` and the output kernel ``(heads, value_dim, out)``
-        (reshaped to ``(heads * value_dim, out)``). Keras scales the query by
-        ``1 / sqrt(key_dim)``, the default scale here.
+        Keras keeps kernels ``(dim, heads, head_dim)`` (reshaped to
+        ``(dim, heads * head_dim)``), biases ``(heads, head_dim)`` and the output kernel
+        ``(heads, value_dim, out)`` (reshaped to ``(heads * value_dim, out)``). Keras
+        scales the query by ``1 / sqrt(key_dim)``, the default scale here.
         """
         dense = {
             name: getattr(layer, f"{name}_dense", None)
@@ -269,7 +283,8 @@ class MultiHeadParams:
         }
         if any(d is None or getattr(d, "kernel", None) is None for d in dense.values()):
             raise ValueError(
-                "the Keras MultiHeadAttention layer must be built (call it once) before reading it"
+                "the Keras MultiHeadAttention layer must be built (call it once) "
+                "before reading it"
             )
 
         def kernel(name):
@@ -312,12 +327,12 @@ class MultiHeadParams:
 class KVCache(KVCacheBase):
     r"""Keys and values of the positions seen so far, for decoding one step at a time.
 
-    ``append(key, value)`` with ``key (B, H_kv, S_new, D)``, ``value (B, H_kv, S_new, D_v)``
-    returns every cached ``(key (B, H_kv, S, D), value (B, H_kv, S, D_v))``. Storage grows
-    by doubling its capacity along ``S``: appending ``n`` tokens one at a time copies
-    ``O(n)`` elements in all (amortised ``O(1)`` per token), not the ``O(n^2)`` of
-    re-concatenating every step. ``key`` and ``value`` are read-only views of the filled
-    part.
+    ``append(key, value)`` with ``key (B, H_kv, S_new, D)``,
+    ``value (B, H_kv, S_new, D_v)`` returns every cached
+    ``(key (B, H_kv, S, D), value (B, H_kv, S, D_v))``. Storage grows by doubling its
+    capacity along ``S``: appending ``n`` tokens one at a time copies ``O(n)`` elements
+    in all (amortised ``O(1)`` per token), not the ``O(n^2)`` of re-concatenating every
+    step. ``key`` and ``value`` are read-only views of the filled part.
 
     Explained in the book chapter *Making it fast*.
     """
@@ -341,7 +356,7 @@ class KVCache(KVCacheBase):
 
 
 def _project(x: np.ndarray, w, b, heads: int, dtype) -> np.ndarray:
-    """``x @ W + b`` split into heads: ``(B, T, E) -> (B, heads, T, width // heads)``."""
+    """``x @ W + b`` split into heads: ``(B, T, E) -> (B, heads, T, width/heads)``."""
     y = x @ np.asarray(w, dtype=dtype)  # (B, T, heads * D)
     if b is not None:
         y = y + np.asarray(b, dtype=dtype)
@@ -363,14 +378,15 @@ def multi_head_attention(
     rope=None,
     window: int | None = None,
 ):
-    r"""Multi-head attention on batch-first inputs: ``(B, L, E_q), (B, S, E_kv) -> (B, L, E_out)``.
+    r"""Multi-head attention on batch-first inputs: ``(B, L, E_q), (B, S, E_kv) -> (B,
+    L, E_out)``.
 
     .. code-block:: text
 
         q = split_heads(x_q @ w_q + b_q)       (B, H, L, D)
         k = split_heads(x_kv @ w_k + b_k)      (B, H_kv, S, D)
         v = split_heads(x_kv @ w_v + b_v)      (B, H_kv, S, D_v)
-        o = softmax(q k^T / sqrt(D) + mask) v  (B, H, L, D_v)   grouped-query if H_kv < H
+        o = softmax(q k^T / sqrt(D) + mask) v  (B, H, L, D_v)  grouped if H_kv < H
         y = merge_heads(o) @ w_o + b_o         (B, L, E_out)
 
     Parameters
@@ -380,12 +396,12 @@ def multi_head_attention(
         Pass ``x_q`` again for self-attention.
     params : MultiHeadParams
     mask : optional
-        bool (True = attend) or float, broadcastable to ``(B, H, L, S)`` where ``S`` counts
-        every cached position.
+        bool (True = attend) or float, broadcastable to ``(B, H, L, S)`` where ``S``
+        counts every cached position.
     causal : bool
-        Bottom-right aligned (see :func:`companion.numpy.causal_mask`): with a cache, the
-        ``L`` queries are the last ``L`` positions, so feeding a sequence one token at a
-        time with ``causal=True`` equals full causal self-attention.
+        Bottom-right aligned (see :func:`companion.numpy.causal_mask`): with a cache,
+        the ``L`` queries are the last ``L`` positions, so feeding a sequence one token
+        at a time with ``causal=True`` equals full causal self-attention.
     cache : KVCache, optional
         The projected keys and values of ``x_kv`` are appended to it and attention runs
         over everything cached.
@@ -410,8 +426,8 @@ def multi_head_attention(
 
     Returns
     -------
-    ``(B, L, E_out)``, or ``(output, weights)`` with ``return_weights=True``. The dtype of
-    ``x_q``; float16 is computed in float32.
+    ``(B, L, E_out)``, or ``(output, weights)`` with ``return_weights=True``. The dtype
+    of ``x_q``; float16 is computed in float32.
     """
     causal = _check_flag("causal", causal)
     return_weights = _check_flag("return_weights", return_weights)
@@ -430,7 +446,8 @@ def multi_head_attention(
         _checks.check_float(name, x.dtype)
         if x.ndim != 3 or x.shape[2] != width:
             raise ValueError(
-                f"{name} must have shape (B, length, {width}) for these params, got shape {x.shape}"
+                f"{name} must have shape (B, length, {width}) for these params, got "
+                f"shape {x.shape}"
             )
     if x_q.dtype != x_kv.dtype:
         raise TypeError(

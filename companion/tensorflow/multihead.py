@@ -1,10 +1,11 @@
-r"""Multi-head (and grouped-query) attention for TensorFlow: a function, a KV cache and a Keras 3 layer.
+r"""Multi-head (and grouped-query) attention for TensorFlow: a function, a KV cache and
+a Keras 3 layer.
 
 The same names and semantics as :mod:`companion.numpy.multihead`:
 
-* :func:`multi_head_attention` applies a :class:`~companion.numpy.multihead.MultiHeadParams`
-  (the one parameter class of the package, re-exported here) to batch-first ``(B, L, E)``
-  tensors;
+* :func:`multi_head_attention` applies a
+  :class:`~companion.numpy.multihead.MultiHeadParams` (the one parameter class of the
+  package, re-exported here) to batch-first ``(B, L, E)`` tensors;
 * :class:`KVCache` stores projected keys and values for decoding, growing by doubling;
 * :class:`MultiHeadAttention` is a ``keras.layers.Layer`` with grouped-query heads and a
   KV cache whose weights load from ``keras.layers.MultiHeadAttention``.
@@ -13,7 +14,8 @@ For one layer, with ``x_q (B, L, E_q)`` and ``x_kv (B, S, E_kv)``:
 
 .. math::
     Q = x_q W_q + b_q, \quad K = x_{kv} W_k + b_k, \quad V = x_{kv} W_v + b_v, \qquad
-    \text{head}_h = \operatorname{Attention}(Q_h, K_{h // (H/H_{kv})}, V_{h // (H/H_{kv})}), \qquad
+    \text{head}_h = \operatorname{Attention}(Q_h, K_{h // (H/H_{kv})},
+        V_{h // (H/H_{kv})}), \qquad
     y = [\text{head}_0, \dots, \text{head}_{H-1}]\, W_o + b_o
 
 Conventions (bottom-right causal, ``True`` = attend, fully masked rows exactly 0):
@@ -68,18 +70,20 @@ def _heads(
     )
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------
 # KV cache
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------
 
 
 class KVCache(KVCacheBase):
-    """Keys ``(B, H_kv, S, D)`` and values ``(B, H_kv, S, D_v)`` of the positions seen so far.
+    """Keys ``(B, H_kv, S, D)`` and values ``(B, H_kv, S, D_v)`` of the positions seen
+    so far.
 
-    :meth:`~companion._kvcache.KVCacheBase.append` writes the new positions into preallocated ``tf.Variable`` storage whose
-    capacity doubles when it is full, so appending one position costs amortised O(1)
-    copies instead of re-concatenating the whole cache every step. Meant for eager
-    decoding loops (variables are created when the storage grows).
+    :meth:`~companion._kvcache.KVCacheBase.append` writes the new positions into
+    preallocated ``tf.Variable`` storage whose capacity doubles when it is full, so
+    appending one position costs amortised O(1) copies instead of re-concatenating the
+    whole cache every step. Meant for eager decoding loops (variables are created when
+    the storage grows).
     """
 
     def _convert(self, name: str, x):
@@ -99,9 +103,9 @@ class KVCache(KVCacheBase):
         return storage[:, :, :length, :]
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------
 # the function
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------
 
 
 def _tensor(array, dtype):
@@ -129,11 +133,13 @@ def _check_layer_inputs(x_q, x_kv, params: MultiHeadParams):
     E_q, E_kv = np.shape(params.w_q)[0], np.shape(params.w_k)[0]
     if q[2] != E_q:
         raise ValueError(
-            f"x_q {q} has width E={q[2]} but params.w_q {tuple(np.shape(params.w_q))} expects {E_q}"
+            f"x_q {q} has width E={q[2]} but params.w_q {tuple(np.shape(params.w_q))} "
+            f"expects {E_q}"
         )
     if kv[2] != E_kv:
         raise ValueError(
-            f"x_kv {kv} has width E={kv[2]} but params.w_k {tuple(np.shape(params.w_k))} expects {E_kv}"
+            f"x_kv {kv} has width E={kv[2]} but params.w_k "
+            f"{tuple(np.shape(params.w_k))} expects {E_kv}"
         )
 
 
@@ -150,7 +156,8 @@ def multi_head_attention(
     rope=None,
     window=None,
 ):
-    r"""Multi-head attention with ``params`` on batch-first tensors: ``(B, L, E_q), (B, S, E_kv) -> (B, L, E_out)``.
+    r"""Multi-head attention with ``params`` on batch-first tensors: ``(B, L, E_q), (B,
+    S, E_kv) -> (B, L, E_out)``.
 
     See the module docstring for the equation. ``params`` is a
     :class:`MultiHeadParams` (``num_kv_heads < num_heads`` gives grouped-query
@@ -159,13 +166,13 @@ def multi_head_attention(
     :class:`KVCache`), the projected keys and values of ``x_kv`` are appended to it and
     attention runs over every cached position, so feeding a sequence one token at a time
     with ``causal=True`` reproduces full causal self-attention. With ``return_weights``,
-    returns ``(output, weights (B, H, L, S))``. float16/bfloat16 are computed in float32.
-    ``implementation`` (``"auto"``, ``"reference"``, ``"tiled"``) picks the heads'
-    attention: the reference or :func:`companion.tensorflow.attention_tiled` (outputs
-    and gradients agree); ``"auto"`` is tiled from ``L * S >= TILED_FROM_SCORES`` on,
-    unless ``return_weights``. ``rope`` (``True``, a base, a dict or a
-    :class:`~companion.numpy.RotaryConfig`) rotates queries and keys at their absolute
-    positions (the new keys from ``cache.seen`` on), as in
+    returns ``(output, weights (B, H, L, S))``. float16/bfloat16 are computed in
+    float32. ``implementation`` (``"auto"``, ``"reference"``, ``"tiled"``) picks the
+    heads' attention: the reference or :func:`companion.tensorflow.attention_tiled`
+    (outputs and gradients agree); ``"auto"`` is tiled from
+    ``L * S >= TILED_FROM_SCORES`` on, unless ``return_weights``. ``rope`` (``True``, a
+    base, a dict or a :class:`~companion.numpy.RotaryConfig`) rotates queries and keys
+    at their absolute positions (the new keys from ``cache.seen`` on), as in
     :func:`companion.numpy.multi_head_attention`. ``window`` is sliding-window
     attention, as there (a rolling ``KVCache(max_length=W)`` defaults it to ``W``).
     """
@@ -228,9 +235,9 @@ def multi_head_attention(
     return (output, weights) if return_weights else output
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------
 # the Keras layer
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------
 
 
 class MultiHeadAttention(keras.layers.Layer):
@@ -238,12 +245,12 @@ class MultiHeadAttention(keras.layers.Layer):
 
     Weights use the layout of ``keras.layers.MultiHeadAttention`` (query kernel
     ``(E_q, H, key_dim)``, bias ``(H, key_dim)``, key/value kernels
-    ``(E_kv, H_kv, key_dim / value_dim)``, output kernel ``(H, value_dim, output_dim)``),
-    so :meth:`load_from_keras` copies a Keras layer's weights (with ``num_kv_heads ==
-    num_heads``) and the two layers then agree, with the differences documented in
-    :mod:`companion.conventions`: ``use_causal_mask`` is bottom-right aligned here (top-left
-    in Keras when ``L != S``), and a query with nothing to attend to gives 0 here (uniform
-    weights in Keras).
+    ``(E_kv, H_kv, key_dim / value_dim)``, output kernel
+    ``(H, value_dim, output_dim)``), so :meth:`load_from_keras` copies a Keras layer's
+    weights (with ``num_kv_heads == num_heads``) and the two layers then agree, with the
+    differences documented in :mod:`companion.conventions`: ``use_causal_mask`` is
+    bottom-right aligned here (top-left in Keras when ``L != S``), and a query with
+    nothing to attend to gives 0 here (uniform weights in Keras).
 
     Parameters
     ----------
@@ -260,14 +267,14 @@ class MultiHeadAttention(keras.layers.Layer):
     output_dim : int, optional
         Width of the output; default the query's width ``E_q``.
 
-    Call ``layer(query (B, L, E_q), value (B, S, E_kv), key=None, attention_mask=None,
-    use_causal_mask=False, cache=None, return_attention_scores=False)``; ``attention_mask``
-    is ``(B, L, S)`` or ``(B, H, L, S)``, ``True`` (nonzero) = attend, as in Keras.
-    ``implementation`` (``"auto"``, ``"reference"``, ``"tiled"``): where the heads'
-    attention comes from, as in :func:`multi_head_attention`. ``rope`` (``True``, a
-    base, a dict or a :class:`~companion.numpy.RotaryConfig`) rotates queries and
-    keys at their absolute positions in every call, as in
-    :func:`multi_head_attention`.
+    Call ``layer(query (B, L, E_q), value (B, S, E_kv), key=None,
+    attention_mask=None, use_causal_mask=False, cache=None,
+    return_attention_scores=False)``; ``attention_mask`` is ``(B, L, S)`` or
+    ``(B, H, L, S)``, ``True`` (nonzero) = attend, as in Keras. ``implementation``
+    (``"auto"``, ``"reference"``, ``"tiled"``): where the heads' attention comes from,
+    as in :func:`multi_head_attention`. ``rope`` (``True``, a base, a dict or a
+    :class:`~companion.numpy.RotaryConfig`) rotates queries and keys
+    at their absolute positions in every call, as in :func:`multi_head_attention`.
     """
 
     def __init__(
@@ -400,13 +407,15 @@ class MultiHeadAttention(keras.layers.Layer):
             output = output + tf.cast(self.output_bias, dtype)  # + b_o
         return (output, weights) if return_attention_scores else output
 
-    # --- parameters: MultiHeadParams and keras.layers.MultiHeadAttention ------------------
+    # --- parameters: MultiHeadParams and keras.layers.MultiHeadAttention --------------
 
     def to_params(self) -> MultiHeadParams:
-        """This layer's weights as a :class:`MultiHeadParams` of numpy arrays (``y = x @ W + b``)."""
+        """This layer's weights as a :class:`MultiHeadParams` of numpy arrays (``y = x @
+        W + b``)."""
         if not self.built:
             raise ValueError(
-                "the layer has no weights yet: call it once (or build it) before to_params()"
+                "the layer has no weights yet: call it once (or build it) before "
+                "to_params()"
             )
 
         def flat(w, rows):
@@ -441,7 +450,8 @@ class MultiHeadAttention(keras.layers.Layer):
         )
         if (params.num_heads, params.num_kv_heads) != (H, H_kv):
             raise ValueError(
-                f"params have H={params.num_heads}, H_kv={params.num_kv_heads}; the layer has "
+                f"params have H={params.num_heads}, H_kv={params.num_kv_heads}; the "
+                "layer has "
                 f"H={H}, H_kv={H_kv}"
             )
         pairs = [
@@ -455,7 +465,8 @@ class MultiHeadAttention(keras.layers.Layer):
             (b is None) != (biases[0] is None) for b in biases
         ):
             raise ValueError(
-                f"the layer has use_bias={self.use_bias}; params must have all four biases or none"
+                f"the layer has use_bias={self.use_bias}; params must have all four "
+                "biases or none"
             )
         if self.use_bias:
             pairs += list(
@@ -468,8 +479,10 @@ class MultiHeadAttention(keras.layers.Layer):
             array = np.asarray(array)
             if array.size != int(np.prod(variable.shape)):
                 raise ValueError(
-                    f"params array of shape {array.shape} does not fit weight {variable.path} "
-                    f"of shape {tuple(variable.shape)} (H={H}, H_kv={H_kv}, D={D}, D_v={D_v})"
+                    f"params array of shape {array.shape} does not fit weight "
+                    f"{variable.path} "
+                    f"of shape {tuple(variable.shape)} (H={H}, H_kv={H_kv}, D={D}, "
+                    f"D_v={D_v})"
                 )
             variable.assign(array.reshape(variable.shape).astype(variable.dtype))
 
@@ -491,7 +504,8 @@ class MultiHeadAttention(keras.layers.Layer):
         return layer
 
     def load_from_keras(self, keras_layer) -> "MultiHeadAttention":
-        """Copy the weights of a built ``keras.layers.MultiHeadAttention`` (same sizes; ``H_kv == H``)."""
+        """Copy the weights of a built ``keras.layers.MultiHeadAttention`` (same sizes;
+        ``H_kv == H``)."""
         params = MultiHeadParams.from_keras(keras_layer)
         if not self.built:
             self.build(

@@ -1,16 +1,19 @@
-r"""Multi-head (and grouped-query) attention for torch: a function, a KV cache and an ``nn.Module``.
+r"""Multi-head (and grouped-query) attention for torch: a function, a KV cache and an
+``nn.Module``.
 
 .. math::
 
-    \operatorname{MHA}(X_q, X_{kv}) = \operatorname{concat}_h\big(\operatorname{Attention}(
-        X_q W_q^{(h)},\; X_{kv} W_k^{(g(h))},\; X_{kv} W_v^{(g(h))})\big)\, W_o + b_o,
+    \operatorname{MHA}(X_q, X_{kv}) = \operatorname{concat}_h\big(
+        \operatorname{Attention}(X_q W_q^{(h)},\; X_{kv} W_k^{(g(h))},\;
+        X_{kv} W_v^{(g(h))})\big)\, W_o + b_o,
     \qquad g(h) = h \,//\, (H / H_{kv})
 
-The same :func:`multi_head_attention` and :class:`KVCache` as :mod:`companion.numpy.multihead`,
-for torch tensors on any device; :class:`MultiHeadParams` is the numpy namespace's class,
-re-exported (its arrays are converted to tensors of the input's dtype and device when
-used). :class:`MultiHeadAttention` is the trainable ``torch.nn.Module`` version, loadable
-from :class:`MultiHeadParams` and from ``torch.nn.MultiheadAttention``.
+The same :func:`multi_head_attention` and :class:`KVCache` as
+:mod:`companion.numpy.multihead`, for torch tensors on any device;
+:class:`MultiHeadParams` is the numpy namespace's class, re-exported (its arrays are
+converted to tensors of the input's dtype and device when used).
+:class:`MultiHeadAttention` is the trainable ``torch.nn.Module`` version, loadable from
+:class:`MultiHeadParams` and from ``torch.nn.MultiheadAttention``.
 
 Explained in the book chapters *Attention: algorithm and math* and *Making it fast*.
 """
@@ -28,8 +31,7 @@ from companion.numpy.multihead import MultiHeadParams, _choose_implementation
 from companion.torch.attention import (
     _check_flag,
     _compute_dtype,
-    _merge_heads,
-    _split_heads,
+    _grouped_product,
     attention_tiled,
     attention_weights,
     scaled_dot_product_attention_reference,
@@ -42,21 +44,23 @@ TILED_FROM_SCORES = 1024 * 1024
 __all__ = ["MultiHeadParams", "KVCache", "multi_head_attention", "MultiHeadAttention"]
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------
 # the key/value cache
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------
 
 
 class KVCache(KVCacheBase):
-    r"""Keys and values of the positions seen so far, for decoding one step at a time (torch).
+    r"""Keys and values of the positions seen so far, for decoding one step at a time
+    (torch).
 
-    ``append(key, value)`` with ``key (B, H_kv, S_new, D)``, ``value (B, H_kv, S_new, D_v)``
-    returns every cached ``(key (B, H_kv, S, D), value (B, H_kv, S, D_v))``. Storage lives
-    on the device of the first appended keys and grows by doubling its capacity along
-    ``S``: appending ``n`` tokens one at a time copies ``O(n)`` elements in all (amortised
-    ``O(1)`` per token), not the ``O(n^2)`` of re-concatenating every step. ``key`` and
-    ``value`` are views of the filled part. Meant for inference (``torch.no_grad``): the
-    storage is written in place.
+    ``append(key, value)`` with ``key (B, H_kv, S_new, D)``,
+    ``value (B, H_kv, S_new, D_v)`` returns every cached
+    ``(key (B, H_kv, S, D), value (B, H_kv, S, D_v))``. Storage lives on the device of
+    the first appended keys and grows by doubling its capacity along ``S``: appending
+    ``n`` tokens one at a time copies ``O(n)`` elements in all (amortised ``O(1)`` per
+    token), not the ``O(n^2)`` of re-concatenating every step. ``key`` and ``value`` are
+    views of the filled part. Meant for inference (``torch.no_grad``): the storage is
+    written in place.
 
     Explained in the book chapter *Making it fast*.
     """
@@ -83,13 +87,14 @@ class KVCache(KVCacheBase):
         return storage[:, :, :length]
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------
 # the function
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------
 
 
 def _as_tensor(array, like: torch.Tensor, dtype: torch.dtype):
-    """A weight (numpy array or tensor) as a tensor of ``dtype`` on ``like``'s device; ``None`` stays."""
+    """A weight (numpy array or tensor) as a tensor of ``dtype`` on ``like``'s device;
+    ``None`` stays."""
     if array is None:
         return None
     if isinstance(array, torch.Tensor):
@@ -98,7 +103,7 @@ def _as_tensor(array, like: torch.Tensor, dtype: torch.dtype):
 
 
 def _project(x: torch.Tensor, w: torch.Tensor, b, heads: int) -> torch.Tensor:
-    """``x @ W + b`` split into heads: ``(B, T, E) -> (B, heads, T, width // heads)``."""
+    """``x @ W + b`` split into heads: ``(B, T, E) -> (B, heads, T, width/heads)``."""
     y = x @ w  # (B, T, heads * D)
     if b is not None:
         y = y + b
@@ -124,8 +129,8 @@ def _multi_head(
 ):
     """The body shared by :func:`multi_head_attention` and :class:`MultiHeadAttention`.
 
-    ``weights = (w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o)`` as tensors applied ``x @ W + b``,
-    already in the compute dtype on the inputs' device.
+    ``weights = (w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o)`` as tensors applied
+    ``x @ W + b``, already in the compute dtype on the inputs' device.
     """
     w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o = weights
     # checked before the cache changes (the sizes come later)
@@ -157,9 +162,8 @@ def _multi_head(
     elif return_weights:
         # (B, H, L, S)
         probs = attention_weights(q, k, mask=mask, causal=causal, window=window)
-        # (B, H_kv, group, L, S)
-        grouped = _split_heads(probs.to(compute), num_kv_heads)
-        heads = _merge_heads(grouped @ v.to(compute).unsqueeze(-3))  # (B, H, L, D_v)
+        # P V, the group folded into the rows (V read in place): (B, H, L, D_v)
+        heads = _grouped_product(probs.to(compute), v.to(compute), num_kv_heads)
     else:
         # (B, H, L, D_v)
         heads = scaled_dot_product_attention_reference(
@@ -175,7 +179,8 @@ def _multi_head(
 
 
 def _check_layer_inputs(x_q, x_k, x_v, widths):
-    """``x_q (B, L, E_q)``, ``x_k (B, S, E_k)``, ``x_v (B, S, E_v)``: tensors, one float dtype, fitting widths."""
+    """``x_q (B, L, E_q)``, ``x_k (B, S, E_k)``, ``x_v (B, S, E_v)``: tensors, one float
+    dtype, fitting widths."""
     for name, x, width in zip(("x_q", "x_k", "x_v"), (x_q, x_k, x_v), widths):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -187,17 +192,20 @@ def _check_layer_inputs(x_q, x_k, x_v, widths):
             )
     if not (x_q.dtype == x_k.dtype == x_v.dtype):
         raise TypeError(
-            f"the inputs must have the same dtype, got {_checks.dtype_name(x_q.dtype)}, "
+            "the inputs must have the same dtype, got "
+            f"{_checks.dtype_name(x_q.dtype)}, "
             f"{_checks.dtype_name(x_k.dtype)} and {_checks.dtype_name(x_v.dtype)}"
         )
     if not (x_q.shape[0] == x_k.shape[0] == x_v.shape[0]):
         raise ValueError(
-            f"the inputs must have the same batch size B, got shapes {tuple(x_q.shape)}, "
+            "the inputs must have the same batch size B, got shapes "
+            f"{tuple(x_q.shape)}, "
             f"{tuple(x_k.shape)} and {tuple(x_v.shape)}"
         )
     if x_k.shape[1] != x_v.shape[1]:
         raise ValueError(
-            f"key input {tuple(x_k.shape)} and value input {tuple(x_v.shape)} must have the same length"
+            f"key input {tuple(x_k.shape)} and value input {tuple(x_v.shape)} must "
+            "have the same length"
         )
 
 
@@ -214,29 +222,30 @@ def multi_head_attention(
     rope=None,
     window: int | None = None,
 ):
-    r"""Multi-head attention on batch-first inputs: ``(B, L, E_q), (B, S, E_kv) -> (B, L, E_out)``.
+    r"""Multi-head attention on batch-first inputs: ``(B, L, E_q), (B, S, E_kv) -> (B,
+    L, E_out)``.
 
     .. code-block:: text
 
         q = split_heads(x_q @ w_q + b_q)       (B, H, L, D)
         k = split_heads(x_kv @ w_k + b_k)      (B, H_kv, S, D)
         v = split_heads(x_kv @ w_v + b_v)      (B, H_kv, S, D_v)
-        o = softmax(q k^T / sqrt(D) + mask) v  (B, H, L, D_v)   grouped-query if H_kv < H
+        o = softmax(q k^T / sqrt(D) + mask) v  (B, H, L, D_v)  grouped if H_kv < H
         y = merge_heads(o) @ w_o + b_o         (B, L, E_out)
 
     ``params`` (numpy arrays) are converted to tensors of ``x_q``'s dtype on its device
-    (float16/bfloat16: computed in float32). ``mask`` is boolean (True = attend) or float,
-    broadcastable to ``(B, H, L, S)`` where ``S`` counts every cached position; ``causal``
-    is bottom-right aligned, so feeding a sequence one token at a time into a
+    (float16/bfloat16: computed in float32). ``mask`` is boolean (True = attend) or
+    float, broadcastable to ``(B, H, L, S)`` where ``S`` counts every cached position;
+    ``causal`` is bottom-right aligned, so feeding a sequence one token at a time into a
     :class:`KVCache` with ``causal=True`` equals full causal self-attention. Returns
-    ``(B, L, E_out)``, or ``(output, weights (B, H, L, S))`` with ``return_weights=True``.
-    ``implementation`` (``"auto"``, ``"reference"``, ``"tiled"``) picks the heads'
-    attention: the reference or :func:`companion.torch.attention_tiled` (outputs and
-    gradients agree); ``"auto"`` is tiled from ``L * S >= TILED_FROM_SCORES`` on, unless
-    ``return_weights``. ``rope`` (``True``, a base, a dict or a
-    :class:`~companion.numpy.RotaryConfig`) rotates queries and keys at their absolute
-    positions (the new keys from ``cache.seen`` on), as in
-    :func:`companion.numpy.multi_head_attention`. ``window`` is sliding-window
+    ``(B, L, E_out)``, or ``(output, weights (B, H, L, S))`` with
+    ``return_weights=True``. ``implementation`` (``"auto"``, ``"reference"``,
+    ``"tiled"``) picks the heads' attention: the reference or
+    :func:`companion.torch.attention_tiled` (outputs and gradients agree); ``"auto"`` is
+    tiled from ``L * S >= TILED_FROM_SCORES`` on, unless ``return_weights``. ``rope``
+    (``True``, a base, a dict or a :class:`~companion.numpy.RotaryConfig`) rotates
+    queries and keys at their absolute positions (the new keys from ``cache.seen`` on),
+    as in :func:`companion.numpy.multi_head_attention`. ``window`` is sliding-window
     attention, as there (a rolling ``KVCache(max_length=W)`` defaults it to ``W``).
     """
     causal = _check_flag("causal", causal)
@@ -270,18 +279,19 @@ def multi_head_attention(
     )
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------
 # the module
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------
 
 
 class MultiHeadAttention(nn.Module):
-    r"""Multi-head, grouped-query or multi-query attention as a trainable ``torch.nn.Module``.
+    r"""Multi-head, grouped-query or multi-query attention as a trainable
+    ``torch.nn.Module``.
 
-    ``embed_dim = E`` is split into ``H = num_heads`` query heads of ``D = E // H``; keys
-    and values have ``H_kv = num_kv_heads`` heads (default ``H``; ``1`` is multi-query),
-    query head ``h`` reading key/value head ``h // (H // H_kv)``. Parameters (``nn.Linear``
-    layers, weights stored ``(out, in)`` as torch does):
+    ``embed_dim = E`` is split into ``H = num_heads`` query heads of ``D = E // H``;
+    keys and values have ``H_kv = num_kv_heads`` heads (default ``H``; ``1`` is
+    multi-query), query head ``h`` reading key/value head ``h // (H // H_kv)``.
+    Parameters (``nn.Linear`` layers, weights stored ``(out, in)`` as torch does):
 
     ==============  ======================  ===================================
     ``q_proj``      ``E -> H * D``          ``E * H * D (+ H * D)``
@@ -355,7 +365,8 @@ class MultiHeadAttention(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform weights and zero biases, as ``torch.nn.MultiheadAttention`` initialises them."""
+        """Xavier-uniform weights and zero biases, as ``torch.nn.MultiheadAttention``
+        initialises them."""
         for layer in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             nn.init.xavier_uniform_(layer.weight)
             if layer.bias is not None:
@@ -363,8 +374,10 @@ class MultiHeadAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-            f"head_dim={self.head_dim}, kdim={self.kdim}, vdim={self.vdim}, bias={self.q_proj.bias is not None}"
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"num_kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, kdim={self.kdim}, vdim={self.vdim}, "
+            f"bias={self.q_proj.bias is not None}"
         ) + ("" if self.rope is None else f", rope={self.rope}")
 
     def forward(
@@ -380,13 +393,14 @@ class MultiHeadAttention(nn.Module):
         implementation: str | None = None,
         window: int | None = None,
     ):
-        """Attend from ``query (B, L, E)`` to ``key (B, S, kdim)`` / ``value (B, S, vdim)``.
+        """Attend from ``query (B, L, E)`` to ``key (B, S, kdim)`` / ``value (B, S,
+        vdim)``.
 
-        ``key`` defaults to ``query`` (self-attention) and ``value`` to ``key``. ``mask``,
-        ``causal`` (bottom-right), ``cache``, ``return_weights`` and ``implementation``
-        (default: the module's) as in :func:`multi_head_attention`. Returns
-        ``(B, L, E)``, or ``(output, weights (B, H, L, S))`` (per head, not averaged)
-        with ``return_weights=True``.
+        ``key`` defaults to ``query`` (self-attention) and ``value`` to ``key``.
+        ``mask``, ``causal`` (bottom-right), ``cache``, ``return_weights`` and
+        ``implementation`` (default: the module's) as in :func:`multi_head_attention`.
+        Returns ``(B, L, E)``, or ``(output, weights (B, H, L, S))`` (per head, not
+        averaged) with ``return_weights=True``.
         """
         causal = _check_flag("causal", causal)
         return_weights = _check_flag("return_weights", return_weights)
@@ -416,15 +430,17 @@ class MultiHeadAttention(nn.Module):
             window=window,
         )
 
-    # ----- conversions -----------------------------------------------------------------
+    # ----- conversions ----------------------------------------------------------------
 
     @classmethod
     def from_params(
         cls, params: MultiHeadParams, *, device=None, dtype=None
     ) -> "MultiHeadAttention":
-        """A module holding copies of ``params`` (``dtype`` default: the arrays' dtype, float64 for numpy).
+        """A module holding copies of ``params`` (``dtype`` default: the arrays' dtype,
+        float64 for numpy).
 
-        Needs ``D_v == D``, ``E_out == E_q`` and ``H * D == E_q`` (the shapes this module has).
+        Needs ``D_v == D``, ``E_out == E_q`` and ``H * D == E_q`` (the shapes this
+        module has).
         """
         if not isinstance(params, MultiHeadParams):
             raise TypeError(
@@ -438,7 +454,8 @@ class MultiHeadAttention(nn.Module):
         ):
             raise ValueError(
                 f"MultiHeadAttention needs H * D == E_q == E_out and D_v == D; got w_q "
-                f"{tuple(params.w_q.shape)}, w_v {tuple(params.w_v.shape)}, w_o {tuple(params.w_o.shape)} "
+                f"{tuple(params.w_q.shape)}, w_v {tuple(params.w_v.shape)}, w_o "
+                f"{tuple(params.w_o.shape)} "
                 f"with H={params.num_heads}, H_kv={params.num_kv_heads}"
             )
         # the dtype of the arrays (float64 for MultiHeadParams.random)
@@ -476,12 +493,12 @@ class MultiHeadAttention(nn.Module):
     def from_torch(cls, module: nn.MultiheadAttention) -> "MultiHeadAttention":
         """A copy of a ``torch.nn.MultiheadAttention`` (same weights, dtype and device).
 
-        Reads the tensors directly (no trip through numpy), so ``kdim != vdim`` works too
-        (a :class:`MultiHeadParams` has one key/value input width). torch stores
+        Reads the tensors directly (no trip through numpy), so ``kdim != vdim`` works
+        too (a :class:`MultiHeadParams` has one key/value input width). torch stores
         ``in_proj_weight (3E, E) = [W_q; W_k; W_v]`` (or ``q/k/v_proj_weight`` when
         ``kdim``/``vdim`` differ from ``E``), the ``(out, in)`` layout of ``nn.Linear``.
-        Our module is batch-first and takes ``True`` = attend masks whatever the source's
-        ``batch_first``.
+        Our module is batch-first and takes ``True`` = attend masks whatever the
+        source's ``batch_first``.
         """
         if getattr(module, "bias_k", None) is not None or getattr(
             module, "add_zero_attn", False
@@ -530,7 +547,8 @@ class MultiHeadAttention(nn.Module):
         return copy
 
     def to_params(self) -> MultiHeadParams:
-        """The weights as a :class:`MultiHeadParams` of numpy arrays (``x @ W + b``; bfloat16 -> float32)."""
+        """The weights as a :class:`MultiHeadParams` of numpy arrays (``x @ W + b``;
+        bfloat16 -> float32)."""
 
         def array(t):
             if t is None:

@@ -1,4 +1,5 @@
-r"""Parameter sharing in PyTorch: tied embeddings, weight decay for shared tensors, ALBERT layers.
+r"""Parameter sharing in PyTorch: tied embeddings, weight decay for shared tensors,
+ALBERT layers.
 
 Sharing is done by sharing the *object*: two uses of one ``nn.Parameter``. PyTorch then
 does the bookkeeping by itself: ``model.parameters()`` yields the tensor once, autograd
@@ -9,11 +10,12 @@ model) so that the two uses silently drift apart.
 
 * Weight tying (Press & Wolf 2017; GPT-2, nanoGPT): the output layer that maps a hidden
   state to vocabulary logits reuses the token-embedding matrix ``W_E (V, E)``:
-  ``logits = h W_E^T``. :class:`TiedLMHead`, :class:`TiedEmbedding`, :func:`tie_weights`.
-* Optimizer groups: :func:`param_groups_for_weight_decay` puts each tensor in exactly one
-  group and keeps biases, norms and embeddings out of weight decay.
-* Cross-layer sharing (ALBERT, Lan et al. 2020): one encoder layer applied ``num_layers``
-  times, plus a factorised embedding; :class:`TransformerEncoder`.
+  ``logits = h W_E^T``. :class:`TiedLMHead`, :class:`TiedEmbedding`,
+  :func:`tie_weights`.
+* Optimizer groups: :func:`param_groups_for_weight_decay` puts each tensor in exactly
+  one group and keeps biases, norms and embeddings out of weight decay.
+* Cross-layer sharing (ALBERT, Lan et al. 2020): one encoder layer applied
+  ``num_layers`` times, plus a factorised embedding; :class:`TransformerEncoder`.
 
 Explained in the book chapters *Parameter sharing in code* and *Applications: language*.
 """
@@ -38,11 +40,12 @@ __all__ = [
 ]
 
 
-# --- weight tying: embedding and output layer share one matrix ------------------------------
+# --- weight tying: embedding and output layer share one matrix ------------------------
 
 
 class TiedLMHead(nn.Module):
-    r"""An output layer whose weight *is* an embedding's weight: ``logits = h W_E^T (+ b)``.
+    r"""An output layer whose weight *is* an embedding's weight: ``logits = h W_E^T (+
+    b)``.
 
     ``W_E (V, E)`` is the embedding's ``nn.Parameter`` itself, not a copy:
     ``head.weight is embedding.weight``. The gradient of a loss that uses both the
@@ -52,7 +55,8 @@ class TiedLMHead(nn.Module):
     Parameters
     ----------
     embedding:
-        An ``nn.Embedding`` (or any module with a ``weight`` parameter of shape ``(V, E)``).
+        An ``nn.Embedding`` (or any module with a ``weight`` parameter of shape
+        ``(V, E)``).
     bias:
         Whether to add a learned per-token bias ``(V,)`` (GPT-2 has none).
     """
@@ -134,7 +138,8 @@ class TiedEmbedding(nn.Module):
 
 
 def tie_weights(output_layer: nn.Module, embedding: nn.Module) -> nn.Module:
-    """Make ``output_layer.weight`` the embedding's own parameter (nanoGPT's tying line), in place.
+    """Make ``output_layer.weight`` the embedding's own parameter (nanoGPT's tying
+    line), in place.
 
     ``output_layer`` is an ``nn.Linear(E, V)``, whose weight has the embedding's shape
     ``(V, E)``; its old weight is dropped. Returns ``output_layer``. Raises
@@ -146,7 +151,8 @@ def tie_weights(output_layer: nn.Module, embedding: nn.Module) -> nn.Module:
     )
     if not isinstance(w_emb, nn.Parameter) or not isinstance(w_out, torch.Tensor):
         raise TypeError(
-            "output_layer and embedding must both have a `weight`, the embedding's an nn.Parameter"
+            "output_layer and embedding must both have a `weight`, the embedding's an "
+            "nn.Parameter"
         )
     if tuple(w_out.shape) != tuple(w_emb.shape):
         raise ValueError(
@@ -158,7 +164,8 @@ def tie_weights(output_layer: nn.Module, embedding: nn.Module) -> nn.Module:
 
 
 def shared_parameter_names(model: nn.Module) -> list[list[str]]:
-    """Names under which one tensor appears more than once, e.g. ``[["emb.weight", "head.weight"]]``.
+    """Names under which one tensor appears more than once, e.g. ``[["emb.weight",
+    "head.weight"]]``.
 
     ``model.named_parameters()`` lists each tensor once by default; this looks at every
     registration (``remove_duplicate=False``) and groups the names by tensor identity.
@@ -169,7 +176,7 @@ def shared_parameter_names(model: nn.Module) -> list[list[str]]:
     return [group for group in names.values() if len(group) > 1]
 
 
-# --- optimizer groups: each tensor once; no decay for biases, norms, embeddings ------------
+# --- optimizer groups: each tensor once; no decay for biases, norms, embeddings -------
 
 _NORM_TYPES = tuple(
     t
@@ -187,7 +194,8 @@ _EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
 
 
 def param_groups_for_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
-    r"""Two optimizer parameter groups: matrices with ``weight_decay``, the rest with ``0.0``.
+    r"""Two optimizer parameter groups: matrices with ``weight_decay``, the rest with
+    ``0.0``.
 
     ``torch.optim.AdamW(param_groups_for_weight_decay(model, 0.1), lr=...)``.
 
@@ -199,26 +207,29 @@ def param_groups_for_weight_decay(model: nn.Module, weight_decay: float) -> list
     * **norm gains and shifts** (LayerNorm, RMSNorm, BatchNorm, ...): decaying the gain
       pulls it towards 0, which changes the scale of the normalised activations the next
       layer expects instead of regularising anything.
-    * **embeddings** (``nn.Embedding`` weights, and therefore a tied output layer): AdamW's
-      decay is applied to every row at every step, but a row gets gradient only when its
-      token occurs, so rare tokens' embeddings would shrink towards 0 between their uses.
+    * **embeddings** (``nn.Embedding`` weights, and therefore a tied output layer):
+      AdamW's decay is applied to every row at every step, but a row gets gradient only
+      when its token occurs, so rare tokens' embeddings would shrink towards 0 between
+      their uses.
 
     A shared tensor (tied embedding, ALBERT's repeated layer) is placed exactly once:
-    listing it in two groups makes ``torch.optim`` raise ("some parameters appear in more
-    than one parameter group"), twice in one group makes it warn that this will become an
-    error (and a hand-written update loop would step it twice). If any of its uses
-    says "no decay" (an embedding also used as an output layer), it is not decayed.
+    listing it in two groups makes ``torch.optim`` raise ("some parameters appear in
+    more than one parameter group"), twice in one group makes it warn that this will
+    become an error (and a hand-written update loop would step it twice). If any of its
+    uses says "no decay" (an embedding also used as an output layer), it is not decayed.
 
     Parameters
     ----------
     model:
-        The module whose parameters to group; only ``requires_grad`` parameters are kept.
+        The module whose parameters to group; only ``requires_grad`` parameters are
+        kept.
     weight_decay:
         The decay of the first group, ``>= 0``.
 
     Returns
     -------
-    ``[{"params": [...], "weight_decay": weight_decay}, {"params": [...], "weight_decay": 0.0}]``,
+    ``[{"params": [...], "weight_decay": weight_decay},
+    {"params": [...], "weight_decay": 0.0}]``,
     parameters in the order ``model.parameters()`` yields them.
     """
     weight_decay = float(weight_decay)
@@ -247,7 +258,7 @@ def param_groups_for_weight_decay(model: nn.Module, weight_decay: float) -> list
     ]
 
 
-# --- cross-layer sharing: ALBERT ------------------------------------------------------------
+# --- cross-layer sharing: ALBERT ------------------------------------------------------
 
 
 class EncoderLayer(nn.Module):
@@ -262,7 +273,8 @@ class EncoderLayer(nn.Module):
     :class:`companion.torch.multihead.MultiHeadAttention` (grouped-query with
     ``num_kv_heads``); ``mask`` follows :mod:`companion.conventions` (``True`` = attend,
     broadcastable to ``(B, H, L, L)``, e.g. ``padding_mask(lengths, L)``).
-    Parameters: attention + ``2 * 2E`` (two LayerNorms) + ``E I + I + I E + E`` (the MLP).
+    Parameters: attention + ``2 * 2E`` (two LayerNorms) + ``E I + I + I E + E`` (the
+    MLP).
     """
 
     def __init__(
@@ -291,21 +303,24 @@ class EncoderLayer(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    r"""An ALBERT-style encoder: factorised embeddings and (by default) one layer shared by all.
+    r"""An ALBERT-style encoder: factorised embeddings and (by default) one layer shared
+    by all.
 
     Embeddings (ALBERT's factorisation): tokens ``(V, E_emb)`` plus learned positions
-    ``(max_positions, E_emb)``, a LayerNorm, then a projection ``E_emb -> E_hidden``. With
-    ``E_emb << E_hidden`` this costs ``V E_emb + E_emb E_hidden`` instead of
+    ``(max_positions, E_emb)``, a LayerNorm, then a projection ``E_emb -> E_hidden``.
+    With ``E_emb << E_hidden`` this costs ``V E_emb + E_emb E_hidden`` instead of
     ``V E_hidden``.
 
-    Layers: with ``share_layers=True`` the *same* :class:`EncoderLayer` object sits at every
-    one of the ``num_layers`` positions (``model.layers[i] is model.layers[0]``), so the
-    encoder has the parameters of one layer, whatever its depth; its gradient is the sum of
-    the gradients of all positions. ``share_layers=False`` builds ``num_layers`` independent
-    layers (BERT). Compute is the same either way: sharing saves parameters, not FLOPs.
+    Layers: with ``share_layers=True`` the *same* :class:`EncoderLayer` object sits at
+    every one of the ``num_layers`` positions (``model.layers[i] is model.layers[0]``),
+    so the encoder has the parameters of one layer, whatever its depth; its gradient is
+    the sum of the gradients of all positions. ``share_layers=False`` builds
+    ``num_layers`` independent layers (BERT). Compute is the same either way: sharing
+    saves parameters, not FLOPs.
 
-    ``forward(ids (B, L), mask=None)`` -> hidden states ``(B, L, E_hidden)``; ``mask`` as in
-    :class:`EncoderLayer`. (ALBERT's token-type embeddings and pooler are left out.)
+    ``forward(ids (B, L), mask=None)`` -> hidden states ``(B, L, E_hidden)``; ``mask``
+    as in :class:`EncoderLayer`. (ALBERT's token-type embeddings and pooler are left
+    out.)
 
     Parameters
     ----------
@@ -378,7 +393,8 @@ class TransformerEncoder(nn.Module):
     def forward(self, ids: torch.Tensor, mask=None) -> torch.Tensor:
         if ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype.is_complex:
             raise ValueError(
-                f"ids must be integer token ids of shape (B, L), got {tuple(ids.shape)} {ids.dtype}"
+                "ids must be integer token ids of shape (B, L), got "
+                f"{tuple(ids.shape)} {ids.dtype}"
             )
         L = ids.shape[1]
         if L > self.max_positions:

@@ -1,4 +1,5 @@
-"""The second source document's Keras CNN, rebuilt in PyTorch (``NCHW``), layer for layer.
+"""The second source document's Keras CNN, rebuilt in PyTorch (``NCHW``), layer for
+layer.
 
 The source builds, in Keras (input ``28 x 28 x 1``)::
 
@@ -6,11 +7,11 @@ The source builds, in Keras (input ``28 x 28 x 1``)::
     -> Flatten -> Dense(64, relu) -> Dense(10, softmax)
 
 :class:`SourceCNN` is the same network in torch, with the same parameter count
-(:func:`companion.params.count_parameters` of both agrees with ``model.count_params()``).
-Two differences are layouts, not arithmetic: torch images are ``NCHW`` and Keras images
-``NHWC``, so ``Flatten`` orders the ``5 x 5 x 64`` features differently;
-:meth:`SourceCNN.from_keras` copies a Keras model's weights in, permuting the first dense
-layer's rows, so that both compute the same function.
+(:func:`companion.params.count_parameters` of both agrees with
+``model.count_params()``). Two differences are layouts, not arithmetic: torch images are
+``NCHW`` and Keras images ``NHWC``, so ``Flatten`` orders the ``5 x 5 x 64`` features
+differently; :meth:`SourceCNN.from_keras` copies a Keras model's weights in, permuting
+the first dense layer's rows, so that both compute the same function.
 
 Explained in the book chapter *Parameter sharing in code*.
 """
@@ -25,7 +26,8 @@ __all__ = ["SourceCNN"]
 
 
 class SourceCNN(nn.Module):
-    """The source document's CNN: ``(B, 1, 28, 28)`` images -> ``(B, 10)`` class probabilities.
+    """The source document's CNN: ``(B, 1, 28, 28)`` images -> ``(B, 10)`` class
+    probabilities.
 
     Parameters
     ----------
@@ -66,7 +68,8 @@ class SourceCNN(nn.Module):
         denses = [layer for layer in model.layers if type(layer).__name__ == "Dense"]
         if len(convs) != 2 or len(denses) != 2:
             raise ValueError(
-                f"expected the source's 2 Conv2D and 2 Dense layers, got {len(convs)} and {len(denses)}"
+                f"expected the source's 2 Conv2D and 2 Dense layers, got {len(convs)} "
+                f"and {len(denses)}"
             )
         c_in = int(convs[0].kernel.shape[2])
         side = int(model.input_shape[1])
