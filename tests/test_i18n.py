@@ -1,0 +1,75 @@
+"""The Chinese edition's catalogs (issue 17): markup survives, msgfmt -c accepts them.
+
+Every translated, non-fuzzy message must keep the markup of its English msgid (math,
+code spans, roles and their targets, link targets, footnotes, HTML tags, the number of
+bold/italic markers). Coverage per chapter is printed (``pytest -s``) and reported.
+"""
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("i18n", ROOT / "tools" / "i18n.py")
+i18n = importlib.util.module_from_spec(_spec)
+sys.modules["i18n"] = i18n
+_spec.loader.exec_module(i18n)
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("msgfmt") is None, reason="GNU gettext (msgfmt) is not installed"
+)
+
+
+def test_markup_accepts_a_faithful_translation():
+    msgid = (
+        "The **score** $q^\\top k / \\sqrt{D}$ of `attention` (see "
+        "{ref}`the chapter <attention-math>` and {cite}`vaswani2017attention`, "
+        "[the code](https://example.org/x.py)[^1])."
+    )
+    msgstr = (
+        "`attention` 的**分数**为 $q^\\top k / \\sqrt{D}$（见"
+        "{ref}`该章 <attention-math>` 与 {cite}`vaswani2017attention`，"
+        "[代码](https://example.org/x.py)[^1]）。"
+    )
+    assert i18n.markup_difference(msgid, msgstr) == []
+
+
+@pytest.mark.parametrize(
+    "msgstr, kind",
+    [
+        ("分数 $q^\\top k / \\sqrt{d}$ 的 `attention`，*强调*。", "math"),
+        ("分数 $q^\\top k / \\sqrt{D}$ 的 `注意力`，*强调*。", "code"),
+        ("分数 $q^\\top k / \\sqrt{D}$ 的 `attention`，强调。", "italic"),
+        ("分数 $q^\\top k / \\sqrt{D}$ 的 `attention`，**强调*。", "bold"),
+        ("分数 q^\\top k / \\sqrt{D} 的 `attention`，*强调*。", "math"),
+    ],
+)
+def test_markup_reports_a_broken_translation(msgstr, kind):
+    msgid = "The score $q^\\top k / \\sqrt{D}$ of `attention`, *emphasis*."
+    problems = i18n.markup_difference(msgid, msgstr)
+    assert problems and any(kind in p for p in problems), problems
+
+
+def test_markup_role_targets_and_link_targets():
+    msgid = "See {ref}`the section <sec-a>` and [here](b.md)."
+    assert i18n.markup_difference(msgid, "见{ref}`该节 <sec-a>`与[此处](b.md)。") == []
+    assert i18n.markup_difference(msgid, "见{ref}`该节 <sec-b>`与[此处](b.md)。")
+    assert i18n.markup_difference(msgid, "见{ref}`该节 <sec-a>`与[此处](c.md)。")
+    assert i18n.markup_difference("{cite}`a2020`", "{cite}`b2020`")
+
+
+def test_catalogs_pass_msgfmt_and_keep_markup(capsys):
+    paths = i18n.catalogs()
+    assert paths, "no catalogs under locale/zh_CN/LC_MESSAGES"
+    errors, rows = i18n.run_check(paths)
+    with capsys.disabled():
+        print("\nTranslation coverage (zh_CN):\n" + i18n.coverage_table(rows))
+    assert not errors, "\n".join(errors[:40])
+    documents = {Path(r.document).name for r in rows}
+    chapters = {p.stem for p in (ROOT / "book").glob("*.ipynb")} | {
+        p.stem for p in (ROOT / "book").glob("*.md")
+    }
+    assert chapters <= documents, f"catalogs missing for {chapters - documents}"
