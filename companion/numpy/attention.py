@@ -501,7 +501,7 @@ def _tiled_query_block(
 
     ``q_rows (bq, D)``, ``k_head (S, D)``, ``v_head (S, D_v)``; ``float_bias`` and
     ``keep`` are ``(L|1, S|1)`` views or ``None``; ``tiles`` the key blocks
-    ``(j0, j1, full)`` the rows may see (:func:`companion._tiling.plan`: blocks that
+    ``(j0, j1, full)`` the rows may see (``companion._tiling.plan``: blocks that
     causal or a window hide are absent); ``band(i0, i1, j0, j1)`` the bool ``(bq, bk)``
     visibility of a tile that is not ``full``. Writes ``out_rows (bq, D_v)`` and
     ``lse_rows (bq,)``.
@@ -728,7 +728,7 @@ def attention_tiled(
         sliced per block (broadcast views, never expanded to ``L x S``).
     block_q, block_k : int, optional
         Rows of the query and key blocks. By default chosen from the shapes and the
-        cache size (:func:`_default_blocks`): square blocks whose scores fill half a
+        cache size (``_default_blocks``): square blocks whose scores fill half a
         core's L2 cache (512 x 512 float32, 1 MiB, for a 2 MiB L2).
     num_threads : int, optional
         Worker threads over (batch, head, query block) tasks; default: the available

@@ -359,7 +359,7 @@ def attention_tiled(
 
     Where ``m'`` is ``-inf`` (nothing seen yet) 0 is used inside the exponentials, and
     rows with ``l = 0`` (fully masked) give 0. Tiles that ``causal`` (bottom-right) or
-    ``window`` hide entirely are skipped (:mod:`companion._tiling`), and a mask is built
+    ``window`` hide entirely are skipped (``companion._tiling``), and a mask is built
     only for tiles that straddle the edge. Arguments as in
     :func:`scaled_dot_product_attention_reference`; ``block_q`` and ``block_k`` need not
     divide ``L`` and ``S`` and by default are chosen from the shapes (512 x 512 for one
@@ -413,7 +413,7 @@ def _tiled_loop(q, k_t, v, grouped, plan, sizes):
 
     ``q (N, L * G, D)`` scaled queries (row ``i * G + g`` is query ``i`` of group member
     ``g``), ``k_t (N, D, S)``, ``v (N, S, D_v)``, ``grouped`` the mask or ``None``,
-    ``plan`` from :func:`companion._tiling.plan`, ``sizes`` the static sizes and flags.
+    ``plan`` from ``companion._tiling.plan``, ``sizes`` the static sizes and flags.
     """
     batch, H_kv, G, L, S, causal, window, boolean = sizes
     N, D_v, work = q.shape[0], v.shape[-1], q.dtype
