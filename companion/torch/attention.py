@@ -110,6 +110,40 @@ def _merge_heads(grouped: torch.Tensor) -> torch.Tensor:
     return grouped.reshape(*lead, H_kv * group, L, X)  # (..., H, L, X)
 
 
+def _fold_group(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``(..., H, L, X)`` -> ``(..., H_kv, G * L, X)``: the group folded into the rows.
+
+    Row ``g * L + l`` of key/value head ``k`` is row ``l`` of query head ``k * G + g``
+    (a view of a contiguous ``x``). One matmul of these rows with the keys
+    ``(..., H_kv, S, D)`` reads every key once; splitting the queries as
+    ``(..., H_kv, G, L, D)`` against keys broadcast as ``(..., H_kv, 1, S, D)`` makes
+    ``torch.matmul`` expand and copy the keys ``G`` times.
+    """
+    *lead, H, L, X = x.shape
+    # (..., H_kv, G * L, X)
+    return x.reshape(*lead, num_kv_heads, (H // num_kv_heads) * L, X)
+
+
+def _unfold_group(folded: torch.Tensor, H: int, L: int) -> torch.Tensor:
+    """``(..., H_kv, G * L, X)`` -> ``(..., H, L, X)``, the inverse of `_fold_group`."""
+    *lead, _, _, X = folded.shape
+    return folded.reshape(*lead, H, L, X)  # (..., H, L, X)
+
+
+def _grouped_product(
+    query: torch.Tensor, key_t: torch.Tensor, num_kv_heads: int
+) -> torch.Tensor:
+    """``query (..., H, L, X) @ key_t (..., H_kv, X, Y)`` -> ``(..., H, L, Y)``.
+
+    Query head ``h`` meets key/value head ``h // G``; the group is folded into the
+    rows (`_fold_group`), so ``key_t`` is never copied per group member.
+    """
+    H, L = query.shape[-3:-1]
+    # (..., H_kv, G * L, X) @ (..., H_kv, X, Y) -> (..., H_kv, G * L, Y)
+    folded = _fold_group(query, num_kv_heads) @ key_t
+    return _unfold_group(folded, H, L)  # (..., H, L, Y)
+
+
 # --------------------------------------------------------------------------------------
 # building blocks: softmax and masks
 # --------------------------------------------------------------------------------------
@@ -232,11 +266,10 @@ def padding_mask(lengths, S: int) -> torch.Tensor:
 def _masked_scores(query, key, mask, causal, scale, shapes, window=None):
     """Scaled scores ``(..., H, L, S)``, masked -> ``-inf``, in the compute dtype."""
     compute = _compute_dtype(query.dtype)
-    # (..., H_kv, group, L, D)
-    q = _split_heads(query.to(compute), shapes.H_kv)
-    # (..., H_kv, 1, S, D)
-    k = key.to(compute).unsqueeze(-3)
-    scores = _merge_heads(scale * (q @ k.transpose(-1, -2)))  # (..., H, L, S)
+    # (..., H_kv, D, S): read in place by every query head of its group
+    k_t = key.to(compute).transpose(-1, -2)
+    # t Q K^T, the group folded into the rows: (..., H, L, S)
+    scores = scale * _grouped_product(query.to(compute), k_t, shapes.H_kv)
     if mask is not None and mask.dtype == torch.bool:
         # boolean mask: hide by selection
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -323,12 +356,8 @@ def scaled_dot_product_attention_reference(
         query, key, mask, causal, scale, shapes, window
     )  # (..., H, L, S)
     weights = softmax(scores, axis=-1)  # (..., H, L, S)
-    # (..., H_kv, group, L, S)
-    grouped = _split_heads(weights, shapes.H_kv)
-    # (..., H_kv, 1, S, D_v)
-    v = value.to(compute).unsqueeze(-3)
-    # (..., H, L, D_v)
-    output = _merge_heads(grouped @ v)
+    # P V, the group folded into the rows: (..., H, L, D_v)
+    output = _grouped_product(weights, value.to(compute), shapes.H_kv)
     return output.to(query.dtype)
 
 
