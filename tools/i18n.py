@@ -336,8 +336,6 @@ def zh_config_text() -> str:
     sphinx_config = config.setdefault("sphinx", {}).setdefault("config", {})
     sphinx_config["language"] = LANG
     sphinx_config["html_search_language"] = "zh"
-    sphinx_config["html_search_options"] = {"dict": ""}
-    sphinx_config["i18n_edition"] = "zh"
     header = (
         "# Written by `python tools/i18n.py config` from _config.yml (git-ignored):\n"
         "# the Chinese edition. Edit _config.yml, not this file.\n"
