@@ -18,10 +18,12 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help setup book test test-package notebooks lab bench clean
+.PHONY: help setup book test test-package notebooks lab bench clean translations
 
 help:
-	@echo "make book       build the website into _build/html (creates .venv on first use)"
+	@echo "make book       build the website into _build/html, the Chinese edition into"
+	@echo "                _build/html/zh (creates .venv on first use)"
+	@echo "make translations  after editing a notebook: refresh the Chinese catalogs"
 	@echo "make test       package tests + strict nbval of every notebook + book build with -W"
 	@echo "make notebooks  re-execute every notebook in place and store its outputs"
 	@echo "make lab        open the notebooks in JupyterLab"
@@ -36,8 +38,17 @@ setup: $(STAMP)
 
 book: $(STAMP)
 	$(VENV)/bin/jupyter-book build . $(BUILD_FLAGS)
+	$(PY) tools/i18n.py build
 	@echo
 	@echo "The book is built. Open: file://$(CURDIR)/_build/html/index.html"
+	@echo "中文版 (Chinese edition): file://$(CURDIR)/_build/html/zh/index.html"
+
+# After editing a notebook: extract the English prose again and merge it into
+# locale/zh_CN/LC_MESSAGES (changed sentences become fuzzy and show in English until
+# translated again); then `tools/i18n.py check` reports what is left.
+translations: $(STAMP)
+	$(PY) tools/i18n.py update
+	$(PY) tools/i18n.py check
 
 # One pytest run, one summary: package tests, every notebook cell under strict nbval,
 # then the book build (-W -n --keep-going) and the checks of the built site.
