@@ -58,6 +58,23 @@ def site(request) -> Path:
             + "\n--- last lines ---\n"
             + "\n".join(log.splitlines()[-30:])
         )
+        # The Chinese edition (issue 17), same flags, into _build/html/zh.
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "tools" / "i18n.py"), "build"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        log = result.stdout + result.stderr
+        warnings = [
+            line for line in log.splitlines() if "WARNING" in line or "ERROR" in line
+        ]
+        assert result.returncode == 0 and not warnings, (
+            f"the zh build failed (exit {result.returncode}); warnings/errors:\n"
+            + "\n".join(warnings[:40])
+            + "\n--- last lines ---\n"
+            + "\n".join(log.splitlines()[-30:])
+        )
     elif not (SITE / "index.html").exists():
         pytest.skip(
             "no built site in _build/html: run `make book`, or pytest with --build-book"

@@ -38,7 +38,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urldefrag, urlparse
+from urllib.parse import quote, urldefrag, urlparse
 
 import pytest
 
@@ -51,6 +51,9 @@ SCREENSHOT_PAGES = (
     "book/attention_math.html",
     "book/api.html",
     "search.html",
+    # The Chinese edition (issue 17): fonts-noto-cjk makes these show characters.
+    "zh/book/attention_math.html",
+    "zh/search.html",
 )
 PAGE_TIMEOUT = 30.0  # seconds for one page to load and typeset
 SEARCH_TIMEOUT = 20.0
@@ -71,8 +74,8 @@ PAGE_REPORT_JS = r"""
   await Promise.all(images.map(img => img.decode().catch(() => null)));
   // Text a reader sees outside code: raw TeX there means a formula was not typeset.
   const main = (document.querySelector('main') || document.body).cloneNode(true);
-  main.querySelectorAll('pre, code, script, style, textarea, .highlight, mjx-container,
-  .MathJax')
+  main.querySelectorAll(
+      'pre, code, script, style, textarea, .highlight, mjx-container, .MathJax')
       .forEach(e => e.remove());
   return {
     title: document.title,
@@ -121,6 +124,8 @@ class Crawl:
     requests: list[str]
     search_results: list[str]
     search_error: str | None
+    zh_search_results: list[str] = field(default_factory=list)
+    zh_search_error: str | None = None
 
 
 class DevTools:
@@ -311,16 +316,41 @@ async def _visit_all(
         events = await load(f"{origin}/{path}")
         report = await devtools.evaluate(PAGE_REPORT_JS)
         visits[path] = PageVisit(path, report, _console_errors(take(events)))
-        if path in SCREENSHOT_PAGES and path != "search.html":
+        if path in SCREENSHOT_PAGES and not path.endswith("search.html"):
             shot = await devtools.send("Page.captureScreenshot", format="png")
             (SCREENSHOTS / path.replace("/", "_").replace(".html", ".png")).write_bytes(
                 base64.b64decode(shot["data"])
             )
 
-    # The search page fills its results asynchronously, from searchindex.js.
+    search_results, search_error = await _search(
+        devtools, load, take, f"{origin}/search.html?q=attention", "search.png"
+    )
+    zh_search_results, zh_search_error = [], None
+    if (site / "zh" / "search.html").is_file():
+        zh_search_results, zh_search_error = await _search(
+            devtools,
+            load,
+            take,
+            f"{origin}/zh/search.html?q=" + quote("注意力"),
+            "zh_search.png",
+        )
+    return Crawl(
+        site,
+        origin,
+        visits,
+        requests,
+        search_results,
+        search_error,
+        zh_search_results,
+        zh_search_error,
+    )
+
+
+async def _search(devtools, load, take, url: str, screenshot: str):
+    """Open a search page and wait for its results (filled from searchindex.js)."""
     search_results: list[str] = []
     search_error = None
-    events = await load(f"{origin}/search.html?q=attention")
+    events = await load(url)
     # Results appear one by one; the search is done when the summary line is written.
     deadline = time.monotonic() + SEARCH_TIMEOUT
     while time.monotonic() < deadline:
@@ -338,8 +368,8 @@ async def _visit_all(
     if errors:
         search_error = "; ".join(errors)
     shot = await devtools.send("Page.captureScreenshot", format="png")
-    (SCREENSHOTS / "search.png").write_bytes(base64.b64decode(shot["data"]))
-    return Crawl(site, origin, visits, requests, search_results, search_error)
+    (SCREENSHOTS / screenshot).write_bytes(base64.b64decode(shot["data"]))
+    return search_results, search_error
 
 
 @pytest.fixture(scope="module")
@@ -488,6 +518,30 @@ def test_search_finds_attention(crawl):
     )
 
 
+def test_zh_edition_pages_were_opened(crawl):
+    if not (crawl.site / "zh" / "index.html").is_file():
+        pytest.skip("no Chinese edition in _build/html/zh: run `make book`")
+    english = {p for p in crawl.visits if not p.startswith("zh/")}
+    chinese = {p[3:] for p in crawl.visits if p.startswith("zh/")}
+    assert english == chinese, (
+        f"pages only in English: {sorted(english - chinese)}; "
+        f"only in Chinese: {sorted(chinese - english)}"
+    )
+
+
+def test_zh_search_finds_attention(crawl):
+    if not (crawl.site / "zh" / "search.html").is_file():
+        pytest.skip("no Chinese edition in _build/html/zh: run `make book`")
+    assert crawl.zh_search_error is None, (
+        f"the zh search page logged errors: {crawl.zh_search_error}"
+    )
+    pages = {urlparse(u).path for u in crawl.zh_search_results}
+    assert pages, "zh/search.html?q=注意力 listed no result"
+    assert "/zh/book/attention_math.html" in pages, (
+        f"the zh attention chapter is not among the results: {sorted(pages)}"
+    )
+
+
 def test_notebooks_offer_their_ipynb_download(crawl):
     notebooks = sorted(
         p.relative_to(crawl.site).with_suffix(".ipynb").as_posix()
@@ -526,6 +580,8 @@ def test_launch_buttons_are_off(crawl):
 
 def test_screenshots_are_saved(crawl):
     for path in SCREENSHOT_PAGES:
+        if path.startswith("zh/") and not (crawl.site / "zh").is_dir():
+            continue
         shot = SCREENSHOTS / path.replace("/", "_").replace(".html", ".png")
         assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", (
             f"no screenshot {shot}"

@@ -9,11 +9,13 @@ of the table of contents must be in the sidebar.
 
 from __future__ import annotations
 
+import json
 import re
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,3 +157,64 @@ def test_every_chapter_is_in_the_sidebar(site):
     assert not missing, f"chapters missing from the sidebar of the preface: {missing}"
     for f in files:
         assert (site / f"{f}.html").is_file(), f"{f}.html was not built"
+
+
+# The Chinese edition (issue 17): built by `tools/i18n.py build` into <site>/zh.
+
+
+def _zh_site(site: Path) -> Path:
+    zh = site / "zh"
+    if not (zh / "index.html").exists():
+        pytest.skip("no Chinese edition in _build/html/zh: run `make book`")
+    return zh
+
+
+def _switch_links(page: Path) -> list[str]:
+    return re.findall(
+        r'<a class="i18n-switch-link[^"]*" href="([^"]+)"',
+        page.read_text(encoding="utf-8"),
+    )
+
+
+def test_language_switch_links_resolve_both_ways(site):
+    zh = _zh_site(site)
+    checked = 0
+    for edition in (site, zh):
+        for page in _pages(edition):
+            if edition is site and zh in page.parents:
+                continue
+            if 'http-equiv="refresh"' in page.read_text(encoding="utf-8").lower()[:500]:
+                continue
+            links = _switch_links(page)
+            if page.name in ("search.html", "genindex.html", "py-modindex.html"):
+                continue
+            assert len(links) == 1, f"{page.relative_to(site)}: switch links {links}"
+            target = (page.parent / links[0]).resolve()
+            other = zh if edition is site else site
+            relative = page.relative_to(edition)
+            assert target == (other / relative).resolve(), (
+                f"{page.relative_to(site)} switches to {links[0]}, not its twin"
+            )
+            assert target.is_file(), f"{page.relative_to(site)}: {links[0]} missing"
+            checked += 1
+    assert checked >= 2 * 20, f"only {checked} pages carry the language switch"
+
+
+def test_zh_search_index_has_chinese_words(site):
+    zh = _zh_site(site)
+    text = (zh / "searchindex.js").read_text(encoding="utf-8")
+    index = json.loads(text[text.index("(") + 1 : text.rindex(")")])
+    for word in ("注意力", "参数", "共享"):
+        assert word in index["terms"], f"{word!r} is not in the zh search index"
+    html = (zh / "book" / "concepts.html").read_text(encoding="utf-8")
+    assert '<html lang="zh-CN"' in html
+
+
+def test_zh_part_captions_are_translated(site):
+    zh = _zh_site(site)
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text(encoding="utf-8"))
+    preface = (zh / f"{toc['root']}.html").read_text(encoding="utf-8")
+    captions = re.findall(r'caption-text">([^<]*)<', preface)
+    assert len(captions) == len(toc["parts"]), captions
+    english = [p["caption"] for p in toc["parts"] if p["caption"] in captions]
+    assert not english, f"part captions left English in the zh sidebar: {english}"
