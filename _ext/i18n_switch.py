@@ -7,13 +7,20 @@
   translation step (priority 20), so the part captions of ``_toc.yml`` stay English in
   a translated build. This translates them from the root document's catalog, where the
   gettext builder extracts them.
+* Theme strings: templates translate through the ``sphinx`` domain, which
+  ``locale/<lang>/LC_MESSAGES/sphinx.po`` overrides; sphinx-book-theme's header buttons
+  use their own ``booktheme`` domain (its zh_CN catalog has traditional characters), so
+  ``booktheme.po`` there is put in front of the theme's catalog. The search box text is
+  a theme option, set here for a translated build.
 """
 
 from __future__ import annotations
 
+import gettext
 from os import path
 
 from sphinx import addnodes
+from sphinx import locale as sphinx_locale
 from sphinx.locale import init as init_locale
 from sphinx.transforms import SphinxTransform
 from sphinx.util.i18n import docname_to_domain
@@ -50,6 +57,61 @@ class TranslateTocCaptions(SphinxTransform):
                 toctree["rawcaption"] = translated
 
 
+SEARCH_BAR_TEXT = {"zh": "搜索本书……"}
+
+
+class _Overrides(gettext.NullTranslations):
+    """Messages of a project catalog, in front of a theme's own translations."""
+
+    def __init__(self, messages: dict[str, str], fallback) -> None:
+        super().__init__()
+        self._messages = messages
+        if fallback is not None:
+            self.add_fallback(fallback)
+
+    def gettext(self, message: str) -> str:
+        if self._messages.get(message):
+            return self._messages[message]
+        return self._fallback.gettext(message) if self._fallback else message
+
+
+def _theme_translations(app) -> None:
+    if not app.config.language or app.config.language == "en":
+        return
+    from babel.messages.pofile import read_po
+
+    for domain in ("booktheme",):
+        for directory in app.config.locale_dirs:
+            po = path.join(
+                app.srcdir,
+                directory,
+                app.config.language,
+                "LC_MESSAGES",
+                f"{domain}.po",
+            )
+            if not path.isfile(po):
+                continue
+            with open(po, "rb") as handle:
+                catalog = read_po(handle, locale=app.config.language)
+            messages = {
+                m.id: m.string
+                for m in catalog
+                if m.id and isinstance(m.id, str) and m.string and not m.fuzzy
+            }
+            key = ("general", domain)
+            sphinx_locale.translators[key] = _Overrides(
+                messages, sphinx_locale.translators.get(key)
+            )
+
+
+def _search_bar_text(app, config) -> None:
+    language = str(config.language or "en").split("_")[0]
+    if language in SEARCH_BAR_TEXT:
+        options = dict(config.html_theme_options or {})
+        options["search_bar_text"] = SEARCH_BAR_TEXT[language]
+        config.html_theme_options = options
+
+
 def _switch(app, pagename, templatename, context, doctree) -> None:
     if doctree is None or "body" not in context:
         return
@@ -70,5 +132,7 @@ def _switch(app, pagename, templatename, context, doctree) -> None:
 
 def setup(app):
     app.add_transform(TranslateTocCaptions)
+    app.connect("builder-inited", _theme_translations)
+    app.connect("config-inited", _search_bar_text)
     app.connect("html-page-context", _switch)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
