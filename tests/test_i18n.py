@@ -73,3 +73,57 @@ def test_catalogs_pass_msgfmt_and_keep_markup(capsys):
         p.stem for p in (ROOT / "book").glob("*.md")
     }
     assert chapters <= documents, f"catalogs missing for {chapters - documents}"
+
+
+def _catalog(path: Path, entries: dict[str, str]) -> None:
+    import polib
+
+    po = polib.POFile()
+    po.metadata = {
+        "Project-Id-Version": "test",
+        "Content-Type": "text/plain; charset=UTF-8",
+        "Content-Transfer-Encoding": "8bit",
+        "Language": "zh_CN",
+        "Plural-Forms": "nplurals=1; plural=0;",
+    }
+    for msgid, msgstr in entries.items():
+        po.append(polib.POEntry(msgid=msgid, msgstr=msgstr))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    po.save(str(path))
+
+
+def test_merge_keeps_translations_and_marks_changed_sentences_fuzzy(tmp_path):
+    import polib
+
+    pots, catalogs = tmp_path / "pot", tmp_path / "zh_CN" / "LC_MESSAGES"
+    _catalog(
+        catalogs / "book" / "a.po",
+        {
+            "Attention": "注意力",
+            "The kernel has $k$ weights.": "卷积核有 $k$ 个权重。",
+            "A sentence that was deleted.": "一个被删除的句子。",
+        },
+    )
+    _catalog(
+        pots / "book" / "a.pot",
+        {"Attention": "", "The kernel has $k^2$ weights.": "", "New sentence.": ""},
+    )
+    _catalog(pots / "book" / "b.pot", {"Parameter sharing": ""})
+    changed = i18n.merge_catalogs(pots, catalogs)
+    assert changed == ["book/a.po", "book/b.po"]
+    po = polib.pofile(str(catalogs / "book" / "a.po"))
+    entries = {e.msgid: e for e in po if not e.obsolete}
+    assert set(entries) == {
+        "Attention",
+        "The kernel has $k^2$ weights.",
+        "New sentence.",
+    }
+    assert not any(e.obsolete for e in po), "obsolete entries were not dropped"
+    assert entries["Attention"].msgstr == "注意力" and not entries["Attention"].fuzzy
+    edited = entries["The kernel has $k^2$ weights."]
+    assert edited.fuzzy and edited.previous_msgid == "The kernel has $k$ weights."
+    assert entries["New sentence."].msgstr == ""
+    errors, rows = i18n.run_check(sorted(catalogs.rglob("*.po")))
+    assert not errors, errors
+    coverage = {r.document: (r.translated, r.fuzzy, r.total) for r in rows}
+    assert coverage == {"book/a": (1, 1, 3), "book/b": (0, 0, 1)}

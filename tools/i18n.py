@@ -282,11 +282,26 @@ def cmd_update(args) -> int:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(pot, target)
     po_root = Path(args.locale_dir) / LANG / "LC_MESSAGES"
+    changed = merge_catalogs(pot_dir, po_root)
+    changed_text = ", ".join(changed) or "none"
+    sys.stdout.write(f"{len(templates)} templates; catalogs changed: {changed_text}\n")
+    stale = sorted(
+        str(po.relative_to(po_root))
+        for po in po_root.rglob("*.po")
+        if po.parent != po_root
+        and not (pot_dir / po.relative_to(po_root).with_suffix(".pot")).exists()
+    )
+    if stale:
+        sys.stdout.write(f"catalogs of documents no longer in the book: {stale}\n")
+    return 0
+
+
+def merge_catalogs(pot_dir: Path, po_root: Path) -> list[str]:
+    """msgmerge --previous each template into its catalog (msginit for a new one),
+    obsolete entries dropped; returns the catalogs that changed."""
     changed = []
     for pot in sorted(pot_dir.rglob("*.pot")):
         rel = pot.relative_to(pot_dir).with_suffix(".po")
-        if rel.name == "sphinx.po":
-            continue
         po = po_root / rel
         po.parent.mkdir(parents=True, exist_ok=True)
         before = po.read_bytes() if po.exists() else b""
@@ -323,9 +338,7 @@ def cmd_update(args) -> int:
             )
         if po.read_bytes() != before:
             changed.append(str(rel))
-    changed_text = ", ".join(changed) or "none"
-    sys.stdout.write(f"{len(templates)} templates; catalogs changed: {changed_text}\n")
-    return 0
+    return changed
 
 
 # --------------------------------------------------------------------------- config
