@@ -6,9 +6,10 @@ corrects them with the package. Nothing here is edited: a change would hide the 
 the book documents (see the errata appendix). ``run_source`` executes one in a fresh
 namespace.
 
-Source 1: ``shared/seeds/000_f84334dcb9c313f5.txt`` (distance-based attention, a shared
-matrix W). Source 2: ``shared/seeds/001_407bd25bed854499.txt`` (convolution, dot-product
-attention, Keras and PyTorch).
+Source 1: ``shared/seeds/000_f84334dcb9c313f5.txt`` (distance-based attention, a
+shared matrix W).
+Source 2: ``shared/seeds/001_407bd25bed854499.txt`` (convolution, dot-product attention,
+Keras and PyTorch).
 """
 
 from __future__ import annotations
@@ -85,8 +86,7 @@ model = tf.keras.Sequential([
     tf.keras.layers.Dense(10, activation='softmax')
 ])
 
-model.compile(optimizer='adam', loss='sparse_categorical_crossentropy',
-metrics=['accuracy'])
+model.compile(optimizer='adam', loss='sparse_categorical_crossentropy', metrics=['accuracy'])
 """
 
 # Source 2, section 4.2 注意力机制：自注意力
