@@ -15,6 +15,7 @@ Explained in the book chapter *Attention: algorithm and math*; the tiled version
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -118,6 +119,11 @@ def _band(i0, i1, j0, j1, L, S, causal, window):
     """
     # d = j - p: (bq, bk)
     d = tf.range(j0, j1)[None, :] - (tf.range(i0, i1)[:, None] + (S - L))
+    return _visible(d, causal, window)
+
+
+def _visible(d, causal, window):
+    """Bool like ``d``: which distances ``d = j - p`` are visible (:func:`_band`)."""
     visible = tf.ones(tf.shape(d), tf.bool)
     if causal:
         visible &= d <= 0
@@ -397,9 +403,11 @@ def attention_tiled(
     plan = tuple(_tiling.plan(L, S, block_q, block_k, causal, window))
     sizes = (tuple(batch), H_kv, G, L, S, causal, window, boolean)
     tiles = sum(len(block.tiles) for block in plan)
-    if tf.executing_eagerly() and tiles >= _GRAPH_TILES and L * S >= _GRAPH_SCORES:
-        # many tiles: one traced graph per shape runs them without eager overhead
-        output = _tiled_graph(q, k_t, v, grouped, plan, sizes)
+    if tiles >= _GRAPH_TILES and L * S >= _GRAPH_SCORES:
+        # many tiles: a tf.while_loop, traced once per shape when called eagerly
+        fixed = _fixed_size_plan(L, S, min(block_q, L), min(block_k, S), causal, window)
+        loop = _tiled_graph if tf.executing_eagerly() else _tiled_while
+        output = loop(q, k_t, v, grouped, fixed, sizes)
     else:
         output = _tiled_loop(q, k_t, v, grouped, plan, sizes)  # (N, L * G, D_v)
     # (N, L, G, D_v) -> (N, G, L, D_v) -> (..., H, L, D_v)
@@ -456,12 +464,138 @@ def _tiled_loop(q, k_t, v, grouped, plan, sizes):
     return tf.concat(output_blocks, axis=1)  # (N, L * G, D_v)
 
 
-# From this many tiles and scores on, an eager call runs the loop as a traced graph
-# (once per shape): eager dispatch then costs more than the tiles' work, and tracing a
-# few hundred ops (about a second, once) is worth it; small calls stay eager.
+# From this many tiles and scores on, the tiles run in a tf.while_loop (traced once per
+# shape when called eagerly): eager dispatch would cost more than the tiles' work, and a
+# graph of the unrolled Python loop would let the executor start every tile's matmul at
+# once, holding O(L * S) scores. Small calls stay the eager Python loop.
 _GRAPH_TILES = 16
 _GRAPH_SCORES = 1 << 18
-_tiled_graph = tf.function(_tiled_loop)
+
+
+class _FixedPlan(NamedTuple):
+    """The tiles as slices of one size ``bq x bk``, for :func:`_tiled_while`.
+
+    ``blocks[b] = (r0, t0, t1)``: query rows ``[r0, r0 + bq)``, tiles ``t0 .. t1 - 1``.
+    ``tiles[t] = (c0, j0, j1, masked)``: key columns ``[c0, c0 + bk)``, of which only
+    ``[j0, j1)`` are the tile's; ``masked`` when some entry must be hidden. The last
+    block's first ``repeat`` rows are rows of the block before it.
+    """
+
+    bq: int
+    bk: int
+    blocks: tuple[tuple[int, int, int], ...]
+    tiles: tuple[tuple[int, int, int, bool], ...]
+    repeat: int
+
+
+def _fixed_size_plan(L, S, bq, bk, causal, window) -> _FixedPlan:
+    """The tiles of ``companion._tiling.plan`` with one shape: ``bq <= L``, ``bk <= S``.
+
+    A short last query block moves back to end at ``L`` (its key range is that of its
+    rows); a short key tile keeps its start unless it would pass ``S``, then moves back
+    to end at ``S``; columns outside ``[j0, j1)`` are masked. Every slice then has a
+    static shape, as a ``tf.while_loop`` (and XLA) wants::
+
+        L = 5, bq = 2     rows 0-1, rows 2-3, rows 3-4 (row 3 repeated, kept once)
+    """
+    blocks, tiles = [], []
+    for i0 in range(0, L, bq):
+        r0 = min(i0, L - bq)
+        lo, hi = _tiling.key_range(r0, r0 + bq, L, S, causal, window)
+        t0 = len(tiles)
+        for j0 in range(lo, hi, bk):
+            j1 = min(j0 + bk, hi)
+            c0 = min(j0, S - bk)
+            full = c0 == j0 and j1 == c0 + bk
+            full = full and _tiling.tile_is_full(
+                r0, r0 + bq, j0, j1, L, S, causal, window
+            )
+            tiles.append((c0, j0, j1, not full))
+        blocks.append((r0, t0, len(tiles)))
+    repeat = (L - 1) // bq * bq - blocks[-1][0]
+    return _FixedPlan(bq, bk, tuple(blocks), tuple(tiles), repeat)
+
+
+def _tiled_while(q, k_t, v, grouped, fixed, sizes):
+    """:func:`_tiled_loop` as nested ``tf.while_loop`` s: ``O (N, L * G, D_v)``.
+
+    The outer loop walks the query blocks of ``fixed`` (a :class:`_FixedPlan`), the
+    inner one their key tiles with the running ``m``, ``l`` and ``O~`` as loop
+    variables; one iteration at a time, so one tile's scores are alive at once and the
+    extra memory is ``O(bq * bk + L * D_v)`` per batch element and head, not
+    ``O(L * S)``. Same arguments as :func:`_tiled_loop` otherwise.
+    """
+    batch, H_kv, G, L, S, causal, window, boolean = sizes
+    N, D, D_v, work = q.shape[0], q.shape[-1], v.shape[-1], q.dtype
+    bq, bk, rows = fixed.bq, fixed.bk, fixed.bq * G
+    lowest = tf.constant(work.min, work)  # as in _tiled_loop: no -inf guards
+    r0s, t0s, t1s = (tf.constant(column, tf.int32) for column in zip(*fixed.blocks))
+    if fixed.tiles:
+        c0s, j0s, j1s, masks = (tf.constant(c) for c in zip(*fixed.tiles))
+    offsets = tf.range(bq)[:, None] - tf.range(bk)[None, :] + (S - L)  # p - j - c0 + r0
+
+    def tile_step(q_i, r0, t, m, l, acc):
+        c0, j0, j1 = c0s[t], j0s[t], j1s[t]
+        k_j = tf.slice(k_t, [0, 0, c0], [N, D, bk])  # K_j^T: (N, D, bk)
+        s_ij = tf.linalg.matmul(q_i, k_j)  # S_ij: (N, bq * G, bk)
+        if grouped is not None:
+            # (..., H_kv, bq, G, bk): rows split by position and group member
+            split = tf.reshape(s_ij, (*batch, H_kv, bq, G, bk))
+            tile = _slice_of(grouped, r0, c0, bq, bk)
+            # + M_ij, (..., H_kv|1, bq|1, G|1, bk|1)
+            split = _apply_mask(split, _swap_rows_and_group(tile), boolean)
+            s_ij = tf.reshape(split, (N, rows, bk))
+
+        def hide(s_ij):  # the tile's own columns, causal and window: (bq, bk)
+            cols = c0 + tf.range(bk)
+            own = (cols >= j0) & (cols < j1)
+            visible = _visible((c0 - r0) - offsets, causal, window) & own[None, :]
+            split = tf.reshape(s_ij, (N, bq, G, bk))
+            split = _apply_mask(split, visible[:, None, :], True)
+            return tf.reshape(split, (N, rows, bk))
+
+        s_ij = tf.cond(masks[t], lambda: hide(s_ij), lambda: s_ij)
+        # m' = max(m, rowmax S_ij)
+        m_new = tf.maximum(m, tf.reduce_max(s_ij, axis=-1, keepdims=True))
+        p_tilde = tf.exp(s_ij - m_new)  # P~ = exp(S_ij - m'): (N, bq * G, bk)
+        correction = tf.exp(m - m_new)  # c = exp(m - m')
+        # l = c l + rowsum P~
+        l = correction * l + tf.reduce_sum(p_tilde, axis=-1, keepdims=True)
+        v_j = tf.slice(v, [0, c0, 0], [N, bk, D_v])  # V_j: (N, bk, D_v)
+        acc = correction * acc + tf.linalg.matmul(p_tilde, v_j)  # O~ = c O~ + P~ V_j
+        return t + 1, m_new, l, acc
+
+    def block_step(b, out):
+        r0 = r0s[b]
+        q_i = tf.slice(q, [0, r0 * G, 0], [N, rows, D])  # (N, bq * G, D)
+        start = (
+            t0s[b],
+            tf.fill((N, rows, 1), lowest),  # running row max m
+            tf.zeros((N, rows, 1), work),  # running normaliser l
+            tf.zeros((N, rows, D_v), work),  # O~
+        )
+        _, _, l, acc = tf.while_loop(
+            lambda t, *_: t < t1s[b],
+            lambda t, m, l, acc: tile_step(q_i, r0, t, m, l, acc),
+            start,
+            parallel_iterations=1,
+        )
+        return b + 1, out.write(b, tf.math.divide_no_nan(acc, l))  # O~ / l, 0 if l = 0
+
+    blocks = len(fixed.blocks)
+    out = tf.TensorArray(work, size=blocks, element_shape=(N, rows, D_v))
+    _, out = tf.while_loop(
+        lambda b, _: b < blocks, block_step, (0, out), parallel_iterations=1
+    )
+    # (blocks, N, bq * G, D_v) -> (N, blocks * bq * G, D_v)
+    output = tf.reshape(tf.transpose(out.stack(), (1, 0, 2, 3)), (N, -1, D_v))
+    if fixed.repeat:  # drop the last block's repeated rows
+        cut = (blocks - 1) * rows
+        output = tf.concat([output[:, :cut], output[:, cut + fixed.repeat * G :]], 1)
+    return output  # (N, L * G, D_v)
+
+
+_tiled_graph = tf.function(_tiled_while)
 
 
 def _block_of(mask, rows, cols):
@@ -470,6 +604,18 @@ def _block_of(mask, rows, cols):
     r = slice(None) if m[-2] == 1 else rows
     c = slice(None) if m[-1] == 1 else cols
     return mask[..., r, c]
+
+
+def _slice_of(mask, r0, c0, bq, bk):
+    """Rows ``[r0, r0 + bq)`` and columns ``[c0, c0 + bk)`` of a grouped mask.
+
+    Size-1 axes stay; ``r0`` and ``c0`` may be tensors, the sizes are static.
+    """
+    m = tuple(mask.shape)
+    lead = len(m) - 2
+    begin = [0] * lead + [0 if m[-2] == 1 else r0, 0 if m[-1] == 1 else c0]
+    size = [-1] * lead + [1 if m[-2] == 1 else bq, 1 if m[-1] == 1 else bk]
+    return tf.slice(mask, tf.stack(begin), size)
 
 
 def _swap_rows_and_group(tile):
