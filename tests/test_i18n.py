@@ -127,3 +127,41 @@ def test_merge_keeps_translations_and_marks_changed_sentences_fuzzy(tmp_path):
     assert not errors, errors
     coverage = {r.document: (r.translated, r.fuzzy, r.total) for r in rows}
     assert coverage == {"book/a": (1, 1, 3), "book/b": (0, 0, 1)}
+
+
+def test_catalogs_match_their_templates():
+    """Every template of locale/pot has its catalog with exactly its messages (the
+    catalogs were merged after the templates were refreshed)."""
+    import polib
+
+    pot_dir = ROOT / "locale" / "pot"
+    po_root = ROOT / "locale" / "zh_CN" / "LC_MESSAGES"
+    templates = sorted(pot_dir.rglob("*.pot"))
+    assert templates, "no templates under locale/pot"
+    problems = []
+    for pot in templates:
+        po = po_root / pot.relative_to(pot_dir).with_suffix(".po")
+        if not po.is_file():
+            problems.append(f"{po.relative_to(ROOT)} is missing")
+            continue
+        expected = {e.msgid for e in polib.pofile(str(pot))}
+        found = {e.msgid for e in polib.pofile(str(po)) if not e.obsolete}
+        if expected != found:
+            problems.append(
+                f"{po.relative_to(ROOT)}: {len(expected - found)} messages missing, "
+                f"{len(found - expected)} extra"
+            )
+    assert not problems, "run `make translations`:\n" + "\n".join(problems)
+
+
+def test_templates_match_the_notebooks(request):
+    """A fresh gettext build of the English book gives the stored templates: nobody
+    edited a notebook without `make translations` (the zh edition cannot drift
+    silently). Needs a build, so it runs with --build-book (`make test`)."""
+    if not request.config.getoption("--build-book"):
+        pytest.skip("runs the gettext build: pytest --build-book (make test)")
+    stale = i18n.stale_templates(i18n.extract())
+    assert not stale, (
+        "the English text changed since the catalogs were updated; run "
+        f"`make translations` and translate what became fuzzy: {stale}"
+    )

@@ -250,8 +250,8 @@ def cmd_check(args) -> int:
 # --------------------------------------------------------------------------- update
 
 
-def cmd_update(args) -> int:
-    """Extract the English prose, refresh the templates, merge every catalog."""
+def extract() -> Path:
+    """The gettext build of the English book; returns the folder of its templates."""
     out = ROOT / "_build" / "i18n"
     shutil.rmtree(out / "_build" / "gettext", ignore_errors=True)
     result = subprocess.run(
@@ -271,9 +271,38 @@ def cmd_update(args) -> int:
         text=True,
     )
     if result.returncode != 0:
-        sys.stderr.write(result.stdout[-4000:] + result.stderr[-4000:])
-        return result.returncode
-    built = out / "_build" / "gettext"
+        raise RuntimeError(
+            "the gettext build failed:\n"
+            + result.stdout[-4000:]
+            + result.stderr[-4000:]
+        )
+    return out / "_build" / "gettext"
+
+
+def stale_templates(built: Path, pot_dir: Path = LOCALE / "pot") -> list[str]:
+    """Templates whose messages differ from a fresh extraction (or that are missing
+    or extra): the notebooks changed and `make translations` was not run."""
+    import polib
+
+    def ids(path: Path) -> set[str]:
+        return {e.msgid for e in polib.pofile(str(path)) if not e.obsolete}
+
+    fresh = {p.relative_to(built): p for p in built.rglob("*.pot")}
+    stored = {p.relative_to(pot_dir): p for p in pot_dir.rglob("*.pot")}
+    stale = sorted(str(rel) for rel in set(fresh) ^ set(stored))
+    for rel in sorted(set(fresh) & set(stored)):
+        if ids(fresh[rel]) != ids(stored[rel]):
+            stale.append(str(rel))
+    return stale
+
+
+def cmd_update(args) -> int:
+    """Extract the English prose, refresh the templates, merge every catalog."""
+    try:
+        built = extract()
+    except RuntimeError as error:
+        sys.stderr.write(f"{error}\n")
+        return 1
     pot_dir = LOCALE / "pot"
     shutil.rmtree(pot_dir, ignore_errors=True)
     templates = sorted(built.rglob("*.pot"))
