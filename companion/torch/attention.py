@@ -433,7 +433,7 @@ class TiledAttentionFunction(torch.autograd.Function):
     heads interleaved row by row (row ``i * G + g`` is query ``i`` of group member
     ``g``); ``k (N, S, D)``, ``v (N, S, D_v)`` (never copied per group member); ``mask``
     ``None`` or ``(..., H_kv, G, L, S)`` (a broadcast view); ``plan`` from
-    :func:`companion._tiling.key_plan`; ``group``, ``causal``, ``window``. Returns
+    ``companion._tiling.key_plan``; ``group``, ``causal``, ``window``. Returns
     ``O (N, L * G, D_v)``.
 
     The plan walks the key blocks once; each step is one batched matmul over all heads
@@ -441,7 +441,7 @@ class TiledAttentionFunction(torch.autograd.Function):
     causal diagonal or the window's edge), so the Python loop runs a few dozen steps,
     updating running statistics of every row in place. On several CPU threads the rows
     are split into equal-work ranges run by one Python worker each
-    (:func:`_run_split`).
+    (``_run_split``).
     Saves ``q, k, v``, ``O`` and the log-sum-exp ``LSE (N, L * G)``, no ``L x S`` one.
     Backward recomputes :math:`P_{ij} = \exp(t Q_i K_j^\top - \mathrm{LSE}_i)` per tile
     (``Delta_i = rowsum(dO_i * O_i)``)::
@@ -642,7 +642,7 @@ def attention_tiled(
     at once, never holding an ``L x S`` matrix of scores (at most ``block_q x block_k``
     scores per head per step). Tiles that ``causal``
     (bottom-right) or ``window`` hide entirely are skipped (see
-    :mod:`companion._tiling`): the work is about half for causal attention and
+    ``companion._tiling``): the work is about half for causal attention and
     ``O(L * window)`` with a window. The backward pass is the
     FlashAttention-2 backward: it recomputes each tile's probabilities from the saved
     log-sum-exp. Gradients flow to ``query``, ``key`` and ``value``; **not** to a float
