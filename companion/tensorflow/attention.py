@@ -370,9 +370,11 @@ def attention_tiled(
     :func:`scaled_dot_product_attention_reference`; ``block_q`` and ``block_k`` need not
     divide ``L`` and ``S`` and by default are chosen from the shapes (512 x 512 for one
     head; fewer query rows when many heads share a tile). Grouped query heads become
-    rows of one matmul against their key/value head, which is never copied. A Python
-    loop over a few dozen large tiles: it runs eagerly and traces into ``tf.function``.
-    Derivation: ``REFERENCE.md``, *Making it fast*.
+    rows of one matmul against their key/value head, which is never copied. A few
+    tiles run as an eager Python loop; many run in a ``tf.while_loop`` (compiled by XLA
+    when no gradient tape records the call), so one tile is alive at a time and the
+    extra memory is ``O(L * D_v + block_q * block_k)`` per head, eagerly and inside
+    ``tf.function``. Derivation: ``REFERENCE.md``, *Making it fast*.
     """
     causal = _check_flag("causal", causal)
     window = _tiling.check_window(window)
@@ -406,8 +408,13 @@ def attention_tiled(
     if tiles >= _GRAPH_TILES and L * S >= _GRAPH_SCORES:
         # many tiles: a tf.while_loop, traced once per shape when called eagerly
         fixed = _fixed_size_plan(L, S, min(block_q, L), min(block_k, S), causal, window)
-        loop = _tiled_graph if tf.executing_eagerly() else _tiled_while
-        output = loop(q, k_t, v, grouped, fixed, sizes)
+        if not tf.executing_eagerly():
+            loop = _tiled_while  # in the caller's graph, which may differentiate it
+        elif _recording():
+            loop = _tiled_graph  # a tape watches: a plain graph has gradients
+        else:
+            loop = _tiled_compiled  # XLA
+        output = loop(q, k_t, v, grouped, fixed, sizes)  # (N, L * G, D_v)
     else:
         output = _tiled_loop(q, k_t, v, grouped, plan, sizes)  # (N, L * G, D_v)
     # (N, L, G, D_v) -> (N, G, L, D_v) -> (..., H, L, D_v)
@@ -546,15 +553,15 @@ def _tiled_while(q, k_t, v, grouped, fixed, sizes):
             split = _apply_mask(split, _swap_rows_and_group(tile), boolean)
             s_ij = tf.reshape(split, (N, rows, bk))
 
-        def hide(s_ij):  # the tile's own columns, causal and window: (bq, bk)
-            cols = c0 + tf.range(bk)
-            own = (cols >= j0) & (cols < j1)
-            visible = _visible((c0 - r0) - offsets, causal, window) & own[None, :]
-            split = tf.reshape(s_ij, (N, bq, G, bk))
-            split = _apply_mask(split, visible[:, None, :], True)
-            return tf.reshape(split, (N, rows, bk))
-
-        s_ij = tf.cond(masks[t], lambda: hide(s_ij), lambda: s_ij)
+        # the tile's own columns, causal and window; all of a full tile. XLA fuses
+        # this into the pass below, which costs less than a tf.cond around it
+        cols = c0 + tf.range(bk)
+        own = (cols >= j0) & (cols < j1)
+        visible = _visible((c0 - r0) - offsets, causal, window) & own[None, :]
+        visible |= tf.logical_not(masks[t])  # (bq, bk)
+        split = tf.reshape(s_ij, (N, bq, G, bk))
+        split = _apply_mask(split, visible[:, None, :], True)
+        s_ij = tf.reshape(split, (N, rows, bk))
         # m' = max(m, rowmax S_ij)
         m_new = tf.maximum(m, tf.reduce_max(s_ij, axis=-1, keepdims=True))
         p_tilde = tf.exp(s_ij - m_new)  # P~ = exp(S_ij - m'): (N, bq * G, bk)
@@ -579,13 +586,19 @@ def _tiled_while(q, k_t, v, grouped, fixed, sizes):
             lambda t, m, l, acc: tile_step(q_i, r0, t, m, l, acc),
             start,
             parallel_iterations=1,
+            maximum_iterations=longest,  # XLA's gradient needs a bound
         )
         return b + 1, out.write(b, tf.math.divide_no_nan(acc, l))  # O~ / l, 0 if l = 0
 
     blocks = len(fixed.blocks)
+    longest = max(t1 - t0 for _, t0, t1 in fixed.blocks)  # tiles of one block
     out = tf.TensorArray(work, size=blocks, element_shape=(N, rows, D_v))
     _, out = tf.while_loop(
-        lambda b, _: b < blocks, block_step, (0, out), parallel_iterations=1
+        lambda b, _: b < blocks,
+        block_step,
+        (0, out),
+        parallel_iterations=1,
+        maximum_iterations=blocks,
     )
     # (blocks, N, bq * G, D_v) -> (N, blocks * bq * G, D_v)
     output = tf.reshape(tf.transpose(out.stack(), (1, 0, 2, 3)), (N, -1, D_v))
@@ -596,6 +609,20 @@ def _tiled_while(q, k_t, v, grouped, fixed, sizes):
 
 
 _tiled_graph = tf.function(_tiled_while)
+# Compiled by XLA, each tile's mask, max, subtraction, exp and sum fuse into one pass
+# over the scores: about 1.3x faster than the plain graph at n = 4096 on 2 cores. XLA
+# cannot hand the loop's saved intermediates to a gradient, so it is used only where no
+# tape records the call.
+_tiled_compiled = tf.function(_tiled_while, jit_compile=True)
+
+
+def _recording() -> bool:
+    """Whether a gradient tape may record the current eager call."""
+    try:
+        from tensorflow.python.eager import record
+    except ImportError:  # not in this TensorFlow: assume a tape, take the plain graph
+        return True
+    return bool(record.could_possibly_record())
 
 
 def _block_of(mask, rows, cols):
