@@ -7,7 +7,8 @@
   exactly once, with static slice sizes, for ragged blocks, causal and windows;
 * the loop (forced on small shapes) equals the numpy float64 reference with grouped
   heads, masks (fully masked rows give 0), causal, window and blocks that do not divide
-  the sequence, eagerly and inside a caller's ``tf.function``, gradients included.
+  the sequence: compiled by XLA eagerly, and plain under a gradient tape, eagerly and
+  inside a caller's ``tf.function``, where the gradients equal the reference's.
 
 No timing is asserted here: speed is measured by ``python -m companion.bench``.
 """
@@ -200,8 +201,9 @@ def test_while_loop_equals_the_reference(name, dtype, rng, while_loop_always):
         assert np.all(out.numpy()[:, :, row] == 0)
 
 
+@pytest.mark.parametrize("traced", [True, False], ids=["in-function", "eager-tape"])
 @pytest.mark.parametrize("name", ["gqa-ragged", "window-causal", "float-mask-heads"])
-def test_while_loop_in_a_function_with_gradients(name, rng, while_loop_always):
+def test_while_loop_gradients(name, traced, rng, while_loop_always):
     (q, k, v), kwargs, _, _ = _case(name, rng, "float64")
     grad_out = tf.constant(rng.standard_normal(tuple(q.shape[:-1]) + (v.shape[-1],)))
 
@@ -212,14 +214,14 @@ def test_while_loop_in_a_function_with_gradients(name, rng, while_loop_always):
             total = tf.reduce_sum(out * grad_out)
         return out, tape.gradient(total, [q, k, v])
 
-    @tf.function
-    def tiled_graph():  # inside a caller's graph: the loop is traced inline
+    def tiled():  # a tape records it: the plain while loop, not XLA's
         return loss(tf_attention.attention_tiled)
 
     def reference(q, k, v, block_q, block_k, **rest):
         return tf_attention.scaled_dot_product_attention_reference(q, k, v, **rest)
 
-    out, grads = tiled_graph()
+    # in a caller's graph the loop is traced inline; eagerly it is its own graph
+    out, grads = tf.function(tiled)() if traced else tiled()
     expected, expected_grads = loss(reference)
     assert_close(out, expected, name=f"{name} output")
     for label, got, want in zip("QKV", grads, expected_grads):
