@@ -14,6 +14,7 @@ Explained in the book chapter *Attention: algorithm and math*; the tiled version
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -523,14 +524,16 @@ def _fixed_size_plan(L, S, bq, bk, causal, window) -> _FixedPlan:
     return _FixedPlan(bq, bk, tuple(blocks), tuple(tiles), repeat)
 
 
-def _tiled_while(q, k_t, v, grouped, fixed, sizes):
+def _tiled_while(q, k_t, v, grouped, fixed, sizes, fused=False):
     """:func:`_tiled_loop` as nested ``tf.while_loop`` s: ``O (N, L * G, D_v)``.
 
     The outer loop walks the query blocks of ``fixed`` (a :class:`_FixedPlan`), the
     inner one their key tiles with the running ``m``, ``l`` and ``O~`` as loop
     variables; one iteration at a time, so one tile's scores are alive at once and the
     extra memory is ``O(bq * bk + L * D_v)`` per batch element and head, not
-    ``O(L * S)``. Same arguments as :func:`_tiled_loop` otherwise.
+    ``O(L * S)``. ``fused``: mask every tile (all visible in a full one), which XLA
+    fuses into the exponentials; otherwise a ``tf.cond`` masks only the partial tiles.
+    Same arguments as :func:`_tiled_loop` otherwise.
     """
     batch, H_kv, G, L, S, causal, window, boolean = sizes
     N, D, D_v, work = q.shape[0], q.shape[-1], v.shape[-1], q.dtype
@@ -553,15 +556,20 @@ def _tiled_while(q, k_t, v, grouped, fixed, sizes):
             split = _apply_mask(split, _swap_rows_and_group(tile), boolean)
             s_ij = tf.reshape(split, (N, rows, bk))
 
-        # the tile's own columns, causal and window; all of a full tile. XLA fuses
-        # this into the pass below, which costs less than a tf.cond around it
-        cols = c0 + tf.range(bk)
-        own = (cols >= j0) & (cols < j1)
-        visible = _visible((c0 - r0) - offsets, causal, window) & own[None, :]
-        visible |= tf.logical_not(masks[t])  # (bq, bk)
-        split = tf.reshape(s_ij, (N, bq, G, bk))
-        split = _apply_mask(split, visible[:, None, :], True)
-        s_ij = tf.reshape(split, (N, rows, bk))
+        def hide(s_ij):  # the tile's own columns, causal and window: (bq, bk)
+            cols = c0 + tf.range(bk)
+            own = (cols >= j0) & (cols < j1)
+            visible = _visible((c0 - r0) - offsets, causal, window) & own[None, :]
+            if fused:  # all of a full tile visible (XLA cannot differentiate a cond)
+                visible |= tf.logical_not(masks[t])
+            split = tf.reshape(s_ij, (N, bq, G, bk))
+            split = _apply_mask(split, visible[:, None, :], True)
+            return tf.reshape(split, (N, rows, bk))
+
+        if fused:
+            s_ij = hide(s_ij)
+        else:
+            s_ij = tf.cond(masks[t], lambda: hide(s_ij), lambda: s_ij)
         # m' = max(m, rowmax S_ij)
         m_new = tf.maximum(m, tf.reduce_max(s_ij, axis=-1, keepdims=True))
         p_tilde = tf.exp(s_ij - m_new)  # P~ = exp(S_ij - m'): (N, bq * G, bk)
@@ -613,7 +621,9 @@ _tiled_graph = tf.function(_tiled_while)
 # over the scores: about 1.3x faster than the plain graph at n = 4096 on 2 cores. XLA
 # cannot hand the loop's saved intermediates to a gradient, so it is used only where no
 # tape records the call.
-_tiled_compiled = tf.function(_tiled_while, jit_compile=True)
+_tiled_compiled = tf.function(
+    functools.partial(_tiled_while, fused=True), jit_compile=True
+)
 
 
 def _recording() -> bool:
