@@ -489,11 +489,14 @@ def test_tiled_rejects_bad_block_sizes(argument, rng):
 @pytest.mark.parametrize(
     "n, num_threads, budget",
     [
-        (2048, 2, 8 * 2**20),  # half of one 2048 x 2048 float32 matrix (16 MiB)
+        # a quarter of one 4096 x 4096 float32 matrix (64 MiB): two threads' scratch
+        # with the cache-sized default blocks is 5.8-8.3 MiB at every n from 1024 to
+        # 8192 (it depends on when each thread frees its tiles), 4.2 MiB on one thread
+        (4096, 2, 16 * 2**20),
         # the issue's bound; one 8192 x 8192 float32 matrix is 256 MiB
         (8192, None, 64 * 2**20),
     ],
-    ids=["n2048-2threads", "n8192-default-threads"],
+    ids=["n4096-2threads", "n8192-default-threads"],
 )
 def test_tiled_peak_memory_holds_no_L_by_S_matrix(n, num_threads, budget, rng):
     query, key, value = (
