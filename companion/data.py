@@ -10,10 +10,14 @@ downloaded).
   connected layer) cannot.
 * :func:`sequence_task`: token sequences ``symbols, separator, answer`` for a tiny
   language model, where the answer is the symbols reversed or sorted.
+* :func:`translation_pairs`: numbers below one million written in two made-up
+  languages with different word orders, as padded token ids for an encoder-decoder,
+  and :func:`number_alignment`, which word of the source each target word translates.
 
 Every generator takes a ``seed`` and returns the same arrays for the same arguments.
 
-Explained in the book chapters *Applications: vision* and *Applications: language*.
+Explained in the book chapters *Applications: vision*, *Applications: language* and
+*Applications: translation with cross-attention*.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from companion._checks import check_int
+from companion.corpora import corpus as corpus  # re-exported (issue 24)
 
 __all__ = [
     "SHAPE_NAMES",
@@ -33,6 +38,11 @@ __all__ = [
     "SEQUENCE_TASKS",
     "SequenceData",
     "sequence_task",
+    "NUMBER_VOCABULARY",
+    "number_words",
+    "number_alignment",
+    "translation_pairs",
+    "translation_split",
 ]
 
 SHAPE_NAMES = ("plus", "cross", "square", "diamond")
@@ -235,3 +245,120 @@ def sequence_task(
     return SequenceData(
         tokens=tokens, length=length, num_symbols=num_symbols, task=task
     )
+
+
+# --- translation: numbers in two word orders ------------------------------------------
+# [book: number languages]
+SPECIALS = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2
+A_DIGITS = tuple("ka tu mi ro se pa no ve zu".split())  # 1 ... 9 in language A
+A_TENS = tuple(d + "ti" for d in A_DIGITS)  # 10 ... 90
+B_DIGITS = tuple("an bo ce di el fo gu hi ix".split())  # 1 ... 9 in language B
+B_TENS = tuple(d + "za" for d in B_DIGITS)
+A_WORDS = A_DIGITS + A_TENS + ("hun", "kilo")  # 20 words
+B_WORDS = B_DIGITS + B_TENS + ("und", "hon", "mil")  # 21 words
+NUMBER_VOCABULARY = SPECIALS + A_WORDS + B_WORDS  # one shared vocabulary of 44
+LANGUAGES = ("a", "b")
+
+
+def _group_a(n: int, g: int) -> list:
+    """(word, role) pairs of a group 0..999 in A: hundreds, 'hun', tens, units."""
+    h, t, u = n // 100, n // 10 % 10, n % 10
+    out = [(A_DIGITS[h - 1], (g, "h")), ("hun", (g, "hun"))] if h else []
+    out += [(A_TENS[t - 1], (g, "t"))] if t else []
+    return out + ([(A_DIGITS[u - 1], (g, "u"))] if u else [])
+
+
+def _group_b(n: int, g: int) -> list:
+    """The same group in B: units, 'und', tens, hundreds, 'hon'."""
+    h, t, u = n // 100, n // 10 % 10, n % 10
+    out = [(B_DIGITS[u - 1], (g, "u"))] if u else []
+    out += [("und", None)] if u and t else []  # 'und' translates no word of A
+    out += [(B_TENS[t - 1], (g, "t"))] if t else []
+    return out + ([(B_DIGITS[h - 1], (g, "h")), ("hon", (g, "hun"))] if h else [])
+
+
+def _pairs(n: int, language: str) -> list:
+    high, low = divmod(n, 1000)
+    if language == "a":  # thousands first, then 'kilo', then the lower group
+        thousands = _group_a(high, 1) + [("kilo", "kilo")] if high else []
+        return thousands + _group_a(low, 0)
+    # lower group first, then 'mil', then the thousands
+    return _group_b(low, 0) + ([("mil", "kilo")] + _group_b(high, 1) if high else [])
+
+
+# [/book: number languages]
+
+
+def _check_number(n) -> int:
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n must be an integer, got {type(n).__name__}")
+    if not 1 <= n < 10**6:
+        raise ValueError(f"n must be in 1 .. 999999, got {n}")
+    return int(n)
+
+
+def number_words(n: int, language: str) -> list[str]:
+    """The number ``n`` (1 .. 999999) in language ``"a"`` or ``"b"``.
+
+    A says thousands, ``kilo``, then hundreds (digit and ``hun``), tens and units,
+    as English does. B says each group units first, ``und`` (between units and tens,
+    as German says *zweiundvierzig*), tens, then hundreds (digit and ``hon``), and
+    the lower group first, then ``mil`` and the thousands. 342017 is
+    ``mi hun roti tu kilo kati no`` in A and ``gu und anza mil bo und diza ce hon``
+    in B. All words are in ``NUMBER_VOCABULARY`` (44 tokens, ``<pad>, <bos>, <eos>``
+    first).
+    """
+    if language not in LANGUAGES:
+        raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}")
+    return [word for word, _ in _pairs(_check_number(n), language)]
+
+
+def number_alignment(n: int) -> list[int]:
+    """For each word of ``number_words(n, "b")``, the position of the word of
+    ``number_words(n, "a")`` it translates, or -1 for ``und`` (it translates none)."""
+    n = _check_number(n)
+    roles = [role for _, role in _pairs(n, "a")]
+    return [-1 if role is None else roles.index(role) for _, role in _pairs(n, "b")]
+
+
+def translation_pairs(
+    numbers, *, source_length: int = 9, target_length: int = 13
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of ``numbers`` in A (the source) and B (the target), right-padded.
+
+    Returns ``source (N, source_length)`` and ``target (N, target_length)`` int64; ids
+    index ``NUMBER_VOCABULARY`` (0 = ``<pad>``). The target starts with ``<bos>`` (1)
+    and ends with ``<eos>`` (2). The defaults fit every number: A needs at most 9 words,
+    B at most 11 plus the two markers. A sentence that does not fit is a ``ValueError``.
+    """
+    source_length = check_int("source_length", source_length)
+    target_length = check_int("target_length", target_length)
+    numbers = np.asarray(numbers)
+    if numbers.ndim != 1:
+        raise ValueError(f"numbers must be 1-D, got shape {numbers.shape}")
+    ids = {word: i for i, word in enumerate(NUMBER_VOCABULARY)}
+    source = np.zeros((len(numbers), source_length), dtype=np.int64)  # (N, S)
+    target = np.zeros((len(numbers), target_length), dtype=np.int64)  # (N, L)
+    for row, n in enumerate(numbers.tolist()):
+        a = [ids[w] for w in number_words(n, "a")]
+        b = [ids["<bos>"], *(ids[w] for w in number_words(n, "b")), ids["<eos>"]]
+        if len(a) > source_length or len(b) > target_length:
+            raise ValueError(
+                f"{n} needs source_length >= {len(a)} and target_length >= "
+                f"{len(b)}, got {source_length} and {target_length}"
+            )
+        source[row, : len(a)] = a
+        target[row, : len(b)] = b
+    return source, target
+
+
+def translation_split(
+    num_train: int = 11000, num_test: int = 500, *, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint random ``train`` and ``test`` numbers from 1 .. 999999 (int64), drawn
+    without replacement; deterministic in ``seed``."""
+    num_train = check_int("num_train", num_train)
+    num_test = check_int("num_test", num_test)
+    rng = np.random.default_rng(seed)
+    numbers = rng.choice(np.arange(1, 10**6), num_train + num_test, replace=False)
+    return numbers[:num_train], numbers[num_train:]
