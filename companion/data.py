@@ -28,7 +28,6 @@ import numpy as np
 
 from companion._checks import check_int
 from companion.corpora import corpus as corpus  # re-exported (issue 24)
-from companion.corpora import corpus as corpus  # re-exported (issue 24)
 
 __all__ = [
     "SHAPE_NAMES",
