@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from companion.numpy import sinusoidal_positions as sinusoidal_numpy
 from companion.params import count_parameters
 from companion.testing import assert_close
 from companion.torch import KVCache, alibi_bias, sinusoidal_positions
@@ -153,8 +155,51 @@ def test_position_parameters_per_scheme():
         assert not any("position" in k for k in model.state_dict())
     assert_close(
         others["sinusoidal"].position_table,
-        sinusoidal_positions(20, E),
+        sinusoidal_positions(20, E, dtype=torch.float64),
+        rtol=0,
+        atol=0,
     )
+    assert all(others[p].position_table is None for p in SCHEMES[2:])
+
+
+def _first_block_input(model, ids, **kwargs):
+    seen = []
+    hook = model.blocks[0].register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].detach().clone())
+    )
+    try:
+        model(ids, **kwargs)
+    finally:
+        hook.remove()
+    return seen[0]  # (B, T, E)
+
+
+@pytest.mark.parametrize("start", [0, 5])
+def test_sinusoidal_table_is_float64_after_double(start):
+    # Built in float64 and rounded once to the model's dtype: a float32 model adds the
+    # float32-rounded table (as before), a ``.double()`` model the exact float64 table
+    # of the numpy reference, not a float32 table widened (3e-8 off).
+    torch.manual_seed(0)
+    model = TinyTransformerLM(11, 20, embed_dim=E, positions="sinusoidal")
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    caches = None
+    if start:
+        caches = model.new_caches()
+        model(torch.zeros(2, start, dtype=torch.long), caches=caches)
+    table32 = sinusoidal_positions(start + 4, E, dtype=torch.float32)[start:]
+    x32 = _first_block_input(model, ids, caches=caches)
+    assert torch.equal(x32, model.embedding(ids).detach() + table32)
+
+    model = model.double()
+    if start:
+        caches = model.new_caches()
+        model(torch.zeros(2, start, dtype=torch.long), caches=caches)
+    x64 = _first_block_input(model, ids, caches=caches)
+    expected = torch.from_numpy(sinusoidal_numpy(start + 4, E)[start:])  # float64
+    assert x64.dtype == torch.float64
+    added = x64 - model.embedding(ids).detach()
+    assert_close(added, np.broadcast_to(expected, added.shape), rtol=1e-15, atol=1e-15)
+    assert (added.float().double() - expected).abs().max() > 0  # float32 would differ
 
 
 def test_schemes_differ_and_rope_blocks_rotate():

@@ -84,12 +84,14 @@ class LocallyConnected2d(nn.Module):
         # (H_out, W_out)
         self.output_size = conv2d_output_size(input_size, (kH, kW), padding=padding)
         H_out, W_out = self.output_size
+        # [book: locally connected weights]
         self.weight = nn.Parameter(
             torch.empty(H_out, W_out, out_channels, in_channels, kH, kW)
         )
         self.bias = (
             nn.Parameter(torch.empty(H_out, W_out, out_channels)) if bias else None
         )
+        # [/book: locally connected weights]
         bound = 1.0 / math.sqrt(in_channels * kH * kW)
         nn.init.uniform_(self.weight, -bound, bound)
         if self.bias is not None:
@@ -113,11 +115,13 @@ class MLPClassifier(nn.Module):
         self, image_size: int, num_classes: int, hidden=(64, 64), in_channels: int = 1
     ):
         super().__init__()
+        # [book: mlp layers]
         widths = [in_channels * image_size * image_size, *hidden]
         layers = []
         for width_in, width_out in zip(widths[:-1], widths[1:]):
             layers += [nn.Linear(width_in, width_out), nn.ReLU()]
         self.features = nn.Sequential(nn.Flatten(), *layers)
+        # [/book: mlp layers]
         self.classifier = nn.Linear(widths[-1], num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -129,10 +133,12 @@ class _PositionPooledNet(nn.Module):
     """Two feature layers (ReLU), a global max over positions, a linear classifier."""
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # [book: position-pooled forward]
         x = torch.relu(self.layer1(images))  # (B, C_1, H, W)
         x = torch.relu(self.layer2(x))  # (B, C_2, H, W)
         x = x.amax(dim=(2, 3))  # (B, C_2): the strongest response anywhere
         return self.classifier(x)  # (B, num_classes)
+        # [/book: position-pooled forward]
 
 
 class SmallCNN(_PositionPooledNet):
@@ -151,9 +157,11 @@ class SmallCNN(_PositionPooledNet):
     ):
         super().__init__()
         c1, c2 = channels
+        # [book: cnn layers]
         # one kernel, every position
         self.layer1 = nn.Conv2d(in_channels, c1, kernel_size, padding=kernel_size // 2)
         self.layer2 = nn.Conv2d(c1, c2, kernel_size, padding=kernel_size // 2)
+        # [/book: cnn layers]
         self.classifier = nn.Linear(c2, num_classes)
 
 
@@ -175,10 +183,12 @@ class LocallyConnectedNet(_PositionPooledNet):
         super().__init__()
         c1, c2 = channels
         pad = kernel_size // 2
+        # [book: locally connected layers]
         self.layer1 = LocallyConnected2d(
             in_channels, c1, kernel_size, image_size, padding=pad
         )
         self.layer2 = LocallyConnected2d(c1, c2, kernel_size, image_size, padding=pad)
+        # [/book: locally connected layers]
         self.classifier = nn.Linear(c2, num_classes)
 
 
@@ -370,10 +380,6 @@ class TinyTransformerLM(nn.Module):
         if positions == "learned":
             # P (max_length, E)
             self.position_embedding = nn.Embedding(max_length, embed_dim)
-        elif positions == "sinusoidal":
-            # (max_length, E), fixed, not in the state dict
-            table = sinusoidal_positions(max_length, embed_dim, dtype=torch.float32)
-            self.register_buffer("position_table", table, persistent=False)
         block = dict(
             num_kv_heads=num_kv_heads,
             norm=norm,
@@ -401,6 +407,21 @@ class TinyTransformerLM(nn.Module):
             self.head.weight,
         ):
             nn.init.normal_(weight, std=0.02)
+
+    @property
+    def position_table(self) -> torch.Tensor | None:
+        """The sinusoidal table ``(max_length, E)`` in float64, or ``None``.
+
+        Fixed, so not a parameter and not in the state dict; it is computed in float64
+        and rounded once to the model's dtype in :meth:`forward` (as in
+        :class:`companion.torch.seq2seq.Seq2SeqTransformer`), so a model converted
+        with ``.double()`` adds the exact float64 table, not a float32 one widened.
+        """
+        if self.positions != "sinusoidal":
+            return None
+        # (max_length, E)
+        E = self.embedding.embedding_dim
+        return sinusoidal_positions(self.max_length, E, dtype=torch.float64)
 
     def new_caches(self) -> list[KVCache]:
         """One empty :class:`KVCache` per block, for ``forward(ids, caches=...)``."""
@@ -445,7 +466,9 @@ class TinyTransformerLM(nn.Module):
             positions = torch.arange(start, start + T, device=ids.device)  # (T,)
             x = x + self.position_embedding(positions)  # (B, T, E): + P[positions]
         elif self.positions == "sinusoidal":
-            x = x + self.position_table[start : start + T]  # (B, T, E)
+            # computed in float64, rounded once to the embedding's dtype: (T, E)
+            table = sinusoidal_positions(start + T, x.shape[-1], dtype=torch.float64)
+            x = x + table[start:].to(dtype=x.dtype, device=x.device)  # (B, T, E)
         mask = None
         if self.positions == "alibi":
             S = T + (0 if caches is None else _visible_cached(caches[0]))
