@@ -18,13 +18,15 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help setup book test test-package notebooks lab bench clean translations
+.PHONY: help setup book test test-second-machine test-package notebooks lab bench clean \
+	translations
 
 help:
 	@echo "make book       build the website into _build/html, the Chinese edition into"
 	@echo "                _build/html/zh (creates .venv on first use)"
 	@echo "make translations  after editing a notebook: refresh the Chinese catalogs"
 	@echo "make test       package tests + strict nbval of every notebook + book build with -W"
+	@echo "                + the notebooks again as on another CPU (make test-second-machine)"
 	@echo "make notebooks  re-execute every notebook in place and store its outputs"
 	@echo "make lab        open the notebooks in JupyterLab"
 	@echo "make clean      remove _build and caches (keeps .venv; rm -rf .venv to start over)"
@@ -51,9 +53,19 @@ translations: $(STAMP)
 	$(PY) tools/i18n.py check
 
 # One pytest run, one summary: package tests, every notebook cell under strict nbval,
-# then the book build (-W -n --keep-going) and the checks of the built site.
+# the book build (-W -n --keep-going) and the checks of the built site, and the
+# second-machine run: the notebooks that train, time or measure memory run again as
+# on another CPU (tools/second_machine.py; issue 21). pytest-xdist spreads files over
+# JOBS workers (each notebook stays in one worker; the site is built once).
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 test: $(STAMP)
-	$(PY) -m pytest tests book $(PYTEST_BOOK) --build-book
+	$(PY) -m pytest -n $(JOBS) --dist loadfile tests book $(PYTEST_BOOK) --build-book \
+		--second-machine
+
+# Strict nbval of NOTEBOOKS (default: the CPU-dependent ones) as if on another machine:
+# a lower instruction set, another L2 size, one thread; each setting is verified first.
+test-second-machine: $(STAMP)
+	$(PY) tools/second_machine.py $(NOTEBOOKS)
 
 test-package: $(STAMP)
 	$(PY) -m pytest tests

@@ -409,8 +409,24 @@ def scaled_dot_product_attention_reference(
 # ------------------------------------------------------------------------ tiled (flash)
 
 
+L2_CACHE_ENV = "COMPANION_L2_CACHE_BYTES"
+
+
 def _l2_cache_bytes() -> int:
-    """One core's L2 cache in bytes (Linux sysfs), or 1 MiB where unknown."""
+    """One core's L2 cache in bytes: the environment variable
+    ``COMPANION_L2_CACHE_BYTES`` if set (to size the default blocks as another CPU
+    would, e.g. in ``make test``'s second-machine run), else Linux sysfs, else 1 MiB."""
+    override = os.environ.get(L2_CACHE_ENV)
+    if override is not None:
+        try:
+            value = int(override)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise ValueError(
+                f"{L2_CACHE_ENV} must be a positive number of bytes, got {override!r}"
+            )
+        return value
     base = "/sys/devices/system/cpu/cpu0/cache"
     try:
         for index in sorted(os.listdir(base)):
@@ -539,6 +555,7 @@ def _tiled_query_block(
         if not full:  # the block straddles the causal diagonal or the window's edge
             np.logical_not(band(i0, i0 + bq, j0, j1), out=hidden)  # (bq, bk)
             np.copyto(scores, -np.inf, where=hidden)
+        # [book: tiled tile step]
         np.max(scores, axis=1, out=row_stat)  # rowmax(S_ij)
         np.maximum(m, row_stat, out=m_new)  # m_new = max(m, rowmax)
         np.subtract(scores, m_new[:, None], out=scores)
@@ -553,6 +570,8 @@ def _tiled_query_block(
         np.matmul(scores, v_block, out=pv)  # P~ V_j: (bq, D_v)
         np.add(acc, pv, out=acc)  # O~ = c O~ + P~ V_j
         m, m_new = m_new, m  # m = m_new (swap the buffers)
+        # [/book: tiled tile step]
+    # [book: tiled finish]
     attended = l > 0  # rows that saw at least one key
     # O_i = O~ / l; 0 rows stay 0
     np.divide(acc, l[:, None], out=acc, where=attended[:, None])
@@ -560,6 +579,7 @@ def _tiled_query_block(
     np.log(l, out=l, where=attended)
     np.add(m, l, out=lse_rows, where=attended)  # LSE_i = m + log(l)
     lse_rows[~attended] = 0.0  # finite for fully masked rows
+    # [/book: tiled finish]
 
 
 def _attention_tiled_forward(
