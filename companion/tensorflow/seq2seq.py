@@ -266,6 +266,8 @@ class Seq2SeqTransformer(keras.Model):
             raise ValueError(
                 f"d_model={d_model} must be a multiple of num_heads={num_heads}"
             )
+        if pad_id is not None:  # the padding token of both vocabularies
+            pad_id = _check_token("pad_id", pad_id, min(src_vocab_size, tgt_vocab_size))
         self.d_model, self.num_heads = d_model, num_heads
         self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size
         self.share_embeddings, self.pad_id, self.norm_first = (
@@ -332,7 +334,7 @@ class Seq2SeqTransformer(keras.Model):
 
     def encode(self, src, src_mask=None, training=None):
         """``src (B, S)`` token ids -> the memory ``(B, S, E)``."""
-        src = _ids("src", src)
+        src = _ids("src", src, self.src_vocab_size)
         src_mask = self.source_mask(src, src_mask)
         x = self.embed(self.src_embedding, src, training=training)
         for layer in self.encoder_layers:
@@ -358,7 +360,9 @@ class Seq2SeqTransformer(keras.Model):
         ``memory_kv`` per layer the memory's ``(key, value)``, ``return_weights`` adds
         the cross-attention weights.
         """
-        tgt = _ids("tgt", tgt)
+        tgt = _ids("tgt", tgt, self.tgt_vocab_size)
+        if memory is not None:
+            _check_batches("tgt", tgt, "memory", memory)
         offset = 0 if caches is None else caches[0].seen
         x = self.embed(self.tgt_embedding, tgt, offset, training=training)
         all_weights = []
@@ -385,7 +389,9 @@ class Seq2SeqTransformer(keras.Model):
 
     def call(self, src, tgt, src_mask=None, tgt_mask=None, training=None):
         """``src (B, S)``, ``tgt (B, L)`` -> ``(B, L, V_tgt)`` logits."""
-        src, tgt = _ids("src", src), _ids("tgt", tgt)
+        src = _ids("src", src, self.src_vocab_size)
+        tgt = _ids("tgt", tgt, self.tgt_vocab_size)
+        _check_batches("src", src, "tgt", tgt)
         src_mask = self.source_mask(src, src_mask)
         memory = self.encode(src, src_mask, training=training)
         if tgt_mask is None and self.pad_id is not None:
@@ -396,7 +402,9 @@ class Seq2SeqTransformer(keras.Model):
 
     def cross_attention_weights(self, src, tgt, *, src_mask=None):
         """Cross-attention weights ``(B, H, L, S)`` of each decoder layer (a list)."""
-        src, tgt = _ids("src", src), _ids("tgt", tgt)
+        src = _ids("src", src, self.src_vocab_size)
+        tgt = _ids("tgt", tgt, self.tgt_vocab_size)
+        _check_batches("src", src, "tgt", tgt)
         src_mask = self.source_mask(src, src_mask)
         memory = self.encode(src, src_mask)
         tgt_mask = None if self.pad_id is None else tf.not_equal(tgt, self.pad_id)
@@ -518,12 +526,19 @@ class Seq2SeqTransformer(keras.Model):
             raise ValueError(
                 f"beam_size and max_length must be >= 1, got {beam_size}, {max_length}"
             )
+        bos_id = _check_token("bos_id", bos_id, self.tgt_vocab_size)
+        eos_id = _check_token("eos_id", eos_id, self.tgt_vocab_size)
         K = beam_size
         fill = eos_id if self.pad_id is None else self.pad_id
-        src = _ids("src", src)
+        src = _ids("src", src, self.src_vocab_size)
         src_mask = self.source_mask(src, src_mask)
         memory = self.encode(src, src_mask)  # (B, S, E)
         B = memory.shape[0]
+        if not all(layer.cross_attn.built for layer in self.decoder_layers):
+            # Keras creates the weights on the first call; memory_keys_values reads
+            # them, so a model never called runs the decoder once on the first token
+            first = tf.fill((B, 1), tf.constant(bos_id, tf.int64))
+            self.decode(first, memory, src_mask=src_mask)
 
         def repeat(t):
             return tf.repeat(t, K, axis=0)
@@ -582,12 +597,50 @@ def _reorder(cache: KVCache, rows) -> KVCache:
     return moved
 
 
-def _ids(name: str, ids):
+def _ids(name: str, ids, vocab_size: int | None = None):
+    """Token ids ``(B, length)``, ``B, length >= 1``, in ``[0, vocab_size)``.
+
+    Eagerly a ``ValueError`` naming ``name``; inside a ``tf.function`` the range is
+    checked by ``tf.debugging`` assertions (``InvalidArgumentError`` when run).
+    """
     ids = tf.convert_to_tensor(ids)
     if not ids.dtype.is_integer:
         raise TypeError(
             f"{name} must hold integer token ids, got dtype {ids.dtype.name}"
         )
-    if ids.shape.rank != 2:
-        raise ValueError(f"{name} must have shape (B, length), got {tuple(ids.shape)}")
-    return ids
+    if ids.shape.rank != 2 or 0 in ids.shape:
+        raise ValueError(
+            f"{name} must have shape (B, length) with B >= 1 and length >= 1, got "
+            f"{tuple(ids.shape)}"
+        )
+    if vocab_size is None:
+        return ids
+    message = f"{name} holds token ids outside the vocabulary [0, {vocab_size})"
+    if tf.executing_eagerly():
+        low, high = int(tf.reduce_min(ids)), int(tf.reduce_max(ids))
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{message}: min {low}, max {high}")
+        return ids
+    checks = [
+        tf.debugging.assert_non_negative(ids, message=message),
+        tf.debugging.assert_less(ids, tf.cast(vocab_size, ids.dtype), message=message),
+    ]
+    with tf.control_dependencies(checks):
+        return tf.identity(ids)
+
+
+def _check_token(name: str, value, vocab_size: int) -> int:
+    """A single token id in ``[0, vocab_size)`` (``bos_id``, ``eos_id``, ``pad_id``)."""
+    value = _checks.check_int(name, value, minimum=0)
+    if value >= vocab_size:
+        raise ValueError(f"{name} must be a token id in [0, {vocab_size}), got {value}")
+    return value
+
+
+def _check_batches(first: str, a, second: str, b) -> None:
+    """One batch size for ``a`` and ``b`` (no broadcasting of a batch of 1)."""
+    if a.shape[0] is not None and b.shape[0] is not None and a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"{first} and {second} must have the same batch size, got {first} "
+            f"{tuple(a.shape)} and {second} {tuple(b.shape)}"
+        )

@@ -53,13 +53,40 @@ __all__ = [
 SHARE_EMBEDDINGS = ("none", "decoder-output", "all")
 
 
-def _check_ids(name: str, ids) -> None:
+def _check_ids(name: str, ids, vocab_size: int | None = None) -> None:
+    """Token ids ``(B, length)``, ``B, length >= 1``, in ``[0, vocab_size)``."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
-    if ids.dim() != 2:
-        raise ValueError(f"{name} must have shape (B, length), got {tuple(ids.shape)}")
+    if ids.dim() != 2 or 0 in ids.shape:
+        raise ValueError(
+            f"{name} must have shape (B, length) with B >= 1 and length >= 1, got "
+            f"{tuple(ids.shape)}"
+        )
+    if vocab_size is not None:
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"{name} holds token ids outside the vocabulary [0, {vocab_size}): "
+                f"min {low}, max {high}"
+            )
+
+
+def _check_token(name: str, value, vocab_size: int) -> int:
+    """A single token id in ``[0, vocab_size)`` (``bos_id``, ``eos_id``, ``pad_id``)."""
+    value = _checks.check_int(name, value, minimum=0)
+    if value >= vocab_size:
+        raise ValueError(f"{name} must be a token id in [0, {vocab_size}), got {value}")
+    return value
+
+
+def _check_batches(src: torch.Tensor, tgt: torch.Tensor) -> None:
+    if src.shape[0] != tgt.shape[0]:
+        raise ValueError(
+            f"src and tgt must have the same batch size, got src {tuple(src.shape)} "
+            f"and tgt {tuple(tgt.shape)}"
+        )
 
 
 def _key_mask(keep):
@@ -289,8 +316,11 @@ class Seq2SeqTransformer(nn.Module):
                 "share_embeddings='all' needs one vocabulary: src_vocab_size="
                 f"{src_vocab_size} != tgt_vocab_size={tgt_vocab_size}"
             )
+        if pad_id is not None:  # the padding token of both vocabularies
+            pad_id = _check_token("pad_id", pad_id, min(src_vocab_size, tgt_vocab_size))
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.num_heads = d_model, num_heads
+        self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size
         self.share_embeddings, self.pad_id = share_embeddings, pad_id
         self.norm_first = norm_first
         final_norm = norm_first if final_norm is None else final_norm
@@ -347,7 +377,7 @@ class Seq2SeqTransformer(nn.Module):
 
     def encode(self, src: torch.Tensor, src_mask=None) -> torch.Tensor:
         """``src (B, S)`` token ids -> the memory ``(B, S, E)``."""
-        _check_ids("src", src)
+        _check_ids("src", src, self.src_vocab_size)
         src_mask = self.source_mask(src, src_mask)
         x = self.embed(self.src_embedding, src)  # (B, S, E)
         for layer in self.encoder_layers:
@@ -374,7 +404,12 @@ class Seq2SeqTransformer(nn.Module):
         value)`` from :meth:`memory_keys_values`. With ``return_weights`` also a list of
         the cross-attention weights ``(B, H, L, S)`` per layer.
         """
-        _check_ids("tgt", tgt)
+        _check_ids("tgt", tgt, self.tgt_vocab_size)
+        if memory is not None and memory.shape[0] != tgt.shape[0]:
+            raise ValueError(
+                f"tgt and memory must have the same batch size, got tgt "
+                f"{tuple(tgt.shape)} and memory {tuple(memory.shape)}"
+            )
         offset = 0 if caches is None else caches[0].seen
         x = self.embed(self.tgt_embedding, tgt, offset)  # (B, L, E)
         all_weights = []
@@ -403,6 +438,9 @@ class Seq2SeqTransformer(nn.Module):
 
         Position ``i`` of the logits predicts ``tgt[:, i + 1]``.
         """
+        _check_ids("src", src, self.src_vocab_size)
+        _check_ids("tgt", tgt, self.tgt_vocab_size)
+        _check_batches(src, tgt)
         src_mask = self.source_mask(src, src_mask)
         memory = self.encode(src, src_mask)
         if tgt_mask is None and self.pad_id is not None:
@@ -414,6 +452,9 @@ class Seq2SeqTransformer(nn.Module):
 
         Computed as :meth:`forward` computes them (the same masks).
         """
+        _check_ids("src", src, self.src_vocab_size)
+        _check_ids("tgt", tgt, self.tgt_vocab_size)
+        _check_batches(src, tgt)
         src_mask = self.source_mask(src, src_mask)
         memory = self.encode(src, src_mask)
         tgt_mask = None if self.pad_id is None else tgt != self.pad_id
@@ -517,6 +558,9 @@ class Seq2SeqTransformer(nn.Module):
             raise ValueError(
                 f"beam_size and max_length must be >= 1, got {beam_size}, {max_length}"
             )
+        bos_id = _check_token("bos_id", bos_id, self.tgt_vocab_size)
+        eos_id = _check_token("eos_id", eos_id, self.tgt_vocab_size)
+        _check_ids("src", src, self.src_vocab_size)
         K = beam_size
         fill = eos_id if self.pad_id is None else self.pad_id
         src_mask = self.source_mask(src, src_mask)
@@ -696,7 +740,10 @@ class BahdanauSeq2Seq(nn.Module):
             ("attention_dim", attention_dim),
         ):
             _checks.check_int(name, value)
+        # the padding token of both vocabularies
+        pad_id = _check_token("pad_id", pad_id, min(src_vocab_size, tgt_vocab_size))
         factory = {"device": device, "dtype": dtype}
+        self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size
         self.pad_id, self.hidden_size = pad_id, hidden_size
         H, A = hidden_size, attention_dim
         self.src_embedding = nn.Embedding(src_vocab_size, embed_dim, **factory)
@@ -716,11 +763,14 @@ class BahdanauSeq2Seq(nn.Module):
 
     def encode(self, src: torch.Tensor):
         """``src (B, S)`` -> states ``(B, S, 2H)``, mask ``(B, S)``, ``s_0 (B, H)``."""
-        _check_ids("src", src)
+        _check_ids("src", src, self.src_vocab_size)
         mask = src != self.pad_id  # (B, S)
         lengths = mask.sum(1)
         if bool((lengths == 0).any()):
-            raise ValueError("every source sentence needs at least one token")
+            raise ValueError(
+                "src: every source sentence needs at least one token that is not "
+                f"pad_id={self.pad_id}"
+            )
         packed = nn.utils.rnn.pack_padded_sequence(
             self.src_embedding(src),
             lengths.cpu(),
@@ -752,7 +802,9 @@ class BahdanauSeq2Seq(nn.Module):
         Position ``i`` predicts ``tgt[:, i + 1]``; with ``return_weights`` also the
         attention weights ``(B, L, S)``.
         """
-        _check_ids("tgt", tgt)
+        _check_ids("src", src, self.src_vocab_size)
+        _check_ids("tgt", tgt, self.tgt_vocab_size)
+        _check_batches(src, tgt)
         annotations, mask, state = self.encode(src)
         logits, weights = [], []
         for i in range(tgt.shape[1]):
@@ -765,6 +817,9 @@ class BahdanauSeq2Seq(nn.Module):
     @torch.no_grad()
     def greedy_decode(self, src, *, bos_id: int, eos_id: int, max_length: int):
         """``(tokens (B, T), weights (B, T - 1, S))``; tokens start with bos_id."""
+        bos_id = _check_token("bos_id", bos_id, self.tgt_vocab_size)
+        eos_id = _check_token("eos_id", eos_id, self.tgt_vocab_size)
+        max_length = _checks.check_int("max_length", max_length)
         annotations, mask, state = self.encode(src)
         B = src.shape[0]
         token = torch.full((B,), bos_id, dtype=torch.long, device=src.device)
