@@ -4,7 +4,12 @@ The book renders stored outputs and ``make test`` runs strict nbval over them, s
 notebook must be re-executed and committed after a change. Each notebook runs in its own
 folder (as nbval runs it) with a fresh kernel from this environment. Per-cell timing
 metadata is not recorded (it would change on every run); the wall time of each notebook
-goes to ``book/_data/execution_times.json`` for the build-status appendix.
+goes to ``book/_data/execution_times.json`` for the build-status appendix, written after
+each notebook (an interrupted run keeps the times it measured).
+
+The build-status appendix reports those times, so in any run that includes it, it is
+executed last, after every other notebook of the run has recorded its time: the table it
+stores then comes from the same run as the notebooks it describes.
 
 Usage: ``python tools/execute_notebooks.py [NOTEBOOK ...]`` (default: every notebook in
 ``_toc.yml`` order under ``book/``).
@@ -56,18 +61,34 @@ def execute(path: Path) -> float:
     return seconds
 
 
-def main(argv: list[str]) -> int:
-    paths = [Path(a).resolve() for a in argv] or toc_notebooks()
+BUILD_STATUS = ROOT / "book" / "build_status.ipynb"
+
+
+def run_order(paths: list[Path]) -> list[Path]:
+    """``paths`` without duplicates, in the given order, except that the build-status
+    appendix (which reads the times the others record) comes last."""
+    unique = list(dict.fromkeys(paths))
+    return [p for p in unique if p != BUILD_STATUS] + [
+        p for p in unique if p == BUILD_STATUS
+    ]
+
+
+def record(name: str, seconds: float) -> None:
+    """Store one notebook's time at once, so the next notebook (and an interrupted
+    run) sees it."""
     times = json.loads(TIMES.read_text()) if TIMES.exists() else {}
+    times[name] = round(seconds, 1)
+    TIMES.parent.mkdir(parents=True, exist_ok=True)
+    TIMES.write_text(json.dumps(dict(sorted(times.items())), indent=1) + "\n")
+
+
+def main(argv: list[str]) -> int:
+    paths = run_order([Path(a).resolve() for a in argv] or toc_notebooks())
     for i, path in enumerate(paths, 1):
         print(f"[{i}/{len(paths)}] {path.relative_to(ROOT)} ...", end=" ", flush=True)
         seconds = execute(path)
-        times[str(path.relative_to(ROOT).with_suffix("").as_posix())] = round(
-            seconds, 1
-        )
+        record(path.relative_to(ROOT).with_suffix("").as_posix(), seconds)
         print(f"{seconds:.1f} s", flush=True)
-    TIMES.parent.mkdir(parents=True, exist_ok=True)
-    TIMES.write_text(json.dumps(dict(sorted(times.items())), indent=1) + "\n")
     return 0
 
 
