@@ -7,9 +7,11 @@ appending, growing and validating is written once, here.
 
 from __future__ import annotations
 
+import contextlib
+
 from companion import _checks
 
-__all__ = ["KVCacheBase"]
+__all__ = ["KVCacheBase", "unchanged_on_error"]
 
 
 class KVCacheBase:
@@ -26,6 +28,12 @@ class KVCacheBase:
     (for a rotary embedding) stay absolute. When the storage is full, the positions
     still needed move to the front of a fresh buffer (``O(W)`` copied every ``~W``
     appends, so still amortised ``O(1)``); views returned earlier are never overwritten.
+    Its capacity grows by doubling too, up to ``2 W``: a huge ``max_length`` reserves
+    only what the positions appended so far need.
+
+    A failed call leaves the cache as it was: :meth:`append` checks its inputs before
+    it changes anything, and the attention functions that append and then fail (a
+    mask of the wrong shape, say) put the cache back (:func:`unchanged_on_error`).
     """
 
     MIN_CAPACITY = 16
@@ -113,6 +121,17 @@ class KVCacheBase:
             return None
         return self._slice(self._value, self._start, self._start + self._length)
 
+    def _state(self) -> tuple:
+        """What :meth:`_restore` needs to undo the appends made after this call.
+
+        Appends never overwrite the kept positions (they write after them, or into a
+        fresh buffer), so the storage references and the counters are the whole
+        state."""
+        return (self._key, self._value, self._start, self._length, self._seen)
+
+    def _restore(self, state: tuple) -> None:
+        self._key, self._value, self._start, self._length, self._seen = state
+
     def reset(self) -> None:
         """Forget everything and release the storage."""
         self._key = self._value = None
@@ -144,14 +163,16 @@ class KVCacheBase:
         # positions the new queries can still see: [first, stop) of the storage
         stop = self._start + self._length
         first = self._start if W is None else max(self._start, stop - (W - 1))
-        if stop + new > self.capacity:
+        if self._key is None or stop + new > self.capacity:
+            # (an empty first append still fixes the shapes and the dtype)
             first, stop = self._grow(first, stop, new, key, value)
         # (B, H_kv, S_new, D): only the new positions are written
         self._write(self._key, stop, stop + new, key)
         self._write(self._value, stop, stop + new, value)  # (B, H_kv, S_new, D_v)
         stop += new
         self._seen += new
-        self._start = first if W is None else max(first, stop - W)
+        # keep the last W (an empty append drops nothing)
+        self._start = self._start if W is None else max(self._start, stop - W)
         self._length = stop - self._start
         # (B, H_kv, S, D), (B, H_kv, S, D_v)
         return (
@@ -163,12 +184,13 @@ class KVCacheBase:
         """A fresh buffer holding positions ``[first, stop)`` at its front, with room
         for ``new`` more; returns their new ``(first, stop)``."""
         kept = stop - first
-        if self._max_length is None:
-            # doubling: amortised O(1) per position
-            capacity = max(kept + new, 2 * self.capacity, self.MIN_CAPACITY)
-        else:
-            # room for W more positions before the next move: amortised O(1)
-            capacity = max(kept + new, 2 * self._max_length, self.MIN_CAPACITY)
+        # doubling: amortised O(1) per position
+        doubled = 2 * self.capacity
+        if self._max_length is not None:
+            # up to room for W more positions before the next move (still amortised
+            # O(1)); never more than the positions seen need, however large W is
+            doubled = min(doubled, 2 * self._max_length)
+        capacity = max(kept + new, doubled, self.MIN_CAPACITY)
         new_key = self._empty(key, capacity)  # (B, H_kv, capacity, D)
         new_value = self._empty(value, capacity)  # (B, H_kv, capacity, D_v)
         if kept:
@@ -191,6 +213,36 @@ def _itemsize(dtype) -> int:
     dtype."""
     size = getattr(dtype, "itemsize", None)
     return int(size if size is not None else dtype.size)
+
+
+@contextlib.contextmanager
+def unchanged_on_error(*caches):
+    """Put every cache given (``None`` skipped) back as it was if the body raises.
+
+    For the attention functions: they append the new keys and values before the
+    kernel checks the mask against every cached position, so an error there would
+    otherwise leave positions in the cache that the caller never got outputs for.
+    """
+    states = [(cache, cache._state()) for cache in caches if hasattr(cache, "_state")]
+    try:
+        yield
+    except BaseException:
+        for cache, state in states:
+            cache._restore(state)
+        raise
+
+
+def check_some_keys(name: str, new: int, cache) -> None:
+    """Attention needs at least one key: ``new`` positions from ``name`` and none
+    cached is a ``ValueError`` naming ``name`` (checked before the cache changes)."""
+    if not (cache is None or isinstance(cache, KVCacheBase)):
+        return  # the caller refuses other caches
+    if new == 0 and (cache is None or cache.length == 0):
+        held = "no cache" if cache is None else "an empty cache"
+        raise ValueError(
+            f"{name} has no positions and there is {held}: attention needs at least "
+            "one key"
+        )
 
 
 def window_for_cache(window, cache) -> int | None:

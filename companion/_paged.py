@@ -127,6 +127,7 @@ class PagedKVCacheBase:
             if max_blocks is None
             else _checks.check_int("max_blocks", max_blocks)
         )
+        _check_dtype(self, dtype)  # before the pool is allocated
         dims = (self.num_kv_heads, self.block_size)
         # (num_blocks, H_kv, block_size, D)
         self._key = self._zeros((self.pool.num_blocks, *dims, self.head_dim), dtype)
@@ -197,6 +198,8 @@ class PagedKVCacheBase:
         return tuple(self._table(seq))
 
     def _table(self, seq) -> list[int]:
+        if isinstance(seq, bool):  # True would name sequence 1
+            raise TypeError(f"a sequence id is an int, got {seq!r}")
         table = self._tables.get(seq) if isinstance(seq, int) else None
         if table is None:
             raise KeyError(
@@ -305,6 +308,21 @@ class PagedKVCacheBase:
     def nbytes_saved(self) -> int:
         """Bytes that sharing saves, (unshared - in use) blocks of them."""
         return (self.blocks_unshared - self.blocks_in_use) * self.bytes_per_block
+
+
+def _check_dtype(cache: PagedKVCacheBase, dtype) -> None:
+    """``dtype`` must name a floating type of the cache's backend: a ``TypeError``
+    naming ``dtype`` otherwise (an integer pool could store no key)."""
+    message = (
+        "dtype must be a floating-point dtype (float16, bfloat16, float32 or "
+        f"float64) or its name, got {dtype!r}"
+    )
+    try:
+        probe = cache._zeros((0,), dtype)  # an empty tensor: nothing allocated
+    except (TypeError, ValueError, AttributeError, RuntimeError):
+        raise TypeError(message) from None
+    if _checks.dtype_name(probe.dtype) not in _checks._FLOAT_NAMES:
+        raise TypeError(message)
 
 
 def visible_keys(length: int, L: int, *, causal: bool, window: int | None):

@@ -18,6 +18,8 @@ __all__ = [
     "alibi_slope_list",
     "rotary_dims",
     "check_positions",
+    "check_position_values",
+    "check_interleaved",
     "RotaryConfig",
     "as_rotary",
     "rotary_positions",
@@ -30,8 +32,13 @@ def check_length(name: str, value, minimum: int = 0) -> int:
 
 
 def check_base(base) -> float:
-    """The rotary/sinusoidal ``base`` as a Python float ``> 1``."""
-    if isinstance(base, bool) or not isinstance(base, (int, float)):
+    """The rotary/sinusoidal ``base`` as a Python float ``> 1``.
+
+    A number (numpy and 0-d tensor numbers too); a string such as ``"10000"`` is a
+    ``TypeError``, not read as a number."""
+    if isinstance(base, (bool, str, bytes)):
+        raise TypeError(f"base must be a number > 1, got {base!r}")
+    if not isinstance(base, (int, float)):
         try:
             base = float(base)
         except (TypeError, ValueError):
@@ -92,6 +99,43 @@ def rotary_dims(shape, rotary_dim) -> tuple[int, int]:
     return D, d
 
 
+INT64_RANGE = (-(2**63), 2**63 - 1)
+
+
+def check_position_values(positions) -> None:
+    """Python ints in ``positions`` (an int, or nested lists/tuples/ranges of them)
+    must fit int64: a ``ValueError`` naming ``positions`` before any backend converts
+    them (and reports an overflow, or a float dtype, in its own words). Arrays and
+    tensors already have a dtype and pass."""
+    lo, hi = INT64_RANGE
+
+    def walk(p):
+        if isinstance(p, range):
+            p = [p[0], p[-1]] if len(p) else []
+        if isinstance(p, (list, tuple)):
+            for item in p:
+                walk(item)
+        elif isinstance(p, int) and not isinstance(p, bool) and not lo <= p <= hi:
+            raise ValueError(
+                f"positions must fit a 64-bit integer ({lo} .. {hi}), got {p}"
+            )
+
+    walk(positions)
+
+
+def check_interleaved(interleaved) -> bool:
+    """``interleaved`` as a Python bool: ``True``/``False`` or a numpy bool, the same in
+    every backend; anything else (``1``, ``"yes"``) is a ``TypeError``."""
+    if isinstance(interleaved, bool):
+        return interleaved
+    if type(interleaved).__module__ == "numpy" and type(interleaved).__name__ in (
+        "bool_",
+        "bool",
+    ):
+        return bool(interleaved)
+    raise TypeError(f"interleaved must be True or False, got {interleaved!r}")
+
+
 def check_positions(positions_shape, dtype_name: str, x_shape) -> None:
     """Integer positions, ``(L,)`` or broadcasting to the ``(..., L)`` of ``x``."""
     if not (dtype_name.startswith("int") or dtype_name.startswith("uint")):
@@ -127,12 +171,15 @@ class RotaryConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "base", check_base(self.base))
-        if not isinstance(self.interleaved, bool):
-            raise TypeError(
-                f"interleaved must be True or False, got {self.interleaved!r}"
-            )
+        object.__setattr__(self, "interleaved", check_interleaved(self.interleaved))
         if self.rotary_dim is not None:
-            _checks.check_int("rotary_dim", self.rotary_dim, 2)
+            d = _checks.check_int("rotary_dim", self.rotary_dim, 2)
+            if d % 2:
+                raise ValueError(
+                    "rotary_dim must be even (features are rotated in pairs), "
+                    f"got {self.rotary_dim!r}"
+                )
+            object.__setattr__(self, "rotary_dim", d)
 
 
 def as_rotary(rope) -> RotaryConfig | None:

@@ -36,10 +36,18 @@ __all__ = [
 ]
 
 
+# A window this wide sees every key of any sequence whose positions fit a signed
+# 32-bit index: wider windows are clamped to it, so that the backends' index arithmetic
+# (int32 in TensorFlow, int64 in torch) never wraps around.
+WINDOW_LIMIT = 2**31 - 1
+
+
 def check_window(window) -> int | None:
     """``window`` as a Python int ``>= 1`` or ``None``.
 
     ``TypeError`` for a non-integer (bools and floats too), ``ValueError`` below 1.
+    Windows of :data:`WINDOW_LIMIT` or more give :data:`WINDOW_LIMIT`: the same keys
+    for any sequence shorter than ``2**31 - 1`` positions.
     """
     if window is None:
         return None
@@ -50,7 +58,7 @@ def check_window(window) -> int | None:
         )
     if int(window) < 1:
         raise ValueError(f"window must be an int >= 1 or None, got {window!r}")
-    return int(window)
+    return min(int(window), WINDOW_LIMIT)
 
 
 def key_range(

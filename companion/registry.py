@@ -3,8 +3,11 @@
 Each :class:`Pair` names one operation, its readable ``*_reference`` implementation and
 its fast implementations. Every backend namespace (``companion.numpy``,
 ``companion.torch``, ``companion.tensorflow``) offers all of these names with the same
-signature; ``tests/test_registry.py`` checks that, and the operation tests parametrize
-over :func:`implementations` so that adding a fast path here puts it under test.
+signature; ``tests/test_namespaces.py`` checks that, and the operation tests
+(``tests/test_attention_pairs.py``, ``tests/test_attention_errors.py``,
+``tests/test_attention_torch.py``, ``tests/test_attention_tensorflow.py``; the
+convolution's in ``tests/test_conv.py``) parametrize over :func:`implementations` or
+:func:`pair`, so that adding a fast path here puts it under test.
 
 Names only, no imports: reading the registry never imports a framework.
 """

@@ -32,9 +32,15 @@ runs on the latents themselves: multi-query attention with keys
 :math:`[c^{KV}_j; k^R_j]` (width ``d_c + d_h^R``) and values :math:`c^{KV}_j` (width
 ``d_c``), and no key or value is ever expanded per head.
 
-The paper's RMS norms on the two latents are left out (they act on the latents before
-the up-projections and change nothing here). Explained in the book chapter
-*Long context*.
+DeepSeek-V2 and V3 also normalise both latents (an RMS norm with a learned gain on
+:math:`c^Q_t` before :math:`W^{UQ}, W^{QR}`, and on :math:`c^{KV}_t` before
+:math:`W^{UK}, W^{UV}`). This package leaves both norms out: its layer is MLA without
+them. The gains alone could be folded into the rows of the up-projections, but the
+division of each token's latent by its own RMS cannot, so a DeepSeek layer and this
+function with the same weights give different outputs. What the book measures holds
+with or without the norms: the cache size, and absorbed attention equal to the
+expanded form (a norm acts per token on the latent, before any up-projection).
+Explained in the book chapter *Long context*.
 """
 
 from __future__ import annotations
@@ -45,8 +51,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from companion import _checks
-from companion._kvcache import window_for_cache
-from companion._paged import visible_keys
+from companion._kvcache import unchanged_on_error, window_for_cache
+from companion._latent import band as _band
+from companion._latent import check_absorbed
 from companion.numpy.attention import (
     _check_flag,
     _compute_dtype,
@@ -95,12 +102,22 @@ class LatentAttentionParams:
 
     def __post_init__(self):
         H = _checks.check_int("num_heads", self.num_heads)
-        for name in ("w_uq", "w_qr", "w_dkv", "w_uk", "w_uv", "w_kr", "w_o"):
+        names = ("w_dq", "w_uq", "w_qr", "w_dkv", "w_uk", "w_uv", "w_kr", "w_o")
+        for name in names:
             w = getattr(self, name)
+            if w is None and name == "w_dq":
+                continue
+            if not hasattr(w, "shape"):  # nested lists: a float array
+                try:
+                    w = np.asarray(w, dtype=float)
+                except (TypeError, ValueError):
+                    raise TypeError(
+                        f"{name} must be a 2-D array (in, out), got {type(w).__name__}"
+                    ) from None
+                setattr(self, name, w)
             if getattr(w, "ndim", None) != 2:
                 raise ValueError(
-                    f"{name} must be a 2-D array (in, out), got shape "
-                    f"{getattr(w, 'shape', None)}"
+                    f"{name} must be a 2-D array (in, out), got shape {tuple(w.shape)}"
                 )
         E = self.w_dkv.shape[0]
         q_in = E if self.w_dq is None else self.w_dq.shape[1]
@@ -212,15 +229,6 @@ def _permute(a, *axes):
     return a.permute(*axes) if hasattr(a, "permute") else a.transpose(axes)
 
 
-def _band(L: int, S: int, causal: bool, window: int | None):
-    """Bool ``(L, S)``: which keys the last ``L`` of ``S`` positions see (or None)."""
-    if not causal and window is None:
-        return None
-    lo, hi = visible_keys(S, L, causal=causal, window=window)
-    j = np.arange(S)[None, :]
-    return (np.asarray(lo)[:, None] <= j) & (j < np.asarray(hi)[:, None])
-
-
 def _heads(y: np.ndarray, heads: int) -> np.ndarray:
     """``(B, T, heads * d) -> (B, heads, T, d)``."""
     B, T, width = y.shape
@@ -273,6 +281,8 @@ def latent_attention(
         raise TypeError(
             f"params must be a LatentAttentionParams, got {type(params).__name__}"
         )
+    if folded is not None:
+        check_absorbed(folded, params)  # before the cache changes
     x = np.asarray(x)
     _checks.check_float("x", x.dtype)
     E = params.w_dkv.shape[0]
@@ -295,42 +305,48 @@ def latent_attention(
     c_q = h if params.w_dq is None else h @ w(params.w_dq)  # (B, L, d_c')
     # (B, H, L, d_h^R)
     q_r = rotary_embedding(_heads(c_q @ w(params.w_qr), H), positions, base=base)
+    # [book: latent core]
     c_kv = (h @ w(params.w_dkv))[:, None]  # (B, 1, L, d_c)
     k_r = rotary_embedding((h @ w(params.w_kr))[:, None], positions, base=base)
-    if cache is not None:
-        # (B, 1, S, d_c), (B, 1, S, d_h^R): the latent and the rotary key only
-        c_kv, k_r = cache.append(c_kv.astype(x.dtype), k_r.astype(x.dtype))
-        c_kv, k_r = c_kv.astype(dtype), k_r.astype(dtype)
-    S = c_kv.shape[2]
-    scale = 1.0 / math.sqrt(d_h + d_R)
-    if absorbed:
-        uqk, uvo = (w(a) for a in (folded or params.absorbed()))
-        # (B, H, L, d_c): the query in latent space, c^Q W^UQ_i W^UK_i^T
-        q_latent = c_q[:, None] @ uqk[None]
-        query = np.concatenate([q_latent, q_r], axis=-1)  # (B, H, L, d_c + d_h^R)
-        key = np.concatenate([c_kv, k_r], axis=-1)  # (B, 1, S, d_c + d_h^R)
-        # multi-query attention on the latents, the heads folded into the query
-        # rows (one key head, as FlashMLA decodes): (B, 1, H L, .)
-        rows = query.reshape(B, 1, H * L, -1)
-        keep = _band(L, S, causal, window)  # (L, S) or None
-        if keep is not None:
-            keep = np.tile(keep, (H, 1))  # (H L, S): row h L + i is query i of head h
-        mixed = scaled_dot_product_attention_reference(
-            rows, key, c_kv, mask=keep, scale=scale
-        ).reshape(B, H, L, -1)  # (B, H, L, d_c)
-        out = (mixed @ uvo[None]).sum(axis=1)  # sum_i (B, L, E_out)
-    else:
-        q_c = _heads(c_q @ w(params.w_uq), H)  # (B, H, L, d_h)
-        query = np.concatenate([q_c, q_r], axis=-1)  # (B, H, L, d_h + d_h^R)
-        k_c = _heads(c_kv[:, 0] @ w(params.w_uk), H)  # (B, H, S, d_h)
-        # the rotary key is shared by every head: (B, H, S, d_h + d_h^R)
-        key = np.concatenate([k_c, np.broadcast_to(k_r, (B, H, S, d_R))], axis=-1)
-        value = _heads(c_kv[:, 0] @ w(params.w_uv), H)  # (B, H, S, d_v)
-        heads = scaled_dot_product_attention_reference(
-            query, key, value, causal=causal, scale=scale, window=window
-        )  # (B, H, L, d_v)
-        merged = heads.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, H * d_v)
-        out = merged @ w(params.w_o)  # (B, L, E_out)
+    # a call that fails after the append leaves the cache as it was
+    with unchanged_on_error(cache):
+        if cache is not None:
+            # (B, 1, S, d_c), (B, 1, S, d_h^R): the latent and the rotary key only
+            c_kv, k_r = cache.append(c_kv.astype(x.dtype), k_r.astype(x.dtype))
+            c_kv, k_r = c_kv.astype(dtype), k_r.astype(dtype)
+        S = c_kv.shape[2]
+        scale = 1.0 / math.sqrt(d_h + d_R)
+        if absorbed:
+            uqk, uvo = (w(a) for a in (folded or params.absorbed()))
+            # (B, H, L, d_c): the query in latent space, c^Q W^UQ_i W^UK_i^T
+            q_latent = c_q[:, None] @ uqk[None]
+            query = np.concatenate([q_latent, q_r], axis=-1)  # (B, H, L, d_c + d_h^R)
+            key = np.concatenate([c_kv, k_r], axis=-1)  # (B, 1, S, d_c + d_h^R)
+            # multi-query attention on the latents, the heads folded into the query
+            # rows (one key head, as FlashMLA decodes): (B, 1, H L, .)
+            rows = query.reshape(B, 1, H * L, -1)
+            keep = _band(L, S, causal, window)  # (L, S) or None
+            if keep is not None:
+                keep = np.tile(
+                    keep, (H, 1)
+                )  # (H L, S): row h L + i is query i of head h
+            mixed = scaled_dot_product_attention_reference(
+                rows, key, c_kv, mask=keep, scale=scale
+            ).reshape(B, H, L, -1)  # (B, H, L, d_c)
+            out = (mixed @ uvo[None]).sum(axis=1)  # sum_i (B, L, E_out)
+            # [/book: latent core]
+        else:
+            q_c = _heads(c_q @ w(params.w_uq), H)  # (B, H, L, d_h)
+            query = np.concatenate([q_c, q_r], axis=-1)  # (B, H, L, d_h + d_h^R)
+            k_c = _heads(c_kv[:, 0] @ w(params.w_uk), H)  # (B, H, S, d_h)
+            # the rotary key is shared by every head: (B, H, S, d_h + d_h^R)
+            key = np.concatenate([k_c, np.broadcast_to(k_r, (B, H, S, d_R))], axis=-1)
+            value = _heads(c_kv[:, 0] @ w(params.w_uv), H)  # (B, H, S, d_v)
+            heads = scaled_dot_product_attention_reference(
+                query, key, value, causal=causal, scale=scale, window=window
+            )  # (B, H, L, d_v)
+            merged = heads.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, H * d_v)
+            out = merged @ w(params.w_o)  # (B, L, E_out)
     return out.astype(x.dtype, copy=False)
 
 

@@ -24,7 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from companion import _checks, _positions
-from companion._kvcache import KVCacheBase, window_for_cache
+from companion._implementation import TILED_FROM_SCORES
+from companion._implementation import choose_implementation as _choose_implementation
+from companion._kvcache import (
+    KVCacheBase,
+    check_some_keys,
+    unchanged_on_error,
+    window_for_cache,
+)
 from companion.conventions import gqa_group_size
 from companion.numpy.attention import (
     _check_flag,
@@ -36,40 +43,6 @@ from companion.numpy.attention import (
 from companion.numpy.positions import _rotate_queries_and_keys
 
 __all__ = ["MultiHeadParams", "KVCache", "multi_head_attention"]
-
-IMPLEMENTATIONS = ("auto", "reference", "tiled")
-# "auto" takes the tiled kernel from this many scores per head (L * S) on: one
-# 1024 x 1024 float32 score matrix is 4 MiB, more than a core's cache, and from there
-# the tiled kernel is both faster and O(L) in memory (book chapter *Making it fast*).
-TILED_FROM_SCORES = 1024 * 1024
-
-
-def _choose_implementation(
-    implementation, L: int, S: int, return_weights: bool, tiled_from: int
-) -> str:
-    """``"reference"`` or ``"tiled"`` for ``L`` queries against ``S`` keys.
-
-    ``"auto"`` is ``"tiled"`` from ``L * S >= tiled_from`` on, unless the weights are
-    wanted (the tiled kernel never forms them). Shared by the three backends.
-    """
-    if not isinstance(implementation, str):
-        raise TypeError(
-            f"implementation must be one of {IMPLEMENTATIONS}, "
-            f"got {type(implementation).__name__}"
-        )
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
-        )
-    if implementation == "tiled" and return_weights:
-        raise ValueError(
-            "implementation='tiled' never forms the attention weights, so it cannot "
-            "return them: use return_weights=False or implementation='reference'"
-        )
-    if implementation == "auto":
-        use_tiled = not return_weights and L * S >= tiled_from
-        return "tiled" if use_tiled else "reference"
-    return implementation
 
 
 def _array(x) -> np.ndarray:
@@ -457,7 +430,9 @@ def multi_head_attention(
         raise ValueError(
             f"x_q {x_q.shape} and x_kv {x_kv.shape} must have the same batch size B"
         )
+    check_some_keys("x_kv", x_kv.shape[1], cache)
     dtype = _compute_dtype(x_q.dtype)
+    # [book: multi-head projections]
     H, H_kv = params.num_heads, params.num_kv_heads
     # (B, H, L, D)
     q = _project(x_q.astype(dtype, copy=False), params.w_q, params.b_q, H, dtype)
@@ -465,36 +440,42 @@ def multi_head_attention(
     k = _project(x_kv.astype(dtype, copy=False), params.w_k, params.b_k, H_kv, dtype)
     # (B, H_kv, S_new, D_v)
     v = _project(x_kv.astype(dtype, copy=False), params.w_v, params.b_v, H_kv, dtype)
+    # [/book: multi-head projections]
     rope = _positions.as_rotary(rope)
     if rope is not None:  # at absolute positions, from cache.seen on
         start = cache.seen if isinstance(cache, KVCache) else 0
         q, k = _rotate_queries_and_keys(q, k, rope, start)
-    if cache is not None:
-        if not isinstance(cache, KVCache):
-            raise TypeError(
-                f"cache must be a companion.numpy.KVCache, got {type(cache).__name__}"
-            )
-        k, v = cache.append(k, v)  # (B, H_kv, S, D), (B, H_kv, S, D_v)
-    B, L = x_q.shape[:2]
-    chosen = _choose_implementation(
-        implementation, L, k.shape[2], return_weights, TILED_FROM_SCORES
-    )
-    if chosen == "tiled":
-        # (B, H, L, D_v)
-        heads = attention_tiled(q, k, v, mask=mask, causal=causal, window=window)
-        D_v = heads.shape[-1]
-    else:
-        q, k, v, shapes, mask = _validated(q, k, v, mask)
-        # (B, H_kv, group, L, S)
-        weights = _grouped_weights(q, k, mask, causal, None, shapes, window)
-        heads = weights @ v[:, :, None, :, :]  # (B, H_kv, group, L, D_v)
-        D_v = shapes.D_v
-        heads = heads.reshape(B, H, L, D_v)  # (B, H, L, D_v)
-    # (B, L, H * D_v)
-    merged = heads.transpose(0, 2, 1, 3).reshape(B, L, H * D_v)
-    output = merged @ np.asarray(params.w_o, dtype=dtype)  # (B, L, E_out)
-    if params.b_o is not None:
-        output = output + np.asarray(params.b_o, dtype=dtype)
+    if cache is not None and not isinstance(cache, KVCache):
+        raise TypeError(
+            f"cache must be a companion.numpy.KVCache, got {type(cache).__name__}"
+        )
+    # a call that fails after the append (a mask that does not fit every cached
+    # position, say) leaves the cache as it was
+    with unchanged_on_error(cache):
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, H_kv, S, D), (B, H_kv, S, D_v)
+        B, L = x_q.shape[:2]
+        chosen = _choose_implementation(
+            implementation, L, k.shape[2], return_weights, TILED_FROM_SCORES
+        )
+        # [book: multi-head core]
+        if chosen == "tiled":
+            # (B, H, L, D_v)
+            heads = attention_tiled(q, k, v, mask=mask, causal=causal, window=window)
+            D_v = heads.shape[-1]
+        else:
+            q, k, v, shapes, mask = _validated(q, k, v, mask)
+            # (B, H_kv, group, L, S)
+            weights = _grouped_weights(q, k, mask, causal, None, shapes, window)
+            heads = weights @ v[:, :, None, :, :]  # (B, H_kv, group, L, D_v)
+            D_v = shapes.D_v
+            heads = heads.reshape(B, H, L, D_v)  # (B, H, L, D_v)
+        # (B, L, H * D_v)
+        merged = heads.transpose(0, 2, 1, 3).reshape(B, L, H * D_v)
+        output = merged @ np.asarray(params.w_o, dtype=dtype)  # (B, L, E_out)
+        if params.b_o is not None:
+            output = output + np.asarray(params.b_o, dtype=dtype)
+        # [/book: multi-head core]
     output = output.astype(x_q.dtype, copy=False)
     if return_weights:
         # (B, H, L, S)

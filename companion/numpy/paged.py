@@ -68,6 +68,8 @@ def _paged_one(q, cache, seq, causal, window, t, dtype):
     m = np.full((H_kv, group, L, 1), -np.inf, dtype)
     l = np.zeros((H_kv, group, L, 1), dtype)  # noqa: E741
     o = np.zeros((H_kv, group, L, cache.value_head_dim), dtype)
+    if L == 0:
+        return o  # no queries: nothing to read
     for index, block in enumerate(table):
         start = index * size
         n = min(size, length - start)
@@ -138,6 +140,8 @@ def paged_attention(
     group = H // cache.num_kv_heads
     # (B, H_kv, group, L, D)
     q = query.astype(dtype).reshape(B, cache.num_kv_heads, group, L, D)
+    if B == 0:  # no sequences
+        return np.zeros((0, H, L, cache.value_head_dim), query.dtype)
     out = np.stack(
         [
             _paged_one(q[b], cache, seq, causal, window, t, dtype)

@@ -79,6 +79,7 @@ def sinusoidal_positions(length: int, dim: int, *, base: float = 10000.0, dtype=
 
 def _integer_positions(positions, x_shape) -> np.ndarray:
     """``positions`` as an integer array that broadcasts to ``x``'s ``(..., L)``."""
+    _positions.check_position_values(positions)
     positions = np.asarray(positions)
     _positions.check_positions(positions.shape, positions.dtype.name, x_shape)
     return positions
@@ -141,8 +142,7 @@ def rotary_embedding(
     D, d = _positions.rotary_dims(x.shape, rotary_dim)
     positions = _integer_positions(positions, x.shape)
     base = _positions.check_base(base)
-    if not isinstance(interleaved, (bool, np.bool_)):
-        raise TypeError(f"interleaved must be True or False, got {interleaved!r}")
+    interleaved = _positions.check_interleaved(interleaved)
     dtype = np.dtype(np.float32) if x.dtype == np.float16 else x.dtype
     theta = base ** (-2.0 * np.arange(d // 2) / d)  # (d/2,): theta_i
     angle = positions[..., None].astype(np.float64) * theta  # (..., L, d/2): p theta_i

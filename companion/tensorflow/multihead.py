@@ -32,9 +32,15 @@ import numpy as np
 import tensorflow as tf
 
 from companion import _checks, _positions
-from companion._kvcache import KVCacheBase, window_for_cache
+from companion._implementation import choose_implementation as _choose_implementation
+from companion._kvcache import (
+    KVCacheBase,
+    check_some_keys,
+    unchanged_on_error,
+    window_for_cache,
+)
 from companion.conventions import gqa_group_size
-from companion.numpy.multihead import MultiHeadParams, _choose_implementation
+from companion.numpy.multihead import MultiHeadParams
 from companion.tensorflow.attention import (
     _attention_and_weights,
     _check_flag,
@@ -199,6 +205,7 @@ def multi_head_attention(
             f"x_q and x_kv must have the same dtype, got {names[0]} and {names[1]}"
         )
     _check_layer_inputs(x_q, x_kv, params)
+    check_some_keys("x_kv", x_kv.shape[1], cache)
     work = tf.float32 if names[0] in _HALF_PRECISION else x_q.dtype
     H, H_kv = params.num_heads, params.num_kv_heads
 
@@ -215,22 +222,25 @@ def multi_head_attention(
     if rope is not None:  # at absolute positions, from cache.seen on
         start = 0 if cache is None else cache.seen
         query, key = _rotate_queries_and_keys(query, key, rope, start)
-    if cache is not None:
-        # everything cached: (B, H_kv, S_total, D), (B, H_kv, S_total, D_v)
-        key, value = cache.append(key, value)
-    # (B, H, L, D_v)
-    heads, weights = _heads(
-        query, key, value, mask, causal, return_weights, implementation, window
-    )
-    B, _, L, D_v = heads.shape
-    # (B, L, H*D_v)
-    concatenated = tf.reshape(
-        tf.transpose(tf.cast(heads, work), (0, 2, 1, 3)), (B, L, H * D_v)
-    )
-    # [head_0..head_H-1] W_o: (B, L, E_out)
-    output = tf.linalg.matmul(concatenated, _tensor(params.w_o, work))
-    if params.b_o is not None:
-        output = output + _tensor(params.b_o, work)  # + b_o
+    # a call that fails after the append (a mask that does not fit every cached
+    # position, say) leaves the cache as it was
+    with unchanged_on_error(cache):
+        if cache is not None:
+            # everything cached: (B, H_kv, S_total, D), (B, H_kv, S_total, D_v)
+            key, value = cache.append(key, value)
+        # (B, H, L, D_v)
+        heads, weights = _heads(
+            query, key, value, mask, causal, return_weights, implementation, window
+        )
+        B, _, L, D_v = heads.shape
+        # (B, L, H*D_v)
+        concatenated = tf.reshape(
+            tf.transpose(tf.cast(heads, work), (0, 2, 1, 3)), (B, L, H * D_v)
+        )
+        # [head_0..head_H-1] W_o: (B, L, E_out)
+        output = tf.linalg.matmul(concatenated, _tensor(params.w_o, work))
+        if params.b_o is not None:
+            output = output + _tensor(params.b_o, work)  # + b_o
     output = tf.cast(output, x_q.dtype)
     return (output, weights) if return_weights else output
 
@@ -381,30 +391,39 @@ class MultiHeadAttention(keras.layers.Layer):
         if self.rope is not None:  # at absolute positions, from cache.seen on
             start = 0 if cache is None else cache.seen
             q, k = _rotate_queries_and_keys(q, k, self.rope, start)
-        if cache is not None:
-            k, v = cache.append(k, v)  # (B, H_kv, S_total, D), (B, H_kv, S_total, D_v)
-        mask = None
-        if attention_mask is not None:
-            mask = tf.convert_to_tensor(attention_mask)
-            # Keras: nonzero = attend
-            mask = mask if mask.dtype == tf.bool else tf.not_equal(mask, 0)
-            if mask.shape.rank == 3:
-                mask = mask[:, None, :, :]  # (B, 1, L, S): the same for every head
-        # (B, H, L, D_v)
-        heads, weights = _heads(
-            q,
-            k,
-            v,
-            mask,
-            bool(use_causal_mask),
-            bool(return_attention_scores),
-            self.implementation,
-            window_for_cache(None, cache),  # a rolling cache's window
-        )
-        # (B, L, E_out)
-        output = tf.einsum("bhld,hde->ble", heads, tf.cast(self.output_kernel, dtype))
-        if self.output_bias is not None:
-            output = output + tf.cast(self.output_bias, dtype)  # + b_o
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(
+                "cache must be a companion.tensorflow.KVCache, got "
+                f"{type(cache).__name__}"
+            )
+        with unchanged_on_error(cache):  # a failed call leaves the cache as it was
+            if cache is not None:
+                # (B, H_kv, S_total, D), (B, H_kv, S_total, D_v)
+                k, v = cache.append(k, v)
+            mask = None
+            if attention_mask is not None:
+                mask = tf.convert_to_tensor(attention_mask)
+                # Keras: nonzero = attend
+                mask = mask if mask.dtype == tf.bool else tf.not_equal(mask, 0)
+                if mask.shape.rank == 3:
+                    mask = mask[:, None, :, :]  # (B, 1, L, S): the same for every head
+            # (B, H, L, D_v)
+            heads, weights = _heads(
+                q,
+                k,
+                v,
+                mask,
+                bool(use_causal_mask),
+                bool(return_attention_scores),
+                self.implementation,
+                window_for_cache(None, cache),  # a rolling cache's window
+            )
+            # (B, L, E_out)
+            output = tf.einsum(
+                "bhld,hde->ble", heads, tf.cast(self.output_kernel, dtype)
+            )
+            if self.output_bias is not None:
+                output = output + tf.cast(self.output_bias, dtype)  # + b_o
         return (output, weights) if return_attention_scores else output
 
     # --- parameters: MultiHeadParams and keras.layers.MultiHeadAttention --------------

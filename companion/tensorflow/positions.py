@@ -68,13 +68,13 @@ def rotary_embedding(
     x = tf.convert_to_tensor(x)
     name = _checks.check_float("x", x.dtype)
     D, d = _positions.rotary_dims(x.shape, rotary_dim)
+    _positions.check_position_values(positions)
     positions = tf.convert_to_tensor(positions)
     _positions.check_positions(
         positions.shape, _checks.dtype_name(positions.dtype), x.shape
     )
     base = _positions.check_base(base)
-    if not isinstance(interleaved, bool):
-        raise TypeError(f"interleaved must be True or False, got {interleaved!r}")
+    interleaved = _positions.check_interleaved(interleaved)
     dtype = tf.float32 if name in _HALF else x.dtype
     exponent = -2.0 * tf.range(d // 2, dtype=tf.float64) / d  # (d/2,)
     theta = tf.pow(tf.constant(base, tf.float64), exponent)  # (d/2,)

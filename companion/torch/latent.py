@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from companion import _checks
-from companion._kvcache import window_for_cache
+from companion._kvcache import unchanged_on_error, window_for_cache
+from companion._latent import band as _band
+from companion._latent import check_absorbed
 from companion.numpy.latent import (
     LatentAttentionParams,
-    _band,
     kv_cache_elements_per_token,
 )
 from companion.torch.attention import (
@@ -68,6 +69,8 @@ def latent_attention(
         raise TypeError(
             f"params must be a LatentAttentionParams, got {type(params).__name__}"
         )
+    if folded is not None:
+        check_absorbed(folded, params)  # before the cache changes
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     _checks.check_float("x", x.dtype)
@@ -95,38 +98,40 @@ def latent_attention(
     q_r = rotary_embedding(_heads(c_q @ w(params.w_qr), H), positions, base=base)
     c_kv = (h @ w(params.w_dkv))[:, None]  # (B, 1, L, d_c)
     k_r = rotary_embedding((h @ w(params.w_kr))[:, None], positions, base=base)
-    if cache is not None:
-        # (B, 1, S, d_c), (B, 1, S, d_h^R): the latent and the rotary key only
-        c_kv, k_r = cache.append(c_kv.to(x.dtype), k_r.to(x.dtype))
-        c_kv, k_r = c_kv.to(dtype), k_r.to(dtype)
-    S = c_kv.shape[2]
-    scale = 1.0 / math.sqrt(params.head_dim + d_R)
-    if absorbed:
-        uqk, uvo = (w(a) for a in (folded or params.absorbed()))
-        # (B, H, L, d_c): the query in latent space
-        q_latent = c_q[:, None] @ uqk[None]
-        query = torch.cat([q_latent, q_r], dim=-1)  # (B, H, L, d_c + d_h^R)
-        key = torch.cat([c_kv, k_r], dim=-1)  # (B, 1, S, d_c + d_h^R)
-        # multi-query attention on the latents, the heads folded into the query
-        # rows (one key head: no broadcast of the keys over H): (B, 1, H L, .)
-        rows = query.reshape(B, 1, H * L, -1)
-        keep = _band(L, S, causal, window)  # (L, S) or None
-        if keep is not None:
-            keep = torch.as_tensor(keep, device=x.device).repeat(H, 1)  # (H L, S)
-        mixed = scaled_dot_product_attention_reference(
-            rows, key, c_kv, mask=keep, scale=scale
-        ).reshape(B, H, L, -1)  # (B, H, L, d_c)
-        out = (mixed @ uvo[None]).sum(dim=1)  # sum_i (B, L, E_out)
-    else:
-        q_c = _heads(c_q @ w(params.w_uq), H)  # (B, H, L, d_h)
-        query = torch.cat([q_c, q_r], dim=-1)  # (B, H, L, d_h + d_h^R)
-        k_c = _heads(c_kv[:, 0] @ w(params.w_uk), H)  # (B, H, S, d_h)
-        # the rotary key is shared by every head: (B, H, S, d_h + d_h^R)
-        key = torch.cat([k_c, k_r.expand(B, H, S, d_R)], dim=-1)
-        value = _heads(c_kv[:, 0] @ w(params.w_uv), H)  # (B, H, S, d_v)
-        heads = scaled_dot_product_attention_reference(
-            query, key, value, causal=causal, scale=scale, window=window
-        )  # (B, H, L, d_v)
-        merged = heads.transpose(1, 2).reshape(B, L, -1)  # (B, L, H * d_v)
-        out = merged @ w(params.w_o)  # (B, L, E_out)
+    # a call that fails after the append leaves the cache as it was
+    with unchanged_on_error(cache):
+        if cache is not None:
+            # (B, 1, S, d_c), (B, 1, S, d_h^R): the latent and the rotary key only
+            c_kv, k_r = cache.append(c_kv.to(x.dtype), k_r.to(x.dtype))
+            c_kv, k_r = c_kv.to(dtype), k_r.to(dtype)
+        S = c_kv.shape[2]
+        scale = 1.0 / math.sqrt(params.head_dim + d_R)
+        if absorbed:
+            uqk, uvo = (w(a) for a in (folded or params.absorbed()))
+            # (B, H, L, d_c): the query in latent space
+            q_latent = c_q[:, None] @ uqk[None]
+            query = torch.cat([q_latent, q_r], dim=-1)  # (B, H, L, d_c + d_h^R)
+            key = torch.cat([c_kv, k_r], dim=-1)  # (B, 1, S, d_c + d_h^R)
+            # multi-query attention on the latents, the heads folded into the query
+            # rows (one key head: no broadcast of the keys over H): (B, 1, H L, .)
+            rows = query.reshape(B, 1, H * L, -1)
+            keep = _band(L, S, causal, window)  # (L, S) or None
+            if keep is not None:
+                keep = torch.as_tensor(keep, device=x.device).repeat(H, 1)  # (H L, S)
+            mixed = scaled_dot_product_attention_reference(
+                rows, key, c_kv, mask=keep, scale=scale
+            ).reshape(B, H, L, -1)  # (B, H, L, d_c)
+            out = (mixed @ uvo[None]).sum(dim=1)  # sum_i (B, L, E_out)
+        else:
+            q_c = _heads(c_q @ w(params.w_uq), H)  # (B, H, L, d_h)
+            query = torch.cat([q_c, q_r], dim=-1)  # (B, H, L, d_h + d_h^R)
+            k_c = _heads(c_kv[:, 0] @ w(params.w_uk), H)  # (B, H, S, d_h)
+            # the rotary key is shared by every head: (B, H, S, d_h + d_h^R)
+            key = torch.cat([k_c, k_r.expand(B, H, S, d_R)], dim=-1)
+            value = _heads(c_kv[:, 0] @ w(params.w_uv), H)  # (B, H, S, d_v)
+            heads = scaled_dot_product_attention_reference(
+                query, key, value, causal=causal, scale=scale, window=window
+            )  # (B, H, L, d_v)
+            merged = heads.transpose(1, 2).reshape(B, L, -1)  # (B, L, H * d_v)
+            out = merged @ w(params.w_o)  # (B, L, E_out)
     return out.to(x.dtype)

@@ -25,9 +25,15 @@ import torch
 from torch import nn
 
 from companion import _checks, _positions
-from companion._kvcache import KVCacheBase, window_for_cache
+from companion._implementation import choose_implementation as _choose_implementation
+from companion._kvcache import (
+    KVCacheBase,
+    check_some_keys,
+    unchanged_on_error,
+    window_for_cache,
+)
 from companion.conventions import gqa_group_size
-from companion.numpy.multihead import MultiHeadParams, _choose_implementation
+from companion.numpy.multihead import MultiHeadParams
 from companion.torch.attention import (
     _check_flag,
     _compute_dtype,
@@ -136,6 +142,7 @@ def _multi_head(
     # checked before the cache changes (the sizes come later)
     _choose_implementation(implementation, 0, 0, return_weights, TILED_FROM_SCORES)
     window = window_for_cache(window, cache)
+    check_some_keys("x_kv", x_k.shape[1], cache)
     compute = w_q.dtype
     q = _project(x_q.to(compute), w_q, b_q, num_heads)  # (B, H, L, D)
     # (B, H_kv, S_new, D)
@@ -145,35 +152,38 @@ def _multi_head(
     if rope is not None:  # at absolute positions, from cache.seen on
         start = cache.seen if isinstance(cache, KVCache) else 0
         q, k = _rotate_queries_and_keys(q, k, rope, start)
-    if cache is not None:
-        if not isinstance(cache, KVCache):
-            raise TypeError(
-                f"cache must be a companion.torch.KVCache, got {type(cache).__name__}"
-            )
-        k, v = cache.append(k, v)  # (B, H_kv, S, D), (B, H_kv, S, D_v)
-    q = q.to(x_q.dtype)
-    chosen = _choose_implementation(
-        implementation, q.shape[2], k.shape[2], return_weights, TILED_FROM_SCORES
-    )
-    if chosen == "tiled":
-        # (B, H, L, D_v)
-        heads = attention_tiled(q, k, v, mask=mask, causal=causal, window=window)
-        heads = heads.to(compute)
-    elif return_weights:
-        # (B, H, L, S)
-        probs = attention_weights(q, k, mask=mask, causal=causal, window=window)
-        # P V, the group folded into the rows (V read in place): (B, H, L, D_v)
-        heads = _grouped_product(probs.to(compute), v.to(compute), num_kv_heads)
-    else:
-        # (B, H, L, D_v)
-        heads = scaled_dot_product_attention_reference(
-            q, k, v, mask=mask, causal=causal, window=window
-        ).to(compute)
-    B, H, L, D_v = heads.shape
-    merged = heads.transpose(1, 2).reshape(B, L, H * D_v)  # (B, L, H * D_v)
-    output = merged @ w_o  # (B, L, E_out)
-    if b_o is not None:
-        output = output + b_o
+    if cache is not None and not isinstance(cache, KVCache):
+        raise TypeError(
+            f"cache must be a companion.torch.KVCache, got {type(cache).__name__}"
+        )
+    # a call that fails after the append (a mask that does not fit every cached
+    # position, say) leaves the cache as it was
+    with unchanged_on_error(cache):
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, H_kv, S, D), (B, H_kv, S, D_v)
+        q = q.to(x_q.dtype)
+        chosen = _choose_implementation(
+            implementation, q.shape[2], k.shape[2], return_weights, TILED_FROM_SCORES
+        )
+        if chosen == "tiled":
+            # (B, H, L, D_v)
+            heads = attention_tiled(q, k, v, mask=mask, causal=causal, window=window)
+            heads = heads.to(compute)
+        elif return_weights:
+            # (B, H, L, S)
+            probs = attention_weights(q, k, mask=mask, causal=causal, window=window)
+            # P V, the group folded into the rows (V read in place): (B, H, L, D_v)
+            heads = _grouped_product(probs.to(compute), v.to(compute), num_kv_heads)
+        else:
+            # (B, H, L, D_v)
+            heads = scaled_dot_product_attention_reference(
+                q, k, v, mask=mask, causal=causal, window=window
+            ).to(compute)
+        B, H, L, D_v = heads.shape
+        merged = heads.transpose(1, 2).reshape(B, L, H * D_v)  # (B, L, H * D_v)
+        output = merged @ w_o  # (B, L, E_out)
+        if b_o is not None:
+            output = output + b_o
     output = output.to(x_q.dtype)
     return (output, probs) if return_weights else output
 

@@ -48,6 +48,8 @@ class PagedKVCache(PagedKVCacheBase):
             dtype = torch.float32
         elif isinstance(dtype, str):
             dtype = getattr(torch, dtype)
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype or its name, got {dtype!r}")
         return torch.zeros(shape, dtype=dtype, device=self._device)
 
     def _write(self, storage, block: int, start: int, stop: int, x) -> None:

@@ -73,13 +73,13 @@ def rotary_embedding(
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     _checks.check_float("x", x.dtype)
     D, d = _positions.rotary_dims(x.shape, rotary_dim)
+    _positions.check_position_values(positions)
     positions = torch.as_tensor(positions, device=x.device)
     _positions.check_positions(
         positions.shape, _checks.dtype_name(positions.dtype), x.shape
     )
     base = _positions.check_base(base)
-    if not isinstance(interleaved, bool):
-        raise TypeError(f"interleaved must be True or False, got {interleaved!r}")
+    interleaved = _positions.check_interleaved(interleaved)
     dtype = torch.float32 if x.dtype in _HALF else x.dtype
     exponent = -2.0 * torch.arange(d // 2, dtype=torch.float64, device=x.device) / d
     theta = torch.pow(torch.tensor(base, dtype=torch.float64), exponent)  # (d/2,)
