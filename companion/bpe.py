@@ -268,7 +268,8 @@ def _empty_tokenizer(vocab: dict, merges: list):
     """A ``tokenizers.Tokenizer`` with our split and GPT-2's byte-level mapping."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    tokenizer = Tokenizer(models.BPE(vocab=vocab or None, merges=merges or None))
+    model = models.BPE(vocab=vocab, merges=merges) if vocab else models.BPE()
+    tokenizer = Tokenizer(model)
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(PATTERN), behavior="isolated"),

@@ -115,6 +115,13 @@ def test_errors():
         ByteBPE([b"a"], [])
 
 
+def test_bytes_only_tokenizer_has_a_fast_twin():
+    bpe = ByteBPE([bytes([i]) for i in range(256)], [])
+    text = "naïve 你好"
+    assert bpe.encode(text) == list(text.encode("utf-8"))
+    assert bpe.to_tokenizers().encode(text).ids == bpe.encode(text)
+
+
 def test_decode_of_a_cut_character_is_replacement_not_error(bilingual):
     ids = list("你".encode("utf-8"))[:2]  # two of the three bytes, as byte tokens
     assert bilingual.decode(ids) == "\ufffd"
