@@ -158,6 +158,7 @@ class KVCacheBase:
         )
         if self._key is not None:
             self._check_compatible(key)
+        # [book: cache append]
         new = int(key.shape[2])
         W = self._max_length
         # positions the new queries can still see: [first, stop) of the storage
@@ -179,6 +180,7 @@ class KVCacheBase:
             self._slice(self._key, first, stop),
             self._slice(self._value, first, stop),
         )
+        # [/book: cache append]
 
     def _grow(self, first: int, stop: int, new: int, key, value) -> tuple[int, int]:
         """A fresh buffer holding positions ``[first, stop)`` at its front, with room

@@ -219,11 +219,13 @@ class PagedKVCacheBase:
         table = self._table(seq)
         key, value = self._convert("key", key), self._convert("value", value)
         self._check_append(key, value)
+        # [book: paged count]
         new, length, size = int(key.shape[1]), self._lengths[seq], self.block_size
         used = -(-length // size)  # blocks holding positions
         needed = -(-(length + new) // size) - used
         partial = length % size != 0
         copy = partial and new > 0 and self.pool.refcount(table[-1]) > 1
+        # [/book: paged count]
         if used + needed > self.max_blocks:
             raise ValueError(
                 f"appending {new} positions to sequence {seq} (length {length}) needs "
@@ -235,6 +237,7 @@ class PagedKVCacheBase:
                 f"free blocks; the pool of {self.pool.num_blocks} has "
                 f"{self.pool.num_free} left"
             )
+        # [book: paged write]
         if copy:
             # copy on write: the shared partial block gets a private copy
             private = self.pool.allocate()
@@ -253,6 +256,7 @@ class PagedKVCacheBase:
             self._write(self._value, block, slot, slot + n, value[:, done : done + n])
             done += n
         self._lengths[seq] = length + new
+        # [/book: paged write]
 
     def _check_append(self, key, value) -> None:
         k, v = tuple(key.shape), tuple(value.shape)

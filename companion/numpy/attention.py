@@ -524,6 +524,7 @@ def _tiled_query_block(
     """
     bq, D = q_rows.shape
     S, D_v = v_head.shape
+    # [book: tiled start]
     q = buffers.view(buffers.q, bq, D)
     np.multiply(q_rows, scale, out=q)  # t Q_i: the scale folded into the query once
     acc = buffers.view(buffers.acc, bq, D_v)  # O~ (bq, D_v)
@@ -534,6 +535,7 @@ def _tiled_query_block(
     # exp(S_ij - m_new) and exp(m - m_new) need no guard for rows that saw nothing yet
     m.fill(np.finfo(m.dtype).min)
     l.fill(0.0)
+    # [/book: tiled start]
     for j0, j1, full in tiles:  # hidden blocks are not in the plan
         bk = j1 - j0
         k_block, v_block = k_head[j0:j1], v_head[j0:j1]  # (bk, D), (bk, D_v)
