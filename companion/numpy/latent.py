@@ -51,7 +51,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from companion import _checks
-from companion._kvcache import unchanged_on_error, window_for_cache
+from companion._kvcache import (
+    check_some_keys,
+    unchanged_on_error,
+    window_for_cache,
+)
 from companion._latent import band as _band
 from companion._latent import check_absorbed
 from companion.numpy.attention import (
@@ -292,6 +296,7 @@ def latent_attention(
         raise TypeError(
             f"cache must be a companion.numpy.KVCache, got {type(cache).__name__}"
         )
+    check_some_keys("x", x.shape[1], cache)  # before the cache changes
     dtype = _compute_dtype(x.dtype)
     h = x.astype(dtype, copy=False)
     B, L, _ = h.shape
@@ -324,7 +329,7 @@ def latent_attention(
             key = np.concatenate([c_kv, k_r], axis=-1)  # (B, 1, S, d_c + d_h^R)
             # multi-query attention on the latents, the heads folded into the query
             # rows (one key head, as FlashMLA decodes): (B, 1, H L, .)
-            rows = query.reshape(B, 1, H * L, -1)
+            rows = query.reshape(B, 1, H * L, query.shape[-1])
             keep = _band(L, S, causal, window)  # (L, S) or None
             if keep is not None:
                 keep = np.tile(
@@ -332,7 +337,7 @@ def latent_attention(
                 )  # (H L, S): row h L + i is query i of head h
             mixed = scaled_dot_product_attention_reference(
                 rows, key, c_kv, mask=keep, scale=scale
-            ).reshape(B, H, L, -1)  # (B, H, L, d_c)
+            ).reshape(B, H, L, c_kv.shape[-1])  # (B, H, L, d_c)
             out = (mixed @ uvo[None]).sum(axis=1)  # sum_i (B, L, E_out)
             # [/book: latent core]
         else:
@@ -345,7 +350,10 @@ def latent_attention(
             heads = scaled_dot_product_attention_reference(
                 query, key, value, causal=causal, scale=scale, window=window
             )  # (B, H, L, d_v)
-            merged = heads.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, H * d_v)
+            # (B, L, H * d_v)
+            merged = heads.transpose(0, 2, 1, 3).reshape(
+                B, L, H * params.value_head_dim
+            )
             out = merged @ w(params.w_o)  # (B, L, E_out)
     return out.astype(x.dtype, copy=False)
 

@@ -17,7 +17,11 @@ import numpy as np
 import torch
 
 from companion import _checks
-from companion._kvcache import unchanged_on_error, window_for_cache
+from companion._kvcache import (
+    check_some_keys,
+    unchanged_on_error,
+    window_for_cache,
+)
 from companion._latent import band as _band
 from companion._latent import check_absorbed
 from companion.numpy.latent import (
@@ -81,6 +85,7 @@ def latent_attention(
         raise TypeError(
             f"cache must be a companion.torch.KVCache, got {type(cache).__name__}"
         )
+    check_some_keys("x", x.shape[1], cache)  # before the cache changes
     dtype = _compute_dtype(x.dtype)
     h = x.to(dtype)
     B, L, _ = h.shape
@@ -114,13 +119,13 @@ def latent_attention(
             key = torch.cat([c_kv, k_r], dim=-1)  # (B, 1, S, d_c + d_h^R)
             # multi-query attention on the latents, the heads folded into the query
             # rows (one key head: no broadcast of the keys over H): (B, 1, H L, .)
-            rows = query.reshape(B, 1, H * L, -1)
+            rows = query.reshape(B, 1, H * L, query.shape[-1])
             keep = _band(L, S, causal, window)  # (L, S) or None
             if keep is not None:
                 keep = torch.as_tensor(keep, device=x.device).repeat(H, 1)  # (H L, S)
             mixed = scaled_dot_product_attention_reference(
                 rows, key, c_kv, mask=keep, scale=scale
-            ).reshape(B, H, L, -1)  # (B, H, L, d_c)
+            ).reshape(B, H, L, c_kv.shape[-1])  # (B, H, L, d_c)
             out = (mixed @ uvo[None]).sum(dim=1)  # sum_i (B, L, E_out)
         else:
             q_c = _heads(c_q @ w(params.w_uq), H)  # (B, H, L, d_h)
@@ -132,6 +137,7 @@ def latent_attention(
             heads = scaled_dot_product_attention_reference(
                 query, key, value, causal=causal, scale=scale, window=window
             )  # (B, H, L, d_v)
-            merged = heads.transpose(1, 2).reshape(B, L, -1)  # (B, L, H * d_v)
+            # (B, L, H * d_v)
+            merged = heads.transpose(1, 2).reshape(B, L, H * params.value_head_dim)
             out = merged @ w(params.w_o)  # (B, L, E_out)
     return out.to(x.dtype)
