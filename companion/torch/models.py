@@ -289,6 +289,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         if not isinstance(norm_first, bool):
             raise TypeError(f"norm_first must be True or False, got {norm_first!r}")
+        # [book: block parts]
         self.norm_first = norm_first
         self.norm1 = make_norm(norm, embed_dim, eps=norm_eps)
         self.attention = MultiHeadAttention(
@@ -296,6 +297,7 @@ class TransformerBlock(nn.Module):
         )
         self.norm2 = make_norm(norm, embed_dim, eps=norm_eps)
         self.mlp = make_mlp(mlp, embed_dim, mlp_hidden)
+        # [/book: block parts]
 
     def forward(
         self,
@@ -310,6 +312,7 @@ class TransformerBlock(nn.Module):
         ``mask`` (e.g. an ALiBi bias ``(H, T, S)``) is added to the scores, with the
         causal mask.
         """
+        # [book: block forward]
         h = self.norm1(x) if self.norm_first else x  # (B, T, E)
         kwargs = dict(causal=True, cache=cache, mask=mask)
         if return_weights:
@@ -322,6 +325,7 @@ class TransformerBlock(nn.Module):
             return x + self.mlp(self.norm2(x)), weights  # (B, T, E)
         x = self.norm1(x + attended)  # (B, T, E)
         return self.norm2(x + self.mlp(x)), weights  # (B, T, E)
+        # [/book: block forward]
 
 
 class TinyTransformerLM(nn.Module):
@@ -375,6 +379,7 @@ class TinyTransformerLM(nn.Module):
             raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
         self.vocab_size, self.max_length, self.tied = vocab_size, max_length, bool(tied)
         self.positions, self.num_heads = positions, num_heads
+        # [book: lm parts]
         self.embedding = nn.Embedding(vocab_size, embed_dim)  # W_E (V, E)
         self.position_embedding = None
         if positions == "learned":
@@ -397,6 +402,7 @@ class TinyTransformerLM(nn.Module):
         else:
             # W_out (V, E), a second matrix
             self.head = nn.Linear(embed_dim, vocab_size, bias=False)
+        # [/book: lm parts]
         for weight in (
             self.embedding.weight,
             *(
@@ -461,6 +467,7 @@ class TinyTransformerLM(nn.Module):
                 f"positions {start}..{start + T - 1} exceed "
                 f"max_length={self.max_length}"
             )
+        # [book: lm forward]
         x = self.embedding(ids)  # (B, T, E): W_E[ids]
         if self.positions == "learned":
             positions = torch.arange(start, start + T, device=ids.device)  # (T,)
@@ -484,6 +491,7 @@ class TinyTransformerLM(nn.Module):
             )
             all_weights.append(weights)
         logits = self.head(self.norm(x))  # (B, T, V): LN(h) W_out^T
+        # [/book: lm forward]
         return (logits, all_weights) if return_weights else logits
 
 
