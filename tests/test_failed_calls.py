@@ -130,6 +130,19 @@ def test_latent_wrong_absorbed_is_named_and_leaves_the_cache(backend):
     assert_close(to_numpy(out), to_numpy(m.latent_attention(x, params)))
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("absorbed", [False, True])
+def test_latent_zero_queries_and_zero_keys(backend, absorbed):
+    m, params = _latent(backend)
+    x = as_backend(np.random.default_rng(9).standard_normal((2, 3, 16)), backend)
+    cache = m.KVCache()
+    m.latent_attention(x, params, cache=cache, absorbed=absorbed)
+    out = m.latent_attention(x[:, :0], params, cache=cache, absorbed=absorbed)
+    assert tuple(out.shape) == (2, 0, 16) and cache.length == 3
+    with pytest.raises(ValueError, match="x has no positions"):
+        m.latent_attention(x[:, :0], params, cache=m.KVCache(), absorbed=absorbed)
+
+
 # --- 2. windows beyond 32 bits ------------------------------------------------------
 
 

@@ -377,7 +377,7 @@ def multi_head_attention(
         at a time with ``causal=True`` equals full causal self-attention.
     cache : KVCache, optional
         The projected keys and values of ``x_kv`` are appended to it and attention runs
-        over everything cached.
+        over everything cached. A call that raises leaves the cache as it was.
     return_weights : bool
         Also return the weights ``(B, H, L, S)`` (per head, not averaged).
     implementation : ``"auto"``, ``"reference"`` or ``"tiled"``
