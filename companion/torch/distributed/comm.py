@@ -12,6 +12,12 @@ they hand to it to a :class:`CommCount`:
   the tensor handed over (the *payload*). How many bytes travel per rank depends on the
   algorithm: a ring all-reduce sends :math:`2 (W - 1) / W` times the payload.
 
+:func:`check_same_shapes` is the one collective that is not counted: before a
+collective whose ranks must agree on shapes, every rank all-gathers a few integers
+(the shapes it holds), so that a disagreement is a ``ValueError`` on every rank, naming
+the shapes and the ranks, instead of a collective of mismatched sizes (which gloo
+answers by aborting the process, the reason only on stderr).
+
 Explained in the book chapter *Scaling out*.
 """
 
@@ -24,7 +30,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["CommCount", "counting", "ring_exchange", "all_reduce", "nbytes"]
+__all__ = [
+    "CommCount",
+    "counting",
+    "ring_exchange",
+    "all_reduce",
+    "nbytes",
+    "gather_shapes",
+    "check_same_shapes",
+]
+
+_MAX_DIMS = 16
 
 
 @dataclass
@@ -129,3 +145,47 @@ def all_reduce(tensor: torch.Tensor, *, group=None) -> torch.Tensor:
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     _record("all_reduce", nbytes(tensor))
     return tensor
+
+
+def gather_shapes(tensors: dict, *, group=None) -> list[dict]:
+    """Every rank's shapes of ``tensors`` (``{name: tensor}``): one dict per rank.
+
+    One ``dist.all_gather`` of ``len(tensors) x 17`` int64 values (not counted).
+    Every rank of ``group`` must call it with the same names.
+    """
+    rows = []
+    device = None
+    for name, t in tensors.items():
+        if t.dim() > _MAX_DIMS:
+            raise ValueError(f"{name} has more than {_MAX_DIMS} axes: {tuple(t.shape)}")
+        device = t.device if device is None else device
+        rows.append([t.dim(), *t.shape, *[0] * (_MAX_DIMS - t.dim())])
+    mine = torch.tensor(rows, dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    return [
+        {name: tuple(row[1 : 1 + row[0]]) for name, row in zip(tensors, table.tolist())}
+        for table in everyone
+    ]
+
+
+def check_same_shapes(
+    where: str, tensors: dict, *, group=None, shapes=None
+) -> list[dict]:
+    """``ValueError`` on every rank unless all ranks hold ``tensors`` of one shape.
+
+    ``where`` names the calling function in the message; ``tensors`` is
+    ``{name: tensor}``; ``shapes``, :func:`gather_shapes`'s list when already
+    gathered. Returns that list when they agree.
+    """
+    if shapes is None:
+        shapes = gather_shapes(tensors, group=group)
+    for name in tensors:
+        seen = [s[name] for s in shapes]
+        if len(set(seen)) > 1:
+            listed = ", ".join(f"rank {r}: {shape}" for r, shape in enumerate(seen))
+            raise ValueError(
+                f"{where}: the ranks disagree on the shape of {name} ({listed}); "
+                f"every rank must pass the same shapes"
+            )
+    return shapes

@@ -38,6 +38,9 @@ __all__ = [
     "attention_inputs",
     "run_ring_attention",
     "uneven_ring_attention",
+    "mismatched_shapes",
+    "exit_during_collective",
+    "process_id",
     "attention_module",
     "tensor_parallel_inputs",
     "run_tensor_parallel",
@@ -116,6 +119,46 @@ def uneven_ring_attention():
     rank = dist.get_rank()
     x = torch.zeros(1, 1, 4 + rank, 2, dtype=torch.float64)  # (B, H, L_r, D)
     return ring_attention(x, x, x)
+
+
+def mismatched_shapes():
+    """Ranks that disagree on shapes: the messages of the ``ValueError`` each raises.
+
+    ``gather_sequence`` with a shard ``(2, 3 + rank)``, then ``ring_attention`` with
+    shards of one length but ``1 + rank`` heads. Every rank raises at the same point,
+    so the ranks stay in step.
+    """
+    rank = dist.get_rank()
+    messages = []
+    try:
+        gather_sequence(torch.zeros(2, 3 + rank), dim=-1)
+    except ValueError as exc:
+        messages.append(str(exc))
+    x = torch.zeros(1, 1 + rank, 4, 2, dtype=torch.float64)  # (B, H_r, L, D)
+    try:
+        ring_attention(x, x, x)
+    except ValueError as exc:
+        messages.append(str(exc))
+    return messages
+
+
+def exit_during_collective(code: int = 3):
+    """Rank 1 exits (``os._exit(code)``) while rank 0 waits in an all-reduce."""
+    import os
+    import time
+
+    if dist.get_rank() == 1:
+        time.sleep(0.5)  # rank 0 is inside the all-reduce by now
+        os._exit(code)
+    dist.all_reduce(torch.ones(1))
+    return dist.get_rank()
+
+
+def process_id():
+    """This worker's process id (to check that it is gone afterwards)."""
+    import os
+
+    return os.getpid()
 
 
 # --------------------------------------------------------------------------------------

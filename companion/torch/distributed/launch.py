@@ -27,17 +27,25 @@ Explained in the book chapter *Scaling out*.
 from __future__ import annotations
 
 import datetime
+import math
 import multiprocessing
 import os
 import pickle
 import queue as _queue
 import socket
+import time
 import traceback
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["launch", "free_port", "under_torchrun", "device", "WorkerError"]
+
+
+#: ``timeout=math.inf``: the collectives still need a finite one (a year)
+_NO_TIMEOUT_S = 365 * 24 * 3600.0
+#: how long a worker's reported failure waits for a peer's exit to show
+_GRACE_S = 2.0
 
 
 class WorkerError(RuntimeError):
@@ -112,6 +120,27 @@ def _worker(fn, rank, world_size, port, backend, timeout_s, args, results) -> No
             dist.destroy_process_group()
 
 
+def _raise_if_died(workers, values, then=None) -> None:
+    """``WorkerError`` for the first worker that exited non-zero without a result.
+
+    A worker that reported an exception exits with code 0, so a non-zero code is a
+    worker that died before reporting. ``then``: ``(rank, report)`` of a worker whose
+    reported failure followed, added to the message.
+    """
+    reporter = None if then is None else then[0]
+    for rank, worker in enumerate(workers):
+        if rank in values or rank == reporter or worker.exitcode in (None, 0):
+            continue
+        message = f"rank {rank}: exited with code {worker.exitcode} before reporting"
+        if then is not None:
+            other, (name, text, _, _) = then
+            first_line = text.strip().splitlines()[0] if text.strip() else ""
+            message += f"; then rank {other} failed: {name}: {first_line}"
+        error = WorkerError(message)
+        error.rank = rank
+        raise error from None
+
+
 def _raise_from_worker(rank: int, report) -> None:
     name, message, trace, payload = report
     text = f"rank {rank}: {message}\n--- traceback in rank {rank} ---\n{trace}"
@@ -127,6 +156,38 @@ def _raise_from_worker(rank: int, report) -> None:
     error = WorkerError(f"{name} in {text}")
     error.rank = rank
     raise error
+
+
+def _check_timeout(timeout) -> float:
+    """``timeout`` in seconds: a positive number; ``math.inf`` for none."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(
+            f"timeout must be a number of seconds (math.inf for none), got "
+            f"{type(timeout).__name__} {timeout!r}"
+        )
+    timeout = float(timeout)
+    if math.isnan(timeout) or timeout <= 0:
+        raise ValueError(
+            f"timeout must be a positive number of seconds (math.inf for none), got "
+            f"{timeout}"
+        )
+    return timeout
+
+
+def _check_picklable(fn, args) -> None:
+    """``spawn`` pickles ``fn`` by its qualified name and ``args`` by value."""
+    try:
+        pickle.dumps(fn)
+    except Exception as exc:
+        raise TypeError(
+            f"fn must be importable at module level (a function defined in a module, "
+            f"not a lambda, a nested function or a notebook cell), since spawn pickles "
+            f"it by name; {getattr(fn, '__qualname__', fn)!r} is not ({exc})"
+        ) from None
+    try:
+        pickle.dumps(args)
+    except Exception as exc:
+        raise TypeError(f"args must pickle, to reach the workers: {exc}") from None
 
 
 def _launch_under_torchrun(fn, world_size, args, backend):
@@ -150,10 +211,14 @@ def launch(fn, world_size: int, *args, backend: str | None = None, timeout=300.0
     """Run ``fn(*args)`` in ``world_size`` processes of one group; return the values.
 
     ``backend``: ``"gloo"`` (CPU; the default without enough GPUs) or ``"nccl"``.
-    ``timeout`` (seconds) bounds the whole run and each collective. Returns
-    ``[value of rank 0, value of rank 1, ...]``. Raises the first failing worker's
-    exception (same type when it can be rebuilt, else :class:`WorkerError`), its
-    message starting ``rank <r>:``; ``TimeoutError`` when the workers do not finish.
+    ``timeout`` (seconds, ``math.inf`` for none) bounds the whole run and each
+    collective. Returns ``[value of rank 0, value of rank 1, ...]``. Raises the first
+    failing worker's exception (same type when it can be rebuilt, else
+    :class:`WorkerError`), its message starting ``rank <r>:``; a worker that exits
+    without reporting (``os._exit``, a crash) is that first failure even when the
+    others then fail in a collective that waited for it (``rank <r>: exited with code
+    <c>``); ``TimeoutError`` when the workers do not finish. The arguments are checked
+    before any process starts.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int):
         raise TypeError(f"world_size must be an int, got {type(world_size).__name__}")
@@ -163,16 +228,20 @@ def launch(fn, world_size: int, *args, backend: str | None = None, timeout=300.0
         raise ValueError(f"backend must be 'gloo', 'nccl' or None, got {backend!r}")
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    timeout = _check_timeout(timeout)
     if under_torchrun():
         return _launch_under_torchrun(fn, world_size, args, backend)
+    _check_picklable(fn, args)
     backend = backend or _default_backend(world_size)
+    # collectives need a finite timeout: "none" is a year
+    collective_s = timeout if math.isfinite(timeout) else _NO_TIMEOUT_S
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     port = free_port()
     workers = [
         context.Process(
             target=_worker,
-            args=(fn, rank, world_size, port, backend, timeout, args, results),
+            args=(fn, rank, world_size, port, backend, collective_s, args, results),
             name=f"companion-rank-{rank}",
         )
         for rank in range(world_size)
@@ -180,25 +249,32 @@ def launch(fn, world_size: int, *args, backend: str | None = None, timeout=300.0
     for worker in workers:
         worker.start()
     values: dict[int, object] = {}
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+    start = time.monotonic()
     try:
         while len(values) < world_size:
             try:
                 rank, ok, payload = results.get(timeout=0.2)
             except _queue.Empty:
-                for rank, worker in enumerate(workers):
-                    if rank not in values and worker.exitcode not in (None, 0):
-                        raise WorkerError(
-                            f"rank {rank}: process died with exit code "
-                            f"{worker.exitcode} before reporting"
-                        ) from None
-                if datetime.datetime.now() > deadline:
+                _raise_if_died(workers, values)
+                if time.monotonic() - start > timeout:
                     raise TimeoutError(
                         f"workers {sorted(set(range(world_size)) - set(values))} did "
                         f"not finish within {timeout} s"
                     ) from None
                 continue
             if not ok:
+                # a worker that died without reporting (os._exit, a crash) is the
+                # first failure: the others' errors in a collective that waited for
+                # it follow from it. Its exit may be a moment behind their reports.
+                grace = time.monotonic() + _GRACE_S
+                while True:
+                    _raise_if_died(workers, values, then=(rank, payload))
+                    others = [w for r, w in enumerate(workers) if r != rank]
+                    if time.monotonic() > grace or not any(
+                        w.is_alive() for w in others
+                    ):
+                        break
+                    time.sleep(0.02)
                 _raise_from_worker(rank, payload)
             values[rank] = pickle.loads(payload)
         for worker in workers:

@@ -48,6 +48,8 @@ import torch.distributed as dist
 from companion import _checks
 from companion.torch.distributed.comm import (
     _record,
+    check_same_shapes,
+    gather_shapes,
     nbytes,
     record_work,
     ring_exchange,
@@ -148,6 +150,9 @@ def gather_sequence(x_shard, *, layout="contiguous", group=None, dim=-2):
             f"x_shard: a zigzag shard holds two equal chunks, got length "
             f"{x_shard.shape[dim]} along dim={dim}"
         )
+    # the shapes first (a small all-gather, not counted): ranks holding shards of
+    # different shapes get a ValueError each instead of a mismatched all-gather
+    check_same_shapes("gather_sequence", {"x_shard": x_shard}, group=group)
     parts = [torch.empty_like(x_shard) for _ in range(world_size)]
     dist.all_gather(parts, x_shard, group=group)
     _record("all_gather", nbytes(x_shard))
@@ -393,18 +398,19 @@ def _check_ring_inputs(query, key, value, layout, group):
         )
     if layout == "zigzag" and L % 2:
         raise ValueError(f"a zigzag shard holds two equal chunks, got length {L}")
-    # one 16-byte all-gather (not counted): an uneven split raises on every rank
-    # instead of hanging the ring on messages of different sizes
-    lengths = torch.tensor([L], device=query.device)
-    everyone = [torch.empty_like(lengths) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(everyone, lengths, group=group)
-    seen = [int(x) for x in everyone]
+    # one small all-gather of the shapes (not counted): an uneven split, or ranks
+    # that disagree on any axis, raise on every rank instead of hanging the ring or
+    # aborting it on messages of different sizes
+    tensors = {"query": query, "key": key, "value": value}
+    everyone = gather_shapes(tensors, group=group)
+    seen = [shapes["query"][-2] for shapes in everyone]
     if len(set(seen)) > 1:
         raise ValueError(
             f"ring_attention needs the same shard length on every rank, got {seen}: "
             f"the sequence did not split evenly; pad it to a multiple of the number "
             f"of chunks (shard_sequence says how many) and mask the padding"
         )
+    check_same_shapes("ring_attention", tensors, group=group, shapes=everyone)
     return D
 
 

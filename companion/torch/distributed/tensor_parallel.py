@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from companion import _checks
 from companion.torch.attention import scaled_dot_product_attention_reference
 from companion.torch.distributed.comm import all_reduce
 from companion.torch.multihead import MultiHeadAttention
@@ -64,8 +65,20 @@ def head_split(num_heads: int, num_kv_heads: int, rank: int, world_size: int):
     """``(query heads, key/value heads)`` of ``rank``, as ranges.
 
     ``world_size`` must divide ``num_heads``, and divide or be a multiple of
-    ``num_kv_heads`` (in the second case key/value heads are replicated).
+    ``num_kv_heads`` (in the second case key/value heads are replicated);
+    ``num_kv_heads`` divides ``num_heads``; ``0 <= rank < world_size``.
     """
+    num_heads = _checks.check_int("num_heads", num_heads)
+    num_kv_heads = _checks.check_int("num_kv_heads", num_kv_heads)
+    world_size = _checks.check_int("world_size", world_size)
+    rank = _checks.check_int("rank", rank, minimum=0)
+    if rank >= world_size:
+        raise ValueError(f"rank must be < world_size={world_size}, got {rank}")
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads} "
+            "(grouped-query heads)"
+        )
     if num_heads % world_size:
         raise ValueError(
             f"tensor parallelism needs world_size={world_size} to divide "
@@ -111,7 +124,10 @@ class TensorParallelMultiHeadAttention(nn.Module):
     holds copies of its parts: ``q_proj``, ``k_proj``, ``v_proj`` (rows of this
     rank's heads), ``out_proj`` (the matching columns, no bias) and ``out_bias``
     (replicated). :meth:`forward` takes the full ``(B, L, E)`` inputs on every rank
-    and returns the full output on every rank, equal to the module's.
+    and returns the full output on every rank, equal to the module's. Every rank must
+    pass inputs of the same shapes: the forward pass is Megatron's one all-reduce and
+    nothing else (no collective checks the shapes across ranks; ranks that disagree
+    fail inside that all-reduce).
     """
 
     def __init__(self, module: MultiHeadAttention, *, group=None):
@@ -160,6 +176,22 @@ class TensorParallelMultiHeadAttention(nn.Module):
         """``query (B, L, E)`` (``key``/``value`` default to it) -> ``(B, L, E)``."""
         key = query if key is None else key
         value = key if value is None else value
+        E = self.q_proj.in_features
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(
+                    f"{name} must be a torch.Tensor, got {type(t).__name__}"
+                )
+            if t.dim() != 3 or t.shape[-1] != E or t.shape[0] != query.shape[0]:
+                raise ValueError(
+                    f"{name} must have shape (B, length, E={E}) with query's B, got "
+                    f"{tuple(t.shape)} (query {tuple(query.shape)})"
+                )
+        if key.shape[1] != value.shape[1]:
+            raise ValueError(
+                f"key and value must have one length, got {tuple(key.shape)} and "
+                f"{tuple(value.shape)}"
+            )
         inputs = {id(query): query, id(key): key, id(value): value}
         copied = {i: _CopyToParallel.apply(x, self.group) for i, x in inputs.items()}
         B, L, _ = query.shape
