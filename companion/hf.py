@@ -114,10 +114,14 @@ def attention_params(module):
 
     Returns a :class:`~companion.numpy.multihead.MultiHeadParams`. What these modules
     do around the projections is not part of it: BERT's and ALBERT's residual
-    connection and LayerNorm after ``dense``, and Llama's rotary embedding of queries
-    and keys (pass ``rope=hf.rope(config)`` to
-    :func:`~companion.numpy.multihead.multi_head_attention`). GPT-2 with
-    ``scale_attn_by_inverse_layer_idx`` (another scale) or cross-attention is refused.
+    connection and LayerNorm after ``dense``, and Llama's (or GLM's) rotary embedding
+    of queries and keys (pass ``rope=hf.rope(config)`` to
+    :func:`~companion.numpy.multihead.multi_head_attention`). Refused: GPT-2 with
+    ``scale_attn_by_inverse_layer_idx`` (another scale) or cross-attention, any other
+    scale than ``1/sqrt(D)``, queries or keys normalised before the scores (Qwen3's
+    ``q_norm``/``k_norm``: ``ValueError``) and DeepSeek's latent attention
+    (``TypeError``); anything else not in the table is a ``TypeError`` naming its
+    class.
     """
     from companion.numpy.multihead import MultiHeadParams
 
@@ -145,7 +149,26 @@ def attention_params(module):
             num_heads=H,
             num_kv_heads=H,
         )
+    name = type(module).__name__
+    if hasattr(module, "kv_a_proj_with_mqa") or hasattr(module, "kv_b_proj"):
+        raise TypeError(
+            f"{name} is multi-head latent attention (DeepSeek: low-rank kv_a_proj / "
+            "kv_b_proj, a rotary part and a plain part per head): not expressible as "
+            "MultiHeadParams; see companion.numpy.latent_attention"
+        )
     if hasattr(module, "q_proj") and hasattr(module, "o_proj"):  # Llama-style
+        missing = [n for n in ("k_proj", "v_proj") if not hasattr(module, n)]
+        if missing or not hasattr(module, "config"):
+            raise TypeError(
+                f"{name} has q_proj and o_proj but no {', '.join(missing) or 'config'}"
+                ": not a Llama-style attention module attention_params can convert"
+            )
+        for norm in ("q_norm", "k_norm", "q_layernorm", "k_layernorm"):
+            if getattr(module, norm, None) is not None:
+                raise ValueError(
+                    f"{name} normalises its queries or keys ({norm}) before the "
+                    "scores: MultiHeadParams has no place for it"
+                )
         config = module.config
         H = config.num_attention_heads
         H_kv = getattr(config, "num_key_value_heads", None) or H
@@ -163,7 +186,7 @@ def attention_params(module):
     else:
         raise TypeError(
             "module must be a Hugging Face GPT-2, BERT, ALBERT or Llama-style "
-            f"attention module, got {type(module).__name__}"
+            f"attention module, got {name}"
         )
     H = inner.num_attention_heads
     _check_scale(inner, inner.attention_head_size)
@@ -176,19 +199,67 @@ def attention_params(module):
     )
 
 
+#: How each architecture applies its rotary embedding, as Transformers 5 does it:
+#: ``model_type -> (interleaved, honours partial_rotary_factor)``. Llama and its kin
+#: pair the halves and rotate the whole head, whatever ``partial_rotary_factor`` says;
+#: GPT-NeoX (``rotary_pct``), StableLM and GLM rotate the first features only; GLM and
+#: DeepSeek-V2/V3 pair neighbours ``(2i, 2i + 1)`` (DeepSeek-V3: ``rope_interleave``,
+#: default True). DeepSeek's ``head_dim`` is ``qk_rope_head_dim``, the rotated part.
+_ROPE_ARCHITECTURES = {
+    "llama": (False, False),
+    "mistral": (False, False),
+    "mixtral": (False, False),
+    "qwen2": (False, False),
+    "qwen2_moe": (False, False),
+    "qwen3": (False, False),
+    "qwen3_moe": (False, False),
+    "gpt_neox": (False, True),
+    "stablelm": (False, True),
+    "glm": (True, True),
+    "glm4": (True, True),
+    "deepseek_v2": (True, False),
+    "deepseek_v3": (None, False),  # None: config.rope_interleave
+}
+
+
 def rope(config) -> dict:
-    r"""The ``rope=`` of ``multi_head_attention`` for a Llama configuration.
+    r"""The ``rope=`` of ``multi_head_attention`` for a Hugging Face configuration.
 
     For :func:`companion.numpy.multihead.multi_head_attention` and the torch and Keras
-    layers.
+    layers. Each architecture as Transformers applies it (``model_type``):
 
-    Hugging Face's ``rotate_half`` pairs feature ``i`` with ``i + D/2``
-    (``interleaved=False``) and turns pair ``i`` at position ``p`` by
-    :math:`p\,\theta^{-2i/D}` with ``theta = rope_parameters["rope_theta"]``;
-    ``partial_rotary_factor`` rotates the first features only. Scaled variants
-    (``rope_type`` other than ``"default"``: linear, dynamic, YaRN, Llama 3) are
-    refused.
+    * Llama, Mistral, Mixtral, Qwen2, Qwen3 (and their MoE variants): pairs of halves,
+      the whole head rotated (``partial_rotary_factor`` is ignored, as Llama does);
+    * GPT-NeoX (``rotary_pct``) and StableLM: pairs of halves, the first
+      ``partial_rotary_factor * D`` features rotated;
+    * GLM and GLM-4: neighbouring pairs, the first ``partial_rotary_factor * D``
+      features rotated;
+    * DeepSeek-V2 and DeepSeek-V3: neighbouring pairs (V3: ``rope_interleave``,
+      default True) over the whole rope part of the head (``qk_rope_head_dim``).
+
+    "Halves" is ``rotate_half``, feature ``i`` with ``i + D/2`` (``interleaved=False``);
+    "neighbours" pairs ``(2i, 2i + 1)`` (``interleaved=True``). Pair ``i`` at position
+    ``p`` turns by :math:`p\,\theta^{-2i/d}` with ``theta =
+    rope_parameters["rope_theta"]`` and ``d`` the rotated width. Other architectures,
+    and scaled variants (``rope_type`` other than ``"default"``: linear, dynamic, YaRN,
+    Llama 3), are refused with ``ValueError``; a ``config`` that is not a Transformers
+    configuration with ``TypeError``.
     """
+    model_type = getattr(config, "model_type", None)
+    if not isinstance(model_type, str) or not hasattr(config, "to_dict"):
+        raise TypeError(
+            "config must be a Hugging Face configuration (e.g. LlamaConfig), got "
+            f"{type(config).__name__}"
+        )
+    if model_type not in _ROPE_ARCHITECTURES:
+        raise ValueError(
+            f"rope does not know how {type(config).__name__} (model_type "
+            f"{model_type!r}) applies its rotary embedding; known: "
+            f"{', '.join(sorted(_ROPE_ARCHITECTURES))}"
+        )
+    interleaved, partial = _ROPE_ARCHITECTURES[model_type]
+    if interleaved is None:
+        interleaved = bool(getattr(config, "rope_interleave", True))
     parameters = dict(getattr(config, "rope_parameters", None) or {})
     kind = parameters.get("rope_type", "default")
     if kind != "default":
@@ -196,13 +267,15 @@ def rope(config) -> dict:
     head_dim = getattr(config, "head_dim", None) or (
         config.hidden_size // config.num_attention_heads
     )
-    factor = parameters.get(
-        "partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)
-    )
-    rotary_dim = int(head_dim * factor)
+    rotary_dim = head_dim
+    if partial:
+        factor = parameters.get(
+            "partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)
+        )
+        rotary_dim = int(head_dim * factor)
     return {
         "base": float(parameters.get("rope_theta", 10000.0)),
-        "interleaved": False,
+        "interleaved": interleaved,
         "rotary_dim": None if rotary_dim == head_dim else rotary_dim,
     }
 
@@ -357,6 +430,26 @@ def _activation(name: str):
     raise ValueError(f"activation {name!r} is neither GELU nor its tanh approximation")
 
 
+def _torch_dtype(dtype, default):
+    """``dtype`` as a floating ``torch.dtype``: a ``torch.dtype`` or its name."""
+    import torch
+
+    if dtype is None:
+        return default
+    if isinstance(dtype, str):
+        named = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(named, torch.dtype):
+            raise ValueError(f"dtype {dtype!r} names no torch dtype (e.g. 'float64')")
+        dtype = named
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(
+            f"dtype must be a torch.dtype or its name, got {type(dtype).__name__}"
+        )
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+    return dtype
+
+
 def tiny_lm_from_gpt2(model, *, dtype=None):
     r"""A ``GPT2LMHeadModel``'s weights in the package's ``TinyTransformerLM``.
 
@@ -367,16 +460,34 @@ def tiny_lm_from_gpt2(model, *, dtype=None):
     ``layer_norm_epsilon``, 1e-5) and ``mlp="gelu_tanh"`` (``gelu_new`` is the tanh
     approximation of GELU); the MLP's width ``n_inner`` must be ``4E``. ``Conv1D``
     weights ``(in, out)`` become ``nn.Linear`` weights ``(out, in)``. Dropout is not
-    copied (evaluation only). ``dtype`` defaults to the model's. The result is in
-    evaluation mode.
+    copied (evaluation only). ``dtype`` (a ``torch.dtype`` or its name, e.g.
+    ``"float64"``) defaults to the model's. The result is in evaluation mode.
+
+    A ``GPT2Model`` (the network without its head) is accepted too: its tied head is
+    its token embedding, so the result is what ``GPT2LMHeadModel`` computes on it.
     """
     import torch
 
     from companion.torch.models import TinyTransformerLM
 
     config = getattr(model, "config", None)
+    name = type(model).__name__
     if getattr(config, "model_type", None) != "gpt2":
-        raise TypeError(f"model must be a GPT2LMHeadModel, got {type(model).__name__}")
+        raise TypeError(f"model must be a GPT2LMHeadModel or GPT2Model, got {name}")
+    if hasattr(model, "wte") and hasattr(model, "h"):  # GPT2Model: the base itself
+        gpt = model
+    elif hasattr(model, "transformer") and hasattr(model, "lm_head"):
+        gpt = model.transformer
+        if model.lm_head.weight is not gpt.wte.weight:
+            raise ValueError(
+                f"{name}'s lm_head is not tied to its token embedding "
+                "(TinyTransformerLM(tied=True) needs one matrix)"
+            )
+    else:
+        raise TypeError(
+            f"model must be a GPT2LMHeadModel or GPT2Model, got {name} (a GPT-2 with "
+            "another head; pass its .transformer, the GPT2Model)"
+        )
     if not config.tie_word_embeddings:
         raise ValueError("TinyTransformerLM(tied=True) needs tie_word_embeddings=True")
     if config.scale_attn_by_inverse_layer_idx or not config.scale_attn_weights:
@@ -386,8 +497,7 @@ def tiny_lm_from_gpt2(model, *, dtype=None):
         raise ValueError(
             f"TinyTransformerLM's MLP is E -> 4E -> E, got n_inner={n_inner}"
         )
-    gpt = model.transformer
-    dtype = gpt.wte.weight.dtype if dtype is None else dtype
+    dtype = _torch_dtype(dtype, gpt.wte.weight.dtype)
     tanh = _activation(config.activation_function).approximate == "tanh"
     tiny = TinyTransformerLM(
         config.vocab_size,
@@ -436,7 +546,11 @@ def albert_encoder_from_hf(model, *, dtype=None):
 
     Returns ``(encoder, pooler)``: ``encoder(ids, mask)`` equals
     ``model(ids, attention_mask=...).last_hidden_state`` and ``pooler(hidden[:, 0])``
-    (an ``nn.Sequential(Linear, Tanh)`` of the first token) its ``pooler_output``.
+    (an ``nn.Sequential(Linear, Tanh)`` of the first token) its ``pooler_output``;
+    ``pooler`` is ``None`` when the model has none (``add_pooling_layer=False``).
+    ``model`` is an ``AlbertModel`` or a model with one inside as ``.albert``
+    (``AlbertForMaskedLM``, ``AlbertForSequenceClassification``, ...), whose heads are
+    not copied. ``dtype``: a ``torch.dtype`` or its name; default the model's.
 
     Copied: the token and position tables, the embedding LayerNorm and projection, the
     one shared layer (attention, its LayerNorm, the MLP, its LayerNorm), every
@@ -459,12 +573,19 @@ def albert_encoder_from_hf(model, *, dtype=None):
     from companion.torch.sharing import TransformerEncoder
 
     config = getattr(model, "config", None)
+    name = type(model).__name__
     if getattr(config, "model_type", None) != "albert":
-        raise TypeError(f"model must be an AlbertModel, got {type(model).__name__}")
+        raise TypeError(f"model must be an AlbertModel, got {name}")
+    if hasattr(model, "albert"):  # AlbertForMaskedLM and the other heads
+        model = model.albert
+    if not (hasattr(model, "embeddings") and hasattr(model, "encoder")):
+        raise TypeError(
+            f"model must be an AlbertModel or hold one as .albert, got {name}"
+        )
     transformer_config(config)  # ValueError unless one group of one shared layer
     E = config.hidden_size
     theirs_emb = model.embeddings
-    dtype = theirs_emb.word_embeddings.weight.dtype if dtype is None else dtype
+    dtype = _torch_dtype(dtype, theirs_emb.word_embeddings.weight.dtype)
     encoder = TransformerEncoder(
         config.vocab_size,
         config.embedding_size,
@@ -514,6 +635,8 @@ def albert_encoder_from_hf(model, *, dtype=None):
         copy_linear(ours.ffn_in, layer.ffn)
         copy_linear(ours.ffn_out, layer.ffn_output)
         copy_norm(ours.ffn_norm, layer.full_layer_layer_norm)
+        if getattr(model, "pooler", None) is None:
+            return encoder.eval(), None
         pooler = nn.Sequential(nn.Linear(E, E), nn.Tanh()).to(dtype)
         copy_linear(pooler[0], model.pooler)
     return encoder.eval(), pooler.eval()
