@@ -109,3 +109,36 @@ def test_head_split_checks_its_arguments(args, match):
 def test_head_split_still_splits():
     assert head_split(8, 2, 3, 4) == (range(6, 8), range(1, 2))
     assert head_split(4, 1, 1, 2) == (range(2, 4), range(0, 1))
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo group of one rank in this process (no spawn), destroyed afterwards."""
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_attention_checks_its_inputs(one_rank_group):
+    import torch
+
+    from companion.testing import assert_close
+    from companion.torch.distributed import TensorParallelMultiHeadAttention
+    from companion.torch.distributed.examples import attention_module
+
+    module = attention_module(8, 2, 2)
+    parallel = TensorParallelMultiHeadAttention(module)
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"query must have shape \(B, length, E=8\)"):
+        parallel(torch.randn(2, 3, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"key must have shape .* query's B"):
+        parallel(x, torch.randn(1, 3, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="key and value must have one length"):
+        parallel(x, x, torch.randn(2, 4, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match="query must be a torch.Tensor"):
+        parallel(x.numpy())
+    with torch.no_grad():  # one rank holds every head: the module itself
+        assert_close(parallel(x, causal=True), module(x, causal=True), name="output")
