@@ -174,7 +174,7 @@ def _windows(tokens: torch.Tensor, batch: int, context: int, generator):
     """``batch`` random windows: inputs and next-token targets, ``(batch, context)``."""
     starts = torch.randint(0, len(tokens) - context - 1, (batch,), generator=generator)
     rows = starts[:, None] + torch.arange(context + 1)  # (batch, context + 1)
-    window = tokens[rows]
+    window = tokens[rows.to(tokens.device)]
     return window[:, :-1], window[:, 1:]
 
 
@@ -242,6 +242,7 @@ def train(
     resume: bool = False,
     stop_after: int | None = None,
     implementation: str = "sdpa",
+    device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> TrainResult:
     """Train a :class:`GPT` as ``config`` says (see the module's docstring).
@@ -251,8 +252,9 @@ def train(
     ``resume=True`` loads it first, and a checkpoint of another configuration is a
     ``ValueError``. ``stop_after`` ends the run after that many steps in all (to test
     resuming). ``implementation`` picks the attention kernel (not part of the
-    configuration: every kernel computes the same function). ``progress`` shows a
-    tqdm bar.
+    configuration: every kernel computes the same function). ``device`` is where the
+    model and the batches live (batch offsets are drawn on the CPU, so every device
+    reads the same windows). ``progress`` shows a tqdm bar.
     """
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
@@ -272,13 +274,14 @@ def train(
         )
     train_tokens = _encode(tokenizer, data.train, (config.corpus, "train"))
     val_tokens = _encode(tokenizer, data.validation)
+    train_tokens, val_tokens = train_tokens.to(device), val_tokens.to(device)
     # bits per byte = nats per token * tokens / bytes / ln 2
     tokens_per_byte = len(val_tokens) / len(data.validation.encode("utf-8"))
 
     torch.manual_seed(config.seed)
     model = GPT(
         config.vocab_size, config.context, implementation=implementation, **config.model
-    )
+    ).to(device)
     optimizer = torch.optim.AdamW(
         _parameter_groups(model, config.weight_decay),
         lr=config.learning_rate,
@@ -287,7 +290,7 @@ def train(
     result = TrainResult(model, tokenizer, config)
     start_step = 0
     if resume and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=False, map_location=device)
         if state["config"] != config.as_dict():
             differ = sorted(
                 k for k, v in config.as_dict().items() if state["config"].get(k) != v
@@ -301,7 +304,7 @@ def train(
         start_step = state["step"]
         for name in ("losses", "learning_rates", "grad_norms", "evaluations"):
             setattr(result, name, list(state[name]))
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())
     end = config.steps if stop_after is None else min(config.steps, stop_after)
 
     writer = None
@@ -437,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         "--shared-blocks", action="store_true", help="one block, reused"
     )
     parser.add_argument("--implementation", default="sdpa")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     parser.add_argument("--log-dir", default=None, help="TensorBoard event files here")
     parser.add_argument("--checkpoint", default=None, help="save (and resume) here")
     parser.add_argument("--checkpoint-every", type=int, default=None)
@@ -475,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         implementation=args.implementation,
+        device=args.device,
         progress=not args.no_progress,
     )
     out = sys.stdout
