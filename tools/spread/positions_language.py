@@ -13,7 +13,7 @@ size), and writes ``book/_data/spread/<chapter>.json``:
 
 Usage (from the repository root; a few minutes on two cores)::
 
-    python tools/spread_positions_language.py positions language --seeds 0 1 2
+    python tools/spread/positions_language.py positions language --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SECOND_MACHINE = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
