@@ -216,6 +216,7 @@ def conv2d_reference(
     work = _compute_dtype(x.dtype)
     x_pad = _pad(x.astype(work, copy=False), geo.pad)  # (N, C_in, H + pads, W + pads)
     w = weight.astype(work, copy=False)
+    # [book: convolution loops]
     # (N, C_out, H_out, W_out)
     y = np.zeros((geo.N, geo.C_out, geo.H_out, geo.W_out), dtype=work)
     for b in range(geo.N):
@@ -237,6 +238,7 @@ def conv2d_reference(
             if bias is not None:
                 # + bias_o
                 y[b, o] += bias[o]
+    # [/book: convolution loops]
     return y.astype(x.dtype, copy=False)
 
 

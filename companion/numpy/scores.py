@@ -211,6 +211,7 @@ def nadaraya_watson(x_query, x_keys, y_values, *, bandwidth: float = 1.0) -> np.
         raise ValueError(
             f"bandwidth must be a positive finite number, got {bandwidth!r}"
         )
+    # [book: nadaraya-watson core]
     dtype = np.result_type(x_query.dtype, x_keys.dtype, y_values.dtype)
     q = x_query.reshape(x_query.shape[0], -1).astype(dtype, copy=False)  # (m, d)
     k = x_keys.reshape(x_keys.shape[0], -1).astype(dtype, copy=False)  # (n, d)
@@ -219,3 +220,4 @@ def nadaraya_watson(x_query, x_keys, y_values, *, bandwidth: float = 1.0) -> np.
     scores = (q @ k.T + key_bias[None, :]) / (h * h)
     weights = softmax(scores, axis=-1)  # (m, n)
     return weights @ y_values.astype(dtype, copy=False)  # (m,) or (m, d_y)
+    # [/book: nadaraya-watson core]

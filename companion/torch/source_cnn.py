@@ -80,6 +80,7 @@ class SourceCNN(nn.Module):
         )
         s = twin.feature_side
         with torch.no_grad():
+            # [book: keras to torch layouts]
             for conv, keras_conv in zip((twin.conv1, twin.conv2), convs):
                 conv.weight.copy_(
                     torch.from_numpy(
@@ -96,6 +97,7 @@ class SourceCNN(nn.Module):
                 .reshape(64 * s * s, -1)
             )
             twin.dense1.weight.copy_(torch.from_numpy(kernel.T.copy()))
+            # [/book: keras to torch layouts]
             twin.dense1.bias.copy_(torch.from_numpy(np.asarray(denses[0].bias)))
             twin.dense2.weight.copy_(
                 torch.from_numpy(np.asarray(denses[1].kernel).T.copy())
