@@ -3,11 +3,12 @@
 import hashlib
 import importlib.resources
 import lzma
+import math
 import re
 
 import pytest
 
-from companion.corpora import CORPORA, SOURCES, corpus
+from companion.corpora import CORPORA, SOURCES, corpus, regular_line_share
 from companion.data import corpus as data_corpus
 
 
@@ -73,3 +74,20 @@ def test_tang_poems_are_regular_and_traditional():
 def test_unknown_name_lists_the_names(bad):
     with pytest.raises(ValueError, match="shakespeare.*tang"):
         corpus(bad)
+
+
+def test_regular_line_share():
+    c = corpus("tang")
+    assert regular_line_share(c.validation) == 1.0
+    assert regular_line_share(c.train[: c.train.index("\n\n", 20_000)]) == 1.0
+    assert (
+        regular_line_share("秦川雄帝宅，函谷壯皇居。\n秦川雄帝，函谷壯皇居。\n\n")
+        == 0.5
+    )
+    assert regular_line_share("白日依山盡，黃河入海流。\nabcde，fghij。") == 0.5
+    assert regular_line_share("一二三四五六七，一二三四五六七。") == 1.0
+    assert regular_line_share("一二三四五，一二三四五六七。") == 0.0  # mixed widths
+    assert regular_line_share(corpus("shakespeare").validation) == 0.0
+    assert math.isnan(regular_line_share("\n\n"))
+    with pytest.raises(TypeError, match="text"):
+        regular_line_share(b"abc")
