@@ -40,7 +40,6 @@ __all__ = [
     "uneven_ring_attention",
     "mismatched_shapes",
     "exit_during_collective",
-    "process_id",
     "attention_module",
     "tensor_parallel_inputs",
     "run_tensor_parallel",
@@ -152,13 +151,6 @@ def exit_during_collective(code: int = 3):
         os._exit(code)
     dist.all_reduce(torch.ones(1))
     return dist.get_rank()
-
-
-def process_id():
-    """This worker's process id (to check that it is gone afterwards)."""
-    import os
-
-    return os.getpid()
 
 
 # --------------------------------------------------------------------------------------
