@@ -143,6 +143,10 @@ def test_keras_refuses_what_torch_refuses(tf_model):
         model(np.zeros((2, 0), np.int64), np.array(TGT))
     with pytest.raises(ValueError, match=r"src must have shape .* got \(0, 3\)"):
         model(np.zeros((0, 3), np.int64), np.zeros((0, 2), np.int64))
+    # src_mask as torch checks it (it was cast to bool, any shape)
+    for mask in (np.ones((2, 3), np.float32), np.ones((1, 3), bool)):
+        with pytest.raises(ValueError, match="src_mask must be boolean"):
+            model(src, np.array(TGT), src_mask=mask)
     # a batch of 1 is not broadcast against a batch of 2 (torch refuses too)
     for s, t in ((SRC[:1], TGT), (SRC, TGT[:1])):
         with pytest.raises(ValueError, match="src and tgt must have the same batch"):

@@ -329,7 +329,13 @@ class Seq2SeqTransformer(keras.Model):
     def source_mask(self, src, src_mask=None):
         """``(B, S)`` bool, True = token: ``src_mask``, else ``src != pad_id``."""
         if src_mask is not None:
-            return tf.convert_to_tensor(src_mask, dtype=tf.bool)
+            src_mask = tf.convert_to_tensor(src_mask)
+            if src_mask.dtype != tf.bool or src_mask.shape != src.shape:
+                raise ValueError(
+                    f"src_mask must be boolean of shape {tuple(src.shape)} (True = "
+                    f"token), got {src_mask.dtype.name} {tuple(src_mask.shape)}"
+                )
+            return src_mask
         return None if self.pad_id is None else tf.not_equal(src, self.pad_id)
 
     def encode(self, src, src_mask=None, training=None):
