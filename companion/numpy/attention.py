@@ -739,9 +739,10 @@ def attention_tiled(
     blocks that meet the band are visited, so the work is ``O(L * window)``, not
     ``O(L * S)``.
 
-    A row that sees no key at all keeps ``m = -inf`` and ``l = 0``; the guards
-    (``exp`` of ``-inf - 0``, division only where ``l > 0``) make its output exactly 0,
-    never NaN.
+    The running maximum starts at the lowest finite number, not ``-inf``, so
+    ``exp(S - m)`` and ``exp(m_old - m)`` need no guard: masked scores (``-inf``) give
+    ``exp(-inf) = 0``. A row that sees no key at all ends with ``l = 0``, and the
+    division only where ``l > 0`` makes its output exactly 0, never NaN.
 
     Parameters
     ----------

@@ -364,8 +364,9 @@ def attention_tiled(
         \tilde O \leftarrow c\, \tilde O + \tilde P V_j, \qquad m \leftarrow m'
         \qquad\text{and finally}\qquad O_i = \tilde O / l.
 
-    Where ``m'`` is ``-inf`` (nothing seen yet) 0 is used inside the exponentials, and
-    rows with ``l = 0`` (fully masked) give 0. Tiles that ``causal`` (bottom-right) or
+    The running maximum starts at the lowest finite number, not ``-inf``, so the
+    exponentials need no guard for rows that have seen nothing yet, and rows with
+    ``l = 0`` (fully masked) give 0. Tiles that ``causal`` (bottom-right) or
     ``window`` hide entirely are skipped (``companion._tiling``), and a mask is built
     only for tiles that straddle the edge. Arguments as in
     :func:`scaled_dot_product_attention_reference`; ``block_q`` and ``block_k`` need not
