@@ -8,6 +8,7 @@ Every public name here also exists, with the same signature, in
 from companion.numpy.attention import *  # noqa: F401,F403
 from companion.numpy.conv import *  # noqa: F401,F403
 from companion.numpy.latent import *  # noqa: F401,F403
+from companion.numpy.moe import *  # noqa: F401,F403
 from companion.numpy.multihead import *  # noqa: F401,F403
 from companion.numpy.paged import *  # noqa: F401,F403
 from companion.numpy.positions import *  # noqa: F401,F403

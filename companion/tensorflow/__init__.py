@@ -17,6 +17,7 @@ from companion.tensorflow.attention import *  # noqa: F401,F403
 
 # Each topic module adds its names on a line of its own below.
 from companion.tensorflow.conv import *  # noqa: F401,F403
+from companion.tensorflow.moe import *  # noqa: F401,F403
 from companion.tensorflow.multihead import *  # noqa: F401,F403
 from companion.tensorflow.paged import *  # noqa: F401,F403
 from companion.tensorflow.positions import *  # noqa: F401,F403

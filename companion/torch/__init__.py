@@ -13,6 +13,7 @@ from companion.torch.attention import *  # noqa: F401,F403
 from companion.torch.conv import *  # noqa: F401,F403
 from companion.torch.latent import *  # noqa: F401,F403
 from companion.torch.models import *  # noqa: F401,F403
+from companion.torch.moe import *  # noqa: F401,F403
 from companion.torch.multihead import *  # noqa: F401,F403
 from companion.torch.paged import *  # noqa: F401,F403
 from companion.torch.positions import *  # noqa: F401,F403
