@@ -127,48 +127,52 @@ def run(seed: int) -> dict:
     return out
 
 
-CLAIMS = {  # metric -> (claim, the assert the notebook makes)
+CLAIMS = {  # metric -> (claim, the assert the notebook makes from the spread)
     "exact match, Bahdanau GRU": (
-        "the Bahdanau GRU translates at least 90% of held-out numbers exactly",
-        "accuracy['Bahdanau GRU'] >= 0.9",
+        "the Bahdanau GRU translates almost every held-out number exactly",
+        'accuracy["Bahdanau GRU"] >= 0.97',
     ),
     "exact match, transformer all": (
-        "the three-way tied transformer translates at least 90% exactly",
-        "accuracy['transformer, all'] >= 0.9",
+        "so does the three-way tied transformer",
+        'accuracy["transformer, all"] >= 0.97',
     ),
     "exact match, transformer decoder-output": (
-        "every sharing setting reaches at least 90%",
-        "min(tied) >= 0.9",
+        "every sharing setting trains (none is best at every seed)",
+        "min(tied) >= 0.86",
     ),
     "exact match, transformer none": (
-        "every sharing setting reaches at least 90%",
-        "min(tied) >= 0.9",
+        "every sharing setting trains (none is best at every seed)",
+        "min(tied) >= 0.86",
     ),
     "tied spread (max - min exact match)": (
-        "the three sharing settings end within a few points of each other",
-        "max(tied) - min(tied) <= TIED_SPREAD",
+        "within one seed the three sharing settings lie up to 0.112 apart; 300 steps "
+        "do not resolve an effect of tying",
+        "max(tied) - min(tied) <= 0.12",
     ),
     "exact match, transformer all, beam 4": (
-        "beam search (K = 4) is about as good as greedy decoding here",
-        "abs(beam - greedy) <= BEAM_GAIN",
+        "beam search (K = 4) is as good as greedy decoding here, within 0.004",
+        'abs(accuracy["beam 4"] - accuracy["beam 1"]) <= 0.01',
     ),
     "alignment hits, Bahdanau GRU": (
         "the GRU's largest weight falls on the translated word for most words",
-        "gru_hits >= 0.7",
+        "gru_hits >= 0.72",
     ),
     "alignment hits, best head": (
         "the transformer's best head is an alignment most of the time",
-        "best >= 0.6",
+        "best >= 0.74",
     ),
-    "alignment hits, worst head": (
-        "some head almost never looks at the translated word",
-        "worst < 0.1",
+    "alignment hits, best - worst head": (
+        "heads differ: which one aligns depends on the seed",
+        "best - worst >= 0.37",
     ),
 }
 
 
 def collect(lines: list[str], path: Path) -> None:
     runs = [json.loads(line) for line in lines if line.startswith("{")]
+    for r in runs:
+        best, worst = r["alignment hits, best head"], r["alignment hits, worst head"]
+        r["alignment hits, best - worst head"] = best - worst
     claims = []
     for metric, (claim, check) in CLAIMS.items():
         values = [
