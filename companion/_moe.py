@@ -243,7 +243,9 @@ def expert_capacity(num_tokens, num_experts, top_k=1, capacity_factor=1.0) -> in
     GShard's ``k`` assignments per token).
 
     ``capacity_factor`` ``c = 1`` gives each expert exactly its fair share of the
-    ``T k`` assignments; a token routed to a full expert is dropped there.
+    ``T k`` assignments; a token routed to a full expert is dropped there. The product
+    is rounded to 9 decimals before the ceiling, so that ``c = 1.1``, ``T = 100``,
+    ``N = 10`` gives 11 slots, not the 12 of the binary ``1.1``'s excess.
     """
     T = _checks.check_int("num_tokens", num_tokens, minimum=0)
     N = _checks.check_int("num_experts", num_experts)
@@ -253,7 +255,7 @@ def expert_capacity(num_tokens, num_experts, top_k=1, capacity_factor=1.0) -> in
     c = check_capacity_factor(capacity_factor)
     if c is None:
         raise ValueError("capacity_factor must be a finite number > 0, got None")
-    return math.ceil(c * T * k / N)
+    return math.ceil(round(c * T * k / N, 9))
 
 
 def check_implementation(implementation: str) -> str:

@@ -410,6 +410,8 @@ def test_expert_capacity():
     assert nm.expert_capacity(64, 8, 1, 1.0) == 8
     assert nm.expert_capacity(64, 8, 2, 1.25) == 20
     assert nm.expert_capacity(10, 4, 1, 1.0) == math.ceil(2.5)
+    assert nm.expert_capacity(100, 10, 1, 1.1) == 11  # not 12 from 1.1's binary excess
+    assert nm.expert_capacity(100, 10, 1, 1.11) == 12
 
 
 @pytest.mark.parametrize("backend", ["torch", "tensorflow"])

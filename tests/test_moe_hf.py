@@ -335,3 +335,39 @@ def test_count_rejects_bad_config():
     with pytest.raises(ValueError, match="attention"):
         moe_parameter_count(c.replace(attention="mha"))
     assert np.isscalar(moe_parameter_count(c))
+
+
+def test_switch_router_capacity_and_losses_equal_hf():
+    """Hugging Face's Switch Transformers top-1 router (its routing dtype set to
+    float64 on the module: the config's validator allows only float32 and narrower,
+    the forward reads ``router.dtype``; one sequence, so one capacity group): the same
+    expert per token, the same tokens dropped at its ``expert_capacity``, the same
+    gate; its z-loss and its auxiliary loss equal ours."""
+    from transformers.models.switch_transformers import (
+        modeling_switch_transformers as st,
+    )
+
+    cfg = transformers.SwitchTransformersConfig(
+        d_model=16, num_experts=4, expert_capacity=3
+    )
+    router = st.SwitchTransformersTop1Router(cfg).double().eval()
+    router.dtype = torch.float64
+    _randomise(router, 8)
+    x = _x(9)[:1]  # (1, 7, 16)
+    x = torch.cat([x, x + 0.01], dim=1)  # 14 tokens, 4 experts of 3 slots: drops
+    with torch.no_grad():
+        mask, gate, logits = router(x)
+    flat_logits = logits[0].numpy()
+    weights, indices = nm.route(flat_logits, 1, router="switch")
+    kept = nm.capacity_keep(indices, 4, 3)
+    assert np.array_equal(mask[0].argmax(-1).numpy()[kept[:, 0]], indices[kept])
+    assert np.array_equal(mask[0].sum(-1).numpy().astype(bool), kept[:, 0])
+    assert not kept.all()  # the test drops something
+    assert_close(weights, gate[0], **F64)
+    assert_close(nm.router_z_loss(flat_logits), st.router_z_loss_func(logits), **F64)
+    probs = torch.softmax(logits, dim=-1)
+    expected = st.load_balancing_loss_func(probs, torch.from_numpy(indices.T))
+    # HF averages its 0/1 dispatch mask in float32
+    assert_close(
+        nm.load_balancing_loss(flat_logits, indices), expected, rtol=1e-6, atol=1e-7
+    )
