@@ -11,6 +11,7 @@ import torch.distributed as dist
 from companion.torch.distributed import WorkerError, head_split, launch
 from companion.torch.distributed.examples import (
     exit_during_collective,
+    fail_then_peer_exits,
     mismatched_shapes,
 )
 
@@ -70,6 +71,12 @@ def test_the_first_failing_worker_is_reported(no_leftovers):
     with pytest.raises(WorkerError, match=r"^rank 1: exited with code 3") as info:
         launch(exit_during_collective, 2, 3, timeout=60)
     assert info.value.rank == 1
+
+
+def test_an_error_of_its_own_is_not_blamed_on_a_later_exit(no_leftovers):
+    # only a collective's RuntimeError waits for a peer's exit to show
+    with pytest.raises(ValueError, match="^rank 0: rank 0 fails first"):
+        launch(fail_then_peer_exits, 2, 4, timeout=60)
 
 
 def test_ranks_that_disagree_on_shapes_get_a_clear_error(no_leftovers):

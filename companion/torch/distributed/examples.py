@@ -40,6 +40,7 @@ __all__ = [
     "uneven_ring_attention",
     "mismatched_shapes",
     "exit_during_collective",
+    "fail_then_peer_exits",
     "attention_module",
     "tensor_parallel_inputs",
     "run_tensor_parallel",
@@ -151,6 +152,17 @@ def exit_during_collective(code: int = 3):
         os._exit(code)
     dist.all_reduce(torch.ones(1))
     return dist.get_rank()
+
+
+def fail_then_peer_exits(code: int = 4):
+    """Rank 0 raises ``ValueError`` at once; rank 1 exits with ``code`` 1 s later."""
+    import os
+    import time
+
+    if dist.get_rank() == 0:
+        raise ValueError("rank 0 fails first")
+    time.sleep(1.0)  # within launch's grace for a collective's error, not for this
+    os._exit(code)
 
 
 # --------------------------------------------------------------------------------------

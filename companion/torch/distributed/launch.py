@@ -120,6 +120,19 @@ def _worker(fn, rank, world_size, port, backend, timeout_s, args, results) -> No
             dist.destroy_process_group()
 
 
+def _may_follow_a_crash(report) -> bool:
+    """Whether a worker's error may be a consequence of a peer's death.
+
+    The collectives report a lost peer as ``RuntimeError`` (gloo) or one of
+    ``torch.distributed``'s errors, which derive from it; any other exception (a
+    ``ValueError`` of the function itself) is a failure of its own.
+    """
+    name, _, _, payload = report
+    if payload is not None:
+        return isinstance(pickle.loads(payload), RuntimeError)
+    return name == "RuntimeError" or name.startswith("Dist")
+
+
 def _raise_if_died(workers, values, then=None) -> None:
     """``WorkerError`` for the first worker that exited non-zero without a result.
 
@@ -262,10 +275,11 @@ def launch(fn, world_size: int, *args, backend: str | None = None, timeout=300.0
                         f"not finish within {timeout} s"
                     ) from None
                 continue
-            if not ok:
+            if not ok and _may_follow_a_crash(payload):
                 # a worker that died without reporting (os._exit, a crash) is the
                 # first failure: the others' errors in a collective that waited for
-                # it follow from it. Its exit may be a moment behind their reports.
+                # it (gloo: RuntimeError "Connection closed by peer") follow from it.
+                # Its exit may be a moment behind their reports.
                 grace = time.monotonic() + _GRACE_S
                 while True:
                     _raise_if_died(workers, values, then=(rank, payload))
@@ -275,6 +289,7 @@ def launch(fn, world_size: int, *args, backend: str | None = None, timeout=300.0
                     ):
                         break
                     time.sleep(0.02)
+            if not ok:
                 _raise_from_worker(rank, payload)
             values[rank] = pickle.loads(payload)
         for worker in workers:
