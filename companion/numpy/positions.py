@@ -115,8 +115,8 @@ def rotary_embedding(
     The two layouts in use pair different features, the same rotation up to a fixed
     permutation of the features::
 
-        interleaved=False  (a, b) = (i, i + d/2)   Llama, GPT-NeoX, HF rotate_half
-        interleaved=True   (a, b) = (2i, 2i + 1)   RoFormer, GPT-J
+        interleaved=False  (a, b) = (i, i + d/2)   GPT-NeoX, HF Llama (rotate_half)
+        interleaved=True   (a, b) = (2i, 2i + 1)   RoFormer, GPT-J, Meta's Llama
 
     Parameters
     ----------
@@ -144,6 +144,7 @@ def rotary_embedding(
     base = _positions.check_base(base)
     interleaved = _positions.check_interleaved(interleaved)
     dtype = np.dtype(np.float32) if x.dtype == np.float16 else x.dtype
+    # [book: rotary core]
     theta = base ** (-2.0 * np.arange(d // 2) / d)  # (d/2,): theta_i
     angle = positions[..., None].astype(np.float64) * theta  # (..., L, d/2): p theta_i
     cos, sin = np.cos(angle).astype(dtype), np.sin(angle).astype(dtype)
@@ -160,6 +161,7 @@ def rotary_embedding(
         rotated = np.concatenate([y_a, y_b], axis=-1)  # (..., L, d)
     # (..., L, D): the features past rotary_dim pass through
     out = np.concatenate([rotated, xc[..., d:]], axis=-1)
+    # [/book: rotary core]
     return out.astype(x.dtype, copy=False)
 
 

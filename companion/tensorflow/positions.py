@@ -61,9 +61,9 @@ def rotary_embedding(
 ):
     r"""Rotate pairs of features of ``x (..., L, D)`` by ``p * base^(-2i/d)``.
 
-    ``interleaved=False`` pairs ``i`` with ``i + d/2`` (Llama, GPT-NeoX); ``True`` pairs
-    ``2i`` with ``2i + 1`` (RoFormer, GPT-J); ``rotary_dim`` rotates only the first
-    ``d`` features. See :func:`companion.numpy.rotary_embedding`.
+    ``interleaved=False`` pairs ``i`` with ``i + d/2`` (GPT-NeoX, HF Llama); ``True``
+    pairs ``2i`` with ``2i + 1`` (RoFormer, GPT-J, Meta's Llama); ``rotary_dim``
+    rotates only the first ``d`` features. See :func:`companion.numpy.rotary_embedding`.
     """
     x = tf.convert_to_tensor(x)
     name = _checks.check_float("x", x.dtype)

@@ -530,6 +530,7 @@ def generate(
             f"prompt length {prompt.shape[1]} + steps {steps} - 1 exceeds "
             f"max_length={model.max_length}"
         )
+    # [book: greedy loop]
     tokens = prompt
     caches = model.new_caches() if use_cache else None
     new_tokens = prompt  # what the model has not read yet
@@ -541,4 +542,5 @@ def generate(
             logits = model(tokens)  # (B, T, V): everything again
         new_tokens = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
         tokens = torch.cat([tokens, new_tokens], dim=1)  # (B, T + 1)
+    # [/book: greedy loop]
     return tokens

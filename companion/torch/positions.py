@@ -65,9 +65,10 @@ def rotary_embedding(
 ):
     r"""Rotate pairs of features of ``x (..., L, D)`` by ``p * base^(-2i/d)``.
 
-    ``interleaved=False`` pairs ``i`` with ``i + d/2`` (Llama, GPT-NeoX); ``True`` pairs
-    ``2i`` with ``2i + 1`` (RoFormer, GPT-J); ``rotary_dim`` rotates only the first
-    ``d`` features. Differentiable. See :func:`companion.numpy.rotary_embedding`.
+    ``interleaved=False`` pairs ``i`` with ``i + d/2`` (GPT-NeoX, HF Llama); ``True``
+    pairs ``2i`` with ``2i + 1`` (RoFormer, GPT-J, Meta's Llama); ``rotary_dim``
+    rotates only the first ``d`` features. Differentiable. See
+    :func:`companion.numpy.rotary_embedding`.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
