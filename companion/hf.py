@@ -109,7 +109,7 @@ def attention_params(module):
     ``AlbertAttention``    ``query/key/value``,        ``num_attention_heads``
                            ``dense``
     ``LlamaAttention``     ``q_proj/k_proj/v_proj``,   ``num_attention_heads``,
-    (Mistral, Qwen2, ...)  ``o_proj``                  ``num_key_value_heads``
+    (Mistral, Qwen2, GLM)  ``o_proj``                  ``num_key_value_heads``
     =====================  ==========================  ==============================
 
     Returns a :class:`~companion.numpy.multihead.MultiHeadParams`. What these modules
