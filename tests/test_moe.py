@@ -136,6 +136,25 @@ def test_bias_changes_the_choice_not_the_gates():
     assert_close(w, g / g.sum(axis=-1, keepdims=True), **F64)
 
 
+def test_router_dtype_float32_rounds_only_the_affinities():
+    """``router_dtype="float32"`` (Hugging Face's habit) gives float64 weights within
+    float32 rounding of the float64 router's, the same experts here, and the same
+    weights as torch's float32 softmax to float32 precision."""
+    torch = pytest.importorskip("torch")
+    from companion.torch import moe as tm
+
+    logits = np.random.default_rng(20).standard_normal((40, 8))
+    w64, i64 = nm.route(logits, 2, router="mixtral")
+    w32, i32 = nm.route(logits, 2, router="mixtral", router_dtype="float32")
+    assert w32.dtype == np.float64
+    assert np.array_equal(i32, i64)
+    assert_close(w32, w64, rtol=1e-6, atol=1e-7)
+    assert np.abs(w32 - w64).max() > 0  # float32 did round
+    wt, it = tm.route(torch.from_numpy(logits), 2, router_dtype="float32")
+    assert np.array_equal(it.numpy(), i32)
+    assert_close(wt, w32, rtol=1e-6, atol=1e-7)
+
+
 # --- backends against the oracle ----------------------------------------------------
 
 

@@ -126,6 +126,7 @@ def route(
         router_dtype=router_dtype,
         bias_shape=None if bias is None else np.shape(bias),
     )
+    # [book: router]
     z = logits if s.router_dtype is None else logits.astype(s.router_dtype)
     if s.affinity == "softmax":
         scores = _softmax(z)
@@ -151,6 +152,7 @@ def route(
             denominator = denominator + 1e-20  # as DeepSeek-V3's code
         weights = weights / denominator
     weights = weights * s.routed_scaling_factor
+    # [/book: router]
     return weights.astype(logits.dtype), indices
 
 
@@ -220,13 +222,16 @@ def experts_forward(x, indices, weights, gate_up, down, *, implementation="loop"
         raise ValueError(f"indices must lie in [0, {N}), got {indices.min()}..")
     out = np.zeros_like(x)
     if implementation == "loop":
+        # [book: loop dispatch]
         for e in range(N):
             tokens, rank = np.nonzero(indices == e)
             if tokens.size == 0:
                 continue
             y = _ffn(x[tokens], gate_up[e], down[e])
             np.add.at(out, tokens, y * weights[tokens, rank][:, None])
+        # [/book: loop dispatch]
         return out
+    # [book: grouped dispatch]
     flat = indices.reshape(-1)
     order = np.argsort(flat, kind="stable")
     tokens = order // indices.shape[1]
@@ -239,6 +244,7 @@ def experts_forward(x, indices, weights, gate_up, down, *, implementation="loop"
         if a < b:
             ys[a:b] = _ffn(rows[a:b], gate_up[e], down[e])
     np.add.at(out, tokens, ys * w[:, None])
+    # [/book: grouped dispatch]
     return out
 
 
