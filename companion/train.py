@@ -255,6 +255,12 @@ def train(
     configuration: every kernel computes the same function). ``device`` is where the
     model and the batches live (batch offsets are drawn on the CPU, so every device
     reads the same windows). ``progress`` shows a tqdm bar.
+
+    Side effect: with ``log_dir``, when TensorFlow is not imported yet, an empty module
+    ``tensorboard.compat.notf`` is put into ``sys.modules`` (for the whole process).
+    It is TensorBoard's own switch to its TensorFlow-free event writer, so that writing
+    events does not import TensorFlow (seconds); a later ``import tensorflow`` still
+    works, but TensorBoard's ``tensorboard.compat.tf`` then stays the stub.
     """
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):

@@ -1,0 +1,98 @@
+"""The experiment command of issue 24 on a toy budget: every run is there, at equal
+budget, with the numbers the chapter reads; the parameter and cache accounting."""
+
+import json
+
+import pytest
+
+from companion.experiments import (
+    RUNS,
+    _model_config,
+    gpt_experiments,
+    kv_cache_bytes_per_token,
+    main,
+)
+from companion.torch.gpt import GPT
+
+TOY_BUDGET = dict(steps=4, warmup=1, context=16, batch_size=2, eval_batches=1)
+TOY_MODEL = dict(embed_dim=16, num_heads=4, num_layers=2)
+TOY_SHOWCASE = {"shakespeare": dict(vocab_size=260, steps=2, tokenizer_chars=5000)}
+
+
+@pytest.fixture(scope="module")
+def record():
+    return gpt_experiments(
+        seeds=(0, 1),
+        budget={**TOY_BUDGET, "vocab_size": 256},
+        base_model=TOY_MODEL,
+        showcase=TOY_SHOWCASE,
+        samples=dict(count=2),
+        throughput_steps=1,
+        workers=1,
+    )
+
+
+def test_every_run_and_seed_at_the_same_budget(record):
+    assert [(r["name"], r["seed"]) for r in record["runs"]] == [
+        (name, seed) for seed in (0, 1) for name in RUNS
+    ]
+    for run in record["runs"]:
+        assert 0 < run["bits_per_byte"] < 20
+        assert run["tokens_per_second"] > 0
+    assert json.loads(json.dumps(record))["budget"]["steps"] == 4
+    assert set(record["tokens_per_second_by_implementation"]) == {
+        "sdpa",
+        "tiled",
+        "reference",
+    }
+    assert record["machine"]["threads_per_run"] == 1
+
+
+def test_equal_parameters_and_compute_where_claimed(record):
+    runs = {r["name"]: r for r in record["runs"] if r["seed"] == 0}
+    untied, wide = runs["untied"]["parameters"], runs["tied_wide"]["parameters"]
+    assert wide <= untied and untied - wide < 3 * 16 * 2  # one MLP unit per layer
+    assert runs["shared"]["parameters"] == runs["one_layer"]["parameters"]
+    assert runs["shared"]["flops_per_token"] == runs["base"]["flops_per_token"]
+    assert runs["shared"]["parameters"] < runs["base"]["parameters"]
+    caches = [runs[n]["kv_cache_bytes_per_token"] for n in ("base", "gqa", "mqa")]
+    assert caches == [2 * 2 * 4 * 4 * 4, 2 * 2 * 2 * 4 * 4, 2 * 2 * 1 * 4 * 4]
+
+
+def test_positions_evaluated_past_the_training_context(record):
+    runs = {r["name"]: r for r in record["runs"] if r["seed"] == 0}
+    assert runs["learned"]["bits_per_byte_past_context"] is None
+    for name in ("base", "alibi"):
+        assert runs[name]["bits_per_byte_past_context"] > 0
+        assert runs[name]["bits_per_byte_within_context"] > 0
+
+
+def test_showcase_samples(record):
+    shakespeare = record["showcase"]["shakespeare"]
+    assert len(shakespeare["samples"]["trained"]) == 2
+    assert len(shakespeare["samples"]["untrained"]) == 2
+    assert shakespeare["evaluations"][-1][0] == 2
+
+
+def test_tied_wide_matches_the_untied_parameters():
+    budget = dict(vocab_size=512, context=64)
+    base = dict(embed_dim=64, num_heads=4, num_layers=4)
+    config = _model_config("tied_wide", budget, base)
+    untied = GPT(512, 64, **base, tied=False).num_parameters()
+    tied = GPT(512, 64, **config).num_parameters()
+    wider = GPT(512, 64, **{**config, "mlp_hidden": config["mlp_hidden"] + 1})
+    assert tied <= untied < wider.num_parameters()
+
+
+def test_kv_cache_bytes():
+    config = dict(embed_dim=64, num_heads=4, num_layers=4)
+    assert kv_cache_bytes_per_token(config) == 2 * 4 * 4 * 16 * 4
+    assert kv_cache_bytes_per_token({**config, "num_kv_heads": 1}) == 2 * 4 * 16 * 4
+    assert kv_cache_bytes_per_token(config, bytes_per_number=2) == 2 * 4 * 4 * 16 * 2
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="seeds"):
+        gpt_experiments(seeds=(), workers=1)
+    with pytest.raises(SystemExit):
+        main(["unknown"])
