@@ -240,9 +240,11 @@ def rope(config) -> dict:
     "Halves" is ``rotate_half``, feature ``i`` with ``i + D/2`` (``interleaved=False``);
     "neighbours" pairs ``(2i, 2i + 1)`` (``interleaved=True``). Pair ``i`` at position
     ``p`` turns by :math:`p\,\theta^{-2i/d}` with ``theta =
-    rope_parameters["rope_theta"]`` and ``d`` the rotated width. Other architectures,
-    and scaled variants (``rope_type`` other than ``"default"``: linear, dynamic, YaRN,
-    Llama 3), are refused with ``ValueError``; a ``config`` that is not a Transformers
+    rope_parameters["rope_theta"]`` and ``d`` the rotated width. A scaled
+    ``rope_type`` (linear, dynamic, YaRN, Llama 3, LongRoPE) adds ``"scaling"``, the
+    fields of :class:`companion.numpy.RopeScaling` (frequencies and attention factor
+    equal to Transformers' ``ROPE_INIT_FUNCTIONS``). Other architectures and rope
+    types are refused with ``ValueError``; a ``config`` that is not a Transformers
     configuration with ``TypeError``.
     """
     model_type = getattr(config, "model_type", None)
@@ -262,8 +264,7 @@ def rope(config) -> dict:
         interleaved = bool(getattr(config, "rope_interleave", True))
     parameters = dict(getattr(config, "rope_parameters", None) or {})
     kind = parameters.get("rope_type", "default")
-    if kind != "default":
-        raise ValueError(f"only rope_type='default' is supported, got {kind!r}")
+    scaling = None if kind == "default" else _rope_scaling(config, parameters, kind)
     head_dim = getattr(config, "head_dim", None) or (
         config.hidden_size // config.num_attention_heads
     )
@@ -273,11 +274,53 @@ def rope(config) -> dict:
             "partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)
         )
         rotary_dim = int(head_dim * factor)
-    return {
+    converted = {
         "base": float(parameters.get("rope_theta", 10000.0)),
         "interleaved": interleaved,
         "rotary_dim": None if rotary_dim == head_dim else rotary_dim,
     }
+    if scaling is not None:
+        converted["scaling"] = scaling
+    return converted
+
+
+def _rope_scaling(config, parameters: dict, kind: str) -> dict:
+    """The ``scaling`` of :func:`rope` (fields of
+    :class:`companion.numpy.RopeScaling`) for ``rope_parameters`` of type ``kind``.
+
+    Transformers' dynamic NTK takes ``max_position_embeddings`` as the trained
+    length; YaRN, Llama 3 and LongRoPE read ``original_max_position_embeddings``
+    (Phi-3's top-level attribute first, then ``max_position_embeddings``) and scale
+    towards ``max_position_embeddings``."""
+    if kind not in ("linear", "dynamic", "yarn", "llama3", "longrope"):
+        raise ValueError(
+            f"rope_type {kind!r} is not converted; known: default, linear, dynamic, "
+            "yarn, llama3, longrope"
+        )
+    target = getattr(config, "max_position_embeddings", None)
+    scaling = {"rope_type": kind, "factor": parameters.get("factor")}
+    if kind == "linear":
+        return scaling
+    if kind == "dynamic":
+        return {**scaling, "original_max_positions": target}
+    original = getattr(config, "original_max_position_embeddings", None) or (
+        parameters.get("original_max_position_embeddings") or target
+    )
+    scaling.update(original_max_positions=original, max_positions=target)
+    if kind == "llama3":
+        for name in ("low_freq_factor", "high_freq_factor"):
+            scaling[name] = parameters[name]
+    elif kind == "yarn":
+        for name in ("attention_factor", "mscale", "mscale_all_dim"):
+            scaling[name] = parameters.get(name)
+        scaling["beta_fast"] = parameters.get("beta_fast") or 32.0
+        scaling["beta_slow"] = parameters.get("beta_slow") or 1.0
+        scaling["truncate"] = bool(parameters.get("truncate", True))
+    else:  # longrope
+        for name in ("short_factor", "long_factor"):
+            scaling[name] = list(parameters[name])
+        scaling["attention_factor"] = parameters.get("attention_factor")
+    return scaling
 
 
 # --- configurations and counts -------------------------------------------------------

@@ -19,17 +19,23 @@ Explained in the book chapter *Positions and the transformer block*.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from companion import _checks, _positions
-from companion._positions import RotaryConfig
+from companion._positions import RopeScaling, RotaryConfig
 
 __all__ = [
     "sinusoidal_positions",
     "rotary_embedding",
+    "rotary_frequencies",
     "alibi_slopes",
     "alibi_bias",
+    "t5_position_buckets",
+    "t5_bias",
     "RotaryConfig",
+    "RopeScaling",
 ]
 
 
@@ -92,6 +98,8 @@ def rotary_embedding(
     base: float = 10000.0,
     interleaved: bool = False,
     rotary_dim: int | None = None,
+    scaling=None,
+    seq_len: int | None = None,
 ):
     r"""Rotate feature pairs of ``x (..., L, D)`` by angles proportional to position.
 
@@ -131,6 +139,13 @@ def rotary_embedding(
         Rotate only the first ``rotary_dim`` features (even, at most ``D``; partial
         rotary as in GPT-NeoX); the rest pass through. Default ``D``, which must be
         even.
+    scaling : :class:`RopeScaling` or dict, optional
+        Longer than training: the frequencies of :func:`rotary_frequencies`, and the
+        rotated features multiplied by its attention factor (as Hugging Face
+        multiplies ``cos`` and ``sin``). Default ``None``: unscaled.
+    seq_len : int, optional
+        The text's length for the rules that depend on it (``"dynamic"``,
+        ``"longrope"``); default the largest position + 1.
 
     Returns
     -------
@@ -144,8 +159,17 @@ def rotary_embedding(
     base = _positions.check_base(base)
     interleaved = _positions.check_interleaved(interleaved)
     dtype = np.dtype(np.float32) if x.dtype == np.float16 else x.dtype
+    scaling, factor = _positions.as_scaling(scaling), 1.0
+    if scaling is not None:
+        if seq_len is None and _positions.needs_length(scaling) and positions.size:
+            seq_len = int(positions.max()) + 1
+        scaled, factor = rotary_frequencies(
+            d, base=base, scaling=scaling, seq_len=seq_len
+        )
     # [book: rotary core]
     theta = base ** (-2.0 * np.arange(d // 2) / d)  # (d/2,): theta_i
+    if scaling is not None:  # longer than training: see rotary_frequencies
+        theta = scaled  # (d/2,)
     angle = positions[..., None].astype(np.float64) * theta  # (..., L, d/2): p theta_i
     cos, sin = np.cos(angle).astype(dtype), np.sin(angle).astype(dtype)
     xc = x.astype(dtype, copy=False)
@@ -162,7 +186,43 @@ def rotary_embedding(
     # (..., L, D): the features past rotary_dim pass through
     out = np.concatenate([rotated, xc[..., d:]], axis=-1)
     # [/book: rotary core]
+    if factor != 1.0:  # YaRN's and LongRoPE's attention factor: rotated features
+        out = np.concatenate([out[..., :d] * factor, out[..., d:]], axis=-1)
     return out.astype(x.dtype, copy=False)
+
+
+def rotary_frequencies(
+    dim: int,
+    *,
+    base: float = 10000.0,
+    scaling=None,
+    seq_len: int | None = None,
+    dtype=None,
+):
+    r"""The rotary frequencies ``theta (dim/2,)`` and the attention factor.
+
+    Unscaled, :math:`\theta_i = \text{base}^{-2i/d}` and the factor is 1. With a
+    ``scaling`` (:class:`RopeScaling` or a dict of its fields) the rule of its
+    ``rope_type`` (linear, ntk, dynamic, yarn, llama3, longrope), equal to Hugging
+    Face's ``ROPE_INIT_FUNCTIONS`` in float64. ``seq_len`` is the text's length for
+    ``"dynamic"`` and ``"longrope"`` (default: within the original length).
+
+    Returns
+    -------
+    ``(theta, attention_factor)``: an array ``(dim/2,)`` (default float64) and a
+    Python float.
+    """
+    dim = _positions.check_length("dim", dim, 2)
+    if dim % 2:
+        raise ValueError(f"dim must be even (features rotate in pairs), got {dim}")
+    base = _positions.check_base(base)
+    scaling = _positions.as_scaling(scaling)
+    dtype = _output_dtype(dtype)
+    if scaling is None:
+        theta, factor = base ** (-2.0 * np.arange(dim // 2) / dim), 1.0
+    else:
+        theta, factor = _positions.scaled_frequencies(base, dim, scaling, seq_len)
+    return np.asarray(theta, dtype=np.float64).astype(dtype), float(factor)
 
 
 def alibi_slopes(num_heads: int, *, dtype=None):
@@ -212,6 +272,83 @@ def _rotate_queries_and_keys(q, k, rope: RotaryConfig, start: int):
     kwargs = dict(
         base=rope.base, interleaved=rope.interleaved, rotary_dim=rope.rotary_dim
     )
+    if rope.scaling is not None:  # the length so far: dynamic NTK and LongRoPE
+        kwargs.update(scaling=rope.scaling, seq_len=keys.stop)
     q = rotary_embedding(q, np.arange(queries.start, queries.stop), **kwargs)
     k = rotary_embedding(k, np.arange(keys.start, keys.stop), **kwargs)
     return q, k  # (B, H, L, D), (B, H_kv, S_new, D)
+
+
+def t5_position_buckets(
+    L: int,
+    S: int,
+    *,
+    bidirectional: bool = True,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+):
+    r"""T5's bucket of each (query, key) pair: integers ``(L, S)`` in
+    ``0 .. num_buckets - 1``.
+
+    The relative position is :math:`r = j - (i + S - L)` (key minus query; queries
+    bottom-right aligned as in :func:`alibi_bias`). Bidirectional (the encoder) gives
+    half the buckets to keys after the query; causal (the decoder) sees only
+    :math:`r \le 0`. Of a half of ``n`` buckets, distances below ``n/2`` get a bucket
+    each; longer ones share logarithmically wider buckets up to ``max_distance``,
+    beyond which all share the last (Raffel et al. 2020; HF's
+    ``T5Attention._relative_position_bucket``).
+    """
+    L = _positions.check_length("L", L, 0)
+    S = _positions.check_length("S", S, 0)
+    bidirectional, n, max_exact, max_distance = _positions.check_t5_buckets(
+        bidirectional, num_buckets, max_distance
+    )
+    # (L, S): key position - query position
+    relative = np.arange(S)[None, :] - (np.arange(L)[:, None] + (S - L))
+    buckets = np.zeros(relative.shape, dtype=np.int64)  # (L, S)
+    if bidirectional:
+        buckets += (relative > 0).astype(np.int64) * n
+        distance = np.abs(relative)
+    else:
+        distance = -np.minimum(relative, 0)
+    # (L, S): log-spaced buckets; log(0) never reaches the result (is_small below)
+    ratio = np.maximum(distance, 1) / max_exact
+    large = max_exact + (
+        np.log(ratio) / math.log(max_distance / max_exact) * (n - max_exact)
+    ).astype(np.int64)
+    large = np.minimum(large, n - 1)
+    return buckets + np.where(distance < max_exact, distance, large)  # (L, S)
+
+
+def t5_bias(
+    table,
+    L: int,
+    S: int,
+    *,
+    bidirectional: bool = True,
+    max_distance: int = 128,
+):
+    r"""T5's relative position bias ``(H, L, S)`` from a learned ``table
+    (num_buckets, H)``.
+
+    One table per attention stack, one column per head: computed once and added, as
+    the float ``mask`` of every attention function, to the scores of every layer (the
+    layers share it: ``num_buckets * H`` parameters in all, however deep the model).
+    ``bias[h, i, j] = table[bucket(i, j), h]`` with the buckets of
+    :func:`t5_position_buckets` (``num_buckets = table.shape[0]``). Returned in the
+    dtype of ``table``.
+    """
+    table = np.asarray(table)
+    _checks.check_float("table", table.dtype)
+    if table.ndim != 2:
+        raise ValueError(
+            f"table must have shape (num_buckets, H), got shape {table.shape}"
+        )
+    buckets = t5_position_buckets(
+        L,
+        S,
+        bidirectional=bidirectional,
+        num_buckets=table.shape[0],
+        max_distance=max_distance,
+    )  # (L, S)
+    return np.moveaxis(table[buckets], -1, 0)  # (H, L, S)

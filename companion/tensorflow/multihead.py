@@ -25,8 +25,6 @@ math* and *Making it fast*.
 
 from __future__ import annotations
 
-import dataclasses
-
 import keras
 import numpy as np
 import tensorflow as tf
@@ -329,7 +327,7 @@ class MultiHeadAttention(keras.layers.Layer):
             use_bias=self.use_bias,
             output_dim=self.output_dim,
             implementation=self.implementation,
-            rope=None if self.rope is None else dataclasses.asdict(self.rope),
+            rope=None if self.rope is None else _positions.rotary_dict(self.rope),
         )
         return config
 
@@ -375,6 +373,11 @@ class MultiHeadAttention(keras.layers.Layer):
         _choose_implementation(
             self.implementation, 0, 0, bool(return_attention_scores), TILED_FROM_SCORES
         )
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(
+                "cache must be a companion.tensorflow.KVCache, got "
+                f"{type(cache).__name__}"
+            )
         key = value if key is None else key
         dtype = query.dtype
         B, L, _ = query.shape
@@ -391,11 +394,6 @@ class MultiHeadAttention(keras.layers.Layer):
         if self.rope is not None:  # at absolute positions, from cache.seen on
             start = 0 if cache is None else cache.seen
             q, k = _rotate_queries_and_keys(q, k, self.rope, start)
-        if cache is not None and not isinstance(cache, KVCache):
-            raise TypeError(
-                "cache must be a companion.tensorflow.KVCache, got "
-                f"{type(cache).__name__}"
-            )
         with unchanged_on_error(cache):  # a failed call leaves the cache as it was
             if cache is not None:
                 # (B, H_kv, S_total, D), (B, H_kv, S_total, D_v)

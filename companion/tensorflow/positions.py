@@ -9,17 +9,23 @@ Explained in the book chapter *Positions and the transformer block*.
 
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
 from companion import _checks, _positions
-from companion._positions import RotaryConfig
+from companion._positions import RopeScaling, RotaryConfig
 
 __all__ = [
     "sinusoidal_positions",
     "rotary_embedding",
+    "rotary_frequencies",
     "alibi_slopes",
     "alibi_bias",
+    "t5_position_buckets",
+    "t5_bias",
     "RotaryConfig",
+    "RopeScaling",
 ]
 
 _HALF = ("float16", "bfloat16")
@@ -58,12 +64,18 @@ def rotary_embedding(
     base: float = 10000.0,
     interleaved: bool = False,
     rotary_dim: int | None = None,
+    scaling=None,
+    seq_len: int | None = None,
 ):
     r"""Rotate pairs of features of ``x (..., L, D)`` by ``p * base^(-2i/d)``.
 
     ``interleaved=False`` pairs ``i`` with ``i + d/2`` (GPT-NeoX, HF Llama); ``True``
     pairs ``2i`` with ``2i + 1`` (RoFormer, GPT-J, Meta's Llama); ``rotary_dim``
-    rotates only the first ``d`` features. See :func:`companion.numpy.rotary_embedding`.
+    rotates only the first ``d`` features; ``scaling`` (a :class:`RopeScaling` or a
+    dict) stretches it for texts longer than training (``seq_len``: the text's length
+    for dynamic NTK and LongRoPE, default the largest position + 1, which inside a
+    ``tf.function`` must be known when tracing). See
+    :func:`companion.numpy.rotary_embedding`.
     """
     x = tf.convert_to_tensor(x)
     name = _checks.check_float("x", x.dtype)
@@ -76,8 +88,15 @@ def rotary_embedding(
     base = _positions.check_base(base)
     interleaved = _positions.check_interleaved(interleaved)
     dtype = tf.float32 if name in _HALF else x.dtype
-    exponent = -2.0 * tf.range(d // 2, dtype=tf.float64) / d  # (d/2,)
-    theta = tf.pow(tf.constant(base, tf.float64), exponent)  # (d/2,)
+    scaling, factor = _positions.as_scaling(scaling), 1.0
+    if scaling is None:
+        exponent = -2.0 * tf.range(d // 2, dtype=tf.float64) / d  # (d/2,)
+        theta = tf.pow(tf.constant(base, tf.float64), exponent)  # (d/2,)
+    else:
+        if seq_len is None and _positions.needs_length(scaling):
+            seq_len = _largest_position(positions)
+        theta, factor = _positions.scaled_frequencies(base, d, scaling, seq_len)
+        theta = tf.constant(theta, tf.float64)  # (d/2,)
     # (..., L, d/2): p theta_i
     angle = tf.cast(positions, tf.float64)[..., None] * theta
     cos, sin = tf.cast(tf.cos(angle), dtype), tf.cast(tf.sin(angle), dtype)
@@ -93,8 +112,49 @@ def rotary_embedding(
         rotated = tf.reshape(stacked, [*y_a.shape[:-1], d])  # (..., L, d)
     else:
         rotated = tf.concat([y_a, y_b], axis=-1)  # (..., L, d)
+    if factor != 1.0:  # YaRN's and LongRoPE's attention factor: rotated features
+        rotated = rotated * factor
     out = tf.concat([rotated, xc[..., d:]], axis=-1)  # (..., L, D)
     return tf.cast(out, x.dtype)
+
+
+def _largest_position(positions) -> int | None:
+    """The largest position + 1 (``None`` for no positions); ``ValueError`` when a
+    ``tf.function`` does not know it while tracing."""
+    if positions.shape.num_elements() == 0:
+        return None
+    value = tf.get_static_value(tf.reduce_max(positions))
+    if value is None:
+        raise ValueError(
+            "seq_len must be given for dynamic NTK and LongRoPE scaling inside a "
+            "tf.function (the positions are not known while tracing)"
+        )
+    return int(value) + 1
+
+
+def rotary_frequencies(
+    dim: int,
+    *,
+    base: float = 10000.0,
+    scaling=None,
+    seq_len: int | None = None,
+    dtype=None,
+):
+    r"""``(theta (dim/2,), attention_factor)``: the rotary frequencies, scaled by
+    ``scaling`` as Hugging Face's ``ROPE_INIT_FUNCTIONS`` do (computed in float64).
+    See :func:`companion.numpy.rotary_frequencies`."""
+    dim = _positions.check_length("dim", dim, 2)
+    if dim % 2:
+        raise ValueError(f"dim must be even (features rotate in pairs), got {dim}")
+    base = _positions.check_base(base)
+    scaling = _positions.as_scaling(scaling)
+    dtype = _output_dtype(dtype)
+    if scaling is None:
+        exponent = -2.0 * tf.range(dim // 2, dtype=tf.float64) / dim
+        theta = tf.pow(tf.constant(base, tf.float64), exponent)
+        return tf.cast(theta, dtype), 1.0
+    theta, factor = _positions.scaled_frequencies(base, dim, scaling, seq_len)
+    return tf.cast(tf.constant(theta, tf.float64), dtype), float(factor)
 
 
 def alibi_slopes(num_heads: int, *, dtype=None):
@@ -128,8 +188,69 @@ def _rotate_queries_and_keys(q, k, rope: RotaryConfig, start: int):
     kwargs = dict(
         base=rope.base, interleaved=rope.interleaved, rotary_dim=rope.rotary_dim
     )
+    if rope.scaling is not None:  # the length so far: dynamic NTK and LongRoPE
+        kwargs.update(scaling=rope.scaling, seq_len=keys.stop)
     q = rotary_embedding(
         q, tf.range(queries.start, queries.stop, dtype=tf.int64), **kwargs
     )
     k = rotary_embedding(k, tf.range(keys.start, keys.stop, dtype=tf.int64), **kwargs)
     return q, k  # (B, H, L, D), (B, H_kv, S_new, D)
+
+
+def t5_position_buckets(
+    L: int,
+    S: int,
+    *,
+    bidirectional: bool = True,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+):
+    r"""T5's bucket of each (query, key) pair: int64 ``(L, S)``, queries bottom-right
+    aligned. See :func:`companion.numpy.t5_position_buckets`."""
+    L = _positions.check_length("L", L, 0)
+    S = _positions.check_length("S", S, 0)
+    bidirectional, n, max_exact, max_distance = _positions.check_t5_buckets(
+        bidirectional, num_buckets, max_distance
+    )
+    query = tf.range(L, dtype=tf.int64)[:, None] + (S - L)  # (L, 1)
+    relative = tf.range(S, dtype=tf.int64)[None, :] - query  # (L, S): key - query
+    buckets = tf.zeros_like(relative)  # (L, S)
+    if bidirectional:
+        buckets = buckets + tf.cast(relative > 0, tf.int64) * n
+        distance = tf.abs(relative)
+    else:
+        distance = -tf.minimum(relative, 0)
+    ratio = tf.cast(tf.maximum(distance, 1), tf.float64) / max_exact  # (L, S)
+    large = max_exact + tf.cast(
+        tf.math.log(ratio) / math.log(max_distance / max_exact) * (n - max_exact),
+        tf.int64,
+    )
+    large = tf.minimum(large, n - 1)
+    return buckets + tf.where(distance < max_exact, distance, large)  # (L, S)
+
+
+def t5_bias(
+    table,
+    L: int,
+    S: int,
+    *,
+    bidirectional: bool = True,
+    max_distance: int = 128,
+):
+    r"""T5's relative position bias ``(H, L, S)`` from ``table (num_buckets, H)``:
+    computed once, the float ``mask`` of every layer; in the dtype of ``table``. See
+    :func:`companion.numpy.t5_bias`."""
+    table = tf.convert_to_tensor(table)
+    _checks.check_float("table", table.dtype)
+    if table.shape.rank != 2:
+        raise ValueError(
+            f"table must have shape (num_buckets, H), got shape {tuple(table.shape)}"
+        )
+    buckets = t5_position_buckets(
+        L,
+        S,
+        bidirectional=bidirectional,
+        num_buckets=int(table.shape[0]),
+        max_distance=max_distance,
+    )  # (L, S)
+    return tf.transpose(tf.gather(table, buckets), [2, 0, 1])  # (H, L, S)

@@ -11,17 +11,23 @@ Explained in the book chapter *Positions and the transformer block*.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from companion import _checks, _positions
-from companion._positions import RotaryConfig
+from companion._positions import RopeScaling, RotaryConfig
 
 __all__ = [
     "sinusoidal_positions",
     "rotary_embedding",
+    "rotary_frequencies",
     "alibi_slopes",
     "alibi_bias",
+    "t5_position_buckets",
+    "t5_bias",
     "RotaryConfig",
+    "RopeScaling",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -62,13 +68,17 @@ def rotary_embedding(
     base: float = 10000.0,
     interleaved: bool = False,
     rotary_dim: int | None = None,
+    scaling=None,
+    seq_len: int | None = None,
 ):
     r"""Rotate pairs of features of ``x (..., L, D)`` by ``p * base^(-2i/d)``.
 
     ``interleaved=False`` pairs ``i`` with ``i + d/2`` (GPT-NeoX, HF Llama); ``True``
     pairs ``2i`` with ``2i + 1`` (RoFormer, GPT-J, Meta's Llama); ``rotary_dim``
-    rotates only the first ``d`` features. Differentiable. See
-    :func:`companion.numpy.rotary_embedding`.
+    rotates only the first ``d`` features; ``scaling`` (a :class:`RopeScaling` or a
+    dict) stretches it for texts longer than training (``seq_len``: the text's length
+    for dynamic NTK and LongRoPE, default the largest position + 1). Differentiable.
+    See :func:`companion.numpy.rotary_embedding`.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -82,8 +92,15 @@ def rotary_embedding(
     base = _positions.check_base(base)
     interleaved = _positions.check_interleaved(interleaved)
     dtype = torch.float32 if x.dtype in _HALF else x.dtype
-    exponent = -2.0 * torch.arange(d // 2, dtype=torch.float64, device=x.device) / d
-    theta = torch.pow(torch.tensor(base, dtype=torch.float64), exponent)  # (d/2,)
+    scaling, factor = _positions.as_scaling(scaling), 1.0
+    if scaling is None:
+        exponent = -2.0 * torch.arange(d // 2, dtype=torch.float64, device=x.device) / d
+        theta = torch.pow(torch.tensor(base, dtype=torch.float64), exponent)  # (d/2,)
+    else:
+        if seq_len is None and _positions.needs_length(scaling) and positions.numel():
+            seq_len = int(positions.max()) + 1
+        theta, factor = _positions.scaled_frequencies(base, d, scaling, seq_len)
+        theta = torch.tensor(theta, dtype=torch.float64, device=x.device)  # (d/2,)
     # (..., L, d/2): p theta_i
     angle = positions[..., None].to(torch.float64) * theta
     cos, sin = torch.cos(angle).to(dtype), torch.sin(angle).to(dtype)
@@ -98,8 +115,35 @@ def rotary_embedding(
         rotated = torch.stack([y_a, y_b], dim=-1).flatten(-2)  # (..., L, d)
     else:
         rotated = torch.cat([y_a, y_b], dim=-1)  # (..., L, d)
+    if factor != 1.0:  # YaRN's and LongRoPE's attention factor: rotated features
+        rotated = rotated * factor
     out = torch.cat([rotated, xc[..., d:]], dim=-1)  # (..., L, D)
     return out.to(x.dtype)
+
+
+def rotary_frequencies(
+    dim: int,
+    *,
+    base: float = 10000.0,
+    scaling=None,
+    seq_len: int | None = None,
+    dtype=None,
+):
+    r"""``(theta (dim/2,), attention_factor)``: the rotary frequencies, scaled by
+    ``scaling`` as Hugging Face's ``ROPE_INIT_FUNCTIONS`` do (computed in float64, on
+    the CPU). See :func:`companion.numpy.rotary_frequencies`."""
+    dim = _positions.check_length("dim", dim, 2)
+    if dim % 2:
+        raise ValueError(f"dim must be even (features rotate in pairs), got {dim}")
+    base = _positions.check_base(base)
+    scaling = _positions.as_scaling(scaling)
+    dtype = _output_dtype(dtype)
+    if scaling is None:
+        exponent = -2.0 * torch.arange(dim // 2, dtype=torch.float64) / dim
+        theta = torch.pow(torch.tensor(base, dtype=torch.float64), exponent)
+        return theta.to(dtype), 1.0
+    theta, factor = _positions.scaled_frequencies(base, dim, scaling, seq_len)
+    return torch.tensor(theta, dtype=torch.float64).to(dtype), float(factor)
 
 
 def alibi_slopes(num_heads: int, *, dtype=None):
@@ -133,6 +177,8 @@ def _rotate_queries_and_keys(q, k, rope: RotaryConfig, start: int):
     kwargs = dict(
         base=rope.base, interleaved=rope.interleaved, rotary_dim=rope.rotary_dim
     )
+    if rope.scaling is not None:  # the length so far: dynamic NTK and LongRoPE
+        kwargs.update(scaling=rope.scaling, seq_len=keys.stop)
     q = rotary_embedding(
         q, torch.arange(queries.start, queries.stop, device=q.device), **kwargs
     )
@@ -140,3 +186,65 @@ def _rotate_queries_and_keys(q, k, rope: RotaryConfig, start: int):
         k, torch.arange(keys.start, keys.stop, device=q.device), **kwargs
     )
     return q, k  # (B, H, L, D), (B, H_kv, S_new, D)
+
+
+def t5_position_buckets(
+    L: int,
+    S: int,
+    *,
+    bidirectional: bool = True,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+):
+    r"""T5's bucket of each (query, key) pair: int64 ``(L, S)``, on the CPU.
+
+    Queries bottom-right aligned (query ``i`` at ``i + S - L``). See
+    :func:`companion.numpy.t5_position_buckets`."""
+    L = _positions.check_length("L", L, 0)
+    S = _positions.check_length("S", S, 0)
+    bidirectional, n, max_exact, max_distance = _positions.check_t5_buckets(
+        bidirectional, num_buckets, max_distance
+    )
+    query = torch.arange(L)[:, None] + (S - L)  # (L, 1)
+    relative = torch.arange(S)[None, :] - query  # (L, S): key - query
+    buckets = torch.zeros_like(relative)  # (L, S)
+    if bidirectional:
+        buckets = buckets + (relative > 0).to(torch.int64) * n
+        distance = relative.abs()
+    else:
+        distance = -torch.clamp(relative, max=0)
+    ratio = distance.clamp(min=1).to(torch.float64) / max_exact  # (L, S)
+    large = max_exact + (
+        torch.log(ratio) / math.log(max_distance / max_exact) * (n - max_exact)
+    ).to(torch.int64)
+    large = torch.clamp(large, max=n - 1)
+    return buckets + torch.where(distance < max_exact, distance, large)  # (L, S)
+
+
+def t5_bias(
+    table,
+    L: int,
+    S: int,
+    *,
+    bidirectional: bool = True,
+    max_distance: int = 128,
+):
+    r"""T5's relative position bias ``(H, L, S)`` from ``table (num_buckets, H)``
+    (e.g. an ``nn.Embedding``'s weight): computed once, the float ``mask`` of every
+    layer. Differentiable in ``table``; on its device, in its dtype. See
+    :func:`companion.numpy.t5_bias`."""
+    if not isinstance(table, torch.Tensor):
+        raise TypeError(f"table must be a torch.Tensor, got {type(table).__name__}")
+    _checks.check_float("table", table.dtype)
+    if table.dim() != 2:
+        raise ValueError(
+            f"table must have shape (num_buckets, H), got shape {tuple(table.shape)}"
+        )
+    buckets = t5_position_buckets(
+        L,
+        S,
+        bidirectional=bidirectional,
+        num_buckets=table.shape[0],
+        max_distance=max_distance,
+    ).to(table.device)  # (L, S)
+    return table[buckets].permute(2, 0, 1)  # (H, L, S)
