@@ -24,3 +24,4 @@ from companion.tensorflow.positions import *  # noqa: F401,F403
 from companion.tensorflow.scores import *  # noqa: F401,F403
 from companion.tensorflow.seq2seq import *  # noqa: F401,F403
 from companion.tensorflow.sharing import *  # noqa: F401,F403
+from companion.tensorflow.sinks import *  # noqa: F401,F403

@@ -20,4 +20,5 @@ from companion.torch.positions import *  # noqa: F401,F403
 from companion.torch.scores import *  # noqa: F401,F403
 from companion.torch.seq2seq import *  # noqa: F401,F403
 from companion.torch.sharing import *  # noqa: F401,F403
+from companion.torch.sinks import *  # noqa: F401,F403
 from companion.torch.source_cnn import *  # noqa: F401,F403
