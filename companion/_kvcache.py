@@ -236,9 +236,8 @@ def unchanged_on_error(*caches):
 
 def check_some_keys(name: str, new: int, cache) -> None:
     """Attention needs at least one key: ``new`` positions from ``name`` and none
-    cached is a ``ValueError`` naming ``name`` (checked before the cache changes)."""
-    if not (cache is None or isinstance(cache, KVCacheBase)):
-        return  # the caller refuses other caches
+    cached is a ``ValueError`` naming ``name`` (checked before the cache changes;
+    the caller has refused any other kind of cache)."""
     if new == 0 and (cache is None or cache.length == 0):
         held = "no cache" if cache is None else "an empty cache"
         raise ValueError(

@@ -406,6 +406,10 @@ def multi_head_attention(
     return_weights = _check_flag("return_weights", return_weights)
     # checked before the cache changes (the sizes come later)
     _choose_implementation(implementation, 0, 0, return_weights, TILED_FROM_SCORES)
+    if cache is not None and not isinstance(cache, KVCache):
+        raise TypeError(
+            f"cache must be a companion.numpy.KVCache, got {type(cache).__name__}"
+        )
     window = window_for_cache(window, cache)
     if not isinstance(params, MultiHeadParams):
         raise TypeError(
@@ -443,12 +447,8 @@ def multi_head_attention(
     # [/book: multi-head projections]
     rope = _positions.as_rotary(rope)
     if rope is not None:  # at absolute positions, from cache.seen on
-        start = cache.seen if isinstance(cache, KVCache) else 0
+        start = 0 if cache is None else cache.seen
         q, k = _rotate_queries_and_keys(q, k, rope, start)
-    if cache is not None and not isinstance(cache, KVCache):
-        raise TypeError(
-            f"cache must be a companion.numpy.KVCache, got {type(cache).__name__}"
-        )
     # a call that fails after the append (a mask that does not fit every cached
     # position, say) leaves the cache as it was
     with unchanged_on_error(cache):

@@ -141,6 +141,10 @@ def _multi_head(
     w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o = weights
     # checked before the cache changes (the sizes come later)
     _choose_implementation(implementation, 0, 0, return_weights, TILED_FROM_SCORES)
+    if cache is not None and not isinstance(cache, KVCache):
+        raise TypeError(
+            f"cache must be a companion.torch.KVCache, got {type(cache).__name__}"
+        )
     window = window_for_cache(window, cache)
     check_some_keys("x_kv", x_k.shape[1], cache)
     compute = w_q.dtype
@@ -150,12 +154,8 @@ def _multi_head(
     # (B, H_kv, S_new, D_v)
     v = _project(x_v.to(compute), w_v, b_v, num_kv_heads).to(x_q.dtype)
     if rope is not None:  # at absolute positions, from cache.seen on
-        start = cache.seen if isinstance(cache, KVCache) else 0
+        start = 0 if cache is None else cache.seen
         q, k = _rotate_queries_and_keys(q, k, rope, start)
-    if cache is not None and not isinstance(cache, KVCache):
-        raise TypeError(
-            f"cache must be a companion.torch.KVCache, got {type(cache).__name__}"
-        )
     # a call that fails after the append (a mask that does not fit every cached
     # position, say) leaves the cache as it was
     with unchanged_on_error(cache):
