@@ -294,6 +294,12 @@ class RopeScaling:
 
     ``factor`` may be left out for YaRN and LongRoPE when ``max_positions`` (the
     target length) is given: it is then ``max_positions / original_max_positions``.
+
+    ``"dynamic"`` and ``"longrope"`` depend on the text's length (the largest position
+    + 1). With a KV cache, keys cached at earlier steps keep the rotation of their
+    step, as in Transformers: cached decoding equals the full pass while the text
+    stays within ``original_max_positions``, not beyond. The other rules do not
+    depend on the length.
     """
 
     rope_type: str

@@ -116,6 +116,12 @@ CASES = {
         None,
     ),
 }
+CASES["yarn-no-factor"] = (  # DeepSeek-style: factor from the two lengths
+    {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 256},
+    {"max_position_embeddings": 1024},
+    {"rope_type": "yarn", "original_max_positions": 256, "max_positions": 1024},
+    None,
+)
 SHORT = [1.0, 1.02, 1.05, 1.1, 1.2, 1.5, 1.8, 2.0]
 LONG = [1.0, 1.3, 2.1, 3.4, 5.0, 7.9, 12.0, 16.5]
 for _name, _seq in (("longrope-short", 100), ("longrope-long", 700)):
@@ -410,6 +416,95 @@ def test_keras_layer_config_round_trips_the_scaling():
     assert ctf.MultiHeadAttention.from_config(layer.get_config()).rope == layer.rope
     plain = ctf.MultiHeadAttention.from_params(params, rope=True).get_config()
     assert "scaling" not in plain["rope"]
+
+
+def test_dynamic_cached_equals_full_within_the_original_length():
+    """Dynamic NTK depends on the length: within ``original_max_positions`` it is
+    unscaled, so cached decoding equals the full pass; beyond, keys cached earlier
+    keep their step's rotation (as in Transformers) and the two differ."""
+    from companion import registry
+    from companion.numpy import MultiHeadParams
+
+    mod = registry.namespace("numpy")
+    params = MultiHeadParams.random(16, 2, seed=6)
+    x = np.random.default_rng(6).normal(size=(1, 9, 16))
+    for original, equal in ((16, True), (4, False)):
+        scaling = {"rope_type": "dynamic", "factor": 2.0}
+        rope = {"scaling": {**scaling, "original_max_positions": original}}
+        full = mod.multi_head_attention(x, x, params, causal=True, rope=rope)
+        cache = mod.KVCache()
+        steps = [
+            mod.multi_head_attention(
+                x[:, t : t + 1],
+                x[:, t : t + 1],
+                params,
+                causal=True,
+                cache=cache,
+                rope=rope,
+            )
+            for t in range(9)
+        ]
+        same = np.allclose(np.concatenate(steps, axis=1), full, rtol=1e-12, atol=1e-13)
+        assert same is equal
+
+
+@pytest.mark.parametrize(
+    "parameters, extras",
+    [
+        (
+            {
+                "rope_type": "yarn",
+                "factor": 8.0,
+                "original_max_position_embeddings": 256,
+            },
+            {"max_position_embeddings": 2048},
+        ),
+        ({"rope_type": "dynamic", "factor": 3.0}, {"max_position_embeddings": 8}),
+        (
+            {
+                "rope_type": "longrope",
+                "short_factor": SHORT,
+                "long_factor": LONG,
+                "original_max_position_embeddings": 8,
+            },
+            {"max_position_embeddings": 64},
+        ),
+        (
+            {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+            {"max_position_embeddings": 256},
+        ),
+    ],
+    ids=["yarn", "dynamic", "longrope", "llama3"],
+)
+def test_rotation_equals_llama_apply_rotary_pos_emb(hf, parameters, extras):
+    """The whole rotation, attention factor included, as Llama applies it (HF's cos
+    and sin are float32: positions below 16, float32 tolerance)."""
+    import torch
+    from transformers.models.llama.modeling_llama import (
+        LlamaRotaryEmbedding,
+        apply_rotary_pos_emb,
+    )
+
+    from companion import hf as chf
+    from companion import torch as ct
+
+    _, _, LlamaConfig = hf
+    config = _config(LlamaConfig, parameters, extras)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 1, 4, 13, 16, generator=g)  # (B, H, L, D) each
+    position_ids = torch.arange(13)[None]  # (1, L): up to 12, past 8 for longrope
+    cos, sin = LlamaRotaryEmbedding(config)(q, position_ids)
+    hf_q, hf_k = apply_rotary_pos_emb(q, k, cos, sin)
+    rope = chf.rope(config)
+    kwargs = dict(base=rope["base"], scaling=rope["scaling"])
+    assert_close(ct.rotary_embedding(q, torch.arange(13), **kwargs), hf_q)
+    assert_close(ct.rotary_embedding(k, torch.arange(13), **kwargs), hf_k)
 
 
 # --- Hugging Face configurations ------------------------------------------------------
