@@ -13,7 +13,7 @@ from __future__ import annotations
 from companion import _checks
 from companion._kvcache import unchanged_on_error
 
-__all__ = ["check_sinks", "SinkCacheBase"]
+__all__ = ["check_sinks", "SinkCacheBase", "check_sink_attention", "check_mask"]
 
 
 def check_sinks(sinks, window) -> tuple[int, int]:
@@ -150,3 +150,42 @@ class SinkCacheBase:
         recent = range(seen - int(k.shape[2]), seen) if k.shape[2] else range(0)
         self._returned = (first, recent)
         return self._joined(self._first.key, k), self._joined(self._first.value, v)
+
+
+def check_sink_attention(q_shape, k_shape, v_shape, sinks_shape) -> int:
+    """The group size ``H // H_kv`` for :func:`companion.numpy.attention_with_sinks`;
+    ``ValueError`` naming the argument whose shape does not fit."""
+    q, k, v, s = (
+        tuple(int(n) for n in x) for x in (q_shape, k_shape, v_shape, sinks_shape)
+    )
+    if len(q) < 3 or len(k) != len(q) or len(v) != len(q):
+        raise ValueError(
+            "query, key and value must have shapes (..., H, L, D), (..., H_kv, S, D) "
+            f"and (..., H_kv, S, D_v) of the same rank >= 3, got {q}, {k} and {v}"
+        )
+    if k[-1] != q[-1]:
+        raise ValueError(f"key's D ({k[-1]}) must equal query's D ({q[-1]})")
+    if v[-2] != k[-2] or v[-3] != k[-3]:
+        raise ValueError(f"value's (H_kv, S) = {v[-3:-1]} must equal key's {k[-3:-1]}")
+    H, H_kv = q[-3], k[-3]
+    if H_kv < 1 or H % H_kv:
+        raise ValueError(
+            f"key's H_kv ({H_kv}) must divide query's H ({H}) (grouped-query heads)"
+        )
+    if s != (H,):
+        raise ValueError(f"sinks must have shape (H,) = ({H},), got {s}")
+    return H // H_kv
+
+
+def check_mask(mask_shape, scores_shape) -> None:
+    """``ValueError`` naming ``mask`` unless it broadcasts to ``(..., H, L, S)``."""
+    target = tuple(int(n) for n in scores_shape)
+    try:
+        result = _checks.broadcast_shape(tuple(int(n) for n in mask_shape), target)
+    except ValueError:
+        result = None
+    if result != target:
+        raise ValueError(
+            f"mask of shape {tuple(mask_shape)} does not broadcast to the scores' "
+            f"(..., H, L, S) = {target}"
+        )

@@ -149,3 +149,87 @@ def test_bad_positions_and_failed_appends():
     assert cache.seen == seen and np.array_equal(cache.key, key)
     cache.reset()
     assert cache.seen == 0 and cache.key is None
+
+
+# --- learned sink logits (GPT-OSS) ------------------------------------------------
+
+
+@pytest.mark.parametrize("H, H_kv", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+def test_sink_logits_equal_gpt_oss_eager_attention(H, H_kv):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    from companion import numpy as cn
+
+    rng = np.random.default_rng(4)
+    B, L, D = 2, 6, 8
+    q = rng.standard_normal((B, H, L, D))
+    k, v = rng.standard_normal((2, B, H_kv, L, D))
+    sinks = rng.standard_normal(H)
+    module = torch.nn.Module()
+    module.sinks = torch.nn.Parameter(torch.tensor(sinks))
+    module.num_key_value_groups = H // H_kv
+    module.eval()
+    causal = torch.full((L, L), float("-inf"), dtype=torch.float64).triu(1)
+    theirs, _ = eager_attention_forward(
+        module, *(torch.tensor(a) for a in (q, k, v)), causal, scaling=D**-0.5
+    )  # (B, L, H, D)
+    ours = cn.attention_with_sinks(q, k, v, sinks, causal=True)  # (B, H, L, D)
+    assert_close(ours, theirs.detach().numpy().transpose(0, 2, 1, 3), rtol=1e-12)
+    plain = cn.scaled_dot_product_attention_reference(q, k, v, causal=True)
+    assert not np.allclose(ours, plain)
+    # a sink of -inf weight is plain attention
+    none = cn.attention_with_sinks(q, k, v, np.full(H, -1e300), causal=True)
+    assert_close(none, plain, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+def test_sink_logits_backends_agree(backend):
+    from companion import numpy as cn
+
+    mod = registry.namespace(backend)
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((1, 4, 5, 8))
+    k, v = rng.standard_normal((2, 1, 2, 7, 8))
+    sinks = rng.standard_normal(4)
+    mask = rng.standard_normal((4, 5, 7))  # a float mask, e.g. ALiBi
+    kwargs = dict(causal=True)
+    expected = cn.attention_with_sinks(q, k, v, sinks, mask=mask, **kwargs)
+    got = mod.attention_with_sinks(
+        *(as_backend(a, backend) for a in (q, k, v, sinks)),
+        mask=as_backend(mask, backend),
+        **kwargs,
+    )
+    assert_close(got, expected, rtol=1e-12, atol=1e-13)
+    bool_mask = rng.random((5, 7)) < 0.5
+    bool_mask[0] = False  # a row that sees nothing: all weight on the sink
+    expected = cn.attention_with_sinks(q, k, v, sinks, mask=bool_mask)
+    assert np.array_equal(expected[..., 0, :], np.zeros((1, 4, 8)))
+    got = mod.attention_with_sinks(
+        *(as_backend(a, backend) for a in (q, k, v, sinks)),
+        mask=as_backend(bool_mask, backend),
+    )
+    assert_close(got, expected, rtol=1e-12, atol=1e-13)
+
+
+def test_sink_logits_get_gradients_and_bad_shapes_are_value_errors():
+    torch = pytest.importorskip("torch")
+    from companion import numpy as cn
+    from companion import torch as ct
+
+    q, k, v = torch.randn(3, 1, 2, 4, 8, dtype=torch.float64)
+    sinks = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    ct.attention_with_sinks(q, k, v, sinks, causal=True).sum().backward()
+    assert torch.all(torch.isfinite(sinks.grad)) and torch.any(sinks.grad != 0)
+    qn, kn, vn = (t.numpy() for t in (q, k, v))
+    with pytest.raises(ValueError, match="sinks"):
+        cn.attention_with_sinks(qn, kn, vn, np.zeros(3))
+    with pytest.raises(ValueError, match="H_kv"):
+        cn.attention_with_sinks(
+            qn, kn[:, :1].repeat(3, 1), vn[:, :1].repeat(3, 1), np.zeros(2)
+        )
+    with pytest.raises(ValueError, match="mask"):
+        cn.attention_with_sinks(qn, kn, vn, np.zeros(2), mask=np.ones((3, 3), bool))
+    with pytest.raises(TypeError, match="causal"):
+        cn.attention_with_sinks(qn, kn, vn, np.zeros(2), causal="yes")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from companion import _positions, _sinks
+from companion import _checks, _positions, _sinks
 from companion.numpy.multihead import KVCache
 
-__all__ = ["SinkCache", "sink_mask"]
+__all__ = ["SinkCache", "sink_mask", "attention_with_sinks"]
 
 
 def _positions_array(name: str, positions) -> np.ndarray:
@@ -53,3 +53,65 @@ class SinkCache(_sinks.SinkCacheBase):
 
     def _integers(self, values, like):
         return np.array(values, dtype=np.int64)
+
+
+def attention_with_sinks(
+    query, key, value, sinks, *, mask=None, causal: bool = False, scale=None
+):
+    r"""Scaled dot-product attention with a learned sink logit per head.
+
+    .. math::
+
+        w_{ij} = \frac{e^{s_{ij}}}{e^{\sigma_h} + \sum_{j'} e^{s_{ij'}}}, \qquad
+        O = w V
+
+    The sink logit :math:`\sigma_h` (``sinks[h]``) joins the softmax's denominator
+    only: a head can put weight "nowhere" instead of on the first tokens (GPT-OSS;
+    the learned counterpart of StreamingLLM's sink tokens). The weights of a row sum
+    to less than 1; a row that may see no key gives exactly 0.
+
+    Parameters
+    ----------
+    query : ``(..., H, L, D)``; key : ``(..., H_kv, S, D)``; value : ``(..., H_kv, S,
+    D_v)``
+        Grouped-query heads share key/value head ``h // (H // H_kv)``.
+    sinks : ``(H,)``
+    mask : bool (``True`` = attend) or float (added to the scaled scores), optional
+    causal : bool
+        :func:`companion.numpy.causal_mask` (bottom-right) as well.
+    scale : float, optional
+        Default ``1 / sqrt(D)``.
+
+    Returns
+    -------
+    ``(..., H, L, D_v)`` in the dtype of ``query`` (float16 computed in float32).
+    """
+    from companion.numpy.attention import causal_mask
+
+    arrays = [np.asarray(a) for a in (query, key, value, sinks)]
+    for name, a in zip(("query", "key", "value", "sinks"), arrays):
+        _checks.check_float(name, a.dtype)
+    q, k, v, s = arrays
+    group = _sinks.check_sink_attention(q.shape, k.shape, v.shape, s.shape)
+    dtype = np.result_type(q.dtype, k.dtype, v.dtype, s.dtype, np.float32)
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else float(scale)
+    k = np.repeat(k.astype(dtype), group, axis=-3)  # (..., H, S, D)
+    v = np.repeat(v.astype(dtype), group, axis=-3)  # (..., H, S, D_v)
+    scores = scale * (q.astype(dtype) @ np.swapaxes(k, -1, -2))  # (..., H, L, S)
+    L, S = scores.shape[-2:]
+    if mask is not None:
+        mask = np.asarray(mask)
+        _sinks.check_mask(mask.shape, scores.shape)
+        if mask.dtype == bool:
+            scores = np.where(mask, scores, -np.inf)
+        else:
+            scores = scores + mask.astype(dtype)
+    if _positions.check_interleaved_like("causal", causal):
+        scores = np.where(causal_mask(L, S), scores, -np.inf)
+    sink = np.broadcast_to(s.astype(dtype)[:, None, None], (*scores.shape[:-1], 1))
+    logits = np.concatenate([scores, sink], axis=-1)  # (..., H, L, S + 1)
+    logits = logits - logits.max(axis=-1, keepdims=True)  # the sink is finite
+    weights = np.exp(logits)
+    weights = weights / weights.sum(axis=-1, keepdims=True)
+    out = weights[..., :-1] @ v  # (..., H, L, D_v): the sink's share dropped
+    return out.astype(q.dtype, copy=False)

@@ -7,7 +7,7 @@ import tensorflow as tf
 from companion import _checks, _positions, _sinks
 from companion.tensorflow.multihead import KVCache
 
-__all__ = ["SinkCache", "sink_mask"]
+__all__ = ["SinkCache", "sink_mask", "attention_with_sinks"]
 
 
 def _positions_tensor(name: str, positions) -> tf.Tensor:
@@ -43,3 +43,43 @@ class SinkCache(_sinks.SinkCacheBase):
 
     def _integers(self, values, like):
         return tf.constant(values, dtype=tf.int64, shape=[len(values)])
+
+
+def attention_with_sinks(
+    query, key, value, sinks, *, mask=None, causal: bool = False, scale=None
+):
+    r"""Attention with a learned sink logit per head in the softmax's denominator
+    (GPT-OSS): ``w = e^s / (e^sink_h + sum e^s)``. See
+    :func:`companion.numpy.attention_with_sinks`."""
+    from companion.tensorflow.attention import causal_mask
+
+    tensors = [tf.convert_to_tensor(t) for t in (query, key, value, sinks)]
+    names = [
+        _checks.check_float(n, t.dtype)
+        for n, t in zip(("query", "key", "value", "sinks"), tensors)
+    ]
+    q, k, v, s = tensors
+    group = _sinks.check_sink_attention(q.shape, k.shape, v.shape, s.shape)
+    dtype = tf.float64 if "float64" in names[:3] else tf.float32
+    scale = 1.0 / int(q.shape[-1]) ** 0.5 if scale is None else float(scale)
+    k = tf.repeat(tf.cast(k, dtype), group, axis=-3)  # (..., H, S, D)
+    v = tf.repeat(tf.cast(v, dtype), group, axis=-3)  # (..., H, S, D_v)
+    scores = scale * tf.matmul(tf.cast(q, dtype), k, transpose_b=True)  # (..., H, L, S)
+    L, S = int(scores.shape[-2]), int(scores.shape[-1])
+    minus_inf = tf.constant(float("-inf"), dtype)
+    if mask is not None:
+        mask = tf.convert_to_tensor(mask)
+        _sinks.check_mask(mask.shape, scores.shape)
+        if mask.dtype == tf.bool:
+            scores = tf.where(mask, scores, minus_inf)
+        else:
+            scores = scores + tf.cast(mask, dtype)
+    if _positions.check_interleaved_like("causal", causal):
+        scores = tf.where(causal_mask(L, S), scores, minus_inf)
+    sink = tf.broadcast_to(
+        tf.cast(s, dtype)[:, None, None], [*scores.shape[:-1], 1]
+    )  # (..., H, L, 1)
+    logits = tf.concat([scores, sink], axis=-1)  # (..., H, L, S + 1)
+    logits = logits - tf.reduce_max(logits, axis=-1, keepdims=True)
+    weights = tf.nn.softmax(logits, axis=-1)[..., :-1]  # the sink's share dropped
+    return tf.cast(tf.matmul(weights, v), q.dtype)  # (..., H, L, D_v)

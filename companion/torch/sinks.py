@@ -7,7 +7,7 @@ import torch
 from companion import _checks, _positions, _sinks
 from companion.torch.multihead import KVCache
 
-__all__ = ["SinkCache", "sink_mask"]
+__all__ = ["SinkCache", "sink_mask", "attention_with_sinks"]
 
 
 def _positions_tensor(name: str, positions, device=None) -> torch.Tensor:
@@ -46,3 +46,42 @@ class SinkCache(_sinks.SinkCacheBase):
     def _integers(self, values, like):
         device = None if like is None else like.device
         return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def attention_with_sinks(
+    query, key, value, sinks, *, mask=None, causal: bool = False, scale=None
+):
+    r"""Attention with a learned sink logit per head in the softmax's denominator
+    (GPT-OSS): ``w = e^s / (e^sink_h + sum e^s)``. Differentiable, ``sinks`` included.
+    See :func:`companion.numpy.attention_with_sinks`."""
+    from companion.torch.attention import causal_mask
+
+    for name, t in zip(("query", "key", "value", "sinks"), (query, key, value, sinks)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _checks.check_float(name, t.dtype)
+    group = _sinks.check_sink_attention(
+        query.shape, key.shape, value.shape, sinks.shape
+    )
+    dtype = torch.promote_types(query.dtype, key.dtype)
+    dtype = torch.promote_types(dtype, torch.float32)
+    scale = 1.0 / query.shape[-1] ** 0.5 if scale is None else float(scale)
+    k = key.to(dtype).repeat_interleave(group, dim=-3)  # (..., H, S, D)
+    v = value.to(dtype).repeat_interleave(group, dim=-3)  # (..., H, S, D_v)
+    scores = scale * (query.to(dtype) @ k.transpose(-1, -2))  # (..., H, L, S)
+    L, S = scores.shape[-2:]
+    if mask is not None:
+        mask = torch.as_tensor(mask, device=scores.device)
+        _sinks.check_mask(mask.shape, scores.shape)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.to(dtype)
+    if _positions.check_interleaved_like("causal", causal):
+        keep = causal_mask(L, S, device=scores.device)  # (L, S)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    sink = sinks.to(dtype)[:, None, None].expand(*scores.shape[:-1], 1)
+    logits = torch.cat([scores, sink], dim=-1)  # (..., H, L, S + 1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values  # the sink is finite
+    weights = torch.softmax(logits, dim=-1)[..., :-1]  # the sink's share dropped
+    return (weights @ v).to(query.dtype)  # (..., H, L, D_v)
