@@ -72,37 +72,54 @@ def _array(data, shape, backend, dtype="float64"):
     return as_backend(x, backend, dtype)
 
 
+# One fault at a time (or none), so that every call that passes the checks made
+# before the append and fails after it (a mask that does not fit the cached
+# positions) is drawn often: with every argument free to be wrong at once, almost
+# every broken call was refused before the cache changed.
+MHA_FAULTS = [
+    *(None, None, "mask", "mask"),
+    *("width", "dtype", "causal", "implementation", "window", "rope", "tiled weights"),
+]
+
+
 def _draw_mha_call(data, module, backend, cache, params, B):
     """A multi_head_attention call through ``cache``: valid or broken on purpose."""
+    fault = data.draw(st.sampled_from(MHA_FAULTS), label="fault")
     L = data.draw(st.integers(0, 4), label="L")
-    width = data.draw(st.sampled_from([E, E, E, E + 1]), label="width")
-    dtype = data.draw(st.sampled_from(["float64", "float64", "int32"]), label="dtype")
-    x = _array(data, (B, L, width), backend, dtype)
+    width = E + 1 if fault == "width" else E
+    x = _array(data, (B, L, width), backend, "int32" if fault == "dtype" else "float64")
     if cache.max_length is None:
         S = cache.length + L
+        windows = [None, None, 1, 2, 3, 10**6, 2**40]  # the last two: no window
+        too_wide = [0]
     else:
         S = min(cache.length, cache.max_length - 1) + L
-    mask_shape = data.draw(
-        st.sampled_from([None, None, (L, S), (1, S), (L, S + 1), (5, 7), (S,)]),
-        label="mask",
-    )
+        windows = [None, None, 1, 2, 3]
+        too_wide = [0, 10**6, 2**40]  # wider than the rolling cache (or 0)
+    masks = [(L, S + 1), (5, 7)] if fault == "mask" else [None, None, (L, S), (S,)]
+    mask_shape = data.draw(st.sampled_from(masks), label="mask")
     mask = (
         None
         if mask_shape is None
         else as_backend(np.random.default_rng(S).random(mask_shape) < 0.8, backend)
     )
+    implementation = data.draw(
+        st.sampled_from(["auto", "reference", "tiled"]), label="impl"
+    )
+    # the tiled kernel forms no weights: asking it for them is the fault below
+    weights = data.draw(st.booleans(), label="weights") and implementation != "tiled"
     kwargs = dict(
         mask=mask,
-        causal=data.draw(st.sampled_from([True, False, "yes"]), label="causal"),
-        implementation=data.draw(
-            st.sampled_from(["auto", "reference", "tiled", "bogus"]), label="impl"
-        ),
+        causal="yes" if fault == "causal" else data.draw(st.booleans(), "causal"),
+        implementation="bogus" if fault == "implementation" else implementation,
         window=data.draw(
-            st.sampled_from([None, None, 1, 2, 3, 0, 10**6, 2**40]), label="window"
+            st.sampled_from(too_wide if fault == "window" else windows), "window"
         ),
-        rope=data.draw(st.sampled_from([None, True, "x"]), label="rope"),
-        return_weights=data.draw(st.sampled_from([False, True]), label="weights"),
+        rope="x" if fault == "rope" else data.draw(st.sampled_from([None, True])),
+        return_weights=weights,
     )
+    if fault == "tiled weights":
+        kwargs.update(implementation="tiled", return_weights=True)
     call = f"multi_head_attention(x {tuple(x.shape)}, {kwargs})"
     return call, lambda: module.multi_head_attention(
         x, x, params, cache=cache, **kwargs
