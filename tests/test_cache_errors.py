@@ -213,7 +213,8 @@ def _paged_state(cache):
 
 
 def _assert_paged_same(before, after, call):
-    for a, b, what in zip(before[:6], after[:6], ("ids", "tables", "lengths", "refs")):
+    names = ("ids", "tables", "lengths", "refs", "free list", "next id")
+    for a, b, what in zip(before[:6], after[:6], names, strict=True):
         assert a == b, f"{call} failed but changed the {what}: {a} -> {b}"
     for a, b in zip(before[6:], after[6:]):
         np.testing.assert_array_equal(a, b, err_msg=call)
