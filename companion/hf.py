@@ -309,7 +309,7 @@ def _rope_scaling(config, parameters: dict, kind: str) -> dict:
     scaling.update(original_max_positions=original, max_positions=target)
     if kind == "llama3":
         for name in ("low_freq_factor", "high_freq_factor"):
-            scaling[name] = parameters[name]
+            scaling[name] = parameters.get(name)
     elif kind == "yarn":
         for name in ("attention_factor", "mscale", "mscale_all_dim"):
             scaling[name] = parameters.get(name)
@@ -318,9 +318,10 @@ def _rope_scaling(config, parameters: dict, kind: str) -> dict:
         scaling["truncate"] = bool(parameters.get("truncate", True))
     else:  # longrope
         for name in ("short_factor", "long_factor"):
-            scaling[name] = list(parameters[name])
+            scaling[name] = parameters.get(name)
         scaling["attention_factor"] = parameters.get("attention_factor")
-    return scaling
+    # what the configuration leaves out takes RopeScaling's defaults (or its error)
+    return {name: value for name, value in scaling.items() if value is not None}
 
 
 # --- configurations and counts -------------------------------------------------------

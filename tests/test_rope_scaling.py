@@ -529,6 +529,20 @@ def test_hf_rope_converts_every_type(hf, case):
     assert math.isclose(factor, expected_factor, rel_tol=1e-12)
 
 
+def test_hf_rope_refuses_unknown_types_by_name(hf):
+    from companion import hf as chf
+
+    _, _, LlamaConfig = hf
+    config = _config(LlamaConfig, {"rope_type": "proportional", "factor": 2.0}, {})
+    with pytest.raises(ValueError, match="rope_type 'proportional'"):
+        chf.rope(config)
+    parameters, extras, _, _ = CASES["longrope-short"]
+    incomplete = _config(LlamaConfig, parameters, extras)
+    del incomplete.rope_parameters["short_factor"]  # e.g. a hand-edited config
+    with pytest.raises(ValueError, match="short_factor"):
+        cn.RotaryConfig(**chf.rope(incomplete))
+
+
 def test_hf_rope_default_has_no_scaling(hf):
     from companion import hf as chf
 
