@@ -143,6 +143,27 @@ def test_latent_zero_queries_and_zero_keys(backend, absorbed):
         m.latent_attention(x[:, :0], params, cache=m.KVCache(), absorbed=absorbed)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("function", ["multi_head_attention", "latent_attention"])
+def test_a_foreign_cache_is_refused_before_its_window_is_read(backend, function):
+    # a rolling cache of another kind (max_length=2) with window=5 was reported as
+    # a window wider than the cache, before the cache's kind was looked at
+    import types
+
+    m = _module(backend)
+    import companion.numpy as cn
+
+    foreign = types.SimpleNamespace(max_length=2, seen=0, length=0)
+    x = as_backend(np.random.default_rng(10).standard_normal((1, 2, 16)), backend)
+    with pytest.raises(TypeError, match="cache must be a companion"):
+        if function == "multi_head_attention":
+            p = cn.MultiHeadParams.random(16, 2, seed=0)
+            m.multi_head_attention(x, x, p, cache=foreign, window=5)
+        else:
+            p = cn.LatentAttentionParams.random(16, 2, 4, 6, 4, 8, seed=0)
+            m.latent_attention(x, p, cache=foreign, window=5)
+
+
 # --- 2. windows beyond 32 bits ------------------------------------------------------
 
 

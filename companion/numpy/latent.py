@@ -276,6 +276,10 @@ def latent_attention(
     Returns ``(B, L, E_out)`` in ``x``'s dtype (float16 computed in float32).
     """
     causal = _check_flag("causal", causal)
+    if cache is not None and not isinstance(cache, KVCache):
+        raise TypeError(
+            f"cache must be a companion.numpy.KVCache, got {type(cache).__name__}"
+        )
     window = window_for_cache(window, cache)
     folded = None
     if isinstance(absorbed, tuple) and len(absorbed) == 2:
@@ -292,10 +296,6 @@ def latent_attention(
     E = params.w_dkv.shape[0]
     if x.ndim != 3 or x.shape[2] != E:
         raise ValueError(f"x must have shape (B, L, {E}), got shape {x.shape}")
-    if cache is not None and not isinstance(cache, KVCache):
-        raise TypeError(
-            f"cache must be a companion.numpy.KVCache, got {type(cache).__name__}"
-        )
     check_some_keys("x", x.shape[1], cache)  # before the cache changes
     dtype = _compute_dtype(x.dtype)
     h = x.astype(dtype, copy=False)
