@@ -61,7 +61,7 @@ def test_bad_mask_leaves_the_cache_as_it_was(backend, implementation, max_length
     m.multi_head_attention(x, x, p, cache=cache, causal=True)
     before = _state(cache)
     bad = as_backend(np.ones((5, 7), bool), backend)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="mask"):
         m.multi_head_attention(
             x, x, p, cache=cache, causal=True, mask=bad, implementation=implementation
         )
@@ -86,7 +86,7 @@ def test_torch_module_bad_mask_leaves_the_cache_as_it_was():
     with torch.no_grad():
         layer(x, cache=cache, causal=True)
         before = _state(cache)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="mask"):
             layer(x, cache=cache, causal=True, mask=torch.ones(5, 7, dtype=torch.bool))
     _assert_same_state(before, _state(cache))
 
