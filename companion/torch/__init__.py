@@ -22,3 +22,4 @@ from companion.torch.seq2seq import *  # noqa: F401,F403
 from companion.torch.sharing import *  # noqa: F401,F403
 from companion.torch.sinks import *  # noqa: F401,F403
 from companion.torch.source_cnn import *  # noqa: F401,F403
+from companion.torch.vit import *  # noqa: F401,F403
