@@ -234,6 +234,18 @@ def test_an_empty_first_append_and_a_zero_length_call(backend):
     assert_close(to_numpy(out), expected)
 
 
+def test_torch_module_names_key_when_there_is_no_key():
+    # the module's argument is key (the function's is x_kv)
+    torch = pytest.importorskip("torch")
+    import companion.torch as ct
+
+    layer = ct.MultiHeadAttention(8, 2)
+    x = torch.ones(1, 3, 8)
+    for cache in (None, ct.KVCache()):
+        with pytest.raises(ValueError, match="^key has no positions"):
+            layer(x, x[:, :0], cache=cache)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_huge_max_length_reserves_only_what_is_used(backend):
     m = _module(backend)

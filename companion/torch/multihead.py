@@ -132,11 +132,13 @@ def _multi_head(
     implementation="auto",
     rope=None,
     window=None,
+    key_name="x_kv",
 ):
     """The body shared by :func:`multi_head_attention` and :class:`MultiHeadAttention`.
 
     ``weights = (w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o)`` as tensors applied
-    ``x @ W + b``, already in the compute dtype on the inputs' device.
+    ``x @ W + b``, already in the compute dtype on the inputs' device; ``key_name``,
+    the caller's name for ``x_k`` in errors.
     """
     w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o = weights
     # checked before the cache changes (the sizes come later)
@@ -146,7 +148,7 @@ def _multi_head(
             f"cache must be a companion.torch.KVCache, got {type(cache).__name__}"
         )
     window = window_for_cache(window, cache)
-    check_some_keys("x_kv", x_k.shape[1], cache)
+    check_some_keys(key_name, x_k.shape[1], cache)
     compute = w_q.dtype
     q = _project(x_q.to(compute), w_q, b_q, num_heads)  # (B, H, L, D)
     # (B, H_kv, S_new, D)
@@ -438,6 +440,7 @@ class MultiHeadAttention(nn.Module):
             ),
             rope=self.rope,
             window=window,
+            key_name="key",
         )
 
     # ----- conversions ----------------------------------------------------------------
