@@ -35,7 +35,7 @@ __all__ = [
     "check_implementation",
 ]
 
-#: The router conventions: the affinity function of each.
+#: The affinity function of each router convention.
 ROUTERS = {
     "switch": "softmax",
     "mixtral": "softmax",

@@ -40,13 +40,15 @@ class SinkCacheBase:
     D_v)`` and returns what the new queries can see: the sinks, then the last
     ``window - 1`` positions before the new ones and the new ones (with ``S_new = 1``,
     the sinks and the window itself). :attr:`key_positions` gives the absolute
-    position of each key returned, for the mask of :func:`sink_mask` (query ``q``
-    sees key ``p <= q`` when ``p < sinks`` or ``q - p < window``).
+    position of each key returned, for the mask of
+    :func:`companion.numpy.sinks.sink_mask` (query ``q`` sees key ``p <= q`` when
+    ``p < sinks`` or ``q - p < window``).
 
     Positions for a rotary embedding: either absolute (rotate before appending, the
-    cache then equals full attention under :func:`sink_mask`), or, as the paper
-    does, the key's slot in the cache: store unrotated keys and rotate the keys
-    returned at ``0 .. S - 1`` and the queries at the last ``L`` slots
+    cache then equals full attention under
+    :func:`companion.numpy.sinks.sink_mask`), or, as the paper does, the key's slot
+    in the cache: store unrotated keys and rotate the keys returned at
+    ``0 .. S - 1`` and the queries at the last ``L`` slots
     (:attr:`slot_positions`), so that no distance exceeds what training saw.
     """
 
@@ -82,7 +84,8 @@ class SinkCacheBase:
 
     @property
     def seen(self) -> int:
-        """Positions ever appended: the absolute position of the next token."""
+        """The number of positions ever appended, which is the absolute position of the
+        next token."""
         return self._first.seen + self._recent.seen
 
     @property

@@ -38,6 +38,7 @@ __all__ = ["PATTERN", "ByteBPE", "tokens_per_character"]
 # classes. Python's re and the Oniguruma engine of tokenizers cut both corpora the
 # same way (tested); their Unicode tables may disagree on rare characters, and then
 # only the fast encoder of to_tokenizers() differs, never the round trip.
+#: The regular expression that cuts a text into words before merging.
 PATTERN = r" ?\w+| ?[^\s\w]+|\s+(?!\S)|\s+"
 _SPLIT = re.compile(PATTERN)
 

@@ -44,13 +44,24 @@ class MoEConfig:
 
     Attributes
     ----------
-    vocab_size, hidden_size, num_layers, num_heads
-        ``V``, ``E``, layers, query heads
-    num_experts, top_k, moe_intermediate_size
-        routed experts per MoE layer ``N``, experts per token ``k``, an expert's
-        inner width ``I_m`` (a gated MLP: ``3 E I_m`` parameters)
-    num_kv_heads, head_dim
-        grouped-query attention (``None``: ``num_heads`` and ``E / H``)
+    vocab_size
+        ``V``, rows of the token embedding
+    hidden_size
+        ``E``, the width of every layer
+    num_layers
+        the number of transformer layers
+    num_heads
+        query heads
+    num_experts
+        routed experts per MoE layer, ``N``
+    top_k
+        experts per token, ``k``
+    moe_intermediate_size
+        an expert's inner width ``I_m`` (a gated MLP: ``3 E I_m`` parameters)
+    num_kv_heads
+        key/value heads of grouped-query attention (``None``: ``num_heads``)
+    head_dim
+        the width of a head (``None``: ``E / H``)
     intermediate_size
         the dense MLP's inner width (the first ``first_dense_layers`` layers)
     num_shared_experts

@@ -59,6 +59,7 @@ SOURCES = {
         "characters": 1767304,
     },
 }
+#: The names :func:`corpus` accepts.
 CORPORA = tuple(SOURCES)
 
 

@@ -33,7 +33,8 @@ def sink_mask(query_positions, key_positions, *, sinks: int, window: int):
     ``sinks`` or :math:`q - p <` ``window``): the first ``sinks`` tokens of the text
     and the last ``window`` (itself included). With ``query_positions =
     key_positions = 0 .. n-1`` it is the full pass's mask; with a :class:`SinkCache`,
-    the positions are the queries' and :attr:`SinkCache.key_positions`.
+    the positions are the queries' and its
+    :attr:`~companion._sinks.SinkCacheBase.key_positions`.
     """
     sinks, window = _sinks.check_sinks(sinks, window)
     q = _positions_array("query_positions", query_positions)[:, None]  # (L, 1)
@@ -72,9 +73,9 @@ def attention_with_sinks(
 
     Parameters
     ----------
-    query : ``(..., H, L, D)``; key : ``(..., H_kv, S, D)``; value : ``(..., H_kv, S,
-    D_v)``
-        Grouped-query heads share key/value head ``h // (H // H_kv)``.
+    query, key, value
+        ``(..., H, L, D)``, ``(..., H_kv, S, D)`` and ``(..., H_kv, S, D_v)``;
+        grouped-query heads share key/value head ``h // (H // H_kv)``.
     sinks : ``(H,)``
     mask : bool (``True`` = attend) or float (added to the scaled scores), optional
     causal : bool
