@@ -7,8 +7,6 @@ appending, growing and validating is written once, here.
 
 from __future__ import annotations
 
-import contextlib
-
 from companion import _checks
 
 __all__ = ["KVCacheBase", "unchanged_on_error"]
@@ -217,21 +215,29 @@ def _itemsize(dtype) -> int:
     return int(size if size is not None else dtype.size)
 
 
-@contextlib.contextmanager
-def unchanged_on_error(*caches):
+class unchanged_on_error:  # lower case: used like a function in a with
     """Put every cache given (``None`` skipped) back as it was if the body raises.
 
     For the attention functions: they append the new keys and values before the
     kernel checks the mask against every cached position, so an error there would
     otherwise leave positions in the cache that the caller never got outputs for.
+    A class rather than a generator: it runs once per decoded token, and this costs
+    about half as much per ``with``.
     """
-    states = [(cache, cache._state()) for cache in caches if hasattr(cache, "_state")]
-    try:
-        yield
-    except BaseException:
-        for cache, state in states:
-            cache._restore(state)
-        raise
+
+    __slots__ = ("_saved",)
+
+    def __init__(self, *caches):
+        self._saved = [(cache, cache._state()) for cache in caches if cache is not None]
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, trace) -> bool:
+        if kind is not None:
+            for cache, state in self._saved:
+                cache._restore(state)
+        return False  # the error goes on
 
 
 def check_some_keys(name: str, new: int, cache) -> None:
