@@ -32,6 +32,7 @@ __all__ = [
     "locally_connected2d_parameter_count",
     "attention_parameter_count",
     "kv_cache_bytes",
+    "factorized_embedding_parameter_count",
     "TransformerConfig",
     "PRESETS",
     "transformer_parameter_count",
@@ -157,6 +158,20 @@ def kv_cache_bytes(
     grouped-query attention (``H_kv < H``) divides the cache by ``H / H_kv``.
     """
     return 2 * num_layers * batch * num_kv_heads * seq_len * head_dim * dtype_bytes
+
+
+def factorized_embedding_parameter_count(
+    vocab_size: int, embedding_size: int, hidden_size: int, *, bias: bool = True
+) -> int:
+    r"""ALBERT's factorised token embedding: :math:`V E + E H (+ H)`, against the
+    :math:`V H` of one table (:class:`companion.torch.FactorizedEmbedding`).
+
+    A ``V x E`` table and an ``E x H`` projection (with its bias, as Hugging Face
+    ``AlbertModel``'s ``embedding_hidden_mapping_in``); without the bias, fewer
+    parameters than ``V H`` whenever ``E < V H / (V + H)``.
+    """
+    projection = embedding_size * hidden_size + (hidden_size if bias else 0)
+    return vocab_size * embedding_size + projection
 
 
 # --- whole transformers ---------------------------------------------------------------

@@ -11,6 +11,7 @@ from companion.torch.attention import *  # noqa: F401,F403
 
 # Each topic module adds its names on a line of its own below.
 from companion.torch.conv import *  # noqa: F401,F403
+from companion.torch.cross_layer import *  # noqa: F401,F403
 from companion.torch.latent import *  # noqa: F401,F403
 from companion.torch.models import *  # noqa: F401,F403
 from companion.torch.moe import *  # noqa: F401,F403
