@@ -22,8 +22,18 @@ from companion.torch.distributed.ring import (
     shard_sequence,
 )
 from companion.torch.distributed.ulysses import ulysses_attention
+from companion.torch.distributed.vocab_parallel import (
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
 
-__all__ = ["run_ulysses", "ulysses_refusals"]
+__all__ = [
+    "run_ulysses",
+    "ulysses_refusals",
+    "vocab_model",
+    "vocab_batch",
+    "run_vocab_parallel",
+]
 
 
 def _numpy(x):
@@ -89,3 +99,63 @@ def ulysses_refusals():
     except ValueError as exc:
         messages.append(str(exc))
     return messages
+
+
+# --------------------------------------------------------------------------------------
+# vocabulary parallelism
+# --------------------------------------------------------------------------------------
+
+
+def vocab_model(V, E, *, seed=0):
+    """A float64 tied language model's parts: ``(embedding, layer)``; the model is
+    ``logits = tanh(layer(embedding(ids))) W^T`` with ``W`` the embedding's weight."""
+    torch.manual_seed(seed)
+    embedding = torch.nn.Embedding(V, E, dtype=torch.float64)
+    layer = torch.nn.Linear(E, E, dtype=torch.float64)
+    return embedding, layer
+
+
+def vocab_batch(V, B, T, *, seed=0):
+    """Token ids ``(B, T)`` and targets ``(B, T)`` from ``seed``."""
+    g = torch.Generator().manual_seed(seed + 5)
+    return torch.randint(0, V, (B, T), generator=g), torch.randint(
+        0, V, (B, T), generator=g
+    )
+
+
+def run_vocab_parallel(cases):
+    """The tied model's mean loss and gradients with the vocabulary split.
+
+    A case: ``V, E, B, T, seed``. Returns per case: ``loss``, ``grad_weight`` (this
+    rank's rows), ``grad_layer_weight``, ``grad_layer_bias``, ``vocab`` (this rank's
+    range), ``logits_shape`` and this rank's ``forward``/``backward`` counts; or, for
+    a vocabulary that does not split, ``error``: the ``ValueError``'s message.
+    """
+    results = []
+    for case in cases:
+        embedding, layer = vocab_model(case["V"], case["E"], seed=case["seed"])
+        try:
+            parallel = VocabParallelEmbedding(embedding)
+        except ValueError as exc:
+            results.append({"error": str(exc)})
+            continue
+        ids, targets = vocab_batch(case["V"], case["B"], case["T"], seed=case["seed"])
+        with counting() as forward:
+            hidden = torch.tanh(layer(parallel(ids)))  # (B, T, E)
+            logits = parallel.logits(hidden)  # (B, T, V/W)
+            loss = vocab_parallel_cross_entropy(logits, targets).mean()
+        with counting() as backward:
+            loss.backward()
+        results.append(
+            {
+                "loss": loss.item(),
+                "grad_weight": _numpy(parallel.weight.grad),
+                "grad_layer_weight": _numpy(layer.weight.grad),
+                "grad_layer_bias": _numpy(layer.bias.grad),
+                "vocab": (parallel.vocab.start, parallel.vocab.stop),
+                "logits_shape": tuple(logits.shape),
+                "forward": forward.as_dict(),
+                "backward": backward.as_dict(),
+            }
+        )
+    return results
