@@ -75,6 +75,15 @@ def check_int(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_token_id(name: str, value, vocab_size: int) -> int:
+    """A single token id in ``[0, vocab_size)`` (``bos_id``, ``eos_id``, ``pad_id``) as
+    a Python int; ``ValueError`` naming ``name`` otherwise."""
+    value = check_int(name, value, minimum=0)
+    if value >= vocab_size:
+        raise ValueError(f"{name} must be a token id in [0, {vocab_size}), got {value}")
+    return value
+
+
 def broadcast_shape(*shapes: tuple[int, ...]) -> tuple[int, ...]:
     """numpy broadcasting of shapes; ``ValueError`` if they do not broadcast."""
     # max(..., default=0) would break a torch.compile graph (dynamo has no default=)

@@ -267,7 +267,9 @@ class Seq2SeqTransformer(keras.Model):
                 f"d_model={d_model} must be a multiple of num_heads={num_heads}"
             )
         if pad_id is not None:  # the padding token of both vocabularies
-            pad_id = _check_token("pad_id", pad_id, min(src_vocab_size, tgt_vocab_size))
+            pad_id = _checks.check_token_id(
+                "pad_id", pad_id, min(src_vocab_size, tgt_vocab_size)
+            )
         self.d_model, self.num_heads = d_model, num_heads
         self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size
         self.share_embeddings, self.pad_id, self.norm_first = (
@@ -532,8 +534,8 @@ class Seq2SeqTransformer(keras.Model):
             raise ValueError(
                 f"beam_size and max_length must be >= 1, got {beam_size}, {max_length}"
             )
-        bos_id = _check_token("bos_id", bos_id, self.tgt_vocab_size)
-        eos_id = _check_token("eos_id", eos_id, self.tgt_vocab_size)
+        bos_id = _checks.check_token_id("bos_id", bos_id, self.tgt_vocab_size)
+        eos_id = _checks.check_token_id("eos_id", eos_id, self.tgt_vocab_size)
         K = beam_size
         fill = eos_id if self.pad_id is None else self.pad_id
         src = _ids("src", src, self.src_vocab_size)
@@ -633,14 +635,6 @@ def _ids(name: str, ids, vocab_size: int | None = None):
     ]
     with tf.control_dependencies(checks):
         return tf.identity(ids)
-
-
-def _check_token(name: str, value, vocab_size: int) -> int:
-    """A single token id in ``[0, vocab_size)`` (``bos_id``, ``eos_id``, ``pad_id``)."""
-    value = _checks.check_int(name, value, minimum=0)
-    if value >= vocab_size:
-        raise ValueError(f"{name} must be a token id in [0, {vocab_size}), got {value}")
-    return value
 
 
 def _check_batches(first: str, a, second: str, b) -> None:

@@ -73,14 +73,6 @@ def _check_ids(name: str, ids, vocab_size: int | None = None) -> None:
             )
 
 
-def _check_token(name: str, value, vocab_size: int) -> int:
-    """A single token id in ``[0, vocab_size)`` (``bos_id``, ``eos_id``, ``pad_id``)."""
-    value = _checks.check_int(name, value, minimum=0)
-    if value >= vocab_size:
-        raise ValueError(f"{name} must be a token id in [0, {vocab_size}), got {value}")
-    return value
-
-
 def _check_batches(src: torch.Tensor, tgt: torch.Tensor) -> None:
     if src.shape[0] != tgt.shape[0]:
         raise ValueError(
@@ -317,7 +309,9 @@ class Seq2SeqTransformer(nn.Module):
                 f"{src_vocab_size} != tgt_vocab_size={tgt_vocab_size}"
             )
         if pad_id is not None:  # the padding token of both vocabularies
-            pad_id = _check_token("pad_id", pad_id, min(src_vocab_size, tgt_vocab_size))
+            pad_id = _checks.check_token_id(
+                "pad_id", pad_id, min(src_vocab_size, tgt_vocab_size)
+            )
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.num_heads = d_model, num_heads
         self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size
@@ -558,8 +552,8 @@ class Seq2SeqTransformer(nn.Module):
             raise ValueError(
                 f"beam_size and max_length must be >= 1, got {beam_size}, {max_length}"
             )
-        bos_id = _check_token("bos_id", bos_id, self.tgt_vocab_size)
-        eos_id = _check_token("eos_id", eos_id, self.tgt_vocab_size)
+        bos_id = _checks.check_token_id("bos_id", bos_id, self.tgt_vocab_size)
+        eos_id = _checks.check_token_id("eos_id", eos_id, self.tgt_vocab_size)
         _check_ids("src", src, self.src_vocab_size)
         K = beam_size
         fill = eos_id if self.pad_id is None else self.pad_id
@@ -741,7 +735,9 @@ class BahdanauSeq2Seq(nn.Module):
         ):
             _checks.check_int(name, value)
         # the padding token of both vocabularies
-        pad_id = _check_token("pad_id", pad_id, min(src_vocab_size, tgt_vocab_size))
+        pad_id = _checks.check_token_id(
+            "pad_id", pad_id, min(src_vocab_size, tgt_vocab_size)
+        )
         factory = {"device": device, "dtype": dtype}
         self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size
         self.pad_id, self.hidden_size = pad_id, hidden_size
@@ -817,8 +813,8 @@ class BahdanauSeq2Seq(nn.Module):
     @torch.no_grad()
     def greedy_decode(self, src, *, bos_id: int, eos_id: int, max_length: int):
         """``(tokens (B, T), weights (B, T - 1, S))``; tokens start with bos_id."""
-        bos_id = _check_token("bos_id", bos_id, self.tgt_vocab_size)
-        eos_id = _check_token("eos_id", eos_id, self.tgt_vocab_size)
+        bos_id = _checks.check_token_id("bos_id", bos_id, self.tgt_vocab_size)
+        eos_id = _checks.check_token_id("eos_id", eos_id, self.tgt_vocab_size)
         max_length = _checks.check_int("max_length", max_length)
         annotations, mask, state = self.encode(src)
         B = src.shape[0]
