@@ -13,6 +13,12 @@ GPUs; no transport of our own):
   splits a :class:`~companion.torch.multihead.MultiHeadAttention` by heads (Megatron);
 * :mod:`companion.torch.distributed.data_parallel` trains with PyTorch's
   ``DistributedDataParallel`` and counts what it reduces;
+* :func:`~companion.torch.distributed.ulysses.ulysses_attention` (sequence shards
+  swapped to head shards by all-to-all),
+  :class:`~companion.torch.distributed.vocab_parallel.VocabParallelEmbedding` (the
+  vocabulary split, tied output, cross-entropy without gathering the logits) and
+  :class:`~companion.torch.distributed.expert_parallel.ExpertParallelMoE` (experts
+  sharded, tokens sent by all-to-all);
 * :func:`~companion.torch.distributed.comm.counting` counts the bytes the package's
   calls send.
 
@@ -21,6 +27,7 @@ does not. Explained in the book chapter *Scaling out*.
 """
 
 from companion.torch.distributed.comm import CommCount, counting
+from companion.torch.distributed.expert_parallel import ExpertParallelMoE
 from companion.torch.distributed.launch import (
     WorkerError,
     device,
@@ -40,6 +47,11 @@ from companion.torch.distributed.tensor_parallel import (
     TensorParallelMultiHeadAttention,
     head_split,
 )
+from companion.torch.distributed.ulysses import ulysses_attention
+from companion.torch.distributed.vocab_parallel import (
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
 
 __all__ = [
     "CommCount",
@@ -57,4 +69,8 @@ __all__ = [
     "shard_sequence",
     "TensorParallelMultiHeadAttention",
     "head_split",
+    "ulysses_attention",
+    "VocabParallelEmbedding",
+    "vocab_parallel_cross_entropy",
+    "ExpertParallelMoE",
 ]

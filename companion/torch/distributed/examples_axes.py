@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from companion.torch.distributed.comm import counting
 from companion.torch.distributed.examples import attention_inputs
+from companion.torch.distributed.expert_parallel import ExpertParallelMoE
 from companion.torch.distributed.ring import (
     gather_sequence,
     ring_attention,
@@ -33,6 +34,9 @@ __all__ = [
     "vocab_model",
     "vocab_batch",
     "run_vocab_parallel",
+    "moe_module",
+    "moe_tokens",
+    "run_expert_parallel",
 ]
 
 
@@ -154,6 +158,78 @@ def run_vocab_parallel(cases):
                 "grad_layer_bias": _numpy(layer.bias.grad),
                 "vocab": (parallel.vocab.start, parallel.vocab.stop),
                 "logits_shape": tuple(logits.shape),
+                "forward": forward.as_dict(),
+                "backward": backward.as_dict(),
+            }
+        )
+    return results
+
+
+# --------------------------------------------------------------------------------------
+# expert parallelism
+# --------------------------------------------------------------------------------------
+
+
+def moe_module(E, I, N, top_k, *, seed=0, capacity_factor=None, shared=0):
+    """A float64 ``MoELayer`` with weights of a visible size, from ``seed``."""
+    from companion.torch.moe import MoELayer
+
+    module = MoELayer(
+        E,
+        I,
+        N,
+        top_k,
+        num_shared_experts=shared,
+        capacity_factor=capacity_factor,
+        dtype=torch.float64,
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return module
+
+
+def moe_tokens(world_size, T, E, *, seed=0):
+    """Every rank's tokens ``(W, T, E)`` and output gradients, from ``seed``."""
+    g = torch.Generator().manual_seed(seed + 7)
+    x = torch.randn(world_size, T, E, generator=g, dtype=torch.float64)
+    return x, torch.randn(world_size, T, E, generator=g, dtype=torch.float64)
+
+
+def run_expert_parallel(cases):
+    """Expert-parallel MoE forward and backward on this rank's tokens, per case.
+
+    A case: ``E, I, N, top_k, T, seed, capacity_factor, shared``. Returns per case:
+    this rank's ``output`` and ``grad_x``, the gradients of its experts (``gate_up``,
+    ``down``), of its router copy and shared experts, ``experts`` (its range),
+    ``received`` (rows per source and expert) and its ``forward``/``backward`` counts;
+    or ``error``: a ``ValueError``'s message.
+    """
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    results = []
+    for case in cases:
+        case = dict(case)
+        T = case.pop("T")
+        module = moe_module(**case)
+        try:
+            parallel = ExpertParallelMoE(module)
+        except ValueError as exc:
+            results.append({"error": str(exc)})
+            continue
+        x, grad_out = moe_tokens(world_size, T, case["E"], seed=case["seed"])
+        x = x[rank].clone().requires_grad_()
+        with counting() as forward:
+            y = parallel(x)
+        with counting() as backward:
+            y.backward(grad_out[rank])
+        results.append(
+            {
+                "output": _numpy(y),
+                "grad_x": _numpy(x.grad),
+                "grads": {n: _numpy(p.grad) for n, p in parallel.named_parameters()},
+                "experts": (parallel.experts.start, parallel.experts.stop),
+                "received": _numpy(parallel.last_received),
                 "forward": forward.as_dict(),
                 "backward": backward.as_dict(),
             }
