@@ -268,7 +268,7 @@ def gpt_experiments(
     throughput_steps: int = 20,
     workers: int = 2,
 ) -> dict:
-    """Run every ablation of :data:`RUNS` for each seed at ``budget``, the showcase
+    """Run every ablation of ``RUNS`` for each seed at ``budget``, the showcase
     runs and the throughput measurement; return the JSON-ready record (the module's
     docstring says what is measured). Smaller ``budget``/``showcase`` make a quick
     check; the defaults are what the book stores."""
