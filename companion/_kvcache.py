@@ -8,6 +8,7 @@ appending, growing and validating is written once, here.
 from __future__ import annotations
 
 from companion import _checks
+from companion._tiling import check_window
 
 __all__ = ["KVCacheBase", "unchanged_on_error"]
 
@@ -259,16 +260,15 @@ def window_for_cache(window, cache) -> int | None:
     positions, so it needs a window of at most ``W``, and ``W`` is the default; any
     other cache (or none) leaves ``window`` as given.
     """
-    if window is not None:
-        window = _checks.check_int("window", window)
+    checked = check_window(window)  # as the kernels check it
     W = getattr(cache, "max_length", None)
     if W is None:
-        return window
-    if window is None:
+        return checked
+    if checked is None:
         return W
-    if window > W:
+    if checked > W:
         raise ValueError(
             f"window={window} is wider than the rolling cache (max_length={W}): the "
             "cache no longer holds positions such a window would see"
         )
-    return window
+    return checked

@@ -193,6 +193,24 @@ def test_huge_windows_mean_no_window(backend, window):
     assert_close(to_numpy(out), expected)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [1.5, True, "2"])
+def test_a_window_that_is_no_int_is_a_type_error_everywhere(backend, window):
+    # multi_head_attention checked it as the cache does (ValueError for 1.5), the
+    # kernels as a type (TypeError): one check now
+    m = _module(backend)
+    import companion.numpy as cn
+
+    p = cn.MultiHeadParams.random(8, 2, seed=0)
+    x = as_backend(np.ones((1, 3, 8)), backend)
+    q = as_backend(np.ones((1, 2, 3, 4)), backend)
+    for cache in (None, m.KVCache(), m.KVCache(max_length=4)):
+        with pytest.raises(TypeError, match="window"):
+            m.multi_head_attention(x, x, p, cache=cache, window=window)
+    with pytest.raises(TypeError, match="window"):
+        m.attention_weights(q, q, window=window)
+
+
 # --- 3. empty appends -------------------------------------------------------------
 
 
