@@ -75,6 +75,18 @@ def check_int(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_flag(name: str, value) -> bool:
+    """``value`` as a Python bool: ``True``/``False`` or a numpy bool, the same in every
+    backend (numpy's bool is recognised by its type, without importing numpy here);
+    anything else (``1``, ``"yes"``, a tensor) is a ``TypeError`` naming ``name``."""
+    if isinstance(value, bool):
+        return value
+    kind = type(value)
+    if kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool"):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def check_token_id(name: str, value, vocab_size: int) -> int:
     """A single token id in ``[0, vocab_size)`` (``bos_id``, ``eos_id``, ``pad_id``) as
     a Python int; ``ValueError`` naming ``name`` otherwise."""

@@ -134,14 +134,7 @@ def check_position_values(positions) -> None:
 def check_interleaved(interleaved) -> bool:
     """``interleaved`` as a Python bool: ``True``/``False`` or a numpy bool, the same in
     every backend; anything else (``1``, ``"yes"``) is a ``TypeError``."""
-    if isinstance(interleaved, bool):
-        return interleaved
-    if type(interleaved).__module__ == "numpy" and type(interleaved).__name__ in (
-        "bool_",
-        "bool",
-    ):
-        return bool(interleaved)
-    raise TypeError(f"interleaved must be True or False, got {interleaved!r}")
+    return _checks.check_flag("interleaved", interleaved)
 
 
 def check_positions(positions_shape, dtype_name: str, x_shape) -> None:

@@ -382,6 +382,23 @@ def test_numpy_bools_for_interleaved_alike(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_bools_for_flags_alike(backend):
+    # one flag check below the backends: torch refused causal=np.True_, numpy and
+    # TensorFlow took it
+    m = _module(backend)
+    import companion.numpy as cn
+
+    p = cn.MultiHeadParams.random(8, 2, seed=0)
+    data = np.random.default_rng(11).standard_normal((1, 3, 8))
+    x = as_backend(data, backend)
+    out = m.multi_head_attention(x, x, p, causal=np.bool_(True))
+    expected = cn.multi_head_attention(data, data, p, causal=True)
+    assert_close(to_numpy(out), expected)
+    with pytest.raises(TypeError, match="causal"):
+        m.multi_head_attention(x, x, p, causal=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("positions", [[0, 2**63], [0, 2**64], [-(2**63) - 1, 0]])
 def test_positions_beyond_int64_are_named(backend, positions):
     m = _module(backend)

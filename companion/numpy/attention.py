@@ -58,9 +58,7 @@ def _compute_dtype(dtype: np.dtype) -> np.dtype:
 
 
 def _check_flag(name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
+    return _checks.check_flag(name, value)
 
 
 def _validated(query, key, value, mask):

@@ -41,9 +41,7 @@ def _compute_dtype(dtype_name: str):
 
 def _check_flag(name: str, value) -> bool:
     """``value`` as a Python bool, ``TypeError`` otherwise (no tensor flags)."""
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
+    return _checks.check_flag(name, value)
 
 
 # --------------------------------------------------------------------------------------

@@ -89,9 +89,7 @@ def _as_mask(
 
 
 def _check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
+    return _checks.check_flag(name, value)  # a numpy bool too, as in every backend
 
 
 def _split_heads(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
