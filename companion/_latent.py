@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from companion import _checks
 from companion._paged import visible_keys
 
-__all__ = ["band", "check_absorbed"]
+__all__ = ["band", "check_absorbed", "split_absorbed"]
 
 
 def band(L: int, S: int, causal: bool, window: int | None):
@@ -36,3 +37,13 @@ def check_absorbed(folded, params) -> None:
             f"{expected[0]} and {expected[1]} for these params, got shapes "
             f"{seen[0]} and {seen[1]}"
         )
+
+
+def split_absorbed(absorbed, params) -> tuple[bool, tuple | None]:
+    """``latent_attention``'s ``absorbed`` as ``(absorbed, folded)``: a flag, or the
+    tuple ``params.absorbed()`` folded once by the caller (``(True, tuple)``, its
+    shapes checked by :func:`check_absorbed`); checked before the cache changes."""
+    if isinstance(absorbed, tuple) and len(absorbed) == 2:
+        check_absorbed(absorbed, params)
+        return True, absorbed
+    return _checks.check_flag("absorbed", absorbed), None

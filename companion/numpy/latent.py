@@ -57,7 +57,7 @@ from companion._kvcache import (
     window_for_cache,
 )
 from companion._latent import band as _band
-from companion._latent import check_absorbed
+from companion._latent import split_absorbed
 from companion.numpy.attention import (
     _check_flag,
     _compute_dtype,
@@ -281,16 +281,12 @@ def latent_attention(
             f"cache must be a companion.numpy.KVCache, got {type(cache).__name__}"
         )
     window = window_for_cache(window, cache)
-    folded = None
-    if isinstance(absorbed, tuple) and len(absorbed) == 2:
-        folded, absorbed = absorbed, True  # params.absorbed(), computed once
-    absorbed = _check_flag("absorbed", absorbed)
     if not isinstance(params, LatentAttentionParams):
         raise TypeError(
             f"params must be a LatentAttentionParams, got {type(params).__name__}"
         )
-    if folded is not None:
-        check_absorbed(folded, params)  # before the cache changes
+    # a flag, or params.absorbed() computed once by the caller
+    absorbed, folded = split_absorbed(absorbed, params)
     x = np.asarray(x)
     _checks.check_float("x", x.dtype)
     E = params.w_dkv.shape[0]
