@@ -19,6 +19,10 @@ GPUs; no transport of our own):
   vocabulary split, tied output, cross-entropy without gathering the logits) and
   :class:`~companion.torch.distributed.expert_parallel.ExpertParallelMoE` (experts
   sharded, tokens sent by all-to-all);
+* :class:`~companion.torch.distributed.pipeline.PipelineStageModule` cuts a tied
+  ``TinyTransformerLM`` into stages for ``torch.distributed.pipelining``, the tied
+  embedding on the first and last stage (:func:`~companion.torch.distributed.
+  pipeline.sum_tied_gradients`);
 * :func:`~companion.torch.distributed.comm.counting` counts the bytes the package's
   calls send.
 
@@ -34,6 +38,11 @@ from companion.torch.distributed.launch import (
     free_port,
     launch,
     under_torchrun,
+)
+from companion.torch.distributed.pipeline import (
+    PipelineStageModule,
+    stage_layers,
+    sum_tied_gradients,
 )
 from companion.torch.distributed.ring import (
     LAYOUTS,
@@ -73,4 +82,7 @@ __all__ = [
     "VocabParallelEmbedding",
     "vocab_parallel_cross_entropy",
     "ExpertParallelMoE",
+    "PipelineStageModule",
+    "stage_layers",
+    "sum_tied_gradients",
 ]

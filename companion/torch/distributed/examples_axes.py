@@ -37,6 +37,8 @@ __all__ = [
     "moe_module",
     "moe_tokens",
     "run_expert_parallel",
+    "pipeline_model",
+    "run_pipeline",
 ]
 
 
@@ -232,6 +234,96 @@ def run_expert_parallel(cases):
                 "received": _numpy(parallel.last_received),
                 "forward": forward.as_dict(),
                 "backward": backward.as_dict(),
+            }
+        )
+    return results
+
+
+# --------------------------------------------------------------------------------------
+# pipeline parallelism
+# --------------------------------------------------------------------------------------
+
+
+def pipeline_model(num_layers, *, seed=0, vocab_size=13, length=8, embed_dim=8):
+    """A float64 tied ``TinyTransformerLM`` (two heads) from ``seed``."""
+    from companion.torch.models import TinyTransformerLM
+
+    torch.manual_seed(seed)
+    model = TinyTransformerLM(
+        vocab_size, length, embed_dim=embed_dim, num_heads=2, num_layers=num_layers
+    )
+    return model.double()
+
+
+def run_pipeline(cases):
+    """One training step's loss and gradients with the model cut into stages.
+
+    A case: ``schedule`` (``"gpipe"`` or ``"1f1b"``), ``microbatches``, ``layers``,
+    ``batch``, ``seed``. Every rank is one stage. Returns per case: ``loss`` (the
+    last stage's sum over microbatches; ``None`` elsewhere), this stage's gradients
+    under the whole model's parameter names (the tied copy of the last stage as
+    ``embedding.weight``) and the bytes of the tied all-reduce.
+    """
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    from companion.torch.distributed.examples import language_batch
+    from companion.torch.distributed.pipeline import (
+        PipelineStageModule,
+        stage_layers,
+        sum_tied_gradients,
+        tied_group_ranks,
+    )
+
+    rank, P = dist.get_rank(), dist.get_world_size()
+    tied_group = dist.new_group(tied_group_ranks(P))
+    schedules = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+    results = []
+    for case in cases:
+        model = pipeline_model(case["layers"], seed=case["seed"])
+        ids, targets = language_batch(case["batch"], seed=case["seed"], length=8)
+        V, n = model.vocab_size, ids.numel()
+
+        def loss_fn(logits, target, V=V, n=n):  # a microbatch's share of the mean
+            return (
+                torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, V), target.reshape(-1), reduction="sum"
+                )
+                / n
+            )
+
+        module = PipelineStageModule(model, rank, P)
+        stage = PipelineStage(module, rank, P, torch.device("cpu"))
+        schedule = schedules[case["schedule"]](
+            stage,
+            n_microbatches=case["microbatches"],
+            loss_fn=loss_fn,
+            scale_grads=False,  # the loss is already the batch mean's share
+        )
+        losses = []
+        if rank == 0:
+            schedule.step(ids)
+        elif rank == P - 1:
+            schedule.step(target=targets, losses=losses)
+        else:
+            schedule.step()
+        with counting() as tied:
+            sum_tied_gradients(module, tied_group)
+        first = stage_layers(case["layers"], rank, P).start
+        grads = {}
+        for name, p in module.named_parameters():
+            if name == "tied_weight":
+                name = "embedding.weight"
+            elif name.startswith("blocks."):
+                _, i, rest = name.split(".", 2)
+                name = f"blocks.{first + int(i)}.{rest}"
+            grads[name] = _numpy(p.grad)
+        results.append(
+            {
+                "loss": float(sum(loss.detach() for loss in losses))
+                if losses
+                else None,
+                "grads": grads,
+                "tied_bytes": tied.bytes.get("all_reduce", 0),
             }
         )
     return results
