@@ -13,16 +13,12 @@ GPUs; no transport of our own):
   splits a :class:`~companion.torch.multihead.MultiHeadAttention` by heads (Megatron);
 * :mod:`companion.torch.distributed.data_parallel` trains with PyTorch's
   ``DistributedDataParallel`` and counts what it reduces;
-* :func:`~companion.torch.distributed.ulysses.ulysses_attention` (sequence shards
-  swapped to head shards by all-to-all),
-  :class:`~companion.torch.distributed.vocab_parallel.VocabParallelEmbedding` (the
-  vocabulary split, tied output, cross-entropy without gathering the logits) and
-  :class:`~companion.torch.distributed.expert_parallel.ExpertParallelMoE` (experts
-  sharded, tokens sent by all-to-all);
-* :class:`~companion.torch.distributed.pipeline.PipelineStageModule` cuts a tied
-  ``TinyTransformerLM`` into stages for ``torch.distributed.pipelining``, the tied
-  embedding on the first and last stage (:func:`~companion.torch.distributed.
-  pipeline.sum_tied_gradients`);
+* ``ulysses.ulysses_attention`` (sequence shards swapped to head shards by
+  all-to-all), ``vocab_parallel.VocabParallelEmbedding`` (the vocabulary split, the
+  tied output, the cross-entropy without gathering the logits),
+  ``expert_parallel.ExpertParallelMoE`` (experts sharded, tokens sent by all-to-all)
+  and ``pipeline.PipelineStageModule`` (a tied ``TinyTransformerLM`` cut into stages
+  for ``torch.distributed.pipelining``, the embedding on the first and last stage);
 * :func:`~companion.torch.distributed.comm.counting` counts the bytes the package's
   calls send.
 

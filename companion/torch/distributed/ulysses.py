@@ -175,9 +175,10 @@ def ulysses_attention(
 
     The contract of :func:`~companion.torch.distributed.ring.ring_attention`:
     ``query (..., H, L, D)``, ``key (..., H_kv, L, D)``, ``value (..., H_kv, L, D_v)``
-    are this rank's shards (from :func:`~companion.torch.distributed.ring.
-    shard_sequence` with the same ``layout``); the result ``(..., H, L, D_v)`` is this
-    rank's shard of ``softmax(scale Q K^T + mask) V`` over the gathered sequence.
+    are this rank's shards (from
+    :func:`~companion.torch.distributed.ring.shard_sequence` with the same
+    ``layout``); the result ``(..., H, L, D_v)`` is this rank's shard of
+    ``softmax(scale Q K^T + mask) V`` over the gathered sequence.
     ``world_size`` must divide ``H``; key/value heads are replicated when it does not
     divide ``H_kv`` (module docstring). Differentiable.
     """
