@@ -15,8 +15,10 @@ heads; 1 is multi-query), ``tied`` (the output layer is the embedding),
 * ``"sdpa"`` (default): ``torch.nn.functional.scaled_dot_product_attention`` on 4-D
   ``(B, H, T, D)`` tensors with ``is_causal=True`` and ``enable_gqa`` (the key/value
   heads are not copied), so that torch may pick its fused flash kernel;
-* ``"reference"``, ``"tiled"``, ``"auto"``: the package's own kernels, through
-  :class:`~companion.torch.multihead.MultiHeadAttention`.
+* ``"reference"``, ``"tiled"``, ``"auto"``: the package's own kernels.
+
+Each is an ``implementation`` of :class:`~companion.torch.multihead.MultiHeadAttention`,
+the attention of every block.
 
 All four compute the same function (tested); ``"sdpa"`` is the fast one.
 :func:`generate` draws tokens with :func:`companion.torch.sampling.sample`, with or
@@ -28,15 +30,12 @@ differs.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from companion.torch.models import TransformerBlock, make_norm
 from companion.torch.multihead import KVCache, MultiHeadAttention
-from companion.torch.positions import _rotate_queries_and_keys, alibi_bias
+from companion.torch.positions import alibi_bias
 from companion.torch.sampling import sample
 from companion.torch.sharing import TiedLMHead
 
@@ -44,67 +43,6 @@ __all__ = ["GPT", "IMPLEMENTATIONS", "generate"]
 
 IMPLEMENTATIONS = ("sdpa", "reference", "tiled", "auto")
 POSITIONS = ("rope", "learned", "alibi", None)
-
-
-class FusedSelfAttention(MultiHeadAttention):
-    """:class:`MultiHeadAttention` (same parameters, same state dict) whose causal
-    self-attention can run on torch's fused ``scaled_dot_product_attention``.
-
-    ``implementation="sdpa"`` projects, rotates (RoPE), appends to the cache and calls
-    ``F.scaled_dot_product_attention(q, k, v, ...)`` with ``q (B, H, L, D)`` and
-    ``k, v (B, H_kv, S, D)``: 4-D, grouped heads read in place (``enable_gqa=True``),
-    ``is_causal=True`` when ``L == S`` (no mask tensor, the flash kernel's case). The
-    other implementations are the parent's.
-    """
-
-    def __init__(self, *args, implementation: str = "sdpa", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.implementation = _check_implementation(implementation)
-
-    def forward(self, query, key=None, value=None, *, implementation=None, **kwargs):
-        chosen = self.implementation if implementation is None else implementation
-        if _check_implementation(chosen) != "sdpa":
-            return super().forward(query, key, value, implementation=chosen, **kwargs)
-        if key is not None or value is not None or kwargs.get("return_weights"):
-            raise ValueError(
-                "implementation='sdpa' is causal self-attention without weights: "
-                "no key/value inputs, return_weights=False"
-            )
-        return self._sdpa(
-            query,
-            mask=kwargs.get("mask"),
-            cache=kwargs.get("cache"),
-            causal=kwargs.get("causal", False),
-        )
-
-    def _sdpa(self, x, *, mask, cache, causal):
-        B, L, _ = x.shape
-        H, H_kv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x).view(B, L, H, D).transpose(1, 2)  # (B, H, L, D)
-        k = self.k_proj(x).view(B, L, H_kv, D).transpose(1, 2)  # (B, H_kv, L, D)
-        v = self.v_proj(x).view(B, L, H_kv, D).transpose(1, 2)  # (B, H_kv, L, D)
-        if self.rope is not None:  # at absolute positions, from cache.seen on
-            start = 0 if cache is None else cache.seen
-            q, k = _rotate_queries_and_keys(q, k, self.rope, start)
-        if cache is not None:
-            k, v = cache.append(k, v)  # (B, H_kv, S, D) each
-        S = k.shape[2]
-        attn_mask, is_causal = None, False
-        if causal and L == S and mask is None:
-            is_causal = True  # the fused kernels' own causal mask, no tensor
-        elif causal and L > 1:
-            # bottom-right aligned: query i sees keys up to S - L + i
-            rows = torch.arange(L, device=x.device)[:, None] + (S - L)
-            attn_mask = torch.arange(S, device=x.device)[None, :] <= rows  # (L, S)
-        if mask is not None:  # an additive bias (H, L, S), e.g. ALiBi
-            bias = mask.to(q.dtype)
-            if attn_mask is not None:
-                bias = bias.masked_fill(~attn_mask, -math.inf)
-            attn_mask = bias
-        heads = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=H != H_kv
-        )  # (B, H, L, D)
-        return self.out_proj(heads.transpose(1, 2).reshape(B, L, H * D))  # (B, L, E)
 
 
 def _check_implementation(implementation) -> str:
@@ -196,8 +134,8 @@ class GPT(nn.Module):
                 mlp_hidden=mlp_hidden,
                 rope=rope,
             )
-            # the same attention with the fused kernel as one more implementation
-            block.attention = FusedSelfAttention(
+            # the block's attention, with the kernel and projection biases chosen here
+            block.attention = MultiHeadAttention(
                 embed_dim,
                 num_heads,
                 num_kv_heads,

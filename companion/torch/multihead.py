@@ -35,7 +35,10 @@ from companion._kvcache import (
 from companion.conventions import gqa_group_size
 from companion.numpy.multihead import MultiHeadParams
 from companion.torch.attention import (
+    _as_mask,
+    _band,
     _check_flag,
+    _check_inputs,
     _compute_dtype,
     _grouped_product,
     attention_tiled,
@@ -117,6 +120,64 @@ def _project(x: torch.Tensor, w: torch.Tensor, b, heads: int) -> torch.Tensor:
     return y.reshape(B, T, heads, width // heads).transpose(1, 2)  # (B, heads, T, D)
 
 
+IMPLEMENTATIONS = ("auto", "reference", "tiled", "sdpa")
+
+
+def _choose(implementation, L: int, S: int, return_weights: bool) -> str:
+    """The shared choice of kernel, plus ``"sdpa"`` (torch's own fused kernel, torch
+    backend only; it never forms the weights)."""
+    if isinstance(implementation, str) and implementation == "sdpa":
+        if return_weights:
+            raise ValueError(
+                "implementation='sdpa' never forms the attention weights, so it cannot "
+                "return them: use return_weights=False or implementation='reference'"
+            )
+        return "sdpa"
+    if isinstance(implementation, str) and implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
+        )
+    return _choose_implementation(
+        implementation, L, S, return_weights, TILED_FROM_SCORES
+    )
+
+
+def _attention_sdpa(q, k, v, *, mask, causal, window) -> torch.Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention`` on 4-D ``q (B, H, L, D)``,
+    ``k, v (B, H_kv, S, D)`` -> ``(B, H, L, D_v)``, with the package's conventions.
+
+    Grouped heads are read in place (``enable_gqa``). Without mask and window,
+    ``is_causal`` is passed only when ``L == S`` (torch's causal mask is top-left
+    aligned, ours bottom-right; they agree on the square). Otherwise one additive bias
+    ``(B or 1, H or 1, L, S)`` carries the mask, the bottom-right causal band and the
+    window; a fully masked query row gets 0, as the reference gives, not NaN.
+    """
+    shapes = _check_inputs(q, k, v)
+    L, S = shapes.L, shapes.S
+    gqa = shapes.H != shapes.H_kv
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if mask is None and window is None and (not causal or L == S):
+        return sdpa(q, k, v, is_causal=causal, enable_gqa=gqa)  # (B, H, L, D_v)
+    compute = _compute_dtype(q.dtype)
+    mask = _as_mask(mask, shapes, q.device, compute)
+    bias = torch.zeros(L, S, dtype=compute, device=q.device)  # (L, S)
+    if mask is not None and mask.dtype == torch.bool:
+        bias = bias.masked_fill(~mask, float("-inf"))  # (..., H, L, S)
+    elif mask is not None:
+        bias = bias + mask  # (..., H, L, S)
+    if causal or window is not None:
+        visible = _band(0, L, 0, S, L, S, causal, window, q.device)  # (L, S)
+        bias = bias.masked_fill(~visible, float("-inf"))
+    dead = torch.isneginf(bias).all(dim=-1, keepdim=True)  # (..., L, 1): sees nothing
+    bias = bias.masked_fill(dead, 0.0)  # finite, so no NaN forward or backward
+    while bias.dim() < 4:
+        bias = bias[None]
+    heads = sdpa(q, k, v, attn_mask=bias.to(q.dtype), enable_gqa=gqa)  # (B, H, L, D_v)
+    while dead.dim() < 4:
+        dead = dead[None]
+    return heads.masked_fill(dead, 0.0)
+
+
 def _multi_head(
     x_q,
     x_k,
@@ -142,7 +203,7 @@ def _multi_head(
     """
     w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o = weights
     # checked before the cache changes (the sizes come later)
-    _choose_implementation(implementation, 0, 0, return_weights, TILED_FROM_SCORES)
+    _choose(implementation, 0, 0, return_weights)
     if cache is not None and not isinstance(cache, KVCache):
         raise TypeError(
             f"cache must be a companion.torch.KVCache, got {type(cache).__name__}"
@@ -164,10 +225,12 @@ def _multi_head(
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H_kv, S, D), (B, H_kv, S, D_v)
         q = q.to(x_q.dtype)
-        chosen = _choose_implementation(
-            implementation, q.shape[2], k.shape[2], return_weights, TILED_FROM_SCORES
-        )
-        if chosen == "tiled":
+        chosen = _choose(implementation, q.shape[2], k.shape[2], return_weights)
+        if chosen == "sdpa":
+            # torch's fused kernel, 4-D: (B, H, L, D_v)
+            heads = _attention_sdpa(q, k, v, mask=mask, causal=causal, window=window)
+            heads = heads.to(compute)
+        elif chosen == "tiled":
             # (B, H, L, D_v)
             heads = attention_tiled(q, k, v, mask=mask, causal=causal, window=window)
             heads = heads.to(compute)
@@ -252,8 +315,9 @@ def multi_head_attention(
     :class:`KVCache` with ``causal=True`` equals full causal self-attention. Returns
     ``(B, L, E_out)``, or ``(output, weights (B, H, L, S))`` with
     ``return_weights=True``. ``implementation`` (``"auto"``, ``"reference"``,
-    ``"tiled"``) picks the heads' attention: the reference or
-    :func:`companion.torch.attention_tiled` (outputs and gradients agree); ``"auto"`` is
+    ``"tiled"``, ``"sdpa"``) picks the heads' attention: the reference,
+    :func:`companion.torch.attention_tiled` or torch's fused
+    ``scaled_dot_product_attention`` (outputs and gradients agree); ``"auto"`` is
     tiled from ``L * S >= TILED_FROM_SCORES`` on, unless ``return_weights``. ``rope``
     (``True``, a base, a dict or a :class:`~companion.numpy.RotaryConfig`) rotates
     queries and keys at their absolute positions (the new keys from ``cache.seen`` on),
@@ -317,10 +381,10 @@ class MultiHeadAttention(nn.Module):
     :mod:`companion.conventions` (``True`` = attend, the opposite of
     ``nn.MultiheadAttention``'s ``key_padding_mask``); a fully masked query gives 0, not
     NaN. :meth:`forward` takes a :class:`KVCache` for decoding. ``implementation``
-    (``"auto"``, ``"reference"``, ``"tiled"``) is the default of the keyword of that
-    name of :meth:`forward`, as in :func:`multi_head_attention`. ``rope`` (``True``, a
-    base, a dict or a :class:`~companion.numpy.RotaryConfig`) rotates queries and
-    keys at their absolute positions in every call, as in
+    (``"auto"``, ``"reference"``, ``"tiled"``, ``"sdpa"``) is the default of the keyword
+    of that name of :meth:`forward`, as in :func:`multi_head_attention`. ``rope``
+    (``True``, a base, a dict or a :class:`~companion.numpy.RotaryConfig`) rotates
+    queries and keys at their absolute positions in every call, as in
     :func:`multi_head_attention`.
 
     Explained in the book chapters *Attention: algorithm and math* and *Making it fast*.
@@ -342,7 +406,7 @@ class MultiHeadAttention(nn.Module):
     ):
         super().__init__()
         self.rope = _positions.as_rotary(rope)  # RotaryConfig or None
-        _choose_implementation(implementation, 0, 0, False, TILED_FROM_SCORES)
+        _choose(implementation, 0, 0, False)
         self.implementation = implementation
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         gqa_group_size(num_heads, num_kv_heads)  # ValueError unless H_kv divides H
