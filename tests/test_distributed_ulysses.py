@@ -33,6 +33,7 @@ NAMES = ("output", "grad_query", "grad_key", "grad_value")
 
 
 def _cases(world_size):
+    own_scale = dict(B=1, H=4, H_kv=2, length=2 * world_size, D=4, D_v=4, seed=7)
     return [
         dict(
             B=B,
@@ -47,17 +48,18 @@ def _cases(world_size):
         )
         for layout, causal in LAYOUTS[world_size]
         for i, (B, H, H_kv, D, D_v) in enumerate(HEADS[world_size])
-    ]
+    ] + [dict(own_scale, causal=True, layout="zigzag", scale=0.3)]
 
 
 def _oracle(case):
     case = dict(case)
-    causal = case.pop("causal")
+    causal, scale = case.pop("causal"), case.pop("scale", None)
     del case["layout"]
     q, k, v, grad_out = attention_inputs(**case)
-    expected = numpy_reference(q.numpy(), k.numpy(), v.numpy(), causal=causal)
+    arrays = (q.numpy(), k.numpy(), v.numpy())
+    expected = numpy_reference(*arrays, causal=causal, scale=scale)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    torch_reference(*leaves, causal=causal).backward(grad_out)
+    torch_reference(*leaves, causal=causal, scale=scale).backward(grad_out)
     return [expected] + [t.grad for t in leaves]
 
 

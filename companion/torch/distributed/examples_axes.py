@@ -49,7 +49,8 @@ def _numpy(x):
 def run_ulysses(cases, refusals=False):
     """Ulysses and ring attention, forward and backward, on the same shards.
 
-    A case: ``B, H, H_kv, length, D, D_v, causal, layout, seed``. Returns one dict
+    A case: ``B, H, H_kv, length, D, D_v, causal, layout, seed`` (and ``scale``).
+    Returns one dict
     per case with, for ``"ulysses"`` and ``"ring"``: the gathered ``output``,
     ``grad_query``, ``grad_key``, ``grad_value`` (rank 0 only) and this rank's
     ``forward``/``backward`` counts, and this rank's shard bytes ``q, k, v, o``.
@@ -60,6 +61,7 @@ def run_ulysses(cases, refusals=False):
     for case in cases:
         case = dict(case)
         causal, layout = case.pop("causal"), case.pop("layout")
+        options = dict(causal=causal, layout=layout, scale=case.pop("scale", None))
         q, k, v, grad_out = attention_inputs(**case)
         result = {}
         for name, fn in (("ulysses", ulysses_attention), ("ring", ring_attention)):
@@ -68,7 +70,7 @@ def run_ulysses(cases, refusals=False):
             ]
             q_s, k_s, v_s = (t.requires_grad_() for t in shards)
             with counting() as forward:
-                out = fn(q_s, k_s, v_s, causal=causal, layout=layout)
+                out = fn(q_s, k_s, v_s, **options)
             with counting() as backward:
                 out.backward(shard_sequence(grad_out, rank, world_size, layout=layout))
             gathered = [
