@@ -12,7 +12,11 @@ import torch
 from companion.testing import assert_close
 from companion.torch.distributed import launch
 from companion.torch.distributed.examples import language_batch
-from companion.torch.distributed.examples_axes import pipeline_model, run_pipeline
+from companion.torch.distributed.examples_axes import (
+    bubble_fraction,
+    pipeline_model,
+    run_pipeline_checks,
+)
 from companion.torch.distributed.pipeline import stage_layers
 
 P = 2
@@ -23,9 +27,17 @@ CASES = [
 ]
 
 
+TIMELINES = [("gpipe", 4), ("1f1b", 4)]
+
+
 @pytest.fixture(scope="module")
-def pipeline_run():
-    return launch(run_pipeline, P, CASES)
+def pipeline_checks():
+    return launch(run_pipeline_checks, P, CASES, TIMELINES)
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(pipeline_checks):
+    return [r["cases"] for r in pipeline_checks]
 
 
 def _one_process(case):
@@ -73,3 +85,23 @@ def test_stage_split_errors():
         stage_layers(3, 0, 2)
     with pytest.raises(ValueError, match="stage must be < num_stages=2"):
         stage_layers(4, 2, 2)
+
+
+def test_pipeline_schedules_order_the_work(pipeline_checks):
+    """Each stage runs every microbatch forward and backward once; GPipe runs all
+    forwards before any backward, 1F1B starts backwards while forwards remain on the
+    first stage. (The order only: the times are the machine's.)"""
+    for index, (schedule, m) in enumerate(TIMELINES):
+        timelines = [r["timelines"][index] for r in pipeline_checks]
+        for stage, spans in enumerate(timelines):
+            kinds = sorted((kind, i) for kind, i, _, _ in spans)
+            expected = [("backward", i) for i in range(m)]
+            assert kinds == expected + [("forward", i) for i in range(m)], stage
+            assert all(start <= end for *_, start, end in spans)
+            last_forward = max(e for k, _, _, e in spans if k == "forward")
+            first_backward = min(s for k, _, s, _ in spans if k == "backward")
+            if schedule == "gpipe":
+                assert last_forward <= first_backward, (schedule, stage)
+            elif stage == 0:
+                assert first_backward < last_forward, (schedule, stage)
+        assert 0 <= bubble_fraction(timelines) < 1

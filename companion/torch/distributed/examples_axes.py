@@ -11,6 +11,8 @@ Explained in the book chapter *Scaling out*.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -39,6 +41,9 @@ __all__ = [
     "run_expert_parallel",
     "pipeline_model",
     "run_pipeline",
+    "pipeline_timeline",
+    "bubble_fraction",
+    "run_pipeline_checks",
 ]
 
 
@@ -329,3 +334,114 @@ def run_pipeline(cases):
             }
         )
     return results
+
+
+class _Mark(torch.autograd.Function):
+    """Identity; its backward notes the wall time in ``marks`` under ``key``."""
+
+    @staticmethod
+    def forward(ctx, x, marks, key):
+        ctx.marks, ctx.key = marks, key
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.marks.setdefault(ctx.key, time.time())
+        return grad, None, None
+
+
+class _TimedStage(torch.nn.Module):
+    """A stage whose forward and backward spans are noted, per microbatch."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.spans, self.marks, self.count = inner, [], {}, 0
+        tied = inner.tied() if inner.first else None
+        if tied is not None:  # the embedding is the first stage's last backward op
+            tied.register_post_accumulate_grad_hook(self._embedding_done)
+
+    def _embedding_done(self, _):
+        self.marks[("end", self.count_backward)] = time.time()
+        self.count_backward += 1
+
+    def forward(self, x):
+        i = self.count
+        self.count += 1
+        if i == 0:
+            self.count_backward = 0
+        start = time.time()
+        if x.is_floating_point():
+            x = _Mark.apply(x, self.marks, ("end", i))
+        y = self.inner(x)
+        self.spans.append(("forward", i, start, time.time()))
+        return _Mark.apply(y, self.marks, ("start", i))
+
+
+def pipeline_timeline(
+    schedule, microbatches, layers=4, batch=32, *, seed=0, embed_dim=128
+):
+    """One step of ``schedule`` with each stage's forward and backward spans.
+
+    Returns this stage's spans ``[(kind, microbatch, start, end), ...]`` in wall
+    seconds (``time.time()``, one clock for the processes of one machine). The
+    backward span of a microbatch runs from its output gradient's arrival to its
+    input gradient's (first stage: the embedding's gradient).
+    """
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    from companion.torch.distributed.examples import language_batch
+    from companion.torch.distributed.pipeline import PipelineStageModule
+
+    rank, P = dist.get_rank(), dist.get_world_size()
+    model = pipeline_model(layers, seed=seed, embed_dim=embed_dim)
+    ids, targets = language_batch(batch, seed=seed, length=8)
+    V = model.vocab_size
+    timed = _TimedStage(PipelineStageModule(model, rank, P))
+    stage = PipelineStage(timed, rank, P, torch.device("cpu"))
+    cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+    step = cls(
+        stage,
+        n_microbatches=microbatches,
+        loss_fn=lambda logits, target: torch.nn.functional.cross_entropy(
+            logits.reshape(-1, V), target.reshape(-1)
+        ),
+    )
+    for _ in range(2):  # the first step also infers shapes: measure the second
+        dist.barrier()
+        timed.spans.clear()
+        timed.marks.clear()
+        timed.count = 0
+        if rank == 0:
+            step.step(ids)
+        elif rank == P - 1:
+            step.step(target=targets)
+        else:
+            step.step()
+    spans = list(timed.spans)
+    for i in range(microbatches):
+        start = timed.marks.get(("start", i))
+        end = timed.marks.get(("end", i))
+        if start is not None and end is not None:
+            spans.append(("backward", i, start, end))
+    return spans
+
+
+def bubble_fraction(timelines) -> float:
+    """Idle share of the stages' time: ``1 - busy / (P x (last end - first start))``."""
+    starts = [s for spans in timelines for _, _, s, _ in spans]
+    ends = [e for spans in timelines for _, _, _, e in spans]
+    total = (max(ends) - min(starts)) * len(timelines)
+    busy = sum(e - s for spans in timelines for _, _, s, e in spans)
+    return 1.0 - busy / total
+
+
+def run_pipeline_checks(cases, timelines):
+    """:func:`run_pipeline` of ``cases`` and :func:`pipeline_timeline` of each
+    ``(schedule, microbatches)`` of ``timelines`` (a small model), in one launch."""
+    return {
+        "cases": run_pipeline(cases),
+        "timelines": [
+            pipeline_timeline(schedule, m, layers=2, batch=4, embed_dim=8)
+            for schedule, m in timelines
+        ],
+    }
