@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor.debug import CommDebugMode
 
 from companion.torch.distributed.comm import counting, nbytes
 from companion.torch.distributed.data_parallel import (
@@ -197,6 +196,10 @@ def run_tensor_parallel(cases):
     counts and, to compare, the collectives PyTorch's ``CommDebugMode`` saw.
     """
     results = []
+    # imported here: torch.distributed.tensor roughly doubles a worker's import time,
+    # and the ring and data-parallel workers do not need it
+    from torch.distributed.tensor.debug import CommDebugMode
+
     for case in cases:
         module = attention_module(case["E"], case["H"], case["H_kv"], seed=case["seed"])
         parallel = TensorParallelMultiHeadAttention(module)
