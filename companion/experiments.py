@@ -50,7 +50,7 @@ BUDGET = dict(
 )
 BASE_MODEL = dict(embed_dim=64, num_heads=4, num_layers=4)  # tied, RoPE, MHA
 
-# run name -> what it changes in BASE_MODEL (tied_wide's MLP width is computed)
+#: Run name -> what it changes in BASE_MODEL (tied_wide's MLP width is computed).
 RUNS = {
     "base": {},
     "untied": {"tied": False},

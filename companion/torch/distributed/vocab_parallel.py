@@ -156,7 +156,7 @@ class VocabParallelEmbedding(nn.Module):
     ``forward(ids)`` is the full embedding ``(..., E)`` on every rank (one all-reduce);
     :meth:`logits` is this rank's columns ``(..., V/W)`` of the tied output layer
     ``h W^T``; :meth:`loss` their cross-entropy. ``weight`` holds rows
-    :attr:`vocab` of the embedding's weight (a copy).
+    ``self.vocab`` of the embedding's weight (a copy).
     """
 
     def __init__(self, embedding: nn.Embedding, *, group=None):
