@@ -1,7 +1,11 @@
-"""The package, tests, tools and extensions are formatted and linted by ruff.
+"""The package, tests, tools, extensions and the notebooks' code are formatted and
+linted by ruff.
 
 Lines are at most 88 characters (pyproject.toml ``[tool.ruff]``): the book shows package
-code with ``literalinclude``, and its code column is about 88 characters wide.
+code with ``literalinclude``, and its code column is about 88 characters wide. Notebook
+cells are checked too (issue 22): ruff reads ``book/*.ipynb`` cell by cell, with the
+notebook rules of pyproject.toml (imports may follow prose, a cell may end on a value);
+their line width is checked by ``tests/test_notebook_policy.py``.
 """
 
 import shutil
@@ -12,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PATHS = ["companion", "tests", "tools", "_ext"]
+PATHS = ["companion", "tests", "tools", "_ext", "book"]
 
 
 def _ruff() -> list[str]:
