@@ -7,14 +7,14 @@ bad input with the same words.
 
 Router conventions (the ``router=`` keyword, named after the model that uses it):
 
-==============  ===========  ===================================  ===================
-router          affinity     chosen weights                       ``normalize`` default
-==============  ===========  ===================================  ===================
-``switch``      softmax      the chosen probability (top-1 only)  ``False``
-``mixtral``     softmax      renormalised over the chosen         ``True``
-``qwen3_moe``   softmax      renormalised if ``norm_topk_prob``   ``True``
-``deepseek_v3`` sigmoid      renormalised, times the scaling      ``True``
-==============  ===========  ===================================  ===================
+===============  ========  ===================================  =====================
+router           affinity  chosen weights                       ``normalize`` default
+===============  ========  ===================================  =====================
+``switch``       softmax   the chosen probability (top-1 only)  ``False``
+``mixtral``      softmax   renormalised over the chosen         ``True``
+``qwen3_moe``    softmax   renormalised if ``norm_topk_prob``   ``True``
+``deepseek_v3``  sigmoid   renormalised, times the scaling      ``True``
+===============  ========  ===================================  =====================
 """
 
 from __future__ import annotations
