@@ -360,7 +360,10 @@ class RingAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def _check_ring_inputs(query, key, value, layout, group):
+def check_local_shards(caller: str, query, key, value, layout) -> tuple:
+    """The checks of one rank's shards of a sharded self-attention (``caller`` is
+    ``"ring_attention"`` or ``"ulysses_attention"``), before anything is sent;
+    returns ``(H, H_kv, L, D)``."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -393,11 +396,16 @@ def _check_ring_inputs(query, key, value, layout, group):
         raise ValueError(f"key/value heads H_kv={H_kv} must divide query heads H={H}")
     if S != L:
         raise ValueError(
-            f"ring_attention is self-attention over one sharded sequence: the query "
+            f"{caller} is self-attention over one sharded sequence: the query "
             f"and key shards must have the same length, got {shapes}"
         )
     if layout == "zigzag" and L % 2:
         raise ValueError(f"a zigzag shard holds two equal chunks, got length {L}")
+    return H, H_kv, L, D
+
+
+def _check_ring_inputs(query, key, value, layout, group):
+    H, H_kv, L, D = check_local_shards("ring_attention", query, key, value, layout)
     # one small all-gather of the shapes (not counted): an uneven split, or ranks
     # that disagree on any axis, raise on every rank instead of hanging the ring or
     # aborting it on messages of different sizes

@@ -51,7 +51,11 @@ import torch.distributed as dist
 from companion import _checks
 from companion.torch.attention import scaled_dot_product_attention_reference
 from companion.torch.distributed.comm import _record, check_same_shapes, nbytes
-from companion.torch.distributed.ring import LAYOUTS, shard_positions
+from companion.torch.distributed.ring import (
+    LAYOUTS,
+    check_local_shards,
+    shard_positions,
+)
 
 __all__ = ["ulysses_attention", "ulysses_bytes", "all_to_all", "AllToAll"]
 
@@ -126,41 +130,7 @@ def ulysses_bytes(q_shard, k_shard, v_shard, o_shard, world_size, *, heads=None)
 def _check_inputs(query, key, value, layout, group):
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        _checks.check_float(name, t.dtype)
-        if t.dim() < 3:
-            raise ValueError(
-                f"{name} must have shape (..., heads, length, dim), got "
-                f"{tuple(t.shape)}"
-            )
-    shapes = (
-        f"query {tuple(query.shape)}, key {tuple(key.shape)}, "
-        f"value {tuple(value.shape)}"
-    )
-    if not query.dtype == key.dtype == value.dtype:
-        raise TypeError(
-            f"query, key and value must have one dtype, got {query.dtype}, "
-            f"{key.dtype} and {value.dtype}"
-        )
-    H, L, D = query.shape[-3:]
-    H_kv, S, _ = key.shape[-3:]
-    if not query.shape[:-3] == key.shape[:-3] == value.shape[:-3]:
-        raise ValueError(f"query, key and value need the same leading axes: {shapes}")
-    if key.shape[-1] != D or value.shape[-3:-1] != key.shape[-3:-1]:
-        raise ValueError(
-            f"key must match query's D and value key's (H_kv, S): {shapes}"
-        )
-    if H % H_kv:
-        raise ValueError(f"key/value heads H_kv={H_kv} must divide query heads H={H}")
-    if S != L:
-        raise ValueError(
-            f"ulysses_attention is self-attention over one sharded sequence: the "
-            f"query and key shards must have the same length, got {shapes}"
-        )
-    if layout == "zigzag" and L % 2:
-        raise ValueError(f"a zigzag shard holds two equal chunks, got length {L}")
+    H, H_kv, L, _ = check_local_shards("ulysses_attention", query, key, value, layout)
     # one small all-gather of the shapes (not counted): ranks that disagree raise
     # a ValueError each instead of an all-to-all of mismatched sizes
     tensors = {"query": query, "key": key, "value": value}
