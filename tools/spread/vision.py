@@ -13,6 +13,7 @@ import pathlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _collect import collect  # tools/spread/_collect.py, beside this script
 
 from companion.data import SHAPE_NAMES, shape_offsets, shapes_dataset
 from companion.torch.models import LocallyConnectedNet, MLPClassifier, SmallCNN
@@ -111,32 +112,6 @@ def measure(seed):
     return values
 
 
-def collect(paths):
-    """Merge the JSON lines of the runs into the chapter's spread file, with claims."""
-    values = {}
-    for path in paths:
-        for line in pathlib.Path(path).read_text().splitlines():
-            if line.startswith("{"):
-                row = json.loads(line)
-                values.setdefault(row.pop("metric"), []).append(row)
-    claims = []
-    for metric, (claim, assertion) in CLAIMS.items():
-        rows = sorted(values[metric], key=lambda r: (r["machine"], r["seed"]))
-        numbers = [r["value"] for r in rows]
-        claims.append(
-            {
-                "claim": claim,
-                "metric": metric,
-                "values": rows,
-                "min": min(numbers),
-                "max": max(numbers),
-                "assert": assertion,
-            }
-        )
-    spread = {"chapter": CHAPTER, "claims": claims}
-    OUT.write_text(json.dumps(spread, indent=1) + "\n")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--machine", choices=["host", "avx2-1thread"])
@@ -144,7 +119,7 @@ def main():
     parser.add_argument("--collect", nargs="+", metavar="LOG", help="merge run logs")
     args = parser.parse_args()
     if args.collect:
-        collect(args.collect)
+        collect(args.collect, CLAIMS, CHAPTER, OUT)
         return
     torch.set_num_threads(1)
     if args.machine is None:
