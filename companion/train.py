@@ -41,13 +41,42 @@ from companion.corpora import corpus as load_corpus
 from companion.torch.gpt import GPT
 
 __all__ = [
+    "RUNS_ENV",
     "TrainConfig",
     "TrainResult",
     "learning_rate_at",
     "make_tokenizer",
     "matmul_peak",
+    "runs_dir",
     "train",
 ]
+
+
+#: Where the chapters' TensorBoard runs go, if set (``make test``'s second-machine run
+#: sets it, so that its notebooks do not overwrite the first run's event files while
+#: that run reads them back).
+RUNS_ENV = "COMPANION_RUNS_DIR"
+
+
+def runs_dir(chapter: str, start=None):
+    """The folder of a chapter's TensorBoard runs: ``_build/runs/<chapter>`` of the
+    project that holds ``start`` (default: the working directory), or
+    ``$COMPANION_RUNS_DIR/<chapter>``. Open them with
+    ``tensorboard --logdir _build/runs``."""
+    import pathlib
+
+    if not isinstance(chapter, str) or not chapter or "/" in chapter:
+        raise ValueError(f"chapter must be a folder name, got {chapter!r}")
+    override = os.environ.get(RUNS_ENV)
+    if override:
+        return pathlib.Path(override) / chapter
+    here = pathlib.Path(start or pathlib.Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").exists():
+            return folder / "_build" / "runs" / chapter
+    raise ValueError(
+        f"no project (a folder with pyproject.toml) above {here}; set {RUNS_ENV}"
+    )
 
 
 @dataclass

@@ -47,8 +47,11 @@ def test_settings_take_effect(machine):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_on_second_machine(machine, path):
+def test_notebook_on_second_machine(machine, path, tmp_path):
     env, prefix, extra, facts = machine
+    # its own TensorBoard folder: the first pass may be reading the same chapter's
+    # event files back at this moment (pytest-xdist runs both at once)
+    env = {**env, "COMPANION_RUNS_DIR": str(tmp_path)}
     command = prefix + [
         sys.executable,
         "-m",

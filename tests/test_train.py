@@ -165,3 +165,22 @@ def test_command_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "step 3: validation loss" in out and "tokens/s" in out
     assert (tmp_path / "c.pt").exists()
+
+
+def test_runs_dir_is_the_projects_build_runs_or_the_override(tmp_path, monkeypatch):
+    from companion.train import RUNS_ENV, runs_dir
+
+    monkeypatch.delenv(RUNS_ENV, raising=False)
+    project = tmp_path / "project"
+    (project / "book").mkdir(parents=True)
+    (project / "pyproject.toml").write_text("")
+    assert runs_dir("vision", start=project / "book") == (
+        project / "_build" / "runs" / "vision"
+    )
+    monkeypatch.setenv(RUNS_ENV, str(tmp_path / "elsewhere"))
+    assert (
+        runs_dir("vision", start=project / "book") == tmp_path / "elsewhere" / "vision"
+    )
+    for bad in ("", "a/b", None):
+        with pytest.raises(ValueError, match="chapter"):
+            runs_dir(bad)
