@@ -11,6 +11,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from companion import _checks
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "needs_length",
     "scaled_frequencies",
     "check_t5_buckets",
+    "t5_position_buckets",
 ]
 
 
@@ -536,3 +539,29 @@ def check_t5_buckets(
             f"num_buckets={num_buckets}, got {max_distance}"
         )
     return bidirectional, n, max_exact, max_distance
+
+
+def t5_position_buckets(L, S, bidirectional, num_buckets, max_distance) -> np.ndarray:
+    """T5's buckets, int64 ``(L, S)``, for every backend: they depend on the shapes
+    only, so they are computed once here and each backend wraps the array (see
+    :func:`companion.numpy.t5_position_buckets`)."""
+    L = check_length("L", L, 0)
+    S = check_length("S", S, 0)
+    bidirectional, n, max_exact, max_distance = check_t5_buckets(
+        bidirectional, num_buckets, max_distance
+    )
+    # (L, S): key position - query position
+    relative = np.arange(S)[None, :] - (np.arange(L)[:, None] + (S - L))
+    buckets = np.zeros(relative.shape, dtype=np.int64)  # (L, S)
+    if bidirectional:
+        buckets += (relative > 0).astype(np.int64) * n
+        distance = np.abs(relative)
+    else:
+        distance = -np.minimum(relative, 0)
+    # (L, S): log-spaced buckets; log(0) never reaches the result (is_small below)
+    ratio = np.maximum(distance, 1) / max_exact
+    large = max_exact + (
+        np.log(ratio) / math.log(max_distance / max_exact) * (n - max_exact)
+    ).astype(np.int64)
+    large = np.minimum(large, n - 1)
+    return buckets + np.where(distance < max_exact, distance, large)  # (L, S)

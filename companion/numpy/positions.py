@@ -19,8 +19,6 @@ Explained in the book chapter *Positions and the transformer block*.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from companion import _checks, _positions
@@ -298,26 +296,9 @@ def t5_position_buckets(
     beyond which all share the last (Raffel et al. 2020; HF's
     ``T5Attention._relative_position_bucket``).
     """
-    L = _positions.check_length("L", L, 0)
-    S = _positions.check_length("S", S, 0)
-    bidirectional, n, max_exact, max_distance = _positions.check_t5_buckets(
-        bidirectional, num_buckets, max_distance
+    return _positions.t5_position_buckets(
+        L, S, bidirectional, num_buckets, max_distance
     )
-    # (L, S): key position - query position
-    relative = np.arange(S)[None, :] - (np.arange(L)[:, None] + (S - L))
-    buckets = np.zeros(relative.shape, dtype=np.int64)  # (L, S)
-    if bidirectional:
-        buckets += (relative > 0).astype(np.int64) * n
-        distance = np.abs(relative)
-    else:
-        distance = -np.minimum(relative, 0)
-    # (L, S): log-spaced buckets; log(0) never reaches the result (is_small below)
-    ratio = np.maximum(distance, 1) / max_exact
-    large = max_exact + (
-        np.log(ratio) / math.log(max_distance / max_exact) * (n - max_exact)
-    ).astype(np.int64)
-    large = np.minimum(large, n - 1)
-    return buckets + np.where(distance < max_exact, distance, large)  # (L, S)
 
 
 def t5_bias(

@@ -9,8 +9,6 @@ Explained in the book chapter *Positions and the transformer block*.
 
 from __future__ import annotations
 
-import math
-
 import tensorflow as tf
 
 from companion import _checks, _positions
@@ -207,26 +205,10 @@ def t5_position_buckets(
 ):
     r"""T5's bucket of each (query, key) pair: int64 ``(L, S)``, queries bottom-right
     aligned. See :func:`companion.numpy.t5_position_buckets`."""
-    L = _positions.check_length("L", L, 0)
-    S = _positions.check_length("S", S, 0)
-    bidirectional, n, max_exact, max_distance = _positions.check_t5_buckets(
-        bidirectional, num_buckets, max_distance
+    buckets = _positions.t5_position_buckets(
+        L, S, bidirectional, num_buckets, max_distance
     )
-    query = tf.range(L, dtype=tf.int64)[:, None] + (S - L)  # (L, 1)
-    relative = tf.range(S, dtype=tf.int64)[None, :] - query  # (L, S): key - query
-    buckets = tf.zeros_like(relative)  # (L, S)
-    if bidirectional:
-        buckets = buckets + tf.cast(relative > 0, tf.int64) * n
-        distance = tf.abs(relative)
-    else:
-        distance = -tf.minimum(relative, 0)
-    ratio = tf.cast(tf.maximum(distance, 1), tf.float64) / max_exact  # (L, S)
-    large = max_exact + tf.cast(
-        tf.math.log(ratio) / math.log(max_distance / max_exact) * (n - max_exact),
-        tf.int64,
-    )
-    large = tf.minimum(large, n - 1)
-    return buckets + tf.where(distance < max_exact, distance, large)  # (L, S)
+    return tf.constant(buckets, dtype=tf.int64)  # (L, S)
 
 
 def t5_bias(

@@ -11,8 +11,6 @@ Explained in the book chapter *Positions and the transformer block*.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from companion import _checks, _positions
@@ -200,25 +198,10 @@ def t5_position_buckets(
 
     Queries bottom-right aligned (query ``i`` at ``i + S - L``). See
     :func:`companion.numpy.t5_position_buckets`."""
-    L = _positions.check_length("L", L, 0)
-    S = _positions.check_length("S", S, 0)
-    bidirectional, n, max_exact, max_distance = _positions.check_t5_buckets(
-        bidirectional, num_buckets, max_distance
+    buckets = _positions.t5_position_buckets(
+        L, S, bidirectional, num_buckets, max_distance
     )
-    query = torch.arange(L)[:, None] + (S - L)  # (L, 1)
-    relative = torch.arange(S)[None, :] - query  # (L, S): key - query
-    buckets = torch.zeros_like(relative)  # (L, S)
-    if bidirectional:
-        buckets = buckets + (relative > 0).to(torch.int64) * n
-        distance = relative.abs()
-    else:
-        distance = -torch.clamp(relative, max=0)
-    ratio = distance.clamp(min=1).to(torch.float64) / max_exact  # (L, S)
-    large = max_exact + (
-        torch.log(ratio) / math.log(max_distance / max_exact) * (n - max_exact)
-    ).to(torch.int64)
-    large = torch.clamp(large, max=n - 1)
-    return buckets + torch.where(distance < max_exact, distance, large)  # (L, S)
+    return torch.from_numpy(buckets)  # (L, S)
 
 
 def t5_bias(
