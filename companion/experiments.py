@@ -13,7 +13,12 @@ the validation **bits per byte** of each:
 * multi-head (``base``), grouped-query (``gqa``, two key/value heads) and multi-query
   (``mqa``, one) attention beside the KV-cache bytes per token each needs;
 * RoPE (``base``), learned (``learned``) and ALiBi (``alibi``) positions, evaluated on
-  windows twice the training context (a learned table has no rows there).
+  windows twice the training context (a learned table has no rows there);
+* sharing across layers, with :class:`~companion.torch.cross_layer.CrossLayerGPT`:
+  ALBERT's factorised embedding (``factorized``: ``V x E + E x H`` with ``E = 16``
+  instead of ``V x H``), cross-layer attention (``cla``: each pair of adjacent layers
+  shares one KV cache, half the bytes per token) and the Universal Transformer
+  (``universal``: one block applied four times with a step embedding before each).
 
 Then it trains one longer run per corpus (English; Tang poems with a tokenizer that
 knows Chinese), draws samples from each, measures the share of regular five- or
@@ -61,7 +66,12 @@ RUNS = {
     "mqa": {"num_kv_heads": 1},
     "learned": {"positions": "learned"},
     "alibi": {"positions": "alibi"},
+    "factorized": {"embedding_size": 16},
+    "cla": {"kv_sharing": 2},
+    "universal": {"shared_blocks": True, "step_embeddings": True},
 }
+#: The keywords that only :class:`~companion.torch.cross_layer.CrossLayerGPT` has.
+CROSS_LAYER_KEYWORDS = ("embedding_size", "kv_sharing", "step_embeddings")
 POSITION_RUNS = {"base": "rope", "learned": "learned", "alibi": "alibi"}
 
 # the longer runs whose samples the chapter prints
@@ -72,12 +82,25 @@ SHOWCASE = {
 
 
 def kv_cache_bytes_per_token(model_config: dict, bytes_per_number: int = 4) -> int:
-    """Bytes a KV cache holds per token: keys and values, every layer, ``H_kv`` heads
-    of ``D = E / H`` numbers (float32 by default). A shared block still caches each
-    layer's keys: the layers see different inputs."""
+    """Bytes a KV cache holds per token: keys and values, every layer (every group of
+    ``kv_sharing`` layers, with cross-layer attention), ``H_kv`` heads of ``D = E / H``
+    numbers (float32 by default). A shared block still caches each layer's keys: the
+    layers see different inputs."""
     head_dim = model_config["embed_dim"] // model_config["num_heads"]
     kv_heads = model_config.get("num_kv_heads") or model_config["num_heads"]
-    return 2 * model_config["num_layers"] * kv_heads * head_dim * bytes_per_number
+    caches = model_config["num_layers"] // model_config.get("kv_sharing", 1)
+    return 2 * caches * kv_heads * head_dim * bytes_per_number
+
+
+def _model_class(model_config: dict):
+    """``GPT``, or ``CrossLayerGPT`` for a configuration that shares across layers."""
+    if any(key in model_config for key in CROSS_LAYER_KEYWORDS):
+        from companion.torch.cross_layer import CrossLayerGPT
+
+        return CrossLayerGPT
+    from companion.torch.gpt import GPT
+
+    return GPT
 
 
 def _model_config(name: str, budget: dict, base: dict) -> dict:
@@ -153,7 +176,11 @@ def _run(job: tuple) -> dict:
 
     model_config = _model_config(name, budget, base)
     tokenizer = _tokenizer(budget["corpus"], budget["vocab_size"], None)
-    result = train(_train_config(budget, model_config, seed), tokenizer=tokenizer)
+    result = train(
+        _train_config(budget, model_config, seed),
+        tokenizer=tokenizer,
+        model_class=_model_class(model_config),
+    )
     model = result.model
     (step, val, bpb) = result.evaluations[-1]
     record = dict(

@@ -273,6 +273,7 @@ def train(
     implementation: str = "sdpa",
     device: str | torch.device = "cpu",
     progress: bool = False,
+    model_class: type[GPT] = GPT,
 ) -> TrainResult:
     """Train a :class:`GPT` as ``config`` says (see the module's docstring).
 
@@ -283,7 +284,9 @@ def train(
     resuming). ``implementation`` picks the attention kernel (not part of the
     configuration: every kernel computes the same function). ``device`` is where the
     model and the batches live (batch offsets are drawn on the CPU, so every device
-    reads the same windows). ``progress`` shows a tqdm bar.
+    reads the same windows). ``progress`` shows a tqdm bar. ``model_class`` is the
+    class built from ``config.model``: ``GPT`` or a subclass (the cross-layer sharing
+    of :class:`companion.torch.cross_layer.CrossLayerGPT`, say).
 
     Side effect: with ``log_dir``, when TensorFlow is not imported yet, an empty module
     ``tensorboard.compat.notf`` is put into ``sys.modules`` (for the whole process).
@@ -296,6 +299,8 @@ def train(
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint (a path)")
+    if not (isinstance(model_class, type) and issubclass(model_class, GPT)):
+        raise TypeError(f"model_class must be GPT or a subclass, got {model_class!r}")
     data = load_corpus(config.corpus)
     tokenizer = (
         make_tokenizer(data.train, config.vocab_size)
@@ -314,7 +319,7 @@ def train(
     tokens_per_byte = len(val_tokens) / len(data.validation.encode("utf-8"))
 
     torch.manual_seed(config.seed)
-    model = GPT(
+    model = model_class(
         config.vocab_size, config.context, implementation=implementation, **config.model
     ).to(device)
     optimizer = torch.optim.AdamW(

@@ -15,7 +15,7 @@ from companion.experiments import (
 from companion.torch.gpt import GPT
 
 TOY_BUDGET = dict(steps=4, warmup=1, context=16, batch_size=2, eval_batches=1)
-TOY_MODEL = dict(embed_dim=16, num_heads=4, num_layers=2)
+TOY_MODEL = dict(embed_dim=32, num_heads=4, num_layers=2)
 TOY_SHOWCASE = {"shakespeare": dict(vocab_size=260, steps=2, tokenizer_chars=5000)}
 
 
@@ -51,12 +51,12 @@ def test_every_run_and_seed_at_the_same_budget(record):
 def test_equal_parameters_and_compute_where_claimed(record):
     runs = {r["name"]: r for r in record["runs"] if r["seed"] == 0}
     untied, wide = runs["untied"]["parameters"], runs["tied_wide"]["parameters"]
-    assert wide <= untied and untied - wide < 3 * 16 * 2  # one MLP unit per layer
+    assert wide <= untied and untied - wide < 3 * 32 * 2  # one MLP unit per layer
     assert runs["shared"]["parameters"] == runs["one_layer"]["parameters"]
     assert runs["shared"]["flops_per_token"] == runs["base"]["flops_per_token"]
     assert runs["shared"]["parameters"] < runs["base"]["parameters"]
     caches = [runs[n]["kv_cache_bytes_per_token"] for n in ("base", "gqa", "mqa")]
-    assert caches == [2 * 2 * 4 * 4 * 4, 2 * 2 * 2 * 4 * 4, 2 * 2 * 1 * 4 * 4]
+    assert caches == [2 * 2 * 4 * 8 * 4, 2 * 2 * 2 * 8 * 4, 2 * 2 * 1 * 8 * 4]
 
 
 def test_positions_evaluated_past_the_training_context(record):

@@ -14,6 +14,10 @@ embeddings. Built from :class:`companion.torch.models.TransformerBlock`.
 * :class:`UniversalTransformer` (Dehghani et al. 2019): one block applied
   ``num_steps`` times, a learned step embedding added before each step, so depth
   costs no parameters beyond ``num_steps * E``.
+* :class:`CrossLayerGPT`: the three as keywords of the book's
+  :class:`companion.torch.gpt.GPT` (``embedding_size``, ``kv_sharing``,
+  ``step_embeddings``), so that they train at the GPT chapter's budget
+  (``python -m companion.experiments gpt``).
 
 Explained in the book chapter *Parameter sharing in code* (sharing across layers).
 """
@@ -23,9 +27,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from companion.torch.attention import scaled_dot_product_attention_reference
+from companion.torch.attention import (
+    attention_tiled,
+    scaled_dot_product_attention_reference,
+)
+from companion.torch.gpt import GPT
 from companion.torch.models import TransformerBlock, make_norm
 from companion.torch.multihead import KVCache
+from companion.torch.positions import alibi_bias, rotary_embedding
 from companion.torch.sharing import TiedLMHead
 from companion.torch.vit import EncoderBlock
 
@@ -33,6 +42,7 @@ __all__ = [
     "FactorizedEmbedding",
     "CrossLayerTransformerLM",
     "UniversalTransformer",
+    "CrossLayerGPT",
 ]
 
 
@@ -267,3 +277,203 @@ class UniversalTransformer(nn.Module):
             x, _ = self.block(x + self.step_embedding[step])  # (B, T, E)
         return x
         # [/book: universal transformer forward]
+
+
+# --- the three in the book's GPT ----------------------------------------------------
+
+
+class FactorizedTiedHead(nn.Module):
+    r"""The output layer tied to a bias-free :class:`FactorizedEmbedding`:
+    ``logits = h W_P W_E^T``, the transpose of the lookup's ``V x H`` map
+    ``W_E W_P^T``, with no parameter of its own."""
+
+    def __init__(self, embedding: FactorizedEmbedding):
+        super().__init__()
+        if embedding.projection.bias is not None:
+            raise ValueError("a tied factorised head needs a projection without bias")
+        self.embedding = embedding  # the same module: its parameters counted once
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden (..., H)`` -> ``logits (..., V)``."""
+        narrow = hidden @ self.embedding.projection.weight  # (..., E): h W_P
+        return narrow @ self.embedding.embedding.weight.T  # (..., V): h W_P W_E^T
+
+
+class CrossLayerGPT(GPT):
+    r""":class:`companion.torch.gpt.GPT` with the three kinds of sharing across layers
+    as keywords (every other keyword as in ``GPT``; the defaults give ``GPT``'s
+    function):
+
+    * ``embedding_size=E`` (< ``embed_dim``): ALBERT's :class:`FactorizedEmbedding`,
+      ``V x E + E x H`` parameters instead of ``V x H``, bias-free; with ``tied`` the
+      output layer is :class:`FactorizedTiedHead` (the transpose of the lookup);
+    * ``kv_sharing=s``: cross-layer attention, as :class:`CrossLayerTransformerLM`:
+      layer ``s i + j`` (``0 < j < s``) has no key/value projections and attends to
+      the keys and values of layer ``s i`` (already rotated, with RoPE), and
+      :meth:`new_caches` holds ``num_layers / s`` caches;
+    * ``step_embeddings=True``: the Universal Transformer's learned step table
+      ``S (num_layers, E)``, from zero, added before each layer (with
+      ``shared_blocks=True``, one block applied ``num_layers`` times).
+
+    ``config`` holds the three beside ``GPT``'s keywords, so checkpoints round-trip.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        context: int,
+        *,
+        embedding_size: int | None = None,
+        kv_sharing: int = 1,
+        step_embeddings: bool = False,
+        **gpt_kwargs,
+    ):
+        super().__init__(vocab_size, context, **gpt_kwargs)
+        config = self.config
+        kv_sharing = _check_positive_int("kv_sharing", kv_sharing)
+        if config["num_layers"] % kv_sharing:
+            raise ValueError(
+                f"kv_sharing={kv_sharing} must divide num_layers={config['num_layers']}"
+            )
+        if kv_sharing > 1 and config["shared_blocks"]:
+            raise ValueError(
+                f"kv_sharing={kv_sharing} needs distinct blocks (shared_blocks=False): "
+                "a shared block has one set of key/value projections for every layer"
+            )
+        if not isinstance(step_embeddings, bool):
+            raise TypeError(
+                f"step_embeddings must be True or False, got {step_embeddings!r}"
+            )
+        H = config["embed_dim"]
+        if embedding_size is not None:
+            _check_positive_int("embedding_size", embedding_size)
+            if embedding_size >= H:
+                raise ValueError(
+                    f"embedding_size must be smaller than embed_dim={H}, got "
+                    f"{embedding_size}"
+                )
+            self.embedding = FactorizedEmbedding(
+                vocab_size, embedding_size, H, bias=False
+            )
+            nn.init.normal_(self.embedding.embedding.weight, std=0.02)
+            if config["tied"]:
+                self.head = FactorizedTiedHead(self.embedding)
+        config.update(
+            embedding_size=embedding_size,
+            kv_sharing=kv_sharing,
+            step_embeddings=step_embeddings,
+        )
+        self.kv_sharing = kv_sharing
+        for i, block in enumerate(self.blocks):
+            if i % kv_sharing:  # reads the keys and values of layer i - i % s
+                block.attention.k_proj = None
+                block.attention.v_proj = None
+        self.step_embedding = (
+            nn.Parameter(torch.zeros(config["num_layers"], H))  # S (L, E)
+            if step_embeddings
+            else None
+        )
+
+    def new_caches(self) -> list[KVCache]:
+        """One empty :class:`KVCache` per group of ``kv_sharing`` layers."""
+        return [KVCache() for _ in range(self.config["num_layers"] // self.kv_sharing)]
+
+    def _kernel(self, q, k, v, mask):
+        """Causal attention (bottom-right) of ``q (B, H, T, D)`` on ``k, v (B, H_kv,
+        S, D)`` with the model's ``implementation``."""
+        T, S = q.shape[2], k.shape[2]
+        if self.implementation == "sdpa" and mask is None and T == S:
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            gqa = q.shape[1] != k.shape[1]
+            return sdpa(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, H, T, D)
+        if self.implementation == "tiled":
+            return attention_tiled(q, k, v, mask=mask, causal=True)
+        return scaled_dot_product_attention_reference(q, k, v, mask=mask, causal=True)
+
+    def _attend(self, attention, h, shared, cache, start, mask):
+        """One layer's attention on its normed input ``h (B, T, E)``; ``shared`` is
+        ``None`` (this layer computes keys and values) or its group's ``(k, v)``."""
+        B, T, _ = h.shape
+        D = attention.head_dim
+
+        def heads(linear, count):  # (B, T, count * D) -> (B, count, T, D)
+            return linear(h).reshape(B, T, count, D).transpose(1, 2)
+
+        rope = attention.rope
+        positions = torch.arange(start, start + T, device=h.device)  # (T,)
+
+        def rotate(x):  # RoPE at the absolute positions start..start + T - 1
+            if rope is None:
+                return x
+            return rotary_embedding(
+                x,
+                positions,
+                base=rope.base,
+                interleaved=rope.interleaved,
+                rotary_dim=rope.rotary_dim,
+            )
+
+        # [book: cla gpt attention]
+        q = rotate(heads(attention.q_proj, attention.num_heads))  # (B, H, T, D)
+        if shared is None:  # the first layer of a group: its own keys and values
+            k = rotate(
+                heads(attention.k_proj, attention.num_kv_heads)
+            )  # (B, H_kv, T, D)
+            v = heads(attention.v_proj, attention.num_kv_heads)  # (B, H_kv, T, D)
+            if cache is not None:
+                k, v = cache.append(k, v)  # (B, H_kv, S, D) each
+            shared = (k, v)
+        k, v = shared  # the other layers of the group read them
+        out = self._kernel(q, k, v, mask)  # (B, H, T, D)
+        # [/book: cla gpt attention]
+        merged = out.transpose(1, 2).reshape(B, T, attention.num_heads * D)
+        return attention.out_proj(merged), shared  # (B, T, E)
+
+    def forward(self, ids: torch.Tensor, *, caches: list[KVCache] | None = None):
+        """``ids (B, T)`` -> ``logits (B, T, V)``; with ``caches`` (one per group of
+        ``kv_sharing`` layers), ``ids`` continue the cached sequence."""
+        if (
+            not isinstance(ids, torch.Tensor)
+            or ids.dim() != 2
+            or ids.dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"ids must be an integer tensor of shape (B, T), got "
+                f"{getattr(ids, 'shape', type(ids).__name__)}"
+            )
+        config = self.config
+        groups = config["num_layers"] // self.kv_sharing
+        if caches is not None and len(caches) != groups:
+            raise ValueError(
+                f"caches must hold one KVCache per group of kv_sharing layers "
+                f"({groups}), got {len(caches)}"
+            )
+        start = 0 if caches is None else caches[0].seen
+        T = ids.shape[1]
+        if start + T > config["context"]:
+            raise ValueError(
+                f"positions {start}..{start + T - 1} exceed context={config['context']}"
+            )
+        x = self.embedding(ids)  # (B, T, E)
+        if self.position_embedding is not None:
+            positions = torch.arange(start, start + T, device=ids.device)  # (T,)
+            x = x + self.position_embedding(positions)  # (B, T, E)
+        mask = None
+        if config["positions"] == "alibi":
+            mask = alibi_bias(config["num_heads"], T, start + T, dtype=x.dtype)
+            mask = mask.to(x.device)  # (H, T, S)
+        shared = None
+        for i, block in enumerate(self.layers):
+            group, j = divmod(i, self.kv_sharing)
+            if j == 0:
+                shared = None  # a new group computes its keys and values
+            if self.step_embedding is not None:
+                x = x + self.step_embedding[i]  # (B, T, E): the step's embedding
+            cache = None if caches is None else caches[group]
+            h = block.norm1(x)  # (B, T, E)
+            attended, shared = self._attend(
+                block.attention, h, shared, cache, start, mask
+            )
+            x = x + attended  # (B, T, E)
+            x = x + block.mlp(block.norm2(x))  # (B, T, E)
+        return self.head(self.norm(x))  # (B, T, V)
