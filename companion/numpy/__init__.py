@@ -12,6 +12,7 @@ from companion.numpy.moe import *  # noqa: F401,F403
 from companion.numpy.multihead import *  # noqa: F401,F403
 from companion.numpy.paged import *  # noqa: F401,F403
 from companion.numpy.positions import *  # noqa: F401,F403
+from companion.numpy.quantized_cache import *  # noqa: F401,F403
 from companion.numpy.scores import *  # noqa: F401,F403
 from companion.numpy.sharing import *  # noqa: F401,F403
 from companion.numpy.sinks import *  # noqa: F401,F403

@@ -21,6 +21,7 @@ from companion.tensorflow.moe import *  # noqa: F401,F403
 from companion.tensorflow.multihead import *  # noqa: F401,F403
 from companion.tensorflow.paged import *  # noqa: F401,F403
 from companion.tensorflow.positions import *  # noqa: F401,F403
+from companion.tensorflow.quantized_cache import *  # noqa: F401,F403
 from companion.tensorflow.scores import *  # noqa: F401,F403
 from companion.tensorflow.seq2seq import *  # noqa: F401,F403
 from companion.tensorflow.sharing import *  # noqa: F401,F403

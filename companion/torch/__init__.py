@@ -18,6 +18,7 @@ from companion.torch.moe import *  # noqa: F401,F403
 from companion.torch.multihead import *  # noqa: F401,F403
 from companion.torch.paged import *  # noqa: F401,F403
 from companion.torch.positions import *  # noqa: F401,F403
+from companion.torch.quantized_cache import *  # noqa: F401,F403
 from companion.torch.scores import *  # noqa: F401,F403
 from companion.torch.seq2seq import *  # noqa: F401,F403
 from companion.torch.sharing import *  # noqa: F401,F403
