@@ -145,3 +145,21 @@ def test_data_parallel_reduces_the_tied_tensor_once(parallel_run):
             True: tied["bytes"],
             False: untied["bytes"],
         }
+
+
+def test_fsdp2_bytes_follow_the_formula(parallel_run):
+    """FSDP2 gathers each unit's parameters (twice for the block, which frees them
+    after the forward pass; once for the root) and reduce-scatters every gradient
+    once; dim 0 of each parameter is padded to a multiple of W."""
+    world_size, _, per_rank = parallel_run
+    results = per_rank[0]["data_parallel"]
+    counted, formula = results["fsdp2_bytes"], results["fsdp2_formula"]
+    assert counted == formula
+    model = language_model(True)
+    block = sum(p.numel() for p in model.blocks.parameters()) * 8
+    unique = count_parameters(model) * 8  # what DDP all-reduces
+    if world_size == 2:  # only the (13, 16) embedding has an odd dim 0: one row
+        E = 16
+        assert counted["fsdp_reduce_scatter"] == unique + E * 8
+        assert counted["fsdp_all_gather"] == unique + E * 8 + block
+    assert counted["fsdp_reduce_scatter"] >= results[True]["bytes"]

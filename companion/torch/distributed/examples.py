@@ -264,7 +264,8 @@ def run_data_parallel(batch=6, seed=0, fsdp=True):
     For ``tied`` in (True, False): the gradients (rank 0, by parameter name, each
     shared tensor once), the bytes DDP all-reduced on this rank, the parameters it
     reduced (how often the tied one appears) and the model's unique parameter bytes.
-    With ``fsdp``, the same with ``fully_shard`` (FSDP2), or the error it raised, and
+    With ``fsdp``, the same with ``fully_shard`` (FSDP2), or the error it raised, its
+    counted bytes (``fsdp2_bytes``) and their formula (``fsdp2_formula``), and
     ``FullyShardedDataParallel`` (FSDP1)'s error.
     """
     from torch.nn.parallel import DistributedDataParallel
@@ -293,21 +294,33 @@ def run_data_parallel(batch=6, seed=0, fsdp=True):
             "embedding_reductions": REDUCED_PARAMETERS.count(tied_id),
         }
     if fsdp:
-        results["fsdp2"] = _fsdp2(ids[rows], targets[rows], seed)
+        fsdp2 = _fsdp2(ids[rows], targets[rows], seed)
+        if isinstance(fsdp2, str):
+            results["fsdp2"] = fsdp2
+        else:
+            results["fsdp2"] = fsdp2["grads"]
+            results["fsdp2_bytes"] = fsdp2["bytes"]
+            results["fsdp2_formula"] = fsdp2["formula"]
         results["fsdp1"] = _fsdp1(seed)
     return results if rank == 0 else {k: results[k]["bytes"] for k in (True, False)}
 
 
 def _fsdp2(ids, targets, seed):
     try:
-        from torch.distributed.fsdp import fully_shard
+        from companion.torch.distributed.fsdp import fsdp2_bytes, shard_counted
 
         model = language_model(True, seed=seed)
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
-        language_loss(model, ids, targets).backward()
-        return {n: _numpy(p.grad.full_tensor()) for n, p in model.named_parameters()}
+        formula = fsdp2_bytes(model, dist.get_world_size())
+        shard_counted(model)
+        with counting() as count:
+            language_loss(model, ids, targets).backward()
+        return {
+            "grads": {
+                n: _numpy(p.grad.full_tensor()) for n, p in model.named_parameters()
+            },
+            "bytes": dict(count.bytes),
+            "formula": formula,
+        }
     except Exception as error:  # shown in the chapter as it is
         return f"{type(error).__name__}: {error}"
 
