@@ -21,6 +21,14 @@ Every operation checks first and changes nothing when it fails: reading a freed
 sequence, appending when the pool is exhausted, appending beyond ``max_blocks`` of a
 block table.
 
+The pool is stored head-major, ``(H_kv, num_blocks, block_size, D)``, so that a run of
+consecutive blocks is one strided view ``(H_kv, n, D)`` of the pool: the layout of a
+contiguous cache. :func:`read_plan` turns a block table into such runs (read in place,
+no copy) plus the few blocks of short runs (gathered into one small tile), and
+:func:`tile_visibility` says which tiles the queries see; the backends' attention
+(vLLM's paged attention, conceptually) runs the online softmax over those tiles, so a
+paged step costs what a contiguous step costs.
+
 Backends subclass :class:`PagedKVCacheBase` and supply the storage operations for
 their tensors (``_convert``, ``_zeros``, ``_write``, ``_copy_block``, ``_gather``).
 Explained in the book chapter *Long context*.
@@ -28,10 +36,26 @@ Explained in the book chapter *Long context*.
 
 from __future__ import annotations
 
+import numpy as np
+
 from companion import _checks
 from companion._kvcache import _itemsize
 
-__all__ = ["BlockPool", "PagedKVCacheBase", "PoolExhaustedError", "visible_keys"]
+__all__ = [
+    "BlockPool",
+    "PagedKVCacheBase",
+    "PoolExhaustedError",
+    "read_plan",
+    "tile_visibility",
+    "visible_keys",
+]
+
+# a run of at least this many consecutive blocks is read in place; shorter runs (the
+# private tails of forked sequences, say) are gathered into one small tile
+MIN_RUN_BLOCKS = 4
+# the most scores one key tile holds per key/value head (rows x keys): long runs are
+# cut so that prefill through the cache stays O(rows) in memory, as the tiled kernel
+TILE_SCORES = 1 << 20
 
 
 class PoolExhaustedError(RuntimeError):
@@ -128,13 +152,12 @@ class PagedKVCacheBase:
             else _checks.check_int("max_blocks", max_blocks)
         )
         _check_dtype(self, dtype)  # before the pool is allocated
-        dims = (self.num_kv_heads, self.block_size)
-        # (num_blocks, H_kv, block_size, D)
-        self._key = self._zeros((self.pool.num_blocks, *dims, self.head_dim), dtype)
-        # (num_blocks, H_kv, block_size, D_v)
-        self._value = self._zeros(
-            (self.pool.num_blocks, *dims, self.value_head_dim), dtype
-        )
+        # head-major: a run of consecutive blocks is one strided (H_kv, n, D) view
+        dims = (self.num_kv_heads, self.pool.num_blocks, self.block_size)
+        # (H_kv, num_blocks, block_size, D)
+        self._key = self._zeros((*dims, self.head_dim), dtype)
+        # (H_kv, num_blocks, block_size, D_v)
+        self._value = self._zeros((*dims, self.value_head_dim), dtype)
         self._tables: dict[int, list[int]] = {}
         self._lengths: dict[int, int] = {}
         self._next_id = 0
@@ -149,11 +172,11 @@ class PagedKVCacheBase:
         raise NotImplementedError
 
     def _write(self, storage, block: int, start: int, stop: int, x) -> None:
-        """``storage[block, :, start:stop] = x`` for ``x (H_kv, stop - start, dim)``."""
+        """``storage[:, block, start:stop] = x`` for ``x (H_kv, stop - start, dim)``."""
         raise NotImplementedError
 
     def _copy_block(self, storage, source: int, target: int) -> None:
-        """``storage[target] = storage[source]``."""
+        """``storage[:, target] = storage[:, source]``."""
         raise NotImplementedError
 
     def _gather(self, storage, blocks: list[int], length: int):
@@ -349,3 +372,77 @@ def visible_keys(length: int, L: int, *, causal: bool, window: int | None):
         lo.append(bottom)
         hi.append(top)
     return lo, hi
+
+
+class Tile:
+    """``n`` keys of one sequence as attention reads them from the pool.
+
+    ``blocks is None``: a run of consecutive blocks, rows ``row .. row + n`` of the
+    pool's flat ``(H_kv, num_blocks * block_size, D)`` view (read in place).
+    Otherwise: the listed blocks, gathered in order and cut to ``n`` positions.
+    ``positions`` ``(n,)``: the sequence positions of the keys, increasing.
+    """
+
+    __slots__ = ("blocks", "row", "n", "positions")
+
+    def __init__(self, blocks, row: int, n: int, positions: np.ndarray):
+        self.blocks, self.row, self.n, self.positions = blocks, row, n, positions
+
+    def __repr__(self) -> str:
+        where = f"row {self.row}" if self.blocks is None else f"blocks {self.blocks}"
+        return f"Tile({where}, n={self.n}, positions {self.positions[0]}..)"
+
+
+def read_plan(table, length: int, block_size: int, rows: int = 1) -> list[Tile]:
+    """The tiles that cover positions ``0 .. length`` of a sequence with ``table``.
+
+    Runs of at least :data:`MIN_RUN_BLOCKS` consecutive blocks (a whole table that is
+    one run, too) become in-place tiles; the blocks of shorter runs are gathered, in
+    table order, into tiles of their own. No tile holds more than
+    ``max(block_size, TILE_SCORES // rows)`` keys, ``rows`` being the query rows per
+    key/value head.
+    """
+    used = -(-length // block_size)  # blocks holding positions
+    most = max(block_size, TILE_SCORES // max(1, rows))
+    tiles, scattered = [], []
+    i = 0
+    while i < used:
+        j = i + 1
+        while j < used and table[j] == table[j - 1] + 1:
+            j += 1
+        start, stop = i * block_size, min(j * block_size, length)
+        if j - i >= MIN_RUN_BLOCKS or j - i == used:
+            row = table[i] * block_size
+            for a in range(start, stop, most):  # cut long runs
+                n = min(most, stop - a)
+                tiles.append(Tile(None, row + a - start, n, np.arange(a, a + n)))
+        else:
+            scattered.extend(range(i, j))  # places in the table
+        i = j
+    per_tile = max(1, most // block_size)
+    for k in range(0, len(scattered), per_tile):
+        places = scattered[k : k + per_tile]
+        positions = np.concatenate(
+            [
+                np.arange(p * block_size, min((p + 1) * block_size, length))
+                for p in places
+            ]
+        )
+        blocks = tuple(table[p] for p in places)
+        tiles.append(Tile(blocks, -1, len(positions), positions))
+    return tiles
+
+
+def tile_visibility(lo, hi, positions: np.ndarray):
+    """What queries with visible keys ``lo[i] <= j < hi[i]`` see of a tile.
+
+    Returns ``None`` when no query sees any of its keys (the tile is skipped),
+    ``True`` when every query sees every key (no mask), else the boolean mask
+    ``(L, n)``. ``lo``, ``hi``: integer arrays ``(L,)``; ``positions`` increasing.
+    """
+    first, last = positions[0], positions[-1]
+    if first >= hi.max() or last < lo.min():
+        return None
+    if first >= lo.max() and last < hi.min():
+        return True
+    return (lo[:, None] <= positions) & (positions < hi[:, None])  # (L, n)

@@ -4,9 +4,11 @@ r"""A paged key/value cache in numpy and attention that reads through its block 
 fixed-size blocks (vLLM's PagedAttention, Kwon et al. 2023); the bookkeeping (block
 tables, reference counts, copy on write, clear errors) lives in
 :mod:`companion._paged`. :func:`paged_attention` runs attention for a batch of
-sequences block by block, with the online softmax of the tiled kernel: each block of a
-sequence's table is one key tile, and no sequence's keys are ever gathered into one
-array.
+sequences tile by tile, with the online softmax of the tiled kernel: a run of
+consecutive blocks of a sequence's table is one key tile read in place (the pool is
+head-major, so a run is a strided view, as a contiguous cache is), the blocks of short
+runs are gathered into one small tile, and no sequence's keys are ever gathered into
+one array.
 
 Explained in the book chapter *Long context*.
 """
@@ -16,7 +18,13 @@ from __future__ import annotations
 import numpy as np
 
 from companion import _checks
-from companion._paged import PagedKVCacheBase, PoolExhaustedError, visible_keys
+from companion._paged import (
+    PagedKVCacheBase,
+    PoolExhaustedError,
+    read_plan,
+    tile_visibility,
+    visible_keys,
+)
 from companion.numpy.attention import _check_flag, _compute_dtype, _float_array
 
 __all__ = ["PagedKVCache", "PoolExhaustedError", "paged_attention"]
@@ -26,7 +34,7 @@ class PagedKVCache(PagedKVCacheBase):
     r"""Keys and values of many sequences in one pool of blocks (numpy).
 
     ``PagedKVCache(num_blocks, block_size, num_kv_heads, head_dim, value_head_dim=None,
-    *, dtype="float32", max_blocks=None)``. Pool storage ``(num_blocks, H_kv,
+    *, dtype="float32", max_blocks=None)``. Pool storage ``(H_kv, num_blocks,
     block_size, D)`` for keys and ``(..., D_v)`` for values is allocated once. A
     sequence is an integer id: ``new_sequence()``, ``fork()`` (shares the blocks,
     copy on write), ``free()``; ``append()`` takes ``key (H_kv, S_new, D)`` and
@@ -40,57 +48,71 @@ class PagedKVCache(PagedKVCacheBase):
         return np.zeros(shape, np.dtype("float32" if dtype is None else dtype))
 
     def _write(self, storage, block: int, start: int, stop: int, x) -> None:
-        storage[block, :, start:stop] = x
+        storage[:, block, start:stop] = x
 
     def _copy_block(self, storage, source: int, target: int) -> None:
-        storage[target] = storage[source]
+        storage[:, target] = storage[:, source]
 
     def _gather(self, storage, blocks, length: int) -> np.ndarray:
-        # (n_blocks, H_kv, block_size, dim) -> (H_kv, n_blocks * block_size, dim)
-        paged = storage[np.asarray(blocks, dtype=np.intp)]
-        H_kv, dim = storage.shape[1], storage.shape[3]
-        flat = paged.transpose(1, 0, 2, 3).reshape(H_kv, -1, dim)
-        return flat[:, :length]  # (H_kv, S, dim)
+        # (H_kv, n_blocks, block_size, dim) -> (H_kv, n_blocks * block_size, dim)
+        paged = storage[:, np.asarray(blocks, dtype=np.intp)]
+        H_kv, dim = storage.shape[0], storage.shape[3]
+        return paged.reshape(H_kv, -1, dim)[:, :length]  # (H_kv, S, dim)
+
+
+def _tile_keys(cache, tile, dtype):
+    """A tile's ``(key (H_kv, n, D), value (H_kv, n, D_v))``: a view of the pool for
+    a run, a small gathered copy otherwise."""
+    if tile.blocks is None:
+        H_kv = cache.num_kv_heads
+        rows = slice(tile.row, tile.row + tile.n)
+        k = cache._key.reshape(H_kv, -1, cache.head_dim)[:, rows]  # (H_kv, n, D)
+        v = cache._value.reshape(H_kv, -1, cache.value_head_dim)[:, rows]
+    else:
+        k = cache._gather(cache._key, tile.blocks, tile.n)  # (H_kv, n, D)
+        v = cache._gather(cache._value, tile.blocks, tile.n)  # (H_kv, n, D_v)
+    return k.astype(dtype, copy=False), v.astype(dtype, copy=False)
 
 
 def _paged_one(q, cache, seq, causal, window, t, dtype):
-    """One sequence by blocks: ``q (H_kv, group, L, D)`` -> ``(H_kv, group, L, D_v)``.
+    """One sequence by tiles: ``q (H_kv, group, L, D)`` -> ``(H_kv, group, L, D_v)``.
 
-    The online softmax of :func:`companion.numpy.attention_tiled`: for each block ``b``
-    of the table, ``m_new = max(m, rowmax(S_b))``, ``c = exp(m - m_new)``,
+    The online softmax of :func:`companion.numpy.attention_tiled` over the tiles of
+    :func:`companion._paged.read_plan` (runs of blocks read in place): for each tile
+    ``b``, ``m_new = max(m, rowmax(S_b))``, ``c = exp(m - m_new)``,
     ``l = c l + rowsum(P_b)``, ``O = c O + P_b V_b``; at the end ``O / l`` (0 where
-    ``l = 0``).
+    ``l = 0``). The group is folded into the rows: each key is read once per step.
     """
-    H_kv, group, L, _ = q.shape
-    table, length, size = cache._table(seq), cache._lengths[seq], cache.block_size
-    lo, hi = visible_keys(length, L, causal=causal, window=window)
-    lo, hi = np.asarray(lo)[:, None], np.asarray(hi)[:, None]  # (L, 1)
-    m = np.full((H_kv, group, L, 1), -np.inf, dtype)
-    l = np.zeros((H_kv, group, L, 1), dtype)  # noqa: E741
-    o = np.zeros((H_kv, group, L, cache.value_head_dim), dtype)
+    H_kv, group, L, D = q.shape
+    table, length = cache._table(seq), cache._lengths[seq]
+    lo, hi = (
+        np.asarray(x) for x in visible_keys(length, L, causal=causal, window=window)
+    )
+    rows = q.reshape(H_kv, group * L, D) * np.asarray(t, dtype)  # (H_kv, G L, D)
+    m = np.full((H_kv, group * L, 1), -np.inf, dtype)
+    l = np.zeros((H_kv, group * L, 1), dtype)  # noqa: E741
+    o = np.zeros((H_kv, group * L, cache.value_head_dim), dtype)
     if L == 0:
-        return o  # no queries: nothing to read
-    for index, block in enumerate(table):
-        start = index * size
-        n = min(size, length - start)
-        if start >= hi.max() or start + n <= lo.min():
-            continue  # no query sees this block: skipped
-        k = cache._key[block, :, :n].astype(dtype)  # (H_kv, n, D)
-        v = cache._value[block, :, :n].astype(dtype)  # (H_kv, n, D_v)
-        # t Q K_b^T: (H_kv, group, L, n)
-        scores = t * (q @ k[:, None].swapaxes(-1, -2))
-        j = start + np.arange(n)[None, :]  # (1, n)
-        keep = (lo <= j) & (j < hi)  # (L, n)
-        scores = np.where(keep, scores, -np.inf)
+        return o.reshape(H_kv, group, L, -1)  # no queries: nothing to read
+    for tile in read_plan(table, length, cache.block_size, group * L):
+        seen = tile_visibility(lo, hi, tile.positions)
+        if seen is None:
+            continue  # no query sees this tile: skipped
+        k, v = _tile_keys(cache, tile, dtype)
+        scores = rows @ k.swapaxes(-1, -2)  # t Q K_b^T: (H_kv, G L, n)
+        if seen is not True:  # (L, n), the same for every head of the group
+            scores = np.where(seen, scores.reshape(H_kv, group, L, -1), -np.inf)
+            scores = scores.reshape(H_kv, group * L, -1)
         m_new = np.maximum(m, scores.max(axis=-1, keepdims=True))
         safe = np.where(np.isinf(m_new), 0.0, m_new)  # -inf rows: exp(-inf - 0) = 0
-        p = np.exp(scores - safe)  # (H_kv, group, L, n)
+        p = np.exp(scores - safe)  # (H_kv, G L, n)
         c = np.exp(m - safe)  # rescales what was accumulated
         l = c * l + p.sum(axis=-1, keepdims=True)  # noqa: E741
-        o = c * o + p @ v[:, None]  # (H_kv, group, L, D_v)
+        o = c * o + p @ v  # (H_kv, G L, D_v)
         m = m_new
     positive = l > 0
-    return np.where(positive, o / np.where(positive, l, 1), 0)
+    out = np.where(positive, o / np.where(positive, l, 1), 0)
+    return out.reshape(H_kv, group, L, -1)  # (H_kv, group, L, D_v)
 
 
 def paged_attention(

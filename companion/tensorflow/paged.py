@@ -45,17 +45,16 @@ class PagedKVCache(PagedKVCacheBase):
         return tf.Variable(tf.zeros(shape, dtype), trainable=False)
 
     def _write(self, storage, block: int, start: int, stop: int, x) -> None:
-        storage[block, :, start:stop].assign(x)
+        storage[:, block, start:stop].assign(x)
 
     def _copy_block(self, storage, source: int, target: int) -> None:
-        storage[target].assign(storage[source])
+        storage[:, target].assign(storage[:, source])
 
     def _gather(self, storage, blocks, length: int):
-        # (n_blocks, H_kv, block_size, dim) -> (H_kv, n_blocks * block_size, dim)
-        paged = tf.gather(storage, np.asarray(blocks, dtype=np.int64))
-        H_kv, dim = storage.shape[1], storage.shape[3]
-        flat = tf.reshape(tf.transpose(paged, (1, 0, 2, 3)), (H_kv, -1, dim))
-        return flat[:, :length]
+        # (H_kv, n_blocks, block_size, dim) -> (H_kv, n_blocks * block_size, dim)
+        paged = tf.gather(storage, np.asarray(blocks, dtype=np.int64), axis=1)
+        H_kv, dim = storage.shape[0], storage.shape[3]
+        return tf.reshape(paged, (H_kv, -1, dim))[:, :length]
 
 
 def paged_attention(
@@ -109,8 +108,8 @@ def paged_attention(
         keep[b, 0] = (lo <= j) & (j < hi)  # (L, S_max)
 
     def gather(storage):
-        # (B, max_blocks, H_kv, block_size, dim) -> (B, H_kv, S_max, dim)
-        paged = tf.transpose(tf.gather(storage, index), (0, 2, 1, 3, 4))
+        # (H_kv, B, max_blocks, block_size, dim) -> (B, H_kv, S_max, dim)
+        paged = tf.transpose(tf.gather(storage, index, axis=1), (1, 0, 2, 3, 4))
         return tf.reshape(paged, (B, H_kv, width * size, -1))
 
     key = tf.cast(gather(cache._key), query.dtype)  # (B, H_kv, S_max, D)

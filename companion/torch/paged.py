@@ -1,24 +1,29 @@
 r"""A paged key/value cache in torch and batched attention through its block tables.
 
 The same :class:`PagedKVCache` as :mod:`companion.numpy.paged`, its pool in torch
-tensors (on any device). :func:`paged_attention` turns the block tables of a batch into
-one index tensor ``(B, max_blocks)``, gathers the blocks with it (what vLLM's reference
-path does before its fused kernel) and runs one masked attention call for the batch;
-positions beyond a sequence's length are masked out.
+tensors (on any device), head-major ``(H_kv, num_blocks, block_size, D)``.
+:func:`paged_attention` reads each sequence through its block table as vLLM's kernel
+does, without copying the cache: runs of consecutive blocks are strided views of the
+pool (the layout of a contiguous cache), the few blocks of short runs are gathered into
+one small tile, and the online softmax merges the tiles.
 
 Explained in the book chapter *Long context*.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from companion import _checks
-from companion._paged import PagedKVCacheBase, PoolExhaustedError, visible_keys
-from companion.torch.attention import (
-    _check_flag,
-    scaled_dot_product_attention_reference,
+from companion._paged import (
+    PagedKVCacheBase,
+    PoolExhaustedError,
+    read_plan,
+    tile_visibility,
+    visible_keys,
 )
+from companion.torch.attention import _check_flag, _compute_dtype
 
 __all__ = ["PagedKVCache", "PoolExhaustedError", "paged_attention"]
 
@@ -53,17 +58,72 @@ class PagedKVCache(PagedKVCacheBase):
         return torch.zeros(shape, dtype=dtype, device=self._device)
 
     def _write(self, storage, block: int, start: int, stop: int, x) -> None:
-        storage[block, :, start:stop] = x
+        storage[:, block, start:stop] = x
 
     def _copy_block(self, storage, source: int, target: int) -> None:
-        storage[target] = storage[source]
+        storage[:, target] = storage[:, source]
 
     def _gather(self, storage, blocks, length: int) -> torch.Tensor:
         index = torch.as_tensor(blocks, dtype=torch.long, device=storage.device)
-        # (n_blocks, H_kv, block_size, dim) -> (H_kv, n_blocks * block_size, dim)
-        paged = storage.index_select(0, index)
-        H_kv, dim = storage.shape[1], storage.shape[3]
-        return paged.transpose(0, 1).reshape(H_kv, -1, dim)[:, :length]
+        # (H_kv, n_blocks, block_size, dim) -> (H_kv, n_blocks * block_size, dim)
+        paged = storage.index_select(1, index)
+        H_kv, dim = storage.shape[0], storage.shape[3]
+        return paged.reshape(H_kv, -1, dim)[:, :length]
+
+
+def _tile_keys(cache, tile, dtype):
+    """A tile's ``(key (H_kv, n, D), value (H_kv, n, D_v))``: a view of the pool for
+    a run, a small gathered copy otherwise."""
+    if tile.blocks is None:
+        H_kv, rows = cache.num_kv_heads, slice(tile.row, tile.row + tile.n)
+        k = cache._key.view(H_kv, -1, cache.head_dim)[:, rows]  # (H_kv, n, D)
+        v = cache._value.view(H_kv, -1, cache.value_head_dim)[:, rows]
+    else:
+        k = cache._gather(cache._key, tile.blocks, tile.n)  # (H_kv, n, D)
+        v = cache._gather(cache._value, tile.blocks, tile.n)  # (H_kv, n, D_v)
+    return k.to(dtype), v.to(dtype)
+
+
+def _paged_one(q, cache, seq, causal, window, t):
+    """One sequence by tiles: ``q (H_kv, group, L, D)`` -> ``(H_kv, group, L, D_v)``.
+
+    The online softmax of :func:`companion.numpy.paged_attention` over the tiles of
+    :func:`companion._paged.read_plan`: runs of blocks are strided views of the
+    pool, read in place; the group is folded into the rows, so each key is read once.
+    """
+    H_kv, group, L, D = q.shape
+    table, length = cache._table(seq), cache._lengths[seq]
+    lo, hi = (
+        np.asarray(x) for x in visible_keys(length, L, causal=causal, window=window)
+    )
+    dtype, device = q.dtype, q.device
+    rows = q.reshape(H_kv, group * L, D) * t  # (H_kv, G L, D)
+    m = torch.full((H_kv, group * L, 1), float("-inf"), dtype=dtype, device=device)
+    l = torch.zeros((H_kv, group * L, 1), dtype=dtype, device=device)  # noqa: E741
+    o = torch.zeros((H_kv, group * L, cache.value_head_dim), dtype=dtype, device=device)
+    if L == 0:
+        return o.reshape(H_kv, group, L, -1)  # no queries: nothing to read
+    for tile in read_plan(table, length, cache.block_size, group * L):
+        seen = tile_visibility(lo, hi, tile.positions)
+        if seen is None:
+            continue  # no query sees this tile: skipped
+        k, v = _tile_keys(cache, tile, dtype)
+        scores = rows @ k.transpose(-1, -2)  # t Q K_b^T: (H_kv, G L, n)
+        if seen is not True:  # (L, n), the same for every head of the group
+            keep = torch.from_numpy(seen).to(device)
+            scores = scores.view(H_kv, group, L, -1).masked_fill(~keep, float("-inf"))
+            scores = scores.view(H_kv, group * L, -1)
+        m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
+        # -inf rows: exp(-inf - 0) = 0
+        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        p = torch.exp(scores - safe)  # (H_kv, G L, n)
+        c = torch.exp(m - safe)  # rescales what was accumulated
+        l = c * l + p.sum(dim=-1, keepdim=True)  # noqa: E741
+        o = torch.baddbmm(o * c, p, v)  # c O + P_b V_b: (H_kv, G L, D_v)
+        m = m_new
+    positive = l > 0
+    out = torch.where(positive, o / torch.where(positive, l, torch.ones_like(l)), 0)
+    return out.reshape(H_kv, group, L, -1)  # (H_kv, group, L, D_v)
 
 
 def paged_attention(
@@ -77,10 +137,10 @@ def paged_attention(
 ) -> torch.Tensor:
     r"""Attention of ``query (B, H, L, D)`` over the cached keys of ``B`` sequences.
 
-    The semantics of :func:`companion.numpy.paged_attention`. The block tables are
-    padded to the longest and gathered in one ``index_select``; a boolean mask
-    ``(B, 1, L, S_max)`` hides the padding and applies ``causal``/``window``.
-    Returns ``(B, H, L, D_v)``.
+    The semantics of :func:`companion.numpy.paged_attention`: the query row of each
+    sequence runs the online softmax over the tiles of its block table (in place, no
+    gather of the cache); float16/bfloat16 accumulate in float32.
+    Returns ``(B, H, L, D_v)`` in the query's dtype.
     """
     causal = _check_flag("causal", causal)
     if window is not None:
@@ -104,30 +164,19 @@ def paged_attention(
             f"query {tuple(query.shape)} does not fit the cache: D must be "
             f"{cache.head_dim} and H a multiple of H_kv = {cache.num_kv_heads}"
         )
-    tables = [cache._table(seq) for seq in sequences]  # KeyError if freed
-    lengths = [cache._lengths[seq] for seq in sequences]
-    size, device = cache.block_size, cache._key.device
-    width = max(1, max(len(table) for table in tables))
-    # (B, max_blocks): padded with block 0, masked out below
-    index = torch.zeros((B, width), dtype=torch.long, device=device)
-    keep = torch.zeros((B, 1, L, width * size), dtype=torch.bool, device=device)
-    j = torch.arange(width * size, device=device)  # (S_max,)
-    for b, (table, length) in enumerate(zip(tables, lengths)):
-        index[b, : len(table)] = torch.as_tensor(table, dtype=torch.long)
-        lo, hi = visible_keys(length, L, causal=causal, window=window)
-        lo = torch.as_tensor(lo, device=device)[:, None]  # (L, 1)
-        hi = torch.as_tensor(hi, device=device)[:, None]
-        keep[b, 0] = (lo <= j) & (j < hi)  # (L, S_max)
-    H_kv = cache.num_kv_heads
-
-    def gather(storage):
-        # (B, max_blocks, H_kv, block_size, dim) -> (B, H_kv, S_max, dim)
-        paged = storage[index]
-        return paged.transpose(1, 2).reshape(B, H_kv, width * size, -1)
-
-    key = gather(cache._key).to(query.dtype)  # (B, H_kv, S_max, D)
-    value = gather(cache._value).to(query.dtype)  # (B, H_kv, S_max, D_v)
-    # (B, H, L, D_v)
-    return scaled_dot_product_attention_reference(
-        query, key, value, mask=keep, scale=scale
-    )
+    for seq in sequences:
+        cache._table(seq)  # KeyError for a freed or unknown sequence
+    dtype = _compute_dtype(query.dtype)
+    t = _checks.resolve_scale(scale, D)
+    H_kv, D_v = cache.num_kv_heads, cache.value_head_dim
+    if B == 0:  # no sequences
+        return query.new_zeros((0, H, L, D_v))
+    # (B, H_kv, group, L, D)
+    q = query.to(dtype).reshape(B, H_kv, H // H_kv, L, D)
+    out = torch.stack(
+        [
+            _paged_one(q[b], cache, seq, causal, window, t)
+            for b, seq in enumerate(sequences)
+        ]
+    )  # (B, H_kv, group, L, D_v)
+    return out.reshape(B, H, L, D_v).to(query.dtype)
