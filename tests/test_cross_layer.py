@@ -24,10 +24,12 @@ from companion.params import (  # noqa: E402
 )
 from companion.testing import assert_close  # noqa: E402
 from companion.torch.cross_layer import (  # noqa: E402
+    CrossLayerGPT,
     CrossLayerTransformerLM,
     FactorizedEmbedding,
     UniversalTransformer,
 )
+from companion.torch.gpt import GPT, generate  # noqa: E402
 from companion.torch.models import TinyTransformerLM, TransformerBlock  # noqa: E402
 from companion.torch.multihead import MultiHeadAttention  # noqa: E402
 from companion.torch.vit import EncoderBlock  # noqa: E402
@@ -250,3 +252,152 @@ def test_universal_transformer_is_one_block_applied_with_step_embeddings(causal)
     assert model.step_embedding.grad.abs().sum(dim=1).min() > 0
     with pytest.raises(ValueError, match="num_steps"):
         UniversalTransformer(E, 2, 0)
+
+
+# --- the three in the book's GPT ----------------------------------------------------
+
+GPT_KW = dict(embed_dim=E, num_heads=4, num_layers=4, implementation="reference")
+
+
+def _gpt(seed=10, **kwargs):
+    torch.manual_seed(seed)
+    return CrossLayerGPT(V, L, **{**GPT_KW, **kwargs}).double().eval()
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned", "alibi"])
+def test_cross_layer_gpt_without_sharing_is_the_gpt(positions):
+    ours = _gpt(positions=positions)
+    torch.manual_seed(11)
+    gpt = GPT(V, L, **GPT_KW, positions=positions).double().eval()
+    gpt.load_state_dict(ours.state_dict())
+    assert ours.num_parameters() == gpt.num_parameters()
+    ids = _ids(T=L, seed=11)
+    with torch.no_grad():
+        assert_close(ours(ids), gpt(ids), **F64)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "sdpa", "tiled"])
+@pytest.mark.parametrize(
+    "sharing",
+    [
+        dict(kv_sharing=2),
+        dict(kv_sharing=2, num_kv_heads=2),
+        dict(kv_sharing=4, positions="alibi"),
+        dict(kv_sharing=2, positions="learned"),
+        dict(embedding_size=6),
+        dict(shared_blocks=True, step_embeddings=True),
+    ],
+    ids=["cla", "cla-gqa", "cla4-alibi", "cla-learned", "factorized", "universal"],
+)
+def test_cross_layer_gpt_decodes_with_its_caches_as_the_full_pass(
+    sharing, implementation
+):
+    model = _gpt(**sharing, implementation=implementation)
+    if model.step_embedding is not None:
+        with torch.no_grad():
+            model.step_embedding.normal_()  # from zero: make the steps differ
+    ids = _ids(T=L, seed=12)
+    with torch.no_grad():
+        full = model(ids)
+        caches = model.new_caches()
+        assert len(caches) == 4 // sharing.get("kv_sharing", 1)
+        steps = [model(ids[:, :3], caches=caches)]  # a prompt, then one at a time
+        for t in range(3, L):
+            steps.append(model(ids[:, t : t + 1], caches=caches))
+    assert_close(torch.cat(steps, dim=1), full, **F64)
+    # generate() reads the model's own caches: the same tokens with and without
+    prompt = ids[:, :2]
+    drawn = [
+        generate(
+            model,
+            prompt,
+            L - 2,
+            top_k=5,
+            generator=torch.Generator().manual_seed(1),
+            use_cache=use,
+        )
+        for use in (True, False)
+    ]
+    assert torch.equal(*drawn)
+
+
+def test_cross_layer_gpt_shares_keys_values_and_halves_the_cache():
+    plain, cla = _gpt(), _gpt(kv_sharing=2)
+    kv = 2 * E * E  # k_proj and v_proj of one layer, no biases
+    assert cla.num_parameters() == plain.num_parameters() - 2 * kv
+    assert [b.attention.k_proj is None for b in cla.blocks] == [False, True] * 2
+    ids = _ids(T=L, seed=13)
+    held = {}
+    for name, model in (("plain", plain), ("cla", cla)):
+        caches = model.new_caches()
+        with torch.no_grad():
+            model(ids, caches=caches)
+        held[name] = CrossLayerTransformerLM.cache_bytes(caches)
+    assert (
+        held["plain"]
+        == 2 * held["cla"]
+        == kv_cache_bytes(4, 4, E // 4, L, batch=2, dtype_bytes=8)
+    )
+    # the second layer of a group uses the first layer's (rotated) keys: changing
+    # the first layer's key projection changes the second layer's attention
+    with torch.no_grad():
+        before = cla(ids)
+        cla.blocks[0].attention.k_proj.weight.mul_(2.0)
+        assert not torch.allclose(cla(ids), before)
+
+
+def test_cross_layer_gpt_factorised_embedding_and_tied_head():
+    model = _gpt(embedding_size=6)
+    table = model.embedding.embedding.weight  # (V, 6)
+    projection = model.embedding.projection.weight  # (E, 6)
+    plain = _gpt()
+    assert model.num_parameters() == plain.num_parameters() - V * E + V * 6 + 6 * E
+    h = torch.randn(2, 3, E, dtype=torch.float64)
+    # the head is the transpose of the lookup's V x H map W_E W_P^T
+    assert_close(model.head(h), h @ (table @ projection.T).T, **F64)
+    untied = _gpt(embedding_size=6, tied=False)
+    assert untied.num_parameters() == model.num_parameters() + V * E
+    # ALBERT's gradient reaches both factors through both uses
+    model(_ids(T=L)).sum().backward()
+    assert table.grad.abs().sum() > 0 and projection.grad.abs().sum() > 0
+
+
+def test_cross_layer_gpt_universal_is_one_block_with_step_embeddings():
+    model = _gpt(shared_blocks=True, step_embeddings=True)
+    shared = _gpt(shared_blocks=True)
+    assert model.num_parameters() == shared.num_parameters() + 4 * E
+    assert len(model.blocks) == 1 and len(model.layers) == 4
+    shared.load_state_dict(model.state_dict(), strict=False)
+    ids = _ids(T=L, seed=14)
+    with torch.no_grad():  # from zero the steps add nothing: the shared model
+        assert_close(model(ids), shared(ids), **F64)
+        model.step_embedding.normal_()
+        assert not torch.allclose(model(ids), shared(ids))
+    model(ids).sum().backward()
+    assert model.step_embedding.grad.abs().sum(dim=1).min() > 0  # each step's row
+
+
+def test_cross_layer_gpt_checkpoint_round_trip():
+    model = _gpt(kv_sharing=2, embedding_size=6)
+    again = CrossLayerGPT.from_checkpoint(model.checkpoint()).double()
+    ids = _ids(T=L, seed=15)
+    with torch.no_grad():
+        assert_close(again.eval()(ids), model(ids), **F64)
+    with pytest.raises(ValueError, match="kv_sharing"):
+        _gpt().load_checkpoint(model.checkpoint())
+
+
+def test_cross_layer_gpt_bad_input():
+    with pytest.raises(ValueError, match="kv_sharing"):
+        _gpt(kv_sharing=3)
+    with pytest.raises(ValueError, match="kv_sharing"):
+        _gpt(kv_sharing=2, shared_blocks=True)
+    with pytest.raises(ValueError, match="embedding_size"):
+        _gpt(embedding_size=E)
+    with pytest.raises(TypeError, match="step_embeddings"):
+        _gpt(step_embeddings=1)
+    model = _gpt(kv_sharing=2)
+    with pytest.raises(ValueError, match="caches"):
+        model(_ids(), caches=GPT(V, L, **GPT_KW).new_caches())
+    with pytest.raises(ValueError, match="context"):
+        model(_ids(T=L + 1))

@@ -59,6 +59,44 @@ def test_equal_parameters_and_compute_where_claimed(record):
     assert caches == [2 * 2 * 4 * 8 * 4, 2 * 2 * 2 * 8 * 4, 2 * 2 * 1 * 8 * 4]
 
 
+def test_sharing_across_layers_rows(record):
+    runs = {r["name"]: r for r in record["runs"] if r["seed"] == 0}
+    V, E, L = 256, 32, 2
+    # ALBERT's factorised embedding: V x 16 + 16 x E instead of V x E
+    assert runs["factorized"]["parameters"] == (
+        runs["base"]["parameters"] - V * E + V * 16 + 16 * E
+    )
+    # cross-layer attention: the second layer has no key/value projections, and the
+    # cache per token is half the base model's
+    assert runs["cla"]["parameters"] == runs["base"]["parameters"] - 2 * E * E
+    assert (
+        2 * runs["cla"]["kv_cache_bytes_per_token"]
+        == (runs["base"]["kv_cache_bytes_per_token"])
+    )
+    # the Universal Transformer: the shared block plus one step embedding per layer
+    assert runs["universal"]["parameters"] == runs["shared"]["parameters"] + L * E
+    assert (
+        runs["universal"]["kv_cache_bytes_per_token"]
+        == (runs["base"]["kv_cache_bytes_per_token"])
+    )
+
+
+def test_train_builds_the_model_class_it_is_given():
+    from companion.torch.cross_layer import CrossLayerGPT
+    from companion.train import TrainConfig, train
+
+    config = TrainConfig(
+        **{**TOY_BUDGET, "vocab_size": 256},
+        eval_every=4,
+        model={**TOY_MODEL, "kv_sharing": 2},
+    )
+    result = train(config, model_class=CrossLayerGPT)
+    assert isinstance(result.model, CrossLayerGPT)
+    assert len(result.model.new_caches()) == 1
+    with pytest.raises(TypeError, match="model_class"):
+        train(config, model_class=dict)
+
+
 def test_positions_evaluated_past_the_training_context(record):
     runs = {r["name"]: r for r in record["runs"] if r["seed"] == 0}
     assert runs["learned"]["bits_per_byte_past_context"] is None
@@ -89,6 +127,7 @@ def test_kv_cache_bytes():
     assert kv_cache_bytes_per_token(config) == 2 * 4 * 4 * 16 * 4
     assert kv_cache_bytes_per_token({**config, "num_kv_heads": 1}) == 2 * 4 * 16 * 4
     assert kv_cache_bytes_per_token(config, bytes_per_number=2) == 2 * 4 * 4 * 16 * 2
+    assert kv_cache_bytes_per_token({**config, "kv_sharing": 2}) == 2 * 2 * 4 * 16 * 4
 
 
 def test_bad_arguments():
