@@ -378,6 +378,9 @@ class CrossLayerGPT(GPT):
         """One empty :class:`KVCache` per group of ``kv_sharing`` layers."""
         return [KVCache() for _ in range(self.config["num_layers"] // self.kv_sharing)]
 
+    #: Bytes held by a list of caches (as :meth:`CrossLayerTransformerLM.cache_bytes`).
+    cache_bytes = staticmethod(CrossLayerTransformerLM.cache_bytes)
+
     def _kernel(self, q, k, v, mask):
         """Causal attention (bottom-right) of ``q (B, H, T, D)`` on ``k, v (B, H_kv,
         S, D)`` with the model's ``implementation``."""
