@@ -344,9 +344,11 @@ def load_balancing_loss(logits, indices, *, alpha=1.0):
     T, N = logits.shape
     if indices.shape[0] != T:
         raise ValueError(f"indices must have {T} rows as logits, got {indices.shape}")
-    f = np.bincount(indices.reshape(-1), minlength=N) / T
-    P = _softmax(logits).mean(axis=0)
+    # [book: switch loss]
+    f = np.bincount(indices.reshape(-1), minlength=N) / T  # share of tokens (no grad)
+    P = _softmax(logits).mean(axis=0)  # mean router probability (carries the grad)
     return alpha * N * np.sum(f * P)
+    # [/book: switch loss]
 
 
 def router_z_loss(logits):
@@ -373,5 +375,7 @@ def balance_bias_update(bias, indices, *, gamma=0.001):
     if bias.ndim != 1:
         raise ValueError(f"bias must be 1-D (num_experts,), got shape {bias.shape}")
     _moe.check_gamma(gamma)
-    load = expert_load(indices, bias.shape[0]).astype(bias.dtype)
-    return bias + gamma * np.sign(load.mean() - load)
+    # [book: bias update]
+    load = expert_load(indices, bias.shape[0]).astype(bias.dtype)  # c_i
+    return bias + gamma * np.sign(load.mean() - load)  # overloaded: down
+    # [/book: bias update]
