@@ -20,7 +20,8 @@ from companion.bench import cli, decoding, timing
 
 FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
 TARGET_COUNT = (
-    22  # rows of the target table: every ratio at 1 and 2 threads, full and causal
+    27  # rows of the target table: every ratio at 1 and 2 threads, full and causal;
+    # paged / contiguous per backend, context and forks; grouped decoding vs SDPA
 )
 
 

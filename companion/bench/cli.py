@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from companion.bench import attention, conv, decoding, longctx, report, timing
+from companion.bench import paged as paged_bench
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Config:
     decode_model: dict = field(default_factory=lambda: dict(decoding.MODEL))
     decode_rounds: int = 3
     longctx: dict = field(default_factory=lambda: dict(longctx.FULL))
+    paged: dict = field(default_factory=lambda: dict(paged_bench.FULL))
 
     def rounds_for(self, n: int) -> int:
         return self.rounds[max(k for k in self.rounds if k <= n)]
@@ -67,6 +69,7 @@ CONFIGS = {
         conv_rounds=3,
         decode_rounds=1,
         longctx=dict(longctx.QUICK),
+        paged=dict(paged_bench.QUICK),
     ),
     "tiny": Config(
         sizes=(128, 256),
@@ -83,9 +86,10 @@ CONFIGS = {
         decode_model=dict(decoding.TINY_MODEL),
         decode_rounds=1,
         longctx=dict(longctx.TINY),
+        paged=dict(paged_bench.TINY),
     ),
 }
-SECTIONS = ("attention", "memory", "conv", "decoding", "longctx")
+SECTIONS = ("attention", "memory", "conv", "decoding", "longctx", "paged")
 
 
 def parse_args(argv=None):
@@ -170,6 +174,7 @@ def run(config: Config, *, threads: int, sections, without, progress) -> dict:
             "processor": platform.processor(),
             "python": platform.python_version(),
             "versions": _versions(modules),
+            **timing.cpu_record(),
         },
         "load_average_start": timing.load_average(),
     }
@@ -244,6 +249,11 @@ def run(config: Config, *, threads: int, sections, without, progress) -> dict:
         notes.append("the long-context section needs torch: skipped")
     elif "longctx" in sections:
         results["longctx"] = longctx.run_all(config.longctx, progress, threads)
+    if "paged" in sections:
+        # one thread: decoding steps are small, and the ratio is what is compared
+        results["paged"] = paged_bench.run_all(
+            config.paged, progress, 1, torch_ok=modules["torch"] is not None
+        )
     results["load_average_end"] = timing.load_average()
     results["targets"] = report.targets(results)
     return results
@@ -273,9 +283,11 @@ def _versions(modules: dict) -> dict:
 
 
 def render(results: dict) -> str:
+    machine = results["machine"]
     parts = [
-        f"companion.bench: {results['machine']['cores']} core(s), "
-        f"{results['machine']['platform']}; load average "
+        f"companion.bench: {machine.get('cpu_model', '?')} ({machine.get('isa', '?')}, "
+        f"L2 {machine.get('l2_bytes', 0) // 1024} KiB), {machine['cores']} core(s), "
+        f"{machine['platform']}; load average "
         f"{results['load_average_start']} (start), {results['load_average_end']} (end)"
     ]
     parts += [f"note: {note}" for note in results["notes"]]
@@ -304,6 +316,8 @@ def render(results: dict) -> str:
         parts.append(report.decoding_table(results["decoding"]))
     if "longctx" in results:
         parts.append(longctx.table(results["longctx"]))
+    if "paged" in results:
+        parts.append(paged_bench.table(results["paged"]))
     parts.append(report.targets_table(results["targets"]))
     return "\n\n".join(parts)
 

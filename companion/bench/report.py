@@ -327,6 +327,28 @@ def targets(results: dict) -> list[dict]:
             5.0,
             False,
         )
+    paged = results.get("paged")
+    if paged:
+        size = paged["size"]
+        for backend in ("numpy", "torch"):
+            for S in size["contexts"]:
+                for forks in size["forks"]:
+                    row = paged["paged"].get(backend, {}).get(f"{S}, forks {forks}")
+                    add(
+                        f"paged / contiguous-cache decoding, {backend}, S = {S}, "
+                        f"{forks} fork(s), per sequence",
+                        None if row is None else row["ratio"],
+                        1.25,
+                        True,
+                    )
+        g = size["grouped"]
+        add(
+            f"grouped decoding (L = 1, S = {g['S']}, H = {g['H']}, H_kv = "
+            f"{g['H_kv']}, D = {g['D']}): torch reference / SDPA 4-D enable_gqa",
+            paged["grouped"]["ratio"]["reference"] if "grouped" in paged else None,
+            1.3,
+            True,
+        )
     return rows
 
 

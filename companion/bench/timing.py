@@ -187,3 +187,42 @@ def load_average() -> str:
     except OSError:
         return "unknown"
     return f"{one:.2f}, {five:.2f}, {fifteen:.2f}"
+
+
+def cpu_record() -> dict:
+    """The CPU the numbers came from: model, widest vector instruction set, one core's
+    L2 cache (as the tiled kernels size their blocks), usable cores.
+
+    The instruction set is what the CPU reports (``/proc/cpuinfo``), and, where torch
+    is importable, what its kernels dispatch to (``ATEN_CPU_CAPABILITY`` lowers it, as
+    the second-machine settings do).
+    """
+    from companion.numpy.attention import _l2_cache_bytes
+
+    model, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = (
+        "AVX-512"
+        if "avx512f" in flags
+        else "AVX2"
+        if "avx2" in flags
+        else ("unknown" if not flags else "SSE")
+    )
+    record = {"cpu_model": model, "isa": isa, "l2_bytes": _l2_cache_bytes()}
+    record["cores"] = cores()
+    try:
+        import torch
+
+        record["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except (ImportError, AttributeError):
+        record["torch_cpu_capability"] = None
+    return record
