@@ -15,7 +15,10 @@ built from a configuration with random weights (``from_pretrained`` is never cal
 * :func:`tiny_lm_from_gpt2`: a ``GPT2LMHeadModel``'s weights in a
   :class:`~companion.torch.models.TinyTransformerLM`;
 * :func:`albert_encoder_from_hf`: an ``AlbertModel``'s weights in the ALBERT encoder
-  :class:`companion.torch.sharing.TransformerEncoder`.
+  :class:`companion.torch.sharing.TransformerEncoder`;
+* :func:`gpt_from_hf`: a Qwen3, Gemma 3, Gemma 2, Llama or Mistral causal LM's
+  weights in the package's :class:`~companion.torch.gpt.GPT` (QK-norm, sandwich
+  norms, soft-capping, sliding-window layers and all).
 
 Weight layouts. GPT-2 keeps its projections in ``Conv1D`` modules whose weight is
 ``(in, out)``, applied as ``x @ W + b``: exactly the layout of
@@ -51,6 +54,7 @@ __all__ = [
     "transformer_config",
     "tiny_lm_from_gpt2",
     "albert_encoder_from_hf",
+    "gpt_from_hf",
 ]
 
 
@@ -213,6 +217,8 @@ _ROPE_ARCHITECTURES = {
     "qwen2_moe": (False, False),
     "qwen3": (False, False),
     "qwen3_moe": (False, False),
+    "gemma2": (False, False),
+    "gemma3_text": (False, False),
     "gpt_neox": (False, True),
     "stablelm": (False, True),
     "glm": (True, True),
@@ -222,14 +228,15 @@ _ROPE_ARCHITECTURES = {
 }
 
 
-def rope(config) -> dict:
+def rope(config, *, layer_type: str | None = None) -> dict:
     r"""The ``rope=`` of ``multi_head_attention`` for a Hugging Face configuration.
 
     For :func:`companion.numpy.multihead.multi_head_attention` and the torch and Keras
     layers. Each architecture as Transformers applies it (``model_type``):
 
-    * Llama, Mistral, Mixtral, Qwen2, Qwen3 (and their MoE variants): pairs of halves,
-      the whole head rotated (``partial_rotary_factor`` is ignored, as Llama does);
+    * Llama, Mistral, Mixtral, Qwen2, Qwen3 (and their MoE variants), Gemma 2 and
+      Gemma 3: pairs of halves, the whole head rotated (``partial_rotary_factor`` is
+      ignored, as Llama does);
     * GPT-NeoX (``rotary_pct``) and StableLM: pairs of halves, the first
       ``partial_rotary_factor * D`` features rotated;
     * GLM and GLM-4: neighbouring pairs, the first ``partial_rotary_factor * D``
@@ -244,8 +251,14 @@ def rope(config) -> dict:
     ``rope_type`` (linear, dynamic, YaRN, Llama 3, LongRoPE) adds ``"scaling"``, the
     fields of :class:`companion.numpy.RopeScaling` (frequencies and attention factor
     equal to Transformers' ``ROPE_INIT_FUNCTIONS``). Other architectures and rope
-    types are refused with ``ValueError``; a ``config`` that is not a Transformers
-    configuration with ``TypeError``.
+    types are refused with ``ValueError`` (Gemma 4's ``"proportional"`` too: it
+    rotates the first pairs of the halves' layout, which no ``rotary_dim`` says); a
+    ``config`` that is not a Transformers configuration with ``TypeError``.
+
+    Gemma 3 keeps one ``rope_parameters`` per layer type (a base of 10 000 for
+    ``"sliding_attention"``, 1 000 000 and perhaps a linear factor for
+    ``"full_attention"``): ``layer_type`` names the one wanted (``ValueError`` when
+    missing or unknown); other configurations take ``layer_type=None``.
     """
     model_type = getattr(config, "model_type", None)
     if not isinstance(model_type, str) or not hasattr(config, "to_dict"):
@@ -263,6 +276,14 @@ def rope(config) -> dict:
     if interleaved is None:
         interleaved = bool(getattr(config, "rope_interleave", True))
     parameters = dict(getattr(config, "rope_parameters", None) or {})
+    per_type = sorted(k for k, v in parameters.items() if isinstance(v, dict))
+    if per_type or layer_type is not None:
+        if layer_type not in per_type:
+            raise ValueError(
+                f"layer_type must name one of the configuration's rope_parameters "
+                f"{per_type or '(one for every layer: pass None)'}, got {layer_type!r}"
+            )
+        parameters = dict(parameters[layer_type])
     kind = parameters.get("rope_type", "default")
     scaling = None if kind == "default" else _rope_scaling(config, parameters, kind)
     head_dim = getattr(config, "head_dim", None) or (
@@ -684,3 +705,207 @@ def albert_encoder_from_hf(model, *, dtype=None):
         pooler = nn.Sequential(nn.Linear(E, E), nn.Tanh()).to(dtype)
         copy_linear(pooler[0], model.pooler)
     return encoder.eval(), pooler.eval()
+
+
+#: Causal LMs :func:`gpt_from_hf` reads: ``model_type -> (QK-norm, Gemma-style)``.
+#: Gemma-style: norms ``(1 + w)``, sandwich norms, embeddings times ``sqrt(E)``, a
+#: gated tanh-GELU MLP, ``query_pre_attn_scalar`` and soft-capping.
+_GPT_FAMILIES = {
+    "llama": (False, False),
+    "mistral": (False, False),
+    "qwen3": (True, False),
+    "gemma2": (False, True),
+    "gemma3_text": (True, True),
+}
+
+_LAYER_TYPES = {"sliding_attention": "local", "full_attention": "global"}
+
+
+def _gpt_rope(config, layer_type=None) -> float:
+    """The RoPE base of a GPT layer, or ``ValueError`` for what a base cannot say."""
+    converted = rope(config, layer_type=layer_type)
+    if "scaling" in converted or converted["interleaved"] or converted["rotary_dim"]:
+        raise ValueError(
+            f"GPT takes a RoPE base only; {type(config).__name__} has {converted} "
+            f"(layer_type {layer_type!r}): build its attention with rope=hf.rope(...)"
+        )
+    return converted["base"]
+
+
+def _gpt_options(config, family: str) -> dict:
+    """The :class:`~companion.torch.gpt.GPT` keywords of a Hugging Face config."""
+    qk_norm, gemma = _GPT_FAMILIES[family]
+    E, H = config.hidden_size, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or E // H
+    activation = getattr(config, "hidden_activation", None) or config.hidden_act
+    if gemma:
+        mlp = {"gelu_pytorch_tanh": "geglu_tanh", "gelu": "geglu"}.get(activation)
+    else:
+        mlp = "swiglu" if activation == "silu" else None
+    if mlp is None:
+        raise ValueError(
+            f"{type(config).__name__}'s activation {activation!r} is not one the GPT "
+            "has (SwiGLU for silu; Gemma: GeGLU, tanh or exact)"
+        )
+    if getattr(config, "mlp_bias", False):
+        raise ValueError("the GPT's MLP has no biases, got mlp_bias=True")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError("the GPT is causal, got use_bidirectional_attention=True")
+    options = dict(
+        vocab_size=config.vocab_size,
+        context=config.max_position_embeddings,
+        embed_dim=E,
+        num_heads=H,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or H,
+        num_layers=config.num_hidden_layers,
+        positions="rope",
+        norm="rms",
+        norm_eps=config.rms_norm_eps,
+        mlp=mlp,
+        mlp_hidden=config.intermediate_size,
+        attention_bias=bool(getattr(config, "attention_bias", False)),
+        tied=bool(config.tie_word_embeddings),
+        qk_norm=qk_norm,
+        head_dim=None if head_dim * H == E else head_dim,
+    )
+    types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if family == "mistral" and window is not None:
+        types = ["sliding_attention"] * config.num_hidden_layers
+    if types is not None and "sliding_attention" in types:
+        unknown = sorted(set(types) - set(_LAYER_TYPES))
+        if unknown:
+            raise ValueError(f"layer types {unknown} are not converted")
+        options.update(window=window, layer_types=[_LAYER_TYPES[t] for t in types])
+    if family == "gemma3_text":
+        options["rope_base"] = _gpt_rope(config, "full_attention")
+        local = _gpt_rope(config, "sliding_attention")
+        if "window" in options and local != options["rope_base"]:
+            options["local_rope_base"] = local
+    else:
+        options["rope_base"] = _gpt_rope(config)
+    if gemma:
+        scale = config.query_pre_attn_scalar**-0.5
+        if scale != head_dim**-0.5:
+            options["attention_scale"] = scale
+        options.update(post_norms=True, logit_softcap=config.final_logit_softcapping)
+        # Gemma 3 keeps attn_logit_softcapping in its configuration but never
+        # applies it (its attention passes no softcap); Gemma 2 does
+        if family == "gemma2":
+            options["attn_softcap"] = config.attn_logit_softcapping
+    return options
+
+
+def gpt_from_hf(model, *, dtype=None, implementation: str | None = None):
+    r"""A Hugging Face causal LM's weights in the package's ``GPT``.
+
+    Returns a :class:`companion.torch.gpt.GPT` in evaluation mode whose logits equal
+    ``model(ids).logits`` (and its greedy tokens ``model.generate``'s, cached or
+    not). ``model`` is a ``Qwen3ForCausalLM``, ``Gemma3ForCausalLM`` (text only),
+    ``Gemma2ForCausalLM``, ``LlamaForCausalLM`` or ``MistralForCausalLM`` (or the
+    base model without the head: then the head is the tied embedding). Every choice
+    of the configuration becomes a GPT keyword:
+
+    ====================================  ===========================================
+    Hugging Face                          GPT
+    ====================================  ===========================================
+    ``rms_norm_eps``, ``intermediate``    ``norm="rms"``, ``norm_eps``, ``mlp_hidden``
+    ``silu`` / ``gelu_pytorch_tanh``      ``mlp="swiglu"`` / ``"geglu_tanh"``
+    ``num_key_value_heads``, ``head_dim`` ``num_kv_heads``, ``head_dim``
+    ``q_norm``, ``k_norm`` (Qwen3,        ``qk_norm=True``
+    Gemma 3)
+    ``sliding_window``, ``layer_types``   ``window``, ``layer_types`` (``"local"``
+                                          for ``"sliding_attention"``)
+    ``rope_parameters`` (per layer type   ``rope_base``, ``local_rope_base``
+    in Gemma 3)
+    Gemma: embeddings ``* sqrt(E)``       ``embedding_scale`` (the value of
+                                          ``embed_scale`` Transformers multiplies by)
+    Gemma: ``query_pre_attn_scalar``      ``attention_scale`` (its ``** -0.5``)
+    Gemma: four norms per layer           ``post_norms=True``
+    Gemma 2: ``attn_logit_softcapping``   ``attn_softcap``
+    ``final_logit_softcapping``           ``logit_softcap``
+    ``tie_word_embeddings``               ``tied``
+    ====================================  ===========================================
+
+    Gemma's RMSNorm multiplies by ``1 + w`` (its weights start at 0): the package's
+    ``nn.RMSNorm`` gets the weight ``1 + w``, the same function. Gemma 3 keeps an
+    ``attn_logit_softcapping`` in its configuration that its attention never applies;
+    the GPT follows the computation and does not cap. A scaled or interleaved RoPE,
+    biases in the MLP and bidirectional attention are ``ValueError``; other models
+    ``TypeError``. ``dtype`` (a ``torch.dtype`` or its name) defaults to the model's;
+    ``implementation`` defaults to ``"sdpa"``, or ``"reference"`` where the scores
+    are capped (Gemma 2).
+    """
+    import torch
+
+    from companion.torch.gpt import GPT
+
+    config = getattr(model, "config", None)
+    name = type(model).__name__
+    family = getattr(config, "model_type", None)
+    if family not in _GPT_FAMILIES:
+        raise TypeError(
+            "model must be a Qwen3, Gemma 3 (text), Gemma 2, Llama or Mistral causal "
+            f"LM, got {name} (model_type {family!r})"
+        )
+    base = getattr(model, "model", model)
+    if not (hasattr(base, "embed_tokens") and hasattr(base, "layers")):
+        raise TypeError(f"{name} holds no decoder (embed_tokens, layers)")
+    head = getattr(model, "lm_head", None)
+    options = _gpt_options(config, family)
+    if head is not None and options["tied"] != (
+        head.weight is base.embed_tokens.weight
+    ):
+        raise ValueError(
+            f"{name}'s lm_head is {'not ' if options['tied'] else ''}its token "
+            f"embedding, but tie_word_embeddings={config.tie_word_embeddings}"
+        )
+    if head is None and not options["tied"]:
+        raise ValueError(
+            f"{name} has no lm_head and tie_word_embeddings=False: pass the causal LM"
+        )
+    if family.startswith("gemma"):
+        scale = getattr(base.embed_tokens, "embed_scale", None)
+        scale = config.hidden_size**0.5 if scale is None else float(scale)
+        options["embedding_scale"] = scale
+    if implementation is None:
+        implementation = "reference" if options.get("attn_softcap") else "sdpa"
+    dtype = _torch_dtype(dtype, base.embed_tokens.weight.dtype)
+    gpt = GPT(**options, implementation=implementation).to(dtype)
+    gemma = _GPT_FAMILIES[family][1]
+
+    def copy_norm(ours, theirs):
+        ours.eps = getattr(theirs, "eps", getattr(theirs, "variance_epsilon", ours.eps))
+        # Gemma's norms multiply by (1 + w)
+        ours.weight.copy_(1.0 + theirs.weight if gemma else theirs.weight)
+
+    with torch.no_grad():
+        gpt.embedding.weight.copy_(base.embed_tokens.weight)
+        for block, layer in zip(gpt.blocks, base.layers):
+            attn, theirs = block.attention, layer.self_attn
+            for ours_proj, theirs_proj in (
+                (attn.q_proj, theirs.q_proj),
+                (attn.k_proj, theirs.k_proj),
+                (attn.v_proj, theirs.v_proj),
+                (attn.out_proj, theirs.o_proj),
+            ):
+                ours_proj.weight.copy_(theirs_proj.weight)  # both nn.Linear (out, in)
+                if ours_proj.bias is not None:
+                    ours_proj.bias.copy_(theirs_proj.bias)
+            if attn.q_norm is not None:
+                copy_norm(attn.q_norm, theirs.q_norm)
+                copy_norm(attn.k_norm, theirs.k_norm)
+            copy_norm(block.norm1, layer.input_layernorm)
+            if gemma:
+                copy_norm(block.post_attention_norm, layer.post_attention_layernorm)
+                copy_norm(block.norm2, layer.pre_feedforward_layernorm)
+                copy_norm(block.post_mlp_norm, layer.post_feedforward_layernorm)
+            else:  # Llama's name for the norm before the MLP
+                copy_norm(block.norm2, layer.post_attention_layernorm)
+            block.mlp.gate.weight.copy_(layer.mlp.gate_proj.weight)
+            block.mlp.up.weight.copy_(layer.mlp.up_proj.weight)
+            block.mlp.down.weight.copy_(layer.mlp.down_proj.weight)
+        copy_norm(gpt.norm, base.norm)
+        if not options["tied"]:
+            gpt.head.weight.copy_(head.weight)
+    return gpt.eval()

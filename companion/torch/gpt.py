@@ -21,6 +21,13 @@ Each is an ``implementation`` of :class:`~companion.torch.multihead.MultiHeadAtt
 the attention of every block.
 
 All four compute the same function (tested); ``"sdpa"`` is the fast one.
+
+Today's options (Qwen3, Gemma 2 and 3), each off by default: ``head_dim``,
+``qk_norm``, ``attention_scale``, ``attn_softcap``, ``post_norms`` (passed to every
+:class:`~companion.torch.models.TransformerBlock`), ``window`` with ``local_global`` or
+``layer_types`` (which layers slide), ``local_rope_base``, ``embedding_scale`` and
+``logit_softcap`` (see :class:`GPT`). :mod:`companion.hf` builds a GPT from Hugging
+Face's Qwen3 and Gemma 3 models.
 :func:`generate` draws tokens with :func:`companion.torch.sampling.sample`, with or
 without a :class:`~companion.torch.multihead.KVCache` per layer (the same tokens).
 :meth:`GPT.checkpoint` and :meth:`GPT.load_checkpoint` store the configuration beside
@@ -33,8 +40,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from companion.torch.models import TransformerBlock, make_norm
-from companion.torch.multihead import KVCache, MultiHeadAttention
+from companion.torch.models import TransformerBlock, attention_options, make_norm
+from companion.torch.multihead import KVCache, MultiHeadAttention, _check_softcap
 from companion.torch.positions import alibi_bias
 from companion.torch.sampling import sample
 from companion.torch.sharing import TiedLMHead
@@ -43,6 +50,63 @@ __all__ = ["GPT", "IMPLEMENTATIONS", "generate"]
 
 IMPLEMENTATIONS = ("sdpa", "reference", "tiled", "auto")
 POSITIONS = ("rope", "learned", "alibi", None)
+LAYER_TYPES = ("local", "global")
+
+# today's options: (keyword, default); stored in ``config`` only when not the default,
+# so that the configuration (and every checkpoint) of a model without them is as before
+_OPTIONS = (
+    ("head_dim", None),
+    ("qk_norm", False),
+    ("attention_scale", None),
+    ("attn_softcap", None),
+    ("post_norms", False),
+    ("window", None),
+    ("layer_types", None),
+    ("local_rope_base", None),
+    ("embedding_scale", None),
+    ("logit_softcap", None),
+)
+
+
+def _layer_types(num_layers: int, window, local_global, layer_types) -> list | None:
+    """Which layers slide: ``"local"`` (window ``W``) or ``"global"``, per layer;
+    ``None`` when no layer does."""
+    if local_global is not None and layer_types is not None:
+        raise ValueError(
+            "give local_global or layer_types, not both: got "
+            f"local_global={local_global!r} and layer_types={layer_types!r}"
+        )
+    if window is None:
+        if local_global is not None or layer_types is not None:
+            name = "local_global" if local_global is not None else "layer_types"
+            raise ValueError(f"{name} says which layers slide: it needs window=W")
+        return None
+    if local_global is not None:
+        if (
+            not isinstance(local_global, (tuple, list))
+            or len(local_global) != 2
+            or any(isinstance(n, bool) or not isinstance(n, int) for n in local_global)
+            or min(local_global) < 0
+            or sum(local_global) < 1
+        ):
+            raise ValueError(
+                "local_global must be two ints (local, global) >= 0, e.g. (5, 1) for "
+                f"five sliding-window layers to one global, got {local_global!r}"
+            )
+        n_local, n_global = local_global
+        pattern = ["local"] * n_local + ["global"] * n_global
+        return [pattern[i % len(pattern)] for i in range(num_layers)]
+    if layer_types is None:  # every layer slides (Mistral)
+        return ["local"] * num_layers
+    if isinstance(layer_types, str) or len(layer_types) != num_layers:
+        raise ValueError(
+            f"layer_types must be a sequence of num_layers={num_layers} entries, "
+            f"got {layer_types!r}"
+        )
+    wrong = [t for t in layer_types if t not in LAYER_TYPES]
+    if wrong:
+        raise ValueError(f"layer_types entries must be in {LAYER_TYPES}, got {wrong}")
+    return list(layer_types)
 
 
 def _check_implementation(implementation) -> str:
@@ -63,6 +127,26 @@ class GPT(nn.Module):
     ``attention_bias`` (biases in the four projections; Llama has none).
     Embeddings, the learned position table and the untied head start from
     ``N(0, 0.02^2)``. ``config`` holds every keyword, for checkpoints.
+
+    Today's options (off by default; ``config`` holds those that are set):
+
+    * ``head_dim``, ``qk_norm``, ``attention_scale``, ``attn_softcap``,
+      ``post_norms``: as in :class:`~companion.torch.models.TransformerBlock`.
+      ``attn_softcap`` needs the scores, so ``implementation`` ``"reference"`` or
+      ``"auto"`` (``ValueError`` for ``"sdpa"`` and ``"tiled"``);
+    * ``window=W`` with a layer pattern: ``local_global=(5, 1)`` is five
+      sliding-window layers, then one global, repeated (Gemma 3; the last group may
+      be cut short); ``layer_types`` names each layer ``"local"`` or ``"global"``;
+      neither: every layer slides (Mistral). ``config["layer_types"]`` holds the
+      list; :meth:`new_caches` gives local layers a rolling ``KVCache(max_length=W)``;
+    * ``local_rope_base``: the local layers' RoPE base (Gemma 3: 10 000, the
+      global ones 1 000 000);
+    * ``embedding_scale``: the token embeddings times this number (Gemma:
+      ``sqrt(E)``);
+    * ``logit_softcap=c``: logits ``c tanh(z / c)`` (Gemma 2, Gemma 3 when set).
+
+    With ``shared_blocks=True`` every layer is one block, so its layers must all be
+    of one type and one RoPE base.
     """
 
     def __init__(
@@ -84,6 +168,17 @@ class GPT(nn.Module):
         tied: bool = True,
         shared_blocks: bool = False,
         implementation: str = "sdpa",
+        head_dim: int | None = None,
+        qk_norm: bool = False,
+        attention_scale: float | None = None,
+        attn_softcap: float | None = None,
+        post_norms: bool = False,
+        window: int | None = None,
+        local_global=None,
+        layer_types=None,
+        local_rope_base: float | None = None,
+        embedding_scale: float | None = None,
+        logit_softcap: float | None = None,
     ):
         super().__init__()
         for name, value in (
@@ -98,6 +193,50 @@ class GPT(nn.Module):
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
         _check_implementation(implementation)
+        types = _layer_types(num_layers, window, local_global, layer_types)
+        attn_softcap = _check_softcap("attn_softcap", attn_softcap)
+        if attn_softcap is not None and implementation in ("sdpa", "tiled"):
+            raise ValueError(
+                f"attn_softcap={attn_softcap} bends the scores with tanh and "
+                f"implementation={implementation!r} never forms them: use "
+                "implementation='reference' or 'auto'"
+            )
+        if positions == "alibi" and window is not None:
+            raise ValueError(
+                "window with positions='alibi' is not supported: the ALiBi bias is "
+                "one (H, T, S) table for every layer, and sliding layers see fewer keys"
+            )
+        if local_rope_base is not None and (positions != "rope" or types is None):
+            raise ValueError(
+                "local_rope_base is the RoPE base of the sliding-window layers: it "
+                f"needs positions='rope' and window=W, got positions={positions!r}, "
+                f"window={window!r}"
+            )
+        if shared_blocks and (
+            (types is not None and len(set(types)) > 1)
+            or (local_rope_base is not None and "global" in types)
+        ):
+            raise ValueError(
+                "shared_blocks=True applies one block at every layer: its layers "
+                f"cannot mix local and global attention, got layer_types={types}"
+            )
+        for name, value in (
+            ("embedding_scale", embedding_scale),
+            ("attention_scale", attention_scale),
+        ):
+            _check_softcap(name, value)  # a finite number > 0, or None
+        options = dict(
+            head_dim=head_dim,
+            qk_norm=qk_norm,
+            attention_scale=None if attention_scale is None else float(attention_scale),
+            attn_softcap=attn_softcap,
+            post_norms=post_norms,
+            window=window,
+            layer_types=types,
+            local_rope_base=None if local_rope_base is None else float(local_rope_base),
+            embedding_scale=None if embedding_scale is None else float(embedding_scale),
+            logit_softcap=_check_softcap("logit_softcap", logit_softcap),
+        )
         self.config = dict(
             vocab_size=vocab_size,
             context=context,
@@ -115,15 +254,28 @@ class GPT(nn.Module):
             tied=bool(tied),
             shared_blocks=bool(shared_blocks),
         )
+        self.config.update(
+            (name, options[name]) for name, off in _OPTIONS if options[name] != off
+        )
         self.implementation = implementation
         self.embedding = nn.Embedding(vocab_size, embed_dim)  # W_E (V, E)
         self.position_embedding = (
             nn.Embedding(context, embed_dim) if positions == "learned" else None
         )
-        rope = {"base": float(rope_base)} if positions == "rope" else None
         distinct = 1 if shared_blocks else num_layers
+        block_options = dict(
+            head_dim=head_dim,
+            qk_norm=qk_norm,
+            attention_scale=options["attention_scale"],
+            attn_softcap=attn_softcap,
+        )
         self.blocks = nn.ModuleList()
-        for _ in range(distinct):
+        for i in range(distinct):
+            local = types is not None and types[i] == "local"
+            base = rope_base
+            if local and local_rope_base is not None:
+                base = local_rope_base
+            rope = {"base": float(base)} if positions == "rope" else None
             block = TransformerBlock(
                 embed_dim,
                 num_heads,
@@ -133,6 +285,9 @@ class GPT(nn.Module):
                 mlp=mlp,
                 mlp_hidden=mlp_hidden,
                 rope=rope,
+                window=window if local else None,
+                post_norms=post_norms,
+                **block_options,
             )
             # the block's attention, with the kernel and projection biases chosen here
             block.attention = MultiHeadAttention(
@@ -142,6 +297,7 @@ class GPT(nn.Module):
                 bias=attention_bias,
                 rope=rope,
                 implementation=implementation,
+                **attention_options(norm, norm_eps, **block_options),
             )
             self.blocks.append(block)
         self.norm = make_norm(norm, embed_dim, eps=norm_eps)
@@ -166,9 +322,18 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attention.implementation = implementation
 
-    def new_caches(self) -> list[KVCache]:
-        """One empty :class:`KVCache` per layer (shared blocks still need one each)."""
-        return [KVCache() for _ in range(self.config["num_layers"])]
+    def new_caches(self, *, rolling: bool = True) -> list[KVCache]:
+        """One empty :class:`KVCache` per layer (shared blocks still need one each).
+
+        A sliding-window layer (``window=W``) gets a rolling ``KVCache(max_length=W)``,
+        which holds the last ``W`` positions only; ``rolling=False`` gives it one that
+        keeps everything (the same tokens, more memory)."""
+        if not isinstance(rolling, bool):
+            raise TypeError(f"rolling must be True or False, got {rolling!r}")
+        return [
+            KVCache(max_length=block.window if rolling else None)
+            for block in self.layers
+        ]
 
     def forward(self, ids: torch.Tensor, *, caches: list[KVCache] | None = None):
         """``ids (B, T)`` -> ``logits (B, T, V)``; with ``caches``, ``ids`` continue the
@@ -196,6 +361,8 @@ class GPT(nn.Module):
                 f"context={self.config['context']}"
             )
         x = self.embedding(ids)  # (B, T, E)
+        if "embedding_scale" in self.config:  # Gemma: sqrt(E)
+            x = x * self.config["embedding_scale"]  # (B, T, E)
         if self.position_embedding is not None:
             positions = torch.arange(start, start + T, device=ids.device)  # (T,)
             x = x + self.position_embedding(positions)  # (B, T, E)
@@ -206,7 +373,11 @@ class GPT(nn.Module):
             mask = mask.to(x.device)
         for i, block in enumerate(layers):
             x, _ = block(x, cache=None if caches is None else caches[i], mask=mask)
-        return self.head(self.norm(x))  # (B, T, V)
+        logits = self.head(self.norm(x))  # (B, T, V)
+        cap = self.config.get("logit_softcap")
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)  # (B, T, V): |z| < c
+        return logits
 
     def num_parameters(self) -> int:
         """Distinct parameters (a tied or shared tensor counted once)."""

@@ -31,6 +31,7 @@ import math
 import torch
 from torch import nn
 
+from companion._tiling import check_window
 from companion.numpy.conv import conv2d_output_size
 from companion.torch.conv import locally_connected2d
 from companion.torch.multihead import KVCache, MultiHeadAttention
@@ -45,10 +46,33 @@ __all__ = [
     "make_norm",
     "make_mlp",
     "SwiGLU",
+    "GeGLU",
     "TransformerBlock",
     "TinyTransformerLM",
     "generate",
 ]
+
+
+def attention_options(
+    norm: str,
+    norm_eps: float,
+    head_dim: int | None = None,
+    qk_norm: bool = False,
+    attention_scale: float | None = None,
+    attn_softcap: float | None = None,
+) -> dict:
+    """The keywords of :class:`MultiHeadAttention` for a block's options (empty for
+    the defaults, so a default block builds the attention it always built)."""
+    options = {}
+    if head_dim is not None:
+        options["head_dim"] = head_dim
+    if qk_norm:
+        options.update(qk_norm=norm, qk_norm_eps=norm_eps)
+    if attention_scale is not None:
+        options["scale"] = attention_scale
+    if attn_softcap is not None:
+        options["softcap"] = attn_softcap
+    return options
 
 
 def _pair(value) -> tuple[int, int]:
@@ -196,7 +220,7 @@ class LocallyConnectedNet(_PositionPooledNet):
 
 
 NORMS = ("layer", "rms")
-MLPS = ("gelu", "gelu_tanh", "swiglu")
+MLPS = ("gelu", "gelu_tanh", "swiglu", "geglu", "geglu_tanh")
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", None)
 
 
@@ -239,9 +263,36 @@ class SwiGLU(nn.Module):
         return self.down(gated)  # (B, T, E)
 
 
+class GeGLU(SwiGLU):
+    r"""The gated MLP with GELU for SiLU (Shazeer 2020; Gemma):
+    ``(gelu(x W_g) * x W_u) W_d``, the parameters of :class:`SwiGLU`.
+
+    ``approximate="tanh"`` is GELU's tanh approximation, what Gemma calls
+    ``gelu_pytorch_tanh``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        hidden_dim: int,
+        *,
+        bias: bool = False,
+        approximate: str = "none",
+    ):
+        super().__init__(embed_dim, hidden_dim, bias=bias)
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, T, hidden): gelu(x W_gate) * (x W_up)
+        act = nn.functional.gelu(self.gate(x), approximate=self.approximate)
+        return self.down(act * self.up(x))  # (B, T, E)
+
+
 def make_mlp(kind: str, embed_dim: int, hidden_dim: int | None = None) -> nn.Module:
     """The position-wise MLP: ``"gelu"`` (exact erf GELU, ``E -> 4E -> E``),
-    ``"gelu_tanh"`` (GPT-2's tanh approximation) or ``"swiglu"`` (:class:`SwiGLU`)."""
+    ``"gelu_tanh"`` (GPT-2's tanh approximation), ``"swiglu"`` (:class:`SwiGLU`),
+    ``"geglu"`` or ``"geglu_tanh"`` (:class:`GeGLU`, exact or tanh GELU; Gemma's is
+    ``"geglu_tanh"``). The gated ones default to ``8E/3`` hidden units."""
     if kind in ("gelu", "gelu_tanh"):
         hidden = 4 * embed_dim if hidden_dim is None else hidden_dim
         return nn.Sequential(
@@ -249,9 +300,13 @@ def make_mlp(kind: str, embed_dim: int, hidden_dim: int | None = None) -> nn.Mod
             nn.GELU(approximate="tanh" if kind == "gelu_tanh" else "none"),
             nn.Linear(hidden, embed_dim),
         )
-    if kind == "swiglu":
+    if kind in ("swiglu", "geglu", "geglu_tanh"):
         hidden = 8 * embed_dim // 3 if hidden_dim is None else hidden_dim
-        return SwiGLU(embed_dim, hidden)
+        if kind == "swiglu":
+            return SwiGLU(embed_dim, hidden)
+        return GeGLU(
+            embed_dim, hidden, approximate="tanh" if kind == "geglu_tanh" else "none"
+        )
     raise ValueError(f"mlp must be one of {MLPS}, got {kind!r}")
 
 
@@ -271,6 +326,26 @@ class TransformerBlock(nn.Module):
     ``norm_eps``); ``mlp`` is ``"gelu"``, ``"gelu_tanh"`` or ``"swiglu"``
     (:func:`make_mlp`). The defaults are a GPT-style pre-norm block with an exact-GELU
     ``E -> 4E -> E`` MLP.
+
+    Options of today's blocks (the defaults leave the block as above):
+
+    * ``head_dim``: ``D`` independent of ``E // H`` (Qwen3, Gemma 3);
+    * ``qk_norm=True``: queries and keys normalised per head over ``D`` (a ``norm``
+      of ``D`` features shared by the heads, before the rotation; Qwen3, Gemma 3);
+    * ``attention_scale``: the scores' scale instead of ``1/sqrt(D)`` (Gemma 3:
+      ``query_pre_attn_scalar ** -0.5``);
+    * ``attn_softcap=c``: scores ``c tanh(s / c)``, so ``|s| < c`` (Gemma 2). Torch's
+      fused kernel and the tiled one never form the scores, so this block computes
+      the reference attention (an ``implementation`` of ``"sdpa"`` or ``"tiled"``
+      is a ``ValueError``);
+    * ``window=W``: sliding-window attention, each position seeing itself and the
+      ``W - 1`` before it (Mistral's ``sliding_window``); a rolling
+      ``KVCache(max_length=W)`` holds all such a layer needs;
+    * ``post_norms=True``: "sandwich" norms (Gemma 2 and 3), a norm on the output of
+      the attention and of the MLP before each is added to the residual stream::
+
+          x = x + post_attention_norm(attention(norm1(x)))
+          x = x + post_mlp_norm(mlp(norm2(x)))
     """
 
     def __init__(
@@ -285,19 +360,44 @@ class TransformerBlock(nn.Module):
         mlp: str = "gelu",
         mlp_hidden: int | None = None,
         rope=None,
+        head_dim: int | None = None,
+        qk_norm: bool = False,
+        attention_scale: float | None = None,
+        attn_softcap: float | None = None,
+        window: int | None = None,
+        post_norms: bool = False,
     ):
         super().__init__()
-        if not isinstance(norm_first, bool):
-            raise TypeError(f"norm_first must be True or False, got {norm_first!r}")
+        for name, flag in (
+            ("norm_first", norm_first),
+            ("qk_norm", qk_norm),
+            ("post_norms", post_norms),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        if post_norms and not norm_first:
+            raise ValueError(
+                "post_norms=True adds norms to a pre-norm block: it needs "
+                "norm_first=True"
+            )
+        self.window = check_window(window)
+        # head_dim, qk_norm, scale, softcap (none of them by default)
+        options = attention_options(
+            norm, norm_eps, head_dim, qk_norm, attention_scale, attn_softcap
+        )
         # [book: block parts]
         self.norm_first = norm_first
         self.norm1 = make_norm(norm, embed_dim, eps=norm_eps)
         self.attention = MultiHeadAttention(
-            embed_dim, num_heads, num_kv_heads, rope=rope
+            embed_dim, num_heads, num_kv_heads, rope=rope, **options
         )
         self.norm2 = make_norm(norm, embed_dim, eps=norm_eps)
         self.mlp = make_mlp(mlp, embed_dim, mlp_hidden)
         # [/book: block parts]
+        self.post_attention_norm = self.post_mlp_norm = None
+        if post_norms:
+            self.post_attention_norm = make_norm(norm, embed_dim, eps=norm_eps)
+            self.post_mlp_norm = make_norm(norm, embed_dim, eps=norm_eps)
 
     def forward(
         self,
@@ -314,18 +414,25 @@ class TransformerBlock(nn.Module):
         """
         # [book: block forward]
         h = self.norm1(x) if self.norm_first else x  # (B, T, E)
-        kwargs = dict(causal=True, cache=cache, mask=mask)
+        kwargs = dict(causal=True, cache=cache, mask=mask, window=self.window)
         if return_weights:
             # (B, T, E), (B, H, T, S)
             attended, weights = self.attention(h, return_weights=True, **kwargs)
         else:
             attended, weights = self.attention(h, **kwargs), None  # (B, T, E)
+        if self.post_attention_norm is not None:  # sandwich norms (Gemma)
+            return self._sandwich(x, attended), weights
         if self.norm_first:
             x = x + attended  # (B, T, E): the residual stream
             return x + self.mlp(self.norm2(x)), weights  # (B, T, E)
         x = self.norm1(x + attended)  # (B, T, E)
         return self.norm2(x + self.mlp(x)), weights  # (B, T, E)
         # [/book: block forward]
+
+    def _sandwich(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of a block with ``post_norms=True``: ``(B, T, E)`` -> same."""
+        x = x + self.post_attention_norm(attended)  # (B, T, E)
+        return x + self.post_mlp_norm(self.mlp(self.norm2(x)))  # (B, T, E)
 
 
 class TinyTransformerLM(nn.Module):

@@ -20,6 +20,8 @@ Explained in the book chapters *Attention: algorithm and math* and *Making it fa
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -44,6 +46,7 @@ from companion.torch.attention import (
     attention_tiled,
     attention_weights,
     scaled_dot_product_attention_reference,
+    softmax,
 )
 from companion.torch.positions import _rotate_queries_and_keys
 
@@ -123,9 +126,30 @@ def _project(x: torch.Tensor, w: torch.Tensor, b, heads: int) -> torch.Tensor:
 IMPLEMENTATIONS = ("auto", "reference", "tiled", "sdpa")
 
 
-def _choose(implementation, L: int, S: int, return_weights: bool) -> str:
+def _check_softcap(name: str, value) -> float | None:
+    """``None`` or a finite float ``> 0`` (a cap on the scores or the logits)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be None or a number > 0, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _choose(implementation, L: int, S: int, return_weights: bool, softcap=None) -> str:
     """The shared choice of kernel, plus ``"sdpa"`` (torch's own fused kernel, torch
-    backend only; it never forms the weights)."""
+    backend only; it never forms the weights). With ``softcap`` only the reference
+    forms the scores that the cap bends: ``"auto"`` takes it, ``"sdpa"`` and
+    ``"tiled"`` are refused."""
+    if softcap is not None and implementation in ("sdpa", "tiled"):
+        raise ValueError(
+            f"softcap={softcap} bends the scores with tanh, and implementation="
+            f"{implementation!r} never forms them: use implementation='reference' "
+            "or 'auto' (which then computes the reference)"
+        )
+    if softcap is not None and implementation == "auto":
+        return "reference"
     if isinstance(implementation, str) and implementation == "sdpa":
         if return_weights:
             raise ValueError(
@@ -142,7 +166,7 @@ def _choose(implementation, L: int, S: int, return_weights: bool) -> str:
     )
 
 
-def _attention_sdpa(q, k, v, *, mask, causal, window) -> torch.Tensor:
+def _attention_sdpa(q, k, v, *, mask, causal, window, scale=None) -> torch.Tensor:
     """``torch.nn.functional.scaled_dot_product_attention`` on 4-D ``q (B, H, L, D)``,
     ``k, v (B, H_kv, S, D)`` -> ``(B, H, L, D_v)``, with the package's conventions.
 
@@ -157,7 +181,8 @@ def _attention_sdpa(q, k, v, *, mask, causal, window) -> torch.Tensor:
     gqa = shapes.H != shapes.H_kv
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if mask is None and window is None and (not causal or L == S):
-        return sdpa(q, k, v, is_causal=causal, enable_gqa=gqa)  # (B, H, L, D_v)
+        # (B, H, L, D_v)
+        return sdpa(q, k, v, is_causal=causal, enable_gqa=gqa, scale=scale)
     compute = _compute_dtype(q.dtype)
     mask = _as_mask(mask, shapes, q.device, compute)
     bias = torch.zeros(L, S, dtype=compute, device=q.device)  # (L, S)
@@ -172,10 +197,43 @@ def _attention_sdpa(q, k, v, *, mask, causal, window) -> torch.Tensor:
     bias = bias.masked_fill(dead, 0.0)  # finite, so no NaN forward or backward
     while bias.dim() < 4:
         bias = bias[None]
-    heads = sdpa(q, k, v, attn_mask=bias.to(q.dtype), enable_gqa=gqa)  # (B, H, L, D_v)
+    # (B, H, L, D_v)
+    heads = sdpa(q, k, v, attn_mask=bias.to(q.dtype), enable_gqa=gqa, scale=scale)
     while dead.dim() < 4:
         dead = dead[None]
     return heads.masked_fill(dead, 0.0)
+
+
+def _softcapped_attention(q, k, v, *, mask, causal, window, scale, softcap):
+    r"""The reference attention with soft-capped scores (Gemma 2, Grok), ``q (B, H, L,
+    D)``, ``k, v (B, H_kv, S, D)`` -> ``(B, H, L, D_v)`` and weights ``(B, H, L, S)``.
+
+    .. math:: s = c \tanh(t\, q \cdot k / c), \qquad |s| < c
+
+    The cap ``c`` bends the scaled scores before the mask is added (as Gemma 2 does);
+    masked entries stay ``-inf``.
+    """
+    shapes = _check_inputs(q, k, v)
+    compute = _compute_dtype(q.dtype)
+    scale = _checks.resolve_scale(scale, shapes.D)
+    k_t = k.to(compute).transpose(-1, -2)  # (B, H_kv, D, S)
+    # t Q K^T, the group folded into the rows: (B, H, L, S)
+    scores = scale * _grouped_product(q.to(compute), k_t, shapes.H_kv)
+    scores = softcap * torch.tanh(scores / softcap)  # (B, H, L, S): |s| < c
+    mask = _as_mask(mask, shapes, q.device, compute)
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:
+        scores = scores + mask  # a float mask: added to the capped scores
+    if causal or window is not None:
+        # bottom-right causal and/or the window's band: (L, S)
+        visible = _band(
+            0, shapes.L, 0, shapes.S, shapes.L, shapes.S, causal, window, q.device
+        )
+        scores = scores.masked_fill(~visible, float("-inf"))
+    probs = softmax(scores, axis=-1)  # (B, H, L, S)
+    heads = _grouped_product(probs, v.to(compute), shapes.H_kv)  # (B, H, L, D_v)
+    return heads, probs.to(q.dtype)
 
 
 def _multi_head(
@@ -194,16 +252,22 @@ def _multi_head(
     rope=None,
     window=None,
     key_name="x_kv",
+    scale=None,
+    qk_norm=None,
+    softcap=None,
 ):
     """The body shared by :func:`multi_head_attention` and :class:`MultiHeadAttention`.
 
     ``weights = (w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o)`` as tensors applied
     ``x @ W + b``, already in the compute dtype on the inputs' device; ``key_name``,
-    the caller's name for ``x_k`` in errors.
+    the caller's name for ``x_k`` in errors. ``scale`` replaces ``1/sqrt(D)``;
+    ``qk_norm = (q_norm, k_norm)`` normalises each head's queries and keys over ``D``
+    before the rotation (Qwen3, Gemma 3); ``softcap`` bends the scores (reference
+    path only, see :func:`_choose`).
     """
     w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o = weights
     # checked before the cache changes (the sizes come later)
-    _choose(implementation, 0, 0, return_weights)
+    _choose(implementation, 0, 0, return_weights, softcap)
     if cache is not None and not isinstance(cache, KVCache):
         raise TypeError(
             f"cache must be a companion.torch.KVCache, got {type(cache).__name__}"
@@ -216,6 +280,8 @@ def _multi_head(
     k = _project(x_k.to(compute), w_k, b_k, num_kv_heads).to(x_q.dtype)
     # (B, H_kv, S_new, D_v)
     v = _project(x_v.to(compute), w_v, b_v, num_kv_heads).to(x_q.dtype)
+    if qk_norm is not None:  # per head, over D: (B, H, L, D), (B, H_kv, S_new, D)
+        q, k = qk_norm[0](q), qk_norm[1](k)
     if rope is not None:  # at absolute positions, from cache.seen on
         start = 0 if cache is None else cache.seen
         q, k = _rotate_queries_and_keys(q, k, rope, start)
@@ -225,25 +291,30 @@ def _multi_head(
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H_kv, S, D), (B, H_kv, S, D_v)
         q = q.to(x_q.dtype)
-        chosen = _choose(implementation, q.shape[2], k.shape[2], return_weights)
-        if chosen == "sdpa":
+        chosen = _choose(
+            implementation, q.shape[2], k.shape[2], return_weights, softcap
+        )
+        band = dict(mask=mask, causal=causal, window=window, scale=scale)
+        if softcap is not None:
+            # the scores themselves, capped: (B, H, L, D_v), (B, H, L, S)
+            heads, probs = _softcapped_attention(q, k, v, softcap=softcap, **band)
+        elif chosen == "sdpa":
             # torch's fused kernel, 4-D: (B, H, L, D_v)
-            heads = _attention_sdpa(q, k, v, mask=mask, causal=causal, window=window)
+            heads = _attention_sdpa(q, k, v, **band)
             heads = heads.to(compute)
         elif chosen == "tiled":
             # (B, H, L, D_v)
-            heads = attention_tiled(q, k, v, mask=mask, causal=causal, window=window)
+            heads = attention_tiled(q, k, v, **band)
             heads = heads.to(compute)
         elif return_weights:
             # (B, H, L, S)
-            probs = attention_weights(q, k, mask=mask, causal=causal, window=window)
+            probs = attention_weights(q, k, **band)
             # P V, the group folded into the rows (V read in place): (B, H, L, D_v)
             heads = _grouped_product(probs.to(compute), v.to(compute), num_kv_heads)
         else:
             # (B, H, L, D_v)
-            heads = scaled_dot_product_attention_reference(
-                q, k, v, mask=mask, causal=causal, window=window
-            ).to(compute)
+            heads = scaled_dot_product_attention_reference(q, k, v, **band)
+            heads = heads.to(compute)
         B, H, L, D_v = heads.shape
         merged = heads.transpose(1, 2).reshape(B, L, H * D_v)  # (B, L, H * D_v)
         output = merged @ w_o  # (B, L, E_out)
@@ -387,6 +458,17 @@ class MultiHeadAttention(nn.Module):
     queries and keys at their absolute positions in every call, as in
     :func:`multi_head_attention`.
 
+    Options of today's models (the defaults change nothing): ``head_dim`` (``D``
+    independent of ``E``: ``q_proj`` is ``E -> H * D``, ``out_proj`` ``H * D -> E``;
+    Qwen3, Gemma 3), ``scale`` (instead of ``1/sqrt(D)``; Gemma 3's
+    ``query_pre_attn_scalar ** -0.5``), ``qk_norm`` (``"rms"`` or ``"layer"``, eps
+    ``qk_norm_eps``: modules ``q_norm`` and ``k_norm`` over ``D``, one weight shared
+    by the heads, applied to queries and keys before the rotation; Qwen3, Gemma 3,
+    OLMo-2 normalises the whole width instead) and ``softcap`` (``c``: scores
+    ``c tanh(s / c)`` before the mask, Gemma 2; only the reference forms the scores,
+    so ``"sdpa"`` and ``"tiled"`` are refused with it and ``"auto"`` computes the
+    reference).
+
     Explained in the book chapters *Attention: algorithm and math* and *Making it fast*.
     """
 
@@ -403,17 +485,28 @@ class MultiHeadAttention(nn.Module):
         dtype=None,
         implementation: str = "auto",
         rope=None,
+        head_dim: int | None = None,
+        scale: float | None = None,
+        qk_norm: str | None = None,
+        qk_norm_eps: float = 1e-6,
+        softcap: float | None = None,
     ):
         super().__init__()
         self.rope = _positions.as_rotary(rope)  # RotaryConfig or None
-        _choose(implementation, 0, 0, False)
+        self.softcap = _check_softcap("softcap", softcap)
+        self.scale = None if scale is None else _checks.resolve_scale(scale, 1)
+        if self.scale is not None and self.scale <= 0:
+            raise ValueError(f"scale must be > 0, got {scale!r}")
+        _choose(implementation, 0, 0, False, self.softcap)
         self.implementation = implementation
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         gqa_group_size(num_heads, num_kv_heads)  # ValueError unless H_kv divides H
         for name, value in (("embed_dim", embed_dim), ("kdim", kdim), ("vdim", vdim)):
             if value is not None:
                 _checks.check_int(name, value)
-        if embed_dim % num_heads:
+        if head_dim is not None:
+            _checks.check_int("head_dim", head_dim)
+        elif embed_dim % num_heads:
             raise ValueError(
                 f"embed_dim={embed_dim} must be a multiple of num_heads={num_heads}"
             )
@@ -424,7 +517,7 @@ class MultiHeadAttention(nn.Module):
         )
         self.kdim = embed_dim if kdim is None else kdim
         self.vdim = embed_dim if vdim is None else vdim
-        self.head_dim = embed_dim // num_heads
+        self.head_dim = embed_dim // num_heads if head_dim is None else head_dim
         factory = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(
             embed_dim, num_heads * self.head_dim, bias=bias, **factory
@@ -438,6 +531,15 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(
             num_heads * self.head_dim, embed_dim, bias=bias, **factory
         )
+        self.q_norm = self.k_norm = None
+        if qk_norm is not None:  # per head, over D, one weight for every head
+            norms = {"rms": nn.RMSNorm, "layer": nn.LayerNorm}
+            if qk_norm not in norms:
+                raise ValueError(
+                    f"qk_norm must be None, 'rms' or 'layer', got {qk_norm!r}"
+                )
+            self.q_norm = norms[qk_norm](self.head_dim, eps=qk_norm_eps, **factory)
+            self.k_norm = norms[qk_norm](self.head_dim, eps=qk_norm_eps, **factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -454,7 +556,10 @@ class MultiHeadAttention(nn.Module):
             f"num_kv_heads={self.num_kv_heads}, "
             f"head_dim={self.head_dim}, kdim={self.kdim}, vdim={self.vdim}, "
             f"bias={self.q_proj.bias is not None}"
-        ) + ("" if self.rope is None else f", rope={self.rope}")
+            + ("" if self.rope is None else f", rope={self.rope}")
+            + ("" if self.scale is None else f", scale={self.scale}")
+            + ("" if self.softcap is None else f", softcap={self.softcap}")
+        )
 
     def forward(
         self,
@@ -505,6 +610,9 @@ class MultiHeadAttention(nn.Module):
             rope=self.rope,
             window=window,
             key_name="key",
+            scale=self.scale,
+            qk_norm=None if self.q_norm is None else (self.q_norm, self.k_norm),
+            softcap=self.softcap,
         )
 
     # ----- conversions ----------------------------------------------------------------
