@@ -580,5 +580,9 @@ def test_bad_capacity_and_module_arguments():
         tm.MoELayer(8, 4, 4, 5)
     with pytest.raises(ValueError, match="capacity_factor"):
         tm.MoELayer(8, 4, 4, 2, capacity_factor=0)
-    with pytest.raises(ValueError, match="update_bias"):
-        tm.MoELayer(8, 4, 4, 2, dtype=torch.float64).update_bias()
+    with pytest.raises(ValueError, match="forward pass"):
+        tm.MoELayer(8, 4, 4, 2, router="deepseek_v3").update_bias()
+    mixtral = tm.MoELayer(8, 4, 4, 2, dtype=torch.float64)
+    mixtral(torch.zeros(3, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="router='deepseek_v3'"):
+        mixtral.update_bias()  # its forward never reads the bias

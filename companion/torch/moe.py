@@ -368,7 +368,14 @@ class MoELayer(nn.Module):
     @torch.no_grad()
     def update_bias(self, gamma=0.001):
         """DeepSeek-V3's bias step from the last forward's choices (in place on the
-        buffer: it is state, like a running mean)."""
+        buffer: it is state, like a running mean). Only ``router="deepseek_v3"`` uses
+        the bias; with any other router this is a ``ValueError``, not a silent
+        no-op."""
+        if self.router_name != "deepseek_v3":
+            raise ValueError(
+                "update_bias needs router='deepseek_v3' (the only router whose choice "
+                f"uses the bias), got router={self.router_name!r}"
+            )
         if self.last_routing is None:
             raise ValueError("update_bias needs a forward pass first")
         self.bias.copy_(
