@@ -304,6 +304,7 @@ class QuantizedCacheMixin:
         ops = self._ops
         B, H, S, dim = (int(n) for n in x.shape)
         G = dim if self._group_size is None else self._group_size
+        # [book: quantize]
         if layout == "token":  # (B, H, S, dim / G, G): reduce the last axis
             grouped, axis = ops.reshape(x, (B, H, S, dim // G, G)), 4
         else:  # (B, H, S / G, G, dim): reduce the positions of a group
@@ -320,6 +321,7 @@ class QuantizedCacheMixin:
             shifted = grouped - zero
         safe = ops.where(scale > 0, scale, scale * 0 + 1)  # s = 0: all codes 0
         codes = ops.clip(ops.round(shifted / safe), lo, hi) - lo  # 0 .. 2^b - 1
+        # [/book: quantize]
         codes = ops.reshape(ops.cast(codes, "int32"), (B, H, S, dim))
         packed = self._pack(codes)
         squeeze = (B, H, S, dim // G) if layout == "token" else (B, H, S // G, dim)
