@@ -285,6 +285,38 @@ def _throughput(budget: dict, base: dict, steps: int) -> dict:
     return rates
 
 
+def _reusable(reuse: dict | None, jobs: list, show_jobs: list) -> tuple[dict, dict]:
+    """The runs ``{(name, seed): record}`` and showcases ``{corpus: record}`` of an
+    earlier record ``reuse`` that these jobs would train again, identically: the same
+    budget, base model, model configuration (and training configuration and sampling
+    for a showcase)."""
+    if reuse is None:
+        return {}, {}
+    runs, shows = {}, {}
+    old_runs = {(r["name"], r["seed"]): r for r in reuse.get("runs", [])}
+    for name, seed, budget, base in jobs:
+        old = old_runs.get((name, seed))
+        if (
+            old is not None
+            and reuse.get("budget") == budget
+            and reuse.get("base_model") == base
+            and old["model"] == _model_config(name, budget, base)
+        ):
+            runs[(name, seed)] = old
+    for name, settings, budget, base, samples, seed in show_jobs:
+        old = reuse.get("showcase", {}).get(name)
+        shown = {**budget, "corpus": name, "vocab_size": settings["vocab_size"]}
+        config = _train_config(shown, base, seed, steps=settings["steps"]).as_dict()
+        if (
+            old is not None
+            and json.dumps(config) == json.dumps(old["config"])  # tuples as lists
+            and old["tokenizer_chars"] == settings["tokenizer_chars"]
+            and old["sampling"] == samples
+        ):
+            shows[name] = old
+    return runs, shows
+
+
 def gpt_experiments(
     *,
     seeds=(0, 1),
@@ -294,11 +326,17 @@ def gpt_experiments(
     samples: dict | None = None,
     throughput_steps: int = 20,
     workers: int = 2,
+    reuse: dict | None = None,
 ) -> dict:
     """Run every ablation of ``RUNS`` for each seed at ``budget``, the showcase
     runs and the throughput measurement; return the JSON-ready record (the module's
     docstring says what is measured). Smaller ``budget``/``showcase`` make a quick
-    check; the defaults are what the book stores."""
+    check; the defaults are what the book stores.
+
+    ``reuse`` (an earlier record) keeps its runs and showcases that were made at the
+    same budget, base model and configuration instead of training them again (a run is
+    deterministic on one machine: float32, one thread, seeded); the record lists them
+    under ``reused``. The throughput is always measured again."""
     import torch
 
     budget = {**BUDGET, **(budget or {})}
@@ -313,6 +351,9 @@ def gpt_experiments(
         (name, settings, budget, base, samples, 0)
         for name, settings in showcase.items()
     ]
+    kept_runs, kept_shows = _reusable(reuse, jobs, show_jobs)
+    jobs = [job for job in jobs if job[:2] not in kept_runs]
+    show_jobs = [job for job in show_jobs if job[0] not in kept_shows]
     if workers == 1:
         runs = [_run(job) for job in jobs]
         shows = [_showcase(job) for job in show_jobs]
@@ -321,6 +362,9 @@ def gpt_experiments(
             shows_future = [pool.submit(_showcase, job) for job in show_jobs]
             runs = list(pool.map(_run, jobs))
             shows = [f.result() for f in shows_future]
+    done = {(r["name"], r["seed"]): r for r in [*runs, *kept_runs.values()]}
+    runs = [done[(name, seed)] for seed in seeds for name in RUNS]  # seed order
+    shows = [*kept_shows.values(), *shows]
     rates = _throughput(budget, base, throughput_steps)
     return dict(
         command="python -m companion.experiments gpt",
@@ -330,6 +374,7 @@ def gpt_experiments(
         runs=runs,
         showcase={s["corpus"]: s for s in shows},
         tokens_per_second_by_implementation=rates,
+        reused=dict(runs=[list(key) for key in kept_runs], showcase=list(kept_shows)),
         machine=dict(
             processor=platform.processor() or platform.machine(),
             cpu_count=os.cpu_count(),
@@ -352,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None, help="ablation steps")
     parser.add_argument("--showcase-steps", type=int, default=None)
+    parser.add_argument(
+        "--reuse",
+        default=None,
+        help="an earlier JSON record: keep its runs made at the same settings",
+    )
     args = parser.parse_args(argv)
     budget = {} if args.steps is None else {"steps": args.steps}
     showcase = None
@@ -360,8 +410,16 @@ def main(argv: list[str] | None = None) -> int:
             name: {**settings, "steps": args.showcase_steps}
             for name, settings in SHOWCASE.items()
         }
+    reuse = None
+    if args.reuse is not None:
+        with open(args.reuse, encoding="utf-8") as f:
+            reuse = json.load(f)
     record = gpt_experiments(
-        seeds=tuple(args.seeds), budget=budget, showcase=showcase, workers=args.workers
+        seeds=tuple(args.seeds),
+        budget=budget,
+        showcase=showcase,
+        workers=args.workers,
+        reuse=reuse,
     )
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1, ensure_ascii=False)

@@ -112,6 +112,35 @@ def test_showcase_samples(record):
     assert shakespeare["evaluations"][-1][0] == 2
 
 
+def test_reuse_keeps_identical_runs_and_trains_the_rest(record):
+    settings = dict(
+        budget={**TOY_BUDGET, "vocab_size": 256},
+        base_model=TOY_MODEL,
+        showcase=TOY_SHOWCASE,
+        samples=dict(count=2),
+        throughput_steps=1,
+        workers=1,
+    )
+    grown = gpt_experiments(seeds=(0, 1, 2), reuse=record, **settings)
+    assert grown["reused"]["showcase"] == ["shakespeare"]
+    assert sorted(map(tuple, grown["reused"]["runs"])) == sorted(
+        (name, seed) for seed in (0, 1) for name in RUNS
+    )
+    assert [(r["name"], r["seed"]) for r in grown["runs"]] == [
+        (name, seed) for seed in (0, 1, 2) for name in RUNS
+    ]
+    assert grown["runs"][: 2 * len(RUNS)] == record["runs"]
+    # what makes reuse honest: a run trained again gives the same numbers
+    again = gpt_experiments(seeds=(1,), **settings)
+    assert [r["bits_per_byte"] for r in again["runs"]] == [
+        r["bits_per_byte"] for r in record["runs"] if r["seed"] == 1
+    ]
+    # another budget reuses nothing
+    other = {**settings, "budget": {**settings["budget"], "warmup": 2}}
+    fresh = gpt_experiments(seeds=(0,), reuse=record, **other)
+    assert fresh["reused"] == {"runs": [], "showcase": []}
+
+
 def test_tied_wide_matches_the_untied_parameters():
     budget = dict(vocab_size=512, context=64)
     base = dict(embed_dim=64, num_heads=4, num_layers=4)
