@@ -1,7 +1,7 @@
 """Paged decoding against a contiguous cache, and grouped-head decoding against SDPA.
 
-Two races, each run side by side, round by round (float32, one BLAS thread unless
-``threads`` says otherwise):
+Two races, each run side by side, alternating step by step (float32, one thread
+unless ``threads`` says otherwise):
 
 - ``paged``: one decoding step is the append of the new position's keys and values
   plus attention of its query over every cached position. ``contiguous`` appends to a
@@ -122,15 +122,17 @@ def run_paged(size: dict, backends, progress) -> dict:
                 for b in range(forks):
                     assert_close(paged[b], expected, name=f"paged fork {b}, S = {S}")
                 seconds = {"contiguous": [], "paged": []}
-                for _ in range(size["rounds"]):
-                    for way, step in (
-                        ("contiguous", race.step_contiguous),
-                        ("paged", race.step_paged),
-                    ):
-                        for _ in range(size["steps"]):
-                            start = time.perf_counter()
-                            step()
-                            seconds[way].append(time.perf_counter() - start)
+                ways = [
+                    ("contiguous", race.step_contiguous),
+                    ("paged", race.step_paged),
+                ]
+                # the two ways alternate step by step, in ABBA order, so that a change
+                # of the machine's load falls on both alike
+                for i in range(size["rounds"] * size["steps"]):
+                    for way, step in ways if i % 2 == 0 else ways[::-1]:
+                        start = time.perf_counter()
+                        step()
+                        seconds[way].append(time.perf_counter() - start)
                 contiguous = _median_ms(seconds["contiguous"])
                 paged_ms = _median_ms(seconds["paged"]) / forks
                 rows[f"{S}, forks {forks}"] = {

@@ -116,7 +116,7 @@ def _paged_one(q, cache, seq, causal, window, t):
         m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
         # -inf rows: exp(-inf - 0) = 0
         safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        p = torch.exp(scores - safe)  # (H_kv, G L, n)
+        p = scores.sub_(safe).exp_()  # (H_kv, G L, n), in place of the scores
         c = torch.exp(m - safe)  # rescales what was accumulated
         l = c * l + p.sum(dim=-1, keepdim=True)  # noqa: E741
         o = torch.baddbmm(o * c, p, v)  # c O + P_b V_b: (H_kv, G L, D_v)

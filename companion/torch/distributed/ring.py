@@ -170,33 +170,42 @@ def gather_sequence(x_shard, *, layout="contiguous", group=None, dim=-2):
 # --------------------------------------------------------------------------------------
 
 
-def _grouped(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """``(..., H, L, X)`` -> ``(..., H_kv, G, L, X)``; head ``h`` in group ``h//G``."""
+def _fold(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``(..., H, L, X)`` -> ``(..., H_kv, G L, X)``: the group folded into the rows.
+
+    Row ``g L + l`` of key/value head ``k`` is row ``l`` of query head ``k G + g``. One
+    matmul of these rows with a key head reads its keys in place; splitting the
+    queries as ``(..., H_kv, G, L, X)`` against ``k.unsqueeze(-3)`` would make
+    ``torch.matmul`` expand and copy the keys ``G`` times (a key-sized allocation per
+    query head of the group).
+    """
     *lead, H, L, X = x.shape
-    return x.reshape(*lead, num_kv_heads, H // num_kv_heads, L, X)
+    return x.reshape(*lead, num_kv_heads, (H // num_kv_heads) * L, X)
 
 
 def _block_scores(q, k, scale, diagonal):
-    """``scale q k^T`` of a block ``(..., H_kv, G, L_c, S_c)``, causal if diagonal."""
-    # (..., H_kv, G, L_c, S_c)
-    scores = scale * (_grouped(q, k.shape[-3]) @ k.unsqueeze(-3).transpose(-1, -2))
+    """``scale q k^T`` of a block ``(..., H_kv, G L_c, S_c)``, causal if diagonal."""
+    H_kv, L_c = k.shape[-3], q.shape[-2]
+    # (..., H_kv, G L_c, D) @ (..., H_kv, D, S_c) -> (..., H_kv, G L_c, S_c)
+    scores = scale * (_fold(q, H_kv) @ k.transpose(-1, -2))
     if diagonal:  # query chunk == key chunk: query i sees keys j <= i
-        L_c, S_c = scores.shape[-2:]
+        S_c = scores.shape[-1]
         keep = torch.ones(L_c, S_c, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
+        # (..., H_kv, G, L_c, S_c): the same (L_c, S_c) triangle for every group row
+        grouped = scores.view(*scores.shape[:-2], -1, L_c, S_c)
+        scores = grouped.masked_fill(~keep, float("-inf")).view(scores.shape)
     return scores
 
 
 def _block_forward(q, k, v, scale, diagonal):
     """One block: ``out (..., H, L_c, D_v)`` normalised in it, ``lse (..., H, L_c)``."""
-    scores = _block_scores(q, k, scale, diagonal)  # (..., H_kv, G, L_c, S_c)
-    lse = torch.logsumexp(scores, dim=-1)  # (..., H_kv, G, L_c)
-    probs = torch.exp(scores - lse.unsqueeze(-1))  # (..., H_kv, G, L_c, S_c)
-    out = probs @ v.unsqueeze(-3)  # (..., H_kv, G, L_c, D_v)
+    scores = _block_scores(q, k, scale, diagonal)  # (..., H_kv, G L_c, S_c)
+    lse = torch.logsumexp(scores, dim=-1)  # (..., H_kv, G L_c)
+    probs = torch.exp(scores - lse.unsqueeze(-1))  # (..., H_kv, G L_c, S_c)
+    out = probs @ v  # (..., H_kv, G L_c, D_v): each value read in place
     record_work(scores.numel())
-    *lead, H_kv, G, L_c, D_v = out.shape
     # (..., H, L_c, D_v), (..., H, L_c)
-    return out.reshape(*lead, H_kv * G, L_c, D_v), lse.reshape(*lead, H_kv * G, L_c)
+    return out.reshape(*q.shape[:-1], v.shape[-1]), lse.reshape(q.shape[:-1])
 
 
 def _merge(out_a, lse_a, out_b, lse_b):
@@ -215,19 +224,19 @@ def _block_backward(dout, q, k, v, lse, delta, scale, diagonal):
     """Gradients of one block from the final ``lse`` and ``delta = rowsum(dO * O)``.
 
     ``P = exp(S - lse)``, ``dV = P^T dO``, ``dS = P * (dO V^T - delta)``,
-    ``dQ = scale dS K``, ``dK = scale dS^T Q``; grouped heads sum into their key head.
+    ``dQ = scale dS K``, ``dK = scale dS^T Q``; with the group folded into the rows,
+    the products over them sum the group's gradients into their key head.
     """
     H_kv = k.shape[-3]
-    scores = _block_scores(q, k, scale, diagonal)  # (..., H_kv, G, L_c, S_c)
-    probs = torch.exp(scores - _grouped(lse.unsqueeze(-1), H_kv))  # masked -> 0
-    dout_g = _grouped(dout, H_kv)  # (..., H_kv, G, L_c, D_v)
-    dv = (probs.transpose(-1, -2) @ dout_g).sum(-3)  # (..., H_kv, S_c, D_v)
-    # (..., H_kv, G, L_c, S_c)
-    dprobs = dout_g @ v.unsqueeze(-3).transpose(-1, -2)
-    dscores = probs * (dprobs - _grouped(delta.unsqueeze(-1), H_kv))
-    dq = scale * (dscores @ k.unsqueeze(-3))  # (..., H_kv, G, L_c, D)
-    # (..., H_kv, S_c, D)
-    dk = scale * (dscores.transpose(-1, -2) @ _grouped(q, H_kv)).sum(-3)
+    scores = _block_scores(q, k, scale, diagonal)  # (..., H_kv, G L_c, S_c)
+    # masked -> 0
+    probs = torch.exp(scores - _fold(lse.unsqueeze(-1), H_kv))
+    dout_f = _fold(dout, H_kv)  # (..., H_kv, G L_c, D_v)
+    dv = probs.transpose(-1, -2) @ dout_f  # (..., H_kv, S_c, D_v)
+    dprobs = dout_f @ v.transpose(-1, -2)  # (..., H_kv, G L_c, S_c)
+    dscores = probs * (dprobs - _fold(delta.unsqueeze(-1), H_kv))
+    dq = scale * (dscores @ k)  # (..., H_kv, G L_c, D)
+    dk = scale * (dscores.transpose(-1, -2) @ _fold(q, H_kv))  # (..., H_kv, S_c, D)
     return dq.reshape(q.shape), dk, dv
 
 
