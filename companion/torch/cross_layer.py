@@ -19,7 +19,7 @@ embeddings. Built from :class:`companion.torch.models.TransformerBlock`.
   ``step_embeddings``), so that they train at the GPT chapter's budget
   (``python -m companion.experiments gpt``).
 
-Explained in the book chapter *Parameter sharing in code* (sharing across layers).
+Explained in the book chapter *A small GPT on real text* (sharing across layers).
 """
 
 from __future__ import annotations
@@ -397,7 +397,7 @@ class CrossLayerGPT(GPT):
         """One layer's attention on its normed input ``h (B, T, E)``; ``shared`` is
         ``None`` (this layer computes keys and values) or its group's ``(k, v)``."""
         B, T, _ = h.shape
-        D = attention.head_dim
+        H, H_kv, D = attention.num_heads, attention.num_kv_heads, attention.head_dim
 
         def heads(linear, count):  # (B, T, count * D) -> (B, count, T, D)
             return linear(h).reshape(B, T, count, D).transpose(1, 2)
@@ -417,19 +417,17 @@ class CrossLayerGPT(GPT):
             )
 
         # [book: cla gpt attention]
-        q = rotate(heads(attention.q_proj, attention.num_heads))  # (B, H, T, D)
+        q = rotate(heads(attention.q_proj, H))  # (B, H, T, D)
         if shared is None:  # the first layer of a group: its own keys and values
-            k = rotate(
-                heads(attention.k_proj, attention.num_kv_heads)
-            )  # (B, H_kv, T, D)
-            v = heads(attention.v_proj, attention.num_kv_heads)  # (B, H_kv, T, D)
+            k = rotate(heads(attention.k_proj, H_kv))  # (B, H_kv, T, D)
+            v = heads(attention.v_proj, H_kv)  # (B, H_kv, T, D)
             if cache is not None:
                 k, v = cache.append(k, v)  # (B, H_kv, S, D) each
             shared = (k, v)
         k, v = shared  # the other layers of the group read them
         out = self._kernel(q, k, v, mask)  # (B, H, T, D)
         # [/book: cla gpt attention]
-        merged = out.transpose(1, 2).reshape(B, T, attention.num_heads * D)
+        merged = out.transpose(1, 2).reshape(B, T, H * D)
         return attention.out_proj(merged), shared  # (B, T, E)
 
     def forward(self, ids: torch.Tensor, *, caches: list[KVCache] | None = None):
