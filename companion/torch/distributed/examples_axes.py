@@ -44,6 +44,8 @@ __all__ = [
     "pipeline_timeline",
     "bubble_fraction",
     "run_pipeline_checks",
+    "run_axes",
+    "run_ring_and_ulysses",
 ]
 
 
@@ -444,4 +446,31 @@ def run_pipeline_checks(cases, timelines):
             pipeline_timeline(schedule, m, layers=2, batch=4, embed_dim=8)
             for schedule, m in timelines
         ],
+    }
+
+
+# --------------------------------------------------------------------------------------
+# the chapter's launches: several axes per launch (starting processes costs seconds)
+# --------------------------------------------------------------------------------------
+
+
+def run_axes(ulysses_cases, vocab_cases, expert_cases, pipeline_cases, timelines):
+    """:func:`run_ulysses`, :func:`run_vocab_parallel`, :func:`run_expert_parallel`
+    and :func:`run_pipeline_checks` in one launch; a dict of their results."""
+    return {
+        "ulysses": run_ulysses(ulysses_cases),
+        "vocab": run_vocab_parallel(vocab_cases),
+        "expert": run_expert_parallel(expert_cases),
+        **run_pipeline_checks(pipeline_cases, timelines),
+    }
+
+
+def run_ring_and_ulysses(ring_cases, ulysses_cases):
+    """:func:`~companion.torch.distributed.examples.run_ring_attention` and
+    :func:`run_ulysses` in one launch: ``{"ring": ..., "ulysses": ...}``."""
+    from companion.torch.distributed.examples import run_ring_attention
+
+    return {
+        "ring": run_ring_attention(ring_cases),
+        "ulysses": run_ulysses(ulysses_cases),
     }
