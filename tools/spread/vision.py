@@ -1,9 +1,10 @@
 """Measure the spread of the vision chapter's trained-model claims (issue 21).
 
-Trains the chapter's three networks (float64, one thread, as in ``book/vision.ipynb``)
-for several seeds and adds the accuracies to ``book/_data/spread/vision.json`` under
-the given machine label. Run once on the host and once under the second-machine
-settings (``--machine avx2-1thread``); the notebook's asserts are set from the spread.
+Trains the chapter's three networks and its four vision transformers (float64, one
+thread, as in ``book/vision.ipynb``) for several seeds and adds the accuracies to
+``book/_data/spread/vision.json`` under the given machine label. Run once on the host
+and once under the second-machine settings (``--machine avx2-1thread``); the
+notebook's asserts are set from the spread.
 """
 
 import argparse
@@ -17,6 +18,7 @@ from _collect import collect  # tools/spread/_collect.py, beside this script
 
 from companion.data import SHAPE_NAMES, shape_offsets, shapes_dataset
 from companion.torch.models import LocallyConnectedNet, MLPClassifier, SmallCNN
+from companion.torch.vit import VisionTransformer
 
 IMAGE, CLASSES = 12, len(SHAPE_NAMES)
 NAMES = ["MLP", "locally connected", "CNN"]
@@ -49,6 +51,52 @@ CLAIMS = {
         "by_column['locally connected'][first_unseen:].max() <= 0.7",
     ),
 }
+VIT_SEEN = "the ViT learns the task at the training positions"
+VIT_UNSEEN = (
+    "the ViT (cls, learned) carries most of it to unseen positions, below the CNN"
+)
+VIT_SINUSOIDAL = (
+    "fixed 2-D sinusoidal positions transfer worse to unseen positions than learned"
+)
+VIT_ATTENTION = (
+    "the class token's first-layer attention favours the patches holding the shape"
+)
+CLAIMS.update(
+    {
+        "ViT seen accuracy": (VIT_SEEN, "vit[MAIN][0] >= 0.9"),
+        "ViT unseen accuracy": (
+            VIT_UNSEEN,
+            "0.85 <= vit[MAIN][1] < results['CNN'][1]",
+        ),
+        "ViT 5-epoch seen accuracy": (VIT_SEEN, "(prose only)"),
+        "ViT 5-epoch unseen accuracy": (VIT_UNSEEN, "(prose only)"),
+        "ViT mean-pooled seen accuracy": (VIT_SEEN, "(prose only)"),
+        "ViT mean-pooled unseen accuracy": (VIT_UNSEEN, "(prose only)"),
+        "ViT sinusoidal seen accuracy": (VIT_SINUSOIDAL, "(prose only)"),
+        "ViT sinusoidal unseen accuracy": (
+            VIT_SINUSOIDAL,
+            "vit[('cls', 'sinusoidal')][1] <= 0.85",
+        ),
+        "ViT mean-pooled sinusoidal seen accuracy": (VIT_SINUSOIDAL, "(prose only)"),
+        "ViT mean-pooled sinusoidal unseen accuracy": (
+            VIT_SINUSOIDAL,
+            "vit[('mean', 'sinusoidal')][1] <= 0.85",
+        ),
+        "ViT attention on shape patches": (
+            VIT_ATTENTION,
+            "on_shape >= 1.2 * holds_shape.mean()",
+        ),
+        "share of patches holding the shape": (VIT_ATTENTION, "(prose only)"),
+    }
+)
+# the chapter's vision transformers: (pooling, positions) -> name of their metrics
+VITS = {
+    ("cls", "learned"): "ViT",
+    ("mean", "learned"): "ViT mean-pooled",
+    ("cls", "sinusoidal"): "ViT sinusoidal",
+    ("mean", "sinusoidal"): "ViT mean-pooled sinusoidal",
+}
+VIT_EPOCHS = 10  # twice the CNN's
 OUT = pathlib.Path(__file__).parents[2] / "book" / "_data" / "spread" / "vision.json"
 
 
@@ -61,6 +109,34 @@ def make(name, seed):
         ),
         "CNN": lambda: SmallCNN(CLASSES, channels=(8, 16)),
     }[name]().double()
+
+
+def make_vit(pooling, positions, seed):
+    torch.manual_seed(seed)
+    return VisionTransformer(
+        IMAGE,
+        3,
+        CLASSES,
+        embed_dim=8,
+        num_heads=2,
+        num_layers=2,
+        mlp_hidden=16,
+        pooling=pooling,
+        positions=positions,
+    ).double()
+
+
+@torch.no_grad()
+def attention_on_shape(model, data):
+    """Mean share of the class token's first-layer attention (averaged over heads) on
+    the patches that hold part of the shape (a pixel above 0.5), and the mean share of
+    such patches."""
+    _, weights = model.encode(tensor(data.images), return_weights=True)
+    from_cls = weights[0][:, :, 0, 1:].mean(dim=1).numpy()  # (B, N)
+    p, B = model.patch_size, len(data.images)
+    patches = data.images.reshape(B, IMAGE // p, p, IMAGE // p, p)
+    holds_shape = (patches.max(axis=(2, 4)) > 0.5).reshape(B, -1)  # (B, N)
+    return (from_cls * holds_shape).sum(1).mean(), holds_shape.mean()
 
 
 def tensor(images):
@@ -109,6 +185,19 @@ def measure(seed):
         values[f"{name} highest unseen column accuracy"] = float(
             by_column[first_unseen:].max()
         )
+    for (pooling, positions), name in VITS.items():
+        model = make_vit(pooling, positions, seed)
+        train_classifier(model, train, epochs=VIT_EPOCHS, seed=seed)
+        values[f"{name} seen accuracy"] = float(correct(model, seen).mean())
+        values[f"{name} unseen accuracy"] = float(correct(model, unseen).mean())
+        if name == "ViT":
+            on_shape, share = attention_on_shape(model, unseen)
+            values["ViT attention on shape patches"] = float(on_shape)
+            values["share of patches holding the shape"] = float(share)
+    model = make_vit("cls", "learned", seed)
+    train_classifier(model, train, epochs=5, seed=seed)
+    values["ViT 5-epoch seen accuracy"] = float(correct(model, seen).mean())
+    values["ViT 5-epoch unseen accuracy"] = float(correct(model, unseen).mean())
     return values
 
 
