@@ -721,15 +721,17 @@ _GPT_FAMILIES = {
 _LAYER_TYPES = {"sliding_attention": "local", "full_attention": "global"}
 
 
-def _gpt_rope(config, layer_type=None) -> float:
-    """The RoPE base of a GPT layer, or ``ValueError`` for what a base cannot say."""
+def _gpt_rope(config, layer_type=None) -> tuple[float, dict | None]:
+    """The RoPE base and scaling of a GPT layer; ``ValueError`` for a layout the GPT
+    does not have (interleaved pairs, a partial rotation)."""
     converted = rope(config, layer_type=layer_type)
-    if "scaling" in converted or converted["interleaved"] or converted["rotary_dim"]:
+    if converted["interleaved"] or converted["rotary_dim"]:
         raise ValueError(
-            f"GPT takes a RoPE base only; {type(config).__name__} has {converted} "
-            f"(layer_type {layer_type!r}): build its attention with rope=hf.rope(...)"
+            f"the GPT rotates halves of whole heads; {type(config).__name__} has "
+            f"{converted} (layer_type {layer_type!r}): build its attention with "
+            "rope=hf.rope(...)"
         )
-    return converted["base"]
+    return converted["base"], converted.get("scaling")
 
 
 def _gpt_options(config, family: str) -> dict:
@@ -778,12 +780,18 @@ def _gpt_options(config, family: str) -> dict:
             raise ValueError(f"layer types {unknown} are not converted")
         options.update(window=window, layer_types=[_LAYER_TYPES[t] for t in types])
     if family == "gemma3_text":
-        options["rope_base"] = _gpt_rope(config, "full_attention")
-        local = _gpt_rope(config, "sliding_attention")
-        if "window" in options and local != options["rope_base"]:
+        base, scaling = _gpt_rope(config, "full_attention")
+        local, local_scaling = _gpt_rope(config, "sliding_attention")
+        if local_scaling is not None:
+            raise ValueError(
+                "the GPT scales the RoPE of its global layers only; this Gemma 3 "
+                f"scales its sliding layers too ({local_scaling})"
+            )
+        if "window" in options and (local != base or scaling is not None):
             options["local_rope_base"] = local
     else:
-        options["rope_base"] = _gpt_rope(config)
+        base, scaling = _gpt_rope(config)
+    options.update(rope_base=base, rope_scaling=scaling)
     if gemma:
         scale = config.query_pre_attn_scalar**-0.5
         if scale != head_dim**-0.5:
@@ -816,8 +824,8 @@ def gpt_from_hf(model, *, dtype=None, implementation: str | None = None):
     Gemma 3)
     ``sliding_window``, ``layer_types``   ``window``, ``layer_types`` (``"local"``
                                           for ``"sliding_attention"``)
-    ``rope_parameters`` (per layer type   ``rope_base``, ``local_rope_base``
-    in Gemma 3)
+    ``rope_parameters`` (per layer type   ``rope_base``, ``rope_scaling``,
+    in Gemma 3)                           ``local_rope_base``
     Gemma: embeddings ``* sqrt(E)``       ``embedding_scale`` (the value of
                                           ``embed_scale`` Transformers multiplies by)
     Gemma: ``query_pre_attn_scalar``      ``attention_scale`` (its ``** -0.5``)
@@ -830,7 +838,7 @@ def gpt_from_hf(model, *, dtype=None, implementation: str | None = None):
     Gemma's RMSNorm multiplies by ``1 + w`` (its weights start at 0): the package's
     ``nn.RMSNorm`` gets the weight ``1 + w``, the same function. Gemma 3 keeps an
     ``attn_logit_softcapping`` in its configuration that its attention never applies;
-    the GPT follows the computation and does not cap. A scaled or interleaved RoPE,
+    the GPT follows the computation and does not cap. An interleaved or partial RoPE,
     biases in the MLP and bidirectional attention are ``ValueError``; other models
     ``TypeError``. ``dtype`` (a ``torch.dtype`` or its name) defaults to the model's;
     ``implementation`` defaults to ``"sdpa"``, or ``"reference"`` where the scores

@@ -229,6 +229,19 @@ def test_local_rope_base_goes_to_the_local_layers():
         num_layers=3, window=3, local_global=(2, 1), rope_base=1e6, local_rope_base=1e4
     )
     assert [b.attention.rope.base for b in model.blocks] == [1e4, 1e4, 1e6]
+    scaled = _gpt(
+        num_layers=3,
+        window=3,
+        local_global=(2, 1),
+        local_rope_base=1e4,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+    )
+    assert [b.attention.rope.scaling is None for b in scaled.blocks] == [
+        True,
+        True,
+        False,
+    ]
+    assert scaled.blocks[2].attention.rope.scaling.factor == 8.0
 
 
 def test_windows_limit_what_a_position_sees():
@@ -343,6 +356,7 @@ def test_defaults_build_what_they_built():
         local_global=None,
         layer_types=None,
         local_rope_base=None,
+        rope_scaling=None,
         embedding_scale=None,
         logit_softcap=None,
     )
@@ -416,6 +430,11 @@ def test_checkpoint_round_trip_with_options():
         (dict(window=3, layer_types=["local", "full", "local", "local"]), ValueError,
          "layer_types"),
         (dict(local_rope_base=1e4), ValueError, "local_rope_base"),
+        (dict(rope_scaling={"rope_type": "linear", "factor": 2.0},
+              positions="learned"), ValueError, "rope_scaling"),
+        (dict(rope_scaling="linear"), TypeError, "rope_scaling"),
+        (dict(rope_scaling={"rope_type": "linear", "factor": -2.0}), ValueError,
+         "factor"),
         (dict(window=3, positions="alibi"), ValueError, "window"),
         (dict(window=3, local_global=(1, 1), shared_blocks=True), ValueError,
          "shared_blocks"),

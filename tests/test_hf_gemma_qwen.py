@@ -33,6 +33,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from transformers import modeling_rope_utils  # noqa: E402
 from transformers.models.gemma2 import modeling_gemma2  # noqa: E402
 from transformers.models.gemma3 import modeling_gemma3  # noqa: E402
 from transformers.models.llama import modeling_llama  # noqa: E402
@@ -77,16 +78,17 @@ _MODULES = {
 
 @contextlib.contextmanager
 def _float64(model_type: str):
-    """Transformers' modelling code of ``model_type`` with no float32 inside."""
+    """Transformers' modelling code of ``model_type`` (and its RoPE scaling rules)
+    with no float32 inside."""
     module, norm = _MODULES[model_type]
     saved = module.torch, None if norm is None else norm.forward
-    module.torch = _WideTorch()
+    module.torch = modeling_rope_utils.torch = _WideTorch()
     if norm is not None:
         norm.forward = _gemma_norm
     try:
         yield
     finally:
-        module.torch = saved[0]
+        module.torch = modeling_rope_utils.torch = saved[0]
         if norm is not None:
             norm.forward = saved[1]
 
@@ -292,14 +294,56 @@ def test_rope_of_gemma3_per_layer_type():
         hf.rope(transformers.Qwen3Config(), layer_type="full_attention")
 
 
+SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "yarn": {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SCALINGS))
+def test_scaled_rope_logits_equal(kind):
+    model = _model("llama", rope_parameters={**SCALINGS[kind], "rope_theta": 1e4})
+    ours = hf.gpt_from_hf(model)
+    assert ours.config["rope_scaling"]["rope_type"] == kind
+    ids = _ids(PROMPT + 4)
+    with torch.no_grad(), _float64("llama"):
+        assert_close(ours(ids), model(ids).logits, name=f"{kind} logits", **F64)
+
+
+def test_gemma3_scaled_global_layers():
+    """Gemma 3 (4B and larger) scales the RoPE of its global layers only (linear,
+    factor 8): ``rope_scaling`` for the global layers, the local ones unscaled."""
+    rope = {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+    }
+    model = _model("gemma3", rope_parameters=rope)
+    ours = hf.gpt_from_hf(model)
+    scaled = [b.attention.rope.scaling is not None for b in ours.blocks]
+    assert scaled == [False] * 5 + [True, False]
+    ids = _ids(PROMPT + 4)
+    with torch.no_grad(), _float64("gemma3_text"):
+        assert_close(ours(ids), model(ids).logits, name="Gemma 3 logits", **F64)
+
+
 def test_refused():
     with pytest.raises(TypeError, match="model must be"):
         hf.gpt_from_hf(torch.nn.Linear(2, 2))
-    scaled = _model(
-        "llama",
-        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
-    )
-    with pytest.raises(ValueError, match="RoPE base only"):
-        hf.gpt_from_hf(scaled)
     with pytest.raises(ValueError, match="mlp_bias"):
         hf.gpt_from_hf(_model("llama", mlp_bias=True))
+    proportional = transformers.LlamaConfig(
+        rope_parameters={"rope_type": "proportional", "rope_theta": 1e4}
+    )
+    with pytest.raises(ValueError, match="proportional"):
+        hf.rope(proportional)

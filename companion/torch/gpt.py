@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from companion._positions import as_rotary
 from companion.torch.models import TransformerBlock, attention_options, make_norm
 from companion.torch.multihead import KVCache, MultiHeadAttention, _check_softcap
 from companion.torch.positions import alibi_bias
@@ -63,6 +64,7 @@ _OPTIONS = (
     ("window", None),
     ("layer_types", None),
     ("local_rope_base", None),
+    ("rope_scaling", None),
     ("embedding_scale", None),
     ("logit_softcap", None),
 )
@@ -141,6 +143,10 @@ class GPT(nn.Module):
       list; :meth:`new_caches` gives local layers a rolling ``KVCache(max_length=W)``;
     * ``local_rope_base``: the local layers' RoPE base (Gemma 3: 10 000, the
       global ones 1 000 000);
+    * ``rope_scaling``: a RoPE scaling rule (a dict of the fields of
+      :class:`companion.numpy.RopeScaling`: linear, NTK-aware, dynamic, YaRN,
+      Llama 3, LongRoPE) for the layers of ``rope_base``; with ``local_rope_base``
+      the local layers are not scaled (Gemma 3 scales its global layers only);
     * ``embedding_scale``: the token embeddings times this number (Gemma:
       ``sqrt(E)``);
     * ``logit_softcap=c``: logits ``c tanh(z / c)`` (Gemma 2, Gemma 3 when set).
@@ -177,6 +183,7 @@ class GPT(nn.Module):
         local_global=None,
         layer_types=None,
         local_rope_base: float | None = None,
+        rope_scaling: dict | None = None,
         embedding_scale: float | None = None,
         logit_softcap: float | None = None,
     ):
@@ -212,6 +219,17 @@ class GPT(nn.Module):
                 f"needs positions='rope' and window=W, got positions={positions!r}, "
                 f"window={window!r}"
             )
+        if rope_scaling is not None:
+            if positions != "rope":
+                raise ValueError(
+                    f"rope_scaling needs positions='rope', got positions={positions!r}"
+                )
+            if not isinstance(rope_scaling, dict):
+                raise TypeError(
+                    "rope_scaling must be a dict of RopeScaling fields, e.g. "
+                    f"{{'rope_type': 'linear', 'factor': 2.0}}, got {rope_scaling!r}"
+                )
+            as_rotary({"base": float(rope_base), "scaling": rope_scaling})  # checks
         if shared_blocks and (
             (types is not None and len(set(types)) > 1)
             or (local_rope_base is not None and "global" in types)
@@ -234,6 +252,7 @@ class GPT(nn.Module):
             window=window,
             layer_types=types,
             local_rope_base=None if local_rope_base is None else float(local_rope_base),
+            rope_scaling=None if rope_scaling is None else dict(rope_scaling),
             embedding_scale=None if embedding_scale is None else float(embedding_scale),
             logit_softcap=_check_softcap("logit_softcap", logit_softcap),
         )
@@ -272,10 +291,10 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList()
         for i in range(distinct):
             local = types is not None and types[i] == "local"
-            base = rope_base
-            if local and local_rope_base is not None:
-                base = local_rope_base
-            rope = {"base": float(base)} if positions == "rope" else None
+            rope = {"base": float(rope_base), "scaling": rope_scaling}
+            if local and local_rope_base is not None:  # unscaled, its own base
+                rope = {"base": float(local_rope_base)}
+            rope = rope if positions == "rope" else None
             block = TransformerBlock(
                 embed_dim,
                 num_heads,
