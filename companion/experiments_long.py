@@ -14,7 +14,8 @@ validation windows:
   full causal attention, with a sliding window, and with a window plus the first
   ``sinks`` tokens (StreamingLLM, Xiao et al. 2023), the sinks at the paper's cache
   positions (:func:`sink_attention`) or at their absolute positions; each at two cache
-  sizes, the loss split into positions inside and beyond ``T``.
+  sizes, the loss split into positions inside and beyond ``T``; and how much
+  attention weight the first token gets (a sink gets far more than its share).
 
 Float32 on the CPU, one thread per run, ``workers`` runs side by side. The record
 goes to ``book/_data/long_context_experiments.json``, which ``book/long_context.ipynb``
@@ -41,6 +42,7 @@ __all__ = [
     "sink_attention",
     "quantized_losses",
     "sink_losses",
+    "first_token_weight",
     "long_context_experiments",
     "main",
 ]
@@ -143,6 +145,35 @@ def sink_attention(q, k, v, rope, *, sinks: int, window, positions="slots"):
                 f"positions must be 'slots' or 'absolute', got {positions}"
             )
     return _softmax_attention(scores, v, allowed)
+
+
+def first_token_weight(model, windows, *, start: int, stop: int) -> dict:
+    """Per layer, the mean attention weight that queries at positions ``start ..
+    stop - 1`` give to position 0 (full causal attention, every head), beside what
+    uniform weights would give, ``mean(1 / (i + 1))``: a sink gets far more."""
+    import torch
+
+    sums = [0.0] * model.config["num_layers"]
+    calls = [0]  # layers run so far: gpt_forward calls attend once per layer
+
+    def attend(q, k, v, rope):
+        T, D = q.shape[-2], q.shape[-1]
+        pos = torch.arange(T)
+        group = q.shape[1] // k.shape[1]
+        k_rot = _rotate(k, pos, rope).repeat_interleave(group, dim=1)
+        scores = _rotate(q, pos, rope) @ k_rot.transpose(-1, -2) / math.sqrt(D)
+        scores = scores.masked_fill(pos[None, :] > pos[:, None], -math.inf)
+        weights = torch.softmax(scores, dim=-1)  # (B, H, T, T)
+        i = calls[0] % len(sums)
+        calls[0] += 1
+        sums[i] += weights[:, :, start:stop, 0].mean().item()
+        return weights @ v.repeat_interleave(group, dim=1)
+
+    with torch.no_grad():
+        for x, _ in windows:
+            gpt_forward(model, x[:, :stop], attend)
+    uniform = sum(1 / (i + 1) for i in range(start, stop)) / (stop - start)
+    return dict(layers=[w / len(windows) for w in sums], uniform=uniform)
 
 
 def _validation_windows(tokenizer, length: int, batch: int, batches: int):
@@ -287,6 +318,9 @@ def _run(job: tuple) -> dict:
         seed=seed,
         validation_loss=result.evaluations[-1][1],
         quantized=quantized_losses(model, quant_windows),
+        first_token_weight=first_token_weight(
+            model, quant_windows, start=T // 2, stop=T
+        ),
         sinks=sink_losses(
             longer,
             sink_windows,

@@ -105,3 +105,16 @@ def test_sink_losses_structure():
     ]
     # inside the first `sinks + window` positions every variant reads everything
     assert result["window 8"]["inside"] != result["full attention"]["inside"]
+
+
+def test_first_token_weight_of_uniform_attention():
+    """A model whose queries are zero attends uniformly: the first token gets
+    exactly its share, mean(1 / (i + 1))."""
+    model = _model(16).float()
+    for block in model.layers:
+        torch.nn.init.zeros_(block.attention.q_proj.weight)
+    x = torch.randint(0, 40, (2, 16))
+    result = el.first_token_weight(model, [(x, x)], start=8, stop=16)
+    expected = sum(1 / (i + 1) for i in range(8, 16)) / 8
+    assert result["uniform"] == pytest.approx(expected, rel=1e-12)
+    assert result["layers"] == pytest.approx([expected] * 2, rel=1e-6)
