@@ -71,9 +71,9 @@ def moe_gpt(
     expert_hidden: int | None = None,
     **model,
 ):
-    """A :class:`~companion.torch.gpt.GPT` whose blocks' MLPs are
-    :class:`~companion.torch.moe.MoELayer` s (the attention, norms and embeddings
-    unchanged).
+    """A :class:`~companion.torch.gpt.GPT` in which every block's MLP is a
+    :class:`~companion.torch.moe.MoELayer` of ``num_experts`` experts, ``top_k`` per
+    token, routed by ``router`` (the attention, norms and embeddings unchanged).
 
     ``expert_hidden`` defaults to the dense SwiGLU width ``8E/3`` divided by
     ``top_k`` (equal active MLP weights). The experts start as the dense MLP's
