@@ -173,7 +173,10 @@ def test_gpt_attention_softcap_runs_every_implementation_that_forms_scores():
         expected = model(ids)
         model.set_implementation("auto")
         assert_close(model(ids), expected, **F64)
-        model.set_implementation("sdpa")
+        with pytest.raises(ValueError, match="attn_softcap"):
+            model.set_implementation("sdpa")
+        assert model.implementation == "auto"
+        model.blocks[0].attention.implementation = "tiled"  # by hand: refused in use
         with pytest.raises(ValueError, match="softcap"):
             model(ids)
 

@@ -336,8 +336,16 @@ class GPT(nn.Module):
         return [self.blocks[0]] * n if len(self.blocks) == 1 else list(self.blocks)
 
     def set_implementation(self, implementation: str) -> None:
-        """Switch every block's attention kernel (the weights stay)."""
-        self.implementation = _check_implementation(implementation)
+        """Switch every block's attention kernel (the weights stay); with
+        ``attn_softcap`` only ``"reference"`` and ``"auto"``."""
+        _check_implementation(implementation)
+        cap = self.config.get("attn_softcap")
+        if cap is not None and implementation in ("sdpa", "tiled"):
+            raise ValueError(
+                f"attn_softcap={cap} bends the scores with tanh and implementation="
+                f"{implementation!r} never forms them: use 'reference' or 'auto'"
+            )
+        self.implementation = implementation
         for block in self.blocks:
             block.attention.implementation = implementation
 
