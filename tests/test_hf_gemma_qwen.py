@@ -347,3 +347,16 @@ def test_refused():
     )
     with pytest.raises(ValueError, match="proportional"):
         hf.rope(proportional)
+
+
+def test_base_model_without_head():
+    """The decoder without its head: its tied head is the token embedding; untied,
+    there is no head to copy."""
+    model = _model("qwen3-tied")
+    ids = _ids(PROMPT)
+    with torch.no_grad():
+        assert_close(
+            hf.gpt_from_hf(model.model)(ids), hf.gpt_from_hf(model)(ids), **F64
+        )
+    with pytest.raises(ValueError, match="no lm_head"):
+        hf.gpt_from_hf(_model("qwen3-sliding").model)
