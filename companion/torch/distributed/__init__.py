@@ -19,6 +19,10 @@ GPUs; no transport of our own):
   ``expert_parallel.ExpertParallelMoE`` (experts sharded, tokens sent by all-to-all)
   and ``pipeline.PipelineStageModule`` (a tied ``TinyTransformerLM`` cut into stages
   for ``torch.distributed.pipelining``, the embedding on the first and last stage);
+* :mod:`companion.torch.distributed.fsdp` counts FSDP2's (``fully_shard``) all-gathers
+  and reduce-scatters against their formula; :mod:`companion.torch.distributed.mesh`
+  runs tensor x data parallelism on a 2-D ``DeviceMesh``;
+  :mod:`companion.torch.distributed.bubbles` measures the pipeline schedules' bubble;
 * :func:`~companion.torch.distributed.comm.counting` counts the bytes the package's
   calls send.
 

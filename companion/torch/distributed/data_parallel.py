@@ -13,9 +13,9 @@ with ``ddp.register_comm_hook(None, counting_allreduce_hook)``, it adds each buc
 bytes to the active :func:`~companion.torch.distributed.comm.counting` block as
 ``"ddp_all_reduce"`` and the bucket's parameters to ``REDUCED_PARAMETERS``.
 
-FSDP: the sharded ``fully_shard`` (FSDP2) runs on CPU with gloo;
-``FullyShardedDataParallel`` (FSDP1) refuses: "FSDP needs a non-CPU accelerator
-device" (torch 2.13).
+FSDP: the sharded ``fully_shard`` (FSDP2) runs on CPU with gloo, its traffic counted
+in :mod:`companion.torch.distributed.fsdp`; ``FullyShardedDataParallel`` (FSDP1)
+refuses: "FSDP needs a non-CPU accelerator device" (torch 2.13).
 
 Explained in the book chapter *Scaling out*.
 """
