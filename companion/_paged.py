@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from companion import _checks
+from companion import _checks, _tiling
 from companion._kvcache import _itemsize
 
 __all__ = [
@@ -352,26 +352,24 @@ def _check_dtype(cache: PagedKVCacheBase, dtype) -> None:
         raise TypeError(message)
 
 
-def visible_keys(length: int, L: int, *, causal: bool, window: int | None):
+def visible_keys(length: int, L: int, *, causal: bool, window):
     """For the ``L`` last positions of a sequence of ``length``: ``(lo, hi)`` per query.
 
     Query ``i`` sits at absolute position ``p = i + length - L`` (bottom-right) and
     sees keys ``lo[i] <= j < hi[i]``: all of them without ``causal``/``window``;
     ``j <= p`` with ``causal``; ``p - window < j`` (and ``j < p + window`` without
-    ``causal``) with a window.
+    ``causal``) with a window; ``p - left <= j <= p + right`` with a pair
+    (:func:`companion._tiling.bounds`). Integer arrays ``(L,)``.
     """
-    lo, hi = [], []
-    for i in range(L):
-        p = i + length - L
-        top = p + 1 if causal else length
-        bottom = 0
-        if window is not None:
-            bottom = max(0, p - window + 1)
-            if not causal:
-                top = min(length, p + window)
-        lo.append(bottom)
-        hi.append(top)
-    return lo, hi
+    left, right = _tiling.bounds(causal, window)
+    p = np.arange(L) + (length - L)  # (L,)
+    lo = np.zeros(L, np.int64) if left is None else np.maximum(0, p - left)
+    hi = (
+        np.full(L, length, np.int64)
+        if right is None
+        else np.minimum(length, p + right + 1)
+    )
+    return lo, np.maximum(lo, hi)
 
 
 class Tile:

@@ -12,7 +12,11 @@ key ``j``,
 ``True``,  ``None``           ``d <= 0``                     lower triangle
 ``True``,  ``w``              ``-w < d <= 0``                the last ``w`` keys
 ``False``, ``w``              ``-w < d < w``                 a symmetric band
+any,       ``(left, right)``  ``-left <= d <= right``        FlashAttention's window
 ============================  =============================  ==========================
+
+With a pair, ``causal`` caps ``right`` at 0; ``-1`` or ``None`` leaves a side
+unbounded (:func:`bounds` turns every case into one ``(left, right)``).
 
 A tile is *skipped* when no entry is visible, *full* when every entry is (no mask is
 built for it), and *partial* otherwise (the kernel masks it).
@@ -23,6 +27,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 __all__ = [
+    "bounds",
     "check_window",
     "key_range",
     "tile_is_full",
@@ -42,23 +47,74 @@ __all__ = [
 WINDOW_LIMIT = 2**31 - 1
 
 
-def check_window(window) -> int | None:
-    """``window`` as a Python int ``>= 1`` or ``None``.
+def _check_side(window, side: str, value) -> int | None:
+    """One side of a ``(left, right)`` window: an int ``>= 0``, or ``None``/``-1``
+    (unbounded, FlashAttention's spelling)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(
+            f"window must be an int >= 1, a pair (left, right) of ints >= 0 (-1 or "
+            f"None: unbounded) or None; its {side} is {value!r} in {window!r}"
+        )
+    if int(value) < -1:
+        raise ValueError(
+            f"window (left, right) takes ints >= 0, or -1 / None for unbounded; its "
+            f"{side} is {value!r} in {window!r}"
+        )
+    return None if int(value) == -1 else min(int(value), WINDOW_LIMIT)
 
-    ``TypeError`` for a non-integer (bools and floats too), ``ValueError`` below 1.
-    Windows of :data:`WINDOW_LIMIT` or more give :data:`WINDOW_LIMIT`: the same keys
-    for any sequence shorter than ``2**31 - 1`` positions.
+
+def check_window(window) -> int | tuple[int | None, int | None] | None:
+    """``window`` as a Python int ``>= 1``, a pair ``(left, right)`` or ``None``.
+
+    An int ``w`` is the number of keys a query sees (Mistral's sliding window); a
+    pair is FlashAttention's ``window_size``: query ``p`` sees keys
+    ``p - left <= j <= p + right``, ``-1`` or ``None`` for an unbounded side. The
+    pair comes back with ``None`` for an unbounded side; see :func:`bounds`.
+    ``TypeError`` for a non-integer (bools and floats too), ``ValueError`` below 1
+    (an int) or below -1 (a side). Windows of :data:`WINDOW_LIMIT` or more give
+    :data:`WINDOW_LIMIT`: the same keys for any sequence shorter than ``2**31 - 1``
+    positions.
     """
     if window is None:
         return None
+    if isinstance(window, (tuple, list)):
+        if len(window) != 2:
+            raise ValueError(
+                f"a window pair is (left, right), got {len(window)} values: {window!r}"
+            )
+        left = _check_side(window, "left", window[0])
+        right = _check_side(window, "right", window[1])
+        return (left, right)
     if isinstance(window, bool) or not hasattr(window, "__index__"):
         raise TypeError(
-            f"window must be an int >= 1 (the number of keys a query sees) or None, "
-            f"got {window!r}"
+            f"window must be an int >= 1 (the number of keys a query sees), a pair "
+            f"(left, right) or None, got {window!r}"
         )
     if int(window) < 1:
         raise ValueError(f"window must be an int >= 1 or None, got {window!r}")
     return min(int(window), WINDOW_LIMIT)
+
+
+def bounds(causal: bool, window) -> tuple[int | None, int | None]:
+    """``(left, right)``: key ``j`` visible from position ``p`` iff
+    ``-left <= j - p <= right`` (``None``: that side unbounded).
+
+    ``causal`` caps ``right`` at 0; an int window ``w`` is ``(w - 1, w - 1)``, so
+    ``causal=True, window=w`` is FlashAttention's ``(w - 1, 0)`` and
+    ``causal=False, window=w`` its ``(w - 1, w - 1)``. ``window`` as
+    :func:`check_window` returns it.
+    """
+    if window is None:
+        left = right = None
+    elif isinstance(window, tuple):
+        left, right = window
+    else:
+        left = right = window - 1
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    return left, right
 
 
 def key_range(
@@ -69,13 +125,9 @@ def key_range(
     Every visible key of those rows lies in the range; ``lo == hi`` when none does.
     """
     first, last = i0 + (S - L), i1 - 1 + (S - L)  # positions of the first/last row
-    lo, hi = 0, S
-    if causal:
-        hi = min(S, last + 1)  # d <= 0
-    elif window is not None:
-        hi = min(S, last + window)  # d < w
-    if window is not None:
-        lo = max(0, first - window + 1)  # d > -w
+    left, right = bounds(causal, window)
+    lo = 0 if left is None else max(0, first - left)  # d >= -left
+    hi = S if right is None else min(S, last + right + 1)  # d <= right
     lo = min(max(lo, 0), S)
     return lo, max(lo, min(hi, S))
 
@@ -92,13 +144,11 @@ def tile_is_full(
 ) -> bool:
     """True when every query of ``[i0, i1)`` may see every key of ``[j0, j1)``."""
     first, last = i0 + (S - L), i1 - 1 + (S - L)
-    if causal and j1 - 1 > first:  # the last key is past the first row's diagonal
+    left, right = bounds(causal, window)
+    if right is not None and j1 - 1 - first > right:  # last key past the first row
         return False
-    if window is not None:
-        if j0 <= last - window:  # the first key is too far behind the last row
-            return False
-        if not causal and j1 - 1 >= first + window:  # too far ahead of the first row
-            return False
+    if left is not None and j0 - last < -left:  # first key too far behind the last row
+        return False
     return True
 
 
@@ -153,13 +203,12 @@ def query_range(
 ) -> tuple[int, int]:
     """Queries ``[lo, hi)`` of which at least one may see a key of ``[j0, j1)``."""
     off = S - L  # query i sits at position i + off
+    left, right = bounds(causal, window)
     lo, hi = 0, L
-    if causal:
-        lo = max(lo, j0 - off)  # p >= j0
-    elif window is not None:
-        lo = max(lo, j0 - window + 1 - off)  # p - j0 < w for the first key
-    if window is not None:
-        hi = min(hi, j1 - 1 + window - off)  # p - (j1 - 1) < w for the last key
+    if right is not None:
+        lo = max(lo, j0 - right - off)  # j0 - p <= right for the first key
+    if left is not None:
+        hi = min(hi, j1 - 1 + left - off + 1)  # p - (j1 - 1) <= left for the last key
     lo = min(max(lo, 0), L)
     return lo, max(lo, min(hi, L))
 
@@ -169,13 +218,12 @@ def full_rows(
 ) -> tuple[int, int]:
     """Queries ``[lo, hi)`` that may see every key of ``[j0, j1)`` (none: lo >= hi)."""
     off = S - L
+    left, right = bounds(causal, window)
     lo, hi = 0, L
-    if causal:
-        lo = max(lo, j1 - 1 - off)  # the last key at or before p
-    if window is not None:
-        hi = min(hi, j0 + window - off)  # the first key within w behind p
-        if not causal:
-            lo = max(lo, j1 - window - off)  # the last key within w ahead of p
+    if right is not None:
+        lo = max(lo, j1 - 1 - right - off)  # the last key within right ahead of p
+    if left is not None:
+        hi = min(hi, j0 + left - off + 1)  # the first key within left behind p
     return lo, hi
 
 

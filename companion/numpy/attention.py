@@ -133,6 +133,10 @@ def causal_mask(L: int, S: int, *, window: int | None = None) -> np.ndarray:
             0 0 1 1 0
             0 0 0 1 1
 
+        A pair ``(left, right)`` is FlashAttention's ``window_size``: ``p - left <= j
+        <= p + right`` (``-1`` or ``None``: unbounded), capped at ``j <= p`` here;
+        ``window=W`` is the shorthand for ``(W - 1, 0)``.
+
     Returns
     -------
     numpy.ndarray
@@ -163,18 +167,18 @@ def _band(i0, i1, j0, j1, L, S, causal, window) -> np.ndarray:
     """Bool ``(i1 - i0, j1 - j0)``: which keys each query may see (``_tiling``).
 
     Query ``i`` sits at position ``p = i + (S - L)``; with ``d = j - p`` it sees key
-    ``j`` iff ``d <= 0`` (causal), ``-window < d`` (a window) and, without causal,
-    ``d < window``.
+    ``j`` iff ``-left <= d <= right``, ``(left, right) = _tiling.bounds(causal,
+    window)``: ``d <= 0`` (causal), ``-window < d`` (a window) and, without causal,
+    ``d < window``; a pair ``(left, right)`` as FlashAttention's ``window_size``.
     """
     # d = j - p: (bq, bk)
     d = np.arange(j0, j1)[None, :] - (np.arange(i0, i1)[:, None] + (S - L))
+    left, right = _tiling.bounds(causal, window)
     visible = np.ones(d.shape, dtype=bool)
-    if causal:
-        visible &= d <= 0
-    if window is not None:
-        visible &= d > -window
-        if not causal:
-            visible &= d < window
+    if right is not None:
+        visible &= d <= right
+    if left is not None:
+        visible &= d >= -left
     return visible
 
 
@@ -383,6 +387,11 @@ def scaled_dot_product_attention_reference(
                                   0 1 1 0 0     0 1 1 1 0
                                   0 0 1 1 0     0 0 1 1 1
                                   0 0 0 1 1     0 0 0 1 1
+
+    ``window = (left, right)`` is FlashAttention's ``window_size``: keys
+    ``p - left <= j <= p + right`` (``-1`` or ``None``: that side unbounded;
+    ``causal`` caps ``right`` at 0). ``window = w`` is the shorthand for
+    ``(w - 1, 0)`` with ``causal`` and ``(w - 1, w - 1)`` without.
 
     A query that may attend to nothing gets an output row of exactly 0.
 

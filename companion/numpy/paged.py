@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from companion import _checks
+from companion import _checks, _tiling
 from companion._paged import (
     PagedKVCacheBase,
     PoolExhaustedError,
@@ -121,7 +121,7 @@ def paged_attention(
     sequences,
     *,
     causal: bool = False,
-    window: int | None = None,
+    window: int | tuple | None = None,
     scale: float | None = None,
 ) -> np.ndarray:
     r"""Attention of ``query (B, H, L, D)`` over the cached keys of ``B`` sequences.
@@ -136,8 +136,7 @@ def paged_attention(
     Returns ``(B, H, L, D_v)`` in the query's dtype (float16 computed in float32).
     """
     causal = _check_flag("causal", causal)
-    if window is not None:
-        window = _checks.check_int("window", window)
+    window = _tiling.check_window(window)
     if not isinstance(cache, PagedKVCache):
         raise TypeError(
             f"cache must be a companion.numpy.PagedKVCache, got {type(cache).__name__}"

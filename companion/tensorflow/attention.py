@@ -123,13 +123,12 @@ def _band(i0, i1, j0, j1, L, S, causal, window):
 
 def _visible(d, causal, window):
     """Bool like ``d``: which distances ``d = j - p`` are visible (:func:`_band`)."""
+    left, right = _tiling.bounds(causal, window)  # -left <= d <= right
     visible = tf.ones(tf.shape(d), tf.bool)
-    if causal:
-        visible &= d <= 0
-    if window is not None:
-        visible &= d > -window
-        if not causal:
-            visible &= d < window
+    if right is not None:
+        visible &= d <= right
+    if left is not None:
+        visible &= d >= -left
     return visible
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from companion import _checks
+from companion import _checks, _tiling
 from companion._paged import PagedKVCacheBase, PoolExhaustedError, visible_keys
 from companion.tensorflow.attention import (
     _check_flag,
@@ -63,7 +63,7 @@ def paged_attention(
     sequences,
     *,
     causal: bool = False,
-    window: int | None = None,
+    window: int | tuple | None = None,
     scale: float | None = None,
 ):
     r"""Attention of ``query (B, H, L, D)`` over the cached keys of ``B`` sequences.
@@ -72,8 +72,7 @@ def paged_attention(
     ``(B, H, L, D_v)``.
     """
     causal = _check_flag("causal", causal)
-    if window is not None:
-        window = _checks.check_int("window", window)
+    window = _tiling.check_window(window)
     if not isinstance(cache, PagedKVCache):
         raise TypeError(
             "cache must be a companion.tensorflow.PagedKVCache, got "

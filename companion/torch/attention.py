@@ -390,13 +390,12 @@ def _band(i0, i1, j0, j1, L, S, causal, window, device) -> torch.Tensor:
     key ``j0 + c``; ``c <= r + k`` with ``k = p - j`` at ``r = c = 0`` is ``tril(k)``.
     """
     k = i0 + (S - L) - j0  # diagonal offset of the tile
+    left, right = _tiling.bounds(causal, window)  # -left <= d <= right
     visible = torch.ones(i1 - i0, j1 - j0, dtype=torch.bool, device=device)
-    if causal:
-        visible.tril_(k)  # d <= 0
-    elif window is not None:
-        visible.tril_(k + window - 1)  # d < w
-    if window is not None:
-        visible.triu_(k - window + 1)  # d > -w
+    if right is not None:
+        visible.tril_(k + right)  # d <= right (causal: d <= 0)
+    if left is not None:
+        visible.triu_(k - left)  # d >= -left (a window w: d > -w)
     return visible
 
 
@@ -594,12 +593,11 @@ def _balanced_rows(L, S, causal, window, parts):
     position = torch.arange(L, dtype=torch.float64) + (S - L)
     hi = torch.full_like(position, S)
     lo = torch.zeros_like(position)
-    if causal:
-        hi = torch.clamp(position + 1, max=S)
-    elif window is not None:
-        hi = torch.clamp(position + window, max=S)
-    if window is not None:
-        lo = torch.clamp(position - window + 1, min=0)
+    left, right = _tiling.bounds(causal, window)
+    if right is not None:
+        hi = torch.clamp(position + right + 1, max=S)
+    if left is not None:
+        lo = torch.clamp(position - left, min=0)
     cost = torch.cumsum(torch.clamp(hi - lo, min=0) + 16, 0)  # (L,)
     targets = cost[-1] * torch.arange(1, parts, dtype=torch.float64) / parts
     cuts = [0, *torch.searchsorted(cost, targets).tolist(), L]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from companion import _checks
+from companion import _checks, _tiling
 from companion._paged import (
     PagedKVCacheBase,
     PoolExhaustedError,
@@ -132,7 +132,7 @@ def paged_attention(
     sequences,
     *,
     causal: bool = False,
-    window: int | None = None,
+    window: int | tuple | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
     r"""Attention of ``query (B, H, L, D)`` over the cached keys of ``B`` sequences.
@@ -143,8 +143,7 @@ def paged_attention(
     Returns ``(B, H, L, D_v)`` in the query's dtype.
     """
     causal = _check_flag("causal", causal)
-    if window is not None:
-        window = _checks.check_int("window", window)
+    window = _tiling.check_window(window)
     if not isinstance(cache, PagedKVCache):
         raise TypeError(
             f"cache must be a companion.torch.PagedKVCache, got {type(cache).__name__}"
