@@ -266,6 +266,13 @@ def window_for_cache(window, cache) -> int | None:
         return checked
     if checked is None:
         return W
+    if isinstance(checked, tuple):  # (left, right): it looks back `left` positions
+        if checked[0] is None or checked[0] >= W:
+            raise ValueError(
+                f"window={window} looks further back than the rolling cache holds "
+                f"(max_length={W}): its left side must be at most {W - 1}"
+            )
+        return checked
     if checked > W:
         raise ValueError(
             f"window={window} is wider than the rolling cache (max_length={W}): the "

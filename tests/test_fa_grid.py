@@ -303,3 +303,33 @@ def test_bad_window_pair_is_a_clear_error(window, error):
     q = np.ones((1, 3, 2))
     with pytest.raises(error, match="window"):
         cnp.attention_tiled(q, q, q, window=window)
+
+
+def test_window_pair_through_a_rolling_cache():
+    # multi-head decoding with (W - 1, 0) through KVCache(max_length=W) equals the
+    # shorthand on the whole sequence; a pair that looks further back is refused
+    x = np.random.default_rng(0).standard_normal((1, 6, 8))
+    params = cnp.MultiHeadParams.random(8, 2, seed=0)
+    whole = cnp.multi_head_attention(x, x, params, causal=True, window=3)
+    cache = cnp.KVCache(max_length=3)
+    steps = [
+        cnp.multi_head_attention(
+            x[:, t : t + 1],
+            x[:, t : t + 1],
+            params,
+            causal=True,
+            cache=cache,
+            window=(2, 0),
+        )
+        for t in range(6)
+    ]
+    assert_close(np.concatenate(steps, axis=1), whole)
+    with pytest.raises(ValueError, match="window=\\(3, 0\\) looks further back"):
+        cnp.multi_head_attention(
+            x[:, :1],
+            x[:, :1],
+            params,
+            causal=True,
+            cache=cnp.KVCache(max_length=3),
+            window=(3, 0),
+        )
