@@ -42,7 +42,8 @@ def test_markup_accepts_a_faithful_translation():
     [
         ("分数 $q^\\top k / \\sqrt{d}$ 的 `attention`，*强调*。", "math"),
         ("分数 $q^\\top k / \\sqrt{D}$ 的 `注意力`，*强调*。", "code"),
-        ("分数 $q^\\top k / \\sqrt{D}$ 的 `attention`，强调。", "italic"),
+        ("分数 $q^\\top k / \\sqrt{D}$ 的 `attention`，*强调*，*多余*。", "italic"),
+        ("分数 $q^\\top k / \\sqrt{D}$ 的 `attention`，*强调。", "italic"),
         ("分数 $q^\\top k / \\sqrt{D}$ 的 `attention`，**强调*。", "bold"),
         ("分数 q^\\top k / \\sqrt{D} 的 `attention`，*强调*。", "math"),
     ],
@@ -51,6 +52,12 @@ def test_markup_reports_a_broken_translation(msgstr, kind):
     msgid = "The score $q^\\top k / \\sqrt{D}$ of `attention`, *emphasis*."
     problems = i18n.markup_difference(msgid, msgstr)
     assert problems and any(kind in p for p in problems), problems
+
+
+def test_markup_allows_dropping_an_emphasis():
+    # Chinese has no italics (issue 29 item 8): *term* may become plain text.
+    msgid = "The *seen* column of `attention`."
+    assert i18n.markup_difference(msgid, "`attention` 的“seen”列。") == []
 
 
 def test_markup_role_targets_and_link_targets():
