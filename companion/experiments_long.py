@@ -6,8 +6,9 @@ r"""The long-context chapter's measurements on the capstone GPT.
 validation windows:
 
 * **quantised KV caches**: the validation loss when every layer decodes token by
-  token through a :class:`~companion.torch.QuantizedKVCache` or
-  :class:`~companion.torch.KIVICache` instead of a full-precision ``KVCache``
+  token through a :class:`~companion.torch.quantized_cache.QuantizedKVCache` or
+  :class:`~companion.torch.quantized_cache.KIVICache` instead of a full-precision
+  ``KVCache``
   (the change is paired: same windows, same weights), the relative error of the
   cached keys and values, and the exact bytes per token;
 * **attention sinks** beyond the training length: texts of ``4 T`` tokens read with
@@ -39,6 +40,7 @@ __all__ = [
     "QUANTIZED",
     "SINKS",
     "gpt_forward",
+    "causal_rope_attention",
     "sink_attention",
     "quantized_losses",
     "sink_losses",
@@ -52,6 +54,7 @@ QUANTIZED = {
     "int8 per token": ("QuantizedKVCache", dict(bits=8)),
     "int4, groups of 8": ("QuantizedKVCache", dict(bits=4, group_size=8)),
     "int2, groups of 8": ("QuantizedKVCache", dict(bits=2, group_size=8)),
+    "int2, G 8, R 16": ("QuantizedKVCache", dict(bits=2, group_size=8, residual=16)),
     "KIVI-4 (G 8, R 16)": ("KIVICache", dict(bits=4, group_size=8, residual=16)),
     "KIVI-2 (G 8, R 16)": ("KIVICache", dict(bits=2, group_size=8, residual=16)),
 }

@@ -3,8 +3,8 @@ r"""Quantised KV caches in numpy: int8 per token, int4 per group, KIVI's layout.
 :class:`QuantizedKVCache` stores keys and values as ``b``-bit codes with a scale (and
 a zero point) per group; :class:`KIVICache` quantises keys per channel and values per
 token and keeps the most recent positions in full precision (Liu et al. 2024). Both
-are ``KVCache`` objects: :func:`companion.numpy.multi_head_attention` takes them as
-``cache=``. The formulas, the layout and the byte counts live in
+are ``KVCache`` objects: :func:`companion.numpy.multihead.multi_head_attention` takes
+them as ``cache=``. The formulas, the layout and the byte counts live in
 :mod:`companion._quantized_cache`; these numpy versions are the oracle for the torch
 and TensorFlow namespaces.
 

@@ -49,13 +49,14 @@ class _Ops:
 
 class QuantizedKVCache(_quantized_cache.QuantizedCacheMixin, KVCache):
     """``bits``-bit codes with a scale (and zero point) per group, TensorFlow
-    tensors; see :class:`companion.numpy.QuantizedKVCache`."""
+    tensors; see :class:`companion.numpy.quantized_cache.QuantizedKVCache`."""
 
     _ops = _Ops
 
 
 class KIVICache(QuantizedKVCache):
-    """KIVI's layout, TensorFlow tensors; see :class:`companion.numpy.KIVICache`."""
+    """KIVI's layout, TensorFlow tensors; see
+    :class:`companion.numpy.quantized_cache.KIVICache`."""
 
     def __init__(self, bits: int = 2, group_size: int = 32, residual: int = 128):
         super().__init__(

@@ -45,7 +45,7 @@ class _Ops:
 
 class QuantizedKVCache(_quantized_cache.QuantizedCacheMixin, KVCache):
     """``bits``-bit codes with a scale (and zero point) per group, torch tensors; see
-    :class:`companion.numpy.QuantizedKVCache`. Meant for inference
+    :class:`companion.numpy.quantized_cache.QuantizedKVCache`. Meant for inference
     (``torch.no_grad``)."""
 
     _ops = _Ops
@@ -58,7 +58,8 @@ class QuantizedKVCache(_quantized_cache.QuantizedCacheMixin, KVCache):
 
 
 class KIVICache(QuantizedKVCache):
-    """KIVI's layout, torch tensors; see :class:`companion.numpy.KIVICache`."""
+    """KIVI's layout, torch tensors; see
+    :class:`companion.numpy.quantized_cache.KIVICache`."""
 
     def __init__(self, bits: int = 2, group_size: int = 32, residual: int = 128):
         super().__init__(
