@@ -237,10 +237,10 @@ FORBIDDEN: list[tuple[re.Pattern, str]] = [
     (re.compile("一致到"), "'一致到 10^-10' -> 误差在 10^-10 以内"),
     (re.compile("键/值缓存|键值缓存"), "KV cache is KV 缓存"),
     (re.compile("批次"), "batch is 批量"),
-    (re.compile("笔记本"), "notebook stays notebook"),
+    (re.compile("笔记本(?!电脑)"), "notebook stays notebook (笔记本电脑 is a laptop)"),
     (re.compile("滑动的最大值|滑动最大值"), "running max is 当前的最大值"),
     (
-        re.compile("屏蔽|遮蔽|遮盖|遮挡|遮掉|掩盖|掩掉|被掩码"),
+        re.compile("屏蔽|遮蔽|遮盖|遮挡|遮掉|遮住|掩盖|掩掉|被掩码"),
         "masked (verb) is 掩蔽; a mask is 掩码",
     ),
     (re.compile("自动求导|自动梯度"), "autograd is 自动微分"),
@@ -440,11 +440,18 @@ def check_untranslated(msgid: str, msgstr: str) -> list[str]:
 _QUOTED = re.compile(r"“([^“”]+)”")
 
 
+_SOURCE_QUESTION = re.compile(r"^(.*?)（原文[一二]，问题 \d+）")
+
+
 def check_quotes(msgstr: str) -> list[str]:
     if "原文" not in msgstr:
         return []
     problems = []
     seeds = _seed_text()
+    # A heading that names a source's question quotes the question.
+    m = _SOURCE_QUESTION.match(msgstr)
+    if m and _normalise_quote(m.group(1)) not in seeds:
+        problems.append(f"not the source's question: {m.group(1)!r}")
     for m in _QUOTED.finditer(msgstr):
         quote = m.group(1)
         if len(CJK_RE.findall(quote)) < 4:
@@ -460,10 +467,17 @@ def check_quotes(msgstr: str) -> list[str]:
 _LINK_ROLE = re.compile(r"\{(ref|doc)\}`([^`<]*?)\s*<([^<>`]+)>`")
 
 
+_MD_DOC_LINK = re.compile(r"\[([^\]]+)\]\(([\w-]+)\.(?:ipynb|md)\)")
+
+
 def _link_texts(message: str) -> list[tuple[str, str, str]]:
+    """(role, text, target) of each {ref}/{doc} link with a text and each Markdown
+    link to a chapter (as role ``doc``)."""
     return [
         (m.group(1), m.group(2).strip(), m.group(3))
         for m in _LINK_ROLE.finditer(message)
+    ] + [
+        ("doc", m.group(1).strip(), m.group(2)) for m in _MD_DOC_LINK.finditer(message)
     ]
 
 
@@ -483,6 +497,10 @@ def _same_title(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
+# Chapters whose short name is not their title before the colon: (English, Chinese).
+SHORT_NAMES = {"faq": ("FAQ", "常见问题解答")}
+
+
 def check_links(msgid: str, msgstr: str) -> list[str]:
     problems = []
     english = {target: text for _, text, target in _link_texts(msgid)}
@@ -493,9 +511,28 @@ def check_links(msgid: str, msgstr: str) -> list[str]:
         doc, title = found
         zh = chinese_title(doc, title)
         en_text = english.get(target, "")
-        if zh and _same_title(en_text, title) and text != zh:
+        if not zh:
+            continue
+        if _same_title(en_text, title) and text != zh:
             problems.append(f"link text {text!r} for {target}: the title is {zh!r}")
+        elif role == "doc" or _targets()[1].get(doc) == title:
+            # A chapter's short name: its title before the colon, one per chapter.
+            short_en, short_zh = SHORT_NAMES.get(
+                doc, (title.split(":")[0], zh.split("：")[0])
+            )
+            if _same_title(en_text, short_en) and text != short_zh:
+                problems.append(
+                    f"link text {text!r} for {target}: the chapter is {short_zh!r}"
+                )
     return problems
+
+
+def check_colon(msgid: str, msgstr: str) -> list[str]:
+    """A sentence that introduces what follows (a code cell, a list, a formula) ends
+    with a colon in both languages."""
+    if msgid.rstrip().endswith(":") and not re.search(r"[：:]\s*$", msgstr):
+        return ["the English ends with ':' (what follows is introduced); add '：'"]
+    return []
 
 
 def check_typography(msgstr: str) -> list[str]:
@@ -607,7 +644,9 @@ def lint_catalog(path: Path) -> list[Finding]:
         checks: dict[str, list[str]] = {
             "emphasis": check_emphasis(msgid, msgstr),
             "forbidden": check_forbidden(msgstr),
-            "typography": [] if quoting else check_typography(msgstr),
+            "typography": []
+            if quoting
+            else check_typography(msgstr) + check_colon(msgid, msgstr),
             "quote": check_quotes(msgstr),
             "link-text": check_links(msgid, msgstr),
         }

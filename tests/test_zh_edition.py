@@ -1,0 +1,147 @@
+"""The Chinese edition reads as an editor would want it (issue 29): tools/zh_lint.py.
+
+``test_i18n.py`` proves that each translation keeps its markup and that msgfmt accepts
+the catalogs; this file runs the editor's checks of ``tools/zh_lint.py`` over every
+catalog of the book (one test per catalog, so that a failure names it): emphasis as
+MyST parses it, the glossary's terms and the forbidden renderings, untranslated
+English, quotations of the sources, link texts and admonition titles, typography.
+The checks themselves are tested on small examples first.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("zh_lint", ROOT / "tools" / "zh_lint.py")
+zh_lint = importlib.util.module_from_spec(_spec)
+sys.modules["zh_lint"] = zh_lint
+_spec.loader.exec_module(zh_lint)
+
+# Catalogs whose chapters are being rewritten in this wave (issues 25-27) and are
+# translated after the lead merges the new English (`make translations`). They are
+# still checked and reported (xfail, not strict: a clean one passes); the lead removes a
+# name here once its catalog is translated and clean. Keep this the only list.
+PENDING = {
+    "gpt",
+    "long_context",
+    "moe",
+    "outlook",
+    "positions",
+    "preface",
+    "scaling",
+    "vision",
+}
+
+CATALOGS = zh_lint.all_catalogs()
+
+
+def _param(path: Path):
+    marks = (
+        [pytest.mark.xfail(reason="translated after this wave's merge", strict=False)]
+        if path.stem in PENDING
+        else []
+    )
+    return pytest.param(path, id=path.stem, marks=marks)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def test_emphasis_is_parsed_not_counted():
+    # The same number of '**' markers, but CommonMark does not open bold between two
+    # punctuation marks: the Chinese version renders literal stars.
+    msgid = "The **score** is the logit."
+    broken = "logit，**“分数”**是它。"
+    assert zh_lint.check_emphasis(msgid, "**分数**就是 logit。") == []
+    problems = zh_lint.check_emphasis(msgid, broken)
+    assert any("strong" in p for p in problems) and any("'*'" in p for p in problems)
+    # Italics may be dropped (Chinese has none), never added.
+    assert zh_lint.check_emphasis("the *seen* column", "“seen”列") == []
+    assert zh_lint.check_emphasis("the seen column", "*seen* 列")
+
+
+def test_forbidden_renderings():
+    assert zh_lint.check_forbidden("本书包中的函数")
+    assert zh_lint.check_forbidden("缓存小 $H$ 倍")
+    assert zh_lint.check_forbidden("结果一致到 $10^{-10}$")
+    assert zh_lint.check_forbidden("整个块矩阵")
+    assert zh_lint.check_forbidden("整个图像块矩阵") == []
+    assert zh_lint.check_forbidden("至少快 3 倍") == []
+    assert zh_lint.check_forbidden("缓存为原来的 $1/H$，配套包") == []
+
+
+def test_glossary_terms_are_required():
+    msgid = "Weight tying uses one matrix twice."
+    assert zh_lint.check_glossary(msgid, "权重绑定把一个矩阵用两次。") == []
+    assert zh_lint.check_glossary(msgid, "参数绑定把一个矩阵用两次。")
+
+
+def test_untranslated_english_is_found():
+    msgid = "The cache grows with the sequence."
+    assert zh_lint.check_untranslated(msgid, "缓存随序列增长。") == []
+    assert zh_lint.check_untranslated(msgid, "缓存 grows with the 序列。")
+    assert zh_lint.check_untranslated(msgid, msgid)
+    # Code, math, roles and names do not count.
+    assert (
+        zh_lint.check_untranslated(
+            "See `torch.nn.functional.scaled_dot_product_attention`.",
+            "见 `torch.nn.functional.scaled_dot_product_attention` 与《Attention Is "
+            "All You Need》。",
+        )
+        == []
+    )
+
+
+def test_quotes_of_the_sources_are_exact():
+    seeds = zh_lint._seed_text()
+    assert "有助于减少模型的参数数量" in seeds
+    assert zh_lint.check_quotes("原文说注意力“有助于减少模型的参数数量”。") == []
+    assert zh_lint.check_quotes("原文说注意力“可以减少参数的数量”。")
+    # Quotation marks around a term are not a quotation.
+    assert zh_lint.check_quotes("原文所说的“共享”") == []
+
+
+def test_typography():
+    assert zh_lint.check_typography("用 `softmax` 计算 3 个值（见上）。") == []
+    assert zh_lint.check_typography("用`softmax`计算")
+    assert zh_lint.check_typography("误差为 5 %。")
+    assert zh_lint.check_typography("是这样,而且")
+    assert zh_lint.check_typography("**定义。** 然后")
+    assert zh_lint.check_typography("一个例子(见上)")
+
+
+def test_link_texts_name_their_target():
+    labels, doc_titles, _ = zh_lint._targets()
+    assert doc_titles["fast"] and "glossary" in labels
+    title = doc_titles["fast"]
+    zh = zh_lint.chinese_title("fast", title)
+    assert zh
+    msgid = f"See {{doc}}`{title} <fast>`."
+    assert zh_lint.check_links(msgid, f"见{{doc}}`{zh} <fast>`。") == []
+    assert zh_lint.check_links(msgid, "见{doc}`让它变快 <fast>`。")
+
+
+# --------------------------------------------------------------------------- catalogs
+
+
+@pytest.mark.parametrize("path", [_param(p) for p in CATALOGS])
+def test_catalog_reads_well(path):
+    findings = zh_lint.lint_catalog(path)
+    findings += [
+        f for f in zh_lint.admonition_findings(CATALOGS) if f.catalog == path.stem
+    ]
+    assert not findings, f"{len(findings)} finding(s):\n" + "\n".join(
+        str(f) for f in findings[:40]
+    )
+
+
+def test_pending_names_existing_catalogs():
+    stems = {p.stem for p in CATALOGS} | {
+        p.stem for p in (ROOT / "book").glob("*.ipynb")
+    }
+    assert PENDING <= stems, PENDING - stems
