@@ -550,6 +550,7 @@ def t5_position_buckets(L, S, bidirectional, num_buckets, max_distance) -> np.nd
     bidirectional, n, max_exact, max_distance = check_t5_buckets(
         bidirectional, num_buckets, max_distance
     )
+    # [book: t5 buckets]
     # (L, S): key position - query position
     relative = np.arange(S)[None, :] - (np.arange(L)[:, None] + (S - L))
     buckets = np.zeros(relative.shape, dtype=np.int64)  # (L, S)
@@ -565,3 +566,4 @@ def t5_position_buckets(L, S, bidirectional, num_buckets, max_distance) -> np.nd
     ).astype(np.int64)
     large = np.minimum(large, n - 1)
     return buckets + np.where(distance < max_exact, distance, large)  # (L, S)
+    # [/book: t5 buckets]
