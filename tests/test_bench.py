@@ -20,8 +20,9 @@ from companion.bench import cli, decoding, timing
 
 FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
 TARGET_COUNT = (
-    27  # rows of the target table: every ratio at 1 and 2 threads, full and causal;
-    # paged / contiguous per backend, context and forks; grouped decoding vs SDPA
+    29  # rows of the target table: every ratio at 1 and 2 threads, full and causal;
+    # paged / contiguous per backend, context and forks; grouped decoding vs SDPA;
+    # MoE grouped vs loop and vs dense
 )
 
 

@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from companion.bench import attention, conv, decoding, longctx, report, timing
+from companion.bench import moe as moe_bench
 from companion.bench import paged as paged_bench
 
 
@@ -40,6 +41,7 @@ class Config:
     decode_rounds: int = 3
     longctx: dict = field(default_factory=lambda: dict(longctx.FULL))
     paged: dict = field(default_factory=lambda: dict(paged_bench.FULL))
+    moe: dict = field(default_factory=lambda: dict(moe_bench.FULL))
 
     def rounds_for(self, n: int) -> int:
         return self.rounds[max(k for k in self.rounds if k <= n)]
@@ -70,6 +72,7 @@ CONFIGS = {
         decode_rounds=1,
         longctx=dict(longctx.QUICK),
         paged=dict(paged_bench.QUICK),
+        moe=dict(moe_bench.QUICK),
     ),
     "tiny": Config(
         sizes=(128, 256),
@@ -87,9 +90,10 @@ CONFIGS = {
         decode_rounds=1,
         longctx=dict(longctx.TINY),
         paged=dict(paged_bench.TINY),
+        moe=dict(moe_bench.TINY),
     ),
 }
-SECTIONS = ("attention", "memory", "conv", "decoding", "longctx", "paged")
+SECTIONS = ("attention", "memory", "conv", "decoding", "longctx", "paged", "moe")
 
 
 def parse_args(argv=None):
@@ -254,6 +258,11 @@ def run(config: Config, *, threads: int, sections, without, progress) -> dict:
         results["paged"] = paged_bench.run_all(
             config.paged, progress, 1, torch_ok=modules["torch"] is not None
         )
+    if "moe" in sections and modules["torch"] is None:
+        notes.append("the mixture-of-experts section needs torch: skipped")
+        results["moe"] = None
+    elif "moe" in sections:
+        results["moe"] = moe_bench.run_all(config.moe, progress, 1)
     results["load_average_end"] = timing.load_average()
     results["targets"] = report.targets(results)
     return results
@@ -318,6 +327,8 @@ def render(results: dict) -> str:
         parts.append(longctx.table(results["longctx"]))
     if "paged" in results:
         parts.append(paged_bench.table(results["paged"]))
+    if results.get("moe"):
+        parts.append(moe_bench.table(results["moe"]))
     parts.append(report.targets_table(results["targets"]))
     return "\n\n".join(parts)
 

@@ -349,6 +349,20 @@ def targets(results: dict) -> list[dict]:
             1.3,
             True,
         )
+    if "moe" in results:  # None: asked for, but torch is missing
+        moe = results["moe"]
+        add(
+            "MoE grouped dispatch vs per-expert loop (speed-up)",
+            None if moe is None else moe["loop_over_grouped"],
+            5.0,
+            False,
+        )
+        add(
+            "MoE grouped dispatch / dense MLP of the same active FLOPs",
+            None if moe is None else moe["grouped_over_dense"],
+            1.5,
+            True,
+        )
     return rows
 
 
