@@ -45,6 +45,7 @@ __all__ = [
     "BlockPool",
     "PagedKVCacheBase",
     "PoolExhaustedError",
+    "Tile",
     "read_plan",
     "tile_visibility",
     "visible_keys",
@@ -359,7 +360,7 @@ def visible_keys(length: int, L: int, *, causal: bool, window):
     sees keys ``lo[i] <= j < hi[i]``: all of them without ``causal``/``window``;
     ``j <= p`` with ``causal``; ``p - window < j`` (and ``j < p + window`` without
     ``causal``) with a window; ``p - left <= j <= p + right`` with a pair
-    (:func:`companion._tiling.bounds`). Integer arrays ``(L,)``.
+    (``companion._tiling.bounds``). Integer arrays ``(L,)``.
     """
     left, right = _tiling.bounds(causal, window)
     p = np.arange(L) + (length - L)  # (L,)
@@ -394,7 +395,7 @@ class Tile:
 def read_plan(table, length: int, block_size: int, rows: int = 1) -> list[Tile]:
     """The tiles that cover positions ``0 .. length`` of a sequence with ``table``.
 
-    Runs of at least :data:`MIN_RUN_BLOCKS` consecutive blocks (a whole table that is
+    Runs of at least ``MIN_RUN_BLOCKS`` consecutive blocks (a whole table that is
     one run, too) become in-place tiles; the blocks of shorter runs are gathered, in
     table order, into tiles of their own. No tile holds more than
     ``max(block_size, TILE_SCORES // rows)`` keys, ``rows`` being the query rows per
