@@ -163,3 +163,17 @@ def test_fsdp2_bytes_follow_the_formula(parallel_run):
         assert counted["fsdp_reduce_scatter"] == unique + E * 8
         assert counted["fsdp_all_gather"] == unique + E * 8 + block
     assert counted["fsdp_reduce_scatter"] >= results[True]["bytes"]
+
+
+def test_ddp_reduces_buckets_during_the_backward_pass(parallel_run):
+    """With 4 KB buckets, from the second step (buckets rebuilt in the order the
+    gradients become ready) several buckets start their all-reduce before the tied
+    embedding's gradient, the backward pass's last, is complete."""
+    world_size, _, per_rank = parallel_run
+    first, second = per_rank[0]["data_parallel"]["bucket_events"]
+    assert first.count("embedding") == second.count("embedding") == 1
+    buckets = [e for e in second if e.startswith("bucket")]
+    assert len(buckets) > 2
+    before = second.index("embedding")
+    assert before >= 2 and all(e.startswith("bucket") for e in second[:before])
+    assert second[-1] == buckets[-1]  # the embedding's bucket goes last

@@ -293,6 +293,7 @@ def run_data_parallel(batch=6, seed=0, fsdp=True):
             ),
             "embedding_reductions": REDUCED_PARAMETERS.count(tied_id),
         }
+    results["bucket_events"] = ddp_bucket_events(ids[rows], targets[rows], seed)
     if fsdp:
         fsdp2 = _fsdp2(ids[rows], targets[rows], seed)
         if isinstance(fsdp2, str):
@@ -303,6 +304,36 @@ def run_data_parallel(batch=6, seed=0, fsdp=True):
             results["fsdp2_formula"] = fsdp2["formula"]
         results["fsdp1"] = _fsdp1(seed)
     return results if rank == 0 else {k: results[k]["bytes"] for k in (True, False)}
+
+
+def ddp_bucket_events(ids, targets, seed=0, bucket_cap_mb=0.004, steps=2):
+    """The order of events in DDP backward passes with small (4 KB) buckets.
+
+    Per step, a list: each bucket's all-reduce start (``"bucket <i>"``) and the moment
+    the tied embedding's gradient is complete (``"embedding"``: its two uses, the
+    output layer and the lookup, meet in the last operation of the backward pass).
+    DDP rebuilds its buckets after the first step, in the order the gradients became
+    ready.
+    """
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = language_model(True, seed=seed)
+    events = []
+    model.embedding.weight.register_post_accumulate_grad_hook(
+        lambda _: events[-1].append("embedding")
+    )
+    ddp = DistributedDataParallel(model, bucket_cap_mb=bucket_cap_mb)
+
+    def hook(state, bucket):
+        events[-1].append(f"bucket {bucket.index()}")
+        return default_hooks.allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, hook)
+    for _ in range(steps):
+        events.append([])
+        language_loss(ddp, ids, targets).backward()
+    return events
 
 
 def _fsdp2(ids, targets, seed):
