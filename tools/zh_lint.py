@@ -205,6 +205,7 @@ GLOSSARY_SKIP = {
     "gradient": "always 梯度; skipped because 'gradient checkpointing' etc. vary",
     "mask": "a noun here (掩码); the verb is checked by the forbidden list",
     "benchmark": "the benchmark program (基准测试) and 'benchmarks' as results",
+    "kernels": "GPU/CPU kernels (核函数), Keras's kernel weights, convolution kernels",
 }
 
 # Other accepted renderings of a glossary term (a context where the table's word reads
@@ -222,6 +223,7 @@ GLOSSARY_ALSO = {
     "source 1": ["原文一"],
     "source 2": ["原文二"],
     "errata": ["勘误"],
+    "batch": ["批"],  # 一批样本 reads better than 一个批量的样本
 }
 
 
