@@ -52,6 +52,24 @@ def _check_positive_int(name: str, value) -> int:
     return value
 
 
+def _check_ids_and_caches(ids, caches, groups: int) -> None:
+    """``ids`` an integer ``(B, T)`` tensor; ``caches`` ``None`` or one per group."""
+    if (
+        not isinstance(ids, torch.Tensor)
+        or ids.dim() != 2
+        or ids.dtype.is_floating_point
+    ):
+        raise ValueError(
+            "ids must be an integer tensor of shape (B, T), got "
+            f"{getattr(ids, 'shape', type(ids).__name__)}"
+        )
+    if caches is not None and len(caches) != groups:
+        raise ValueError(
+            "caches must hold one KVCache per group of kv_sharing layers "
+            f"({groups}), got {len(caches)}"
+        )
+
+
 # --- ALBERT's factorised embedding ----------------------------------------------------
 
 
@@ -197,21 +215,8 @@ class CrossLayerTransformerLM(nn.Module):
         self, ids: torch.Tensor, *, caches: list[KVCache] | None = None
     ) -> torch.Tensor:
         """``ids (B, T)`` -> ``logits (B, T, V)``."""
-        if (
-            not isinstance(ids, torch.Tensor)
-            or ids.dim() != 2
-            or ids.dtype.is_floating_point
-        ):
-            raise ValueError(
-                "ids must be an integer tensor of shape (B, T), got "
-                f"{getattr(ids, 'shape', type(ids).__name__)}"
-            )
         groups = len(self.blocks) // self.kv_sharing
-        if caches is not None and len(caches) != groups:
-            raise ValueError(
-                f"caches must hold one KVCache per group of kv_sharing layers "
-                f"({groups}), got {len(caches)}"
-            )
+        _check_ids_and_caches(ids, caches, groups)
         start = 0 if caches is None else caches[0].seen
         T = ids.shape[1]
         if start + T > self.max_length:
@@ -433,22 +438,9 @@ class CrossLayerGPT(GPT):
     def forward(self, ids: torch.Tensor, *, caches: list[KVCache] | None = None):
         """``ids (B, T)`` -> ``logits (B, T, V)``; with ``caches`` (one per group of
         ``kv_sharing`` layers), ``ids`` continue the cached sequence."""
-        if (
-            not isinstance(ids, torch.Tensor)
-            or ids.dim() != 2
-            or ids.dtype.is_floating_point
-        ):
-            raise ValueError(
-                f"ids must be an integer tensor of shape (B, T), got "
-                f"{getattr(ids, 'shape', type(ids).__name__)}"
-            )
         config = self.config
         groups = config["num_layers"] // self.kv_sharing
-        if caches is not None and len(caches) != groups:
-            raise ValueError(
-                f"caches must hold one KVCache per group of kv_sharing layers "
-                f"({groups}), got {len(caches)}"
-            )
+        _check_ids_and_caches(ids, caches, groups)
         start = 0 if caches is None else caches[0].seen
         T = ids.shape[1]
         if start + T > config["context"]:
