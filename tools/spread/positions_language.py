@@ -170,7 +170,10 @@ def main() -> None:
             )
         path = ROOT / "book" / "_data" / "spread" / f"{chapter}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        document = {"chapter": chapter, "claims": claims}
+        # keep the RoPE scaling claims of positions_scaling.py (metrics "scaling ...")
+        old = json.loads(path.read_text()) if path.exists() else {"claims": []}
+        kept = [c for c in old["claims"] if c["metric"].startswith("scaling")]
+        document = {"chapter": chapter, "claims": claims + kept}
         path.write_text(json.dumps(document, indent=1) + "\n")
         for c in claims:
             print(f"{chapter}: {c['metric']:18s} {c['min']:.4f} .. {c['max']:.4f}")
