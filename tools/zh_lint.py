@@ -249,6 +249,7 @@ FORBIDDEN: list[tuple[re.Pattern, str]] = [
     (re.compile("一热|单热"), "one-hot is 独热"),
     (re.compile("GPU\\s*内核|内核函数"), "GPU kernels are 核函数"),
     (re.compile("让它变快"), "the chapter is 提速"),
+    (re.compile("超越原文"), "beyond the sources is 超出原文 (as in the preface)"),
     (re.compile("会计数"), "'会计数的' reads 会计: 带计数的"),
     (re.compile("原文一个也没有"), "reads 原文一: 原文对这两点只字未提"),
     (
@@ -670,8 +671,21 @@ def lint_catalog(path: Path) -> list[Finding]:
     return findings
 
 
+# The agreed rendering of an admonition title (issue 29 item 4: a title must not
+# contradict its first sentence; "Follows the sources" boxes also open with "Beyond the
+# sources:" or "Neither source ...", so the title says what the box is, a comparison
+# with the sources).
+ADMONITION_TITLES = {
+    "Follows the sources": "原文对照",
+    "Beyond the sources": "超出原文",
+    "Solution": "解答",
+    "Solutions": "解答",
+}
+
+
 def admonition_findings(paths: list[Path]) -> list[Finding]:
-    """Each admonition title has one rendering across the catalogs."""
+    """Each admonition title has one rendering across the catalogs (the agreed one
+    where ADMONITION_TITLES names it)."""
     _, _, titles = _targets()
     seen: dict[str, dict[str, list[tuple[str, int]]]] = defaultdict(dict)
     for path in paths:
@@ -682,8 +696,9 @@ def admonition_findings(paths: list[Path]) -> list[Finding]:
                 )
     findings = []
     for title, renderings in seen.items():
-        if len(renderings) > 1:
-            common = max(renderings, key=lambda r: len(renderings[r]))
+        agreed = ADMONITION_TITLES.get(title)
+        if len(renderings) > 1 or (agreed and agreed not in renderings):
+            common = agreed or max(renderings, key=lambda r: len(renderings[r]))
             for zh, places in renderings.items():
                 if zh != common:
                     for stem, line in places:
@@ -693,7 +708,7 @@ def admonition_findings(paths: list[Path]) -> list[Finding]:
                                 line,
                                 title,
                                 "admonition",
-                                f"{zh!r}; elsewhere {common!r}",
+                                f"{zh!r}; the agreed rendering is {common!r}",
                             )
                         )
     return findings
