@@ -61,8 +61,10 @@ def sinusoidal_positions_2d(rows: int, columns: int, dim: int, *, dtype=None):
 
     The first ``dim / 2`` features are the 1-D sinusoidal table
     (:func:`companion.torch.sinusoidal_positions`) of the patch's row, the last
-    ``dim / 2`` that of its column (as in MAE and MoCo v3), so a patch's position is
-    two 1-D positions side by side. ``dim`` must be a multiple of 4.
+    ``dim / 2`` that of its column, so a patch's position is two 1-D positions side
+    by side: the construction of MAE and MoCo v3, whose tables differ in layout (all
+    sines before all cosines in each half; MAE puts the column's half first).
+    ``dim`` must be a multiple of 4.
     """
     rows = _check_positive_int("rows", rows)
     columns = _check_positive_int("columns", columns)
