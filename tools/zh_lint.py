@@ -501,6 +501,9 @@ def _same_title(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
+_PAREN_END = re.compile(r"\s*\([^()]*\)\s*$")
+_ZH_PAREN_END = re.compile(r"\s*（[^（）]*）\s*$")
+
 # Chapters whose short name is not their title before the colon: (English, Chinese).
 SHORT_NAMES = {"faq": ("FAQ", "常见问题解答")}
 
@@ -519,6 +522,11 @@ def check_links(msgid: str, msgstr: str) -> list[str]:
             continue
         if _same_title(en_text, title) and text != zh:
             problems.append(f"link text {text!r} for {target}: the title is {zh!r}")
+        elif _same_title(en_text, _PAREN_END.sub("", title)) and text != (
+            short := _ZH_PAREN_END.sub("", zh)
+        ):
+            # "How does ...? (source 2, question 2)" linked without its parenthesis.
+            problems.append(f"link text {text!r} for {target}: the title is {short!r}")
         elif role == "doc" or _targets()[1].get(doc) == title:
             # A chapter's short name: its title before the colon, one per chapter.
             short_en, short_zh = SHORT_NAMES.get(
