@@ -145,3 +145,65 @@ def test_pending_names_existing_catalogs():
         p.stem for p in (ROOT / "book").glob("*.ipynb")
     }
     assert PENDING <= stems, PENDING - stems
+
+
+# --------------------------------------------------------------------------- glosses
+
+
+def _build(src: Path, out: Path, builder: str, language: str) -> str:
+    from sphinx.application import Sphinx
+
+    app = Sphinx(
+        str(src),
+        str(src),
+        str(out),
+        str(out / ".doctrees"),
+        builder,
+        confoverrides={"language": language},
+        status=None,
+        warning=None,
+        freshenv=True,
+    )
+    app.build()
+    name = "index.html" if builder == "html" else "index.pot"
+    return (out / name).read_text(encoding="utf-8")
+
+
+def test_english_glosses_are_kept_in_english_and_left_out_of_zh(tmp_path):
+    """_ext/zh_edition.py: the en-gloss container of a quotation renders in the
+    English build, and neither the Chinese build nor gettext sees it."""
+    pytest.importorskip("myst_parser")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "conf.py").write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT / '_ext')!r})\n"
+        "extensions = ['myst_parser', 'zh_edition']\n"
+        "myst_enable_extensions = ['colon_fence']\n",
+        encoding="utf-8",
+    )
+    (src / "index.md").write_text(
+        "# T\n\n> 参数共享是指共享参数。\n>\n> :::{container} en-gloss\n"
+        "> *Sharing means shared parameters.*\n> :::\n\nAfter.\n",
+        encoding="utf-8",
+    )
+    en = _build(src, tmp_path / "en", "html", "en")
+    assert "Sharing means shared parameters." in en and "en-gloss" in en
+    zh = _build(src, tmp_path / "zh", "html", "zh_CN")
+    assert "参数共享是指共享参数。" in zh and "Sharing means" not in zh
+    assert "zh_edition.css" in zh and "zh_edition.css" not in en
+    pot = _build(src, tmp_path / "pot", "gettext", "en")
+    assert "参数共享是指共享参数。" in pot and "Sharing means" not in pot
+
+
+def test_every_translated_gloss_note_is_gone():
+    """The fourteen '（引文原为中文，见上。）' notes: each English gloss they
+    translated is marked en-gloss in its notebook (or its catalog is pending)."""
+    notes = [
+        f
+        for path in CATALOGS
+        if path.stem not in PENDING
+        for f in zh_lint.lint_catalog(path)
+        if f.check == "gloss"
+    ]
+    assert not notes, "\n".join(map(str, notes))
