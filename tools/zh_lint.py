@@ -18,9 +18,13 @@ reads the Chinese itself. Each check would have caught a problem of the first ed
   the target's title has the target's Chinese title as text; ``admonition``: one
   rendering per admonition title across the book.
 * ``typography``: a space between CJK and Latin letters, digits, code and math (the rule
-  the catalogs follow), full-width punctuation next to CJK, no space before ``%``, no
-  space after a closing ``**`` that follows Chinese punctuation, full-width brackets
-  around Chinese text.
+  the catalogs follow), none between CJK and a ``{ref}``/``{doc}`` link (it renders a
+  Chinese title), full-width punctuation next to CJK, no space before ``%``, no space
+  after a closing ``**`` that follows Chinese punctuation, full-width brackets around
+  Chinese text, a colon where the English introduces what follows.
+* ``gloss``: an English gloss of a Chinese quotation is marked ``en-gloss`` in its
+  notebook and left out of the Chinese build (``_ext/zh_edition.py``), not translated
+  as a note.
 
 Usage::
 
