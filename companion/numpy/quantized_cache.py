@@ -68,7 +68,10 @@ class QuantizedKVCache(_quantized_cache.QuantizedCacheMixin, KVCache):
 class KIVICache(QuantizedKVCache):
     """KIVI (Liu et al. 2024): keys per channel and values per token, in groups of
     ``group_size``, asymmetric; the last ``residual`` positions in full precision
-    (keys also until their group of ``group_size`` positions is complete)."""
+    (keys also until their group of ``group_size`` positions is complete). KIVI's own
+    code quantises keys ``residual`` positions at a time instead, so that it holds
+    ``n mod residual`` full-precision keys; this cache keeps one residual rule for keys
+    and values."""
 
     def __init__(self, bits: int = 2, group_size: int = 32, residual: int = 128):
         super().__init__(
