@@ -113,6 +113,12 @@ def test_typography():
     assert zh_lint.check_typography("是这样,而且")
     assert zh_lint.check_typography("**定义。** 然后")
     assert zh_lint.check_typography("一个例子(见上)")
+    # Spacing as rendered: emphasis markers take no room.
+    assert zh_lint.check_typography("又把*KV 缓存*缩小")
+    assert zh_lint.check_typography("又把 *KV 缓存*缩小") == []
+    # A {ref}/{doc} link renders a Chinese title: no space around it.
+    assert zh_lint.check_typography("见{ref}`提速 <fast>`一章") == []
+    assert zh_lint.check_typography("见 {ref}`提速 <fast>` 一章")
 
 
 def test_link_texts_name_their_target():

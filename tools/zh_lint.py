@@ -253,6 +253,7 @@ FORBIDDEN: list[tuple[re.Pattern, str]] = [
     (re.compile("一热|单热"), "one-hot is 独热"),
     (re.compile("GPU\\s*内核|内核函数"), "GPU kernels are 核函数"),
     (re.compile("让它变快"), "the chapter is 提速"),
+    (re.compile("常见问题一章"), "the chapter is 常见问题解答"),
     (re.compile("超越原文"), "beyond the sources is 超出原文 (as in the preface)"),
     (re.compile("会计数"), "'会计数的' reads 会计: 带计数的"),
     (re.compile("原文一个也没有"), "reads 原文一: 原文对这两点只字未提"),
@@ -560,7 +561,8 @@ def check_typography(msgstr: str) -> list[str]:
     )
     problems = []
     latin = f"A-Za-z0-9{PLACEHOLDER}"
-    m = re.search(f"[{CJK}][{latin}]|[{latin}][{CJK}]", text)
+    shown = re.sub(r"\*+", "", text)  # as rendered: emphasis markers take no space
+    m = re.search(f"[{CJK}][{latin}]|[{latin}][{CJK}]", shown)
     if m:
         problems.append(f"no space between CJK and Latin/digits/code: {m.group(0)!r}")
     m = re.search(f"[{CJK}][,;:?!]|[,;:?!][{CJK}]|[{CJK}]\\.(?!\\.)(?=\\s|$)", text)
