@@ -128,6 +128,8 @@ def sink_attention(q, k, v, rope, *, sinks: int, window, positions="slots"):
     """
     import torch
 
+    if positions not in ("slots", "absolute"):
+        raise ValueError(f"positions must be 'slots' or 'absolute', got {positions!r}")
     T, D = q.shape[-2], q.shape[-1]
     pos = torch.arange(T)
     group = q.shape[1] // k.shape[1]
@@ -143,10 +145,6 @@ def sink_attention(q, k, v, rope, *, sinks: int, window, positions="slots"):
             q_slot = _rotate(q, slot, rope)
             sink_scores = q_slot @ k_rot[:, :, :sinks].transpose(-1, -2) / math.sqrt(D)
             scores = torch.cat([sink_scores, scores[..., sinks:]], dim=-1)
-        elif positions not in ("slots", "absolute"):
-            raise ValueError(
-                f"positions must be 'slots' or 'absolute', got {positions}"
-            )
     return _softmax_attention(scores, v, allowed)
 
 

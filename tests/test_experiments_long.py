@@ -64,12 +64,18 @@ def test_sink_attention_equals_decoding_through_the_sink_cache(sinks, window):
         assert not torch.allclose(absolute, one_pass)
 
 
-def test_sink_attention_checks_positions():
+@pytest.mark.parametrize(
+    "sinks, window", [(1, 2), (0, 2), (0, None)], ids=["sinks", "window", "full"]
+)
+def test_sink_attention_checks_positions(sinks, window):
+    # checked whatever the other arguments, not only where the positions are used
     from companion._positions import as_rotary
 
     q = torch.zeros(1, 1, 4, 4)
     with pytest.raises(ValueError, match="positions"):
-        el.sink_attention(q, q, q, as_rotary(True), sinks=1, window=2, positions="x")
+        el.sink_attention(
+            q, q, q, as_rotary(True), sinks=sinks, window=window, positions="x"
+        )
 
 
 def test_quantized_losses_on_a_tiny_model():
