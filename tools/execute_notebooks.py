@@ -11,15 +11,27 @@ The build-status appendix reports those times, so in any run that includes it, i
 executed last, after every other notebook of the run has recorded its time: the table it
 stores then comes from the same run as the notebooks it describes.
 
+Every figure gets its Chinese twin in the same run (issue 29, item 7): the kernel loads
+``tools/figure_i18n.py`` as an IPython extension, which draws each matplotlib figure a
+second time with its strings from ``book/_data/figure_strings.zh.json`` and a CJK font;
+the images go to ``book/_figures_zh/<notebook>/<cell id>-<output index>.png``, listed in
+``book/_figures_zh/manifest.json`` with the English PNG each stands for. A figure string
+missing from the catalogue fails the run (after the notebook is written), listed.
+
 Usage: ``python tools/execute_notebooks.py [NOTEBOOK ...]`` (default: every notebook in
-``_toc.yml`` order under ``book/``).
+``_toc.yml`` order under ``book/``). ``--zh-figures-only`` executes the notebooks and
+writes only their Chinese figures (the stored English notebook and its times are left
+as they are; run it after adding strings to the catalogue); with no notebook named it
+also redraws the static figures (``python tools/figure_i18n.py static``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +44,8 @@ from nbclient import NotebookClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMES = ROOT / "book" / "_data" / "execution_times.json"
+sys.path.insert(0, str(ROOT / "tools"))
+import figure_i18n  # noqa: E402
 
 
 def toc_notebooks() -> list[Path]:
@@ -45,7 +59,9 @@ def toc_notebooks() -> list[Path]:
     return [ROOT / f"{f}.ipynb" for f in files if (ROOT / f"{f}.ipynb").exists()]
 
 
-def execute(path: Path) -> float:
+def execute(path: Path, zh_dir: Path, write: bool = True) -> float:
+    """Execute ``path`` (written back unless ``write`` is false); the kernel leaves
+    the Chinese twins of its figures in ``zh_dir``."""
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
         nb,
@@ -53,12 +69,91 @@ def execute(path: Path) -> float:
         kernel_name="python3",
         record_timing=False,
         resources={"metadata": {"path": str(path.parent)}},
+        extra_arguments=["--IPKernelApp.extensions=figure_i18n"],
     )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT / "tools"), env.get("PYTHONPATH")) if p
+    )
+    env[figure_i18n.ENV_DIR] = str(zh_dir)
     start = time.perf_counter()
-    client.execute()
+    client.execute(env=env)
     seconds = time.perf_counter() - start
-    nbformat.write(nb, path)
+    if write:
+        nbformat.write(nb, path)
+    file_zh_figures(path, nb, zh_dir)
     return seconds
+
+
+def _png_outputs(cell) -> list[tuple[int, str]]:
+    """(output index, sha256 of the PNG) of each PNG output of a code cell."""
+    import base64
+
+    found = []
+    for index, output in enumerate(cell.get("outputs", [])):
+        data = output.get("data", {})
+        if "image/png" in data:
+            png = base64.b64decode(data["image/png"])
+            found.append((index, figure_i18n.sha256(png)))
+    return found
+
+
+PROBLEMS: list[str] = []
+
+
+def file_zh_figures(path: Path, executed, zh_dir: Path) -> None:
+    """Move the kernel's Chinese images to ``book/_figures_zh/<notebook>/`` under the
+    cell id and output index of the English output in the stored notebook."""
+    stored = nbformat.read(path, as_version=4)
+    name = path.relative_to(ROOT).as_posix()
+    # The kernel's records, found by the English PNG they were drawn beside.
+    records: dict[str, list[dict]] = {}
+    log = zh_dir / "records.jsonl"
+    if log.exists():
+        for line in log.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            records.setdefault(record["en_sha256"], []).append(record)
+    target = figure_i18n.ZH_FIGURES / path.stem
+    shutil.rmtree(target, ignore_errors=True)
+    entries = {}
+    stored_cells = {c.get("id"): c for c in stored.cells}
+    for cell in executed.cells:
+        if cell.cell_type != "code":
+            continue
+        ran = _png_outputs(cell)
+        keep = stored_cells.get(cell.get("id"))
+        shown = _png_outputs(keep) if keep is not None else []
+        where = f"{name} cell {cell.get('id')}"
+        if len(ran) != len(shown):
+            PROBLEMS.append(f"{where}: {len(shown)} stored PNGs, {len(ran)} drawn now")
+            continue
+        for (index, en_sha), (_, stored_sha) in zip(ran, shown):
+            if not records.get(en_sha):
+                PROBLEMS.append(f"{where} output {index}: no Chinese twin was drawn")
+                continue
+            record = records[en_sha].pop(0)
+            if "error" in record:
+                PROBLEMS.append(f"{where} output {index}: {record['error']}")
+                continue
+            target.mkdir(parents=True, exist_ok=True)
+            key = f"{cell.id}-{index}"
+            shutil.copyfile(zh_dir / f"{record['key']}.png", target / f"{key}.png")
+            entries[key] = {
+                "en_sha256": stored_sha,
+                "used": record["used"],
+                "missing": record["missing"],
+            }
+            PROBLEMS.extend(
+                f"{where} output {index}: untranslated {text!r}"
+                for text in record["missing"]
+            )
+    with figure_i18n.manifest_lock():
+        manifest = figure_i18n.read_manifest()
+        if entries:
+            manifest["notebooks"][name] = entries
+        else:
+            manifest["notebooks"].pop(name, None)
+        figure_i18n.write_manifest(manifest)
 
 
 BUILD_STATUS = ROOT / "book" / "build_status.ipynb"
@@ -83,12 +178,42 @@ def record(name: str, seconds: float) -> None:
 
 
 def main(argv: list[str]) -> int:
-    paths = run_order([Path(a).resolve() for a in argv] or toc_notebooks())
+    zh_only = "--zh-figures-only" in argv
+    names = [a for a in argv if a != "--zh-figures-only"]
+    paths = run_order([Path(a).resolve() for a in names] or toc_notebooks())
+    if zh_only:
+        # The build-status appendix draws no figure and must not be re-run.
+        paths = [p for p in paths if p != BUILD_STATUS]
     for i, path in enumerate(paths, 1):
         print(f"[{i}/{len(paths)}] {path.relative_to(ROOT)} ...", end=" ", flush=True)
-        seconds = execute(path)
-        record(path.relative_to(ROOT).with_suffix("").as_posix(), seconds)
+        with tempfile.TemporaryDirectory(prefix="figures-zh-") as zh_dir:
+            if not zh_only:
+                seconds = execute(path, Path(zh_dir))
+            else:
+                try:
+                    seconds = execute(path, Path(zh_dir), write=False)
+                except Exception as error:  # a chapter being edited: go on
+                    PROBLEMS.append(f"{path.relative_to(ROOT)}: {error!s:.300}")
+                    print("failed", flush=True)
+                    continue
+        if not zh_only:
+            record(path.relative_to(ROOT).with_suffix("").as_posix(), seconds)
         print(f"{seconds:.1f} s", flush=True)
+    if zh_only and not names:
+        if figure_i18n.main(["static"]) != 0:
+            PROBLEMS.append("static figures: untranslated strings (listed above)")
+    if PROBLEMS:
+        catalogue = figure_i18n.CATALOGUE.relative_to(ROOT)
+        print(
+            f"\nChinese figures: {len(PROBLEMS)} problem(s); the notebooks are written."
+        )
+        for line in PROBLEMS:
+            print(f"  {line}")
+        print(
+            f"Add the strings to {catalogue}, then run\n"
+            "  python tools/execute_notebooks.py --zh-figures-only <notebook ...>"
+        )
+        return 1
     return 0
 
 
