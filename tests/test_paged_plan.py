@@ -136,3 +136,30 @@ def test_prefill_cut_into_tiles_equals_the_oracle(backend, monkeypatch):
     query = rng.normal(size=(1, 2, 29, 3))
     out = module.paged_attention(as_backend(query, backend), cache, [seq], causal=True)
     assert_close(out[0], oracle(query[0], k, v, causal=True))
+
+
+@pytest.mark.parametrize("window", [None, 3, (2, 1)])
+def test_torch_paged_attention_is_differentiable_in_the_query(window):
+    # the inference path works in place; with a query that needs gradients it must
+    # not: the gradient equals autograd through the reference on the same keys
+    torch = pytest.importorskip("torch")
+    import companion.torch as ct
+
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 29, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 29, 8, generator=gen, dtype=torch.float64)
+    cache = ct.PagedKVCache(16, 4, 2, 8, dtype="float64")
+    first = cache.new_sequence()
+    cache.append(first, k, v)
+    fork = cache.fork(first)  # its table: the shared run plus a private block
+    cache.append(fork, k[:, :3], v[:, :3])
+    q = torch.randn(1, 4, 5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    out = ct.paged_attention(q, cache, [fork], causal=True, window=window)
+    (grad,) = torch.autograd.grad(out.sum(), q)
+    keys, values = torch.cat([k, k[:, :3]], 1)[None], torch.cat([v, v[:, :3]], 1)[None]
+    expected = ct.scaled_dot_product_attention_reference(
+        q, keys, values, causal=True, window=window
+    )
+    (grad_expected,) = torch.autograd.grad(expected.sum(), q)
+    assert_close(out, expected)
+    assert_close(grad, grad_expected)

@@ -98,6 +98,7 @@ def _paged_one(q, cache, seq, causal, window, t):
     )
     dtype, device = q.dtype, q.device
     rows = q.reshape(H_kv, group * L, D) * t  # (H_kv, G L, D)
+    differentiable = torch.is_grad_enabled() and rows.requires_grad
     m = torch.full((H_kv, group * L, 1), float("-inf"), dtype=dtype, device=device)
     l = torch.zeros((H_kv, group * L, 1), dtype=dtype, device=device)  # noqa: E741
     o = torch.zeros((H_kv, group * L, cache.value_head_dim), dtype=dtype, device=device)
@@ -116,7 +117,10 @@ def _paged_one(q, cache, seq, causal, window, t):
         m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
         # -inf rows: exp(-inf - 0) = 0
         safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        p = scores.sub_(safe).exp_()  # (H_kv, G L, n), in place of the scores
+        if differentiable:
+            p = torch.exp(scores - safe)  # (H_kv, G L, n)
+        else:  # inference: in place of the scores, one buffer fewer per tile
+            p = scores.sub_(safe).exp_()
         c = torch.exp(m - safe)  # rescales what was accumulated
         l = c * l + p.sum(dim=-1, keepdim=True)  # noqa: E741
         o = torch.baddbmm(o * c, p, v)  # c O + P_b V_b: (H_kv, G L, D_v)
