@@ -380,12 +380,12 @@ class TransformerBlock(nn.Module):
                 "post_norms=True adds norms to a pre-norm block: it needs "
                 "norm_first=True"
             )
+        # [book: block parts]
         self.window = check_window(window)
         # head_dim, qk_norm, scale, softcap (none of them by default)
         options = attention_options(
             norm, norm_eps, head_dim, qk_norm, attention_scale, attn_softcap
         )
-        # [book: block parts]
         self.norm_first = norm_first
         self.norm1 = make_norm(norm, embed_dim, eps=norm_eps)
         self.attention = MultiHeadAttention(
@@ -393,11 +393,11 @@ class TransformerBlock(nn.Module):
         )
         self.norm2 = make_norm(norm, embed_dim, eps=norm_eps)
         self.mlp = make_mlp(mlp, embed_dim, mlp_hidden)
-        # [/book: block parts]
         self.post_attention_norm = self.post_mlp_norm = None
         if post_norms:
             self.post_attention_norm = make_norm(norm, embed_dim, eps=norm_eps)
             self.post_mlp_norm = make_norm(norm, embed_dim, eps=norm_eps)
+        # [/book: block parts]
 
     def forward(
         self,
