@@ -1,75 +1,142 @@
 """The spread of the GPT chapter's live training run across seeds and CPUs.
 
-Runs what ``book/gpt.ipynb`` runs live (the experiments' ``base`` model at their
-budget, float32, one thread) for several seeds and prints one JSON line per seed::
+Issue 21: the notebook's assert on the live run (``book/gpt.ipynb``, cell ``gpt-09``)
+takes its margin from a measured spread. This script runs what that cell runs (the
+experiments' ``base`` model at their budget, float32, one thread) for each seed, on
+this machine ("host") and in a child process that behaves like another machine
+("avx2-1thread": torch, oneDNN, MKL and numpy limited to AVX2, one thread, one core,
+another L2 size), checks that the host runs equal the ``base`` rows that
+``python -m companion.experiments gpt`` stored in ``book/_data/gpt_experiments.json``
+(the same training, so the same numbers on the machine that made that record), and
+writes ``book/_data/spread/gpt.json`` in the schema of the other spread files::
 
-    python tools/spread/gpt.py --seeds 0 1 2 --machine host
+    {"chapter": "gpt", "claims": [{"claim": str, "metric": str,
+      "values": [{"seed": int, "machine": "host" | "avx2-1thread", "value": float}],
+      "min": float, "max": float, "assert": str}]}
 
-The second-machine settings (AVX2 kernels, one thread, another L2 size, one core) are
-set by the caller in the environment, as ``make test-second-machine`` does;
-``--collect`` merges the lines into ``book/_data/spread/gpt.json``. Issue 21: the
-notebook's assert on the live run takes its margin from this file.
+Usage (from the repository root; one or two minutes per run on a busy core)::
+
+    python tools/spread/gpt.py --seeds 0 1 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import pathlib
+import subprocess
 import sys
-from pathlib import Path
 
-import torch
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SECOND_MACHINE = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "NPY_DISABLE_CPU_FEATURES": (
+        "AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL AVX512_SPR"
+    ),
+    "COMPANION_L2_CACHE_BYTES": "524288",
+    "OMP_NUM_THREADS": "1",
+}
 
-from companion.experiments import BASE_MODEL, BUDGET
-from companion.train import TrainConfig, train
+# (claim, metric, the assert written on the metric) of cell gpt-09
+CLAIMS = [
+    ("the live run starts near ln 512", "first training loss", "> 5.0"),
+    (
+        "the live run's validation loss ends below 5 nats per token",
+        "final validation loss",
+        "< 5.0",
+    ),
+    (
+        "the same, in bits per byte (the prose's range)",
+        "final validation bits per byte",
+        "none (stated in the prose)",
+    ),
+]
 
 
-def run(seed: int) -> dict:
+def run(seed: int) -> dict[str, float]:
+    """The notebook's live run for one seed: its first and final losses."""
+    import torch
+
+    from companion.experiments import BASE_MODEL, BUDGET
+    from companion.train import TrainConfig, train
+
     torch.set_num_threads(1)
     config = TrainConfig(**BUDGET, eval_every=100, seed=seed, model=BASE_MODEL)
     result = train(config)
     return {
-        "seed": seed,
         "first training loss": result.losses[0],
         "final validation loss": result.evaluations[-1][1],
         "final validation bits per byte": result.evaluations[-1][2],
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--machine", default="host")
-    parser.add_argument("--collect", nargs="*", help="JSON-lines files to merge")
-    args = parser.parse_args()
-    if args.collect is not None:
-        values = [
-            json.loads(line)
-            for name in args.collect
-            for line in Path(name).read_text().splitlines()
-            if line.strip()
-        ]
-        out = {
-            "chapter": "gpt",
-            "claim": "the live run's validation loss ends below 5.0 nats per token, "
-            "from a first training loss above 5.0",
-            "values": values,
-            "min final validation loss": min(
-                v["final validation loss"] for v in values
-            ),
-            "max final validation loss": max(
-                v["final validation loss"] for v in values
-            ),
+def _stored_base_rows() -> dict[int, dict[str, float]]:
+    record = json.loads((ROOT / "book/_data/gpt_experiments.json").read_text())
+    return {
+        r["seed"]: {
+            "first training loss": r["first_train_loss"],
+            "final validation loss": r["validation_loss"],
+            "final validation bits per byte": r["bits_per_byte"],
         }
-        path = Path("book/_data/spread/gpt.json")
-        path.write_text(json.dumps(out, indent=1) + "\n")
-        return 0
-    for seed in args.seeds:
-        line = {"machine": args.machine, **run(seed)}
-        sys.stdout.write(json.dumps(line) + "\n")
-        sys.stdout.flush()
-    return 0
+        for r in record["runs"]
+        if r["name"] == "base"
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:  # one machine setting: print the raw metrics as JSON
+        import torch
+
+        out = {str(seed): run(seed) for seed in args.seeds}
+        out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        print(json.dumps(out))
+        return
+    raw = {}
+    for machine, extra in (("host", {}), ("avx2-1thread", SECOND_MACHINE)):
+        env = {**os.environ, **extra}
+        command = [sys.executable, __file__, "--child", "--seeds"]
+        command += [str(s) for s in args.seeds]
+        if machine != "host":
+            command = ["taskset", "-c", "0", *command]
+        done = subprocess.run(
+            command, env=env, cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        raw[machine] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(machine, "cpu capability:", raw[machine].pop("cpu_capability"))
+    stored = _stored_base_rows()
+    for seed, metrics in raw["host"].items():
+        if int(seed) in stored:
+            gap = max(abs(metrics[m] - stored[int(seed)][m]) for m in metrics)
+            print(f"host seed {seed}: largest gap to the stored base run {gap:.2g}")
+    claims = []
+    for claim, metric, condition in CLAIMS:
+        values = [
+            {"seed": int(seed), "machine": machine, "value": metrics[metric]}
+            for machine in raw
+            for seed, metrics in raw[machine].items()
+        ]
+        numbers = [v["value"] for v in values]
+        claims.append(
+            {
+                "claim": claim,
+                "metric": metric,
+                "values": values,
+                "min": min(numbers),
+                "max": max(numbers),
+                "assert": f"{metric} {condition}",
+            }
+        )
+        print(f"{metric:32s} {min(numbers):.6f} .. {max(numbers):.6f}")
+    path = ROOT / "book" / "_data" / "spread" / "gpt.json"
+    path.write_text(json.dumps({"chapter": "gpt", "claims": claims}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
