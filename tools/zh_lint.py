@@ -190,26 +190,13 @@ def glossary_pairs() -> list[tuple[str, list[str]]]:
 # English terms not enforced, each with the reason (a term must have one meaning in the
 # book's English for its Chinese to be required wherever it occurs).
 GLOSSARY_SKIP = {
-    # Two meanings (GPU kernel 核函数, convolution kernel 卷积核, kernel regression 核).
-    "kernel": "three meanings, told apart by the text",
-    # Ordinary English words the book also uses in their ordinary sense.
-    "the book": "also 'this book' / '本书的' constructions; the sense is obvious",
-    "chapter": "章 or 本章/这一章/各章: always 章, but also '第 n 章' forms",
-    "solution": "a solution of an exercise (解答) or of an equation (解)",
-    "exercise": "noun and verb",
-    "score": "also 'score function' (打分函数) and a model's test score",
-    "alignment": "also memory alignment and 'aligned' (对齐 is required below)",
-    "padding": "convolution padding (填充) and sequence padding: both 填充, but "
-    "'padded' forms vary",
-    "channel": "also communication channels in the scaling chapter",
-    "decoding": "decoding vs 'decoder' forms",
-    "invariance": "a word of the prose as often as the term",
-    "transformer": "a name; kept as Transformer",
-    "embedding": "also 'embedding dimension' (嵌入维度) and 'embedded' (嵌入式)",
-    "gradient": "always 梯度; skipped because 'gradient checkpointing' etc. vary",
-    "mask": "a noun here (掩码); the verb is checked by the forbidden list",
-    "benchmark": "the benchmark program (基准测试) and 'benchmarks' as results",
+    # Several meanings, told apart by the text: GPU kernel 核函数, convolution kernel
+    # 卷积核, kernel regression 核, Keras's kernel weights.
+    "kernel": "three meanings",
     "kernels": "GPU/CPU kernels (核函数), Keras's kernel weights, convolution kernels",
+    "embedding": "also 'embedding dimension' and the verb; 嵌入 mostly, not always",
+    "the book": "also 全书 / 这本书, and quoted English (the API docstrings' line)",
+    "solution": "an exercise's solution (解答) or the solution of a task (解法)",
 }
 
 # Other accepted renderings of a glossary term (a context where the table's word reads
@@ -227,7 +214,11 @@ GLOSSARY_ALSO = {
     "source 1": ["原文一"],
     "source 2": ["原文二"],
     "errata": ["勘误"],
-    "batch": ["批"],  # 一批样本 reads better than 一个批量的样本
+    "batch": ["批"],
+    "score": [
+        "打分",
+        "得分",
+    ],  # the verb: 为每个词打分  # 一批样本 reads better than 一个批量的样本
 }
 
 
