@@ -454,10 +454,26 @@ def run_pipeline_checks(cases, timelines):
 # --------------------------------------------------------------------------------------
 
 
-def run_axes(ulysses_cases, vocab_cases, expert_cases, pipeline_cases, timelines):
+def run_axes(
+    ulysses_cases,
+    vocab_cases,
+    expert_cases,
+    pipeline_cases,
+    timelines,
+    tensor_parallel_cases=None,
+):
     """:func:`run_ulysses`, :func:`run_vocab_parallel`, :func:`run_expert_parallel`
-    and :func:`run_pipeline_checks` in one launch; a dict of their results."""
+    and :func:`run_pipeline_checks` in one launch; a dict of their results. With
+    ``tensor_parallel_cases``, also
+    :func:`~companion.torch.distributed.examples.run_parallel` of them (tensor and
+    data parallelism) as ``"parallel"``."""
+    from companion.torch.distributed.examples import run_parallel
+
+    parallel = (
+        None if tensor_parallel_cases is None else run_parallel(tensor_parallel_cases)
+    )
     return {
+        "parallel": parallel,
         "ulysses": run_ulysses(ulysses_cases),
         "vocab": run_vocab_parallel(vocab_cases),
         "expert": run_expert_parallel(expert_cases),
