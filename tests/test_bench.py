@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from companion.bench import attention as bench_attention
-from companion.bench import cli, decoding, timing
+from companion.bench import cli, crossover, decoding, timing
 
 FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
 TARGET_COUNT = (
-    29  # rows of the target table: every ratio at 1 and 2 threads, full and causal;
+    30  # rows of the target table: every ratio at 1 and 2 threads, full and causal;
     # paged / contiguous per backend, context and forks; grouped decoding vs SDPA;
-    # MoE grouped vs loop and vs dense
+    # MoE grouped vs loop and vs dense; the GPT training step, tiled / sdpa
 )
 
 
@@ -233,3 +233,59 @@ def test_sdpa_on_the_math_path_is_refused(monkeypatch):
     assert not any("flash" in k for k in kernels["torch SDPA"]["full"])
     assert "did not run the flash kernel" in modules["refused"]["torch SDPA"]
     assert "torch SDPA fwd+bwd" not in modules["refused"]
+
+
+def test_crossover_is_the_first_size_from_which_tiled_always_wins():
+    # n -> (reference seconds, tiled seconds)
+    times = {64: (1.0, 2.0), 128: (1.0, 0.9), 256: (1.0, 1.1), 512: (2.0, 1.0)}
+    assert crossover.crossover_n(times) == 512  # 128 wins, but 256 loses again
+    times[256] = (1.0, 1.0)  # a tie counts as a win
+    assert crossover.crossover_n(times) == 128
+    times[512] = (1.0, 3.0)  # the reference wins at the largest size: no crossover
+    assert crossover.crossover_n(times) is None
+
+
+def test_crossover_subcommand_runs_at_tiny_size(tmp_path, capsys):
+    out_json = tmp_path / "crossover.json"
+    status = cli.main(
+        [
+            "crossover",
+            "--size",
+            "tiny",
+            "--quiet",
+            "--without",
+            "tensorflow",
+            "--json",
+            str(out_json),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert status == 0
+    result = json.loads(out_json.read_text())
+    expected = {"numpy"} | ({"torch"} if timing.framework("torch") else set())
+    assert set(result["backends"]) == expected
+    sizes = set(crossover.SIZES["tiny"])
+    for backend, r in result["backends"].items():
+        for kind in ("full", "causal"):
+            assert {int(n) for n in r["times"][kind]} == sizes
+            assert r["crossover"][kind] in sizes | {None}
+        if r["n"] is not None:
+            assert r["tiled_from_scores"] == r["n"] ** 2
+        # the value to use is printed for every backend
+        assert f"{backend}: " in printed
+    assert result["machine"]["cpu_model"] and result["date"]
+
+
+def test_gpt_training_step_section(tmp_path, capsys):
+    pytest.importorskip("torch")
+    status, results, printed, _ = _run(
+        tmp_path, capsys, "--only", "gpt", "--without", "tensorflow", plot=False
+    )
+    assert status == 0
+    gpt = results["gpt"]
+    assert set(gpt["seconds"]) == {"sdpa", "tiled"}
+    assert gpt["ratio"] == gpt["seconds"]["tiled"] / gpt["seconds"]["sdpa"]
+    assert gpt["max_abs_diff"]["grad"] < 1e-3
+    (row,) = [r for r in results["targets"] if r["target"].startswith("GPT training")]
+    assert row["status"] in ("PASS", "FAIL") and row["limit"] == 1.5
+    assert "tiled / sdpa" in printed

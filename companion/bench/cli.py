@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from companion.bench import attention, conv, decoding, longctx, report, timing
+from companion.bench import attention, conv, decoding, gpt_step, longctx, report, timing
 from companion.bench import moe as moe_bench
 from companion.bench import paged as paged_bench
 
@@ -42,6 +42,7 @@ class Config:
     longctx: dict = field(default_factory=lambda: dict(longctx.FULL))
     paged: dict = field(default_factory=lambda: dict(paged_bench.FULL))
     moe: dict = field(default_factory=lambda: dict(moe_bench.FULL))
+    gpt: dict = field(default_factory=lambda: dict(gpt_step.FULL))
 
     def rounds_for(self, n: int) -> int:
         return self.rounds[max(k for k in self.rounds if k <= n)]
@@ -73,6 +74,7 @@ CONFIGS = {
         longctx=dict(longctx.QUICK),
         paged=dict(paged_bench.QUICK),
         moe=dict(moe_bench.QUICK),
+        gpt=dict(gpt_step.QUICK),
     ),
     "tiny": Config(
         sizes=(128, 256),
@@ -91,9 +93,19 @@ CONFIGS = {
         longctx=dict(longctx.TINY),
         paged=dict(paged_bench.TINY),
         moe=dict(moe_bench.TINY),
+        gpt=dict(gpt_step.TINY),
     ),
 }
-SECTIONS = ("attention", "memory", "conv", "decoding", "longctx", "paged", "moe")
+SECTIONS = (
+    "attention",
+    "memory",
+    "conv",
+    "decoding",
+    "longctx",
+    "paged",
+    "moe",
+    "gpt",
+)
 
 
 def parse_args(argv=None):
@@ -101,7 +113,9 @@ def parse_args(argv=None):
         prog="python -m companion.bench",
         description="Attention, convolution and decoding, measured side by side in "
         "one run; prints ratios "
-        "and the targets of the book chapter 'Making it fast'.",
+        "and the targets of the book chapter 'Making it fast'. Subcommands: "
+        "'python -m companion.bench crossover --help' (the implementation='auto' "
+        "threshold for this machine).",
     )
     parser.add_argument(
         "--quick",
@@ -263,6 +277,11 @@ def run(config: Config, *, threads: int, sections, without, progress) -> dict:
         results["moe"] = None
     elif "moe" in sections:
         results["moe"] = moe_bench.run_all(config.moe, progress, 1)
+    if "gpt" in sections and modules["torch"] is None:
+        notes.append("the GPT training-step section needs torch: skipped")
+        results["gpt"] = None
+    elif "gpt" in sections:
+        results["gpt"] = gpt_step.run_all(config.gpt, progress, threads)
     results["load_average_end"] = timing.load_average()
     results["targets"] = report.targets(results)
     return results
@@ -329,11 +348,18 @@ def render(results: dict) -> str:
         parts.append(paged_bench.table(results["paged"]))
     if results.get("moe"):
         parts.append(moe_bench.table(results["moe"]))
+    if results.get("gpt"):
+        parts.append(gpt_step.table(results["gpt"]))
     parts.append(report.targets_table(results["targets"]))
     return "\n\n".join(parts)
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["crossover"]:
+        from companion.bench import crossover
+
+        return crossover.main(argv[1:])
     args = parse_args(argv)
     progress = timing.Progress(quiet=args.quiet)
     threads = args.threads or timing.cores()

@@ -363,6 +363,16 @@ def targets(results: dict) -> list[dict]:
             1.5,
             True,
         )
+    if "gpt" in results:  # None: asked for, but torch is missing
+        gpt = results["gpt"]
+        context = "" if gpt is None else f" (context {gpt['budget']['context']})"
+        add(
+            f"GPT training step, forward+backward{context}: implementation='tiled' "
+            "/ 'sdpa'",
+            None if gpt is None else gpt["ratio"],
+            1.5,
+            True,
+        )
     return rows
 
 
