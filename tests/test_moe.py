@@ -586,3 +586,148 @@ def test_bad_capacity_and_module_arguments():
     mixtral(torch.zeros(3, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match="router='deepseek_v3'"):
         mixtral.update_bias()  # its forward never reads the bias
+
+
+# --- grouped dispatch: every load the fast path meets (issue 28) ---------------------
+
+LOADS = {
+    # name: (T, N, top_k, how the experts are chosen)
+    "balanced": (40, 8, 2, "uniform"),
+    "skewed": (40, 8, 2, "skewed"),  # most assignments to expert 0, one expert empty
+    "top1": (33, 5, 1, "uniform"),
+    "top4-empty-expert": (29, 7, 4, "no-expert-3"),
+    "one-expert": (9, 1, 1, "uniform"),
+}
+
+
+def _assignments(seed, T, N, k, how):
+    """``(T, k)`` distinct experts per token, drawn to give the named load."""
+    rng = np.random.default_rng(seed)
+    scores = rng.random((T, N))
+    if how == "skewed":
+        scores[:, 0] += 1.0  # every token's first choice
+        scores[:, N - 1] = -1.0  # never chosen
+    elif how == "no-expert-3":
+        scores[:, 3] = -1.0
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("chunk_rows", [2048, 7], ids=["one-chunk", "chunks-of-7"])
+@pytest.mark.parametrize("widths", [(8, 4), (6, 5)], ids=["E8-I4", "E6-I5"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("load", sorted(LOADS))
+def test_torch_grouped_equals_loop_values_and_gradients(
+    load, dtype, widths, chunk_rows, monkeypatch
+):
+    """Outputs and the gradients of x, the gates and both expert stacks: grouped =
+    loop, in float32 (torch's grouped matrix product where widths are multiples of 4;
+    one product per expert where not) and float64 (one product per expert), in one
+    grouped product and split in runs of experts; a gate of 0 (a dropped assignment)
+    contributes exactly 0."""
+    torch = pytest.importorskip("torch")
+    from companion.torch import moe as tm
+
+    monkeypatch.setattr(tm, "_CHUNK_ROWS", chunk_rows)
+    E, intermediate = widths
+    grouped_calls = []
+    if tm._GROUPED_MM is not None:  # count the grouped products that really ran
+        real = tm._GROUPED_MM
+        monkeypatch.setattr(
+            tm,
+            "_GROUPED_MM",
+            lambda *a, **kw: grouped_calls.append(1) or real(*a, **kw),
+        )
+    T, N, k, how = LOADS[load]
+    indices = _assignments(len(load), T, N, k, how)
+    w = _layer(len(load), T=T, E=E, N=N, intermediate=intermediate)
+    rng = np.random.default_rng(3)
+    gates = rng.random((T, k))
+    gates[::4, -1] = 0.0  # dropped assignments
+    load_seen = np.bincount(indices.reshape(-1), minlength=N)
+    if how == "skewed":
+        assert load_seen[0] == T and load_seen[N - 1] == 0
+    tol = {} if dtype == "float32" else F64
+    results = {}
+    for implementation in ("loop", "grouped"):
+        t = {
+            name: torch.tensor(v, dtype=getattr(torch, dtype), requires_grad=True)
+            for name, v in [
+                ("x", w["x"]),
+                ("gates", gates),
+                ("gate_up", w["gate_up"]),
+                ("down", w["down"]),
+            ]
+        }
+        out = tm.experts_forward(
+            t["x"],
+            torch.tensor(indices),
+            t["gates"],
+            t["gate_up"],
+            t["down"],
+            implementation=implementation,
+        )
+        (out.square().sum() + out.sum()).backward()
+        results[implementation] = (out, {n: v.grad for n, v in t.items()})
+    if tm._GROUPED_MM is not None:  # torch's grouped product where it applies
+        assert bool(grouped_calls) == (dtype == "float32" and widths == (8, 4))
+    out, grads = results["grouped"]
+    assert out.dtype == getattr(torch, dtype)
+    assert_close(out, results["loop"][0], **tol, name="output")
+    for name, grad in grads.items():
+        assert_close(grad, results["loop"][1][name], **tol, name=f"d {name}")
+    if N > 1:  # an expert no token chose gets no gradient, exactly
+        empty = np.flatnonzero(load_seen == 0)
+        assert (grads["gate_up"][empty] == 0).all() and (
+            grads["down"][empty] == 0
+        ).all()
+    oracle = nm.experts_forward(w["x"], indices, gates, w["gate_up"], w["down"])
+    assert_close(out, oracle, **tol, name="grouped vs float64 oracle")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_torch_grouped_capacity_dropping_equals_loop(dtype, monkeypatch):
+    """A layer with capacity 0.5 (tokens dropped) and top 2 of 6, through the grouped
+    path split in runs: equal to the loop, values and gradients."""
+    torch = pytest.importorskip("torch")
+    from companion.torch import moe as tm
+
+    monkeypatch.setattr(tm, "_CHUNK_ROWS", 5)
+    w = _layer(12, T=30, E=8, N=6, intermediate=4)
+    runs = {}
+    for implementation in ("loop", "grouped"):
+        t = {
+            k: torch.tensor(v, dtype=getattr(torch, dtype), requires_grad=True)
+            for k, v in w.items()
+        }
+        out = tm.moe_layer(
+            t["x"],
+            t["router_weight"],
+            t["gate_up"],
+            t["down"],
+            2,
+            capacity_factor=0.5,
+            implementation=implementation,
+        )
+        out.output.square().sum().backward()
+        runs[implementation] = (out, {k: v.grad for k, v in t.items()})
+    assert not runs["grouped"][0].kept.all()  # some assignments were dropped
+    tol = {} if dtype == "float32" else F64
+    assert_close(runs["grouped"][0].output, runs["loop"][0].output, **tol)
+    for k in w:
+        assert_close(runs["grouped"][1][k], runs["loop"][1][k], **tol, name=k)
+
+
+def test_torch_grouped_chunks_cover_every_row_once():
+    pytest.importorskip("torch")
+    from companion.torch.moe import _chunks
+
+    ends = [3, 3, 10, 10, 11, 30, 30]  # experts 1, 3 and 6 empty; expert 5 large
+    # a run closes once it holds >= 4 rows; the empty last expert makes no run
+    assert _chunks(ends, 4) == [(0, 3, 0, 10), (3, 6, 10, 30)]
+    for rows in (1, 2, 4, 8, 30, 100):
+        runs = _chunks(ends, rows)
+        assert [r[2] for r in runs[1:]] == [r[3] for r in runs[:-1]]  # contiguous
+        assert runs[0][2] == 0 and runs[-1][3] == 30 and all(r[3] > r[2] for r in runs)
+        assert all(ends[e1 - 1] == r1 for _, e1, _, r1 in runs)  # whole experts
+    assert _chunks([0, 0, 0], 4) == []
+    assert _chunks([5], 2048) == [(0, 1, 0, 5)]

@@ -5,8 +5,11 @@ module holding the router and experts as Hugging Face lays them out.
 The router conventions, the balance losses and capacity are explained in
 :mod:`companion.numpy.moe`, the float64 oracle these functions are tested against.
 ``implementation="grouped"`` sorts the assignments by expert once (no Python loop over
-tokens) and scatters the results back with one ``index_add``; ``"loop"`` is the
-readable per-expert reference, the loop of Hugging Face's ``MixtralExperts``.
+tokens or experts), runs each run of about 2048 sorted rows through one grouped matrix
+product per projection (``torch.nn.functional.grouped_mm`` in float32 on CPU, no padding
+whatever the load), gates the hidden activations and adds the results back in place with
+``index_add_``; ``"loop"`` is the readable per-expert reference, the loop of Hugging
+Face's ``MixtralExperts``.
 """
 
 from __future__ import annotations
@@ -134,27 +137,76 @@ def experts_forward(x, indices, weights, gate_up, down, *, implementation="loop"
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= N):
         raise ValueError(f"indices must lie in [0, {N}), got {int(indices.min())}..")
     weights = weights.to(x.dtype)
-    out = torch.zeros_like(x)
+    out = torch.zeros_like(x)  # (T, E), accumulated in place as Hugging Face's loop
     if implementation == "loop":
         for e in range(N):
             tokens, rank = torch.nonzero(indices == e, as_tuple=True)
             if tokens.numel() == 0:
                 continue
             y = _ffn(x[tokens], gate_up[e], down[e])
-            out = out.index_add(0, tokens, y * weights[tokens, rank, None])
+            out.index_add_(0, tokens, y * weights[tokens, rank, None])
         return out
     # [book: grouped dispatch]
-    flat = indices.reshape(-1)
+    flat = indices.reshape(-1)  # (T k,)
     order = torch.sort(flat, stable=True).indices  # assignments grouped by expert
-    tokens = order // indices.shape[1]
-    counts = torch.bincount(flat, minlength=N).tolist()
-    rows = x[tokens].split(counts)  # expert e's rows: one contiguous slice
-    ys = torch.cat(
-        [_ffn(r, gate_up[e], down[e]) for e, r in enumerate(rows) if r.shape[0]]
-        or [x.new_zeros(0, E)]
-    )
-    return out.index_add(0, tokens, ys * weights.reshape(-1)[order, None])
+    tokens = order // indices.shape[1]  # (T k,) each sorted assignment's token
+    gates = weights.reshape(-1)[order, None]  # (T k, 1)
+    ends = torch.bincount(flat, minlength=N).cumsum(0)  # (N,) where expert e ends
+    for e0, e1, r0, r1 in _chunks(ends.tolist(), _CHUNK_ROWS):
+        t, offs = tokens[r0:r1], ends[e0:e1] - r0  # rows r0:r1 go to experts e0:e1
+        gate, up = _grouped_linear(x[t], gate_up[e0:e1], offs).chunk(2, dim=-1)
+        h = torch.nn.functional.silu(gate) * up * gates[r0:r1]  # (R, I), gated
+        out.index_add_(0, t, _grouped_linear(h, down[e0:e1], offs))  # (R, E)
+    return out
     # [/book: grouped dispatch]
+
+
+# Rows of one grouped product: a few MiB of activations stay in cache, and the
+# per-call overhead is paid T k / _CHUNK_ROWS times instead of N times.
+_CHUNK_ROWS = 2048
+_GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None)
+
+
+def _chunks(ends, rows):
+    """Split experts ``0..N`` (expert ``e``'s rows end at ``ends[e]``) into runs of
+    whole experts of about ``rows`` rows: ``(e0, e1, r0, r1)``, no empty run."""
+    runs, e0, r0 = [], 0, 0
+    for e, end in enumerate(ends):
+        if end - r0 >= rows or e == len(ends) - 1:
+            if end > r0:
+                runs.append((e0, e + 1, r0, end))
+            e0, r0 = e + 1, end
+    return runs
+
+
+def _grouped_mm_takes(rows, weight):
+    """Whether torch's grouped product runs these operands: float32 on CPU, rows and
+    both widths aligned to 16 bytes (its kernel's rule)."""
+    return (
+        _GROUPED_MM is not None
+        and rows.dtype == weight.dtype == torch.float32
+        and rows.device.type == weight.device.type == "cpu"
+        and rows.is_contiguous()
+        and weight.is_contiguous()
+        and rows.shape[1] % 4 == 0
+        and weight.shape[1] % 4 == 0
+        and rows.data_ptr() % 16 == 0
+        and weight.data_ptr() % 16 == 0
+    )
+
+
+def _grouped_linear(rows, weight, ends):
+    """``rows (R, in)`` whose slice ``ends[i-1]:ends[i]`` meets ``weight[i]`` (a
+    stack ``(n, out, in)`` laid out as ``nn.Linear``'s) -> ``(R, out)``: one grouped
+    matrix product where torch has one for these operands (float32 on CPU, widths a
+    multiple of 4), else one ``linear`` per expert."""
+    if _grouped_mm_takes(rows, weight):
+        return _GROUPED_MM(rows, weight.transpose(1, 2), offs=ends.to(torch.int32))
+    sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
+    parts = [
+        torch.nn.functional.linear(r, w) for r, w in zip(rows.split(sizes), weight)
+    ]
+    return torch.cat(parts)
 
 
 def moe_layer(
