@@ -685,6 +685,24 @@ def test_torch_grouped_equals_loop_values_and_gradients(
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("load", sorted(LOADS))
+def test_numpy_grouped_equals_loop_for_every_load(load, dtype):
+    T, N, k, how = LOADS[load]
+    indices = _assignments(len(load), T, N, k, how)
+    w = _layer(len(load), T=T, E=6, N=N, intermediate=5)
+    gates = np.random.default_rng(4).random((T, k))
+    gates[::4, -1] = 0.0
+    args = [
+        v.astype(dtype) if v.dtype.kind == "f" else v
+        for v in (w["x"], indices, gates, w["gate_up"], w["down"])
+    ]
+    grouped = nm.experts_forward(*args, implementation="grouped")
+    assert grouped.dtype == np.dtype(dtype)
+    tol = {} if dtype == "float32" else F64
+    assert_close(grouped, nm.experts_forward(*args, implementation="loop"), **tol)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_torch_grouped_capacity_dropping_equals_loop(dtype, monkeypatch):
     """A layer with capacity 0.5 (tokens dropped) and top 2 of 6, through the grouped
     path split in runs: equal to the loop, values and gradients."""
@@ -731,3 +749,21 @@ def test_torch_grouped_chunks_cover_every_row_once():
         assert all(ends[e1 - 1] == r1 for _, e1, _, r1 in runs)  # whole experts
     assert _chunks([0, 0, 0], 4) == []
     assert _chunks([5], 2048) == [(0, 1, 0, 5)]
+
+
+def test_bench_moe_section_runs_at_tiny_size():
+    """The bench's MoE section (no timing asserted): every case and load ran, the
+    skewed router is skewed, and the target ratios are the worst over the cases."""
+    pytest.importorskip("torch")
+    from companion.bench import moe as bench_moe
+
+    results = bench_moe.run_all(bench_moe.TINY, progress=lambda line: None)
+    cases = results["cases"]
+    assert [(c["case"], c["load"]) for c in cases] == [
+        ("tiny", "balanced"),
+        ("tiny", "skewed"),
+    ]
+    assert cases[1]["heaviest_over_mean"] > cases[0]["heaviest_over_mean"]
+    assert results["loop_over_grouped"] == min(c["loop_over_grouped"] for c in cases)
+    assert results["grouped_over_dense"] == max(c["grouped_over_dense"] for c in cases)
+    assert "loop/grouped" in bench_moe.table(results)

@@ -1,92 +1,154 @@
 """Mixture of experts: grouped dispatch against the per-expert loop and a dense MLP.
 
 One MoE feed-forward layer in torch (float32, one thread): ``T`` tokens of width
-``E``, ``N`` SwiGLU experts of hidden width ``F``, each token routed to its top ``k``
-(fine-grained experts, DeepSeekMoE's shape of layer). Three ways, timed side by side,
-alternating call by call:
+``E``, ``N`` SwiGLU experts of hidden width ``F``, each token routed to its top ``k``.
+Three ways, timed side by side, alternating call by call:
 
 - ``loop``: :func:`companion.torch.moe.experts_forward` with ``implementation="loop"``
-  (the per-expert loop of Hugging Face's ``MixtralExperts``);
+  (the per-expert loop of Hugging Face's ``MixtralExperts``, adding in place);
 - ``grouped``: the same with ``implementation="grouped"`` (assignments sorted by
-  expert once, one scatter back);
+  expert once, torch's grouped matrix product over runs of sorted rows, no padding);
 - ``dense``: one SwiGLU MLP of hidden width ``k F`` on every token, the same active
   FLOPs per token as the MoE layer, what the experts' dispatch would cost nothing
   beyond.
 
-The grouped and loop outputs are checked equal first.
+Each case runs twice: a balanced router (random logits) and a skewed one (logits
+plus a ramp from 3 to 0 across the experts: the first experts get several times the
+mean load, the heaviest's share is recorded). The grouped and loop outputs are
+checked equal first. The target ratios are the worst over the cases: the smallest
+loop / grouped speed-up and the largest grouped / dense ratio.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
-FULL = dict(tokens=4096, embed_dim=512, experts=64, top_k=6, hidden=128, rounds=7)
+# (name, T, E, N, k, F): DeepSeekMoE's fine-grained shape, then Mixtral's (8 experts,
+# top 2) and a many-expert top 2 at the same widths
+FULL = dict(
+    cases=[
+        ("fine-grained", 4096, 512, 64, 6, 128),
+        ("8 experts", 4096, 256, 8, 2, 512),
+        ("64 experts", 4096, 256, 64, 2, 512),
+    ],
+    rounds=7,
+)
 QUICK = dict(FULL, rounds=3)
-TINY = dict(tokens=64, embed_dim=16, experts=8, top_k=2, hidden=8, rounds=1)
+TINY = dict(cases=[("tiny", 64, 16, 8, 2, 8)], rounds=1)
+LOADS = ("balanced", "skewed")
 
 
-def run_all(size: dict, progress, threads: int = 1) -> dict:
-    """ms per call of each way, and the two ratios of the targets."""
+def _case(name, T, E, N, k, F, load, rounds):
     import torch
 
     from companion.testing import assert_close
     from companion.torch.moe import _ffn, experts_forward
 
-    T, E, N = size["tokens"], size["embed_dim"], size["experts"]
-    k, F = size["top_k"], size["hidden"]
-    progress(f"mixture of experts: T = {T}, E = {E}, {N} experts of {F}, top {k}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(T, E, generator=gen)  # (T, E)
-        probs = torch.softmax(torch.randn(T, N, generator=gen), dim=-1)  # (T, N)
-        weights, indices = torch.topk(probs, k)  # (T, k) each
-        gate_up = torch.randn(N, 2 * F, E, generator=gen) / E**0.5  # (N, 2F, E)
-        down = torch.randn(N, E, F, generator=gen) / F**0.5  # (N, E, F)
-        # the dense MLP with the active FLOPs of k experts: (2 k F, E), (E, k F)
-        dense_gate_up = torch.randn(2 * F * k, E, generator=gen) / E**0.5
-        dense_down = torch.randn(E, F * k, generator=gen) / (F * k) ** 0.5
-        ways = {
-            "loop": lambda: experts_forward(
-                x, indices, weights, gate_up, down, implementation="loop"
-            ),
-            "grouped": lambda: experts_forward(
-                x, indices, weights, gate_up, down, implementation="grouped"
-            ),
-            "dense": lambda: _ffn(x, dense_gate_up, dense_down),
-        }
-        seconds = {name: [] for name in ways}
-        with torch.no_grad():
-            assert_close(ways["grouped"](), ways["loop"](), name="grouped vs loop")
-            ways["dense"]()
-            for _ in range(size["rounds"]):
-                for name, way in ways.items():
-                    start = time.perf_counter()
-                    way()
-                    seconds[name].append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(before)
-    ms = {name: 1e3 * statistics.median(s) for name, s in seconds.items()}
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(T, E, generator=gen)  # (T, E)
+    logits = torch.randn(T, N, generator=gen)  # (T, N)
+    if load == "skewed":
+        logits = logits + torch.linspace(3.0, 0.0, N)
+    weights, indices = torch.topk(torch.softmax(logits, dim=-1), k)  # (T, k) each
+    gate_up = torch.randn(N, 2 * F, E, generator=gen) / E**0.5  # (N, 2F, E)
+    down = torch.randn(N, E, F, generator=gen) / F**0.5  # (N, E, F)
+    # the dense MLP with the active FLOPs of k experts: (2 k F, E), (E, k F)
+    dense_gate_up = torch.randn(2 * F * k, E, generator=gen) / E**0.5
+    dense_down = torch.randn(E, F * k, generator=gen) / (F * k) ** 0.5
+    counts = torch.bincount(indices.reshape(-1), minlength=N)
+    ways = {
+        "loop": lambda: experts_forward(
+            x, indices, weights, gate_up, down, implementation="loop"
+        ),
+        "grouped": lambda: experts_forward(
+            x, indices, weights, gate_up, down, implementation="grouped"
+        ),
+        "dense": lambda: _ffn(x, dense_gate_up, dense_down),
+    }
+    seconds = {way: [] for way in ways}
+    with torch.no_grad():
+        assert_close(ways["grouped"](), ways["loop"](), name="grouped vs loop")
+        ways["dense"]()
+        for _ in range(rounds):
+            for way, call in ways.items():
+                start = time.perf_counter()
+                call()
+                seconds[way].append(time.perf_counter() - start)
+    ms = {way: 1e3 * statistics.median(s) for way, s in seconds.items()}
     return {
-        "size": dict(size),
-        "threads": threads,
+        "case": name,
+        "load": load,
+        "size": dict(tokens=T, embed_dim=E, experts=N, top_k=k, hidden=F),
+        "heaviest_over_mean": float(counts.max()) / (T * k / N),
         "ms": ms,
         "loop_over_grouped": ms["loop"] / ms["grouped"],
         "grouped_over_dense": ms["grouped"] / ms["dense"],
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def run_all(size: dict, progress, threads: int = 1) -> dict:
+    """ms per call of each way in every case and load; the targets' two ratios are
+    the worst over them."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    cases = []
+    try:
+        for name, T, E, N, k, F in size["cases"]:
+            for load in LOADS:
+                progress(
+                    f"mixture of experts, {name}, {load}: T = {T}, E = {E}, "
+                    f"{N} experts of {F}, top {k}"
+                )
+                cases.append(_case(name, T, E, N, k, F, load, size["rounds"]))
+    finally:
+        torch.set_num_threads(before)
+    return {
+        "size": {"cases": [list(c) for c in size["cases"]], "rounds": size["rounds"]},
+        "threads": threads,
+        "cases": cases,
+        "loop_over_grouped": min(c["loop_over_grouped"] for c in cases),
+        "grouped_over_dense": max(c["grouped_over_dense"] for c in cases),
     }
 
 
 def table(results: dict) -> str:
     from companion.bench.report import _table
 
-    s = results["size"]
+    rows = []
+    for c in results["cases"]:
+        s = c["size"]
+        rows.append(
+            [
+                f"{c['case']}: T {s['tokens']}, E {s['embed_dim']}, "
+                f"{s['experts']} x {s['hidden']}, top {s['top_k']}",
+                c["load"],
+                f"{c['heaviest_over_mean']:.2f}",
+                *(f"{c['ms'][way]:.2f}" for way in ("loop", "grouped", "dense")),
+                f"{c['loop_over_grouped']:.2f}",
+                f"{c['grouped_over_dense']:.2f}",
+                "-" if c["load_average"] is None else f"{c['load_average']:.1f}",
+            ]
+        )
     return (
-        f"Mixture of experts, torch float32, {results['threads']} thread(s): "
-        f"T = {s['tokens']}, E = {s['embed_dim']}, {s['experts']} experts of "
-        f"{s['hidden']}, top {s['top_k']}; dense MLP of {s['top_k'] * s['hidden']}\n"
+        f"Mixture of experts, torch float32, {results['threads']} thread(s); "
+        "dense MLP of hidden k F (the same active FLOPs)\n"
         + _table(
-            ["way", "ms"], [[name, f"{ms:.2f}"] for name, ms in results["ms"].items()]
+            [
+                "case",
+                "load",
+                "heaviest/mean",
+                "loop ms",
+                "grouped ms",
+                "dense ms",
+                "loop/grouped",
+                "grouped/dense",
+                "load avg",
+            ],
+            rows,
         )
     )

@@ -201,8 +201,10 @@ def experts_forward(x, indices, weights, gate_up, down, *, implementation="loop"
 
     ``implementation="loop"``: one expert at a time, the tokens that chose it picked
     by a mask (the reference). ``"grouped"``: the ``T k`` assignments sorted by expert
-    once, each expert's rows a contiguous slice, results scattered back with one
-    ``np.add.at``. A zero weight (a dropped assignment) contributes exactly 0.
+    once, each expert's rows a contiguous slice, the gated results put back in token
+    order and each token's ``k`` summed (numpy has no grouped matrix product: one
+    product per expert's slice). A zero weight (a dropped assignment) contributes
+    exactly 0.
     """
     x = np.asarray(x)
     gate_up, down = np.asarray(gate_up), np.asarray(down)
@@ -243,9 +245,12 @@ def experts_forward(x, indices, weights, gate_up, down, *, implementation="loop"
         a, b = bounds[e], bounds[e + 1]
         if a < b:
             ys[a:b] = _ffn(rows[a:b], gate_up[e], down[e])
-    np.add.at(out, tokens, ys * w[:, None])
+    ys *= w[:, None]  # gated, (T k, E) in expert order
+    back = np.empty_like(order)
+    back[order] = np.arange(order.size)  # each assignment's place in expert order
+    # back in token order, token t's k results are rows t k .. t k + k - 1: summed
+    return ys[back].reshape(x.shape[0], indices.shape[1], E).sum(axis=1)
     # [/book: grouped dispatch]
-    return out
 
 
 def moe_layer(
