@@ -29,7 +29,6 @@ _spec.loader.exec_module(zh_lint)
 PENDING = {
     "gpt",
     "long_context",
-    "moe",
     "outlook",
     "positions",
     "preface",
