@@ -7,13 +7,38 @@ that ``companion.torch`` and ``companion.tensorflow`` need no private name of
 
 from __future__ import annotations
 
-__all__ = ["IMPLEMENTATIONS", "TILED_FROM_SCORES", "choose_implementation"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "NUMPY_TILED_FROM_SCORES",
+    "TENSORFLOW_TILED_FROM_SCORES",
+    "TILED_FROM_SCORES",
+    "TORCH_TILED_FROM_SCORES",
+    "choose_implementation",
+]
 
 IMPLEMENTATIONS = ("auto", "reference", "tiled")
-# "auto" takes the tiled kernel from this many scores per head (L * S) on: one
-# 1024 x 1024 float32 score matrix is 4 MiB, more than a core's cache, and from there
-# the tiled kernel is both faster and O(L) in memory (book chapter *Making it fast*).
-TILED_FROM_SCORES = 1024 * 1024
+
+# "auto" takes the tiled kernel from this many scores per head (L * S) on, per backend:
+# the measured crossover, the n (L = S) from which the tiled kernel was at least as
+# fast as the reference at every larger size measured, full and causal, float32,
+# (1, 4, n, 64). Measure it on your machine with
+#     python -m companion.bench crossover --threads 1
+# and pass implementation="tiled" / "reference" where your crossover differs.
+# Source: two runs of that command on 2026-12-07 (Intel Xeon, AVX-512, L2 2048 KiB,
+# 2 cores shared with other jobs, load average 7.0-7.7, 1 thread); the later of the
+# two runs' crossovers is kept, so that "auto" slows neither case down there:
+#   numpy       768 and 768   -> 768 x 768   (tiled 0.50-0.77x of the reference at 768)
+#   torch       256 and 384   -> 384 x 384   (0.45-0.72x at 384)
+#   tensorflow  1536 and 1024 -> 1536 x 1536 (eager; 0.16-0.33x at 1536)
+# (Before: 1024 x 1024 for every backend, from the L2 size, not from a measurement.)
+NUMPY_TILED_FROM_SCORES = 768 * 768
+TORCH_TILED_FROM_SCORES = 384 * 384
+TENSORFLOW_TILED_FROM_SCORES = 1536 * 1536
+TILED_FROM_SCORES = {
+    "numpy": NUMPY_TILED_FROM_SCORES,
+    "torch": TORCH_TILED_FROM_SCORES,
+    "tensorflow": TENSORFLOW_TILED_FROM_SCORES,
+}
 
 
 def choose_implementation(

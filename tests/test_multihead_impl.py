@@ -146,11 +146,13 @@ def test_auto_is_tiled_from_the_threshold_on(rng, backend, monkeypatch):
     assert tuple(weights.shape) == (2, H, 9, 9)
 
 
-def test_the_default_threshold_is_one_mebi_score_per_head():
+def test_each_backend_uses_its_own_measured_threshold():
+    from companion._implementation import TILED_FROM_SCORES
+
     for backend in BACKENDS:
         if backend != "numpy":
             pytest.importorskip(backend)
-        assert _module(backend).TILED_FROM_SCORES == 1024 * 1024
+        assert _module(backend).TILED_FROM_SCORES == TILED_FROM_SCORES[backend]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -5,8 +5,10 @@ tiled kernel (online softmax over blocks) from the number of scores per head,
 ``L * S``. This measures both on square problems of growing ``n`` (float32, ``H`` heads
 of ``d = 64``, full and causal), in interleaved rounds, and reports the smallest ``n``
 from which the tiled kernel is at least as fast as the reference at every measured
-size: ``n * n`` is the threshold to use on this machine. Each backend's default in
-``companion._implementation.TILED_FROM_SCORES`` cites the run it came from.
+size: ``n * n`` is the threshold to use on this machine. Each backend's default
+(``NUMPY_TILED_FROM_SCORES`` and its twins in ``companion/_implementation.py``) cites
+the run it came from. One thread (``--threads 1``) gives the steadiest answer on a
+loaded machine.
 """
 
 from __future__ import annotations
@@ -94,6 +96,22 @@ def run(size: str = "full", *, threads: int | None = None, without=(), progress=
             backends[name] = module
     if "torch" in backends:
         timing.set_threads(threads, backends["torch"])
+    if "tensorflow" in backends:
+        try:  # only before TensorFlow starts; afterwards it keeps its own count
+            backends["tensorflow"].config.threading.set_intra_op_parallelism_threads(
+                threads
+            )
+        except RuntimeError:
+            pass
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads, user_api="blas"):
+        _measure(out, backends, sizes, rounds, progress)
+    out["load_average_end"] = timing.load_average()
+    return out
+
+
+def _measure(out, backends, sizes, rounds, progress) -> None:
     for backend, module in backends.items():
         result = {"times": {}, "crossover": {}}
         for kind in ("full", "causal"):
@@ -114,8 +132,6 @@ def run(size: str = "full", *, threads: int | None = None, without=(), progress=
         result["n"] = n
         result["tiled_from_scores"] = None if n is None else n * n
         out["backends"][backend] = result
-    out["load_average_end"] = timing.load_average()
-    return out
 
 
 def table(result: dict) -> str:
@@ -143,7 +159,7 @@ def table(result: dict) -> str:
             )
         else:
             value = (
-                f"TILED_FROM_SCORES = {r['tiled_from_scores']}  "
+                f"{backend.upper()}_TILED_FROM_SCORES = {r['tiled_from_scores']}  "
                 f"# {r['n']} x {r['n']} (full from n = {r['crossover']['full']}, "
                 f"causal from n = {r['crossover']['causal']})"
             )

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from companion import _checks, _positions
-from companion._implementation import TILED_FROM_SCORES
+from companion._implementation import NUMPY_TILED_FROM_SCORES as TILED_FROM_SCORES
 from companion._implementation import choose_implementation as _choose_implementation
 from companion._kvcache import (
     KVCacheBase,

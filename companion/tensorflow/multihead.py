@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from companion import _checks, _positions
+from companion._implementation import TENSORFLOW_TILED_FROM_SCORES
 from companion._implementation import choose_implementation as _choose_implementation
 from companion._kvcache import (
     KVCacheBase,
@@ -50,7 +51,8 @@ __all__ = ["MultiHeadParams", "multi_head_attention", "KVCache", "MultiHeadAtten
 
 _HALF_PRECISION = ("float16", "bfloat16")
 # "auto" takes the tiled kernel from this many scores per head (L * S) on
-TILED_FROM_SCORES = 1024 * 1024
+# (measured crossover, the run cited in companion/_implementation.py)
+TILED_FROM_SCORES = TENSORFLOW_TILED_FROM_SCORES
 
 
 def _heads(

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from companion import _checks, _positions
+from companion._implementation import TORCH_TILED_FROM_SCORES
 from companion._implementation import choose_implementation as _choose_implementation
 from companion._kvcache import (
     KVCacheBase,
@@ -51,7 +52,8 @@ from companion.torch.attention import (
 from companion.torch.positions import _rotate_queries_and_keys
 
 # "auto" takes the tiled kernel from this many scores per head (L * S) on
-TILED_FROM_SCORES = 1024 * 1024
+# (measured crossover, the run cited in companion/_implementation.py)
+TILED_FROM_SCORES = TORCH_TILED_FROM_SCORES
 
 __all__ = ["MultiHeadParams", "KVCache", "multi_head_attention", "MultiHeadAttention"]
 
