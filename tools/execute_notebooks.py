@@ -81,7 +81,9 @@ def execute(path: Path, zh_dir: Path, write: bool = True) -> float:
     seconds = time.perf_counter() - start
     if write:
         nbformat.write(nb, path)
-    file_zh_figures(path, nb, zh_dir)
+    drawn, zh_seconds = file_zh_figures(path, nb, zh_dir)
+    if drawn:
+        print(f"(+ {drawn} Chinese figure(s), {zh_seconds:.1f} s)", end=" ", flush=True)
     return seconds
 
 
@@ -101,9 +103,10 @@ def _png_outputs(cell) -> list[tuple[int, str]]:
 PROBLEMS: list[str] = []
 
 
-def file_zh_figures(path: Path, executed, zh_dir: Path) -> None:
+def file_zh_figures(path: Path, executed, zh_dir: Path) -> tuple[int, float]:
     """Move the kernel's Chinese images to ``book/_figures_zh/<notebook>/`` under the
-    cell id and output index of the English output in the stored notebook."""
+    cell id and output index of the English output in the stored notebook; returns
+    how many were drawn and the seconds the kernel spent drawing them."""
     stored = nbformat.read(path, as_version=4)
     name = path.relative_to(ROOT).as_posix()
     # The kernel's records, found by the English PNG they were drawn beside.
@@ -116,6 +119,7 @@ def file_zh_figures(path: Path, executed, zh_dir: Path) -> None:
     target = figure_i18n.ZH_FIGURES / path.stem
     shutil.rmtree(target, ignore_errors=True)
     entries = {}
+    filed: list[dict] = []
     stored_cells = {c.get("id"): c for c in stored.cells}
     for cell in executed.cells:
         if cell.cell_type != "code":
@@ -127,11 +131,13 @@ def file_zh_figures(path: Path, executed, zh_dir: Path) -> None:
         if len(ran) != len(shown):
             PROBLEMS.append(f"{where}: {len(shown)} stored PNGs, {len(ran)} drawn now")
             continue
-        for (index, en_sha), (_, stored_sha) in zip(ran, shown):
+        # Keyed by the stored output's index (a re-run may print more before it).
+        for (_, en_sha), (index, stored_sha) in zip(ran, shown):
             if not records.get(en_sha):
                 PROBLEMS.append(f"{where} output {index}: no Chinese twin was drawn")
                 continue
             record = records[en_sha].pop(0)
+            filed.append(record)
             if "error" in record:
                 PROBLEMS.append(f"{where} output {index}: {record['error']}")
                 continue
@@ -154,6 +160,8 @@ def file_zh_figures(path: Path, executed, zh_dir: Path) -> None:
         else:
             manifest["notebooks"].pop(name, None)
         figure_i18n.write_manifest(manifest)
+    drawn = [r for rs in records.values() for r in rs] + filed
+    return len(drawn), sum(r.get("seconds", 0.0) for r in drawn)
 
 
 BUILD_STATUS = ROOT / "book" / "build_status.ipynb"

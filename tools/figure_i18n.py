@@ -194,6 +194,57 @@ def translating(translator: Translator):
             _STATE.translator = previous
 
 
+_CJK = re.compile(r"[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]")
+
+
+def _cjk_props(props, text: str):
+    """The CJK font behind the text's own font; in front of it where the text mixes
+    Chinese with ``$...$`` math (mathtext sets the words around the math in the first
+    family's font alone, with no fallback)."""
+    cjk = props.copy()
+    families = list(props.get_family())
+    if "$" in text and _CJK.search(text):
+        cjk.set_family([CJK_FONT] + families)
+    else:
+        cjk.set_family(families + [CJK_FONT])
+    return cjk
+
+
+@contextlib.contextmanager
+def captured():
+    """Warnings, matplotlib's log and any printing while the Chinese twin is drawn,
+    kept out of the notebook (its English outputs stay exactly as they were) and
+    returned as a list of messages (a missing glyph is a problem to report)."""
+    import io
+    import logging
+    import warnings
+
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger("matplotlib")
+    handler, propagate = Collect(), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    sink = io.StringIO()
+    try:
+        with (
+            warnings.catch_warnings(record=True) as caught,
+            contextlib.redirect_stdout(sink),
+            contextlib.redirect_stderr(sink),
+        ):
+            warnings.simplefilter("always")
+            yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        messages.extend(str(w.message) for w in caught)
+        messages.extend(line for line in sink.getvalue().splitlines() if line)
+
+
 @contextlib.contextmanager
 def chinese(figure, translator: Translator):
     """An existing figure in Chinese for the duration (restored on exit)."""
@@ -204,10 +255,8 @@ def chinese(figure, translator: Translator):
     try:
         with translating(translator):
             for t, text, props in saved:
-                cjk = props.copy()
-                cjk.set_family(list(props.get_family()) + [CJK_FONT])
-                t.set_fontproperties(cjk)
                 t.set_text(text)
+                t.set_fontproperties(_cjk_props(props, t.get_text()))
             yield
     finally:
         for t, text, props in saved:
@@ -255,13 +304,19 @@ def _png_bytes(result) -> bytes:
 def _twin(figure, english, out: Path, key: str, catalogue, original, formatter):
     """Draw ``figure`` in Chinese through the same formatter; never raises (the
     English output must not depend on this)."""
+    import time
+
     record = {"key": key, "en_sha256": sha256(_png_bytes(english))}
+    start = time.perf_counter()
     try:
         translator = Translator.from_file(catalogue)
-        with chinese(figure, translator):
+        with captured() as messages, chinese(figure, translator):
             zh = original(formatter, figure)
         (out / f"{key}.png").write_bytes(_png_bytes(zh))
+        record["seconds"] = time.perf_counter() - start
         record.update(used=sorted(translator.used), missing=sorted(translator.missing))
+        if messages:
+            record["error"] = "while drawing in Chinese: " + "; ".join(messages)
     except Exception as error:  # noqa: BLE001 - reported by execute_notebooks.py
         record["error"] = f"{type(error).__name__}: {error}"
     with open(out / "records.jsonl", "a", encoding="utf-8") as handle:
@@ -335,8 +390,11 @@ def draw_static(translator: Translator) -> dict:
     entries = {}
     for directory, source in STATIC_DIRS.items():
         results = _numeric_keys(json.loads((ROOT / source).read_text(encoding="utf-8")))
-        with tempfile.TemporaryDirectory() as tmp, translating(translator):
-            written = report.plot(results, tmp)
+        with tempfile.TemporaryDirectory() as tmp:
+            with captured() as messages, translating(translator):
+                written = report.plot(results, tmp)
+            if messages:
+                raise RuntimeError(f"drawing {directory} in Chinese: {messages}")
             for path in written:
                 name = Path(path).name
                 english = ROOT / directory / name
@@ -344,9 +402,7 @@ def draw_static(translator: Translator) -> dict:
                 target.write_bytes(Path(path).read_bytes())
                 entries[str(english.relative_to(ROOT))] = {
                     "zh": str(target.relative_to(ROOT)),
-                    "en_sha256": sha256(english.read_bytes())
-                    if english.exists()
-                    else None,
+                    "en_sha256": sha256(english.read_bytes()),
                     "source": source,
                 }
     return entries
