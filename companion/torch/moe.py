@@ -14,6 +14,8 @@ Face's ``MixtralExperts``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -167,6 +169,20 @@ _CHUNK_ROWS = 2048
 _GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None)
 
 
+@functools.cache
+def _grouped_mm_runs_on_cpu():
+    """Whether this torch's grouped product has a float32 CPU kernel (torch 2.13 has;
+    earlier releases are CUDA-only or lack the function): tried once on 4 x 4."""
+    if _GROUPED_MM is None:
+        return False
+    try:
+        offs = torch.tensor([2, 4], dtype=torch.int32)
+        _GROUPED_MM(torch.ones(4, 4), torch.ones(2, 4, 4), offs=offs)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return True
+
+
 def _chunks(ends, rows):
     """Split experts ``0..N`` (expert ``e``'s rows end at ``ends[e]``) into runs of
     whole experts of about ``rows`` rows: ``(e0, e1, r0, r1)``, no empty run."""
@@ -192,6 +208,7 @@ def _grouped_mm_takes(rows, weight):
         and weight.shape[1] % 4 == 0
         and rows.data_ptr() % 16 == 0
         and weight.data_ptr() % 16 == 0
+        and _grouped_mm_runs_on_cpu()
     )
 
 
