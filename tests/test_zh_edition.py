@@ -66,6 +66,15 @@ def test_forbidden_renderings():
     assert zh_lint.check_forbidden("整个图像块矩阵") == []
     assert zh_lint.check_forbidden("至少快 3 倍") == []
     assert zh_lint.check_forbidden("缓存为原来的 $1/H$，配套包") == []
+    # The review sample: 本包 is 配套包 (but 样本包含 and 基本包括 are words),
+    # 挂钟 is 墙钟, the Universal Transformer is 通用 Transformer, a kernel 核函数.
+    assert zh_lint.check_forbidden("本包的 `softmax`")
+    assert zh_lint.check_forbidden("每个样本包含一个序列，基本包括两步") == []
+    assert zh_lint.check_forbidden("挂钟秒数")
+    assert zh_lint.check_forbidden("ALBERT 和 Universal Transformer 复用整个层")
+    assert zh_lint.check_forbidden("通用 Transformer（Universal Transformer）") == []
+    assert zh_lint.check_forbidden("分块注意力核中的在线 softmax")
+    assert zh_lint.check_forbidden("注意力核函数不改变计算的内容") == []
 
 
 def test_glossary_terms_are_required():

@@ -254,6 +254,14 @@ FORBIDDEN: list[tuple[re.Pattern, str]] = [
     ),
     (re.compile("全连接\\s*MLP"), "opposite MoE a feed-forward block is 稠密"),
     (re.compile("密集(?:模型|MLP|前馈|层)"), "dense (vs MoE) is 稠密"),
+    # Found by the 150-message review sample of issue 29 (seed 29).
+    (re.compile("(?<![基样文])本包(?![括含])"), "the companion package is 配套包"),
+    (re.compile("挂钟"), "wall-clock time is 墙钟时间 (as in the other catalogs)"),
+    (
+        re.compile("(?<!（)Universal Transformer"),
+        "the Universal Transformer is 通用 Transformer (English only in parentheses)",
+    ),
+    (re.compile("注意力核(?!函数)"), "compiled kernels are 核函数: 分块核函数"),
 ]
 
 
