@@ -484,22 +484,36 @@ def _default_threads() -> int:
     return max(1, min(cores, _MAX_DEFAULT_THREADS))
 
 
-class _BlockBuffers:
-    """One worker's scratch space, allocated once and reused for each of its blocks."""
+# A tile whose probabilities, taken against the row's running maximum ``m`` as it was,
+# sum to at most this needs no new maximum (``_tiled_query_block``): every entry is then
+# at most 2^20 (the maximum moved up by at most 13.9), far from float32's overflow.
+_STALE_MAX_LIMIT = float(2**20)
 
-    def __init__(self, block_q, block_k, D, D_v, dtype, cast_kv, masked):
+
+class _BlockBuffers:
+    """One worker's scratch space, allocated once and reused for each of its blocks.
+
+    The query block carries one more column, ``-m``, and the key and value tiles a
+    column of ones: ``[t Q_i | -m] [K_j | 1]^T = t Q_i K_j^T - m`` and
+    ``P~ [V_j | 1] = [P~ V_j | rowsum P~]``, so the matrix products subtract the
+    running maximum and sum the probabilities (``_tiled_query_block``).
+    """
+
+    def __init__(self, block_q, block_k, D, D_v, dtype, masked):
         self.block_q, self.block_k = block_q, block_k
-        self.q = np.empty(block_q * D, dtype)  # scaled query block t Q_i
+        self.q = np.empty(block_q * (D + 1), dtype)  # [t Q_i | -m]
         self.scores = np.empty(block_q * block_k, dtype)  # S_ij, then P~_ij in place
         # masked entries
         self.hidden = np.empty(block_q * block_k, np.bool_) if masked else None
         self.acc = np.empty(block_q * D_v, dtype)  # O~
-        self.pv = np.empty(block_q * D_v, dtype)  # P~_ij V_j
+        self.pv = np.empty(block_q * (D_v + 1), dtype)  # [P~_ij V_j | rowsum P~_ij]
         # m, m_new, rowmax / rowsum, c, l
         self.vectors = np.empty((5, block_q), dtype)
-        # float16 -> float32 copies
-        self.k = np.empty(block_k * D, dtype) if cast_kv else None
-        self.v = np.empty(block_k * D_v, dtype) if cast_kv else None
+        self.fine = np.empty(block_q, np.bool_)  # rows whose stale maximum held
+        # [K_j | 1] and [V_j | 1] (also the float16 -> float32 copies); the ones
+        # column sits at the same places whatever the tile's rows
+        self.k = np.ones(block_k * (D + 1), dtype)
+        self.v = np.ones(block_k * (D_v + 1), dtype)
 
     @staticmethod
     def view(flat, rows, cols):
@@ -528,12 +542,23 @@ def _tiled_query_block(
     causal or a window hide are absent); ``band(i0, i1, j0, j1)`` the bool ``(bq, bk)``
     visibility of a tile that is not ``full``. Writes ``out_rows (bq, D_v)`` and
     ``lse_rows (bq,)``.
+
+    The first tile takes the step of the recurrence as written. Each later tile first
+    keeps every row's maximum ``m`` as it is (FlashAttention-4's conditional
+    rescaling): ``P~ = exp(S_ij - m)`` comes from one matrix product and one ``exp``,
+    and ``[P~ V_j | rowsum P~]`` from one more, with no pass for the row maximum,
+    the subtraction, the sum or the rescaling ``c``. The rows whose sum exceeds
+    ``_STALE_MAX_LIMIT`` (their maximum moved up by more than about 13.9; ``inf`` or
+    NaN included) take the exact step instead (``_exact_rows``). The softmax does not
+    depend on which ``m`` is subtracted, so the result is that of the recurrence; with
+    random scores after the first tile no row needs the exact step.
     """
     bq, D = q_rows.shape
     S, D_v = v_head.shape
     # [book: tiled start]
-    q = buffers.view(buffers.q, bq, D)
-    np.multiply(q_rows, scale, out=q)  # t Q_i: the scale folded into the query once
+    q = buffers.view(buffers.q, bq, D + 1)  # [t Q_i | -m]
+    np.multiply(q_rows, scale, out=q[:, :D])  # t Q_i: the scale folded into the query
+    q[:, D] = 0.0  # (the first tile's scores are S_ij itself)
     acc = buffers.view(buffers.acc, bq, D_v)  # O~ (bq, D_v)
     acc.fill(0.0)
     # (bq,) each
@@ -543,16 +568,17 @@ def _tiled_query_block(
     m.fill(np.finfo(m.dtype).min)
     l.fill(0.0)
     # [/book: tiled start]
-    for j0, j1, full in tiles:  # hidden blocks are not in the plan
+    pv_all = buffers.view(buffers.pv, bq, D_v + 1)  # [P~ V_j | rowsum P~]
+    pv, tile_sum = pv_all[:, :D_v], pv_all[:, D_v]  # views
+    for t, (j0, j1, full) in enumerate(tiles):  # hidden blocks are not in the plan
         bk = j1 - j0
-        k_block, v_block = k_head[j0:j1], v_head[j0:j1]  # (bk, D), (bk, D_v)
-        if buffers.k is not None:
-            k_block = buffers.view(buffers.k, bk, D)
-            np.copyto(k_block, k_head[j0:j1])  # float16 -> float32
-            v_block = buffers.view(buffers.v, bk, D_v)
-            np.copyto(v_block, v_head[j0:j1])
+        k_ones = buffers.view(buffers.k, bk, D + 1)  # [K_j | 1]
+        np.copyto(k_ones[:, :D], k_head[j0:j1])  # (float16 -> float32)
+        v_ones = buffers.view(buffers.v, bk, D_v + 1)  # [V_j | 1]
+        np.copyto(v_ones[:, :D_v], v_head[j0:j1])
+        k_block, v_block = k_ones[:, :D], v_ones[:, :D_v]  # (bk, D), (bk, D_v)
         scores = buffers.view(buffers.scores, bq, bk)
-        np.matmul(q, k_block.T, out=scores)  # S_ij = t Q_i K_j^T: (bq, bk)
+        np.matmul(q, k_ones.T, out=scores)  # S_ij - m = [t Q_i | -m] [K_j | 1]^T
         hidden = (
             None if buffers.hidden is None else buffers.view(buffers.hidden, bq, bk)
         )
@@ -564,6 +590,21 @@ def _tiled_query_block(
         if not full:  # the block straddles the causal diagonal or the window's edge
             np.logical_not(band(i0, i0 + bq, j0, j1), out=hidden)  # (bq, bk)
             np.copyto(scores, -np.inf, where=hidden)
+        if t > 0:  # m kept: P~ = exp(S_ij - m), [P~ V_j | rowsum P~], O~ += P~ V_j
+            # rows that saw no key yet have m = lowest: exp overflows, and they are
+            # among the rows that take the exact step below
+            with np.errstate(over="ignore", invalid="ignore"):
+                np.exp(scores, out=scores)
+                np.matmul(scores, v_ones, out=pv_all)  # (bq, D_v + 1)
+            fine = np.less_equal(tile_sum, _STALE_MAX_LIMIT, out=buffers.fine[:bq])
+            if not fine.all():  # some rows' maximum moved too far: exact step
+                rows = np.flatnonzero(~fine)
+                pv_all[rows] = 0.0
+                tile = (float_bias, keep, None if full else band, i0, bq, j0, j1)
+                _exact_rows(rows, q, k_block, v_block, tile, m, l, acc)
+            np.add(l, tile_sum, out=l)  # l = l + rowsum(P~)
+            np.add(acc, pv, out=acc)  # O~ = O~ + P~ V_j
+            continue
         # [book: tiled tile step]
         np.max(scores, axis=1, out=row_stat)  # rowmax(S_ij)
         np.maximum(m, row_stat, out=m_new)  # m_new = max(m, rowmax)
@@ -575,11 +616,11 @@ def _tiled_query_block(
         np.multiply(l, c, out=l)
         np.add(l, row_stat, out=l)  # l = c l + rowsum(P~)
         np.multiply(acc, c[:, None], out=acc)  # c O~
-        pv = buffers.view(buffers.pv, bq, D_v)
         np.matmul(scores, v_block, out=pv)  # P~ V_j: (bq, D_v)
         np.add(acc, pv, out=acc)  # O~ = c O~ + P~ V_j
         m, m_new = m_new, m  # m = m_new (swap the buffers)
         # [/book: tiled tile step]
+        np.negative(m, out=q[:, D])  # -m: later tiles' products subtract it
     # [book: tiled finish]
     attended = l > 0  # rows that saw at least one key
     # O_i = O~ / l; 0 rows stay 0
@@ -589,6 +630,33 @@ def _tiled_query_block(
     np.add(m, l, out=lse_rows, where=attended)  # LSE_i = m + log(l)
     lse_rows[~attended] = 0.0  # finite for fully masked rows
     # [/book: tiled finish]
+
+
+def _exact_rows(rows, q, k_block, v_block, tile, m, l, acc):
+    """The recurrence's step, as written, for the query ``rows`` of a block.
+
+    For the rows of a tile whose running maximum ``m`` moved too far for
+    ``_tiled_query_block``'s step with ``m`` kept: their scores ``S_ij`` are recomputed
+    (``q = [t Q_i | -m]``, ``tile = (float_bias, keep, band or None, i0, bq, j0,
+    j1)``), and ``m``, ``l``, ``O~`` and the ``-m`` column of ``q`` are updated in
+    place at those rows.
+    """
+    float_bias, keep, band, i0, bq, j0, j1 = tile
+    s = q[rows, :-1] @ k_block.T  # S_ij of the rows: (r, bk)
+    if float_bias is not None:
+        s += float_bias[i0 : i0 + bq, j0:j1][rows]  # + bias
+    if keep is not None:
+        s[~keep[i0 : i0 + bq, j0:j1][rows]] = -np.inf  # masked -> -inf
+    if band is not None:
+        s[~band(i0, i0 + bq, j0, j1)[rows]] = -np.inf
+    m_old = m[rows]
+    m_new = np.maximum(m_old, s.max(axis=1))  # m_new = max(m, rowmax)
+    p = np.exp(s - m_new[:, None])  # P~ = exp(S_ij - m_new)
+    c = np.exp(m_old - m_new)  # c = exp(m - m_new)
+    l[rows] = c * l[rows] + p.sum(axis=1)  # l = c l + rowsum(P~)
+    acc[rows] = c[:, None] * acc[rows] + p @ v_block  # O~ = c O~ + P~ V_j
+    m[rows] = m_new
+    q[rows, -1] = -m_new
 
 
 def _attention_tiled_forward(
@@ -665,7 +733,6 @@ def _attention_tiled_forward(
             shapes.D,
             shapes.D_v,
             dtype,
-            cast_kv=dtype != query.dtype,
             masked=mask is not None or causal or window is not None,
         )
         while True:
