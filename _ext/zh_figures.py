@@ -51,9 +51,12 @@ def twins(srcdir: str | Path) -> dict[str, str]:
 def _swap(app, doctree) -> None:
     if not _is_zh(app.config):
         return
-    if not hasattr(app.env, "_zh_figure_twins"):
-        app.env._zh_figure_twins = twins(app.srcdir)
-    found = app.env._zh_figure_twins
+    # Read once per build (not kept in the pickled environment); a page is read
+    # again when the manifest changes.
+    if getattr(app, "_zh_figure_twins", None) is None:
+        app._zh_figure_twins = twins(app.srcdir)
+    found = app._zh_figure_twins
+    app.env.note_dependency(str(Path(app.srcdir) / MANIFEST))
     for node in doctree.findall(nodes.image):
         uri = node.get("uri", "")
         stem, ext = posixpath.splitext(posixpath.basename(uri))

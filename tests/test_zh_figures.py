@@ -138,6 +138,9 @@ def test_every_png_output_has_a_chinese_twin(path):
         )
         twin = ZH / path.stem / f"{key}.png"
         assert twin.read_bytes().startswith(PNG), twin
+        assert entries[key]["strings_sha256"] == figure_i18n.strings_digest(
+            entries[key]["used"], CATALOGUE
+        ), f"{name} {key}: a string it uses was edited in the catalogue since"
     extra = sorted(set(entries) - set(outputs))
     assert not extra, (
         f"{name}: twins of outputs (cell id-index) that do not exist: {extra}"
@@ -158,9 +161,13 @@ def test_every_static_figure_has_a_chinese_twin(path):
     rel = path.relative_to(ROOT).as_posix()
     twin = path.with_name(path.stem + ".zh_CN.png")
     assert twin.read_bytes().startswith(PNG), f"{rel}: no {twin.name}"
-    assert MANIFEST["static"][rel]["en_sha256"] == sha(path.read_bytes()), (
+    entry = MANIFEST["static"][rel]
+    assert entry["en_sha256"] == sha(path.read_bytes()), (
         f"{rel} was drawn again after its twin: python tools/figure_i18n.py static"
     )
+    assert entry["strings_sha256"] == figure_i18n.strings_digest(
+        entry["used"], CATALOGUE
+    ), f"{rel}: a string it uses was edited in the catalogue since"
 
 
 def test_a_twin_equals_its_english_image_only_when_the_figure_has_no_words():
@@ -249,7 +256,9 @@ def _page_images(page: Path) -> list[Path]:
     return [
         (page.parent / src.split("#")[0].split("?")[0]).resolve()
         for src in parser.sources
-        if src.endswith(".png") and "://" not in src
+        # the book's figures (Sphinx copies them to _images/; _static holds the
+        # theme's icons)
+        if src.endswith(".png") and "://" not in src and "_images/" in src
     ]
 
 
