@@ -22,7 +22,9 @@ Usage: ``python tools/execute_notebooks.py [NOTEBOOK ...]`` (default: every note
 ``_toc.yml`` order under ``book/``). ``--zh-figures-only`` executes the notebooks and
 writes only their Chinese figures (the stored English notebook and its times are left
 as they are; run it after adding strings to the catalogue); with no notebook named it
-also redraws the static figures (``python tools/figure_i18n.py static``).
+also redraws the static figures (``python tools/figure_i18n.py static``). ``--stale``
+does the same for only the notebooks whose Chinese figures are out of date (an English
+figure changed, or a string it uses was added or edited in the catalogue).
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ def file_zh_figures(path: Path, executed, zh_dir: Path) -> tuple[int, float]:
                 "en_sha256": stored_sha,
                 "used": record["used"],
                 "missing": record["missing"],
+                "strings_sha256": figure_i18n.strings_digest(record["used"]),
             }
             PROBLEMS.extend(
                 f"{where} output {index}: untranslated {text!r}"
@@ -185,13 +188,41 @@ def record(name: str, seconds: float) -> None:
     TIMES.write_text(json.dumps(dict(sorted(times.items())), indent=1) + "\n")
 
 
+def stale_twins(path: Path) -> list[str]:
+    """Why the Chinese twins of ``path`` are out of date ([] when they are not): an
+    output without a twin, a twin of another image, a twin drawn with missing or
+    since-edited catalogue strings."""
+    name = path.relative_to(ROOT).as_posix()
+    entries = figure_i18n.read_manifest()["notebooks"].get(name, {})
+    nb = nbformat.read(path, as_version=4)
+    outputs = {
+        f"{cell.get('id')}-{index}": digest
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for index, digest in _png_outputs(cell)
+    }
+    why = [f"{k}: no twin" for k in outputs if k not in entries]
+    why += [f"{k}: no such output" for k in entries if k not in outputs]
+    for key, entry in entries.items():
+        if key in outputs and entry["en_sha256"] != outputs[key]:
+            why.append(f"{key}: the English image changed")
+        elif entry["missing"]:
+            why.append(f"{key}: drawn with untranslated strings")
+        elif entry.get("strings_sha256") != figure_i18n.strings_digest(entry["used"]):
+            why.append(f"{key}: its strings changed in the catalogue")
+    return why
+
+
 def main(argv: list[str]) -> int:
-    zh_only = "--zh-figures-only" in argv
-    names = [a for a in argv if a != "--zh-figures-only"]
+    zh_only = "--zh-figures-only" in argv or "--stale" in argv
+    names = [a for a in argv if a not in ("--zh-figures-only", "--stale")]
     paths = run_order([Path(a).resolve() for a in names] or toc_notebooks())
     if zh_only:
         # The build-status appendix draws no figure and must not be re-run.
         paths = [p for p in paths if p != BUILD_STATUS]
+    if "--stale" in argv:
+        paths = [p for p in paths if stale_twins(p)]
+        print(f"notebooks with out-of-date Chinese figures: {len(paths)}", flush=True)
     for i, path in enumerate(paths, 1):
         print(f"[{i}/{len(paths)}] {path.relative_to(ROOT)} ...", end=" ", flush=True)
         with tempfile.TemporaryDirectory(prefix="figures-zh-") as zh_dir:

@@ -326,6 +326,18 @@ def _twin(figure, english, out: Path, key: str, catalogue, original, formatter):
 # --------------------------------------------------------------------- manifest
 
 
+def strings_digest(used: list[str], catalogue: dict | None = None) -> str:
+    """sha256 of the catalogue entries a figure used, as they read now: a twin whose
+    digest differs was drawn before one of its translations was edited."""
+    if catalogue is None:
+        catalogue = json.loads(CATALOGUE.read_text(encoding="utf-8"))
+    table = dict(catalogue.get("strings", {}))
+    table.update(catalogue.get("patterns", {}))
+    table.update({name: name for name in catalogue.get("keep", [])})
+    subset = {key: table.get(key) for key in sorted(used)}
+    return sha256(json.dumps(subset, ensure_ascii=False, sort_keys=True).encode())
+
+
 @contextlib.contextmanager
 def manifest_lock():
     """One writer of the manifest at a time (notebooks may run in parallel)."""
@@ -418,6 +430,7 @@ def main(argv: list[str]) -> int:
     for entry in static.values():
         entry["used"] = sorted(translator.used)
         entry["missing"] = sorted(translator.missing)
+        entry["strings_sha256"] = strings_digest(entry["used"])
     with manifest_lock():
         manifest = read_manifest()
         manifest["static"] = static
