@@ -154,11 +154,15 @@ def experts_forward(x, indices, weights, gate_up, down, *, implementation="loop"
     tokens = order // indices.shape[1]  # (T k,) each sorted assignment's token
     gates = weights.reshape(-1)[order, None]  # (T k, 1)
     ends = torch.bincount(flat, minlength=N).cumsum(0)  # (N,) where expert e ends
-    for e0, e1, r0, r1 in _chunks(ends.tolist(), _CHUNK_ROWS):
+    runs = _chunks(ends.tolist(), _CHUNK_ROWS)  # (e0, e1, r0, r1): whole experts
+    # one split of each stack (its gradient is one concatenation, not a stack-sized
+    # zero tensor per indexing as gate_up[e] costs the loop)
+    split = [e1 - e0 for e0, e1, _, _ in runs] + [N - (runs[-1][1] if runs else 0)]
+    for (e0, e1, r0, r1), gu, dn in zip(runs, gate_up.split(split), down.split(split)):
         t, offs = tokens[r0:r1], ends[e0:e1] - r0  # rows r0:r1 go to experts e0:e1
-        gate, up = _grouped_linear(x[t], gate_up[e0:e1], offs).chunk(2, dim=-1)
+        gate, up = _grouped_linear(x[t], gu, offs).chunk(2, dim=-1)  # (R, I) each
         h = torch.nn.functional.silu(gate) * up * gates[r0:r1]  # (R, I), gated
-        out.index_add_(0, t, _grouped_linear(h, down[e0:e1], offs))  # (R, E)
+        out.index_add_(0, t, _grouped_linear(h, dn, offs))  # (R, E)
     return out
     # [/book: grouped dispatch]
 
