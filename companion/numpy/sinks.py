@@ -111,8 +111,11 @@ def attention_with_sinks(
         scores = np.where(causal_mask(L, S), scores, -np.inf)
     sink = np.broadcast_to(s.astype(dtype)[:, None, None], (*scores.shape[:-1], 1))
     logits = np.concatenate([scores, sink], axis=-1)  # (..., H, L, S + 1)
-    logits = logits - logits.max(axis=-1, keepdims=True)  # the sink is finite
-    weights = np.exp(logits)
-    weights = weights / weights.sum(axis=-1, keepdims=True)
+    # shift by the row's largest logit; a row that sees no key and whose sink is -inf
+    # has none finite: shift by 0 and divide by 1, so its weights are exactly 0
+    peak = logits.max(axis=-1, keepdims=True)
+    weights = np.exp(logits - np.where(np.isfinite(peak), peak, 0.0))
+    total = weights.sum(axis=-1, keepdims=True)
+    weights = weights / np.where(total > 0, total, 1.0)
     out = weights[..., :-1] @ v  # (..., H, L, D_v): the sink's share dropped
     return out.astype(q.dtype, copy=False)

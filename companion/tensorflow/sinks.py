@@ -80,6 +80,12 @@ def attention_with_sinks(
         tf.cast(s, dtype)[:, None, None], [*scores.shape[:-1], 1]
     )  # (..., H, L, 1)
     logits = tf.concat([scores, sink], axis=-1)  # (..., H, L, S + 1)
-    logits = logits - tf.reduce_max(logits, axis=-1, keepdims=True)
-    weights = tf.nn.softmax(logits, axis=-1)[..., :-1]  # the sink's share dropped
+    # shift by the row's largest logit; a row that sees no key and whose sink is -inf
+    # has none finite: shift by 0 and divide by 1, so its weights are exactly 0
+    peak = tf.stop_gradient(tf.reduce_max(logits, axis=-1, keepdims=True))
+    peak = tf.where(tf.math.is_finite(peak), peak, tf.zeros_like(peak))
+    weights = tf.exp(logits - peak)
+    total = tf.reduce_sum(weights, axis=-1, keepdims=True)
+    weights = weights / tf.where(total > 0, total, tf.ones_like(total))
+    weights = weights[..., :-1]  # the sink's share dropped
     return tf.cast(tf.matmul(weights, v), q.dtype)  # (..., H, L, D_v)

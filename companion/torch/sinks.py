@@ -82,6 +82,11 @@ def attention_with_sinks(
         scores = scores.masked_fill(~keep, float("-inf"))
     sink = sinks.to(dtype)[:, None, None].expand(*scores.shape[:-1], 1)
     logits = torch.cat([scores, sink], dim=-1)  # (..., H, L, S + 1)
-    logits = logits - logits.max(dim=-1, keepdim=True).values  # the sink is finite
-    weights = torch.softmax(logits, dim=-1)[..., :-1]  # the sink's share dropped
+    # shift by the row's largest logit; a row that sees no key and whose sink is -inf
+    # has none finite: shift by 0 and divide by 1, so its weights are exactly 0
+    peak = logits.detach().amax(dim=-1, keepdim=True)
+    weights = torch.exp(logits - torch.where(torch.isfinite(peak), peak, 0.0))
+    total = weights.sum(dim=-1, keepdim=True)
+    weights = weights / torch.where(total > 0, total, 1.0)
+    weights = weights[..., :-1]  # the sink's share dropped
     return (weights @ v).to(query.dtype)  # (..., H, L, D_v)
