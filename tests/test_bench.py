@@ -20,9 +20,10 @@ from companion.bench import cli, crossover, decoding, timing
 
 FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
 TARGET_COUNT = (
-    30  # rows of the target table: every ratio at 1 and 2 threads, full and causal;
+    32  # rows of the target table: every ratio at 1 and 2 threads, full and causal;
     # paged / contiguous per backend, context and forks; grouped decoding vs SDPA;
-    # MoE grouped vs loop and vs dense; the GPT training step, tiled / sdpa
+    # MoE grouped vs loop and vs dense; the GPT training step, tiled / sdpa;
+    # TensorFlow tiled fwd+bwd / torch SDPA fwd+bwd, full and causal
 )
 
 

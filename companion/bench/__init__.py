@@ -8,5 +8,7 @@ machines, ratios measured in one run do not.
 
 Importing this package loads nothing heavy; torch and TensorFlow are imported only by
 the parts that measure them, and their columns are skipped, with a note, where they are
-not installed. Run ``python -m companion.bench --help`` for the options.
+not installed. Run ``python -m companion.bench --help`` for the options, and
+``python -m companion.bench crossover`` for the ``implementation="auto"`` threshold of
+the machine it runs on.
 """

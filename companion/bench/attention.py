@@ -18,6 +18,8 @@ proves it:
   three inputs (SDPA still restricted to its flash kernel, forward and backward);
 - ``torch.compile``: ``torch.compile`` of the formula ``softmax(Q K^T / sqrt(d)) V``
   (static shapes, compiled before the clock starts; the kernels it ran are recorded);
+- ``tf tiled fwd+bwd``: the TensorFlow tiled kernel's forward and its gradients of the
+  three inputs under a ``tf.GradientTape`` (eager, as a custom training loop calls it);
 - ``keras``: ``keras.ops.dot_product_attention`` on Keras's ``(B, L, H, D)`` layout with
   ``is_causal``, inside ``tf.function`` as a Keras model runs it;
 - ``bound``: ``4 n^2 d / rate`` (half of it, ``2 n (n + 1) d``, for causal), with the
@@ -43,6 +45,8 @@ TORCH = ("torch tiled", "torch SDPA")
 TRAINING = ("torch tiled fwd+bwd", "torch SDPA fwd+bwd")
 COMPILED = ("torch.compile",)
 TENSORFLOW = ("tf tiled", "keras")
+# TensorFlow training: timed at TensorFlow's threads against torch SDPA fwd+bwd
+TF_TRAINING = ("tf tiled fwd+bwd",)
 # the peers that stand for a framework's best path; each is refused if it cannot run
 PEERS = ("torch SDPA", "torch SDPA fwd+bwd", "torch.compile", "keras")
 # timed up to the config's ``others_up_to`` only (slow, or not in the targets)
@@ -152,6 +156,23 @@ def _torch_contender(name, q, k, v, n, causal, torch):
 
 
 def _tf_contender(name, q, k, v, causal, tf):
+    if name == "tf tiled fwd+bwd":
+        from companion.tensorflow import attention_tiled as tf_tiled
+
+        n = q.shape[1]
+        # (1, 1, n, D)
+        tq, tk, tv = (tf.constant(a[None]) for a in (q, k, v))
+        grad = tf.constant(grad_output(n)[None])  # (1, 1, n, D)
+
+        def train():
+            with tf.GradientTape() as tape:
+                tape.watch((tq, tk, tv))
+                out = tf_tiled(tq, tk, tv, causal=causal)
+            grads = tape.gradient(out, (tq, tk, tv), output_gradients=grad)
+            return out, grads
+
+        train()  # traces the kernels' graphs for this shape before the clock starts
+        return train
     if name == "tf tiled":
         from companion.tensorflow import attention_tiled as tf_tiled
 
@@ -202,7 +223,7 @@ def contender(name: str, n: int, causal: bool, threads: int, modules: dict):
         return lambda: P @ V  # (n, D)
     if name in TORCH + TRAINING + COMPILED:
         return _torch_contender(name, q, k, v, n, causal, modules["torch"])
-    if name in TENSORFLOW:
+    if name in TENSORFLOW + TF_TRAINING:
         return _tf_contender(name, q, k, v, causal, modules["tensorflow"])
     raise ValueError(f"unknown attention contender {name!r}")
 
@@ -213,7 +234,7 @@ def available(modules: dict) -> list[str]:
     if modules.get("torch") is not None:
         names += TORCH + TRAINING + COMPILED
     if modules.get("tensorflow") is not None:
-        names += TENSORFLOW
+        names += TENSORFLOW + TF_TRAINING
     refused = modules.get("refused", {})
     return [m for m in names if m not in refused]
 
@@ -263,7 +284,8 @@ def check_outputs(modules: dict, n: int = 256) -> dict[str, float]:
                 refused[name] = f"{type(error).__name__}: {str(error)[:300]}"
                 continue
             key = f"{name}{' causal' if causal else ''}"
-            out, grads = result if name in TRAINING else (result, None)
+            training = name in TRAINING + TF_TRAINING
+            out, grads = result if training else (result, None)
             out = np.asarray(to_numpy(out), dtype=np.float64).reshape(n, D)
             diff = float(np.max(np.abs(out - oracle)))
             if grads is not None and oracle_grads is not None:
@@ -335,7 +357,9 @@ def time_all(
     peak_rate = matmul_peak_rate(threads)
     results = {"full": {}, "causal": {}}
     # forward passes only; torch.compile is timed at equal threads (one compile a size)
-    names = [m for m in available(modules) if m not in TRAINING + COMPILED]
+    names = [
+        m for m in available(modules) if m not in TRAINING + TF_TRAINING + COMPILED
+    ]
     timing.set_threads(threads, modules.get("torch"))
     for n in sizes:
         for causal in (False, True):
@@ -407,7 +431,7 @@ def equal_threads(
             here = [
                 m
                 for m in names
-                if not (m in TENSORFLOW and threads != framework_threads)
+                if not (m in TENSORFLOW + TF_TRAINING and threads != framework_threads)
                 and not (m in COMPILED and n not in compile_sizes)
             ]
             for causal in (False, True):

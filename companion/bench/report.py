@@ -15,11 +15,15 @@ ATTENTION_ORDER = (
     "keras",
     "torch tiled fwd+bwd",
     "torch SDPA fwd+bwd",
+    "tf tiled fwd+bwd",
     "bound",
     "bound (peak)",
 )
 # each contender of the equal-threads table is divided by the SDPA call doing its work
-SDPA_FOR = {"torch tiled fwd+bwd": "torch SDPA fwd+bwd"}
+SDPA_FOR = {
+    "torch tiled fwd+bwd": "torch SDPA fwd+bwd",
+    "tf tiled fwd+bwd": "torch SDPA fwd+bwd",
+}
 
 
 def _fmt_ms(seconds) -> str:
@@ -279,6 +283,14 @@ def targets(results: dict) -> list[dict]:
                 f"tf tiled / torch SDPA, {kind}, n = {n0}, "
                 f"{tf_threads or '-'} thread(s)",
                 versus("tf tiled", tf_threads, kind),
+                3.0,
+                True,
+            )
+        for kind in ("full", "causal"):
+            add(
+                f"tf tiled fwd+bwd (tape) / torch SDPA fwd+bwd, {kind}, n = {n0}, "
+                f"{tf_threads or '-'} thread(s)",
+                versus("tf tiled fwd+bwd", tf_threads, kind),
                 3.0,
                 True,
             )
