@@ -284,3 +284,51 @@ def test_sink_logits_fully_masked_row_has_finite_gradients():
     ct.attention_with_sinks(q, k, v, sinks, mask=keep).sum().backward()
     assert torch.all(torch.isfinite(q.grad)) and torch.all(q.grad[:, 1] == 0)
     assert torch.all(torch.isfinite(sinks.grad)) and sinks.grad[1] != 0
+
+
+# --- RoPE scaling: the cases test_rope_scaling's backend test leaves out -----------
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "ntk",
+        "dynamic-short",
+        "dynamic-long",
+        "yarn-mscale",
+        "yarn-attention-factor",
+        "yarn-no-factor",
+        "llama3",
+        "longrope-short",
+        "longrope-attention-factor",
+    ],
+)
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+def test_every_rope_type_is_the_same_in_every_backend(case, backend):
+    """Every rope type, frequencies and attention factor, and the rotation, in torch
+    and TensorFlow equal the numpy oracle (float64)."""
+    import test_rope_scaling as rs
+
+    ns = registry.namespace(backend)
+    if case == "ntk":
+        scaling, seq_len = {"rope_type": "ntk", "factor": 4.0}, None
+    else:
+        scaling, seq_len = rs.CASES[case][2], rs.CASES[case][3]
+    theta, factor = cn.rotary_frequencies(16, scaling=scaling, seq_len=seq_len)
+    dtype = "float64"
+    if backend == "torch":
+        import torch
+
+        dtype = torch.float64
+    got, got_factor = ns.rotary_frequencies(
+        16, scaling=scaling, seq_len=seq_len, dtype=dtype
+    )
+    assert np.array_equal(np.asarray(got), theta) and got_factor == factor
+    x = np.random.default_rng(7).standard_normal((2, 3, 5, 16))
+    positions = np.arange(296, 301) if seq_len is None else np.arange(5)
+    kwargs = dict(scaling=scaling, seq_len=seq_len)
+    expected = cn.rotary_embedding(x, positions, **kwargs)
+    got = ns.rotary_embedding(
+        as_backend(x, backend), as_backend(positions, backend), **kwargs
+    )
+    assert_close(got, expected, rtol=1e-12, atol=1e-13)
