@@ -26,8 +26,8 @@ IMPLEMENTATIONS = ("auto", "reference", "tiled")
 # and pass implementation="tiled" / "reference" where your crossover differs.
 # Source: two runs of that command on 2026-12-07 (Intel Xeon, AVX-512, L2 2048 KiB,
 # 2 cores shared with other jobs, load average 4.1-5.7 (1 min) and 6.7-6.9 (15 min)
-# at the start, 1 thread); the larger of the two runs' crossovers is kept, so that "auto" slows neither case down there (raw
-# numbers: book/figures/bench/crossover.json):
+# at the start, 1 thread); the larger of the two runs' crossovers is kept, so that
+# "auto" slows neither case down there (raw numbers: book/figures/bench/crossover.json):
 #   numpy       768 and 768   -> 768 x 768   (tiled 0.50-0.77x of the reference at 768)
 #   torch       256 and 384   -> 384 x 384   (0.45-0.72x at 384)
 #   tensorflow  1536 and 1024 -> 1536 x 1536 (eager; 0.16-0.33x at 1536)
