@@ -370,10 +370,14 @@ def attention_tiled(
     divide ``L`` and ``S`` and by default are chosen from the shapes (512 x 512 for one
     head; fewer query rows when many heads share a tile). Grouped query heads become
     rows of one matmul against their key/value head, which is never copied. A few
-    tiles run as an eager Python loop; many run in a ``tf.while_loop`` (compiled by XLA
-    when no gradient tape records the call), so one tile is alive at a time and the
-    extra memory is ``O(L * D_v + block_q * block_k)`` per head, eagerly and inside
-    ``tf.function``. Derivation: ``REFERENCE.md``, *Making it fast*.
+    tiles run as an eager Python loop; many run in a ``tf.while_loop`` compiled by XLA,
+    so one tile is alive at a time and the extra memory is
+    ``O(L * D_v + block_q * block_k)`` per head, eagerly and inside ``tf.function``.
+    Under a gradient tape (or in a caller's graph) that loop also saves the
+    log-sum-exp of each row, and the gradient is FlashAttention-2's backward pass,
+    compiled by XLA too: it recomputes each tile's probabilities from the saved
+    log-sum-exp and never holds a tile for later. Derivation: ``REFERENCE.md``,
+    *Making it fast*.
     """
     causal = _check_flag("causal", causal)
     window = _tiling.check_window(window)
@@ -406,14 +410,13 @@ def attention_tiled(
     tiles = sum(len(block.tiles) for block in plan)
     if tiles >= _GRAPH_TILES and L * S >= _GRAPH_SCORES:
         # many tiles: a tf.while_loop, traced once per shape when called eagerly
-        fixed = _fixed_size_plan(L, S, min(block_q, L), min(block_k, S), causal, window)
-        if not tf.executing_eagerly():
-            loop = _tiled_while  # in the caller's graph, which may differentiate it
-        elif _recording():
-            loop = _tiled_graph  # a tape watches: a plain graph has gradients
-        else:
-            loop = _tiled_compiled  # XLA
-        output = loop(q, k_t, v, grouped, fixed, sizes)  # (N, L * G, D_v)
+        bq, bk = min(block_q, L), min(block_k, S)
+        fixed = _fixed_size_plan(L, S, bq, bk, causal, window)
+        if tf.executing_eagerly() and not _recording():
+            output = _tiled_compiled(q, k_t, v, grouped, fixed, sizes)  # XLA
+        else:  # a tape or the caller's graph may differentiate it
+            by_keys = _fixed_key_plan(L, S, bq, bk, causal, window)
+            output = _tiled_differentiable(q, k, v, grouped, fixed, by_keys, sizes)
     else:
         output = _tiled_loop(q, k_t, v, grouped, plan, sizes)  # (N, L * G, D_v)
     # (N, L, G, D_v) -> (N, G, L, D_v) -> (..., H, L, D_v)
@@ -522,7 +525,7 @@ def _fixed_size_plan(L, S, bq, bk, causal, window) -> _FixedPlan:
     return _FixedPlan(bq, bk, tuple(blocks), tuple(tiles), repeat)
 
 
-def _tiled_while(q, k_t, v, grouped, fixed, sizes, fused=False):
+def _tiled_while(q, k_t, v, grouped, fixed, sizes, fused=False, with_lse=False):
     """:func:`_tiled_loop` as nested ``tf.while_loop`` s: ``O (N, L * G, D_v)``.
 
     The outer loop walks the query blocks of ``fixed`` (a :class:`_FixedPlan`), the
@@ -531,7 +534,9 @@ def _tiled_while(q, k_t, v, grouped, fixed, sizes, fused=False):
     extra memory is ``O(bq * bk + L * D_v)`` per batch element and head, not
     ``O(L * S)``. ``fused``: mask every tile (all visible in a full one), which XLA
     fuses into the exponentials; otherwise a ``tf.cond`` masks only the partial tiles.
-    Same arguments as :func:`_tiled_loop` otherwise.
+    ``with_lse``: return ``(O, LSE (N, L * G))`` with the log-sum-exp ``m + log(l)``
+    of each row (0 for a row that sees no key). Same arguments as :func:`_tiled_loop`
+    otherwise.
     """
     batch, H_kv, G, L, S, causal, window, boolean = sizes
     N, D, D_v, work = q.shape[0], q.shape[-1], v.shape[-1], q.dtype
@@ -578,7 +583,7 @@ def _tiled_while(q, k_t, v, grouped, fixed, sizes, fused=False):
         acc = correction * acc + tf.linalg.matmul(p_tilde, v_j)  # O~ = c O~ + P~ V_j
         return t + 1, m_new, l, acc
 
-    def block_step(b, out):
+    def block_step(b, out, lse):
         r0 = r0s[b]
         q_i = tf.slice(q, [0, r0 * G, 0], [N, rows, D])  # (N, bq * G, D)
         start = (
@@ -587,41 +592,252 @@ def _tiled_while(q, k_t, v, grouped, fixed, sizes, fused=False):
             tf.zeros((N, rows, 1), work),  # running normaliser l
             tf.zeros((N, rows, D_v), work),  # O~
         )
-        _, _, l, acc = tf.while_loop(
+        _, m, l, acc = tf.while_loop(
             lambda t, *_: t < t1s[b],
             lambda t, m, l, acc: tile_step(q_i, r0, t, m, l, acc),
             start,
             parallel_iterations=1,
             maximum_iterations=longest,  # XLA's gradient needs a bound
         )
-        return b + 1, out.write(b, tf.math.divide_no_nan(acc, l))  # O~ / l, 0 if l = 0
+        out = out.write(b, tf.math.divide_no_nan(acc, l))  # O~ / l, 0 if l = 0
+        if with_lse:  # LSE = m + log(l); 0 where l = 0
+            seen = l[..., 0] > 0
+            log_l = tf.math.log(tf.where(seen, l[..., 0], tf.ones_like(l[..., 0])))
+            lse = lse.write(b, tf.where(seen, m[..., 0] + log_l, tf.zeros_like(log_l)))
+        return b + 1, out, lse
 
     blocks = len(fixed.blocks)
     longest = max(t1 - t0 for _, t0, t1 in fixed.blocks)  # tiles of one block
     out = tf.TensorArray(work, size=blocks, element_shape=(N, rows, D_v))
-    _, out = tf.while_loop(
-        lambda b, _: b < blocks,
+    lse = tf.TensorArray(work, size=blocks, element_shape=(N, rows))
+    _, out, lse = tf.while_loop(
+        lambda b, *_: b < blocks,
         block_step,
-        (0, out),
+        (0, out, lse),
         parallel_iterations=1,
         maximum_iterations=blocks,
     )
-    # (blocks, N, bq * G, D_v) -> (N, blocks * bq * G, D_v)
-    output = tf.reshape(tf.transpose(out.stack(), (1, 0, 2, 3)), (N, -1, D_v))
-    if fixed.repeat:  # drop the last block's repeated rows
+    # (N, L * G, D_v)
+    output = _merge_blocks(out.stack(), fixed.repeat * G)
+    if with_lse:
+        # (N, L * G)
+        return output, _merge_blocks(lse.stack()[..., None], fixed.repeat * G)[..., 0]
+    return output
+
+
+def _merge_blocks(stacked, repeat):
+    """``(blocks, N, rows, C)`` -> ``(N, blocks * rows - repeat, C)``.
+
+    The blocks' rows in order, without the ``repeat`` rows at the start of the last
+    block that repeat rows of the block before it.
+    """
+    blocks, N, rows, C = stacked.shape
+    # (blocks, N, rows, C) -> (N, blocks * rows, C)
+    merged = tf.reshape(tf.transpose(stacked, (1, 0, 2, 3)), (N, blocks * rows, C))
+    if repeat:
         cut = (blocks - 1) * rows
-        output = tf.concat([output[:, :cut], output[:, cut + fixed.repeat * G :]], 1)
-    return output  # (N, L * G, D_v)
+        merged = tf.concat([merged[:, :cut], merged[:, cut + repeat :]], 1)
+    return merged
 
 
-_tiled_graph = tf.function(_tiled_while)
 # Compiled by XLA, each tile's mask, max, subtraction, exp and sum fuse into one pass
 # over the scores: about 1.3x faster than the plain graph at n = 4096 on 2 cores. XLA
-# cannot hand the loop's saved intermediates to a gradient, so it is used only where no
-# tape records the call.
+# cannot hand the loop's saved intermediates to a gradient: where a tape records the
+# call, the loop with the log-sum-exp runs under a hand-written gradient
+# (_tiled_differentiable).
 _tiled_compiled = tf.function(
     functools.partial(_tiled_while, fused=True), jit_compile=True
 )
+_tiled_compiled_lse = tf.function(
+    functools.partial(_tiled_while, fused=True, with_lse=True), jit_compile=True
+)
+
+
+def _fixed_key_plan(L, S, bq, bk, causal, window) -> _FixedPlan:
+    """:func:`_fixed_size_plan` by key blocks, for the backward pass's ``dK, dV``.
+
+    ``blocks[b] = (c0, t0, t1)``: keys ``[c0, c0 + bk)`` (a short last block moves back
+    to end at ``S``; ``repeat`` of its keys belong to the block before it), tiles
+    ``t0 .. t1 - 1``; ``tiles[t] = (r0, i0, i1, masked)``: query rows
+    ``[r0, r0 + bq)`` of which only ``[i0, i1)`` are the tile's (so that no row counts
+    twice), ``masked`` when some entry must be hidden.
+    """
+    blocks, tiles = [], []
+    for j0 in range(0, S, bk):
+        c0 = min(j0, S - bk)
+        lo, hi = _tiling.query_range(c0, c0 + bk, L, S, causal, window)
+        t0 = len(tiles)
+        for i0 in range(lo, hi, bq):
+            i1 = min(i0 + bq, hi)
+            r0 = min(i0, L - bq)
+            full = r0 == i0 and i1 == r0 + bq
+            full = full and _tiling.tile_is_full(
+                r0, r0 + bq, c0, c0 + bk, L, S, causal, window
+            )
+            tiles.append((r0, i0, i1, not full))
+        blocks.append((c0, t0, len(tiles)))
+    repeat = (S - 1) // bk * bk - blocks[-1][0]
+    return _FixedPlan(bq, bk, tuple(blocks), tuple(tiles), repeat)
+
+
+def _tiled_differentiable(q, k, v, grouped, fixed, by_keys, sizes):
+    """The XLA-compiled forward with FlashAttention-2's backward as its gradient.
+
+    ``q (N, L * G, D)`` (scaled), ``k (N, S, D)``, ``v (N, S, D_v)``; ``fixed`` and
+    ``by_keys`` the tiles by query and by key blocks. The forward saves the output and
+    the log-sum-exp (``O(L)``), never a tile; the gradient recomputes each tile's
+    probabilities from them (:func:`_tiled_backward`). No gradient flows to ``grouped``
+    (the mask).
+    """
+
+    @tf.custom_gradient
+    def attend(q, k, v):
+        # no tape may record the compiled loops (XLA cannot hand a loop's
+        # TensorArrays to a gradient: UnimplementedError); `gradient` is their gradient
+        q, k, v = (tf.stop_gradient(x) for x in (q, k, v))
+        k_t = tf.transpose(k, (0, 2, 1))  # K^T (N, D, S)
+        output, lse = _tiled_compiled_lse(q, k_t, v, grouped, fixed, sizes)
+
+        def gradient(grad_output):
+            do = tf.stop_gradient(grad_output)
+            return _tiled_backward_compiled(
+                q, k_t, v, grouped, output, lse, do, fixed, by_keys, sizes
+            )
+
+        return output, gradient
+
+    return attend(q, k, v)
+
+
+def _tiled_backward(
+    q, k_t, v, grouped, output, lse, grad_output, fixed, by_keys, sizes
+):
+    r"""FlashAttention-2's backward over fixed-size tiles: ``(dQ, dK, dV)``.
+
+    Two passes, each a pair of ``tf.while_loop`` s that only gather (no scatter, so
+    XLA keeps every accumulator in place): by query blocks for
+    :math:`dQ_i = \sum_j dS_{ij} K_j`, and by key blocks (``by_keys``) for
+    :math:`dV_j = \sum_i P_{ij}^\top dO_i` and :math:`dK_j = \sum_i dS_{ij}^\top Q_i`,
+    with :math:`P_{ij} = \exp(Q_i K_j^\top - \mathrm{LSE}_i)` (masked: 0) and
+    :math:`dS_{ij} = P_{ij} \circ (dO_i V_j^\top - \Delta_i)`,
+    :math:`\Delta_i = \mathrm{rowsum}(dO_i \circ O_i)`. Each tile's probabilities are
+    recomputed twice; extra memory ``O((L + S) D)``.
+    """
+    batch, H_kv, G, L, S, causal, window, boolean = sizes
+    N, D, D_v, work = q.shape[0], q.shape[-1], v.shape[-1], q.dtype
+    bq, bk, rows = fixed.bq, fixed.bk, fixed.bq * G
+    do = tf.cast(grad_output, work)  # dO (N, L * G, D_v)
+    delta = tf.reduce_sum(do * output, axis=-1, keepdims=True)  # Delta (N, L * G, 1)
+    lse = lse[..., None]  # (N, L * G, 1)
+    # p - j - c0 + r0 of a tile's entries: (bq, bk)
+    offsets = tf.range(bq)[:, None] - tf.range(bk)[None, :] + (S - L)
+
+    def probabilities(r0, c0, q_i, k_j, lse_i, own_rows, own_cols):
+        """P_ij (N, bq * G, bk): masked entries, and those not the tile's, are 0."""
+        s_ij = tf.linalg.matmul(q_i, k_j)  # S_ij: (N, bq * G, bk)
+        if grouped is not None:
+            split = tf.reshape(s_ij, (*batch, H_kv, bq, G, bk))
+            tile = _slice_of(grouped, r0, c0, bq, bk)
+            split = _apply_mask(split, _swap_rows_and_group(tile), boolean)
+            s_ij = tf.reshape(split, (N, rows, bk))
+        visible = _visible((c0 - r0) - offsets, causal, window)
+        visible &= own_rows[:, None] & own_cols[None, :]  # (bq, bk)
+        split = _apply_mask(tf.reshape(s_ij, (N, bq, G, bk)), visible[:, None, :], True)
+        return tf.exp(tf.reshape(split, (N, rows, bk)) - lse_i)  # exp(S_ij - LSE_i)
+
+    def rows_of(x, r0, width):  # rows [r0, r0 + bq) of an (N, L * G, width) tensor
+        return tf.slice(x, [0, r0 * G, 0], [N, rows, width])
+
+    def cols_of(x, c0, width):  # keys [c0, c0 + bk) of an (N, S, width) tensor
+        return tf.slice(x, [0, c0, 0], [N, bk, width])
+
+    everything = tf.ones((bk,), tf.bool), tf.ones((bq,), tf.bool)
+
+    # dQ, by query blocks: tiles (c0, j0, j1, masked)
+    r0s, t0s, t1s = (tf.constant(c, tf.int32) for c in zip(*fixed.blocks))
+    if fixed.tiles:
+        c0s, j0s, j1s = (tf.constant(c, tf.int32) for c in list(zip(*fixed.tiles))[:3])
+
+    def dq_block(b, out):
+        r0 = r0s[b]
+        q_i, do_i = rows_of(q, r0, D), rows_of(do, r0, D_v)
+        lse_i, delta_i = rows_of(lse, r0, 1), rows_of(delta, r0, 1)
+
+        def tile(t, dq_i):
+            c0 = c0s[t]
+            cols = c0 + tf.range(bk)
+            own_cols = (cols >= j0s[t]) & (cols < j1s[t])
+            k_j = tf.slice(k_t, [0, 0, c0], [N, D, bk])  # K_j^T (N, D, bk)
+            p = probabilities(r0, c0, q_i, k_j, lse_i, everything[1], own_cols)
+            dp = tf.linalg.matmul(do_i, cols_of(v, c0, D_v), transpose_b=True)
+            ds = p * (dp - delta_i)  # dS = P * (dO V_j^T - Delta)
+            return t + 1, dq_i + tf.linalg.matmul(ds, k_j, transpose_b=True)
+
+        _, dq_i = tf.while_loop(
+            lambda t, _: t < t1s[b],
+            tile,
+            (t0s[b], tf.zeros((N, rows, D), work)),
+            parallel_iterations=1,
+            maximum_iterations=max(t1 - t0 for _, t0, t1 in fixed.blocks),
+        )
+        return b + 1, out.write(b, dq_i)
+
+    blocks = len(fixed.blocks)
+    dq = tf.TensorArray(work, size=blocks, element_shape=(N, rows, D))
+    _, dq = tf.while_loop(
+        lambda b, _: b < blocks, dq_block, (0, dq), parallel_iterations=1
+    )
+    dq = _merge_blocks(dq.stack(), fixed.repeat * G)  # (N, L * G, D)
+
+    # dK, dV, by key blocks: tiles (r0, i0, i1, masked)
+    c0s_k, t0s_k, t1s_k = (tf.constant(c, tf.int32) for c in zip(*by_keys.blocks))
+    if by_keys.tiles:
+        r0s_k, i0s_k, i1s_k = (
+            tf.constant(c, tf.int32) for c in list(zip(*by_keys.tiles))[:3]
+        )
+
+    def dkv_block(b, out_k, out_v):
+        c0 = c0s_k[b]
+        k_j = tf.slice(k_t, [0, 0, c0], [N, D, bk])  # K_j^T (N, D, bk)
+        v_j = cols_of(v, c0, D_v)  # (N, bk, D_v)
+
+        def tile(t, dk_j, dv_j):
+            r0 = r0s_k[t]
+            positions = r0 + tf.range(bq)
+            own_rows = (positions >= i0s_k[t]) & (positions < i1s_k[t])
+            q_i, do_i = rows_of(q, r0, D), rows_of(do, r0, D_v)
+            lse_i, delta_i = rows_of(lse, r0, 1), rows_of(delta, r0, 1)
+            p = probabilities(r0, c0, q_i, k_j, lse_i, own_rows, everything[0])
+            dv_j += tf.linalg.matmul(p, do_i, transpose_a=True)  # P^T dO_i
+            dp = tf.linalg.matmul(do_i, v_j, transpose_b=True)  # dO_i V_j^T
+            ds = p * (dp - delta_i)
+            dk_j += tf.linalg.matmul(ds, q_i, transpose_a=True)  # dS^T (t Q_i)
+            return t + 1, dk_j, dv_j
+
+        _, dk_j, dv_j = tf.while_loop(
+            lambda t, *_: t < t1s_k[b],
+            tile,
+            (t0s_k[b], tf.zeros((N, bk, D), work), tf.zeros((N, bk, D_v), work)),
+            parallel_iterations=1,
+            maximum_iterations=max(1, *(t1 - t0 for _, t0, t1 in by_keys.blocks)),
+        )
+        return b + 1, out_k.write(b, dk_j), out_v.write(b, dv_j)
+
+    key_blocks = len(by_keys.blocks)
+    dk = tf.TensorArray(work, size=key_blocks, element_shape=(N, bk, D))
+    dv = tf.TensorArray(work, size=key_blocks, element_shape=(N, bk, D_v))
+    _, dk, dv = tf.while_loop(
+        lambda b, *_: b < key_blocks,
+        dkv_block,
+        (0, dk, dv),
+        parallel_iterations=1,
+    )
+    dk = _merge_blocks(dk.stack(), by_keys.repeat)  # (N, S, D)
+    dv = _merge_blocks(dv.stack(), by_keys.repeat)  # (N, S, D_v)
+    return dq, dk, dv
+
+
+_tiled_backward_compiled = tf.function(_tiled_backward, jit_compile=True)
 
 
 def _recording() -> bool:
