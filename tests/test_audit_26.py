@@ -332,3 +332,36 @@ def test_every_rope_type_is_the_same_in_every_backend(case, backend):
         as_backend(x, backend), as_backend(positions, backend), **kwargs
     )
     assert_close(got, expected, rtol=1e-12, atol=1e-13)
+
+
+# --- which of Hugging Face's rope types are converted --------------------------------
+
+# Refused on purpose, with the reason in companion.hf.rope's docstring: Gemma 4's
+# "proportional" turns the first pairs of the halves' layout of the whole head and
+# leaves the rest unturned (frequency 0), which no RopeScaling/rotary_dim expresses.
+REFUSED_ROPE_TYPES = {"proportional"}
+
+
+def test_every_hf_rope_type_is_converted_with_parity_or_refused_by_name():
+    """Issue 26: ``companion.hf.rope`` converts every type. Each key of the installed
+    Transformers' ``ROPE_INIT_FUNCTIONS`` is either a parity case of
+    ``tests/test_rope_scaling.py`` or in the documented refusal list (and then
+    refused with a ValueError naming it); a type new in Transformers fails here."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import test_rope_scaling as rs
+    from transformers import modeling_rope_utils as utils
+
+    from companion import hf as chf
+
+    covered = {case[0]["rope_type"] for case in rs.CASES.values()}
+    hf_types = set(utils.ROPE_INIT_FUNCTIONS)
+    assert hf_types <= covered | REFUSED_ROPE_TYPES, hf_types - covered
+    for kind in sorted(hf_types & REFUSED_ROPE_TYPES):
+        config = transformers.LlamaConfig(
+            hidden_size=64,
+            num_attention_heads=4,
+            rope_parameters={"rope_type": kind, "rope_theta": 1e4, "factor": 2.0},
+        )
+        with pytest.raises(ValueError, match=f"rope_type {kind!r}"):
+            chf.rope(config)
