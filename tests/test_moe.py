@@ -766,4 +766,12 @@ def test_bench_moe_section_runs_at_tiny_size():
     assert cases[1]["heaviest_over_mean"] > cases[0]["heaviest_over_mean"]
     assert results["loop_over_grouped"] == min(c["loop_over_grouped"] for c in cases)
     assert results["grouped_over_dense"] == max(c["grouped_over_dense"] for c in cases)
-    assert "loop/grouped" in bench_moe.table(results)
+    for c in cases:  # forward, and forward+backward for the two dispatches
+        assert set(c["ms"]) == {
+            "loop",
+            "grouped",
+            "dense",
+            "loop fwd+bwd",
+            "grouped fwd+bwd",
+        }
+    assert "loop/grouped fwd+bwd" in bench_moe.table(results)

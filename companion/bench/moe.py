@@ -12,7 +12,10 @@ Three ways, timed side by side, alternating call by call:
   FLOPs per token as the MoE layer, what the experts' dispatch would cost nothing
   beyond.
 
-Each case runs twice: a balanced router (random logits) and a skewed one (logits
+Each is timed forward (no gradient), and the loop and grouped dispatch also forward
+and backward (the gradients of ``x``, the gates and both expert stacks: training,
+where the loop's ``gate_up[e]`` costs a stack-sized gradient per expert). Each case
+runs twice: a balanced router (random logits) and a skewed one (logits
 plus a ramp from 3 to 0 across the experts: the first experts get several times the
 mean load, the heaviest's share is recorded). The grouped and loop outputs are
 checked equal first. The target ratios are the worst over the cases: the smallest
@@ -34,16 +37,17 @@ FULL = dict(
         ("64 experts", 4096, 256, 64, 2, 512),
     ],
     rounds=7,
+    backward_rounds=3,
 )
-QUICK = dict(FULL, rounds=3)
-TINY = dict(cases=[("tiny", 64, 16, 8, 2, 8)], rounds=1)
+QUICK = dict(FULL, rounds=3, backward_rounds=1)
+TINY = dict(cases=[("tiny", 64, 16, 8, 2, 8)], rounds=1, backward_rounds=1)
 LOADS = ("balanced", "skewed")
 
 
-def _case(name, T, E, N, k, F, load, rounds):
+def _case(name, T, E, N, k, F, load, rounds, backward_rounds):
     import torch
 
-    from companion.testing import assert_close
+    from companion.testing import assert_close, assert_close_to_oracle
     from companion.torch.moe import _ffn, experts_forward
 
     gen = torch.Generator().manual_seed(0)
@@ -77,6 +81,34 @@ def _case(name, T, E, N, k, F, load, rounds):
                 call()
                 seconds[way].append(time.perf_counter() - start)
     ms = {way: 1e3 * statistics.median(s) for way, s in seconds.items()}
+    train = [x, weights, gate_up, down]  # leaves whose gradients a step needs
+
+    def step(implementation, dtype=torch.float32):
+        x_, weights_, gate_up_, down_ = (
+            t.detach().to(dtype).requires_grad_(True) for t in train
+        )
+        y = experts_forward(
+            x_, indices, weights_, gate_up_, down_, implementation=implementation
+        )
+        y.square().sum().backward()
+        return [t.grad for t in (x_, weights_, gate_up_, down_)]
+
+    # gradients: the grouped dispatch at most 2x as far from float64 as the loop
+    # (float64 grouped, equal to the loop to 1e-10 in the tests, is the oracle)
+    backward = {impl: step(impl) for impl in ("loop", "grouped")}  # and warm
+    oracle = step("grouped", torch.float64)
+    for a, b, o, what in zip(
+        backward["grouped"], backward["loop"], oracle, ("x", "gates", "gate_up", "down")
+    ):
+        assert_close_to_oracle(a, b, o, name=f"d {what}: grouped")
+    seconds = {"loop": [], "grouped": []}
+    for _ in range(backward_rounds):
+        for impl in seconds:
+            start = time.perf_counter()
+            step(impl)
+            seconds[impl].append(time.perf_counter() - start)
+    for impl, s in seconds.items():
+        ms[f"{impl} fwd+bwd"] = 1e3 * statistics.median(s)
     return {
         "case": name,
         "load": load,
@@ -85,6 +117,7 @@ def _case(name, T, E, N, k, F, load, rounds):
         "ms": ms,
         "loop_over_grouped": ms["loop"] / ms["grouped"],
         "grouped_over_dense": ms["grouped"] / ms["dense"],
+        "loop_over_grouped_fwd_bwd": ms["loop fwd+bwd"] / ms["grouped fwd+bwd"],
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
@@ -104,11 +137,27 @@ def run_all(size: dict, progress, threads: int = 1) -> dict:
                     f"mixture of experts, {name}, {load}: T = {T}, E = {E}, "
                     f"{N} experts of {F}, top {k}"
                 )
-                cases.append(_case(name, T, E, N, k, F, load, size["rounds"]))
+                cases.append(
+                    _case(
+                        name,
+                        T,
+                        E,
+                        N,
+                        k,
+                        F,
+                        load,
+                        size["rounds"],
+                        size["backward_rounds"],
+                    )
+                )
     finally:
         torch.set_num_threads(before)
     return {
-        "size": {"cases": [list(c) for c in size["cases"]], "rounds": size["rounds"]},
+        "size": {
+            "cases": [list(c) for c in size["cases"]],
+            "rounds": size["rounds"],
+            "backward_rounds": size["backward_rounds"],
+        },
         "threads": threads,
         "cases": cases,
         "loop_over_grouped": min(c["loop_over_grouped"] for c in cases),
@@ -131,12 +180,16 @@ def table(results: dict) -> str:
                 *(f"{c['ms'][way]:.2f}" for way in ("loop", "grouped", "dense")),
                 f"{c['loop_over_grouped']:.2f}",
                 f"{c['grouped_over_dense']:.2f}",
+                f"{c['ms']['loop fwd+bwd']:.1f}",
+                f"{c['ms']['grouped fwd+bwd']:.1f}",
+                f"{c['loop_over_grouped_fwd_bwd']:.2f}",
                 "-" if c["load_average"] is None else f"{c['load_average']:.1f}",
             ]
         )
     return (
         f"Mixture of experts, torch float32, {results['threads']} thread(s); "
-        "dense MLP of hidden k F (the same active FLOPs)\n"
+        "dense MLP of hidden k F (the same active FLOPs); the targets' rows are the "
+        "forward ratios, worst case\n"
         + _table(
             [
                 "case",
@@ -147,6 +200,9 @@ def table(results: dict) -> str:
                 "dense ms",
                 "loop/grouped",
                 "grouped/dense",
+                "loop fwd+bwd ms",
+                "grouped fwd+bwd ms",
+                "loop/grouped fwd+bwd",
                 "load avg",
             ],
             rows,
