@@ -128,8 +128,14 @@ def sink_attention(q, k, v, rope, *, sinks: int, window, positions="slots"):
     """
     import torch
 
+    from companion import _checks, _sinks
+
     if positions not in ("slots", "absolute"):
         raise ValueError(f"positions must be 'slots' or 'absolute', got {positions!r}")
+    if window is None:  # full attention: the sinks see what every key sees
+        sinks = _checks.check_int("sinks", sinks, 0)
+    else:  # the SinkCache's own check: 0 <= sinks <= window, window >= 1
+        sinks, window = _sinks.check_sinks(sinks, window)
     T, D = q.shape[-2], q.shape[-1]
     pos = torch.arange(T)
     group = q.shape[1] // k.shape[1]

@@ -365,3 +365,24 @@ def test_every_hf_rope_type_is_converted_with_parity_or_refused_by_name():
         )
         with pytest.raises(ValueError, match=f"rope_type {kind!r}"):
             chf.rope(config)
+
+
+@pytest.mark.parametrize(
+    "sinks, window, argument",
+    [(5, 4, "sinks"), (-1, 4, "sinks"), (2, 0, "window"), (-1, None, "sinks")],
+)
+def test_one_pass_sink_attention_refuses_what_the_sink_cache_refuses(
+    sinks, window, argument
+):
+    """``experiments_long.sink_attention`` equals decoding through a
+    ``SinkCache(sinks, window)``, so it refuses the sizes the cache refuses (sinks
+    larger than the window among them) instead of computing a mask no cache has."""
+    torch = pytest.importorskip("torch")
+    from companion import experiments_long as el
+    from companion._positions import as_rotary
+
+    q = torch.zeros(1, 1, 6, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=argument):
+        el.sink_attention(q, q, q, as_rotary(True), sinks=sinks, window=window)
+    out = el.sink_attention(q, q, q, as_rotary(True), sinks=4, window=4)
+    assert out.shape == q.shape  # sinks equal to the window: allowed
