@@ -122,6 +122,58 @@ def test_translator_patterns_math_symbols_and_missing():
         figure_i18n.Translator({"patterns": {"{a} x": "{b} 乘"}})
 
 
+def test_the_kernel_draws_a_twin_and_leaves_the_english_output_alone(tmp_path):
+    """The hook as tools/execute_notebooks.py loads it: one PNG output, unchanged,
+    nothing printed into the notebook, and a Chinese twin recorded with what it used
+    and missed (math mixed with Chinese included)."""
+    from nbclient import NotebookClient
+
+    catalogue = tmp_path / "strings.json"
+    catalogue.write_text(
+        json.dumps({"strings": {"running maximum $m$": "当前的最大值 $m$"}}),
+        encoding="utf-8",
+    )
+    source = (
+        "import matplotlib.pyplot as plt\n"
+        "fig, ax = plt.subplots(figsize=(2, 1.5))\n"
+        "ax.plot([1, 2], label='running maximum $m$')\n"
+        "ax.set_title('not in the catalogue')\n"
+        "ax.legend()\n"
+        "plt.show()"
+    )
+
+    def run(hook: bool):
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell(source)]
+        env = dict(
+            __import__("os").environ,
+            PYTHONPATH=str(ROOT / "tools"),
+            BOOK_FIGURE_ZH_DIR=str(tmp_path / "zh"),
+            BOOK_FIGURE_STRINGS=str(catalogue),
+        )
+        arguments = ["--IPKernelApp.extensions=figure_i18n"] if hook else []
+        client = NotebookClient(
+            nb, timeout=120, kernel_name="python3", extra_arguments=arguments
+        )
+        client.execute(env=env)
+        return nb.cells[0].outputs
+
+    with_hook, without = run(True), run(False)
+    assert [o.output_type for o in with_hook] == ["display_data"], with_hook
+    assert with_hook[0]["data"]["image/png"] == without[0]["data"]["image/png"]
+    (record,) = [
+        json.loads(line)
+        for line in (tmp_path / "zh" / "records.jsonl").read_text().splitlines()
+    ]
+    assert "error" not in record, record
+    assert record["used"] == ["running maximum $m$"]
+    assert record["missing"] == ["not in the catalogue"]
+    english = base64.b64decode(with_hook[0]["data"]["image/png"])
+    assert record["en_sha256"] == sha(english)
+    twin = (tmp_path / "zh" / f"{record['key']}.png").read_bytes()
+    assert twin.startswith(PNG) and twin != english
+
+
 # --------------------------------------------------------------------- the twins
 
 
