@@ -341,8 +341,6 @@ def gpt_experiments(
     same budget, base model and configuration instead of training them again (a run is
     deterministic on one machine: float32, one thread, seeded); the record lists them
     under ``reused``. The throughput is always measured again."""
-    import torch
-
     budget = {**BUDGET, **(budget or {})}
     base = dict(BASE_MODEL if base_model is None else base_model)
     showcase = SHOWCASE if showcase is None else showcase
@@ -379,17 +377,36 @@ def gpt_experiments(
         showcase={s["corpus"]: s for s in shows},
         tokens_per_second_by_implementation=rates,
         reused=dict(runs=[list(key) for key in kept_runs], showcase=list(kept_shows)),
-        machine=dict(
-            processor=platform.processor() or platform.machine(),
-            cpu_count=os.cpu_count(),
-            threads_per_run=1,
-            workers=workers,
-            python=platform.python_version(),
-            torch=torch.__version__,
-            cpu_capability=torch.backends.cpu.get_cpu_capability(),
-        ),
+        machine=_machine(workers),
         seconds=time.perf_counter() - started,
     )
+
+
+def _machine(workers: int | None = None) -> dict:
+    """The machine a record was made on (every experiment command stores it):
+    processor, cores, one thread per run, ``workers`` where runs ran in parallel,
+    versions and the CPU capability torch dispatched to."""
+    import torch
+
+    workers_entry = {} if workers is None else {"workers": workers}
+    return dict(
+        processor=platform.processor() or platform.machine(),
+        cpu_count=os.cpu_count(),
+        threads_per_run=1,
+        **workers_entry,
+        python=platform.python_version(),
+        torch=torch.__version__,
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+    )
+
+
+def _write_record(record: dict, path: str, *, ensure_ascii: bool = True) -> None:
+    """Write an experiment command's ``record`` to ``path`` as indented JSON and say
+    so on stdout (the commands are scripts, not library calls)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1, ensure_ascii=ensure_ascii)
+        f.write("\n")
+    sys.stdout.write(f"wrote {path} in {record['seconds']:.0f} s\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -425,10 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         reuse=reuse,
     )
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    sys.stdout.write(f"wrote {args.out} in {record['seconds']:.0f} s\n")
+    _write_record(record, args.out, ensure_ascii=False)
     return 0
 
 

@@ -26,15 +26,19 @@ reads.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from companion.experiments import BASE_MODEL, BUDGET, _tokenizer, _train_config
+from companion.experiments import (
+    BASE_MODEL,
+    BUDGET,
+    _machine,
+    _tokenizer,
+    _train_config,
+    _write_record,
+)
 
 __all__ = [
     "QUANTIZED",
@@ -344,8 +348,6 @@ def long_context_experiments(
 ) -> dict:
     """Every seed's record (see the module docstring), JSON-ready. Smaller
     ``budget`` values make a quick check; the defaults are what the book stores."""
-    import torch
-
     budget = {**BUDGET, **(budget or {})}
     base = dict(BASE_MODEL if base_model is None else base_model)
     if not seeds or workers < 1:
@@ -365,15 +367,7 @@ def long_context_experiments(
         quantized_caches={k: [c, dict(v)] for k, (c, v) in QUANTIZED.items()},
         sink_settings=dict(SINKS),
         runs=runs,
-        machine=dict(
-            processor=platform.processor() or platform.machine(),
-            cpu_count=os.cpu_count(),
-            threads_per_run=1,
-            workers=workers,
-            python=platform.python_version(),
-            torch=torch.__version__,
-            cpu_capability=torch.backends.cpu.get_cpu_capability(),
-        ),
+        machine=_machine(workers),
         seconds=time.perf_counter() - started,
     )
 
@@ -390,8 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     record = long_context_experiments(
         seeds=tuple(args.seeds), budget=budget, workers=args.workers
     )
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
+    _write_record(record, args.out)
     return 0
 
 

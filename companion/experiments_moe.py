@@ -26,14 +26,16 @@ assignments that a capacity factor ``c`` would drop
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
-import sys
 import time
 
-from companion.experiments import BASE_MODEL, BUDGET, _tokenizer
+from companion.experiments import (
+    BASE_MODEL,
+    BUDGET,
+    _machine,
+    _tokenizer,
+    _write_record,
+)
 
 __all__ = [
     "MOE",
@@ -257,8 +259,6 @@ def moe_experiments(
     """Every run of ``runs`` for each seed, one after another; the JSON-ready record
     (the module's docstring says what is measured). A smaller ``budget`` and
     ``base_model`` make a quick check; the defaults are what the book stores."""
-    import torch
-
     budget = {**MOE_BUDGET, **(budget or {})}
     base = dict(BASE_MODEL if base_model is None else base_model)
     moe = {**MOE, **(moe or {})}
@@ -277,14 +277,7 @@ def moe_experiments(
         capacity_factors=list(CAPACITY_FACTORS),
         seeds=list(seeds),
         runs=records,
-        machine=dict(
-            processor=platform.processor() or platform.machine(),
-            cpu_count=os.cpu_count(),
-            threads_per_run=1,
-            python=platform.python_version(),
-            torch=torch.__version__,
-            cpu_capability=torch.backends.cpu.get_cpu_capability(),
-        ),
+        machine=_machine(),
         seconds=time.perf_counter() - started,
     )
 
@@ -302,10 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     record = moe_experiments(
         seeds=tuple(args.seeds), runs=tuple(args.runs), budget=budget
     )
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
-        f.write("\n")
-    sys.stdout.write(f"wrote {args.out} in {record['seconds']:.0f} s\n")
+    _write_record(record, args.out)
     return 0
 
 

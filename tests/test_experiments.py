@@ -19,17 +19,20 @@ TOY_MODEL = dict(embed_dim=32, num_heads=4, num_layers=2)
 TOY_SHOWCASE = {"shakespeare": dict(vocab_size=260, steps=2, tokenizer_chars=5000)}
 
 
+#: The toy settings every call here shares (only the seeds and ``reuse`` change).
+TOY_SETTINGS = dict(
+    budget={**TOY_BUDGET, "vocab_size": 256},
+    base_model=TOY_MODEL,
+    showcase=TOY_SHOWCASE,
+    samples=dict(count=2),
+    throughput_steps=1,
+    workers=1,
+)
+
+
 @pytest.fixture(scope="module")
 def record():
-    return gpt_experiments(
-        seeds=(0, 1),
-        budget={**TOY_BUDGET, "vocab_size": 256},
-        base_model=TOY_MODEL,
-        showcase=TOY_SHOWCASE,
-        samples=dict(count=2),
-        throughput_steps=1,
-        workers=1,
-    )
+    return gpt_experiments(seeds=(0, 1), **TOY_SETTINGS)
 
 
 def test_every_run_and_seed_at_the_same_budget(record):
@@ -113,15 +116,7 @@ def test_showcase_samples(record):
 
 
 def test_reuse_keeps_identical_runs_and_trains_the_rest(record):
-    settings = dict(
-        budget={**TOY_BUDGET, "vocab_size": 256},
-        base_model=TOY_MODEL,
-        showcase=TOY_SHOWCASE,
-        samples=dict(count=2),
-        throughput_steps=1,
-        workers=1,
-    )
-    grown = gpt_experiments(seeds=(0, 1, 2), reuse=record, **settings)
+    grown = gpt_experiments(seeds=(0, 1, 2), reuse=record, **TOY_SETTINGS)
     assert grown["reused"]["showcase"] == ["shakespeare"]
     assert sorted(map(tuple, grown["reused"]["runs"])) == sorted(
         (name, seed) for seed in (0, 1) for name in RUNS
@@ -131,12 +126,12 @@ def test_reuse_keeps_identical_runs_and_trains_the_rest(record):
     ]
     assert grown["runs"][: 2 * len(RUNS)] == record["runs"]
     # what makes reuse honest: a run trained again gives the same numbers
-    again = gpt_experiments(seeds=(1,), **settings)
+    again = gpt_experiments(seeds=(1,), **TOY_SETTINGS)
     assert [r["bits_per_byte"] for r in again["runs"]] == [
         r["bits_per_byte"] for r in record["runs"] if r["seed"] == 1
     ]
     # another budget reuses nothing
-    other = {**settings, "budget": {**settings["budget"], "warmup": 2}}
+    other = {**TOY_SETTINGS, "budget": {**TOY_SETTINGS["budget"], "warmup": 2}}
     fresh = gpt_experiments(seeds=(0,), reuse=record, **other)
     assert fresh["reused"] == {"runs": [], "showcase": []}
 
