@@ -99,3 +99,18 @@ def site(request) -> Path:
             "no built site in _build/html: run `make book`, or pytest with --build-book"
         )
     return SITE
+
+
+@pytest.fixture
+def one_process_group():
+    """A world of one gloo process, in this process (no environment variables set);
+    the distributed tests call collectives and check errors in it."""
+    import torch.distributed as dist
+
+    from companion.torch.distributed import free_port
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    yield
+    dist.destroy_process_group()

@@ -4,13 +4,10 @@ the bytes each rank hands to all-reduce over its row and its column follow the
 formula."""
 
 import pytest
+from _distributed_helpers import head_gradients, one_process_attention
 
 from companion.testing import assert_close
 from companion.torch.distributed import head_split, launch
-from companion.torch.distributed.examples import (
-    attention_module,
-    tensor_parallel_inputs,
-)
 from companion.torch.distributed.mesh import (
     mesh_bytes,
     run_tensor_data_mesh,
@@ -33,21 +30,9 @@ def mesh_run():
     return launch(run_tensor_data_mesh, DP * TP, CASES + REFUSED)
 
 
-def _one_process(case):
-    module = attention_module(case["E"], case["H"], case["H_kv"], seed=case["seed"])
-    x, grad_out = tensor_parallel_inputs(
-        case["E"], case["B"], case["L"], seed=case["seed"]
-    )
-    x.requires_grad_()
-    y = module(x, causal=case["causal"])
-    y.backward(grad_out)
-    return module, y.detach(), x.grad
-
-
 def test_tensor_x_data_mesh_equals_one_process(mesh_run):
     for index, case in enumerate(CASES):
-        module, y, grad_x = _one_process(case)
-        D = module.head_dim
+        module, y, grad_x = one_process_attention(case)
         for rank in range(DP * TP):
             result = mesh_run[rank][index]
             name = f"rank {rank} {case}"
@@ -57,18 +42,7 @@ def test_tensor_x_data_mesh_equals_one_process(mesh_run):
             assert_close(result["grad_input"], grad_x[rows], name=f"grad x {name}")
             heads, kv_heads = head_split(case["H"], case["H_kv"], rank % TP, TP)
             assert result["heads"] == (heads.start, heads.stop)
-            q = slice(heads.start * D, heads.stop * D)
-            kv = slice(kv_heads.start * D, kv_heads.stop * D)
-            expected = {
-                "q_proj.weight": module.q_proj.weight.grad[q],
-                "q_proj.bias": module.q_proj.bias.grad[q],
-                "k_proj.weight": module.k_proj.weight.grad[kv],
-                "k_proj.bias": module.k_proj.bias.grad[kv],
-                "v_proj.weight": module.v_proj.weight.grad[kv],
-                "v_proj.bias": module.v_proj.bias.grad[kv],
-                "out_proj.weight": module.out_proj.weight.grad[:, q],
-                "out_bias": module.out_proj.bias.grad,
-            }
+            expected = head_gradients(module, heads, kv_heads)
             assert sorted(result["grads"]) == sorted(expected)
             for key, grad in expected.items():
                 assert_close(result["grads"][key], grad, name=f"{key} {name}")
@@ -100,20 +74,6 @@ def test_mesh_refuses_replicated_kv_heads_and_uneven_batches(mesh_run):
         first, second = mesh_run[rank][len(CASES) :]
         assert "needs H_kv >= tp=2" in first["error"] and "H_kv=1" in first["error"]
         assert "B divisible by dp=2" in second["error"] and "B=3" in second["error"]
-
-
-@pytest.fixture
-def one_process_group():
-    """A world of one gloo process, in this process."""
-    import torch.distributed as dist
-
-    from companion.torch.distributed import free_port
-
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
-    )
-    yield
-    dist.destroy_process_group()
 
 
 def test_mesh_shape_must_match_the_world(one_process_group):

@@ -6,17 +6,16 @@ sliced to each rank's heads) and ``TinyTransformerLM`` on the whole batch.
 """
 
 import pytest
+from _distributed_helpers import head_gradients, one_process_attention
 
 from companion.params import count_parameters
 from companion.testing import assert_close
 from companion.torch.distributed import head_split, launch
 from companion.torch.distributed.examples import (
-    attention_module,
     language_batch,
     language_loss,
     language_model,
     run_parallel,
-    tensor_parallel_inputs,
 )
 
 # (E, H, H_kv): heads split with their own kv heads; kv heads replicated (H_kv < W)
@@ -41,22 +40,10 @@ def parallel_run(request):
     return world_size, cases, launch(run_parallel, world_size, cases)
 
 
-def _full(case):
-    module = attention_module(case["E"], case["H"], case["H_kv"], seed=case["seed"])
-    x, grad_out = tensor_parallel_inputs(
-        case["E"], case["B"], case["L"], seed=case["seed"]
-    )
-    x.requires_grad_()
-    y = module(x, causal=case["causal"])
-    y.backward(grad_out)
-    return module, y.detach(), x.grad
-
-
 def test_tensor_parallel_equals_the_module(parallel_run):
     world_size, cases, per_rank = parallel_run
     for index, case in enumerate(cases):
-        module, y, grad_x = _full(case)
-        D = module.head_dim
+        module, y, grad_x = one_process_attention(case)
         for rank in range(world_size):
             result = per_rank[rank]["tensor_parallel"][index]
             name = f"W={world_size} rank {rank} {case}"
@@ -65,18 +52,7 @@ def test_tensor_parallel_equals_the_module(parallel_run):
             heads, kv_heads = head_split(case["H"], case["H_kv"], rank, world_size)
             assert result["heads"] == (heads.start, heads.stop)
             assert result["kv_heads"] == (kv_heads.start, kv_heads.stop)
-            q_rows = slice(heads.start * D, heads.stop * D)
-            kv_rows = slice(kv_heads.start * D, kv_heads.stop * D)
-            expected = {
-                "q_proj.weight": module.q_proj.weight.grad[q_rows],
-                "q_proj.bias": module.q_proj.bias.grad[q_rows],
-                "k_proj.weight": module.k_proj.weight.grad[kv_rows],
-                "k_proj.bias": module.k_proj.bias.grad[kv_rows],
-                "v_proj.weight": module.v_proj.weight.grad[kv_rows],
-                "v_proj.bias": module.v_proj.bias.grad[kv_rows],
-                "out_proj.weight": module.out_proj.weight.grad[:, q_rows],
-                "out_bias": module.out_proj.bias.grad,
-            }
+            expected = head_gradients(module, heads, kv_heads)
             assert sorted(result["grads"]) == sorted(expected)
             for key, grad in expected.items():
                 assert_close(result["grads"][key], grad, name=f"{key} {name}")

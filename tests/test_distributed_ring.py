@@ -204,20 +204,6 @@ def test_shard_sequence_uneven_is_a_value_error(layout):
         shard_sequence(torch.zeros(1, 1, 12, 2), 3, 3)
 
 
-@pytest.fixture
-def one_process_group():
-    """A world of one gloo process, in this process (no environment variables set)."""
-    import torch.distributed as dist
-
-    from companion.torch.distributed import free_port
-
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
-    )
-    yield
-    dist.destroy_process_group()
-
-
 def test_ring_attention_bad_input_is_a_clear_error(one_process_group):
     from companion.torch.distributed import ring_attention
 

@@ -97,19 +97,6 @@ def test_square_blocks_allocate_no_more_than_heads_already_repeated(diagonal):
     assert grouped[1] <= multi[1], f"backward: {grouped[1]} > {multi[1]} bytes"
 
 
-@pytest.fixture
-def one_process_group():
-    import torch.distributed as dist
-
-    from companion.torch.distributed import free_port
-
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
-    )
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_one_process_ring_grouped_allocates_no_more_than_multi_head(
     one_process_group, causal
