@@ -13,7 +13,14 @@ from __future__ import annotations
 from companion import _checks
 from companion._kvcache import unchanged_on_error
 
-__all__ = ["check_sinks", "SinkCacheBase", "check_sink_attention", "check_mask"]
+__all__ = [
+    "check_sinks",
+    "SinkCacheBase",
+    "check_sink_attention",
+    "check_mask",
+    "check_sink_logits",
+    "choose_with_sinks",
+]
 
 
 def check_sinks(sinks, window) -> tuple[int, int]:
@@ -192,3 +199,30 @@ def check_mask(mask_shape, scores_shape) -> None:
             f"mask of shape {tuple(mask_shape)} does not broadcast to the scores' "
             f"(..., H, L, S) = {target}"
         )
+
+
+def check_sink_logits(sinks_shape, num_heads: int) -> None:
+    """``ValueError`` naming ``sinks`` unless it is one logit per query head,
+    ``(H,)``."""
+    shape = tuple(int(n) for n in sinks_shape)
+    if shape != (int(num_heads),):
+        raise ValueError(
+            f"sinks must have shape (H,) = ({num_heads},), one logit per query head, "
+            f"got {shape}"
+        )
+
+
+def choose_with_sinks(implementation) -> str | None:
+    """With learned sink logits, only the reference path forms the softmax whose
+    denominator they join: ``"auto"`` takes it (returns ``"reference"``), the fused
+    paths (``"tiled"``, ``"sdpa"``) are a ``ValueError`` naming ``sinks``; any other
+    value is returned as it is for the backend's own check."""
+    if isinstance(implementation, str) and implementation in ("tiled", "sdpa"):
+        raise ValueError(
+            "sinks add one logit per head to the softmax's denominator, and "
+            f"implementation={implementation!r} never forms that softmax: use "
+            "implementation='reference' or 'auto' (which then computes the reference)"
+        )
+    if isinstance(implementation, str) and implementation == "auto":
+        return "reference"
+    return implementation

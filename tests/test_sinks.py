@@ -233,3 +233,229 @@ def test_sink_logits_get_gradients_and_bad_shapes_are_value_errors():
         cn.attention_with_sinks(qn, kn, vn, np.zeros(2), mask=np.ones((3, 3), bool))
     with pytest.raises(TypeError, match="causal"):
         cn.attention_with_sinks(qn, kn, vn, np.zeros(2), causal="yes")
+
+
+# --- learned sink logits as an option of multi-head attention ----------------------
+# ``sinks=`` of ``multi_head_attention`` (three backends) and ``sink_logits=True`` of
+# the torch module: the math of ``attention_with_sinks`` on the projected heads.
+
+E, H_MHA, STEPS_MHA = 16, 4, [(0, 3), (3, 4), (4, 7), (7, 8)]
+
+
+def _mha_inputs(num_kv_heads, seed=6, L=8):
+    from companion import numpy as cn
+
+    rng = np.random.default_rng(seed)
+    params = cn.MultiHeadParams.random(E, H_MHA, num_kv_heads, seed=seed)
+    x = rng.standard_normal((2, L, E))
+    sinks = rng.standard_normal(H_MHA)
+    return params, x, sinks
+
+
+def _heads_by_hand(params, x):
+    """The projected heads ``q (B, H, L, D)``, ``k, v (B, H_kv, L, D)``."""
+
+    def split(w, b, heads):
+        y = x @ w + b  # (B, L, heads * D)
+        B, L, width = y.shape
+        return y.reshape(B, L, heads, width // heads).transpose(0, 2, 1, 3)
+
+    q = split(params.w_q, params.b_q, params.num_heads)
+    k = split(params.w_k, params.b_k, params.num_kv_heads)
+    v = split(params.w_v, params.b_v, params.num_kv_heads)
+    return q, k, v
+
+
+def _merge(params, heads):
+    B, H, L, D_v = heads.shape
+    return heads.transpose(0, 2, 1, 3).reshape(B, L, H * D_v) @ params.w_o + params.b_o
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_mha_sinks_equal_attention_with_sinks_on_the_heads(num_kv_heads):
+    from companion import numpy as cn
+
+    params, x, sinks = _mha_inputs(num_kv_heads)
+    q, k, v = _heads_by_hand(params, x)
+    for kwargs in (dict(causal=True), dict(causal=True, window=3), dict()):
+        heads = cn.attention_with_sinks(q, k, v, sinks, **kwargs)
+        expected = _merge(params, heads)
+        got, weights = cn.multi_head_attention(
+            x, x, params, sinks=sinks, return_weights=True, **kwargs
+        )
+        assert_close(got, expected, rtol=1e-12, atol=1e-13)
+        # the weights of a row sum to less than 1: the sink's share is missing
+        assert np.all(weights.sum(-1) < 1)
+        plain = cn.multi_head_attention(x, x, params, **kwargs)
+        assert not np.allclose(got, plain)
+
+
+@pytest.mark.parametrize("backend", registry.BACKENDS)
+def test_mha_sinks_of_minus_infinity_are_plain_attention(backend):
+    mod = registry.namespace(backend)
+    params, x, _ = _mha_inputs(2)
+    xb = as_backend(x, backend)
+    for kwargs in (dict(causal=True), dict(causal=True, window=3)):
+        plain = mod.multi_head_attention(xb, xb, params, **kwargs)
+        none = mod.multi_head_attention(
+            xb, xb, params, sinks=as_backend(np.full(H_MHA, -np.inf), backend), **kwargs
+        )
+        assert_close(none, plain, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+@pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_mha_sinks_backends_equal_the_numpy_oracle(backend, num_kv_heads):
+    from companion import numpy as cn
+
+    mod = registry.namespace(backend)
+    params, x, sinks = _mha_inputs(num_kv_heads)
+    rng = np.random.default_rng(8)
+    float_mask = rng.standard_normal((H_MHA, 8, 8))  # e.g. ALiBi
+    bool_mask = rng.random((8, 8)) < 0.6
+    for kwargs in (
+        dict(causal=True),
+        dict(causal=True, window=3, rope=True),
+        dict(mask=float_mask),
+        dict(mask=bool_mask),
+    ):
+        expected = cn.multi_head_attention(x, x, params, sinks=sinks, **kwargs)
+        if "mask" in kwargs:
+            kwargs = dict(kwargs, mask=as_backend(kwargs["mask"], backend))
+        xb = as_backend(x, backend)
+        got = mod.multi_head_attention(
+            xb, xb, params, sinks=as_backend(sinks, backend), **kwargs
+        )
+        assert_close(got, expected, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", registry.BACKENDS)
+@pytest.mark.parametrize("window", [None, 3], ids=["causal", "window3"])
+def test_mha_sinks_cached_decoding_equals_the_full_pass(backend, window):
+    mod = registry.namespace(backend)
+    params, x, sinks = _mha_inputs(2)
+    kwargs = dict(causal=True, rope=True, window=window)
+    xb, sb = as_backend(x, backend), as_backend(sinks, backend)
+    full = to_numpy(mod.multi_head_attention(xb, xb, params, sinks=sb, **kwargs))
+    cache = mod.KVCache()
+    steps = []
+    for start, stop in STEPS_MHA:
+        chunk = as_backend(x[:, start:stop], backend)
+        steps.append(
+            to_numpy(
+                mod.multi_head_attention(
+                    chunk, chunk, params, sinks=sb, cache=cache, **kwargs
+                )
+            )
+        )
+    assert_close(np.concatenate(steps, axis=1), full, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", registry.BACKENDS)
+def test_mha_sinks_fully_masked_row_is_zero_never_nan(backend):
+    """A query that may see no key puts all its weight on the sink: its heads are 0,
+    so its output is the output bias alone; with a sink of -inf, 0 as well."""
+    mod = registry.namespace(backend)
+    params, x, sinks = _mha_inputs(2)
+    keep = np.ones((8, 8), dtype=bool)
+    keep[2] = False
+    xb = as_backend(x, backend)
+    for s in (sinks, np.array([-np.inf, 0.5, -np.inf, 1.0])):
+        got = to_numpy(
+            mod.multi_head_attention(
+                xb,
+                xb,
+                params,
+                mask=as_backend(keep, backend),
+                sinks=as_backend(s, backend),
+            )
+        )
+        assert np.all(np.isfinite(got))
+        assert_close(got[:, 2], np.broadcast_to(params.b_o, got[:, 2].shape))
+
+
+@pytest.mark.parametrize("backend", registry.BACKENDS)
+def test_mha_bad_sinks_are_value_errors_naming_sinks(backend):
+    mod = registry.namespace(backend)
+    params, x, sinks = _mha_inputs(2)
+    xb = as_backend(x, backend)
+    cache = mod.KVCache()
+    mod.multi_head_attention(xb, xb, params, cache=cache, causal=True)
+    for bad in (np.zeros(2), np.zeros((H_MHA, 1)), np.zeros(H_MHA + 1)):
+        with pytest.raises(ValueError, match="sinks"):
+            mod.multi_head_attention(
+                xb, xb, params, sinks=as_backend(bad, backend), cache=cache
+            )
+    assert cache.seen == 8  # refused before the cache changed
+    fused = ["tiled"] + (["sdpa"] if backend == "torch" else [])
+    for implementation in fused:
+        with pytest.raises(ValueError, match="sinks"):
+            mod.multi_head_attention(
+                xb,
+                xb,
+                params,
+                sinks=as_backend(sinks, backend),
+                implementation=implementation,
+            )
+    with pytest.raises(TypeError, match="sinks"):
+        mod.multi_head_attention(xb, xb, params, sinks=np.zeros(H_MHA, dtype=int))
+
+
+def test_torch_module_sink_logits_are_a_learned_parameter():
+    torch = pytest.importorskip("torch")
+    from companion import numpy as cn
+    from companion import torch as ct
+    from companion.params import count_parameters
+
+    params, x, sinks = _mha_inputs(2)
+    plain = ct.MultiHeadAttention.from_params(params)
+    module = ct.MultiHeadAttention(E, H_MHA, 2, sink_logits=True, dtype=torch.float64)
+    module.load_state_dict({**plain.state_dict(), "sinks": torch.tensor(sinks)})
+    assert count_parameters(module) == count_parameters(plain) + H_MHA
+    assert "sink_logits=True" in repr(module)
+    xt = torch.tensor(x)
+    out = module(xt, causal=True)
+    expected = cn.multi_head_attention(x, x, params, sinks=sinks, causal=True)
+    assert_close(out, expected, rtol=1e-12, atol=1e-13)
+    out.square().sum().backward()
+    assert module.sinks.grad is not None and torch.all(module.sinks.grad != 0)
+    # the functional form, with a tensor of logits, passes the gradient on too
+    logits = torch.tensor(sinks, requires_grad=True)
+    ct.multi_head_attention(xt, xt, params, sinks=logits, causal=True).sum().backward()
+    assert torch.all(torch.isfinite(logits.grad)) and torch.any(logits.grad != 0)
+    # cached decoding with the module equals its full pass
+    cache = ct.KVCache()
+    with torch.no_grad():
+        steps = [module(xt[:, a:b], causal=True, cache=cache) for a, b in STEPS_MHA]
+    assert_close(torch.cat(steps, dim=1), out.detach(), rtol=1e-12, atol=1e-13)
+    for implementation in ("sdpa", "tiled"):
+        with pytest.raises(ValueError, match="sinks"):
+            ct.MultiHeadAttention(
+                E, H_MHA, sink_logits=True, implementation=implementation
+            )
+        with pytest.raises(ValueError, match="sinks"):
+            module(xt, implementation=implementation)
+    with pytest.raises(ValueError, match="sinks and softcap"):
+        ct.MultiHeadAttention(E, H_MHA, sink_logits=True, softcap=30.0)
+    # the fresh parameter starts at 0: weight e^0 = 1 in every denominator
+    fresh = ct.MultiHeadAttention(E, H_MHA, sink_logits=True)
+    assert fresh.sinks.shape == (H_MHA,) and torch.all(fresh.sinks == 0)
+
+
+def test_numpy_sink_attention_keeps_float32():
+    """The default scale is a Python float (``math.sqrt``): ``np.sqrt`` would return a
+    float64 scalar and, under numpy 2's promotion rules, make the scores float64."""
+    from companion import numpy as cn
+    from companion.numpy.sinks import _sink_weights
+
+    rng = np.random.default_rng(9)
+    q, k, v = rng.standard_normal((3, 1, 2, 5, 8)).astype(np.float32)
+    sinks = rng.standard_normal(2).astype(np.float32)
+    weights = _sink_weights(q, k, sinks, mask=None, causal=True, scale=None)
+    assert weights.dtype == np.float32
+    out = cn.attention_with_sinks(q, k, v, sinks, causal=True)
+    assert out.dtype == np.float32
+    expected = cn.attention_with_sinks(
+        *(a.astype(np.float64) for a in (q, k, v)), sinks, causal=True
+    )
+    assert_close(out, expected)

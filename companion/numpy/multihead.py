@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from companion import _checks, _positions
+from companion import _checks, _positions, _sinks
 from companion._implementation import NUMPY_TILED_FROM_SCORES as TILED_FROM_SCORES
 from companion._implementation import choose_implementation as _choose_implementation
 from companion._kvcache import (
@@ -328,6 +328,17 @@ class KVCache(KVCacheBase):
         return view
 
 
+def _sink_attention_weights(q, k, sinks, mask, causal, window) -> np.ndarray:
+    """The weights ``(B, H, L, S)`` with one sink logit per head in the softmax's
+    denominator (:func:`companion.numpy.attention_with_sinks`)."""
+    from companion.numpy.sinks import _sink_weights  # sinks.py imports KVCache
+
+    sinks = sinks.astype(q.dtype, copy=False)
+    return _sink_weights(
+        q, k, sinks, mask=mask, causal=causal, scale=None, window=window
+    )
+
+
 def _project(x: np.ndarray, w, b, heads: int, dtype) -> np.ndarray:
     """``x @ W + b`` split into heads: ``(B, T, E) -> (B, heads, T, width/heads)``."""
     y = x @ np.asarray(w, dtype=dtype)  # (B, T, heads * D)
@@ -350,6 +361,7 @@ def multi_head_attention(
     implementation: str = "auto",
     rope=None,
     window: int | None = None,
+    sinks=None,
 ):
     r"""Multi-head attention on batch-first inputs: ``(B, L, E_q), (B, S, E_kv) -> (B,
     L, E_out)``.
@@ -396,6 +408,12 @@ def multi_head_attention(
         ``p`` sees keys ``p - window < j <= p`` (with ``causal``). With a rolling
         ``KVCache(max_length=W)`` the window defaults to ``W`` and may not exceed it;
         decoding one token at a time then equals full sliding-window attention.
+    sinks : ``(H,)``, optional
+        A learned sink logit per query head in the softmax's denominator only
+        (GPT-OSS): ``w = e^s / (e^sinks[h] + sum e^s)``, the math of
+        :func:`companion.numpy.attention_with_sinks`. Only the reference forms that
+        softmax: ``"auto"`` takes it, ``"tiled"`` is refused. ``-inf`` everywhere is
+        plain attention; the weights returned then sum to less than 1 per row.
 
     Returns
     -------
@@ -406,6 +424,11 @@ def multi_head_attention(
     return_weights = _check_flag("return_weights", return_weights)
     # checked before the cache changes (the sizes come later)
     _choose_implementation(implementation, 0, 0, return_weights, TILED_FROM_SCORES)
+    if sinks is not None:  # only the reference forms the softmax they join
+        implementation = _sinks.choose_with_sinks(implementation)
+        sinks = np.asarray(sinks)
+        _checks.check_float("sinks", sinks.dtype)
+        _sinks.check_sink_logits(sinks.shape, params.num_heads)
     if cache is not None and not isinstance(cache, KVCache):
         raise TypeError(
             f"cache must be a companion.numpy.KVCache, got {type(cache).__name__}"
@@ -463,6 +486,12 @@ def multi_head_attention(
             # (B, H, L, D_v)
             heads = attention_tiled(q, k, v, mask=mask, causal=causal, window=window)
             D_v = heads.shape[-1]
+        elif sinks is not None:
+            weights = _sink_attention_weights(q, k, sinks, mask, causal, window)
+            group = H // H_kv
+            # (B, H, L, D_v): the weights of a row sum to less than 1
+            heads = weights @ np.repeat(v, group, axis=1).astype(weights.dtype)
+            D_v = heads.shape[-1]
         else:
             q, k, v, shapes, mask = _validated(q, k, v, mask)
             # (B, H_kv, group, L, S)
@@ -478,6 +507,7 @@ def multi_head_attention(
         # [/book: multi-head core]
     output = output.astype(x_q.dtype, copy=False)
     if return_weights:
-        # (B, H, L, S)
-        return output, weights.reshape(shapes.scores).astype(x_q.dtype, copy=False)
+        if sinks is None:
+            weights = weights.reshape(shapes.scores)  # (B, H, L, S)
+        return output, weights.astype(x_q.dtype, copy=False)
     return output

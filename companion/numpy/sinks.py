@@ -7,6 +7,8 @@ numpy versions are the oracle for the torch and TensorFlow namespaces.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from companion import _checks, _positions, _sinks
@@ -57,7 +59,15 @@ class SinkCache(_sinks.SinkCacheBase):
 
 
 def attention_with_sinks(
-    query, key, value, sinks, *, mask=None, causal: bool = False, scale=None
+    query,
+    key,
+    value,
+    sinks,
+    *,
+    mask=None,
+    causal: bool = False,
+    scale=None,
+    window=None,
 ):
     r"""Scaled dot-product attention with a learned sink logit per head.
 
@@ -69,7 +79,8 @@ def attention_with_sinks(
     The sink logit :math:`\sigma_h` (``sinks[h]``) joins the softmax's denominator
     only: a head can put weight "nowhere" instead of on the first tokens (GPT-OSS;
     the learned counterpart of StreamingLLM's sink tokens). The weights of a row sum
-    to less than 1; a row that may see no key gives exactly 0.
+    to less than 1; a row that may see no key gives exactly 0. The same math is the
+    ``sinks=`` option of :func:`companion.numpy.multi_head_attention`.
 
     Parameters
     ----------
@@ -82,22 +93,39 @@ def attention_with_sinks(
         :func:`companion.numpy.causal_mask` (bottom-right) as well.
     scale : float, optional
         Default ``1 / sqrt(D)``.
+    window : int or (left, right), optional
+        Sliding-window attention, as in :func:`companion.numpy.causal_mask`.
 
     Returns
     -------
     ``(..., H, L, D_v)`` in the dtype of ``query`` (float16 computed in float32).
     """
-    from companion.numpy.attention import causal_mask
-
     arrays = [np.asarray(a) for a in (query, key, value, sinks)]
     for name, a in zip(("query", "key", "value", "sinks"), arrays):
         _checks.check_float(name, a.dtype)
     q, k, v, s = arrays
     group = _sinks.check_sink_attention(q.shape, k.shape, v.shape, s.shape)
-    dtype = np.result_type(q.dtype, k.dtype, v.dtype, s.dtype, np.float32)
-    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else float(scale)
+    weights = _sink_weights(
+        q, k, s, mask=mask, causal=causal, scale=scale, window=window
+    )
+    v = np.repeat(v.astype(weights.dtype), group, axis=-3)  # (..., H, S, D_v)
+    out = weights @ v  # (..., H, L, D_v)
+    return out.astype(q.dtype, copy=False)
+
+
+def _sink_weights(q, k, s, *, mask, causal, scale, window=None) -> np.ndarray:
+    """The weights ``(..., H, L, S)`` of :func:`attention_with_sinks`, the sink's
+    share dropped (a row sums to less than 1), for checked ``q (..., H, L, D)``, ``k
+    (..., H_kv, S, D)`` and ``s (H,)``; in float32 at least."""
+    from companion import _tiling
+    from companion.numpy.attention import _band
+
+    group = q.shape[-3] // k.shape[-3]
+    window = _tiling.check_window(window)
+    dtype = np.result_type(q.dtype, k.dtype, s.dtype, np.float32)
+    # the default scale in Python floats: np.sqrt would be a float64 scalar
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     k = np.repeat(k.astype(dtype), group, axis=-3)  # (..., H, S, D)
-    v = np.repeat(v.astype(dtype), group, axis=-3)  # (..., H, S, D_v)
     scores = scale * (q.astype(dtype) @ np.swapaxes(k, -1, -2))  # (..., H, L, S)
     L, S = scores.shape[-2:]
     if mask is not None:
@@ -107,15 +135,16 @@ def attention_with_sinks(
             scores = np.where(mask, scores, -np.inf)
         else:
             scores = scores + mask.astype(dtype)
-    if _positions.check_interleaved_like("causal", causal):
-        scores = np.where(causal_mask(L, S), scores, -np.inf)
+    causal = _positions.check_interleaved_like("causal", causal)
+    if causal or window is not None:
+        # bottom-right causal and/or the window's band: (L, S)
+        scores = np.where(_band(0, L, 0, S, L, S, causal, window), scores, -np.inf)
     sink = np.broadcast_to(s.astype(dtype)[:, None, None], (*scores.shape[:-1], 1))
     logits = np.concatenate([scores, sink], axis=-1)  # (..., H, L, S + 1)
     # shift by the row's largest logit; a row that sees no key and whose sink is -inf
     # has none finite: shift by 0 and divide by 1, so its weights are exactly 0
     peak = logits.max(axis=-1, keepdims=True)
-    weights = np.exp(logits - np.where(np.isfinite(peak), peak, 0.0))
+    weights = np.exp(logits - np.where(np.isfinite(peak), peak, 0.0).astype(dtype))
     total = weights.sum(axis=-1, keepdims=True)
-    weights = weights / np.where(total > 0, total, 1.0)
-    out = weights[..., :-1] @ v  # (..., H, L, D_v): the sink's share dropped
-    return out.astype(q.dtype, copy=False)
+    weights = weights / np.where(total > 0, total, 1.0).astype(dtype)
+    return weights[..., :-1]  # (..., H, L, S): the sink's share dropped

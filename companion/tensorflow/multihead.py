@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from companion import _checks, _positions
+from companion import _checks, _positions, _sinks
 from companion._implementation import TENSORFLOW_TILED_FROM_SCORES
 from companion._implementation import choose_implementation as _choose_implementation
 from companion._kvcache import (
@@ -56,9 +56,33 @@ TILED_FROM_SCORES = TENSORFLOW_TILED_FROM_SCORES
 
 
 def _heads(
-    query, key, value, mask, causal, return_weights, implementation, window=None
+    query,
+    key,
+    value,
+    mask,
+    causal,
+    return_weights,
+    implementation,
+    window=None,
+    sinks=None,
 ):
-    """Every head's attention ``(B, H, L, D_v)`` and the weights (``None`` if tiled)."""
+    """Every head's attention ``(B, H, L, D_v)`` and the weights (``None`` if tiled).
+
+    ``sinks (H,)``: one logit per head in the softmax's denominator, the reference
+    path of :func:`companion.tensorflow.attention_with_sinks`."""
+    if sinks is not None:
+        from companion.tensorflow.sinks import _sink_weights  # imports KVCache
+
+        dtype = query.dtype
+        work = tf.float32 if dtype in (tf.float16, tf.bfloat16) else dtype
+        query, key = tf.cast(query, work), tf.cast(key, work)
+        weights = _sink_weights(  # (B, H, L, S): a row sums to less than 1
+            query, key, sinks, mask=mask, causal=causal, scale=None, window=window
+        )
+        group = int(query.shape[1]) // int(key.shape[1])
+        value = tf.repeat(tf.cast(value, work), group, axis=1)  # (B, H, S, D_v)
+        heads = tf.matmul(weights, value)  # (B, H, L, D_v)
+        return heads, tf.cast(weights, dtype)
     chosen = _choose_implementation(
         implementation,
         query.shape[2],
@@ -161,6 +185,7 @@ def multi_head_attention(
     implementation="auto",
     rope=None,
     window=None,
+    sinks=None,
 ):
     r"""Multi-head attention with ``params`` on batch-first tensors: ``(B, L, E_q), (B,
     S, E_kv) -> (B, L, E_out)``.
@@ -181,6 +206,9 @@ def multi_head_attention(
     at their absolute positions (the new keys from ``cache.seen`` on), as in
     :func:`companion.numpy.multi_head_attention`. ``window`` is sliding-window
     attention, as there (a rolling ``KVCache(max_length=W)`` defaults it to ``W``).
+    ``sinks`` (``(H,)``) adds one learned logit per head to the softmax's denominator
+    (GPT-OSS; :func:`companion.tensorflow.attention_with_sinks`); only the reference
+    forms that softmax, so ``"auto"`` takes it and ``"tiled"`` is refused.
     """
     if not isinstance(params, MultiHeadParams):
         raise TypeError(
@@ -190,6 +218,11 @@ def multi_head_attention(
     return_weights = _check_flag("return_weights", return_weights)
     # checked before the cache changes (the sizes come later)
     _choose_implementation(implementation, 0, 0, return_weights, TILED_FROM_SCORES)
+    if sinks is not None:  # only the reference forms the softmax they join
+        implementation = _sinks.choose_with_sinks(implementation)
+        sinks = tf.convert_to_tensor(sinks)
+        _checks.check_float("sinks", sinks.dtype)
+        _sinks.check_sink_logits(sinks.shape, params.num_heads)
     window = window_for_cache(window, cache)
     if cache is not None and not isinstance(cache, KVCache):
         raise TypeError(
@@ -230,7 +263,15 @@ def multi_head_attention(
             key, value = cache.append(key, value)
         # (B, H, L, D_v)
         heads, weights = _heads(
-            query, key, value, mask, causal, return_weights, implementation, window
+            query,
+            key,
+            value,
+            mask,
+            causal,
+            return_weights,
+            implementation,
+            window,
+            sinks,
         )
         B, _, L, D_v = heads.shape
         # (B, L, H*D_v)

@@ -2,6 +2,8 @@ r"""Attention sinks (StreamingLLM) in TensorFlow: see :mod:`companion.numpy.sink
 
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
 from companion import _checks, _positions, _sinks
@@ -46,13 +48,20 @@ class SinkCache(_sinks.SinkCacheBase):
 
 
 def attention_with_sinks(
-    query, key, value, sinks, *, mask=None, causal: bool = False, scale=None
+    query,
+    key,
+    value,
+    sinks,
+    *,
+    mask=None,
+    causal: bool = False,
+    scale=None,
+    window=None,
 ):
     r"""Attention with a learned sink logit per head in the softmax's denominator
     (GPT-OSS): ``w = e^s / (e^sink_h + sum e^s)``. See
-    :func:`companion.numpy.attention_with_sinks`."""
-    from companion.tensorflow.attention import causal_mask
-
+    :func:`companion.numpy.attention_with_sinks`; the same math is the ``sinks=``
+    option of :func:`companion.tensorflow.multi_head_attention`."""
     tensors = [tf.convert_to_tensor(t) for t in (query, key, value, sinks)]
     names = [
         _checks.check_float(n, t.dtype)
@@ -61,10 +70,31 @@ def attention_with_sinks(
     q, k, v, s = tensors
     group = _sinks.check_sink_attention(q.shape, k.shape, v.shape, s.shape)
     dtype = tf.float64 if "float64" in names[:3] else tf.float32
-    scale = 1.0 / int(q.shape[-1]) ** 0.5 if scale is None else float(scale)
-    k = tf.repeat(tf.cast(k, dtype), group, axis=-3)  # (..., H, S, D)
+    weights = _sink_weights(
+        tf.cast(q, dtype),
+        tf.cast(k, dtype),
+        s,
+        mask=mask,
+        causal=causal,
+        scale=scale,
+        window=window,
+    )
     v = tf.repeat(tf.cast(v, dtype), group, axis=-3)  # (..., H, S, D_v)
-    scores = scale * tf.matmul(tf.cast(q, dtype), k, transpose_b=True)  # (..., H, L, S)
+    return tf.cast(tf.matmul(weights, v), q.dtype)  # (..., H, L, D_v)
+
+
+def _sink_weights(q, k, s, *, mask, causal, scale, window=None):
+    """The weights ``(..., H, L, S)`` of :func:`attention_with_sinks`, the sink's share
+    dropped, for checked ``q`` and ``k`` of one float dtype (the compute dtype)."""
+    from companion import _tiling
+    from companion.tensorflow.attention import _band
+
+    dtype = q.dtype
+    group = int(q.shape[-3]) // int(k.shape[-3])
+    window = _tiling.check_window(window)
+    scale = 1.0 / math.sqrt(int(q.shape[-1])) if scale is None else float(scale)
+    k = tf.repeat(k, group, axis=-3)  # (..., H, S, D)
+    scores = scale * tf.matmul(q, k, transpose_b=True)  # (..., H, L, S)
     L, S = int(scores.shape[-2]), int(scores.shape[-1])
     minus_inf = tf.constant(float("-inf"), dtype)
     if mask is not None:
@@ -74,8 +104,10 @@ def attention_with_sinks(
             scores = tf.where(mask, scores, minus_inf)
         else:
             scores = scores + tf.cast(mask, dtype)
-    if _positions.check_interleaved_like("causal", causal):
-        scores = tf.where(causal_mask(L, S), scores, minus_inf)
+    causal = _positions.check_interleaved_like("causal", causal)
+    if causal or window is not None:
+        # bottom-right causal and/or the window's band: (L, S)
+        scores = tf.where(_band(0, L, 0, S, L, S, causal, window), scores, minus_inf)
     sink = tf.broadcast_to(
         tf.cast(s, dtype)[:, None, None], [*scores.shape[:-1], 1]
     )  # (..., H, L, 1)
@@ -87,5 +119,4 @@ def attention_with_sinks(
     weights = tf.exp(logits - peak)
     total = tf.reduce_sum(weights, axis=-1, keepdims=True)
     weights = weights / tf.where(total > 0, total, tf.ones_like(total))
-    weights = weights[..., :-1]  # the sink's share dropped
-    return tf.cast(tf.matmul(weights, v), q.dtype)  # (..., H, L, D_v)
+    return weights[..., :-1]  # (..., H, L, S): the sink's share dropped

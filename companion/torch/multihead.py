@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from companion import _checks, _positions
+from companion import _checks, _positions, _sinks
 from companion._implementation import TORCH_TILED_FROM_SCORES
 from companion._implementation import choose_implementation as _choose_implementation
 from companion._kvcache import (
@@ -139,11 +139,21 @@ def _check_softcap(name: str, value) -> float | None:
     return float(value)
 
 
-def _choose(implementation, L: int, S: int, return_weights: bool, softcap=None) -> str:
+def _choose(
+    implementation, L: int, S: int, return_weights: bool, softcap=None, sinks=False
+) -> str:
     """The shared choice of kernel, plus ``"sdpa"`` (torch's own fused kernel, torch
     backend only; it never forms the weights). With ``softcap`` only the reference
-    forms the scores that the cap bends: ``"auto"`` takes it, ``"sdpa"`` and
+    forms the scores that the cap bends, with ``sinks`` only the reference forms the
+    softmax whose denominator they join: ``"auto"`` takes it, ``"sdpa"`` and
     ``"tiled"`` are refused."""
+    if sinks and softcap is not None:
+        raise ValueError(
+            f"sinks and softcap={softcap} together are not supported (no model we "
+            "follow uses both): pass one of them"
+        )
+    if sinks:
+        implementation = _sinks.choose_with_sinks(implementation)
     if softcap is not None and implementation in ("sdpa", "tiled"):
         raise ValueError(
             f"softcap={softcap} bends the scores with tanh, and implementation="
@@ -238,6 +248,16 @@ def _softcapped_attention(q, k, v, *, mask, causal, window, scale, softcap):
     return heads, probs.to(q.dtype)
 
 
+def _sink_weights(q, k, sinks, *, mask, causal, window, scale):
+    """The weights ``(B, H, L, S)`` with one sink logit per head in the softmax's
+    denominator (:func:`companion.torch.attention_with_sinks`)."""
+    from companion.torch.sinks import _sink_weights  # sinks.py imports KVCache
+
+    return _sink_weights(
+        q, k, sinks, mask=mask, causal=causal, scale=scale, window=window
+    )
+
+
 def _multi_head(
     x_q,
     x_k,
@@ -257,6 +277,7 @@ def _multi_head(
     scale=None,
     qk_norm=None,
     softcap=None,
+    sinks=None,
 ):
     """The body shared by :func:`multi_head_attention` and :class:`MultiHeadAttention`.
 
@@ -264,12 +285,15 @@ def _multi_head(
     ``x @ W + b``, already in the compute dtype on the inputs' device; ``key_name``,
     the caller's name for ``x_k`` in errors. ``scale`` replaces ``1/sqrt(D)``;
     ``qk_norm = (q_norm, k_norm)`` normalises each head's queries and keys over ``D``
-    before the rotation (Qwen3, Gemma 3); ``softcap`` bends the scores (reference
-    path only, see :func:`_choose`).
+    before the rotation (Qwen3, Gemma 3); ``softcap`` bends the scores and ``sinks``
+    (``(H,)``, a tensor in the compute dtype) adds one logit per head to the softmax's
+    denominator (reference path only, see :func:`_choose`).
     """
     w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o = weights
     # checked before the cache changes (the sizes come later)
-    _choose(implementation, 0, 0, return_weights, softcap)
+    _choose(implementation, 0, 0, return_weights, softcap, sinks is not None)
+    if sinks is not None:
+        _sinks.check_sink_logits(sinks.shape, num_heads)
     if cache is not None and not isinstance(cache, KVCache):
         raise TypeError(
             f"cache must be a companion.torch.KVCache, got {type(cache).__name__}"
@@ -294,10 +318,21 @@ def _multi_head(
             k, v = cache.append(k, v)  # (B, H_kv, S, D), (B, H_kv, S, D_v)
         q = q.to(x_q.dtype)
         chosen = _choose(
-            implementation, q.shape[2], k.shape[2], return_weights, softcap
+            implementation,
+            q.shape[2],
+            k.shape[2],
+            return_weights,
+            softcap,
+            sinks is not None,
         )
         band = dict(mask=mask, causal=causal, window=window, scale=scale)
-        if softcap is not None:
+        if sinks is not None:
+            # one logit per head in the denominator: (B, H, L, S), rows sum to < 1
+            probs = _sink_weights(q, k, sinks, **band)
+            # P V, the group folded into the rows (V read in place): (B, H, L, D_v)
+            heads = _grouped_product(probs.to(compute), v.to(compute), num_kv_heads)
+            probs = probs.to(q.dtype)
+        elif softcap is not None:
             # the scores themselves, capped: (B, H, L, D_v), (B, H, L, S)
             heads, probs = _softcapped_attention(q, k, v, softcap=softcap, **band)
         elif chosen == "sdpa":
@@ -369,6 +404,7 @@ def multi_head_attention(
     implementation: str = "auto",
     rope=None,
     window: int | None = None,
+    sinks=None,
 ):
     r"""Multi-head attention on batch-first inputs: ``(B, L, E_q), (B, S, E_kv) -> (B,
     L, E_out)``.
@@ -396,6 +432,10 @@ def multi_head_attention(
     queries and keys at their absolute positions (the new keys from ``cache.seen`` on),
     as in :func:`companion.numpy.multi_head_attention`. ``window`` is sliding-window
     attention, as there (a rolling ``KVCache(max_length=W)`` defaults it to ``W``).
+    ``sinks`` (``(H,)``, a tensor or array) adds one learned logit per head to the
+    softmax's denominator (GPT-OSS; :func:`companion.torch.attention_with_sinks`,
+    gradients reach it); only the reference forms that softmax, so ``"auto"`` takes
+    it and ``"sdpa"`` and ``"tiled"`` are refused.
     """
     causal = _check_flag("causal", causal)
     return_weights = _check_flag("return_weights", return_weights)
@@ -425,7 +465,19 @@ def multi_head_attention(
         implementation=implementation,
         rope=_positions.as_rotary(rope),
         window=window,
+        sinks=_as_sinks(sinks, x_q, compute),
     )
+
+
+def _as_sinks(sinks, like: torch.Tensor, dtype: torch.dtype):
+    """``None``, or the sink logits as a float tensor of ``dtype`` on ``like``'s device
+    (a tensor keeps its autograd history); ``TypeError`` naming ``sinks``."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor):
+        sinks = torch.as_tensor(np.asarray(sinks))
+    _checks.check_float("sinks", sinks.dtype)
+    return sinks.to(device=like.device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------
@@ -469,7 +521,10 @@ class MultiHeadAttention(nn.Module):
     OLMo-2 normalises the whole width instead) and ``softcap`` (``c``: scores
     ``c tanh(s / c)`` before the mask, Gemma 2; only the reference forms the scores,
     so ``"sdpa"`` and ``"tiled"`` are refused with it and ``"auto"`` computes the
-    reference).
+    reference) and ``sink_logits`` (``True``: a parameter ``sinks`` of shape ``(H,)``,
+    one learned logit per head in the softmax's denominator only, as GPT-OSS has it;
+    initialised to 0; only the reference forms that softmax, so ``"sdpa"`` and
+    ``"tiled"`` are refused with it; :meth:`to_params` does not carry it).
 
     Explained in the book chapters *Attention: algorithm and math* and *Making it fast*.
     """
@@ -492,14 +547,16 @@ class MultiHeadAttention(nn.Module):
         qk_norm: str | None = None,
         qk_norm_eps: float = 1e-6,
         softcap: float | None = None,
+        sink_logits: bool = False,
     ):
         super().__init__()
+        sink_logits = _check_flag("sink_logits", sink_logits)
         self.rope = _positions.as_rotary(rope)  # RotaryConfig or None
         self.softcap = _check_softcap("softcap", softcap)
         self.scale = None if scale is None else _checks.resolve_scale(scale, 1)
         if self.scale is not None and self.scale <= 0:
             raise ValueError(f"scale must be > 0, got {scale!r}")
-        _choose(implementation, 0, 0, False, self.softcap)
+        _choose(implementation, 0, 0, False, self.softcap, sink_logits)
         self.implementation = implementation
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         gqa_group_size(num_heads, num_kv_heads)  # ValueError unless H_kv divides H
@@ -542,6 +599,10 @@ class MultiHeadAttention(nn.Module):
                 )
             self.q_norm = norms[qk_norm](self.head_dim, eps=qk_norm_eps, **factory)
             self.k_norm = norms[qk_norm](self.head_dim, eps=qk_norm_eps, **factory)
+        # GPT-OSS: one logit per query head, in the softmax's denominator only
+        self.sinks = (
+            nn.Parameter(torch.zeros(num_heads, **factory)) if sink_logits else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -551,6 +612,8 @@ class MultiHeadAttention(nn.Module):
             nn.init.xavier_uniform_(layer.weight)
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
+        if self.sinks is not None:
+            nn.init.zeros_(self.sinks)
 
     def extra_repr(self) -> str:
         return (
@@ -561,6 +624,7 @@ class MultiHeadAttention(nn.Module):
             + ("" if self.rope is None else f", rope={self.rope}")
             + ("" if self.scale is None else f", scale={self.scale}")
             + ("" if self.softcap is None else f", softcap={self.softcap}")
+            + ("" if self.sinks is None else ", sink_logits=True")
         )
 
     def forward(
@@ -615,6 +679,7 @@ class MultiHeadAttention(nn.Module):
             scale=self.scale,
             qk_norm=None if self.q_norm is None else (self.q_norm, self.k_norm),
             softcap=self.softcap,
+            sinks=None if self.sinks is None else self.sinks.to(compute),
         )
 
     # ----- conversions ----------------------------------------------------------------

@@ -2,6 +2,8 @@ r"""Attention sinks (StreamingLLM) in torch: see :mod:`companion.numpy.sinks`.""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from companion import _checks, _positions, _sinks
@@ -49,13 +51,20 @@ class SinkCache(_sinks.SinkCacheBase):
 
 
 def attention_with_sinks(
-    query, key, value, sinks, *, mask=None, causal: bool = False, scale=None
+    query,
+    key,
+    value,
+    sinks,
+    *,
+    mask=None,
+    causal: bool = False,
+    scale=None,
+    window=None,
 ):
     r"""Attention with a learned sink logit per head in the softmax's denominator
     (GPT-OSS): ``w = e^s / (e^sink_h + sum e^s)``. Differentiable, ``sinks`` included.
-    See :func:`companion.numpy.attention_with_sinks`."""
-    from companion.torch.attention import causal_mask
-
+    See :func:`companion.numpy.attention_with_sinks`; the same math is the ``sinks=``
+    option of :func:`companion.torch.multi_head_attention`."""
     for name, t in zip(("query", "key", "value", "sinks"), (query, key, value, sinks)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -63,11 +72,25 @@ def attention_with_sinks(
     group = _sinks.check_sink_attention(
         query.shape, key.shape, value.shape, sinks.shape
     )
+    weights = _sink_weights(
+        query, key, sinks, mask=mask, causal=causal, scale=scale, window=window
+    )
+    v = value.to(weights.dtype).repeat_interleave(group, dim=-3)  # (..., H, S, D_v)
+    return (weights @ v).to(query.dtype)  # (..., H, L, D_v)
+
+
+def _sink_weights(query, key, sinks, *, mask, causal, scale, window=None):
+    """The weights ``(..., H, L, S)`` of :func:`attention_with_sinks`, the sink's share
+    dropped, for checked tensors; in float32 at least."""
+    from companion import _tiling
+    from companion.torch.attention import _band
+
+    group = query.shape[-3] // key.shape[-3]
+    window = _tiling.check_window(window)
     dtype = torch.promote_types(query.dtype, key.dtype)
     dtype = torch.promote_types(dtype, torch.float32)
-    scale = 1.0 / query.shape[-1] ** 0.5 if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     k = key.to(dtype).repeat_interleave(group, dim=-3)  # (..., H, S, D)
-    v = value.to(dtype).repeat_interleave(group, dim=-3)  # (..., H, S, D_v)
     scores = scale * (query.to(dtype) @ k.transpose(-1, -2))  # (..., H, L, S)
     L, S = scores.shape[-2:]
     if mask is not None:
@@ -77,8 +100,10 @@ def attention_with_sinks(
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask.to(dtype)
-    if _positions.check_interleaved_like("causal", causal):
-        keep = causal_mask(L, S, device=scores.device)  # (L, S)
+    causal = _positions.check_interleaved_like("causal", causal)
+    if causal or window is not None:
+        # bottom-right causal and/or the window's band: (L, S)
+        keep = _band(0, L, 0, S, L, S, causal, window, scores.device)
         scores = scores.masked_fill(~keep, float("-inf"))
     sink = sinks.to(dtype)[:, None, None].expand(*scores.shape[:-1], 1)
     logits = torch.cat([scores, sink], dim=-1)  # (..., H, L, S + 1)
@@ -88,5 +113,4 @@ def attention_with_sinks(
     weights = torch.exp(logits - torch.where(torch.isfinite(peak), peak, 0.0))
     total = weights.sum(dim=-1, keepdim=True)
     weights = weights / torch.where(total > 0, total, 1.0)
-    weights = weights[..., :-1]  # the sink's share dropped
-    return (weights @ v).to(query.dtype)  # (..., H, L, D_v)
+    return weights[..., :-1]  # (..., H, L, S): the sink's share dropped
