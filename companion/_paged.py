@@ -47,6 +47,7 @@ __all__ = [
     "PoolExhaustedError",
     "Tile",
     "read_plan",
+    "seen_tiles",
     "tile_visibility",
     "visible_keys",
 ]
@@ -445,3 +446,19 @@ def tile_visibility(lo, hi, positions: np.ndarray):
     if first >= lo.max() and last < hi.min():
         return True
     return (lo[:, None] <= positions) & (positions < hi[:, None])  # (L, n)
+
+
+def seen_tiles(cache: PagedKVCacheBase, seq, L: int, group: int, *, causal, window):
+    """The tiles of sequence ``seq``'s keys that ``L`` queries see, in order, each with
+    its :func:`tile_visibility` (``True`` or a mask ``(L, n)``); tiles no query sees
+    are skipped. The loop of every backend's paged attention: the
+    :func:`read_plan` of ``group * L`` rows (the group folded into the rows) under
+    the :func:`visible_keys` of the queries."""
+    table, length = cache._table(seq), cache._lengths[seq]
+    lo, hi = (
+        np.asarray(x) for x in visible_keys(length, L, causal=causal, window=window)
+    )
+    for tile in read_plan(table, length, cache.block_size, group * L):
+        seen = tile_visibility(lo, hi, tile.positions)
+        if seen is not None:
+            yield tile, seen

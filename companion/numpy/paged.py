@@ -21,9 +21,7 @@ from companion import _checks, _tiling
 from companion._paged import (
     PagedKVCacheBase,
     PoolExhaustedError,
-    read_plan,
-    tile_visibility,
-    visible_keys,
+    seen_tiles,
 )
 from companion.numpy.attention import _check_flag, _compute_dtype, _float_array
 
@@ -84,20 +82,13 @@ def _paged_one(q, cache, seq, causal, window, t, dtype):
     ``l = 0``). The group is folded into the rows: each key is read once per step.
     """
     H_kv, group, L, D = q.shape
-    table, length = cache._table(seq), cache._lengths[seq]
-    lo, hi = (
-        np.asarray(x) for x in visible_keys(length, L, causal=causal, window=window)
-    )
     rows = q.reshape(H_kv, group * L, D) * np.asarray(t, dtype)  # (H_kv, G L, D)
     m = np.full((H_kv, group * L, 1), -np.inf, dtype)
     l = np.zeros((H_kv, group * L, 1), dtype)  # noqa: E741
     o = np.zeros((H_kv, group * L, cache.value_head_dim), dtype)
     if L == 0:
-        return o.reshape(H_kv, group, L, -1)  # no queries: nothing to read
-    for tile in read_plan(table, length, cache.block_size, group * L):
-        seen = tile_visibility(lo, hi, tile.positions)
-        if seen is None:
-            continue  # no query sees this tile: skipped
+        return o.reshape(H_kv, group, L, cache.value_head_dim)  # no queries: no reads
+    for tile, seen in seen_tiles(cache, seq, L, group, causal=causal, window=window):
         k, v = _tile_keys(cache, tile, dtype)
         scores = rows @ k.swapaxes(-1, -2)  # t Q K_b^T: (H_kv, G L, n)
         if seen is not True:  # (L, n), the same for every head of the group

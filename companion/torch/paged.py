@@ -12,16 +12,13 @@ Explained in the book chapter *Long context*.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from companion import _checks, _tiling
 from companion._paged import (
     PagedKVCacheBase,
     PoolExhaustedError,
-    read_plan,
-    tile_visibility,
-    visible_keys,
+    seen_tiles,
 )
 from companion.torch.attention import _check_flag, _compute_dtype
 
@@ -92,10 +89,6 @@ def _paged_one(q, cache, seq, causal, window, t):
     pool, read in place; the group is folded into the rows, so each key is read once.
     """
     H_kv, group, L, D = q.shape
-    table, length = cache._table(seq), cache._lengths[seq]
-    lo, hi = (
-        np.asarray(x) for x in visible_keys(length, L, causal=causal, window=window)
-    )
     dtype, device = q.dtype, q.device
     rows = q.reshape(H_kv, group * L, D) * t  # (H_kv, G L, D)
     differentiable = torch.is_grad_enabled() and rows.requires_grad
@@ -103,11 +96,8 @@ def _paged_one(q, cache, seq, causal, window, t):
     l = torch.zeros((H_kv, group * L, 1), dtype=dtype, device=device)  # noqa: E741
     o = torch.zeros((H_kv, group * L, cache.value_head_dim), dtype=dtype, device=device)
     if L == 0:
-        return o.reshape(H_kv, group, L, -1)  # no queries: nothing to read
-    for tile in read_plan(table, length, cache.block_size, group * L):
-        seen = tile_visibility(lo, hi, tile.positions)
-        if seen is None:
-            continue  # no query sees this tile: skipped
+        return o.reshape(H_kv, group, L, cache.value_head_dim)  # no queries: no reads
+    for tile, seen in seen_tiles(cache, seq, L, group, causal=causal, window=window):
         k, v = _tile_keys(cache, tile, dtype)
         scores = rows @ k.transpose(-1, -2)  # t Q K_b^T: (H_kv, G L, n)
         if seen is not True:  # (L, n), the same for every head of the group
