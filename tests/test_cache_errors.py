@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _backends import BACKENDS
+from _backends import backend_module as _module
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from companion.testing import as_backend, to_numpy
 
-BACKENDS = ["numpy", "torch", "tensorflow"]
 SETTINGS = settings(
     max_examples=8,
     deadline=None,
@@ -29,18 +30,6 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 E, H, D = 8, 2, 4  # embedding width, query heads, head width
-
-
-def _module(backend: str):
-    if backend == "numpy":
-        import companion.numpy as module
-    elif backend == "torch":
-        pytest.importorskip("torch")
-        import companion.torch as module
-    else:
-        pytest.importorskip("tensorflow")
-        import companion.tensorflow as module
-    return module
 
 
 def _expected_errors(module):

@@ -12,22 +12,10 @@ import sys
 
 import numpy as np
 import pytest
+from _backends import BACKENDS
+from _backends import backend_module as _module
 
 from companion.testing import as_backend, assert_close, to_numpy
-
-BACKENDS = ["numpy", "torch", "tensorflow"]
-
-
-def _module(backend: str):
-    if backend == "numpy":
-        import companion.numpy as module
-    elif backend == "torch":
-        pytest.importorskip("torch")
-        import companion.torch as module
-    else:
-        pytest.importorskip("tensorflow")
-        import companion.tensorflow as module
-    return module
 
 
 def _state(cache):

@@ -11,23 +11,14 @@ import math
 
 import numpy as np
 import pytest
+from _backends import BACKENDS, backend_module
 
 from companion.numpy import scaled_dot_product_attention_reference as oracle
 from companion.testing import as_backend, assert_close, to_numpy
 
-BACKENDS = ["numpy", "torch", "tensorflow"]
-
 
 def _module(backend: str):
-    if backend == "numpy":
-        import companion.numpy.paged as module
-    elif backend == "torch":
-        pytest.importorskip("torch")
-        import companion.torch.paged as module
-    else:
-        pytest.importorskip("tensorflow")
-        import companion.tensorflow.paged as module
-    return module
+    return backend_module(backend, "paged")
 
 
 def _snapshot(cache):
