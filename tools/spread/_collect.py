@@ -1,11 +1,39 @@
 """Shared by the spread scripts: merge the JSON lines their runs printed into a
 chapter's spread file (``book/_data/spread/<chapter>.json``), one entry per claim with
-the values of every run and their range."""
+the values of every run and their range; the second machine's settings."""
 
 from __future__ import annotations
 
 import json
 import pathlib
+
+#: What makes a child process behave like another machine (the second machine of
+#: issue 21): one ISA level down for ATen, oneDNN, MKL and numpy, another L2 size, one
+#: thread.
+SECOND_MACHINE = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "NPY_DISABLE_CPU_FEATURES": (
+        "AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL AVX512_SPR"
+    ),
+    "COMPANION_L2_CACHE_BYTES": "524288",
+    "OMP_NUM_THREADS": "1",
+}
+
+
+def claim_entry(claim: str, metric: str, values: list, assertion: str) -> dict:
+    """One claim of a spread file: the ``values`` of every run (``{"seed",
+    "machine", "value"}``), their range and the assert written on the metric."""
+    numbers = [v["value"] for v in values]
+    return {
+        "claim": claim,
+        "metric": metric,
+        "values": values,
+        "min": min(numbers),
+        "max": max(numbers),
+        "assert": assertion,
+    }
 
 
 def collect(paths, claims: dict, chapter: str, out: pathlib.Path) -> None:
@@ -18,19 +46,14 @@ def collect(paths, claims: dict, chapter: str, out: pathlib.Path) -> None:
             if line.startswith("{"):
                 row = json.loads(line)
                 values.setdefault(row.pop("metric"), []).append(row)
-    entries = []
-    for metric, (claim, assertion) in claims.items():
-        rows = sorted(values[metric], key=lambda r: (r["machine"], r["seed"]))
-        numbers = [r["value"] for r in rows]
-        entries.append(
-            {
-                "claim": claim,
-                "metric": metric,
-                "values": rows,
-                "min": min(numbers),
-                "max": max(numbers),
-                "assert": assertion,
-            }
+    entries = [
+        claim_entry(
+            claim,
+            metric,
+            sorted(values[metric], key=lambda r: (r["machine"], r["seed"])),
+            assertion,
         )
+        for metric, (claim, assertion) in claims.items()
+    ]
     spread = {"chapter": chapter, "claims": entries}
     out.write_text(json.dumps(spread, indent=1) + "\n")

@@ -28,17 +28,12 @@ import pathlib
 import subprocess
 import sys
 
+from _collect import (  # tools/spread/_collect.py, beside this script
+    SECOND_MACHINE,
+    claim_entry,
+)
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-SECOND_MACHINE = {
-    "ATEN_CPU_CAPABILITY": "avx2",
-    "ONEDNN_MAX_CPU_ISA": "AVX2",
-    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-    "NPY_DISABLE_CPU_FEATURES": (
-        "AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL AVX512_SPR"
-    ),
-    "COMPANION_L2_CACHE_BYTES": "524288",
-    "OMP_NUM_THREADS": "1",
-}
 
 # (claim, metric, the assert written on the metric) of cell gpt-09
 CLAIMS = [
@@ -122,18 +117,9 @@ def main() -> None:
             for machine in raw
             for seed, metrics in raw[machine].items()
         ]
-        numbers = [v["value"] for v in values]
-        claims.append(
-            {
-                "claim": claim,
-                "metric": metric,
-                "values": values,
-                "min": min(numbers),
-                "max": max(numbers),
-                "assert": f"{metric} {condition}",
-            }
-        )
-        print(f"{metric:32s} {min(numbers):.6f} .. {max(numbers):.6f}")
+        entry = claim_entry(claim, metric, values, f"{metric} {condition}")
+        claims.append(entry)
+        print(f"{metric:32s} {entry['min']:.6f} .. {entry['max']:.6f}")
     path = ROOT / "book" / "_data" / "spread" / "gpt.json"
     path.write_text(json.dumps({"chapter": "gpt", "claims": claims}, indent=1) + "\n")
 

@@ -25,17 +25,12 @@ import pathlib
 import subprocess
 import sys
 
+from _collect import (  # tools/spread/_collect.py, beside this script
+    SECOND_MACHINE,
+    claim_entry,
+)
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-SECOND_MACHINE = {
-    "ATEN_CPU_CAPABILITY": "avx2",
-    "ONEDNN_MAX_CPU_ISA": "AVX2",
-    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-    "NPY_DISABLE_CPU_FEATURES": (
-        "AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL AVX512_SPR"
-    ),
-    "COMPANION_L2_CACHE_BYTES": "524288",
-    "OMP_NUM_THREADS": "1",
-}
 
 # The claims each chapter asserts, as (claim, metric, assert written on the metric).
 CLAIMS = {
@@ -157,17 +152,7 @@ def main() -> None:
                 for machine in raw
                 for seed, metrics in raw[machine][chapter].items()
             ]
-            numbers = [v["value"] for v in values]
-            claims.append(
-                {
-                    "claim": claim,
-                    "metric": metric,
-                    "values": values,
-                    "min": min(numbers),
-                    "max": max(numbers),
-                    "assert": f"{metric} {condition}",
-                }
-            )
+            claims.append(claim_entry(claim, metric, values, f"{metric} {condition}"))
         path = ROOT / "book" / "_data" / "spread" / f"{chapter}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         # keep the RoPE scaling claims of positions_scaling.py (metrics "scaling ...")

@@ -2,7 +2,7 @@
 
 Runs ``python -m companion.experiments_positions`` (seeds 0, 1, 2) on this machine
 ("host") and in a child process that behaves like another machine ("avx2-1thread":
-the settings of ``positions_language.py``), checks that both give the same grid, and
+the settings of ``_collect.SECOND_MACHINE``), checks that both give the same grid, and
 writes the claims the chapter asserts into ``book/_data/spread/positions.json``,
 beside the claims of ``positions_language.py`` (entries whose metric starts with
 ``scaling`` are replaced, the others kept).
@@ -25,7 +25,7 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from positions_language import SECOND_MACHINE  # noqa: E402
+from _collect import SECOND_MACHINE, claim_entry  # noqa: E402
 
 # (rule, kind, part) -> (claim, assertion on the metric)
 KEEP = "keeps the fastest pair: nothing lost without fine-tuning"
@@ -87,18 +87,9 @@ def main() -> None:
             for seed, row in grid["seeds"].items()
             for index in [("seen", "unseen").index(part)]
         ]
-        numbers = [v["value"] for v in values]
-        entries.append(
-            {
-                "claim": claim,
-                "metric": metric,
-                "values": values,
-                "min": min(numbers),
-                "max": max(numbers),
-                "assert": f"{metric} {assertion}",
-            }
-        )
-        print(f"{metric:40s} {min(numbers):.4f} .. {max(numbers):.4f}")
+        entry = claim_entry(claim, metric, values, f"{metric} {assertion}")
+        entries.append(entry)
+        print(f"{metric:40s} {entry['min']:.4f} .. {entry['max']:.4f}")
     path = ROOT / "book" / "_data" / "spread" / "positions.json"
     document = json.loads(path.read_text())
     kept = [c for c in document["claims"] if not c["metric"].startswith("scaling")]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _collect import claim_entry  # tools/spread/_collect.py, beside this script
 
 from companion.data import (
     NUMBER_VOCABULARY,
@@ -179,17 +180,7 @@ def collect(lines: list[str], path: Path) -> None:
             {"seed": r["seed"], "machine": r["machine"], "value": r[metric]}
             for r in runs
         ]
-        numbers = [v["value"] for v in values]
-        claims.append(
-            {
-                "claim": claim,
-                "metric": metric,
-                "values": values,
-                "min": min(numbers),
-                "max": max(numbers),
-                "assert": check,
-            }
-        )
+        claims.append(claim_entry(claim, metric, values, check))
     # every run as measured, so that statements about single numbers (which head
     # aligns, how many numbers the two CPU settings share) can be checked from the file
     document = {"chapter": "translation", "claims": claims, "runs": runs}
