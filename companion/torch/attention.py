@@ -465,10 +465,13 @@ class TiledAttentionFunction(torch.autograd.Function):
         m = torch.full((N, rows, 1), lowest, dtype=q.dtype, device=q.device)
         l = torch.zeros_like(m)  # (N, L * G, 1)
         acc = torch.zeros(N, rows, D_v, dtype=q.dtype, device=q.device)  # O~
+        # [t Q | -m] [K_j | 1]^T = t Q K_j^T - m: the product subtracts the maximum
+        q_aug = torch.cat([q, -m], dim=-1)  # (N, L * G, D + 1)
+        k_aug = torch.cat([k, torch.ones_like(k[..., :1])], dim=-1)  # (N, S, D + 1)
         sizes = (group, L, S, causal, window)
 
         def work(part):
-            _forward_steps(q, k, v, mask, part, sizes, m, l, acc)
+            _forward_steps((q, k, v), (q_aug, k_aug), mask, part, sizes, m, l, acc)
 
         _run_split(work, plan, sizes, q)
         attended = l > 0  # False: the row saw no key
@@ -505,27 +508,64 @@ class TiledAttentionFunction(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, None, None, None
 
 
-def _forward_steps(q, k, v, mask, plan, sizes, m, l, acc):
-    """The forward recurrence over ``plan``, updating ``m, l, acc`` rows in place."""
+# A tile whose probabilities, taken against the rows' running maxima as they were, sum
+# to at most this needs no new maximum (``_forward_steps``): every entry is then at most
+# 2^20 (the maximum moved up by at most 13.9), far from float32's overflow.
+_STALE_MAX_LIMIT = float(2**20)
+
+
+def _forward_steps(plain, augmented, mask, plan, sizes, m, l, acc):
+    """The forward recurrence over ``plan``, updating ``m, l, acc`` rows in place.
+
+    ``plain = (t Q, K, V)``, ``augmented = ([t Q | -m], [K | 1])``. A row block's first
+    key block takes the step as written (:func:`_exact_step`). Later ones first keep
+    the rows' maxima (FlashAttention-4's conditional rescaling): the product
+    ``[t Q_i | -m] [K_j | 1]^T = S_ij - m`` subtracts the maximum, so
+    ``P~ = exp(S_ij - m)`` costs no pass for the maximum, the subtraction or the
+    rescaling; only if some row's ``rowsum P~`` passes ``_STALE_MAX_LIMIT`` (``inf`` or
+    NaN included: a row that saw no key yet has ``-m`` = the largest number) does the
+    block take the exact step instead. The softmax does not depend on which ``m`` is
+    subtracted, so the result is the recurrence's.
+    """
     group, L, S, causal, window = sizes
+    q_aug, k_aug = augmented
     for j0, j1, chunks in plan:
-        k_j, v_j = k[:, j0:j1], v[:, j0:j1]  # (N, bk, D), (N, bk, D_v)
+        k_j, v_j = k_aug[:, j0:j1], plain[2][:, j0:j1]  # (N, bk, D + 1), (N, bk, D_v)
         for i0, i1, full in chunks:
             r0, r1 = i0 * group, i1 * group
             band = (
-                None if full else _band(i0, i1, j0, j1, L, S, causal, window, q.device)
+                None
+                if full
+                else _band(i0, i1, j0, j1, L, S, causal, window, k_j.device)
             )
-            # S_ij (N, bq * G, bk)
-            scores = _tile_scores(q[:, r0:r1], k_j, mask, band, i0, i1, j0, j1, group)
-            m_i = m[:, r0:r1]  # a view
-            # m_new = max(m, rowmax S_ij)
-            m_new = torch.maximum(m_i, scores.amax(dim=-1, keepdim=True))
-            p = scores.sub_(m_new).exp_()  # P~ = exp(S_ij - m_new), in place
-            c = m_i.sub(m_new).exp_()  # c = exp(m - m_new)
-            # l = c l + rowsum P~
-            l[:, r0:r1].mul_(c).add_(p.sum(dim=-1, keepdim=True))
-            acc[:, r0:r1].mul_(c).baddbmm_(p, v_j)  # O~ = c O~ + P~ V_j
-            m_i.copy_(m_new)
+            tile = (mask, band, i0, i1, j0, j1, group)
+            lo, _ = _tiling.key_range(i0, i0 + 1, L, S, causal, window)
+            if j0 > lo:  # the rows saw keys before: keep their maxima
+                # P~ = exp(S_ij - m): (N, bq * G, bk)
+                p = _tile_scores(q_aug[:, r0:r1], k_j, *tile).exp_()
+                row_sum = p.sum(dim=-1, keepdim=True)  # rowsum P~
+                if bool((row_sum <= _STALE_MAX_LIMIT).all()):
+                    l[:, r0:r1].add_(row_sum)  # l = l + rowsum P~
+                    acc[:, r0:r1].baddbmm_(p, v_j)  # O~ = O~ + P~ V_j
+                    continue
+            q_i, k_plain = plain[0][:, r0:r1], plain[1][:, j0:j1]
+            state = (m[:, r0:r1], l[:, r0:r1], acc[:, r0:r1])  # views
+            _exact_step(q_i, k_plain, v_j, tile, *state)
+            q_aug[:, r0:r1, -1:] = -m[:, r0:r1]  # the products subtract the new m
+
+
+def _exact_step(q_i, k_j, v_j, tile, m_i, l_i, acc_i):
+    """One step of the recurrence as written, in place: ``q_i = t Q_i``, ``k_j``,
+    ``v_j``, ``tile`` the rest of :func:`_tile_scores`' arguments, ``m_i, l_i``
+    ``(N, bq * G, 1)`` and ``acc_i`` views of the running state."""
+    scores = _tile_scores(q_i, k_j, *tile)  # S_ij (N, bq * G, bk)
+    # m_new = max(m, rowmax S_ij)
+    m_new = torch.maximum(m_i, scores.amax(dim=-1, keepdim=True))
+    p = scores.sub_(m_new).exp_()  # P~ = exp(S_ij - m_new), in place
+    c = m_i.sub(m_new).exp_()  # c = exp(m - m_new)
+    l_i.mul_(c).add_(p.sum(dim=-1, keepdim=True))  # l = c l + rowsum P~
+    acc_i.mul_(c).baddbmm_(p, v_j)  # O~ = c O~ + P~ V_j
+    m_i.copy_(m_new)
 
 
 def _backward_steps(q, k, v, mask, do, delta, lse, plan, sizes, dq, dk, dv):
