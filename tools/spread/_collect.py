@@ -5,7 +5,11 @@ the values of every run and their range; the second machine's settings."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import subprocess
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 #: What makes a child process behave like another machine (the second machine of
 #: issue 21): one ISA level down for ATen, oneDNN, MKL and numpy, another L2 size, one
@@ -20,6 +24,27 @@ SECOND_MACHINE = {
     "COMPANION_L2_CACHE_BYTES": "524288",
     "OMP_NUM_THREADS": "1",
 }
+
+
+def run_on_both_machines(command: list, env: dict | None = None) -> dict:
+    """Run ``command`` (a child that prints its metrics as one JSON line, last, with
+    its ``"cpu_capability"``) from the repository root on this machine (``"host"``)
+    and as the second machine (``"avx2-1thread"``: :data:`SECOND_MACHINE`, pinned to
+    core 0); returns each one's metrics by machine label."""
+    raw = {}
+    for machine, extra in (("host", {}), ("avx2-1thread", SECOND_MACHINE)):
+        pinned = command if machine == "host" else ["taskset", "-c", "0", *command]
+        done = subprocess.run(
+            pinned,
+            env={**os.environ, **(env or {}), **extra},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        raw[machine] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(machine, "cpu capability:", raw[machine]["cpu_capability"], flush=True)
+    return raw
 
 
 def claim_entry(claim: str, metric: str, values: list, assertion: str) -> dict:

@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import subprocess
 import sys
 
 from _collect import (  # tools/spread/_collect.py, beside this script
-    SECOND_MACHINE,
     claim_entry,
+    run_on_both_machines,
 )
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -93,18 +91,10 @@ def main() -> None:
         out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         print(json.dumps(out))
         return
-    raw = {}
-    for machine, extra in (("host", {}), ("avx2-1thread", SECOND_MACHINE)):
-        env = {**os.environ, **extra}
-        command = [sys.executable, __file__, "--child", "--seeds"]
-        command += [str(s) for s in args.seeds]
-        if machine != "host":
-            command = ["taskset", "-c", "0", *command]
-        done = subprocess.run(
-            command, env=env, cwd=ROOT, capture_output=True, text=True, check=True
-        )
-        raw[machine] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(machine, "cpu capability:", raw[machine].pop("cpu_capability"))
+    command = [sys.executable, __file__, "--child", "--seeds"]
+    raw = run_on_both_machines(command + [str(s) for s in args.seeds])
+    for metrics in raw.values():
+        del metrics["cpu_capability"]
     stored = _stored_base_rows()
     for seed, metrics in raw["host"].items():
         if int(seed) in stored:

@@ -22,12 +22,11 @@ import argparse
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 from _collect import (  # tools/spread/_collect.py, beside this script
-    SECOND_MACHINE,
     claim_entry,
+    run_on_both_machines,
 )
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -132,18 +131,9 @@ def main() -> None:
         out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         print(json.dumps(out))
         return
-    raw = {}
-    for machine, extra in (("host", {}), ("avx2-1thread", SECOND_MACHINE)):
-        env = {**os.environ, "MPLBACKEND": "Agg", **extra}
-        command = [sys.executable, __file__, *args.chapters, "--child", "--seeds"]
-        command += [str(s) for s in args.seeds]
-        if machine != "host":
-            command = ["taskset", "-c", "0", *command]
-        done = subprocess.run(
-            command, env=env, cwd=ROOT, capture_output=True, text=True, check=True
-        )
-        raw[machine] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(machine, "cpu capability:", raw[machine]["cpu_capability"], flush=True)
+    command = [sys.executable, __file__, *args.chapters, "--child", "--seeds"]
+    command += [str(s) for s in args.seeds]
+    raw = run_on_both_machines(command, env={"MPLBACKEND": "Agg"})
     for chapter in args.chapters:
         claims = []
         for claim, metric, condition in CLAIMS[chapter]:
