@@ -236,7 +236,7 @@ def rotary_positions(L: int, S_new: int, start: int) -> tuple[range, range]:
 
 # --- RoPE scaling: longer than training ----------------------------------------------
 
-ROPE_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
+ROPE_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope", "proportional")
 
 
 def _positive(name: str, value) -> float:
@@ -286,7 +286,17 @@ class RopeScaling:
       below ``n_0 / high_freq_factor`` kept, a smooth blend between;
     * ``"longrope"`` (Ding et al. 2024): one factor per pair, ``short_factor`` while
       ``n <= n_0``, ``long_factor`` beyond; attention factor
-      :math:`\sqrt{1 + \ln s / \ln n_0}`.
+      :math:`\sqrt{1 + \ln s / \ln n_0}`;
+    * ``"proportional"`` (Gemma 4's global layers): the first
+      :math:`r = \lfloor p\,d/2 \rfloor` pairs keep :math:`\theta_i / s` with the
+      exponent over the *whole* width ``d`` (:math:`\text{base}^{-2i/d}`), the other
+      ``d/2 - r`` pairs get frequency 0 (never turned), ``p =
+      partial_rotary_factor``; ``factor`` is optional (default 1), the attention
+      factor is 1. Pair ``i`` is still features ``(i, i + d/2)`` of the whole head
+      (``interleaved=False``, no ``rotary_dim``): the rotated features are the first
+      ``r`` of each half, so no reordering of the projection rows is needed (a
+      ``rotary_dim = 2r`` would rotate features ``(i, i + r)`` instead, a different
+      map, equal only after permuting the rows of :math:`W_q` and :math:`W_k`).
 
     ``factor`` may be left out for YaRN and LongRoPE when ``max_positions`` (the
     target length) is given: it is then ``max_positions / original_max_positions``.
@@ -312,6 +322,7 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     short_factor: tuple[float, ...] | None = None
     long_factor: tuple[float, ...] | None = None
+    partial_rotary_factor: float = 1.0
 
     def __post_init__(self):
         kind = self.rope_type
@@ -332,10 +343,10 @@ class RopeScaling:
                 f"original_max_positions ({n0}) must not be larger than the target "
                 f"max_positions ({n1})"
             )
-        if kind != "linear" and kind != "ntk" and n0 is None:
+        if kind not in ("linear", "ntk", "proportional") and n0 is None:
             raise ValueError(f"rope_type {kind!r} needs original_max_positions")
         if self.factor is None and not (
-            kind == "longrope" or (kind == "yarn" and n1 is not None)
+            kind in ("longrope", "proportional") or (kind == "yarn" and n1 is not None)
         ):
             raise ValueError(
                 f"rope_type {kind!r} needs factor"
@@ -370,6 +381,14 @@ class RopeScaling:
                 setattr_(self, name, _factor_list(name, value))
             elif kind == "longrope":
                 raise ValueError(f"rope_type 'longrope' needs {name}")
+        p = self.partial_rotary_factor
+        if isinstance(p, (bool, str, bytes)) or not isinstance(p, (int, float)):
+            raise TypeError(
+                f"partial_rotary_factor must be a number in [0, 1], got {p!r}"
+            )
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"partial_rotary_factor must be in [0, 1], got {p!r}")
+        setattr_(self, "partial_rotary_factor", float(p))
         if kind == "longrope" and len(self.short_factor) != len(self.long_factor):
             raise ValueError(
                 f"short_factor and long_factor must have the same length (d/2), got "
@@ -451,6 +470,12 @@ def scaled_frequencies(
         return _yarn(base, d, scaling)
     if kind == "llama3":
         return _llama3(base, d, scaling), 1.0
+    if kind == "proportional":
+        # HF: int(p * head_dim // 2) rotated pairs, the rest frequency 0, all / factor
+        rotated = int(scaling.partial_rotary_factor * d // 2)
+        s = scaling.scale()
+        theta = [t / s if i < rotated else 0.0 for i, t in enumerate(plain(base))]
+        return theta, 1.0
     # longrope
     if len(scaling.short_factor) != half:
         raise ValueError(

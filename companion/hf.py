@@ -219,6 +219,7 @@ _ROPE_ARCHITECTURES = {
     "qwen3_moe": (False, False),
     "gemma2": (False, False),
     "gemma3_text": (False, False),
+    "gemma4_text": (False, False),
     "gpt_neox": (False, True),
     "stablelm": (False, True),
     "glm": (True, True),
@@ -234,9 +235,10 @@ def rope(config, *, layer_type: str | None = None) -> dict:
     For :func:`companion.numpy.multihead.multi_head_attention` and the torch and Keras
     layers. Each architecture as Transformers applies it (``model_type``):
 
-    * Llama, Mistral, Mixtral, Qwen2, Qwen3 (and their MoE variants), Gemma 2 and
-      Gemma 3: pairs of halves, the whole head rotated (``partial_rotary_factor`` is
-      ignored, as Llama does);
+    * Llama, Mistral, Mixtral, Qwen2, Qwen3 (and their MoE variants), Gemma 2,
+      Gemma 3 and Gemma 4 (text): pairs of halves, the whole head rotated
+      (``partial_rotary_factor`` is ignored, as Llama does, except by the
+      ``"proportional"`` type below);
     * GPT-NeoX (``rotary_pct``) and StableLM: pairs of halves, the first
       ``partial_rotary_factor * D`` features rotated;
     * GLM and GLM-4: neighbouring pairs, the first ``partial_rotary_factor * D``
@@ -248,12 +250,24 @@ def rope(config, *, layer_type: str | None = None) -> dict:
     "neighbours" pairs ``(2i, 2i + 1)`` (``interleaved=True``). Pair ``i`` at position
     ``p`` turns by :math:`p\,\theta^{-2i/d}` with ``theta =
     rope_parameters["rope_theta"]`` and ``d`` the rotated width. A scaled
-    ``rope_type`` (linear, dynamic, YaRN, Llama 3, LongRoPE) adds ``"scaling"``, the
-    fields of :class:`companion.numpy.RopeScaling` (frequencies and attention factor
-    equal to Transformers' ``ROPE_INIT_FUNCTIONS``). Other architectures and rope
-    types are refused with ``ValueError`` (Gemma 4's ``"proportional"`` too: it
-    rotates the first pairs of the halves' layout, which no ``rotary_dim`` says); a
-    ``config`` that is not a Transformers configuration with ``TypeError``.
+    ``rope_type`` (linear, dynamic, YaRN, Llama 3, LongRoPE, proportional) adds
+    ``"scaling"``, the fields of :class:`companion.numpy.RopeScaling` (frequencies and
+    attention factor equal to Transformers' ``ROPE_INIT_FUNCTIONS``). Other
+    architectures and rope types are refused with ``ValueError``; a ``config`` that
+    is not a Transformers configuration with ``TypeError``.
+
+    Gemma 4's ``"proportional"`` (its ``"full_attention"`` layers) converts with the
+    weights as they are: Transformers applies its ``head_dim / 2`` frequencies with
+    ``rotate_half`` over the whole head, the first ``int(p * head_dim // 2)`` of them
+    :math:`\theta^{-2i/\text{head\_dim}} / \text{factor}` and the rest 0, so pair
+    ``i`` is features ``(i, i + head_dim/2)`` and the pairs of frequency 0 are left
+    as they are. That is our halves' layout over the whole head (no ``rotary_dim``)
+    with ``scaling={"rope_type": "proportional", "partial_rotary_factor": p, ...}``;
+    no rows of ``W_q`` or ``W_k`` are permuted. (Writing it as ``rotary_dim = 2r``
+    instead would pair features ``(i, i + r)``; only that form would need the rows
+    ``0..r-1`` and ``head_dim/2 .. head_dim/2 + r - 1`` of each head moved to the
+    front.) The returned dict holds no head size, so it fits Gemma 4's larger
+    ``global_head_dim`` of the full-attention layers as well.
 
     Gemma 3 keeps one ``rope_parameters`` per layer type (a base of 10 000 for
     ``"sliding_attention"``, 1 000 000 and perhaps a linear factor for
@@ -286,19 +300,21 @@ def rope(config, *, layer_type: str | None = None) -> dict:
         parameters = dict(parameters[layer_type])
     kind = parameters.get("rope_type", "default")
     scaling = None if kind == "default" else _rope_scaling(config, parameters, kind)
-    head_dim = getattr(config, "head_dim", None) or (
-        config.hidden_size // config.num_attention_heads
-    )
-    rotary_dim = head_dim
-    if partial:
+    rotary_dim = None  # the whole head, whatever its size
+    if partial and kind != "proportional":
+        # read only here: Gemma 4 has a head size per layer type, and no global one
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
         factor = parameters.get(
             "partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)
         )
         rotary_dim = int(head_dim * factor)
+        rotary_dim = None if rotary_dim == head_dim else rotary_dim
     converted = {
         "base": float(parameters.get("rope_theta", 10000.0)),
         "interleaved": interleaved,
-        "rotary_dim": None if rotary_dim == head_dim else rotary_dim,
+        "rotary_dim": rotary_dim,
     }
     if scaling is not None:
         converted["scaling"] = scaling
@@ -313,15 +329,21 @@ def _rope_scaling(config, parameters: dict, kind: str) -> dict:
     length; YaRN, Llama 3 and LongRoPE read ``original_max_position_embeddings``
     (Phi-3's top-level attribute first, then ``max_position_embeddings``) and scale
     towards ``max_position_embeddings``."""
-    if kind not in ("linear", "dynamic", "yarn", "llama3", "longrope"):
+    if kind not in ("linear", "dynamic", "yarn", "llama3", "longrope", "proportional"):
         raise ValueError(
             f"rope_type {kind!r} is not converted; known: default, linear, dynamic, "
-            "yarn, llama3, longrope"
+            "yarn, llama3, longrope, proportional"
         )
     target = getattr(config, "max_position_embeddings", None)
     scaling = {"rope_type": kind, "factor": parameters.get("factor")}
     if kind == "linear":
         return scaling
+    if kind == "proportional":  # factor and fraction optional, as in Transformers
+        fraction = parameters.get(
+            "partial_rotary_factor", getattr(config, "partial_rotary_factor", None)
+        )
+        scaling["partial_rotary_factor"] = fraction
+        return {name: value for name, value in scaling.items() if value is not None}
     if kind == "dynamic":
         return {**scaling, "original_max_positions": target}
     original = getattr(config, "original_max_position_embeddings", None) or (

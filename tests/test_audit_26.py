@@ -301,6 +301,7 @@ def test_sink_logits_fully_masked_row_has_finite_gradients():
         "llama3",
         "longrope-short",
         "longrope-attention-factor",
+        "proportional",
     ],
 )
 @pytest.mark.parametrize("backend", ["torch", "tensorflow"])
@@ -336,10 +337,9 @@ def test_every_rope_type_is_the_same_in_every_backend(case, backend):
 
 # --- which of Hugging Face's rope types are converted --------------------------------
 
-# Refused on purpose, with the reason in companion.hf.rope's docstring: Gemma 4's
-# "proportional" turns the first pairs of the halves' layout of the whole head and
-# leaves the rest unturned (frequency 0), which no RopeScaling/rotary_dim expresses.
-REFUSED_ROPE_TYPES = {"proportional"}
+# Refused on purpose (none today: Gemma 4's "proportional", once refused here, is
+# converted; see companion.hf.rope's docstring). A made-up name checks the refusal.
+REFUSED_ROPE_TYPES: set[str] = set()
 
 
 def test_every_hf_rope_type_is_converted_with_parity_or_refused_by_name():
@@ -357,7 +357,7 @@ def test_every_hf_rope_type_is_converted_with_parity_or_refused_by_name():
     covered = {case[0]["rope_type"] for case in rs.CASES.values()}
     hf_types = set(utils.ROPE_INIT_FUNCTIONS)
     assert hf_types <= covered | REFUSED_ROPE_TYPES, hf_types - covered
-    for kind in sorted(hf_types & REFUSED_ROPE_TYPES):
+    for kind in sorted(hf_types & REFUSED_ROPE_TYPES | {"made-up-type"}):
         config = transformers.LlamaConfig(
             hidden_size=64,
             num_attention_heads=4,

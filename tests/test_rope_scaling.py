@@ -164,6 +164,21 @@ CASES["longrope-attention-factor"] = (
     700,
 )
 
+# Gemma 4's "proportional": with head_dim 16, int(0.25 * 16 // 2) = 2 pairs turn (the
+# exponent still over 16), the other 6 have frequency 0; a factor divides them all.
+CASES["proportional"] = (
+    {"rope_type": "proportional", "partial_rotary_factor": 0.25, "factor": 2.0},
+    {},
+    {"rope_type": "proportional", "partial_rotary_factor": 0.25, "factor": 2.0},
+    None,
+)
+CASES["proportional-no-factor"] = (
+    {"rope_type": "proportional", "partial_rotary_factor": 0.6},
+    {},
+    {"rope_type": "proportional", "partial_rotary_factor": 0.6},
+    None,
+)
+
 # Float32 dtypes in HF's RoPE init functions and what the float64 copy uses instead.
 RETARGET = (
     ("dtype=torch.float)", "dtype=torch.float64)"),
@@ -240,6 +255,12 @@ def test_rules_change_what_they_claim(hf):
     assert_close(theta[0], plain[0], rtol=1e-15, atol=0.0)
     assert_close(theta[-1], plain[-1] / 8.0, rtol=1e-14, atol=0.0)
     assert math.isclose(factor, 0.1 * math.log(8.0) + 1.0, rel_tol=1e-15)
+    # proportional: int(p * d // 2) pairs divided by the factor, the others never turn
+    theta, factor = cn.rotary_frequencies(16, scaling=CASES["proportional"][2])
+    assert_close(theta[:2], plain[:2] / 2.0, rtol=1e-15, atol=0.0)
+    assert np.array_equal(theta[2:], np.zeros(6)) and factor == 1.0
+    theta, _ = cn.rotary_frequencies(16, scaling=CASES["proportional-no-factor"][2])
+    assert np.array_equal(theta[:4], plain[:4]) and not np.any(theta[4:])
     # Llama 3: fast pairs kept, slow pairs divided by the factor, the middle between
     llama3 = CASES["llama3"][2]
     theta, _ = cn.rotary_frequencies(16, scaling=llama3)
@@ -533,8 +554,9 @@ def test_hf_rope_refuses_unknown_types_by_name(hf):
     from companion import hf as chf
 
     _, _, LlamaConfig = hf
-    config = _config(LlamaConfig, {"rope_type": "proportional", "factor": 2.0}, {})
-    with pytest.raises(ValueError, match="rope_type 'proportional'"):
+    # a made-up name (every type of the installed Transformers is converted)
+    config = _config(LlamaConfig, {"rope_type": "made-up-type", "factor": 2.0}, {})
+    with pytest.raises(ValueError, match="rope_type 'made-up-type'"):
         chf.rope(config)
     parameters, extras, _, _ = CASES["longrope-short"]
     incomplete = _config(LlamaConfig, parameters, extras)
@@ -667,3 +689,49 @@ def test_scaling_is_frozen_and_hashable():
     assert isinstance(
         cn.RotaryConfig(scaling=dict(CASES["yarn"][2])).scaling, _positions.RopeScaling
     )
+
+
+def test_gemma4_proportional_rotation_equals_hugging_face(hf):
+    """Gemma 4's full-attention layers (``"proportional"``, a larger
+    ``global_head_dim``): Transformers' cos/sin applied with ``rotate_half`` to the
+    whole head equal our halves' layout with ``hf.rope``'s scaling, weights
+    unpermuted; the pairs of frequency 0 come out unchanged. The sliding layers
+    (default type, ``head_dim``) as well."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gemma4 import modeling_gemma4 as gemma4
+
+    from companion import hf as chf
+    from companion import torch as ct
+
+    config = transformers.Gemma4TextConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        global_head_dim=32,
+        num_hidden_layers=2,
+        layer_types=["sliding_attention", "full_attention"],
+        vocab_size=100,
+        intermediate_size=32,
+    )
+    embedding = gemma4.Gemma4TextRotaryEmbedding(config)
+    g = torch.Generator().manual_seed(3)
+    positions = torch.arange(11)
+    for layer_type, D in (("full_attention", 32), ("sliding_attention", 16)):
+        x = torch.randn(1, 11, 4, D, generator=g)  # (B, L, H, D), as Gemma 4 holds it
+        cos, sin = embedding(x, positions[None], layer_type)
+        theirs = gemma4.apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=2)
+        rope = cn.RotaryConfig(**chf.rope(config, layer_type=layer_type))
+        assert rope.rotary_dim is None and not rope.interleaved
+        # (B, H, L, D)
+        ours = ct.rotary_embedding(
+            x.transpose(1, 2), positions, base=rope.base, scaling=rope.scaling
+        ).transpose(1, 2)
+        assert_close(ours, theirs)  # HF's cos and sin are float32
+        if layer_type == "full_attention":
+            turned = int(0.25 * D // 2)  # 4 pairs: features 0..3 and 16..19
+            still = [i for i in range(D) if i % (D // 2) >= turned]
+            assert torch.equal(ours[..., still], x[..., still])
+            assert not torch.allclose(ours[..., :turned], x[..., :turned])

@@ -201,9 +201,10 @@ def rotary_frequencies(
 
     Unscaled, :math:`\theta_i = \text{base}^{-2i/d}` and the factor is 1. With a
     ``scaling`` (:class:`RopeScaling` or a dict of its fields) the rule of its
-    ``rope_type`` (linear, ntk, dynamic, yarn, llama3, longrope), equal to Hugging
-    Face's ``ROPE_INIT_FUNCTIONS`` in float64. ``seq_len`` is the text's length for
-    ``"dynamic"`` and ``"longrope"`` (default: within the original length).
+    ``rope_type`` (linear, ntk, dynamic, yarn, llama3, longrope, proportional), equal
+    to Hugging Face's ``ROPE_INIT_FUNCTIONS`` in float64. ``seq_len`` is the text's
+    length for ``"dynamic"`` and ``"longrope"`` (default: within the original
+    length).
 
     Returns
     -------
