@@ -701,7 +701,7 @@ def _tiled_differentiable(q, k, v, grouped, fixed, by_keys, sizes):
         def gradient(grad_output):
             do = tf.stop_gradient(grad_output)
             return _tiled_backward_compiled(
-                q, k_t, v, grouped, output, lse, do, fixed, by_keys, sizes
+                q, k_t, v, grouped, output, lse, do, by_keys, sizes
             )
 
         return output, gradient
@@ -709,127 +709,89 @@ def _tiled_differentiable(q, k, v, grouped, fixed, by_keys, sizes):
     return attend(q, k, v)
 
 
-def _tiled_backward(
-    q, k_t, v, grouped, output, lse, grad_output, fixed, by_keys, sizes
-):
+def _tiled_backward(q, k_t, v, grouped, output, lse, grad_output, by_keys, sizes):
     r"""FlashAttention-2's backward over fixed-size tiles: ``(dQ, dK, dV)``.
 
-    Two passes, each a pair of ``tf.while_loop`` s that only gather (no scatter, so
-    XLA keeps every accumulator in place): by query blocks for
-    :math:`dQ_i = \sum_j dS_{ij} K_j`, and by key blocks (``by_keys``) for
-    :math:`dV_j = \sum_i P_{ij}^\top dO_i` and :math:`dK_j = \sum_i dS_{ij}^\top Q_i`,
-    with :math:`P_{ij} = \exp(Q_i K_j^\top - \mathrm{LSE}_i)` (masked: 0) and
-    :math:`dS_{ij} = P_{ij} \circ (dO_i V_j^\top - \Delta_i)`,
-    :math:`\Delta_i = \mathrm{rowsum}(dO_i \circ O_i)`. Each tile's probabilities are
-    recomputed twice; extra memory ``O((L + S) D)``.
+    One pass by key blocks (``by_keys``), a pair of ``tf.while_loop`` s as in
+    FlashAttention-2: for key block ``j`` and each query tile ``i`` that sees it,
+    :math:`P_{ij} = \exp(Q_i K_j^\top - \mathrm{LSE}_i)` (masked: 0),
+    :math:`dV_j \mathrel{+}= P_{ij}^\top dO_i`,
+    :math:`dS_{ij} = P_{ij} \circ (dO_i V_j^\top - \Delta_i)` with
+    :math:`\Delta_i = \mathrm{rowsum}(dO_i \circ O_i)`,
+    :math:`dK_j \mathrel{+}= dS_{ij}^\top Q_i` and
+    :math:`dQ_i \mathrel{+}= dS_{ij} K_j`, the last into rows of ``dQ`` in place
+    (XLA's dynamic update slice). Entries that are not the tile's (rows or keys
+    repeated by the fixed-size slices) are masked, so nothing counts twice. Extra
+    memory ``O((L + S) D)``.
     """
+    # XLA's in-place update of a slice (the module TensorFlow's own XLA code uses)
+    from tensorflow.compiler.tf2xla.python import xla
+
     batch, H_kv, G, L, S, causal, window, boolean = sizes
     N, D, D_v, work = q.shape[0], q.shape[-1], v.shape[-1], q.dtype
-    bq, bk, rows = fixed.bq, fixed.bk, fixed.bq * G
+    bq, bk, rows = by_keys.bq, by_keys.bk, by_keys.bq * G
     do = tf.cast(grad_output, work)  # dO (N, L * G, D_v)
     delta = tf.reduce_sum(do * output, axis=-1, keepdims=True)  # Delta (N, L * G, 1)
     lse = lse[..., None]  # (N, L * G, 1)
     # p - j - c0 + r0 of a tile's entries: (bq, bk)
     offsets = tf.range(bq)[:, None] - tf.range(bk)[None, :] + (S - L)
-
-    def probabilities(r0, c0, q_i, k_j, lse_i, own_rows, own_cols):
-        """P_ij (N, bq * G, bk): masked entries, and those not the tile's, are 0."""
-        s_ij = tf.linalg.matmul(q_i, k_j)  # S_ij: (N, bq * G, bk)
-        if grouped is not None:
-            split = tf.reshape(s_ij, (*batch, H_kv, bq, G, bk))
-            tile = _slice_of(grouped, r0, c0, bq, bk)
-            split = _apply_mask(split, _swap_rows_and_group(tile), boolean)
-            s_ij = tf.reshape(split, (N, rows, bk))
-        visible = _visible((c0 - r0) - offsets, causal, window)
-        visible &= own_rows[:, None] & own_cols[None, :]  # (bq, bk)
-        split = _apply_mask(tf.reshape(s_ij, (N, bq, G, bk)), visible[:, None, :], True)
-        return tf.exp(tf.reshape(split, (N, rows, bk)) - lse_i)  # exp(S_ij - LSE_i)
+    c0s, t0s, t1s = (tf.constant(c, tf.int32) for c in zip(*by_keys.blocks))
+    j0s = tf.constant([j0 for j0 in range(0, S, bk)], tf.int32)  # first own key
+    if by_keys.tiles:
+        r0s, i0s, i1s = (
+            tf.constant(c, tf.int32) for c in list(zip(*by_keys.tiles))[:3]
+        )
 
     def rows_of(x, r0, width):  # rows [r0, r0 + bq) of an (N, L * G, width) tensor
         return tf.slice(x, [0, r0 * G, 0], [N, rows, width])
 
-    def cols_of(x, c0, width):  # keys [c0, c0 + bk) of an (N, S, width) tensor
-        return tf.slice(x, [0, c0, 0], [N, bk, width])
-
-    everything = tf.ones((bk,), tf.bool), tf.ones((bq,), tf.bool)
-
-    # dQ, by query blocks: tiles (c0, j0, j1, masked)
-    r0s, t0s, t1s = (tf.constant(c, tf.int32) for c in zip(*fixed.blocks))
-    if fixed.tiles:
-        c0s, j0s, j1s = (tf.constant(c, tf.int32) for c in list(zip(*fixed.tiles))[:3])
-
-    def dq_block(b, out):
-        r0 = r0s[b]
-        q_i, do_i = rows_of(q, r0, D), rows_of(do, r0, D_v)
-        lse_i, delta_i = rows_of(lse, r0, 1), rows_of(delta, r0, 1)
-
-        def tile(t, dq_i):
-            c0 = c0s[t]
-            cols = c0 + tf.range(bk)
-            own_cols = (cols >= j0s[t]) & (cols < j1s[t])
-            k_j = tf.slice(k_t, [0, 0, c0], [N, D, bk])  # K_j^T (N, D, bk)
-            p = probabilities(r0, c0, q_i, k_j, lse_i, everything[1], own_cols)
-            dp = tf.linalg.matmul(do_i, cols_of(v, c0, D_v), transpose_b=True)
-            ds = p * (dp - delta_i)  # dS = P * (dO V_j^T - Delta)
-            return t + 1, dq_i + tf.linalg.matmul(ds, k_j, transpose_b=True)
-
-        _, dq_i = tf.while_loop(
-            lambda t, _: t < t1s[b],
-            tile,
-            (t0s[b], tf.zeros((N, rows, D), work)),
-            parallel_iterations=1,
-            maximum_iterations=max(t1 - t0 for _, t0, t1 in fixed.blocks),
-        )
-        return b + 1, out.write(b, dq_i)
-
-    blocks = len(fixed.blocks)
-    dq = tf.TensorArray(work, size=blocks, element_shape=(N, rows, D))
-    _, dq = tf.while_loop(
-        lambda b, _: b < blocks, dq_block, (0, dq), parallel_iterations=1
-    )
-    dq = _merge_blocks(dq.stack(), fixed.repeat * G)  # (N, L * G, D)
-
-    # dK, dV, by key blocks: tiles (r0, i0, i1, masked)
-    c0s_k, t0s_k, t1s_k = (tf.constant(c, tf.int32) for c in zip(*by_keys.blocks))
-    if by_keys.tiles:
-        r0s_k, i0s_k, i1s_k = (
-            tf.constant(c, tf.int32) for c in list(zip(*by_keys.tiles))[:3]
-        )
-
-    def dkv_block(b, out_k, out_v):
-        c0 = c0s_k[b]
+    def key_block(b, dq, out_k, out_v):
+        c0 = c0s[b]
         k_j = tf.slice(k_t, [0, 0, c0], [N, D, bk])  # K_j^T (N, D, bk)
-        v_j = cols_of(v, c0, D_v)  # (N, bk, D_v)
+        v_j = tf.slice(v, [0, c0, 0], [N, bk, D_v])  # (N, bk, D_v)
+        own_cols = c0 + tf.range(bk) >= j0s[b]  # keys of the block before: not ours
 
-        def tile(t, dk_j, dv_j):
-            r0 = r0s_k[t]
+        def tile(t, dq, dk_j, dv_j):
+            r0 = r0s[t]
             positions = r0 + tf.range(bq)
-            own_rows = (positions >= i0s_k[t]) & (positions < i1s_k[t])
+            own_rows = (positions >= i0s[t]) & (positions < i1s[t])
             q_i, do_i = rows_of(q, r0, D), rows_of(do, r0, D_v)
             lse_i, delta_i = rows_of(lse, r0, 1), rows_of(delta, r0, 1)
-            p = probabilities(r0, c0, q_i, k_j, lse_i, own_rows, everything[0])
+            s_ij = tf.linalg.matmul(q_i, k_j)  # S_ij: (N, bq * G, bk)
+            if grouped is not None:
+                split = tf.reshape(s_ij, (*batch, H_kv, bq, G, bk))
+                piece = _slice_of(grouped, r0, c0, bq, bk)
+                split = _apply_mask(split, _swap_rows_and_group(piece), boolean)
+                s_ij = tf.reshape(split, (N, rows, bk))
+            visible = _visible((c0 - r0) - offsets, causal, window)
+            visible &= own_rows[:, None] & own_cols[None, :]  # (bq, bk)
+            split = tf.reshape(s_ij, (N, bq, G, bk))
+            split = _apply_mask(split, visible[:, None, :], True)
+            p = tf.exp(tf.reshape(split, (N, rows, bk)) - lse_i)  # P_ij
             dv_j += tf.linalg.matmul(p, do_i, transpose_a=True)  # P^T dO_i
             dp = tf.linalg.matmul(do_i, v_j, transpose_b=True)  # dO_i V_j^T
-            ds = p * (dp - delta_i)
+            ds = p * (dp - delta_i)  # dS = P * (dP - Delta)
             dk_j += tf.linalg.matmul(ds, q_i, transpose_a=True)  # dS^T (t Q_i)
-            return t + 1, dk_j, dv_j
+            dq_i = rows_of(dq, r0, D) + tf.linalg.matmul(ds, k_j, transpose_b=True)
+            dq = xla.dynamic_update_slice(dq, dq_i, tf.stack([0, r0 * G, 0]))
+            return t + 1, dq, dk_j, dv_j
 
-        _, dk_j, dv_j = tf.while_loop(
-            lambda t, *_: t < t1s_k[b],
+        _, dq, dk_j, dv_j = tf.while_loop(
+            lambda t, *_: t < t1s[b],
             tile,
-            (t0s_k[b], tf.zeros((N, bk, D), work), tf.zeros((N, bk, D_v), work)),
+            (t0s[b], dq, tf.zeros((N, bk, D), work), tf.zeros((N, bk, D_v), work)),
             parallel_iterations=1,
             maximum_iterations=max(1, *(t1 - t0 for _, t0, t1 in by_keys.blocks)),
         )
-        return b + 1, out_k.write(b, dk_j), out_v.write(b, dv_j)
+        return b + 1, dq, out_k.write(b, dk_j), out_v.write(b, dv_j)
 
     key_blocks = len(by_keys.blocks)
     dk = tf.TensorArray(work, size=key_blocks, element_shape=(N, bk, D))
     dv = tf.TensorArray(work, size=key_blocks, element_shape=(N, bk, D_v))
-    _, dk, dv = tf.while_loop(
+    _, dq, dk, dv = tf.while_loop(
         lambda b, *_: b < key_blocks,
-        dkv_block,
-        (0, dk, dv),
+        key_block,
+        (0, tf.zeros_like(q), dk, dv),
         parallel_iterations=1,
     )
     dk = _merge_blocks(dk.stack(), by_keys.repeat)  # (N, S, D)
