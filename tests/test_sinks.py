@@ -327,6 +327,19 @@ def test_mha_sinks_backends_equal_the_numpy_oracle(backend, num_kv_heads):
             xb, xb, params, sinks=as_backend(sinks, backend), **kwargs
         )
         assert_close(got, expected, rtol=1e-12, atol=1e-13)
+    # the weights returned: the sink's share left out, as in numpy
+    _, expected = cn.multi_head_attention(
+        x, x, params, sinks=sinks, causal=True, return_weights=True
+    )
+    _, got = mod.multi_head_attention(
+        xb,
+        xb,
+        params,
+        sinks=as_backend(sinks, backend),
+        causal=True,
+        return_weights=True,
+    )
+    assert_close(got, expected, rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("backend", registry.BACKENDS)
@@ -459,3 +472,9 @@ def test_numpy_sink_attention_keeps_float32():
         *(a.astype(np.float64) for a in (q, k, v)), sinks, causal=True
     )
     assert_close(out, expected)
+    params, x, s64 = _mha_inputs(2)
+    x32 = x.astype(np.float32)
+    got = cn.multi_head_attention(x32, x32, params, sinks=s64, causal=True)
+    assert got.dtype == np.float32
+    expected = cn.multi_head_attention(x, x, params, sinks=s64, causal=True)
+    assert_close(got, expected)
