@@ -376,3 +376,29 @@ def test_the_machine_record_names_cpu_isa_l2_cores():
     assert {"cpu_model", "isa", "l2_bytes", "cores"} <= set(record)
     assert record["isa"] in ("AVX-512", "AVX2", "SSE", "unknown")
     assert record["l2_bytes"] > 0
+
+
+def test_the_bench_json_records_cpu_isa_l2_threads_and_load(tmp_path, capsys):
+    """Issue 28: "Record the CPU model, instruction set (AVX2 / AVX-512), L2 size,
+    threads and load average in the JSON" (a tiny run of one cheap section)."""
+    from companion.bench import cli
+
+    out = tmp_path / "bench.json"
+    status = cli.main(
+        ["--size", "tiny", "--quiet", "--threads", "1", "--only", "decoding"]
+        + ["--without", "tensorflow", "--json", str(out)]
+    )
+    capsys.readouterr()
+    assert status == 0
+    run = json.loads(out.read_text())
+    machine = run["machine"]
+    assert machine["cpu_model"] and machine["isa"] in (
+        "AVX-512",
+        "AVX2",
+        "SSE",
+        "unknown",
+    )
+    assert machine["l2_bytes"] > 0 and machine["cores"] >= 1
+    assert run["threads"] == 1
+    for key in ("load_average_start", "load_average_end"):
+        assert run[key], key
