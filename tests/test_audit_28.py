@@ -402,3 +402,41 @@ def test_the_bench_json_records_cpu_isa_l2_threads_and_load(tmp_path, capsys):
     assert run["threads"] == 1
     for key in ("load_average_start", "load_average_end"):
         assert run[key], key
+
+
+# --- the error rule in half precision over the grid (torch) ------------------------
+
+HALF_SHAPES = [s for s in SHAPES if max(s) <= 1000]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("L, S", HALF_SHAPES, ids=[f"{L}x{S}" for L, S in HALF_SHAPES])
+def test_torch_tiled_half_precision_grid(L, S, dtype):
+    """FlashAttention's rule in float16/bfloat16: the tiled kernel's error against the
+    float64 oracle is at most twice the plain reference's in the same dtype, plus
+    the dtype's atol; causal, grouped heads, key padding (fully masked rows)."""
+    torch = pytest.importorskip("torch")
+    import companion.torch as ct
+
+    index = HALF_SHAPES.index((L, S))
+    H, H_kv = HEADS[index % 3]
+    rng = np.random.default_rng(index)
+    q, k, v = (
+        rng.standard_normal(shape)
+        for shape in ((2, H, L, 32), (2, H_kv, S, 32), (2, H_kv, S, 32))
+    )
+    mask = cnp.padding_mask(np.array([S, S // 3]), S)
+    low = [torch.tensor(a).to(getattr(torch, dtype)) for a in (q, k, v)]
+    exact = [t.double().numpy() for t in low]  # the rounded inputs, in float64
+    oracle = cnp.scaled_dot_product_attention_reference(
+        *exact, mask=mask, causal=True, window=(40, 0)
+    )
+    m = torch.as_tensor(mask)
+    baseline = ct.scaled_dot_product_attention_reference(
+        *low, mask=m, causal=True, window=(40, 0)
+    )
+    out = ct.attention_tiled(*low, mask=m, causal=True, window=(40, 0))
+    assert out.dtype == getattr(torch, dtype)
+    assert_close_to_oracle(
+        out.float(), baseline.float(), oracle, name=f"torch tiled {dtype}"
+    )
