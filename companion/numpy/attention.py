@@ -818,6 +818,13 @@ def attention_tiled(
     ``exp(-inf) = 0``. A row that sees no key at all ends with ``l = 0``, and the
     division only where ``l > 0`` makes its output exactly 0, never NaN.
 
+    After a block's first tile the kernel keeps each row's ``m`` unless a tile's
+    probabilities against it sum past ``2^20`` (FlashAttention-4's conditional
+    rescaling): ``c = 1``, and the matrix products ``[t Q_i | -m] [K_j | 1]^T`` and
+    ``P~ [V_j | 1]`` do the subtraction and the row sum, so such a tile costs two
+    products and one ``exp`` (``_tiled_query_block``). The softmax does not depend on
+    which ``m`` is subtracted, so the result is the same.
+
     Parameters
     ----------
     query, key, value, mask, causal, scale
