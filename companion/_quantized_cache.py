@@ -51,6 +51,7 @@ __all__ = [
     "QuantizedCacheMixin",
 ]
 
+#: The code widths a quantised cache accepts (codes pack evenly into bytes).
 BITS = (2, 4, 8)
 LAYOUTS = ("token", "channel")
 
@@ -275,7 +276,7 @@ class QuantizedCacheMixin:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: codes, scales, zero points and full-precision positions."""
+        """The bytes held by codes, scales, zero points and full-precision positions."""
         total = 0
         for part in (self._qkey, self._qvalue):
             if part is not None:

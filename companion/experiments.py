@@ -42,7 +42,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 __all__ = ["BUDGET", "RUNS", "gpt_experiments", "kv_cache_bytes_per_token", "main"]
 
-# the shared budget of every ablation run
+#: The shared budget of every ablation run (corpus, vocabulary, context, batch, steps,
+#: learning-rate schedule, validation batches).
 BUDGET = dict(
     corpus="shakespeare",
     vocab_size=512,

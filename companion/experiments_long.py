@@ -63,8 +63,8 @@ QUANTIZED = {
     "KIVI-2 (G 8, R 16)": ("KIVICache", dict(bits=2, group_size=8, residual=16)),
 }
 
-#: the sinks measurement: texts of ``length_factor * T`` tokens; caches of
-#: ``cache_sizes`` positions (a window of that size, or ``sinks`` + the rest)
+#: Settings of the sinks measurement, on texts of ``length_factor * T`` tokens with
+#: caches of ``cache_sizes`` positions (a window of that size, or ``sinks`` + the rest).
 SINKS = dict(length_factor=4, sinks=4, cache_sizes=(16, 64), batches=4)
 
 

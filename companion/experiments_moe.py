@@ -48,10 +48,10 @@ __all__ = [
     "main",
 ]
 
-#: The budget of every run: :data:`companion.experiments.BUDGET` (so ``dense`` is the
-#: capstone's ``base`` run, step for step).
+#: Every run uses the capstone's budget, :data:`companion.experiments.BUDGET` (so
+#: ``dense`` is the capstone's ``base`` run, step for step).
 MOE_BUDGET = dict(BUDGET)
-#: The mixture: experts per layer, experts per token, balance settings.
+#: Experts per layer, experts per token and the balance settings of the mixture.
 MOE = dict(num_experts=8, top_k=2, alpha=0.01, gamma=0.01)
 #: Run name -> (router, Switch auxiliary loss on, bias update on); ``dense`` has none.
 MOE_RUNS = {

@@ -836,26 +836,22 @@ def gpt_from_hf(model, *, dtype=None, implementation: str | None = None):
     base model without the head: then the head is the tied embedding). Every choice
     of the configuration becomes a GPT keyword:
 
-    ====================================  ===========================================
-    Hugging Face                          GPT
-    ====================================  ===========================================
-    ``rms_norm_eps``, ``intermediate``    ``norm="rms"``, ``norm_eps``, ``mlp_hidden``
-    ``silu`` / ``gelu_pytorch_tanh``      ``mlp="swiglu"`` / ``"geglu_tanh"``
-    ``num_key_value_heads``, ``head_dim`` ``num_kv_heads``, ``head_dim``
-    ``q_norm``, ``k_norm`` (Qwen3,        ``qk_norm=True``
-    Gemma 3)
-    ``sliding_window``, ``layer_types``   ``window``, ``layer_types`` (``"local"``
-                                          for ``"sliding_attention"``)
-    ``rope_parameters`` (per layer type   ``rope_base``, ``rope_scaling``,
-    in Gemma 3)                           ``local_rope_base``
-    Gemma: embeddings ``* sqrt(E)``       ``embedding_scale`` (the value of
-                                          ``embed_scale`` Transformers multiplies by)
-    Gemma: ``query_pre_attn_scalar``      ``attention_scale`` (its ``** -0.5``)
-    Gemma: four norms per layer           ``post_norms=True``
-    Gemma 2: ``attn_logit_softcapping``   ``attn_softcap``
-    ``final_logit_softcapping``           ``logit_softcap``
-    ``tie_word_embeddings``               ``tied``
-    ====================================  ===========================================
+    * ``rms_norm_eps``, ``intermediate_size``: ``norm="rms"``, ``norm_eps``,
+      ``mlp_hidden``;
+    * activation ``silu`` / ``gelu_pytorch_tanh``: ``mlp="swiglu"`` / ``"geglu_tanh"``;
+    * ``num_key_value_heads``, ``head_dim``: ``num_kv_heads``, ``head_dim``;
+    * ``q_norm``, ``k_norm`` (Qwen3, Gemma 3): ``qk_norm=True``;
+    * ``sliding_window``, ``layer_types``: ``window``, ``layer_types`` (``"local"`` for
+      ``"sliding_attention"``);
+    * ``rope_parameters`` (per layer type in Gemma 3): ``rope_base``, ``rope_scaling``,
+      ``local_rope_base``;
+    * Gemma's embeddings ``* sqrt(E)``: ``embedding_scale`` (the value of
+      ``embed_scale`` Transformers multiplies by);
+    * Gemma's ``query_pre_attn_scalar``: ``attention_scale`` (its ``** -0.5``);
+    * Gemma's four norms per layer: ``post_norms=True``;
+    * Gemma 2's ``attn_logit_softcapping``: ``attn_softcap``;
+    * ``final_logit_softcapping``: ``logit_softcap``;
+    * ``tie_word_embeddings``: ``tied``.
 
     Gemma's RMSNorm multiplies by ``1 + w`` (its weights start at 0): the package's
     ``nn.RMSNorm`` gets the weight ``1 + w``, the same function. Gemma 3 keeps an

@@ -43,6 +43,7 @@ __all__ = [
     "CrossLayerTransformerLM",
     "UniversalTransformer",
     "CrossLayerGPT",
+    "FactorizedTiedHead",
 ]
 
 
