@@ -213,9 +213,19 @@ def stale_twins(path: Path) -> list[str]:
     return why
 
 
+OPTIONS = ("--zh-figures-only", "--stale")
+
+
 def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    unknown = [a for a in argv if a.startswith("-") and a not in OPTIONS]
+    if unknown:
+        print(f"unknown option(s) {unknown}; known: {', '.join(OPTIONS)} (--help)")
+        return 2
     zh_only = "--zh-figures-only" in argv or "--stale" in argv
-    names = [a for a in argv if a not in ("--zh-figures-only", "--stale")]
+    names = [a for a in argv if a not in OPTIONS]
     paths = run_order([Path(a).resolve() for a in names] or toc_notebooks())
     if zh_only:
         # The build-status appendix draws no figure and must not be re-run.
