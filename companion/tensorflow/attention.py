@@ -376,9 +376,9 @@ def attention_tiled(
     Under a gradient tape (or in a caller's graph) that loop also saves the
     log-sum-exp of each row, and the gradient is FlashAttention-2's backward pass,
     compiled by XLA too: it recomputes each tile's probabilities from the saved
-    log-sum-exp and never holds a tile for later; gradients flow to ``query``, ``key``
-    and ``value``, not to a float ``mask`` (as in the torch namespace). Derivation:
-    ``REFERENCE.md``, *Making it fast*.
+    log-sum-exp and never holds a tile for later; that gradient flows to ``query``,
+    ``key`` and ``value``, not to a float ``mask`` (as in the torch namespace).
+    Derivation: ``REFERENCE.md``, *Making it fast*.
     """
     causal = _check_flag("causal", causal)
     window = _tiling.check_window(window)
