@@ -1,6 +1,8 @@
 """Helpers shared by the distributed tests: the one-process run that a tensor-parallel
 launch is compared with, and the slice of its weight gradients that one rank holds."""
 
+import functools
+
 from companion.torch.distributed.examples import (
     attention_module,
     tensor_parallel_inputs,
@@ -37,3 +39,36 @@ def head_gradients(module, heads, kv_heads):
         "out_proj.weight": module.out_proj.weight.grad[:, q],
         "out_bias": module.out_proj.bias.grad,
     }
+
+
+@functools.cache
+def shared_launch(world_size):
+    """One launch per world size (3 or 4) that several test modules read: starting
+    processes that import torch costs seconds, so the ring attention cases of
+    ``test_distributed_ring``, and on 3 processes the tensor and data parallel run of
+    ``test_distributed_parallel`` and the 3-stage pipeline of ``test_audit_27``, on 4
+    the Ulysses cases (with the refusals) and the 4-stage pipeline, run together.
+    A dict by part; each part is the list of per-rank results of its worker."""
+    import test_audit_27
+    import test_distributed_parallel
+    import test_distributed_ring
+    import test_distributed_ulysses
+
+    from companion.torch.distributed import launch
+    from companion.torch.distributed.examples import run_parallel, run_ring_attention
+    from companion.torch.distributed.examples_axes import (
+        run_pipeline,
+        run_together,
+        run_ulysses,
+    )
+
+    parts = {"ring": (run_ring_attention, (test_distributed_ring._cases(world_size),))}
+    if world_size == 3:
+        cases = test_distributed_parallel._cases(3)
+        parts["parallel"] = (run_parallel, (cases,))
+    else:
+        cases = test_distributed_ulysses._cases(4)
+        parts["ulysses"] = (run_ulysses, (cases, True))
+    parts["pipeline"] = (run_pipeline, (test_audit_27.CASES[world_size],))
+    per_rank = launch(run_together, world_size, *parts.values())
+    return {name: [results[i] for results in per_rank] for i, name in enumerate(parts)}

@@ -1,10 +1,12 @@
 """Audit of issue 27: what the distributed tests did not yet check.
 
 - The pipeline on more than two stages ("a GPT split into 2-4 stages"): on three
-  gloo processes the middle stage holds blocks only, the tied embedding lives on the
-  first and the last, and GPipe and 1F1B give the loss and every gradient of one
-  process (float64, the default tolerance 1e-10); the tied all-reduce moves ``V E``
-  numbers between ranks 0 and 2 and nothing on rank 1.
+  and on four gloo processes the middle stages hold blocks only, the tied embedding
+  lives on the first and the last, and GPipe and 1F1B give the loss and every
+  gradient of one process (float64, the default tolerance 1e-10); the tied
+  all-reduce moves ``V E`` numbers between the first and the last rank and nothing
+  on the middle ones. Both run inside the ring tests' launches of the same size
+  (``shared_launch`` in ``_distributed_helpers``).
 - A worker that raises while its peer waits in a collective: the parent raises the
   worker's own exception type with its rank and its traceback, and no process is
   left behind (checked in ``/proc``, not only in ``multiprocessing``'s list).
@@ -23,19 +25,27 @@ import torch.distributed as dist
 from companion.testing import assert_close
 from companion.torch.distributed import launch
 from companion.torch.distributed.examples import language_batch
-from companion.torch.distributed.examples_axes import pipeline_model, run_pipeline
+from companion.torch.distributed.examples_axes import pipeline_model
 from companion.torch.distributed.pipeline import PipelineStageModule
 
-P = 3
-CASES = [
-    dict(schedule="gpipe", microbatches=3, layers=3, batch=3, seed=0),
-    dict(schedule="1f1b", microbatches=3, layers=6, batch=6, seed=1),
-]
+CASES = {
+    3: [
+        dict(schedule="gpipe", microbatches=3, layers=3, batch=3, seed=0),
+        dict(schedule="1f1b", microbatches=3, layers=6, batch=6, seed=1),
+    ],
+    4: [
+        dict(schedule="gpipe", microbatches=4, layers=4, batch=4, seed=2),
+        dict(schedule="1f1b", microbatches=4, layers=8, batch=4, seed=3),
+    ],
+}
 
 
-@pytest.fixture(scope="module")
-def three_stages():
-    return launch(run_pipeline, P, CASES)
+@pytest.fixture(scope="module", params=[3, 4], ids=lambda p: f"{p}stages")
+def stages(request):
+    from _distributed_helpers import shared_launch
+
+    P = request.param
+    return P, CASES[P], shared_launch(P)["pipeline"]
 
 
 def _one_process(case):
@@ -48,31 +58,35 @@ def _one_process(case):
     return loss.item(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def test_three_stage_pipeline_equals_one_process(three_stages):
-    for index, case in enumerate(CASES):
+def test_three_and_four_stage_pipeline_equals_one_process(stages):
+    P, cases, per_rank = stages
+    for index, case in enumerate(cases):
         loss, expected = _one_process(case)
-        assert_close(three_stages[P - 1][index]["loss"], loss, name=f"loss {case}")
-        assert three_stages[0][index]["loss"] is None
+        assert_close(per_rank[P - 1][index]["loss"], loss, name=f"loss {case}")
+        for rank in range(P - 1):
+            assert per_rank[rank][index]["loss"] is None
         held = []
         for rank in range(P):
-            grads = three_stages[rank][index]["grads"]
+            grads = per_rank[rank][index]["grads"]
             for name, grad in grads.items():
                 assert_close(grad, expected[name], name=f"rank {rank} {name} {case}")
             held.append(set(grads))
         assert set().union(*held) == set(expected)  # every parameter on some stage
-        # blocks split evenly; the middle stage holds neither end of the tied tensor
+        # blocks split evenly; a middle stage holds neither end of the tied tensor
         per = case["layers"] // P
-        middle_blocks = {n.split(".")[1] for n in held[1] if n.startswith("blocks.")}
-        assert middle_blocks == {str(i) for i in range(per, 2 * per)}
+        for rank in range(1, P - 1):
+            blocks = {n.split(".")[1] for n in held[rank] if n.startswith("blocks.")}
+            assert blocks == {str(i) for i in range(rank * per, (rank + 1) * per)}
+            assert "embedding.weight" not in held[rank]
         assert "embedding.weight" in held[0] and "embedding.weight" in held[P - 1]
-        assert "embedding.weight" not in held[1]
 
 
-def test_three_stage_tied_all_reduce_is_between_the_ends_only(three_stages):
+def test_three_and_four_stage_tied_all_reduce_is_between_the_ends_only(stages):
+    P, cases, per_rank = stages
     V, E = 13, 8
-    for index in range(len(CASES)):
-        tied = [three_stages[rank][index]["tied_bytes"] for rank in range(P)]
-        assert tied == [V * E * 8, 0, V * E * 8]
+    for index in range(len(cases)):
+        tied = [per_rank[rank][index]["tied_bytes"] for rank in range(P)]
+        assert tied == [V * E * 8] + [0] * (P - 2) + [V * E * 8]
 
 
 def test_stage_module_refuses_a_split_that_does_not_divide_the_layers():

@@ -6,7 +6,7 @@ sliced to each rank's heads) and ``TinyTransformerLM`` on the whole batch.
 """
 
 import pytest
-from _distributed_helpers import head_gradients, one_process_attention
+from _distributed_helpers import head_gradients, one_process_attention, shared_launch
 
 from companion.params import count_parameters
 from companion.testing import assert_close
@@ -37,6 +37,8 @@ def _cases(world_size):
 def parallel_run(request):
     world_size = request.param
     cases = _cases(world_size)
+    if world_size == 3:  # shares the launch of the ring and 3-stage pipeline cases
+        return world_size, cases, shared_launch(3)["parallel"]
     return world_size, cases, launch(run_parallel, world_size, cases)
 
 

@@ -10,6 +10,7 @@ shards.
 import math
 
 import pytest
+from _distributed_helpers import shared_launch
 
 from companion.numpy import scaled_dot_product_attention_reference as numpy_reference
 from companion.testing import assert_close
@@ -67,8 +68,12 @@ def _oracle(case):
 def ulysses_run(request):
     world_size = request.param
     cases = _cases(world_size)
-    # the refusals run in the same launch (starting processes costs seconds)
-    per_rank = launch(run_ulysses, world_size, cases, True)
+    # the refusals run in the same launch (starting processes costs seconds); on 4
+    # processes the launch is shared with the ring cases and the 4-stage pipeline
+    if world_size == 4:
+        per_rank = shared_launch(4)["ulysses"]
+    else:
+        per_rank = launch(run_ulysses, world_size, cases, True)
     return world_size, cases, [r["cases"] for r in per_rank], per_rank[0]["refusals"]
 
 

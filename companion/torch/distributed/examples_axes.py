@@ -490,3 +490,9 @@ def run_ring_and_ulysses(ring_cases, ulysses_cases):
         "ring": run_ring_attention(ring_cases),
         "ulysses": run_ulysses(ulysses_cases),
     }
+
+
+def run_together(*calls):
+    """Several workers in one launch (starting processes costs seconds): each call is
+    ``(function, args)``, run in order on every rank; a list of their results."""
+    return [function(*args) for function, args in calls]
