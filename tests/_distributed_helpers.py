@@ -2,6 +2,13 @@
 launch is compared with, and the slice of its weight gradients that one rank holds."""
 
 import functools
+import os
+import pickle
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: each xdist worker then runs its own launch
+    fcntl = None
 
 from companion.torch.distributed.examples import (
     attention_module,
@@ -41,8 +48,27 @@ def head_gradients(module, heads, kv_heads):
     }
 
 
+def shared_launch(world_size, tmp_path_factory=None):
+    """:func:`_shared_launch` of ``world_size``, once per test session: under
+    pytest-xdist (``make test`` spreads files over workers) the first worker that
+    needs it runs it and leaves the pickled result in the session's shared temporary
+    folder (``tmp_path_factory``), under a lock, for the others."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if tmp_path_factory is None or worker is None or fcntl is None:
+        return _shared_launch(world_size)
+    root = tmp_path_factory.getbasetemp().parent  # shared by the xdist workers
+    stored = root / f"shared_launch_world{world_size}.pkl"
+    with open(root / f"shared_launch_world{world_size}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stored.exists():
+            return pickle.loads(stored.read_bytes())
+        result = _shared_launch(world_size)
+        stored.write_bytes(pickle.dumps(result))
+        return result
+
+
 @functools.cache
-def shared_launch(world_size):
+def _shared_launch(world_size):
     """One launch per world size (3 or 4) that several test modules read: starting
     processes that import torch costs seconds, so the ring attention cases of
     ``test_distributed_ring``, and on 3 processes the tensor and data parallel run of

@@ -41,11 +41,11 @@ CASES = {
 
 
 @pytest.fixture(scope="module", params=[3, 4], ids=lambda p: f"{p}stages")
-def stages(request):
+def stages(request, tmp_path_factory):
     from _distributed_helpers import shared_launch
 
     P = request.param
-    return P, CASES[P], shared_launch(P)["pipeline"]
+    return P, CASES[P], shared_launch(P, tmp_path_factory)["pipeline"]
 
 
 def _one_process(case):

@@ -34,11 +34,11 @@ def _cases(world_size):
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
-def parallel_run(request):
+def parallel_run(request, tmp_path_factory):
     world_size = request.param
     cases = _cases(world_size)
     if world_size == 3:  # shares the launch of the ring and 3-stage pipeline cases
-        return world_size, cases, shared_launch(3)["parallel"]
+        return world_size, cases, shared_launch(3, tmp_path_factory)["parallel"]
     return world_size, cases, launch(run_parallel, world_size, cases)
 
 

@@ -102,11 +102,11 @@ def _oracle(case, dtype=torch.float64):
 
 
 @pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda w: f"world{w}")
-def ring_run(request):
+def ring_run(request, tmp_path_factory):
     world_size = request.param
     cases = _cases(world_size)
     if world_size in (3, 4):  # shared with other modules' cases of this world size
-        return world_size, cases, shared_launch(world_size)["ring"]
+        return world_size, cases, shared_launch(world_size, tmp_path_factory)["ring"]
     return world_size, cases, launch(run_ring_attention, world_size, cases)
 
 

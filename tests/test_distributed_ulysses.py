@@ -65,13 +65,13 @@ def _oracle(case):
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
-def ulysses_run(request):
+def ulysses_run(request, tmp_path_factory):
     world_size = request.param
     cases = _cases(world_size)
     # the refusals run in the same launch (starting processes costs seconds); on 4
     # processes the launch is shared with the ring cases and the 4-stage pipeline
     if world_size == 4:
-        per_rank = shared_launch(4)["ulysses"]
+        per_rank = shared_launch(4, tmp_path_factory)["ulysses"]
     else:
         per_rank = launch(run_ulysses, world_size, cases, True)
     return world_size, cases, [r["cases"] for r in per_rank], per_rank[0]["refusals"]
