@@ -344,6 +344,22 @@ def balance_bias_update(bias, indices, *, gamma=0.001):
     return bias.detach() + gamma * torch.sign(load.mean() - load)
 
 
+def _routing_keywords(layer) -> dict:
+    """The keywords of :func:`route` for a layer holding ``settings``, ``router_name``
+    and ``bias`` (a :class:`MoELayer`, or its expert-parallel copy); the bias only for
+    ``router="deepseek_v3"``, the one router that reads it."""
+    s = layer.settings
+    return dict(
+        router=layer.router_name,
+        bias=layer.bias if layer.router_name == "deepseek_v3" else None,
+        num_groups=s.num_groups,
+        topk_groups=s.topk_groups,
+        routed_scaling_factor=s.routed_scaling_factor,
+        normalize=s.normalize,
+        router_dtype=s.router_dtype,
+    )
+
+
 class MoELayer(nn.Module):
     """A mixture-of-experts layer with Hugging Face's parameter layout.
 
@@ -422,13 +438,7 @@ class MoELayer(nn.Module):
             self.gate_up,
             self.down,
             s.top_k,
-            router=self.router_name,
-            bias=self.bias if self.router_name == "deepseek_v3" else None,
-            num_groups=s.num_groups,
-            topk_groups=s.topk_groups,
-            routed_scaling_factor=s.routed_scaling_factor,
-            normalize=s.normalize,
-            router_dtype=s.router_dtype,
+            **_routing_keywords(self),
             num_shared_experts=self.num_shared_experts,
             shared_gate_up=self.shared_gate_up,
             shared_down=self.shared_down,

@@ -41,6 +41,7 @@ from companion.torch.moe import (
     _DTYPES,
     MoELayer,
     _ffn,
+    _routing_keywords,
     capacity_keep,
     expert_capacity,
     route,
@@ -141,17 +142,7 @@ class ExpertParallelMoE(nn.Module):
             logits = nn.functional.linear(flat.to(rd), self.router.to(rd))
         else:
             logits = nn.functional.linear(flat, self.router)
-        weights, indices = route(
-            logits,
-            s.top_k,
-            router=self.router_name,
-            bias=self.bias if self.router_name == "deepseek_v3" else None,
-            num_groups=s.num_groups,
-            topk_groups=s.topk_groups,
-            routed_scaling_factor=s.routed_scaling_factor,
-            normalize=s.normalize,
-            router_dtype=s.router_dtype,
-        )
+        weights, indices = route(logits, s.top_k, **_routing_keywords(self))
         if self.capacity_factor is None:
             kept = torch.ones_like(indices, dtype=torch.bool)
         else:
