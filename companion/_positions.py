@@ -422,6 +422,17 @@ def as_scaling(scaling) -> RopeScaling | None:
     raise TypeError(f"scaling must be None, a dict or a RopeScaling, got {scaling!r}")
 
 
+def check_frequencies(dim, base, scaling) -> tuple[int, float, RopeScaling | None]:
+    """``(dim, base, scaling)`` of ``rotary_frequencies`` checked, for every backend:
+    ``dim`` an even int >= 2, ``base`` as
+    :func:`companion._positions.check_base` returns it (a float > 1), ``scaling`` as
+    :func:`companion._positions.as_scaling` returns it."""
+    dim = check_length("dim", dim, 2)
+    if dim % 2:
+        raise ValueError(f"dim must be even (features rotate in pairs), got {dim}")
+    return dim, check_base(base), as_scaling(scaling)
+
+
 def needs_length(scaling: RopeScaling | None) -> bool:
     """Whether ``scaling``'s frequencies depend on the text's length (dynamic NTK,
     LongRoPE)."""

@@ -211,11 +211,7 @@ def rotary_frequencies(
     ``(theta, attention_factor)``: an array ``(dim/2,)`` (default float64) and a
     Python float.
     """
-    dim = _positions.check_length("dim", dim, 2)
-    if dim % 2:
-        raise ValueError(f"dim must be even (features rotate in pairs), got {dim}")
-    base = _positions.check_base(base)
-    scaling = _positions.as_scaling(scaling)
+    dim, base, scaling = _positions.check_frequencies(dim, base, scaling)
     dtype = _output_dtype(dtype)
     if scaling is None:
         theta, factor = base ** (-2.0 * np.arange(dim // 2) / dim), 1.0

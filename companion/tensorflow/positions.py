@@ -141,11 +141,7 @@ def rotary_frequencies(
     r"""``(theta (dim/2,), attention_factor)``: the rotary frequencies, scaled by
     ``scaling`` as Hugging Face's ``ROPE_INIT_FUNCTIONS`` do (computed in float64).
     See :func:`companion.numpy.rotary_frequencies`."""
-    dim = _positions.check_length("dim", dim, 2)
-    if dim % 2:
-        raise ValueError(f"dim must be even (features rotate in pairs), got {dim}")
-    base = _positions.check_base(base)
-    scaling = _positions.as_scaling(scaling)
+    dim, base, scaling = _positions.check_frequencies(dim, base, scaling)
     dtype = _output_dtype(dtype)
     if scaling is None:
         exponent = -2.0 * tf.range(dim // 2, dtype=tf.float64) / dim
