@@ -577,6 +577,15 @@ def check_t5_buckets(
     return bidirectional, n, max_exact, max_distance
 
 
+def check_t5_table(shape) -> int:
+    """``num_buckets`` (rows) of ``t5_bias``'s ``table``, for every backend;
+    ``ValueError`` unless its ``shape`` is ``(num_buckets, H)``."""
+    shape = tuple(shape)
+    if len(shape) != 2:
+        raise ValueError(f"table must have shape (num_buckets, H), got shape {shape}")
+    return int(shape[0])
+
+
 def t5_position_buckets(L, S, bidirectional, num_buckets, max_distance) -> np.ndarray:
     """T5's buckets, int64 ``(L, S)``, for every backend: they depend on the shapes
     only, so they are computed once here and each backend wraps the array (see

@@ -318,15 +318,12 @@ def t5_bias(
     """
     table = np.asarray(table)
     _checks.check_float("table", table.dtype)
-    if table.ndim != 2:
-        raise ValueError(
-            f"table must have shape (num_buckets, H), got shape {table.shape}"
-        )
+    num_buckets = _positions.check_t5_table(table.shape)
     buckets = t5_position_buckets(
         L,
         S,
         bidirectional=bidirectional,
-        num_buckets=table.shape[0],
+        num_buckets=num_buckets,
         max_distance=max_distance,
     )  # (L, S)
     return np.moveaxis(table[buckets], -1, 0)  # (H, L, S)

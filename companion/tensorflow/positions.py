@@ -220,15 +220,12 @@ def t5_bias(
     :func:`companion.numpy.t5_bias`."""
     table = tf.convert_to_tensor(table)
     _checks.check_float("table", table.dtype)
-    if table.shape.rank != 2:
-        raise ValueError(
-            f"table must have shape (num_buckets, H), got shape {tuple(table.shape)}"
-        )
+    num_buckets = _positions.check_t5_table(table.shape)
     buckets = t5_position_buckets(
         L,
         S,
         bidirectional=bidirectional,
-        num_buckets=int(table.shape[0]),
+        num_buckets=num_buckets,
         max_distance=max_distance,
     )  # (L, S)
     return tf.transpose(tf.gather(table, buckets), [2, 0, 1])  # (H, L, S)

@@ -215,15 +215,12 @@ def t5_bias(
     if not isinstance(table, torch.Tensor):
         raise TypeError(f"table must be a torch.Tensor, got {type(table).__name__}")
     _checks.check_float("table", table.dtype)
-    if table.dim() != 2:
-        raise ValueError(
-            f"table must have shape (num_buckets, H), got shape {tuple(table.shape)}"
-        )
+    num_buckets = _positions.check_t5_table(table.shape)
     buckets = t5_position_buckets(
         L,
         S,
         bidirectional=bidirectional,
-        num_buckets=table.shape[0],
+        num_buckets=num_buckets,
         max_distance=max_distance,
     ).to(table.device)  # (L, S)
     return table[buckets].permute(2, 0, 1)  # (H, L, S)
