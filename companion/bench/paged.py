@@ -13,7 +13,10 @@ unless ``threads`` says otherwise):
 - ``grouped``: one query (``L = 1``) over ``S = 16384`` keys, ``H = 32`` query heads,
   ``H_kv = 8`` key/value heads, ``D = 128``: the torch reference (the group folded into
   the rows) and tiled kernels against ``scaled_dot_product_attention`` on 4-D inputs
-  with ``enable_gqa=True``.
+  with ``enable_gqa=True``, called inside
+  ``torch.nn.attention.sdpa_kernel([SDPBackend.FLASH_ATTENTION])`` as the attention
+  section calls it: if the flash kernel could not run, the call would raise instead of
+  falling back to the math path.
 
 The outputs of both sides are checked against each other first (paged = contiguous).
 """
@@ -149,6 +152,7 @@ def run_paged(size: dict, backends, progress) -> dict:
 def run_grouped(size: dict, progress) -> dict:
     """ms of one grouped-head decoding step: ours (reference, tiled) and SDPA."""
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import companion.torch as ct
     from companion.testing import assert_close
@@ -160,9 +164,16 @@ def run_grouped(size: dict, progress) -> dict:
     q = torch.randn(1, H, 1, D, generator=gen)  # (B, H, 1, D)
     k = torch.randn(1, H_kv, S, D, generator=gen)  # (B, H_kv, S, D)
     v = torch.randn(1, H_kv, S, D, generator=gen)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa():
+        # restricted to the CPU flash kernel: a fallback to the math path would raise
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, enable_gqa=True
+            )
+
     ways = {
-        "sdpa (4-D, enable_gqa)": lambda: sdpa(q, k, v, enable_gqa=True),
+        "sdpa (4-D, enable_gqa)": sdpa,
         "reference": lambda: ct.scaled_dot_product_attention_reference(
             q, k, v, causal=True
         ),
@@ -184,6 +195,7 @@ def run_grouped(size: dict, progress) -> dict:
         "shape": dict(H=H, H_kv=H_kv, S=S, D=D, L=1),
         "ms": times,
         "ratio": {name: t / base for name, t in times.items()},
+        "sdpa_backend": "FLASH_ATTENTION",  # the only one sdpa_kernel allowed
     }
 
 
