@@ -577,13 +577,14 @@ def check_t5_buckets(
     return bidirectional, n, max_exact, max_distance
 
 
-def check_t5_table(shape) -> int:
-    """``num_buckets`` (rows) of ``t5_bias``'s ``table``, for every backend;
-    ``ValueError`` unless its ``shape`` is ``(num_buckets, H)``."""
-    shape = tuple(shape)
+def t5_table_buckets(table_shape, L, S, bidirectional, max_distance) -> np.ndarray:
+    """T5's buckets, int64 ``(L, S)``, for ``t5_bias``'s ``table (num_buckets, H)``
+    of shape ``table_shape``, for every backend; ``ValueError`` unless that shape has
+    two axes (then the checks of :func:`companion._positions.t5_position_buckets`)."""
+    shape = tuple(table_shape)
     if len(shape) != 2:
         raise ValueError(f"table must have shape (num_buckets, H), got shape {shape}")
-    return int(shape[0])
+    return t5_position_buckets(L, S, bidirectional, int(shape[0]), max_distance)
 
 
 def t5_position_buckets(L, S, bidirectional, num_buckets, max_distance) -> np.ndarray:

@@ -318,12 +318,7 @@ def t5_bias(
     """
     table = np.asarray(table)
     _checks.check_float("table", table.dtype)
-    num_buckets = _positions.check_t5_table(table.shape)
-    buckets = t5_position_buckets(
-        L,
-        S,
-        bidirectional=bidirectional,
-        num_buckets=num_buckets,
-        max_distance=max_distance,
+    buckets = _positions.t5_table_buckets(
+        table.shape, L, S, bidirectional, max_distance
     )  # (L, S)
     return np.moveaxis(table[buckets], -1, 0)  # (H, L, S)

@@ -220,12 +220,8 @@ def t5_bias(
     :func:`companion.numpy.t5_bias`."""
     table = tf.convert_to_tensor(table)
     _checks.check_float("table", table.dtype)
-    num_buckets = _positions.check_t5_table(table.shape)
-    buckets = t5_position_buckets(
-        L,
-        S,
-        bidirectional=bidirectional,
-        num_buckets=num_buckets,
-        max_distance=max_distance,
+    buckets = tf.constant(
+        _positions.t5_table_buckets(table.shape, L, S, bidirectional, max_distance),
+        dtype=tf.int64,
     )  # (L, S)
     return tf.transpose(tf.gather(table, buckets), [2, 0, 1])  # (H, L, S)

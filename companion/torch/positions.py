@@ -215,12 +215,7 @@ def t5_bias(
     if not isinstance(table, torch.Tensor):
         raise TypeError(f"table must be a torch.Tensor, got {type(table).__name__}")
     _checks.check_float("table", table.dtype)
-    num_buckets = _positions.check_t5_table(table.shape)
-    buckets = t5_position_buckets(
-        L,
-        S,
-        bidirectional=bidirectional,
-        num_buckets=num_buckets,
-        max_distance=max_distance,
+    buckets = torch.from_numpy(
+        _positions.t5_table_buckets(table.shape, L, S, bidirectional, max_distance)
     ).to(table.device)  # (L, S)
     return table[buckets].permute(2, 0, 1)  # (H, L, S)
