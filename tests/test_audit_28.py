@@ -30,24 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _fa_grid_cases import HEADS, SHAPES
 
 import companion.numpy as cnp
 from companion.testing import as_backend, assert_close_to_oracle
 
 ROOT = Path(__file__).resolve().parent.parent
-
-SHAPES = [
-    (1, 1),
-    (239, 1),
-    (3, 799),
-    (127, 512),
-    (113, 203),
-    (128, 217),
-    (108, 256),
-    (1023, 1024),
-    (1024, 1023),
-]
-HEADS = [(4, 4), (4, 2), (4, 1)]  # multi-head, grouped, multi-query
 
 
 def _window_mask(L, S, left, right):

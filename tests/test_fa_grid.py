@@ -25,22 +25,12 @@ import functools
 
 import numpy as np
 import pytest
+from _fa_grid_cases import HEADS, SHAPES
 
 import companion.numpy as cnp
 from companion import _tiling
 from companion.testing import as_backend, assert_close, assert_close_to_oracle
 
-SHAPES = [
-    (1, 1),
-    (239, 1),
-    (3, 799),
-    (127, 512),
-    (113, 203),
-    (128, 217),
-    (108, 256),
-    (1023, 1024),
-    (1024, 1023),
-]
 # id: (causal, window)
 MODES = {
     "full": (False, None),
@@ -51,7 +41,6 @@ MODES = {
     "local-40-inf": (False, (40, -1)),
     "causal-local-0-7": (True, (0, 7)),  # causal caps right at 0: the diagonal only
 }
-HEADS = [(4, 4), (4, 2), (4, 1)]  # multi-head, grouped, multi-query
 BIG = 1000
 
 
