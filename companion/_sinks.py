@@ -15,6 +15,7 @@ from companion._kvcache import unchanged_on_error
 
 __all__ = [
     "check_sinks",
+    "sink_rule",
     "SinkCacheBase",
     "check_sink_attention",
     "check_mask",
@@ -33,6 +34,13 @@ def check_sinks(sinks, window) -> tuple[int, int]:
             f"sinks ({sinks}) must not be larger than the window ({window})"
         )
     return sinks, window
+
+
+def sink_rule(q, p, sinks: int, window: int):
+    """``sink_mask``'s rule, for every backend's arrays: True where key position
+    ``p`` (1, S) is visible from query position ``q`` (L, 1), i.e. ``p <= q`` and
+    ``p`` is a sink (``p < sinks``) or in the window (``q - p < window``)."""
+    return (p <= q) & ((p < sinks) | (q - p < window))  # (L, S)
 
 
 class SinkCacheBase:

@@ -30,7 +30,7 @@ def sink_mask(query_positions, key_positions, *, sinks: int, window: int):
     sinks, window = _sinks.check_sinks(sinks, window)
     q = _positions_tensor("query_positions", query_positions)[:, None]  # (L, 1)
     p = _positions_tensor("key_positions", key_positions)[None, :]  # (1, S)
-    return (p <= q) & ((p < sinks) | (q - p < window))  # (L, S)
+    return _sinks.sink_rule(q, p, sinks, window)  # (L, S)
 
 
 class SinkCache(_sinks.SinkCacheBase):

@@ -32,7 +32,7 @@ def sink_mask(query_positions, key_positions, *, sinks: int, window: int):
     q = _positions_tensor("query_positions", query_positions)
     p = _positions_tensor("key_positions", key_positions, q.device)
     q, p = q[:, None], p[None, :]  # (L, 1), (1, S)
-    return (p <= q) & ((p < sinks) | (q - p < window))  # (L, S)
+    return _sinks.sink_rule(q, p, sinks, window)  # (L, S)
 
 
 class SinkCache(_sinks.SinkCacheBase):
